@@ -1,1 +1,16 @@
-//! placeholder
+//! a2a-proto: what crosses a process boundary in a2a. Join tokens, keys and signed node records,
+//! control-channel messages and their Noise framing, the UDP datagram demultiplexer and the local
+//! API between `a2actl` and `a2ad`. Everything here except `noise_channel` is free of I/O.
+
+pub mod api;
+pub mod control;
+pub mod keys;
+pub mod noise_channel;
+pub mod overlay;
+pub mod record;
+pub mod token;
+pub mod udp;
+
+pub use keys::{NetworkId, NetworkKey, NodeKey};
+pub use record::{NodeRecord, SignedRecord};
+pub use token::{JoinToken, TokenError};

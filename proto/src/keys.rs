@@ -1,0 +1,163 @@
+//! Keys: the node's X25519 identity and the network signing key derived from the token's secret.
+
+use std::fmt;
+
+use data_encoding::BASE64;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use hkdf::Hkdf;
+use sha2::Sha256;
+
+/// A node's public key (X25519), the same key WireGuard and the control channel use.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeKey(pub [u8; 32]);
+
+impl NodeKey {
+    /// Standard base64, as WireGuard prints keys.
+    pub fn to_base64(&self) -> String {
+        BASE64.encode(&self.0)
+    }
+
+    pub fn from_base64(s: &str) -> Option<Self> {
+        let v = BASE64.decode(s.trim().as_bytes()).ok()?;
+        Some(NodeKey(v.try_into().ok()?))
+    }
+}
+
+impl fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeKey({})", self.to_base64())
+    }
+}
+
+impl serde::Serialize for NodeKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_base64())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NodeKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        NodeKey::from_base64(&s).ok_or_else(|| serde::de::Error::custom("invalid node key"))
+    }
+}
+
+/// The public half of the network signing key: what the coordinator knows a network by.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NetworkId(pub [u8; 32]);
+
+impl NetworkId {
+    pub fn verifying_key(&self) -> Option<VerifyingKey> {
+        VerifyingKey::from_bytes(&self.0).ok()
+    }
+
+    /// Checks a signature made with [`NetworkKey::sign`] over `context` and `message`.
+    pub fn verify(&self, context: &[u8], message: &[u8], sig: &[u8]) -> bool {
+        let (Some(key), Ok(sig)) = (self.verifying_key(), Signature::from_slice(sig)) else {
+            return false;
+        };
+        key.verify(&signed_bytes(context, message), &sig).is_ok()
+    }
+}
+
+impl fmt::Debug for NetworkId {
+    // The network id is an identifier the coordinator must not print; keep Debug opaque.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NetworkId(..)")
+    }
+}
+
+impl serde::Serialize for NetworkId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&BASE64.encode(&self.0))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NetworkId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let v = BASE64
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)?;
+        Ok(NetworkId(v.try_into().map_err(|_| {
+            serde::de::Error::custom("network id must be 32 bytes")
+        })?))
+    }
+}
+
+/// The network signing key (Ed25519), derived from the token's network secret with HKDF-SHA256.
+/// Every member holds it; the coordinator only ever sees its public half ([`NetworkId`]).
+pub struct NetworkKey {
+    signing: SigningKey,
+}
+
+impl NetworkKey {
+    pub fn derive(network_secret: &[u8; 32]) -> Self {
+        let hk = Hkdf::<Sha256>::new(Some(b"a2a network v1"), network_secret);
+        let mut seed = [0u8; 32];
+        hk.expand(b"a2a network signing key", &mut seed)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        NetworkKey {
+            signing: SigningKey::from_bytes(&seed),
+        }
+    }
+
+    pub fn id(&self) -> NetworkId {
+        NetworkId(self.signing.verifying_key().to_bytes())
+    }
+
+    /// Signs `message` under a domain-separating `context`.
+    pub fn sign(&self, context: &[u8], message: &[u8]) -> [u8; 64] {
+        self.signing
+            .sign(&signed_bytes(context, message))
+            .to_bytes()
+    }
+}
+
+fn signed_bytes(context: &[u8], message: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(context.len() + 1 + message.len());
+    v.extend_from_slice(context);
+    v.push(0);
+    v.extend_from_slice(message);
+    v
+}
+
+/// Signature context of a node record.
+pub const RECORD_CONTEXT: &[u8] = b"a2a node record v1";
+/// Signature context of a registration proof (signed over the control channel's handshake hash).
+pub const REGISTER_CONTEXT: &[u8] = b"a2a register v1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derivation_is_deterministic_and_secret_specific() {
+        let a = NetworkKey::derive(&[1; 32]);
+        let b = NetworkKey::derive(&[1; 32]);
+        let c = NetworkKey::derive(&[2; 32]);
+        assert_eq!(a.id(), b.id());
+        assert_ne!(a.id(), c.id());
+    }
+
+    #[test]
+    fn signatures_bind_context_message_and_network() {
+        let k = NetworkKey::derive(&[1; 32]);
+        let other = NetworkKey::derive(&[2; 32]);
+        let sig = k.sign(RECORD_CONTEXT, b"hello");
+        assert!(k.id().verify(RECORD_CONTEXT, b"hello", &sig));
+        assert!(!k.id().verify(RECORD_CONTEXT, b"hellp", &sig));
+        assert!(!k.id().verify(REGISTER_CONTEXT, b"hello", &sig));
+        assert!(!other.id().verify(RECORD_CONTEXT, b"hello", &sig));
+        assert!(!k.id().verify(RECORD_CONTEXT, b"hello", &sig[..63]));
+    }
+
+    #[test]
+    fn node_key_base64_round_trips() {
+        let k = NodeKey([9; 32]);
+        assert_eq!(NodeKey::from_base64(&k.to_base64()), Some(k));
+        assert_eq!(NodeKey::from_base64("short"), None);
+        let json = serde_json::to_string(&k).unwrap();
+        assert_eq!(serde_json::from_str::<NodeKey>(&json).unwrap(), k);
+    }
+}

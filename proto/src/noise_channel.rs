@@ -1,0 +1,250 @@
+//! The encrypted, mutually authenticated control channel: Noise IK (snow) over a byte stream,
+//! frames of `u16 length | ciphertext`. The node (initiator) pins the coordinator's static key
+//! from the token; the coordinator learns the node's static key, which is its WireGuard key.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use snow::StatelessTransportState;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The Noise protocol of the control channel.
+pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+/// Prologue binding the handshake to a2a's control protocol version 1.
+const PROLOGUE: &[u8] = b"a2a control v1";
+/// Largest Noise message.
+pub const MAX_FRAME: usize = 65535;
+const TAG_LEN: usize = 16;
+/// How long either side waits for the other's handshake message.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn params() -> snow::params::NoiseParams {
+    NOISE_PARAMS.parse().expect("valid Noise parameters")
+}
+
+fn noise_err(e: snow::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("noise: {e}"))
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> io::Result<()> {
+    let len = io.read_u16().await? as usize;
+    buf.resize(len, 0);
+    io.read_exact(buf).await?;
+    Ok(())
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(io: &mut W, frame: &[u8]) -> io::Result<()> {
+    let mut out = Vec::with_capacity(2 + frame.len());
+    out.extend_from_slice(&(frame.len() as u16).to_be_bytes());
+    out.extend_from_slice(frame);
+    io.write_all(&out).await?;
+    io.flush().await
+}
+
+/// An established channel, before it is split into halves.
+pub struct Established {
+    pub state: StatelessTransportState,
+    /// The Noise handshake hash: unique to this connection, used to bind proofs to it.
+    pub handshake_hash: Vec<u8>,
+    /// The peer's static public key.
+    pub remote_static: [u8; 32],
+}
+
+impl Established {
+    pub fn split<R, W>(self, read: R, write: W) -> (FrameReader<R>, FrameWriter<W>) {
+        let state = Arc::new(self.state);
+        (
+            FrameReader {
+                io: read,
+                state: state.clone(),
+                nonce: 0,
+                cipher: Vec::new(),
+                plain: Vec::new(),
+            },
+            FrameWriter {
+                io: write,
+                state,
+                nonce: 0,
+                cipher: vec![0; MAX_FRAME],
+            },
+        )
+    }
+}
+
+/// Runs the initiator side (the node).
+pub async fn handshake_initiator<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    local_private: &[u8; 32],
+    remote_public: &[u8; 32],
+) -> io::Result<Established> {
+    let mut hs = snow::Builder::new(params())
+        .prologue(PROLOGUE)
+        .and_then(|b| b.local_private_key(local_private))
+        .and_then(|b| b.remote_public_key(remote_public))
+        .and_then(|b| b.build_initiator())
+        .map_err(noise_err)?;
+    let mut msg = vec![0u8; MAX_FRAME];
+    let n = hs.write_message(&[], &mut msg).map_err(noise_err)?;
+    write_frame(io, &msg[..n]).await?;
+    let mut frame = Vec::new();
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(io, &mut frame))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "coordinator did not answer the handshake",
+            )
+        })??;
+    hs.read_message(&frame, &mut msg).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "coordinator failed authentication: its key does not match the token",
+        )
+    })?;
+    finish(hs)
+}
+
+/// Runs the responder side (the coordinator).
+pub async fn handshake_responder<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    local_private: &[u8; 32],
+) -> io::Result<Established> {
+    let mut hs = snow::Builder::new(params())
+        .prologue(PROLOGUE)
+        .and_then(|b| b.local_private_key(local_private))
+        .and_then(|b| b.build_responder())
+        .map_err(noise_err)?;
+    let mut frame = Vec::new();
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(io, &mut frame))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+    let mut msg = vec![0u8; MAX_FRAME];
+    hs.read_message(&frame, &mut msg).map_err(noise_err)?;
+    let n = hs.write_message(&[], &mut msg).map_err(noise_err)?;
+    write_frame(io, &msg[..n]).await?;
+    finish(hs)
+}
+
+fn finish(hs: snow::HandshakeState) -> io::Result<Established> {
+    let remote_static: [u8; 32] = hs
+        .get_remote_static()
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no remote static key"))?;
+    let handshake_hash = hs.get_handshake_hash().to_vec();
+    let state = hs.into_stateless_transport_mode().map_err(noise_err)?;
+    Ok(Established {
+        state,
+        handshake_hash,
+        remote_static,
+    })
+}
+
+/// Receiving half: decrypts frames and parses JSON messages.
+pub struct FrameReader<R> {
+    io: R,
+    state: Arc<StatelessTransportState>,
+    nonce: u64,
+    cipher: Vec<u8>,
+    plain: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// The next message; an error on a closed, corrupted or unparsable stream.
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> io::Result<T> {
+        read_frame(&mut self.io, &mut self.cipher).await?;
+        self.plain.resize(self.cipher.len(), 0);
+        let n = self
+            .state
+            .read_message(self.nonce, &self.cipher, &mut self.plain)
+            .map_err(noise_err)?;
+        self.nonce += 1;
+        serde_json::from_slice(&self.plain[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))
+    }
+}
+
+/// Sending half: serialises messages to JSON and encrypts them into frames.
+pub struct FrameWriter<W> {
+    io: W,
+    state: Arc<StatelessTransportState>,
+    nonce: u64,
+    cipher: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> io::Result<()> {
+        let plain = serde_json::to_vec(msg).map_err(io::Error::other)?;
+        if plain.len() + TAG_LEN > MAX_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "control message too large",
+            ));
+        }
+        let n = self
+            .state
+            .write_message(self.nonce, &plain, &mut self.cipher)
+            .map_err(noise_err)?;
+        self.nonce += 1;
+        write_frame(&mut self.io, &self.cipher[..n]).await
+    }
+
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.io.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x25519_dalek::{PublicKey, StaticSecret};
+
+    fn keypair(seed: u8) -> ([u8; 32], [u8; 32]) {
+        let s = StaticSecret::from([seed; 32]);
+        (s.to_bytes(), PublicKey::from(&s).to_bytes())
+    }
+
+    #[tokio::test]
+    async fn both_sides_authenticate_and_exchange_messages() {
+        let (server_priv, server_pub) = keypair(1);
+        let (client_priv, client_pub) = keypair(2);
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let est = handshake_responder(&mut b, &server_priv).await.unwrap();
+            assert_eq!(est.remote_static, client_pub);
+            let hash = est.handshake_hash.clone();
+            let (r, w) = tokio::io::split(b);
+            let (mut r, mut w) = est.split(r, w);
+            let got: String = r.recv().await.unwrap();
+            w.send(&format!("echo {got}")).await.unwrap();
+            hash
+        });
+        let est = handshake_initiator(&mut a, &client_priv, &server_pub)
+            .await
+            .unwrap();
+        assert_eq!(est.remote_static, server_pub);
+        let hash = est.handshake_hash.clone();
+        let (r, w) = tokio::io::split(a);
+        let (mut r, mut w) = est.split(r, w);
+        w.send(&"hi".to_string()).await.unwrap();
+        let reply: String = r.recv().await.unwrap();
+        assert_eq!(reply, "echo hi");
+        assert_eq!(server.await.unwrap(), hash);
+    }
+
+    #[tokio::test]
+    async fn a_forged_coordinator_is_refused() {
+        let (_, server_pub) = keypair(1);
+        let (forger_priv, _) = keypair(3);
+        let (client_priv, _) = keypair(2);
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            // The forger does not hold the pinned key: it cannot even read the first message.
+            let _ = handshake_responder(&mut b, &forger_priv).await;
+        });
+        let err = handshake_initiator(&mut a, &client_priv, &server_pub).await;
+        assert!(err.is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! Node records: what a node publishes about itself, signed with the network key so that the
+//! coordinator can check membership but cannot forge a member.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use data_encoding::BASE64;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{NetworkId, NetworkKey, NodeKey, RECORD_CONTEXT};
+
+/// Longest node name accepted.
+pub const MAX_NAME_LEN: usize = 63;
+/// Most endpoint candidates a record may carry.
+pub const MAX_CANDIDATES: usize = 16;
+/// Largest encoded record body accepted.
+pub const MAX_RECORD_LEN: usize = 4096;
+
+/// What a node says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node_key: NodeKey,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// Underlay addresses where the node's WireGuard socket may be reached, best first.
+    pub candidates: Vec<SocketAddr>,
+    /// Milliseconds since the Unix epoch when the node issued this record; a newer record
+    /// replaces an older one, an older one is dropped as stale.
+    pub issued_ms: u64,
+}
+
+/// A record as it travels: the exact signed bytes (a JSON text) and the signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRecord {
+    pub body: String,
+    pub sig: String,
+}
+
+/// Why a signed record was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("record is larger than {MAX_RECORD_LEN} bytes")]
+    TooLarge,
+    #[error("record signature does not verify under this network's key")]
+    BadSignature,
+    #[error("record body is malformed: {0}")]
+    Malformed(String),
+    #[error("record is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Checks a node name: 1 to 63 of `a-z 0-9 -`, not starting or ending with `-`.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(format!("name must be 1 to {MAX_NAME_LEN} characters"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        || name.starts_with('-')
+        || name.ends_with('-')
+    {
+        return Err(format!(
+            "name {name:?} may hold only a-z, 0-9 and '-' (not at either end)"
+        ));
+    }
+    Ok(())
+}
+
+/// Turns a host name into a valid node name (lowercase, invalid characters to '-').
+pub fn sanitize_name(raw: &str) -> String {
+    let mut s: String = raw
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(MAX_NAME_LEN)
+        .collect();
+    while s.ends_with('-') {
+        s.pop();
+    }
+    let s = s.trim_start_matches('-').to_string();
+    if s.is_empty() {
+        "node".into()
+    } else {
+        s
+    }
+}
+
+impl NodeRecord {
+    pub fn validate(&self) -> Result<(), String> {
+        validate_name(&self.name)?;
+        if self.candidates.len() > MAX_CANDIDATES {
+            return Err(format!("more than {MAX_CANDIDATES} candidates"));
+        }
+        Ok(())
+    }
+
+    pub fn sign(&self, key: &NetworkKey) -> SignedRecord {
+        let body = serde_json::to_string(self).expect("a record always serialises");
+        let sig = key.sign(RECORD_CONTEXT, body.as_bytes());
+        SignedRecord {
+            body,
+            sig: BASE64.encode(&sig),
+        }
+    }
+}
+
+impl SignedRecord {
+    /// Verifies the signature under `network`, then parses and validates the body.
+    pub fn verify(&self, network: &NetworkId) -> Result<NodeRecord, RecordError> {
+        if self.body.len() > MAX_RECORD_LEN || self.sig.len() > 128 {
+            return Err(RecordError::TooLarge);
+        }
+        let sig = BASE64
+            .decode(self.sig.as_bytes())
+            .map_err(|_| RecordError::BadSignature)?;
+        if !network.verify(RECORD_CONTEXT, self.body.as_bytes(), &sig) {
+            return Err(RecordError::BadSignature);
+        }
+        let record: NodeRecord =
+            serde_json::from_str(&self.body).map_err(|e| RecordError::Malformed(e.to_string()))?;
+        record.validate().map_err(RecordError::Invalid)?;
+        Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> NodeRecord {
+        NodeRecord {
+            node_key: NodeKey([3; 32]),
+            name: "alice".into(),
+            ip: "100.64.0.7".parse().unwrap(),
+            candidates: vec!["10.0.0.2:51820".parse().unwrap()],
+            issued_ms: 1,
+        }
+    }
+
+    #[test]
+    fn signed_record_verifies_only_in_its_network() {
+        let k = NetworkKey::derive(&[1; 32]);
+        let signed = record().sign(&k);
+        assert_eq!(signed.verify(&k.id()).unwrap(), record());
+        let other = NetworkKey::derive(&[2; 32]);
+        assert_eq!(signed.verify(&other.id()), Err(RecordError::BadSignature));
+    }
+
+    #[test]
+    fn tampered_record_is_refused() {
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut signed = record().sign(&k);
+        signed.body = signed.body.replace("100.64.0.7", "100.64.0.8");
+        assert_eq!(signed.verify(&k.id()), Err(RecordError::BadSignature));
+        let mut signed = record().sign(&k);
+        signed.sig = "!!".into();
+        assert_eq!(signed.verify(&k.id()), Err(RecordError::BadSignature));
+    }
+
+    #[test]
+    fn signed_but_invalid_record_is_refused() {
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut r = record();
+        r.name = "Bad Name".into();
+        assert!(matches!(
+            r.sign(&k).verify(&k.id()),
+            Err(RecordError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("agent-7").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("-x").is_err());
+        assert!(validate_name("A").is_err());
+        assert_eq!(sanitize_name("My_Host.local"), "my-host-local");
+        assert_eq!(sanitize_name("___"), "node");
+    }
+}
