@@ -173,10 +173,10 @@ impl JoinToken {
         let usable = body.len() / 8 * 8;
         let tail = body.len() - usable;
         let mut bytes = base32()
-            .decode(body[..usable].as_bytes())
+            .decode(&body.as_bytes()[..usable])
             .map_err(|_| TokenError::Checksum)?;
         if tail > 0 {
-            match base32().decode(body[usable..].as_bytes()) {
+            match base32().decode(&body.as_bytes()[usable..]) {
                 Ok(more) => bytes.extend_from_slice(&more),
                 Err(_) => {
                     // A partial group that cannot be a valid tail: the token was cut.
