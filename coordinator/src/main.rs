@@ -1,1 +1,186 @@
-fn main() {}
+//! a2a-coordinator: the switchboard of an a2a network. It authenticates nodes, hands each the
+//! signed records of its network's other members, and tells nodes the address it sees them at.
+//! It keeps everything in memory and writes no file but its own identity key.
+
+mod registry;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use a2a_proto::keyfile;
+use a2a_proto::overlay::DEFAULT_PREFIX;
+use a2a_proto::JoinToken;
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// The a2a coordinator: a stateless, zero-log switchboard for a2a nodes.
+#[derive(Parser)]
+#[command(
+    name = "a2a-coordinator",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a join token for another new network and exit.
+    Token(TokenArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// Directory holding the coordinator's identity key (created 0700 if missing).
+    #[arg(
+        long,
+        env = "A2A_COORDINATOR_STATE_DIR",
+        default_value = "/var/lib/a2a-coordinator"
+    )]
+    state_dir: PathBuf,
+    /// Address nodes reach this coordinator at (HOST:PORT); repeat for several. Defaults to
+    /// the listen address when that is not a wildcard.
+    #[arg(long = "endpoint", value_name = "HOST:PORT")]
+    endpoints: Vec<String>,
+    /// Overlay prefix the network's node addresses are derived in.
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    prefix: Ipv4Net,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TCP and UDP address to serve on.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7600")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The listen address, used as the endpoint when no --endpoint is given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("A2A_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match cli.command {
+        Some(Command::Token(args)) => print_token(&args.common, args.listen),
+        None => serve(cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("a2a-coordinator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads or creates the identity key; returns (private, public).
+fn identity(state_dir: &Path) -> Result<([u8; 32], [u8; 32]), String> {
+    let path = state_dir.join("coordinator.key");
+    let (private, created) = keyfile::load_or_create(&path).map_err(|e| e.to_string())?;
+    if created {
+        tracing::info!("created a new coordinator identity key in the state directory");
+    }
+    let public = PublicKey::from(&StaticSecret::from(private)).to_bytes();
+    Ok((private, public))
+}
+
+fn endpoints(common: &Common, listen: Option<SocketAddr>) -> Result<Vec<String>, String> {
+    if !common.endpoints.is_empty() {
+        for e in &common.endpoints {
+            a2a_proto::token::validate_endpoint(e).map_err(|m| format!("--endpoint {m}"))?;
+        }
+        return Ok(common.endpoints.clone());
+    }
+    match listen {
+        Some(l) if !l.ip().is_unspecified() => Ok(vec![l.to_string()]),
+        Some(l) => Err(format!(
+            "--listen {l} is a wildcard address, which nodes cannot connect to: \
+             add --endpoint HOST:PORT with the address nodes reach this host at"
+        )),
+        None => {
+            Err("give --endpoint HOST:PORT (the address nodes reach the coordinator at)".into())
+        }
+    }
+}
+
+fn new_token(
+    common: &Common,
+    listen: Option<SocketAddr>,
+    public: [u8; 32],
+) -> Result<String, String> {
+    a2a_proto::token::validate_prefix(common.prefix).map_err(|m| format!("--prefix {m}"))?;
+    let endpoints = endpoints(common, listen)?;
+    JoinToken::new_network(public, endpoints, common.prefix)
+        .map(|t| t.encode())
+        .map_err(|e| e.to_string())
+}
+
+fn print_token(common: &Common, listen: Option<SocketAddr>) -> Result<(), String> {
+    // Check the arguments before touching the state directory.
+    endpoints(common, listen)?;
+    let (_, public) = identity(&common.state_dir)?;
+    println!("{}", new_token(common, listen, public)?);
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    endpoints(&args.common, Some(args.listen))?;
+    let (private, public) = identity(&args.common.state_dir)?;
+    let token = new_token(&args.common, Some(args.listen), public)?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start runtime: {e}"))?;
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on TCP {}: {e}", args.listen))?;
+        let udp = tokio::net::UdpSocket::bind(args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on UDP {}: {e}", args.listen))?;
+        tracing::info!(
+            "serving control (TCP) and discovery (UDP) on {}",
+            args.listen
+        );
+        println!("join token: {token}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let server = server::Server::new(private);
+        tokio::select! {
+            r = server.run(tcp, udp) => r.map_err(|e| format!("listening socket failed: {e}")),
+            _ = shutdown_signal() => {
+                tracing::info!("shutting down; all registrations were in memory only");
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}

@@ -1,0 +1,499 @@
+//! The coordinator's registry: which nodes of which networks are live, in memory only.
+//!
+//! Free of I/O: the server feeds it messages with the current time and a connection id, and it
+//! answers with the messages to send and to whom. Nothing here is ever written or printed.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use a2a_proto::control::{RefuseReason, ServerMsg};
+use a2a_proto::keys::REGISTER_CONTEXT;
+use a2a_proto::{NetworkId, NodeKey, SignedRecord};
+use data_encoding::BASE64;
+
+/// Identifies one control connection.
+pub type ConnId = u64;
+
+/// Messages the server must send: each to the connection named.
+pub type Outbox = Vec<(ConnId, ServerMsg)>;
+
+/// A refused request: the reason code and a message for the node.
+pub type Refusal = (RefuseReason, String);
+
+/// A `Register` message with what the channel knows of its sender.
+pub struct RegisterRequest<'a> {
+    /// The node's Noise static key, authenticated by the control channel.
+    pub conn_key: NodeKey,
+    /// The channel's handshake hash, which the proof must sign.
+    pub handshake_hash: &'a [u8],
+    pub network: NetworkId,
+    /// Base64 signature of the network key over `handshake_hash`.
+    pub proof: &'a str,
+    pub record: SignedRecord,
+}
+
+struct Member {
+    record: SignedRecord,
+    ip: Ipv4Addr,
+    issued_ms: u64,
+    conn: ConnId,
+    expires: Instant,
+}
+
+/// Live registrations, grouped by network.
+pub struct Registry {
+    networks: HashMap<NetworkId, HashMap<NodeKey, Member>>,
+    by_conn: HashMap<ConnId, (NetworkId, NodeKey)>,
+    heartbeat: Duration,
+    ttl: Duration,
+}
+
+impl Registry {
+    /// `heartbeat`: how often nodes are asked to refresh; a member not heard from for `ttl`
+    /// expires.
+    pub fn new(heartbeat: Duration, ttl: Duration) -> Self {
+        Registry {
+            networks: HashMap::new(),
+            by_conn: HashMap::new(),
+            heartbeat,
+            ttl,
+        }
+    }
+
+    /// Number of live members over all networks (a count only; it names nobody).
+    pub fn member_count(&self) -> usize {
+        self.by_conn.len()
+    }
+
+    pub fn network_count(&self) -> usize {
+        self.networks.len()
+    }
+
+    /// Handles `Register` on connection `conn`.
+    pub fn register(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        request: RegisterRequest<'_>,
+    ) -> Result<Outbox, Refusal> {
+        let RegisterRequest {
+            conn_key,
+            handshake_hash,
+            network,
+            proof,
+            record,
+        } = request;
+        if self.by_conn.contains_key(&conn) {
+            return Err((RefuseReason::Protocol, "already registered".into()));
+        }
+        let proof = BASE64.decode(proof.as_bytes()).unwrap_or_default();
+        if !network.verify(REGISTER_CONTEXT, handshake_hash, &proof) {
+            return Err((
+                RefuseReason::BadProof,
+                "membership proof does not verify: the join token is not valid for this network"
+                    .into(),
+            ));
+        }
+        let (ip, issued_ms) = self.check_record(&network, conn_key, &record)?;
+        let members = self.networks.entry(network).or_default();
+        // A node re-registering (daemon restart, new connection) replaces its old entry.
+        if let Some(old) = members.remove(&conn_key) {
+            self.by_conn.remove(&old.conn);
+        }
+        let mut out: Outbox = vec![(
+            conn,
+            ServerMsg::Registered {
+                heartbeat_s: self.heartbeat.as_secs() as u32,
+            },
+        )];
+        for m in members.values() {
+            out.push((
+                conn,
+                ServerMsg::PeerUp {
+                    record: m.record.clone(),
+                },
+            ));
+            out.push((
+                m.conn,
+                ServerMsg::PeerUp {
+                    record: record.clone(),
+                },
+            ));
+        }
+        members.insert(
+            conn_key,
+            Member {
+                record,
+                ip,
+                issued_ms,
+                conn,
+                expires: now + self.ttl,
+            },
+        );
+        self.by_conn.insert(conn, (network, conn_key));
+        Ok(out)
+    }
+
+    /// Verifies a record for `network` and `key`, and that its address is free among live members.
+    fn check_record(
+        &self,
+        network: &NetworkId,
+        key: NodeKey,
+        record: &SignedRecord,
+    ) -> Result<(Ipv4Addr, u64), Refusal> {
+        let parsed = record
+            .verify(network)
+            .map_err(|e| (RefuseReason::BadRecord, e.to_string()))?;
+        if parsed.node_key != key {
+            return Err((
+                RefuseReason::BadRecord,
+                "record key does not match the control channel's key".into(),
+            ));
+        }
+        let taken = self
+            .networks
+            .get(network)
+            .is_some_and(|members| members.iter().any(|(k, m)| *k != key && m.ip == parsed.ip));
+        if taken {
+            return Err((
+                RefuseReason::AddressInUse,
+                "overlay address is held by another live node".into(),
+            ));
+        }
+        Ok((parsed.ip, parsed.issued_ms))
+    }
+
+    /// Handles `Update`: a newer record from a registered node.
+    pub fn update(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        record: SignedRecord,
+    ) -> Result<Outbox, Refusal> {
+        let Some(&(network, key)) = self.by_conn.get(&conn) else {
+            return Err((RefuseReason::Protocol, "update before register".into()));
+        };
+        let (ip, issued_ms) = self.check_record(&network, key, &record)?;
+        let members = self
+            .networks
+            .get_mut(&network)
+            .expect("indexed network exists");
+        let me = members.get_mut(&key).expect("indexed member exists");
+        if issued_ms <= me.issued_ms {
+            return Err((
+                RefuseReason::BadRecord,
+                "record is older than the current one".into(),
+            ));
+        }
+        me.record = record.clone();
+        me.ip = ip;
+        me.issued_ms = issued_ms;
+        me.expires = now + self.ttl;
+        let mut out: Outbox = vec![(
+            conn,
+            ServerMsg::Registered {
+                heartbeat_s: self.heartbeat.as_secs() as u32,
+            },
+        )];
+        out.extend(members.iter().filter(|(k, _)| **k != key).map(|(_, m)| {
+            (
+                m.conn,
+                ServerMsg::PeerUp {
+                    record: record.clone(),
+                },
+            )
+        }));
+        Ok(out)
+    }
+
+    /// Handles `Heartbeat`; false if the connection has no registration.
+    pub fn heartbeat(&mut self, now: Instant, conn: ConnId) -> bool {
+        let Some((network, key)) = self.by_conn.get(&conn) else {
+            return false;
+        };
+        if let Some(m) = self.networks.get_mut(network).and_then(|n| n.get_mut(key)) {
+            m.expires = now + self.ttl;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The connection closed or the node left: forget it and tell the other members.
+    pub fn disconnect(&mut self, conn: ConnId) -> Outbox {
+        let Some((network, key)) = self.by_conn.remove(&conn) else {
+            return Vec::new();
+        };
+        self.remove_member(network, key)
+    }
+
+    fn remove_member(&mut self, network: NetworkId, key: NodeKey) -> Outbox {
+        let Some(members) = self.networks.get_mut(&network) else {
+            return Vec::new();
+        };
+        members.remove(&key);
+        let out = members
+            .values()
+            .map(|m| (m.conn, ServerMsg::PeerDown { node_key: key }))
+            .collect();
+        if members.is_empty() {
+            self.networks.remove(&network);
+        }
+        out
+    }
+
+    /// Drops members not heard from within the TTL; returns the messages to send and the
+    /// connections that should be closed.
+    pub fn expire(&mut self, now: Instant) -> (Outbox, Vec<ConnId>) {
+        let expired: Vec<(NetworkId, NodeKey, ConnId)> = self
+            .networks
+            .iter()
+            .flat_map(|(n, members)| {
+                members
+                    .iter()
+                    .filter(|(_, m)| m.expires <= now)
+                    .map(|(k, m)| (*n, *k, m.conn))
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut closed = Vec::new();
+        for (network, key, conn) in expired {
+            self.by_conn.remove(&conn);
+            closed.push(conn);
+            out.extend(self.remove_member(network, key));
+        }
+        (out, closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RegisterRequest;
+    use super::*;
+    use a2a_proto::{NetworkKey, NodeRecord};
+
+    const HASH: &[u8] = b"handshake-hash-of-this-connection";
+
+    struct Node {
+        key: NodeKey,
+        record: NodeRecord,
+    }
+
+    fn node(n: u8, ip: &str) -> Node {
+        let key = NodeKey([n; 32]);
+        Node {
+            key,
+            record: NodeRecord {
+                node_key: key,
+                name: format!("n{n}"),
+                ip: ip.parse().unwrap(),
+                candidates: vec![],
+                issued_ms: 1,
+            },
+        }
+    }
+
+    fn proof(k: &NetworkKey, hash: &[u8]) -> String {
+        BASE64.encode(&k.sign(REGISTER_CONTEXT, hash))
+    }
+
+    fn reg(
+        r: &mut Registry,
+        now: Instant,
+        conn: ConnId,
+        k: &NetworkKey,
+        n: &Node,
+    ) -> Result<Outbox, Refusal> {
+        r.register(
+            now,
+            conn,
+            RegisterRequest {
+                conn_key: n.key,
+                handshake_hash: HASH,
+                network: k.id(),
+                proof: &proof(k, HASH),
+                record: n.record.sign(k),
+            },
+        )
+    }
+
+    fn registry() -> Registry {
+        Registry::new(Duration::from_secs(10), Duration::from_secs(30))
+    }
+
+    #[test]
+    fn members_learn_of_each_other() {
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let now = Instant::now();
+        let out = reg(&mut r, now, 1, &k, &node(1, "100.64.0.1")).unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(matches!(
+            out[0],
+            (1, ServerMsg::Registered { heartbeat_s: 10 })
+        ));
+        let out = reg(&mut r, now, 2, &k, &node(2, "100.64.0.2")).unwrap();
+        // 2 is registered and told of 1; 1 is told of 2.
+        assert_eq!(out.len(), 3);
+        assert!(out
+            .iter()
+            .any(|(c, m)| *c == 2 && matches!(m, ServerMsg::PeerUp { .. })));
+        assert!(out
+            .iter()
+            .any(|(c, m)| *c == 1 && matches!(m, ServerMsg::PeerUp { .. })));
+        assert_eq!(r.member_count(), 2);
+    }
+
+    #[test]
+    fn networks_are_isolated() {
+        let mut r = registry();
+        let a = NetworkKey::derive(&[1; 32]);
+        let b = NetworkKey::derive(&[2; 32]);
+        let now = Instant::now();
+        reg(&mut r, now, 1, &a, &node(1, "100.64.0.1")).unwrap();
+        let out = reg(&mut r, now, 2, &b, &node(2, "100.64.0.1")).unwrap();
+        assert_eq!(out.len(), 1, "a member of another network learns nothing");
+        assert_eq!(r.network_count(), 2);
+    }
+
+    #[test]
+    fn wrong_proof_and_forged_records_are_refused() {
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let other = NetworkKey::derive(&[9; 32]);
+        let now = Instant::now();
+        let n = node(1, "100.64.0.1");
+        // Proof made with another network's key.
+        let e = r
+            .register(
+                now,
+                1,
+                RegisterRequest {
+                    conn_key: n.key,
+                    handshake_hash: HASH,
+                    network: k.id(),
+                    proof: &proof(&other, HASH),
+                    record: n.record.sign(&k),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.0, RefuseReason::BadProof);
+        // Proof replayed from another connection.
+        let e = r
+            .register(
+                now,
+                1,
+                RegisterRequest {
+                    conn_key: n.key,
+                    handshake_hash: b"other",
+                    network: k.id(),
+                    proof: &proof(&k, HASH),
+                    record: n.record.sign(&k),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.0, RefuseReason::BadProof);
+        // Record signed by a non-member.
+        let e = r
+            .register(
+                now,
+                1,
+                RegisterRequest {
+                    conn_key: n.key,
+                    handshake_hash: HASH,
+                    network: k.id(),
+                    proof: &proof(&k, HASH),
+                    record: n.record.sign(&other),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.0, RefuseReason::BadRecord);
+        // Record for a key other than the channel's.
+        let e = r
+            .register(
+                now,
+                1,
+                RegisterRequest {
+                    conn_key: NodeKey([7; 32]),
+                    handshake_hash: HASH,
+                    network: k.id(),
+                    proof: &proof(&k, HASH),
+                    record: n.record.sign(&k),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.0, RefuseReason::BadRecord);
+        assert_eq!(r.member_count(), 0);
+    }
+
+    #[test]
+    fn duplicate_address_is_refused_among_live_nodes_only() {
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let now = Instant::now();
+        reg(&mut r, now, 1, &k, &node(1, "100.64.0.1")).unwrap();
+        let e = reg(&mut r, now, 2, &k, &node(2, "100.64.0.1")).unwrap_err();
+        assert_eq!(e.0, RefuseReason::AddressInUse);
+        r.disconnect(1);
+        reg(&mut r, now, 2, &k, &node(2, "100.64.0.1")).unwrap();
+    }
+
+    #[test]
+    fn reregistration_replaces_the_old_connection() {
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let now = Instant::now();
+        reg(&mut r, now, 1, &k, &node(1, "100.64.0.1")).unwrap();
+        reg(&mut r, now, 2, &k, &node(2, "100.64.0.2")).unwrap();
+        reg(&mut r, now, 3, &k, &node(1, "100.64.0.1")).unwrap();
+        assert_eq!(r.member_count(), 2);
+        // The stale connection closing later does not remove the new registration.
+        assert!(r.disconnect(1).is_empty());
+        assert_eq!(r.member_count(), 2);
+    }
+
+    #[test]
+    fn leaving_and_expiry_tell_the_others() {
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let t0 = Instant::now();
+        reg(&mut r, t0, 1, &k, &node(1, "100.64.0.1")).unwrap();
+        reg(&mut r, t0, 2, &k, &node(2, "100.64.0.2")).unwrap();
+        reg(&mut r, t0, 3, &k, &node(3, "100.64.0.3")).unwrap();
+        let out = r.disconnect(3);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(
+            |(_, m)| matches!(m, ServerMsg::PeerDown { node_key } if *node_key == NodeKey([3; 32]))
+        ));
+        // Node 1 keeps heartbeating, node 2 goes silent.
+        let t1 = t0 + Duration::from_secs(20);
+        assert!(r.heartbeat(t1, 1));
+        let (out, closed) = r.expire(t0 + Duration::from_secs(31));
+        assert_eq!(closed, vec![2]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, 1);
+        assert_eq!(r.member_count(), 1);
+        assert!(!r.heartbeat(t1, 2));
+    }
+
+    #[test]
+    fn updates_must_be_newer() {
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let now = Instant::now();
+        let mut n = node(1, "100.64.0.1");
+        reg(&mut r, now, 1, &k, &n).unwrap();
+        assert_eq!(
+            r.update(now, 1, n.record.sign(&k)).unwrap_err().0,
+            RefuseReason::BadRecord
+        );
+        n.record.issued_ms = 2;
+        n.record.candidates = vec!["10.0.0.1:1".parse().unwrap()];
+        r.update(now, 1, n.record.sign(&k)).unwrap();
+        assert_eq!(
+            r.update(now, 9, n.record.sign(&k)).unwrap_err().0,
+            RefuseReason::Protocol
+        );
+    }
+}
