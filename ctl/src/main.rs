@@ -1,1 +1,110 @@
-fn main() {}
+//! a2actl: the command line of a2a. Talks to the local `a2ad` over its Unix socket.
+
+mod client;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use a2a_proto::api::{ApiRequest, ApiResponse};
+use a2a_proto::JoinToken;
+use clap::{Parser, Subcommand};
+
+/// Join this machine to an a2a network and see its peers.
+#[derive(Parser)]
+#[command(name = "a2actl", version, about)]
+struct Cli {
+    /// a2ad's local API socket [default: /run/a2a/a2ad.sock, or STATE_DIR/a2ad.sock when --state-dir is given]
+    #[arg(long, env = "A2A_SOCKET", global = true)]
+    socket: Option<PathBuf>,
+    /// a2ad's state directory (locates its socket when --socket is not given)
+    #[arg(long, env = "A2A_STATE_DIR", global = true)]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join the network of a join token; prints this node's overlay IPv4 address.
+    Up {
+        /// The join token printed by a2a-coordinator (a2a1…).
+        #[arg(long, value_name = "TOKEN")]
+        join: String,
+        /// This node's name in the network (a-z, 0-9, '-'); defaults to the host name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Leave the network and remove the overlay interface.
+    Down,
+    /// Show this node and its peers.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print this node's overlay IPv4 address.
+    Ip,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("a2actl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let (socket, _) = a2a_proto::api::resolve_paths(cli.socket, cli.state_dir);
+    let request = match &cli.command {
+        Command::Up { join, name } => {
+            // Check the token here too, so a bad one is named even when a2ad is not running.
+            JoinToken::parse(join).map_err(|e| e.to_string())?;
+            if let Some(n) = name {
+                a2a_proto::record::validate_name(n).map_err(|e| format!("--name: {e}"))?;
+            }
+            ApiRequest::Up {
+                token: join.trim().to_string(),
+                name: name.clone(),
+            }
+        }
+        Command::Down => ApiRequest::Down,
+        Command::Status { .. } => ApiRequest::Status,
+        Command::Ip => ApiRequest::Ip,
+    };
+    match client::call(&socket, &request)? {
+        ApiResponse::Error { message } => Err(message),
+        ApiResponse::Up { ip, .. } => {
+            println!("{ip}");
+            Ok(())
+        }
+        ApiResponse::Down { was_up } => {
+            if was_up {
+                eprintln!("left the network; the overlay interface is removed");
+            } else {
+                eprintln!("this node was not joined to a network");
+            }
+            Ok(())
+        }
+        ApiResponse::Ip { ip } => {
+            println!("{ip}");
+            Ok(())
+        }
+        ApiResponse::Status { status } => {
+            let json = matches!(cli.command, Command::Status { json: true });
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", output::status_table(&status));
+            }
+            Ok(())
+        }
+    }
+}

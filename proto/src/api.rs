@@ -60,3 +60,88 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
 }
+
+/// Where `a2ad` keeps its state when no `--state-dir` is given.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/a2a";
+/// Where `a2ad` listens when neither `--socket` nor `--state-dir` is given.
+pub const DEFAULT_SOCKET: &str = "/run/a2a/a2ad.sock";
+
+/// Resolves the socket and state directory the same way in `a2ad` and `a2actl`: an explicit
+/// `--socket` wins; otherwise an explicit `--state-dir` puts the socket inside it (so several
+/// nodes can run on one machine with `--state-dir` alone); otherwise the system defaults.
+pub fn resolve_paths(
+    socket: Option<std::path::PathBuf>,
+    state_dir: Option<std::path::PathBuf>,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let socket = match (&socket, &state_dir) {
+        (Some(s), _) => s.clone(),
+        (None, Some(d)) => d.join("a2ad.sock"),
+        (None, None) => DEFAULT_SOCKET.into(),
+    };
+    (
+        socket,
+        state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn socket_follows_state_dir_unless_given() {
+        let (s, d) = resolve_paths(None, None);
+        assert_eq!(
+            (s, d),
+            (
+                PathBuf::from(DEFAULT_SOCKET),
+                PathBuf::from(DEFAULT_STATE_DIR)
+            )
+        );
+        let (s, _) = resolve_paths(None, Some("/tmp/n1".into()));
+        assert_eq!(s, PathBuf::from("/tmp/n1/a2ad.sock"));
+        let (s, d) = resolve_paths(Some("/x.sock".into()), Some("/tmp/n1".into()));
+        assert_eq!((s, d), (PathBuf::from("/x.sock"), PathBuf::from("/tmp/n1")));
+    }
+
+    #[test]
+    fn status_json_has_the_contract_fields() {
+        let st = Status {
+            self_: Some(SelfStatus {
+                name: "a".into(),
+                ip: "100.64.0.1".into(),
+                public_key: "k".into(),
+                registered: true,
+                interface: "a2a0".into(),
+            }),
+            peers: vec![PeerStatus {
+                name: "b".into(),
+                ip: "100.64.0.2".into(),
+                public_key: "k2".into(),
+                path: "direct".into(),
+                endpoint: Some("10.0.0.2:51820".into()),
+                last_handshake_s: Some(3),
+                rx_bytes: 1,
+                tx_bytes: 2,
+            }],
+            counters: Default::default(),
+        };
+        let v: serde_json::Value = serde_json::to_value(&st).unwrap();
+        for f in ["name", "ip", "public_key"] {
+            assert!(v["self"].get(f).is_some(), "{f}");
+        }
+        for f in [
+            "name",
+            "ip",
+            "public_key",
+            "path",
+            "endpoint",
+            "last_handshake_s",
+            "rx_bytes",
+            "tx_bytes",
+        ] {
+            assert!(v["peers"][0].get(f).is_some(), "{f}");
+        }
+    }
+}

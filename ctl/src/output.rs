@@ -1,0 +1,108 @@
+//! Human-readable output.
+
+use a2a_proto::api::Status;
+
+/// `a2actl status` without `--json`.
+pub fn status_table(status: &Status) -> String {
+    let Some(me) = &status.self_ else {
+        return "not joined to a network: run `a2actl up --join TOKEN`\n".into();
+    };
+    let mut out = format!(
+        "{} {} on {}{}\n",
+        me.name,
+        me.ip,
+        me.interface,
+        if me.registered {
+            ""
+        } else {
+            " (coordinator unreachable; tunnels keep working)"
+        }
+    );
+    if status.peers.is_empty() {
+        out.push_str("no peers yet\n");
+        return out;
+    }
+    let rows: Vec<[String; 6]> = status
+        .peers
+        .iter()
+        .map(|p| {
+            [
+                p.name.clone(),
+                p.ip.clone(),
+                p.path.clone(),
+                p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                p.last_handshake_s
+                    .map(|s| format!("{s}s ago"))
+                    .unwrap_or_else(|| "never".into()),
+                format!("rx {} tx {}", bytes(p.rx_bytes), bytes(p.tx_bytes)),
+            ]
+        })
+        .collect();
+    let header = ["PEER", "IP", "PATH", "ENDPOINT", "HANDSHAKE", "TRAFFIC"].map(String::from);
+    let mut widths = [0usize; 6];
+    for r in std::iter::once(&header).chain(rows.iter()) {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    for r in std::iter::once(&header).chain(rows.iter()) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1}GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1}MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1}KiB", n as f64 / 1024.0),
+        n => format!("{n}B"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use a2a_proto::api::{PeerStatus, SelfStatus};
+
+    #[test]
+    fn table_lists_self_and_peers() {
+        let st = Status {
+            self_: Some(SelfStatus {
+                name: "alice".into(),
+                ip: "100.64.0.1".into(),
+                public_key: "k".into(),
+                registered: true,
+                interface: "a2a0".into(),
+            }),
+            peers: vec![PeerStatus {
+                name: "bob".into(),
+                ip: "100.64.0.2".into(),
+                public_key: "k2".into(),
+                path: "direct".into(),
+                endpoint: Some("10.0.0.2:51820".into()),
+                last_handshake_s: Some(4),
+                rx_bytes: 2048,
+                tx_bytes: 10,
+            }],
+            counters: Default::default(),
+        };
+        let t = status_table(&st);
+        assert!(t.starts_with("alice 100.64.0.1 on a2a0\n"), "{t}");
+        assert!(t.contains("bob"));
+        assert!(t.contains("direct"));
+        assert!(t.contains("rx 2.0KiB tx 10B"));
+        let none = Status {
+            self_: None,
+            peers: vec![],
+            counters: Default::default(),
+        };
+        assert!(status_table(&none).contains("a2actl up --join"));
+    }
+}

@@ -1,0 +1,86 @@
+//! The local API socket: one JSON request line in, one JSON response line out.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use a2a_proto::api::{ApiRequest, ApiResponse, MAX_API_LINE};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::daemon::Daemon;
+
+/// Binds the socket, refusing to steal it from a running daemon.
+pub async fn bind(path: &Path) -> Result<UnixListener, String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create socket directory {}: {e}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(format!(
+                "another a2ad is already running on {}; stop it first or use --socket",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    // Owner and group only: the status names peers.
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let _ = handle(stream, &daemon).await;
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, daemon: &Daemon) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(MAX_API_LINE as u64))
+        .read_line(&mut line)
+        .await?;
+    let response = match serde_json::from_str::<ApiRequest>(&line) {
+        Ok(req) => dispatch(req, daemon).await,
+        Err(e) => ApiResponse::Error {
+            message: format!("malformed request: {e}"),
+        },
+    };
+    let mut out = serde_json::to_vec(&response).map_err(io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+async fn dispatch(req: ApiRequest, daemon: &Daemon) -> ApiResponse {
+    let error = |message| ApiResponse::Error { message };
+    match req {
+        ApiRequest::Up { token, name } => match daemon.up(&token, name).await {
+            Ok((ip, name)) => ApiResponse::Up { ip, name },
+            Err(e) => error(e),
+        },
+        ApiRequest::Down => match daemon.down().await {
+            Ok(was_up) => ApiResponse::Down { was_up },
+            Err(e) => error(e),
+        },
+        ApiRequest::Status => ApiResponse::Status {
+            status: daemon.status().await,
+        },
+        ApiRequest::Ip => match daemon.ip().await {
+            Ok(ip) => ApiResponse::Ip { ip },
+            Err(e) => error(e),
+        },
+    }
+}

@@ -1,0 +1,265 @@
+//! The daemon's commands (`up`, `down`, `status`, `ip`) over its one optional session, and the
+//! membership kept in the state directory.
+
+use std::time::Duration;
+
+use a2a_proto::api::{PeerStatus, SelfStatus, Status};
+use a2a_proto::overlay::{derive_ip, is_host_in};
+use a2a_proto::record::{sanitize_name, validate_name};
+use a2a_proto::{JoinToken, NetworkKey, NodeKey};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use tokio::sync::Mutex;
+
+use crate::control::Registration;
+use crate::session::{DeviceConfig, Session};
+use crate::state::{Membership, StateDir};
+
+/// How long `a2actl up` waits for the coordinator to accept the node.
+const UP_TIMEOUT: Duration = Duration::from_secs(20);
+/// A WireGuard session older than this is gone (REJECT_AFTER_TIME).
+const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+
+pub struct Daemon {
+    device: DeviceConfig,
+    state: StateDir,
+    node_private: [u8; 32],
+    session: Mutex<Option<Session>>,
+}
+
+impl Daemon {
+    pub fn new(device: DeviceConfig, state: StateDir) -> Result<Self, String> {
+        let node_private = state.node_key().map_err(|e| e.to_string())?;
+        Ok(Daemon {
+            device,
+            state,
+            node_private,
+            session: Mutex::new(None),
+        })
+    }
+
+    fn node_key(&self) -> NodeKey {
+        NodeKey(PublicKey::from(&StaticSecret::from(self.node_private)).to_bytes())
+    }
+
+    /// At start: rejoin the saved network, if any, without waiting for the coordinator.
+    pub async fn resume(&self) -> Result<(), String> {
+        let Some(m) = self.state.membership().map_err(|e| e.to_string())? else {
+            tracing::info!("not joined to a network; waiting for `a2actl up --join TOKEN`");
+            return Ok(());
+        };
+        let token = JoinToken::parse(&m.token).map_err(|e| format!("saved {e}"))?;
+        let session = Session::start(
+            &self.device,
+            self.node_private,
+            token,
+            m.token.clone(),
+            m.name.clone(),
+            m.ip,
+        )
+        .await?;
+        *self.session.lock().await = Some(session);
+        tracing::info!("rejoined the saved network as {} ({})", m.name, m.ip);
+        Ok(())
+    }
+
+    pub async fn up(
+        &self,
+        token_text: &str,
+        name: Option<String>,
+    ) -> Result<(String, String), String> {
+        let token = JoinToken::parse(token_text).map_err(|e| e.to_string())?;
+        let network_id = NetworkKey::derive(&token.network_secret).id();
+        let saved = self.state.membership().map_err(|e| e.to_string())?;
+        let name = match name {
+            Some(n) => {
+                validate_name(&n).map_err(|e| format!("--name: {e}"))?;
+                n
+            }
+            None => saved
+                .as_ref()
+                .map(|m| m.name.clone())
+                .unwrap_or_else(default_name),
+        };
+        let mut slot = self.session.lock().await;
+        if let Some(s) = slot.as_ref() {
+            if s.network_id == network_id && s.name == name {
+                // Already a member: report the address (after registration, if pending).
+                let ip = wait_registered(s).await.unwrap_or_else(|_| s.current_ip());
+                return Ok((ip.to_string(), name));
+            }
+        }
+        // Keep the old address when rejoining the same network.
+        let same_network = saved.as_ref().and_then(|m| {
+            let t = JoinToken::parse(&m.token).ok()?;
+            (NetworkKey::derive(&t.network_secret).id() == network_id).then_some(m.ip)
+        });
+        let ip = same_network
+            .filter(|ip| is_host_in(token.prefix, *ip))
+            .unwrap_or_else(|| derive_ip(token.prefix, &self.node_key(), 0));
+
+        let previous = slot.take();
+        if let Some(p) = previous {
+            p.stop(true).await;
+        }
+        let result = async {
+            let session = Session::start(
+                &self.device,
+                self.node_private,
+                token.clone(),
+                token_text.trim().to_string(),
+                name.clone(),
+                ip,
+            )
+            .await?;
+            match wait_registered(&session).await {
+                Ok(ip) => Ok((session, ip)),
+                Err(e) => {
+                    session.stop(false).await;
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok((session, ip)) => {
+                self.state
+                    .save_membership(&Membership {
+                        token: session.token_text.clone(),
+                        name: name.clone(),
+                        ip,
+                    })
+                    .map_err(|e| e.to_string())?;
+                *slot = Some(session);
+                Ok((ip.to_string(), name))
+            }
+            Err(e) => {
+                // Nothing the user had is lost: restore the saved membership, if any.
+                drop(slot);
+                if let Err(re) = self.resume().await {
+                    tracing::warn!("could not restore the previous network: {re}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn down(&self) -> Result<bool, String> {
+        let session = self.session.lock().await.take();
+        let was_up = session.is_some();
+        if let Some(s) = session {
+            s.stop(true).await;
+        }
+        self.state.clear_membership().map_err(|e| {
+            format!("left the network, but cannot remove the saved membership: {e}")
+        })?;
+        Ok(was_up)
+    }
+
+    /// Stops the session without leaving (daemon shutdown): the membership stays saved.
+    pub async fn shutdown(&self) {
+        if let Some(s) = self.session.lock().await.take() {
+            s.stop(false).await;
+        }
+    }
+
+    pub async fn ip(&self) -> Result<String, String> {
+        match self.session.lock().await.as_ref() {
+            Some(s) => Ok(s.current_ip().to_string()),
+            None => Err("this node has not joined a network: run `a2actl up --join TOKEN`".into()),
+        }
+    }
+
+    pub async fn status(&self) -> Status {
+        let slot = self.session.lock().await;
+        let Some(s) = slot.as_ref() else {
+            return Status {
+                self_: None,
+                peers: vec![],
+                counters: Default::default(),
+            };
+        };
+        let peers = s
+            .peers
+            .all()
+            .into_iter()
+            .map(|p| {
+                let info = p.info();
+                let endpoint = p.endpoint();
+                let (since, tx, rx, _, _) = p.tunn().stats();
+                let live = since.is_some_and(|d| d < SESSION_LIFETIME);
+                PeerStatus {
+                    name: info.name,
+                    ip: info.ip.to_string(),
+                    public_key: p.key.to_base64(),
+                    path: if live && endpoint.addr.is_some() {
+                        "direct"
+                    } else {
+                        "none"
+                    }
+                    .into(),
+                    endpoint: endpoint.addr.map(|a| a.to_string()),
+                    last_handshake_s: since.map(|d| d.as_secs()),
+                    rx_bytes: rx as u64,
+                    tx_bytes: tx as u64,
+                }
+            })
+            .collect();
+        let registered = matches!(*s.registration.borrow(), Registration::Registered { .. });
+        Status {
+            self_: Some(SelfStatus {
+                name: s.name.clone(),
+                ip: s.current_ip().to_string(),
+                public_key: self.node_key().to_base64(),
+                registered,
+                interface: s.interface.clone(),
+            }),
+            peers,
+            counters: s
+                .counters
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        }
+    }
+}
+
+/// Waits until the coordinator has accepted the session's registration.
+async fn wait_registered(s: &Session) -> Result<std::net::Ipv4Addr, String> {
+    let mut rx = s.registration.clone();
+    let wait = async {
+        loop {
+            match &*rx.borrow_and_update() {
+                Registration::Registered { ip } => return Ok(*ip),
+                Registration::Refused(m) => {
+                    return Err(format!(
+                        "the coordinator refused to register this node: {m}"
+                    ))
+                }
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err("the control client stopped".to_string());
+            }
+        }
+    };
+    match tokio::time::timeout(UP_TIMEOUT, wait).await {
+        Ok(r) => r,
+        Err(_) => {
+            let why = match &*s.registration.borrow() {
+                Registration::Unreachable(m) => m.clone(),
+                _ => "no answer".into(),
+            };
+            Err(format!(
+                "could not register with the coordinator within {}s ({why}); check that \
+                 a2a-coordinator runs at the token's endpoint and that its TCP and UDP port are reachable",
+                UP_TIMEOUT.as_secs()
+            ))
+        }
+    }
+}
+
+fn default_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    sanitize_name(host.trim())
+}

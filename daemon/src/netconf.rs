@@ -1,0 +1,108 @@
+//! Interface configuration over netlink (rtnetlink): the overlay address and prefix route on the
+//! TUN device, link state, and the host's own addresses for endpoint candidates.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::{Handle, LinkUnspec};
+
+#[derive(Clone)]
+pub struct NetConf {
+    handle: Handle,
+}
+
+fn nl_err(what: &str, e: rtnetlink::Error) -> io::Error {
+    io::Error::other(format!("netlink: cannot {what}: {e}"))
+}
+
+impl NetConf {
+    /// Opens a netlink connection (its driver runs on the current tokio runtime).
+    pub fn new() -> io::Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(NetConf { handle })
+    }
+
+    pub async fn link_index(&self, name: &str) -> io::Result<u32> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link.header.index),
+            Ok(None) => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("interface {name} does not exist"),
+            )),
+            Err(e) => Err(nl_err(&format!("find interface {name}"), e)),
+        }
+    }
+
+    async fn addresses(&self) -> io::Result<Vec<AddressMessage>> {
+        self.handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_err("list addresses", e))
+    }
+
+    /// Makes `ip/prefix_len` the only IPv4 address of the link (the kernel adds the prefix
+    /// route with it) and sets the link up.
+    pub async fn configure(&self, index: u32, ip: Ipv4Addr, prefix_len: u8) -> io::Result<()> {
+        for msg in self.addresses().await? {
+            if msg.header.index == index && ipv4_of(&msg).is_some_and(|a| a != ip) {
+                self.handle
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| nl_err("remove old overlay address", e))?;
+            }
+        }
+        let present = self
+            .addresses()
+            .await?
+            .iter()
+            .any(|m| m.header.index == index && ipv4_of(m) == Some(ip));
+        if !present {
+            self.handle
+                .address()
+                .add(index, IpAddr::V4(ip), prefix_len)
+                .execute()
+                .await
+                .map_err(|e| nl_err("add overlay address", e))?;
+        }
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| nl_err("set the interface up", e))
+    }
+
+    /// The host's IPv4 addresses other than loopback and the overlay interface: the local
+    /// candidates a node publishes.
+    pub async fn local_ipv4(&self, exclude_index: Option<u32>) -> io::Result<Vec<Ipv4Addr>> {
+        Ok(self
+            .addresses()
+            .await?
+            .iter()
+            .filter(|m| Some(m.header.index) != exclude_index)
+            .filter_map(ipv4_of)
+            .filter(|ip| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified())
+            .collect())
+    }
+}
+
+fn ipv4_of(msg: &AddressMessage) -> Option<Ipv4Addr> {
+    msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+        _ => None,
+    })
+}

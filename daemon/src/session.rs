@@ -1,0 +1,169 @@
+//! One membership at run time: the TUN device, the UDP socket, the data-plane loops and the
+//! control client, started together and stopped together.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use a2a_proto::{JoinToken, NetworkId, NetworkKey};
+use boringtun::x25519::StaticSecret;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::control::{ControlClient, Registration};
+use crate::dataplane::{Counters, DataPlane};
+use crate::netconf::NetConf;
+use crate::peers::PeerTable;
+
+/// Overlay MTU: 1500 minus the IPv6 (40) + UDP (8) + WireGuard (32) overheads, as wg-quick.
+pub const OVERLAY_MTU: u16 = 1420;
+
+/// What `a2ad` was started with.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub interface: String,
+    pub udp_port: u16,
+}
+
+pub struct Session {
+    pub token_text: String,
+    pub network_id: NetworkId,
+    pub name: String,
+    pub interface: String,
+    pub ip: watch::Receiver<Ipv4Addr>,
+    pub registration: watch::Receiver<Registration>,
+    pub peers: Arc<PeerTable>,
+    pub counters: Arc<Counters>,
+    leave: watch::Sender<bool>,
+    control: JoinHandle<()>,
+    loops: Vec<JoinHandle<()>>,
+}
+
+impl Session {
+    /// Creates the interface and socket and starts the loops. Errors say what failed and what to
+    /// do; on error nothing is left behind.
+    pub async fn start(
+        device: &DeviceConfig,
+        node_private: [u8; 32],
+        token: JoinToken,
+        token_text: String,
+        name: String,
+        ip: Ipv4Addr,
+    ) -> Result<Session, String> {
+        let udp = UdpSocket::bind(("0.0.0.0", device.udp_port))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot bind UDP port {}: {e} (is another a2ad or WireGuard using it? start a2ad with --port)",
+                    device.udp_port
+                )
+            })?;
+        let tun = tun_rs::DeviceBuilder::new()
+            .name(&device.interface)
+            .mtu(OVERLAY_MTU)
+            .build_async()
+            .map_err(|e| tun_error(&device.interface, e))?;
+        let tun = Arc::new(tun);
+        let netconf = NetConf::new().map_err(|e| format!("cannot open netlink: {e}"))?;
+        let tun_index = netconf
+            .link_index(&device.interface)
+            .await
+            .map_err(|e| e.to_string())?;
+        netconf
+            .configure(tun_index, ip, token.prefix.prefix_len())
+            .await
+            .map_err(|e| format!("cannot configure {}: {e}", device.interface))?;
+
+        let network_key = NetworkKey::derive(&token.network_secret);
+        let network_id = network_key.id();
+        let peers = Arc::new(PeerTable::new(StaticSecret::from(node_private)));
+        let counters = Arc::new(Counters::default());
+        let dataplane = Arc::new(DataPlane {
+            tun,
+            udp: Arc::new(udp),
+            peers: peers.clone(),
+            counters: counters.clone(),
+        });
+        let (a2a_tx, a2a_rx) = mpsc::channel(64);
+        let loops = vec![
+            tokio::spawn(dataplane.clone().tun_to_udp()),
+            tokio::spawn(dataplane.clone().udp_to_tun(a2a_tx)),
+            tokio::spawn(dataplane.clone().timers()),
+        ];
+        let (status_tx, status_rx) = watch::channel(Registration::Connecting);
+        let (ip_tx, ip_rx) = watch::channel(ip);
+        let (leave_tx, leave_rx) = watch::channel(false);
+        let client = ControlClient {
+            token,
+            network_key,
+            node_private,
+            name: name.clone(),
+            udp_port: device.udp_port,
+            dataplane,
+            counters: counters.clone(),
+            netconf,
+            tun_index,
+            status: status_tx,
+            ip: ip_tx,
+        };
+        let control = tokio::spawn(client.run(a2a_rx, leave_rx));
+        tracing::info!(
+            "interface {} up as {ip}, WireGuard on UDP port {}",
+            device.interface,
+            device.udp_port
+        );
+        Ok(Session {
+            token_text,
+            network_id,
+            name,
+            interface: device.interface.clone(),
+            ip: ip_rx,
+            registration: status_rx,
+            peers,
+            counters,
+            leave: leave_tx,
+            control,
+            loops,
+        })
+    }
+
+    /// Stops everything. With `leave`, first tells the coordinator this node leaves, so the
+    /// other members drop it at once. Dropping the TUN device removes the interface.
+    pub async fn stop(self, leave: bool) {
+        if leave {
+            let _ = self.leave.send(true);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.control).await;
+        } else {
+            self.control.abort();
+        }
+        for l in &self.loops {
+            l.abort();
+        }
+        for l in self.loops {
+            let _ = l.await;
+        }
+        self.peers.clear();
+    }
+
+    pub fn current_ip(&self) -> Ipv4Addr {
+        *self.ip.borrow()
+    }
+}
+
+fn tun_error(interface: &str, e: std::io::Error) -> String {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return format!(
+            "cannot create TUN device {interface}: /dev/net/tun does not exist; load the tun \
+             module (`modprobe tun`) or, in a container, pass the device through (--device /dev/net/tun)"
+        );
+    }
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => format!(
+            "cannot create TUN device {interface}: permission denied; a2ad needs root or CAP_NET_ADMIN"
+        ),
+        Some(libc::EBUSY) => format!(
+            "cannot create TUN device {interface}: it is in use by another program; start a2ad with --interface"
+        ),
+        _ => format!("cannot create TUN device {interface}: {e}"),
+    }
+}

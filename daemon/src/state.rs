@@ -1,0 +1,123 @@
+//! The node's state directory: its private key (`node.key`, 0600) and its network membership
+//! (`network.json`, 0600: the join token, the node name and its overlay address), so that a
+//! restarted daemon rejoins by itself with the same key and address.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use a2a_proto::keyfile::{self, with_path};
+use serde::{Deserialize, Serialize};
+
+/// Membership kept across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub token: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+}
+
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        StateDir { dir: dir.into() }
+    }
+
+    /// The node's X25519 private key, created on first use.
+    pub fn node_key(&self) -> io::Result<[u8; 32]> {
+        let (key, created) = keyfile::load_or_create(&self.dir.join("node.key"))?;
+        if created {
+            tracing::info!("created a new node key in {}", self.dir.display());
+        }
+        Ok(key)
+    }
+
+    fn membership_path(&self) -> PathBuf {
+        self.dir.join("network.json")
+    }
+
+    /// The saved membership; `Ok(None)` when the node has not joined. A corrupted file is an
+    /// error naming it (it is never silently discarded).
+    pub fn membership(&self) -> io::Result<Option<Membership>> {
+        let path = self.membership_path();
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is corrupted ({e}); remove it and run `a2actl up --join TOKEN` again",
+                        path.display()
+                    ),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(with_path(e, "read", &path)),
+        }
+    }
+
+    /// Saves the membership atomically (write to a temporary file, fsync, rename).
+    pub fn save_membership(&self, m: &Membership) -> io::Result<()> {
+        let path = self.membership_path();
+        let tmp = self.dir.join("network.json.tmp");
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(m).map_err(io::Error::other)?)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| with_path(e, "write", &path))
+    }
+
+    pub fn clear_membership(&self) -> io::Result<()> {
+        match fs::remove_file(self.membership_path()) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn membership_round_trips_privately() {
+        let dir = std::env::temp_dir().join(format!("a2a-state-{}", std::process::id()));
+        let s = StateDir::new(&dir);
+        let k = s.node_key().unwrap();
+        assert_eq!(s.node_key().unwrap(), k);
+        assert_eq!(s.membership().unwrap(), None);
+        let m = Membership {
+            token: "a2a1x".into(),
+            name: "n".into(),
+            ip: "100.64.0.1".parse().unwrap(),
+        };
+        s.save_membership(&m).unwrap();
+        assert_eq!(s.membership().unwrap(), Some(m));
+        let mode = fs::metadata(dir.join("network.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        fs::write(dir.join("network.json"), "{").unwrap();
+        assert!(s
+            .membership()
+            .unwrap_err()
+            .to_string()
+            .contains("corrupted"));
+        s.clear_membership().unwrap();
+        assert_eq!(s.membership().unwrap(), None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
