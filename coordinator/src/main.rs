@@ -69,6 +69,10 @@ struct TokenArgs {
     /// The listen address, used as the endpoint when no --endpoint is given.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
+    /// The coordinator's public key (base64, printed at its start): make the token on another
+    /// machine, without the coordinator's state directory, so the hub never sees the secret.
+    #[arg(long, value_name = "BASE64")]
+    coordinator_key: Option<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -84,7 +88,7 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match cli.command {
-        Some(Command::Token(args)) => print_token(&args.common, args.listen),
+        Some(Command::Token(args)) => print_token(&args),
         None => serve(cli.serve),
     };
     match result {
@@ -138,11 +142,18 @@ fn new_token(
         .map_err(|e| e.to_string())
 }
 
-fn print_token(common: &Common, listen: Option<SocketAddr>) -> Result<(), String> {
+fn print_token(args: &TokenArgs) -> Result<(), String> {
     // Check the arguments before touching the state directory.
-    endpoints(common, listen)?;
-    let (_, public) = identity(&common.state_dir)?;
-    println!("{}", new_token(common, listen, public)?);
+    endpoints(&args.common, args.listen)?;
+    let public = match &args.coordinator_key {
+        Some(k) => {
+            a2a_proto::NodeKey::from_base64(k)
+                .ok_or("--coordinator-key is not a base64 32-byte key (copy it from the coordinator's start-up output)")?
+                .0
+        }
+        None => identity(&args.common.state_dir)?.1,
+    };
+    println!("{}", new_token(&args.common, args.listen, public)?);
     Ok(())
 }
 

@@ -130,12 +130,14 @@ impl Session {
     /// Stops everything. With `leave`, first tells the coordinator this node leaves, so the
     /// other members drop it at once. Dropping the TUN device removes the interface.
     pub async fn stop(self, leave: bool) {
+        let mut control = self.control;
         if leave {
             let _ = self.leave.send(true);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.control).await;
-        } else {
-            self.control.abort();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut control).await;
         }
+        // Every task holding the device or socket must be gone before they can be reused.
+        control.abort();
+        let _ = control.await;
         for l in &self.loops {
             l.abort();
         }
