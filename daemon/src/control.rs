@@ -69,7 +69,13 @@ enum SessionEnd {
     AddressInUse,
     /// Connection lost or failed: retry after a back-off.
     Lost(String),
+    /// The coordinator closed the connection during the Noise handshake: what a coordinator
+    /// does when the token pins another key. Retried a few times, then a refusal.
+    ClosedInHandshake(String),
 }
+
+/// Handshakes closed in a row before the token's coordinator key is declared wrong.
+const MAX_CLOSED_HANDSHAKES: u32 = 3;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -88,12 +94,32 @@ impl ControlClient {
         let mut backoff = BACKOFF_MIN;
         let mut attempt = 0u32;
         let mut last_issued = 0u64;
+        let mut closed_handshakes = 0u32;
         loop {
             let end = self
                 .session(&mut a2a_rx, &mut leave, &mut last_issued)
                 .await;
+            let end = match end {
+                SessionEnd::ClosedInHandshake(why) => {
+                    closed_handshakes += 1;
+                    if closed_handshakes >= MAX_CLOSED_HANDSHAKES {
+                        SessionEnd::Refused(format!(
+                            "{why}: the join token's coordinator key does not match this \
+                             coordinator (is the token from another coordinator, or was its \
+                             state directory replaced?); get a new token"
+                        ))
+                    } else {
+                        SessionEnd::Lost(why)
+                    }
+                }
+                other => {
+                    closed_handshakes = 0;
+                    other
+                }
+            };
             match end {
                 SessionEnd::Left => return,
+                SessionEnd::ClosedInHandshake(_) => unreachable!("mapped above"),
                 SessionEnd::Refused(msg) => {
                     tracing::error!("coordinator refused this node: {msg}");
                     let _ = self.status.send(Registration::Refused(msg));
@@ -238,6 +264,11 @@ impl ControlClient {
                 Ok(e) => e,
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                     return SessionEnd::Refused(e.to_string())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return SessionEnd::ClosedInHandshake(format!(
+                        "coordinator {coordinator} closed the connection during the handshake"
+                    ))
                 }
                 Err(e) => {
                     return SessionEnd::Lost(format!("handshake with coordinator failed: {e}"))

@@ -131,13 +131,18 @@ impl Session {
     /// other members drop it at once. Dropping the TUN device removes the interface.
     pub async fn stop(self, leave: bool) {
         let mut control = self.control;
+        let mut finished = false;
         if leave {
             let _ = self.leave.send(true);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut control).await;
+            finished = tokio::time::timeout(std::time::Duration::from_secs(2), &mut control)
+                .await
+                .is_ok();
         }
         // Every task holding the device or socket must be gone before they can be reused.
-        control.abort();
-        let _ = control.await;
+        if !finished {
+            control.abort();
+            let _ = control.await;
+        }
         for l in &self.loops {
             l.abort();
         }
