@@ -79,14 +79,7 @@ struct TokenArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("A2A_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    a2a_proto::process::init_logging();
     let result = match cli.command {
         Some(Command::Token(args)) => print_token(&args),
         None => serve(cli.serve),
@@ -179,19 +172,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let server = server::Server::new(private);
         tokio::select! {
             r = server.run(tcp, udp) => r.map_err(|e| format!("listening socket failed: {e}")),
-            _ = shutdown_signal() => {
+            _ = a2a_proto::process::shutdown_signal() => {
                 tracing::info!("shutting down; all registrations were in memory only");
                 Ok(())
             }
         }
     })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
 }

@@ -362,68 +362,61 @@ mod tests {
         let mut r = registry();
         let k = NetworkKey::derive(&[1; 32]);
         let other = NetworkKey::derive(&[9; 32]);
-        let now = Instant::now();
         let n = node(1, "100.64.0.1");
-        // Proof made with another network's key.
-        let e = r
-            .register(
-                now,
-                1,
-                RegisterRequest {
-                    conn_key: n.key,
-                    handshake_hash: HASH,
-                    network: k.id(),
-                    proof: &proof(&other, HASH),
-                    record: n.record.sign(&k),
-                },
-            )
-            .unwrap_err();
-        assert_eq!(e.0, RefuseReason::BadProof);
-        // Proof replayed from another connection.
-        let e = r
-            .register(
-                now,
-                1,
-                RegisterRequest {
-                    conn_key: n.key,
-                    handshake_hash: b"other",
-                    network: k.id(),
-                    proof: &proof(&k, HASH),
-                    record: n.record.sign(&k),
-                },
-            )
-            .unwrap_err();
-        assert_eq!(e.0, RefuseReason::BadProof);
-        // Record signed by a non-member.
-        let e = r
-            .register(
-                now,
-                1,
-                RegisterRequest {
-                    conn_key: n.key,
-                    handshake_hash: HASH,
-                    network: k.id(),
-                    proof: &proof(&k, HASH),
-                    record: n.record.sign(&other),
-                },
-            )
-            .unwrap_err();
-        assert_eq!(e.0, RefuseReason::BadRecord);
-        // Record for a key other than the channel's.
-        let e = r
-            .register(
-                now,
-                1,
-                RegisterRequest {
-                    conn_key: NodeKey([7; 32]),
-                    handshake_hash: HASH,
-                    network: k.id(),
-                    proof: &proof(&k, HASH),
-                    record: n.record.sign(&k),
-                },
-            )
-            .unwrap_err();
-        assert_eq!(e.0, RefuseReason::BadRecord);
+        // (what is wrong, channel key, handshake hash, proof signer, record signer, refusal)
+        type Case<'a> = (
+            &'a str,
+            NodeKey,
+            &'a [u8],
+            &'a NetworkKey,
+            &'a NetworkKey,
+            RefuseReason,
+        );
+        let cases: [Case; 4] = [
+            (
+                "proof by another network",
+                n.key,
+                HASH,
+                &other,
+                &k,
+                RefuseReason::BadProof,
+            ),
+            (
+                "proof replayed from another connection",
+                n.key,
+                b"other",
+                &k,
+                &k,
+                RefuseReason::BadProof,
+            ),
+            (
+                "record signed by a non-member",
+                n.key,
+                HASH,
+                &k,
+                &other,
+                RefuseReason::BadRecord,
+            ),
+            (
+                "record for another key",
+                NodeKey([7; 32]),
+                HASH,
+                &k,
+                &k,
+                RefuseReason::BadRecord,
+            ),
+        ];
+        for (what, conn_key, hash, prover, signer, want) in cases {
+            let request = RegisterRequest {
+                conn_key,
+                handshake_hash: hash,
+                network: k.id(),
+                proof: &proof(prover, HASH),
+                record: n.record.sign(signer),
+            };
+            let refusal = r.register(Instant::now(), 1, request).unwrap_err();
+            assert_eq!(refusal.0, want, "{what}");
+        }
         assert_eq!(r.member_count(), 0);
     }
 

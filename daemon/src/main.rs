@@ -36,14 +36,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("A2A_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    a2a_proto::process::init_logging();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -87,19 +80,10 @@ async fn run(args: Args) -> Result<(), String> {
         tracing::error!("could not rejoin the saved network: {e}");
     }
     let api_task = tokio::spawn(api::serve(listener, daemon.clone()));
-    shutdown_signal().await;
+    a2a_proto::process::shutdown_signal().await;
     tracing::info!("shutting down (membership stays saved)");
     api_task.abort();
     daemon.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
 }

@@ -8,6 +8,7 @@ pub mod keyfile;
 pub mod keys;
 pub mod noise_channel;
 pub mod overlay;
+pub mod process;
 pub mod record;
 pub mod token;
 pub mod udp;
