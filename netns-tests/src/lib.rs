@@ -1171,7 +1171,12 @@ pub struct Coordinator {
 impl Coordinator {
     fn args(&self) -> Vec<String> {
         let bins = &self.ns.lab.bins;
-        let mut args = vec![bins.coordinator.clone()];
+        // At its most verbose level, so the zero-log checks read everything it can print.
+        let mut args = vec![
+            "env".into(),
+            "A2A_LOG=trace".into(),
+            bins.coordinator.clone(),
+        ];
         if self.opts.wildcard_listen {
             args.push("--listen".into());
             args.push(format!("0.0.0.0:{COORDINATOR_PORT}"));

@@ -240,7 +240,19 @@ fn three_nodes_on_one_segment() {
     }
     coord.assert_running();
 
-    // The coordinator logs nothing that names a node.
+    // The coordinator writes no file but its identity key.
+    let mut files: Vec<String> = std::fs::read_dir(&coord.state_dir)
+        .expect("coordinator state dir")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["coordinator.key"],
+        "the coordinator's state dir holds more than its key"
+    );
+
+    // The coordinator logs nothing that names a node (it runs with A2A_LOG=trace).
     let log = format!(
         "{}{}",
         coord.proc().stdout_text(),
