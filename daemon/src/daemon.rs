@@ -28,7 +28,16 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn new(device: DeviceConfig, state: StateDir) -> Result<Self, String> {
-        let node_private = state.node_key().map_err(|e| e.to_string())?;
+        let node_private = state.node_key().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                format!(
+                    "{e}; a2ad runs as root (or with CAP_NET_ADMIN and a state directory it can \
+                     write: --state-dir DIR)"
+                )
+            } else {
+                e.to_string()
+            }
+        })?;
         Ok(Daemon {
             device,
             state,

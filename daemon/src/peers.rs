@@ -43,6 +43,9 @@ pub struct Peer {
     /// The 24-bit index boringtun puts in the upper bits of this peer's session indices.
     pub index: u32,
     tunn: Mutex<Tunn>,
+    /// The overlay address, also in `info`; kept apart so the receive path checks inner
+    /// sources without taking a lock.
+    ip: AtomicU32,
     info: Mutex<PeerInfo>,
     endpoint: Mutex<Endpoint>,
 }
@@ -61,7 +64,7 @@ impl Peer {
     }
 
     pub fn ip(&self) -> Ipv4Addr {
-        lock(&self.info).ip
+        Ipv4Addr::from(self.ip.load(Ordering::Relaxed))
     }
 
     pub fn endpoint(&self) -> Endpoint {
@@ -204,6 +207,7 @@ impl PeerTable {
                 if info.issued_ms <= current.issued_ms {
                     return Applied::Stale;
                 }
+                peer.ip.store(u32::from(info.ip), Ordering::Relaxed);
                 *current = info.clone();
             }
             {
@@ -229,6 +233,7 @@ impl PeerTable {
             key: record.node_key,
             index,
             tunn: Mutex::new(tunn),
+            ip: AtomicU32::new(u32::from(info.ip)),
             endpoint: Mutex::new(Endpoint {
                 addr: info.candidates.first().copied(),
                 confirmed: false,
