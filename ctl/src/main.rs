@@ -1,5 +1,6 @@
 //! a2actl: the command line of a2a. Talks to the local `a2ad` over its Unix socket.
 
+mod assets;
 mod client;
 mod output;
 
@@ -8,7 +9,7 @@ use std::process::ExitCode;
 
 use a2a_proto::api::{ApiRequest, ApiResponse};
 use a2a_proto::JoinToken;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Join this machine to an a2a network and see its peers.
 #[derive(Parser)]
@@ -48,8 +49,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = assets::with_generator(Cli::command()).get_matches();
+    let result = match assets::generator_dir(&matches) {
+        Some(dir) => assets::generate(Cli::command(), &dir),
+        None => run(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("a2actl: {e}");
