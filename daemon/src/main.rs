@@ -32,10 +32,75 @@ struct Args {
     /// UDP port for WireGuard traffic.
     #[arg(long, env = "A2A_PORT", default_value_t = 51820)]
     port: u16,
+    /// Write the man page a2ad.8 into DIR and exit (used by packaging/build-deb).
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_man: Option<PathBuf>,
+}
+
+/// The kernel's TUN clone device, opened when the overlay interface is created.
+const TUN_DEVICE: &str = "/dev/net/tun";
+
+/// Opens the TUN device once at start, so that a machine (or container, or unit) without it makes
+/// a2ad fail at once with what to do, not later at `a2actl up`. Nothing is created here: the
+/// interface only exists while a network is joined.
+fn check_tun_device() -> Result<(), String> {
+    let e = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(TUN_DEVICE)
+    {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    let what = match e.raw_os_error() {
+        Some(libc::ENOENT) => {
+            "load the tun module (`modprobe tun`, and add `tun` to /etc/modules-load.d/ to keep it \
+             across reboots) or, in a container, mount the device into it \
+             (`--device /dev/net/tun` for docker and podman)"
+        }
+        Some(libc::ENODEV) | Some(libc::ENXIO) => {
+            "the device node exists but the kernel has no TUN driver: load the tun module \
+             (`modprobe tun`) or use a kernel built with CONFIG_TUN"
+        }
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            "run a2ad as root (or with CAP_NET_ADMIN) with access to the device: in a container \
+             pass it through (`--device /dev/net/tun`), in a systemd unit allow it \
+             (`DeviceAllow=/dev/net/tun rw`)"
+        }
+        _ => "check that /dev/net/tun is the kernel's TUN device (character device 10:200)",
+    };
+    Err(format!("cannot open {TUN_DEVICE}: {e}; {what}"))
+}
+
+/// Writes the man page, generated from the arguments above, into `dir`.
+fn generate_man(dir: &std::path::Path) -> Result<(), String> {
+    let path = dir.join("a2ad.8");
+    let mut page = Vec::new();
+    clap_mangen::Man::new(<Args as clap::CommandFactory>::command())
+        .section("8")
+        .render(&mut page)
+        .map_err(|e| format!("cannot render the man page: {e}"))?;
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&path, page))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(dir) = &args.generate_man {
+        return match generate_man(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("a2ad: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // Before anything is bound or created, so a failure leaves nothing half set up.
+    if let Err(e) = check_tun_device() {
+        eprintln!("a2ad: {e}");
+        return ExitCode::FAILURE;
+    }
     a2a_proto::process::init_logging();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
