@@ -29,6 +29,9 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     serve: ServeArgs,
+    /// Write the man page a2a-coordinator.8 into DIR and exit (used by packaging/build-deb).
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_man: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -47,18 +50,29 @@ struct Common {
     )]
     state_dir: PathBuf,
     /// Address nodes reach this coordinator at (HOST:PORT); repeat for several. Defaults to
-    /// the listen address when that is not a wildcard.
-    #[arg(long = "endpoint", value_name = "HOST:PORT")]
+    /// the listen address when that is not a wildcard. In the environment, separate several
+    /// with commas.
+    #[arg(
+        long = "endpoint",
+        value_name = "HOST:PORT",
+        env = "A2A_COORDINATOR_ENDPOINT",
+        value_delimiter = ','
+    )]
     endpoints: Vec<String>,
     /// Overlay prefix the network's node addresses are derived in.
-    #[arg(long, default_value = DEFAULT_PREFIX)]
+    #[arg(long, env = "A2A_COORDINATOR_PREFIX", default_value = DEFAULT_PREFIX)]
     prefix: Ipv4Net,
 }
 
 #[derive(Args)]
 struct ServeArgs {
     /// TCP and UDP address to serve on.
-    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7600")]
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        env = "A2A_COORDINATOR_LISTEN",
+        default_value = "0.0.0.0:7600"
+    )]
     listen: SocketAddr,
     #[command(flatten)]
     common: Common,
@@ -79,6 +93,15 @@ struct TokenArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.generate_man {
+        return match generate_man(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("a2a-coordinator: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     a2a_proto::process::init_logging();
     let result = match cli.command {
         Some(Command::Token(args)) => print_token(&args),
@@ -91,6 +114,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes the man pages, generated from the arguments above, into `dir`: a2a-coordinator.8 and
+/// one page per subcommand (a2a-coordinator-token.8).
+fn generate_man(dir: &Path) -> Result<(), String> {
+    fn write(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub.clone(), dir)?;
+        }
+        clap_mangen::Man::new(cmd).section("8").generate_to(dir)?;
+        Ok(())
+    }
+    let mut cmd = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    cmd.build();
+    std::fs::create_dir_all(dir)
+        .and_then(|()| write(cmd, dir))
+        .map_err(|e| format!("cannot write man pages into {}: {e}", dir.display()))
 }
 
 /// Loads or creates the identity key; returns (private, public).
@@ -115,7 +155,9 @@ fn endpoints(common: &Common, listen: Option<SocketAddr>) -> Result<Vec<String>,
         Some(l) if !l.ip().is_unspecified() => Ok(vec![l.to_string()]),
         Some(l) => Err(format!(
             "--listen {l} is a wildcard address, which nodes cannot connect to: \
-             add --endpoint HOST:PORT with the address nodes reach this host at"
+             add --endpoint HOST:PORT (or A2A_COORDINATOR_ENDPOINT=HOST:PORT in the environment, \
+             e.g. in /etc/default/a2a-coordinator for the systemd unit) with the address nodes \
+             reach this host at"
         )),
         None => {
             Err("give --endpoint HOST:PORT (the address nodes reach the coordinator at)".into())
