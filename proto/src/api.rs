@@ -9,10 +9,19 @@ pub const MAX_API_LINE: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum ApiRequest {
-    Up { token: String, name: Option<String> },
+    Up {
+        token: String,
+        name: Option<String>,
+    },
     Down,
     Status,
     Ip,
+    /// One disco probe to a peer (name or overlay IP) over its current path.
+    Ping {
+        peer: String,
+    },
+    /// Check this node's view of the underlay: reflexive address, UDP, NAT mapping.
+    Netcheck,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,7 +31,43 @@ pub enum ApiResponse {
     Down { was_up: bool },
     Status { status: Status },
     Ip { ip: String },
+    Pong { pong: PingResult },
+    Netcheck { report: NetcheckReport },
     Error { message: String },
+}
+
+/// The outcome of one `a2actl ping` probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingResult {
+    pub name: String,
+    pub ip: String,
+    /// `direct` or `relay`: the path the probe took.
+    pub path: String,
+    /// The peer's address (direct) or the coordinator's (relay).
+    pub endpoint: Option<String>,
+    /// Round-trip time; `None` when no answer came in time.
+    pub rtt_ms: Option<f64>,
+}
+
+/// What `a2actl netcheck` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetcheckReport {
+    /// The coordinator's UDP address that was probed.
+    pub coordinator: String,
+    /// Whether UDP to the coordinator round-trips.
+    pub udp: bool,
+    /// This node's WireGuard socket as the coordinator sees it.
+    pub reflexive: Option<String>,
+    /// The same socket as seen at the coordinator's second port (mapping check).
+    pub reflexive_alt: Option<String>,
+    /// `endpoint-independent` (same mapping for both destinations: easy NAT or none),
+    /// `endpoint-dependent` (a new mapping per destination: hard NAT) or `unknown`.
+    pub mapping: String,
+    /// How relayed packets travel: `udp`, `tcp` (over the control connection) or `none`.
+    pub relay: String,
+    pub coordinator_rtt_ms: Option<f64>,
+    /// This node's local addresses published as candidates.
+    pub local: Vec<String>,
 }
 
 /// What `a2actl status --json` prints. Field names are a contract: keep them.
@@ -55,7 +100,11 @@ pub struct PeerStatus {
     pub public_key: String,
     /// `direct`, `relay` or `none`.
     pub path: String,
+    /// The peer's address on a direct path; the coordinator's on a relayed one.
     pub endpoint: Option<String>,
+    /// Latest measured round-trip time of the path in use, in milliseconds.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
     pub last_handshake_s: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -121,6 +170,7 @@ mod tests {
                 public_key: "k2".into(),
                 path: "direct".into(),
                 endpoint: Some("10.0.0.2:51820".into()),
+                rtt_ms: Some(0.4),
                 last_handshake_s: Some(3),
                 rx_bytes: 1,
                 tx_bytes: 2,

@@ -22,6 +22,9 @@ pub enum ClientMsg {
     Heartbeat,
     /// The node leaves the network; the coordinator tells the other members at once.
     Leave,
+    /// "I am probing this peer for a direct path now": the coordinator tells the peer
+    /// ([`ServerMsg::Punch`]) so both ends send probes at the same time and open their NATs.
+    Punch { to: NodeKey },
 }
 
 /// Why the coordinator refused a registration.
@@ -43,16 +46,26 @@ pub enum RefuseReason {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
     /// The registration (or update) is accepted; send a heartbeat every `heartbeat_s` seconds.
+    /// `relay_id` names this node in relay data; `relay_secret` (base64, 16 bytes) proves it in
+    /// a UDP relay bind.
     Registered {
         heartbeat_s: u32,
+        relay_id: u32,
+        relay_secret: String,
     },
     Refused {
         reason: RefuseReason,
         message: String,
     },
-    /// A member of the network (sent for every member after registering, then on changes).
+    /// A member of the network (sent for every member after registering, then on changes), with
+    /// the id relay data for it is addressed to.
     PeerUp {
         record: SignedRecord,
+        relay_id: u32,
+    },
+    /// A member is probing for a direct path to this node: probe it back now.
+    Punch {
+        from: NodeKey,
     },
     /// A member left or expired.
     PeerDown {

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod control;
+pub mod disco;
 pub mod keyfile;
 pub mod keys;
 pub mod noise_channel;

@@ -1,5 +1,7 @@
 //! The encrypted, mutually authenticated control channel: Noise IK (snow) over a byte stream,
-//! frames of `u16 length | ciphertext`. The node (initiator) pins the coordinator's static key
+//! frames of `u16 length | ciphertext`. A frame's plaintext is a JSON message, or (first byte
+//! [`RELAY_FRAME`]) relay data: `00 | relay id (4, big-endian) | WireGuard or disco datagram`,
+//! which is how a node without working UDP sends and receives relayed packets. The node (initiator) pins the coordinator's static key
 //! from the token; the coordinator learns the node's static key, which is its WireGuard key.
 
 use std::io;
@@ -18,6 +20,10 @@ const PROLOGUE: &[u8] = b"a2a control v1";
 /// Largest Noise message.
 pub const MAX_FRAME: usize = 65535;
 const TAG_LEN: usize = 16;
+/// First plaintext byte of a relay frame (JSON never starts with it).
+pub const RELAY_FRAME: u8 = 0x00;
+/// Largest datagram a relay frame carries.
+pub const MAX_RELAY_PAYLOAD: usize = MAX_FRAME - TAG_LEN - 5;
 /// How long either side waits for the other's handshake message.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -34,6 +40,15 @@ async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> io::
     buf.resize(len, 0);
     io.read_exact(buf).await?;
     Ok(())
+}
+
+/// One frame read from the channel once it is established.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming<T> {
+    Msg(T),
+    /// Relay data: the relay id (destination from a node, source from the coordinator) and the
+    /// datagram.
+    Relay(u32, Vec<u8>),
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(io: &mut W, frame: &[u8]) -> io::Result<()> {
@@ -68,7 +83,8 @@ impl Established {
                 io: write,
                 state,
                 nonce: 0,
-                cipher: vec![0; MAX_FRAME],
+                cipher: vec![0; 2 + MAX_FRAME],
+                plain: Vec::new(),
             },
         )
     }
@@ -152,8 +168,20 @@ pub struct FrameReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    /// The next message; an error on a closed, corrupted or unparsable stream.
+    /// The next message; an error on a closed, corrupted or unparsable stream, or on relay
+    /// data (not expected where this is used: before registration).
     pub async fn recv<T: DeserializeOwned>(&mut self) -> io::Result<T> {
+        match self.recv_frame().await? {
+            Incoming::Msg(m) => Ok(m),
+            Incoming::Relay(..) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "relay data before registration",
+            )),
+        }
+    }
+
+    /// The next message or relay frame.
+    pub async fn recv_frame<T: DeserializeOwned>(&mut self) -> io::Result<Incoming<T>> {
         read_frame(&mut self.io, &mut self.cipher).await?;
         self.plain.resize(self.cipher.len(), 0);
         let n = self
@@ -161,8 +189,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             .read_message(self.nonce, &self.cipher, &mut self.plain)
             .map_err(noise_err)?;
         self.nonce += 1;
-        serde_json::from_slice(&self.plain[..n])
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))
+        parse_plaintext(&self.plain[..n])
+    }
+}
+
+fn parse_plaintext<T: DeserializeOwned>(plain: &[u8]) -> io::Result<Incoming<T>> {
+    match plain {
+        [RELAY_FRAME, a, b, c, d, payload @ ..] if !payload.is_empty() => Ok(Incoming::Relay(
+            u32::from_be_bytes([*a, *b, *c, *d]),
+            payload.to_vec(),
+        )),
+        [RELAY_FRAME, ..] => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "truncated relay frame",
+        )),
+        _ => serde_json::from_slice(plain)
+            .map(Incoming::Msg)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}"))),
     }
 }
 
@@ -171,13 +214,35 @@ pub struct FrameWriter<W> {
     io: W,
     state: Arc<StatelessTransportState>,
     nonce: u64,
+    /// `u16 length | ciphertext`, reused for every frame.
     cipher: Vec<u8>,
+    plain: Vec<u8>,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> io::Result<()> {
-        let plain = serde_json::to_vec(msg).map_err(io::Error::other)?;
-        if plain.len() + TAG_LEN > MAX_FRAME {
+        self.plain.clear();
+        serde_json::to_writer(&mut self.plain, msg).map_err(io::Error::other)?;
+        self.write_plain().await
+    }
+
+    /// Sends relay data for `relay_id`.
+    pub async fn send_relay(&mut self, relay_id: u32, payload: &[u8]) -> io::Result<()> {
+        if payload.is_empty() || payload.len() > MAX_RELAY_PAYLOAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "relay payload empty or too large",
+            ));
+        }
+        self.plain.clear();
+        self.plain.push(RELAY_FRAME);
+        self.plain.extend_from_slice(&relay_id.to_be_bytes());
+        self.plain.extend_from_slice(payload);
+        self.write_plain().await
+    }
+
+    async fn write_plain(&mut self) -> io::Result<()> {
+        if self.plain.len() + TAG_LEN > MAX_FRAME {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "control message too large",
@@ -185,10 +250,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         }
         let n = self
             .state
-            .write_message(self.nonce, &plain, &mut self.cipher)
+            .write_message(self.nonce, &self.plain, &mut self.cipher[2..])
             .map_err(noise_err)?;
         self.nonce += 1;
-        write_frame(&mut self.io, &self.cipher[..n]).await
+        self.cipher[..2].copy_from_slice(&(n as u16).to_be_bytes());
+        self.io.write_all(&self.cipher[..2 + n]).await?;
+        self.io.flush().await
     }
 
     pub async fn shutdown(&mut self) -> io::Result<()> {
@@ -219,6 +286,15 @@ mod tests {
             let (mut r, mut w) = est.split(r, w);
             let got: String = r.recv().await.unwrap();
             w.send(&format!("echo {got}")).await.unwrap();
+            // Relay data and messages interleave; `recv` refuses relay data.
+            assert_eq!(
+                r.recv_frame::<String>().await.unwrap(),
+                Incoming::Relay(7, vec![4, 0, 0, 0, 1])
+            );
+            assert_eq!(
+                r.recv_frame::<String>().await.unwrap(),
+                Incoming::Msg("after".to_string())
+            );
             hash
         });
         let est = handshake_initiator(&mut a, &client_priv, &server_pub)
@@ -231,7 +307,16 @@ mod tests {
         w.send(&"hi".to_string()).await.unwrap();
         let reply: String = r.recv().await.unwrap();
         assert_eq!(reply, "echo hi");
+        w.send_relay(7, &[4, 0, 0, 0, 1]).await.unwrap();
+        w.send(&"after".to_string()).await.unwrap();
         assert_eq!(server.await.unwrap(), hash);
+    }
+
+    #[test]
+    fn truncated_relay_frames_are_refused() {
+        assert!(parse_plaintext::<String>(&[RELAY_FRAME, 0, 0, 0, 1]).is_err());
+        assert!(parse_plaintext::<String>(&[RELAY_FRAME]).is_err());
+        assert!(parse_plaintext::<String>(b"{not json").is_err());
     }
 
     #[tokio::test]

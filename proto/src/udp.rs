@@ -1,13 +1,30 @@
 //! One UDP socket carries WireGuard and a2a's own datagrams; the first byte tells them apart.
 //!
 //! WireGuard messages start with type 1-4 followed by three zero bytes. a2a's own datagrams start
-//! with [`A2A_MAGIC`] (0xA2), a value WireGuard never uses.
+//! with [`A2A_MAGIC`] (0xA2), a value WireGuard never uses, and a kind byte:
+//!
+//! | kind | message | direction | layout after `A2 kind` |
+//! | --- | --- | --- | --- |
+//! | 01 | endpoint probe | node → coordinator | nonce 8 |
+//! | 02 | endpoint reply | coordinator → node | nonce 8, family 4/6, address, port |
+//! | 03 | relay bind | node → coordinator | nonce 8, relay id 4, relay secret 16 |
+//! | 05 | relay data | both | peer's relay id 4, then a WireGuard or disco datagram |
+//! | 10 | disco | node → node (direct or inside relay data) | see [`crate::disco`] |
+//!
+//! Relay data carries the *destination's* id from node to coordinator and the *source's* id
+//! from coordinator to node; its 6-byte header keeps a full-size WireGuard packet (1452 bytes
+//! for the 1420-byte overlay MTU) inside a 1500-byte IPv4 path.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 pub const A2A_MAGIC: u8 = 0xA2;
 const KIND_ENDPOINT_PROBE: u8 = 0x01;
 const KIND_ENDPOINT_REPLY: u8 = 0x02;
+const KIND_RELAY_BIND: u8 = 0x03;
+pub const KIND_RELAY_DATA: u8 = 0x05;
+pub const KIND_DISCO: u8 = 0x10;
+/// Length of the relay data header: magic, kind, relay id.
+pub const RELAY_HEADER_LEN: usize = 6;
 
 /// What a datagram on the shared socket is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,15 +50,45 @@ pub fn classify(datagram: &[u8]) -> DatagramKind {
 pub enum A2aDatagram {
     /// Node to coordinator: "what address do you see me at?"
     EndpointProbe { nonce: [u8; 8] },
-    /// Coordinator to node: the source address the probe came from.
+    /// Coordinator to node: the source address the probe (or bind) came from.
     EndpointReply {
         nonce: [u8; 8],
         observed: SocketAddr,
     },
+    /// Node to coordinator: "relay data for my relay id to this address"; proves the id with
+    /// the secret the coordinator gave over the control channel. Answered like a probe.
+    RelayBind {
+        nonce: [u8; 8],
+        relay_id: u32,
+        secret: [u8; 16],
+    },
 }
 
 /// Largest encoded [`A2aDatagram`].
-pub const MAX_A2A_DATAGRAM: usize = 2 + 8 + 1 + 16 + 2;
+pub const MAX_A2A_DATAGRAM: usize = 2 + 8 + 4 + 16;
+
+/// Writes a relay data header for `relay_id` into the first [`RELAY_HEADER_LEN`] bytes of `out`.
+pub fn write_relay_header(out: &mut [u8], relay_id: u32) {
+    out[0] = A2A_MAGIC;
+    out[1] = KIND_RELAY_DATA;
+    out[2..6].copy_from_slice(&relay_id.to_be_bytes());
+}
+
+/// Splits a relay data datagram into its relay id and payload; `None` if it is not one or the
+/// payload is empty.
+pub fn parse_relay_data(d: &[u8]) -> Option<(u32, &[u8])> {
+    match d {
+        [A2A_MAGIC, KIND_RELAY_DATA, a, b, c, e, payload @ ..] if !payload.is_empty() => {
+            Some((u32::from_be_bytes([*a, *b, *c, *e]), payload))
+        }
+        _ => None,
+    }
+}
+
+/// True for a disco datagram (authenticated node-to-node probe), parsed by [`crate::disco`].
+pub fn is_disco(d: &[u8]) -> bool {
+    matches!(d, [A2A_MAGIC, KIND_DISCO, ..])
+}
 
 impl A2aDatagram {
     /// Writes the datagram into `out` and returns its length.
@@ -72,6 +119,17 @@ impl A2aDatagram {
                 out[at..at + 2].copy_from_slice(&observed.port().to_be_bytes());
                 at + 2
             }
+            A2aDatagram::RelayBind {
+                nonce,
+                relay_id,
+                secret,
+            } => {
+                out[1] = KIND_RELAY_BIND;
+                out[2..10].copy_from_slice(nonce);
+                out[10..14].copy_from_slice(&relay_id.to_be_bytes());
+                out[14..30].copy_from_slice(secret);
+                30
+            }
         }
     }
 
@@ -83,6 +141,11 @@ impl A2aDatagram {
         let nonce: [u8; 8] = d[2..10].try_into().ok()?;
         match d[1] {
             KIND_ENDPOINT_PROBE if d.len() == 10 => Some(A2aDatagram::EndpointProbe { nonce }),
+            KIND_RELAY_BIND if d.len() == 30 => Some(A2aDatagram::RelayBind {
+                nonce,
+                relay_id: u32::from_be_bytes(d[10..14].try_into().ok()?),
+                secret: d[14..30].try_into().ok()?,
+            }),
             KIND_ENDPOINT_REPLY => {
                 let (ip, rest): (IpAddr, &[u8]) = match d.get(10)? {
                     4 if d.len() == 10 + 1 + 4 + 2 => {
@@ -134,6 +197,11 @@ mod tests {
                 nonce: [3; 8],
                 observed: "[fd00::1]:80".parse().unwrap(),
             },
+            A2aDatagram::RelayBind {
+                nonce: [4; 8],
+                relay_id: 0xdead_beef,
+                secret: [5; 16],
+            },
         ] {
             let n = msg.encode(&mut buf);
             assert_eq!(classify(&buf[..n]), DatagramKind::A2a);
@@ -142,6 +210,23 @@ mod tests {
                 assert_eq!(A2aDatagram::decode(&buf[..cut]), None);
             }
         }
+    }
+
+    #[test]
+    fn relay_data_headers_round_trip() {
+        let mut d = vec![0u8; RELAY_HEADER_LEN + 3];
+        write_relay_header(&mut d, 0x0102_0304);
+        d[RELAY_HEADER_LEN..].copy_from_slice(&[4, 0, 0]);
+        assert_eq!(classify(&d), DatagramKind::A2a);
+        assert_eq!(parse_relay_data(&d), Some((0x0102_0304, &[4u8, 0, 0][..])));
+        assert_eq!(
+            parse_relay_data(&d[..RELAY_HEADER_LEN]),
+            None,
+            "empty payload"
+        );
+        assert_eq!(A2aDatagram::decode(&d), None, "not a control datagram");
+        assert!(!is_disco(&d));
+        assert!(is_disco(&[A2A_MAGIC, KIND_DISCO, 0]));
     }
 
     #[test]
