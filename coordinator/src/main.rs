@@ -3,6 +3,7 @@
 //! It keeps everything in memory and writes no file but its own identity key.
 
 mod registry;
+mod relay;
 mod server;
 
 use std::net::SocketAddr;
@@ -204,8 +205,19 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let udp = tokio::net::UdpSocket::bind(args.listen)
             .await
             .map_err(|e| format!("cannot listen on UDP {}: {e}", args.listen))?;
+        // The mapping-check port: a second UDP destination, so `a2actl netcheck` can tell an
+        // endpoint-independent NAT mapping from one that changes per destination.
+        let mut alt_addr = args.listen;
+        alt_addr.set_port(args.listen.port().wrapping_add(1));
+        let udp_alt = match tokio::net::UdpSocket::bind(alt_addr).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("no NAT mapping check: cannot listen on UDP {alt_addr}: {e}");
+                None
+            }
+        };
         tracing::info!(
-            "serving control (TCP) and discovery (UDP) on {}",
+            "serving control and TCP relay on {0}, discovery and UDP relay on UDP {0}",
             args.listen
         );
         println!("join token: {token}");
@@ -213,7 +225,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let _ = std::io::stdout().flush();
         let server = server::Server::new(private);
         tokio::select! {
-            r = server.run(tcp, udp) => r.map_err(|e| format!("listening socket failed: {e}")),
+            r = server.run(tcp, udp, udp_alt) => r.map_err(|e| format!("listening socket failed: {e}")),
             _ = a2a_proto::process::shutdown_signal() => {
                 tracing::info!("shutting down; all registrations were in memory only");
                 Ok(())

@@ -12,8 +12,8 @@ use a2a_proto::keys::REGISTER_CONTEXT;
 use a2a_proto::{NetworkId, NodeKey, SignedRecord};
 use data_encoding::BASE64;
 
-/// Identifies one control connection.
-pub type ConnId = u64;
+/// Identifies one control connection; also the node's relay id while it is connected.
+pub type ConnId = u32;
 
 /// Messages the server must send: each to the connection named.
 pub type Outbox = Vec<(ConnId, ServerMsg)>;
@@ -31,6 +31,8 @@ pub struct RegisterRequest<'a> {
     /// Base64 signature of the network key over `handshake_hash`.
     pub proof: &'a str,
     pub record: SignedRecord,
+    /// The secret (base64) the node proves its relay id with in UDP binds.
+    pub relay_secret: String,
 }
 
 struct Member {
@@ -38,6 +40,7 @@ struct Member {
     ip: Ipv4Addr,
     issued_ms: u64,
     conn: ConnId,
+    relay_secret: String,
     expires: Instant,
 }
 
@@ -83,6 +86,7 @@ impl Registry {
             network,
             proof,
             record,
+            relay_secret,
         } = request;
         if self.by_conn.contains_key(&conn) {
             return Err((RefuseReason::Protocol, "already registered".into()));
@@ -105,6 +109,8 @@ impl Registry {
             conn,
             ServerMsg::Registered {
                 heartbeat_s: self.heartbeat.as_secs() as u32,
+                relay_id: conn,
+                relay_secret: relay_secret.clone(),
             },
         )];
         for m in members.values() {
@@ -112,12 +118,14 @@ impl Registry {
                 conn,
                 ServerMsg::PeerUp {
                     record: m.record.clone(),
+                    relay_id: m.conn,
                 },
             ));
             out.push((
                 m.conn,
                 ServerMsg::PeerUp {
                     record: record.clone(),
+                    relay_id: conn,
                 },
             ));
         }
@@ -128,6 +136,7 @@ impl Registry {
                 ip,
                 issued_ms,
                 conn,
+                relay_secret,
                 expires: now + self.ttl,
             },
         );
@@ -194,6 +203,8 @@ impl Registry {
             conn,
             ServerMsg::Registered {
                 heartbeat_s: self.heartbeat.as_secs() as u32,
+                relay_id: conn,
+                relay_secret: me.relay_secret.clone(),
             },
         )];
         out.extend(members.iter().filter(|(k, _)| **k != key).map(|(_, m)| {
@@ -201,10 +212,22 @@ impl Registry {
                 m.conn,
                 ServerMsg::PeerUp {
                     record: record.clone(),
+                    relay_id: conn,
                 },
             )
         }));
         Ok(out)
+    }
+
+    /// Handles `Punch`: tells `to`, if it is a live member of the sender's network, that the
+    /// sender is probing it. Anything else is dropped (false).
+    pub fn punch(&self, conn: ConnId, to: &NodeKey) -> Option<Outbox> {
+        let (network, from) = self.by_conn.get(&conn)?;
+        if from == to {
+            return None;
+        }
+        let target = self.networks.get(network)?.get(to)?;
+        Some(vec![(target.conn, ServerMsg::Punch { from: *from })])
     }
 
     /// Handles `Heartbeat`; false if the connection has no registration.
@@ -314,6 +337,7 @@ mod tests {
                 network: k.id(),
                 proof: &proof(k, HASH),
                 record: n.record.sign(k),
+                relay_secret: format!("secret{conn}"),
             },
         )
     }
@@ -330,18 +354,19 @@ mod tests {
         let out = reg(&mut r, now, 1, &k, &node(1, "100.64.0.1")).unwrap();
         assert_eq!(out.len(), 1);
         assert!(matches!(
-            out[0],
-            (1, ServerMsg::Registered { heartbeat_s: 10 })
+            &out[0],
+            (1, ServerMsg::Registered { heartbeat_s: 10, relay_id: 1, relay_secret })
+                if relay_secret == "secret1"
         ));
         let out = reg(&mut r, now, 2, &k, &node(2, "100.64.0.2")).unwrap();
-        // 2 is registered and told of 1; 1 is told of 2.
+        // 2 is registered and told of 1; 1 is told of 2; each with the other's relay id.
         assert_eq!(out.len(), 3);
         assert!(out
             .iter()
-            .any(|(c, m)| *c == 2 && matches!(m, ServerMsg::PeerUp { .. })));
+            .any(|(c, m)| *c == 2 && matches!(m, ServerMsg::PeerUp { relay_id: 1, .. })));
         assert!(out
             .iter()
-            .any(|(c, m)| *c == 1 && matches!(m, ServerMsg::PeerUp { .. })));
+            .any(|(c, m)| *c == 1 && matches!(m, ServerMsg::PeerUp { relay_id: 2, .. })));
         assert_eq!(r.member_count(), 2);
     }
 
@@ -355,6 +380,20 @@ mod tests {
         let out = reg(&mut r, now, 2, &b, &node(2, "100.64.0.1")).unwrap();
         assert_eq!(out.len(), 1, "a member of another network learns nothing");
         assert_eq!(r.network_count(), 2);
+        // Nor can it make the coordinator signal a member of the other network.
+        assert!(r.punch(2, &NodeKey([1; 32])).is_none());
+        assert!(r.punch(1, &NodeKey([1; 32])).is_none(), "not to itself");
+        reg(&mut r, now, 3, &a, &node(3, "100.64.0.3")).unwrap();
+        let out = r.punch(3, &NodeKey([1; 32])).unwrap();
+        assert_eq!(
+            out,
+            vec![(
+                1,
+                ServerMsg::Punch {
+                    from: NodeKey([3; 32])
+                }
+            )]
+        );
     }
 
     #[test]
@@ -413,6 +452,7 @@ mod tests {
                 network: k.id(),
                 proof: &proof(prover, HASH),
                 record: n.record.sign(signer),
+                relay_secret: String::new(),
             };
             let refusal = r.register(Instant::now(), 1, request).unwrap_err();
             assert_eq!(refusal.0, want, "{what}");

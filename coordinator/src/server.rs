@@ -1,4 +1,6 @@
-//! The coordinator's sockets: TCP control connections and the UDP endpoint-discovery port.
+//! The coordinator's sockets: TCP control connections (which also carry relay frames for nodes
+//! without UDP), the UDP port (endpoint discovery, relay binds, UDP relay) and the mapping-check
+//! port (discovery only).
 //!
 //! Zero-log by construction: nothing here formats a key, name, address or record. The only
 //! output is aggregate counters.
@@ -11,13 +13,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use a2a_proto::control::{ClientMsg, RefuseReason, ServerMsg};
-use a2a_proto::noise_channel::{handshake_responder, FrameWriter};
-use a2a_proto::udp::{classify, A2aDatagram, DatagramKind, MAX_A2A_DATAGRAM};
+use a2a_proto::noise_channel::{handshake_responder, FrameWriter, Incoming};
+use a2a_proto::udp::{
+    classify, parse_relay_data, write_relay_header, A2aDatagram, DatagramKind, MAX_A2A_DATAGRAM,
+    RELAY_HEADER_LEN,
+};
 use a2a_proto::NodeKey;
+use data_encoding::BASE64;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
 use crate::registry::{ConnId, Outbox, RegisterRequest, Registry};
+use crate::relay::{Dest, RelayDrop, RelayTable};
 
 /// How often nodes heartbeat, and how long a silent registration lives.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -40,6 +47,16 @@ pub struct Counters {
     pub registrations_refused: AtomicU64,
     pub udp_endpoint_probes: AtomicU64,
     pub udp_dropped: AtomicU64,
+    pub relay_binds: AtomicU64,
+    pub relay_bad_binds: AtomicU64,
+    pub relayed_udp: AtomicU64,
+    pub relayed_tcp: AtomicU64,
+    pub relay_unknown_source: AtomicU64,
+    pub relay_unknown_destination: AtomicU64,
+    pub relay_foreign_network: AtomicU64,
+    pub relay_rate_limited: AtomicU64,
+    pub relay_queue_full: AtomicU64,
+    pub punches: AtomicU64,
     open_connections: AtomicU64,
 }
 
@@ -52,7 +69,10 @@ impl Counters {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
             "tcp_accepted={} tcp_refused_over_cap={} tcp_bad_handshake={} tcp_bad_message={} \
-             registrations={} registrations_refused={} udp_endpoint_probes={} udp_dropped={}",
+             registrations={} registrations_refused={} udp_endpoint_probes={} udp_dropped={} \
+             relay_binds={} relay_bad_binds={} relayed_udp={} relayed_tcp={} \
+             relay_unknown_source={} relay_unknown_destination={} relay_foreign_network={} \
+             relay_rate_limited={} relay_queue_full={} punches={}",
             g(&self.tcp_accepted),
             g(&self.tcp_refused_over_cap),
             g(&self.tcp_bad_handshake),
@@ -61,21 +81,49 @@ impl Counters {
             g(&self.registrations_refused),
             g(&self.udp_endpoint_probes),
             g(&self.udp_dropped),
+            g(&self.relay_binds),
+            g(&self.relay_bad_binds),
+            g(&self.relayed_udp),
+            g(&self.relayed_tcp),
+            g(&self.relay_unknown_source),
+            g(&self.relay_unknown_destination),
+            g(&self.relay_foreign_network),
+            g(&self.relay_rate_limited),
+            g(&self.relay_queue_full),
+            g(&self.punches),
         )
     }
+
+    fn dropped(&self, why: RelayDrop) {
+        Counters::bump(match why {
+            RelayDrop::UnknownSource => &self.relay_unknown_source,
+            RelayDrop::UnknownDestination => &self.relay_unknown_destination,
+            RelayDrop::ForeignNetwork => &self.relay_foreign_network,
+            RelayDrop::RateLimited => &self.relay_rate_limited,
+            RelayDrop::BadBind => &self.relay_bad_binds,
+        });
+    }
 }
+
+/// What a connection's writer task sends: a message, or relay data from a relay id.
+enum Outgoing {
+    Msg(ServerMsg),
+    Relay(u32, Vec<u8>),
+}
+
+type ConnTx = mpsc::Sender<Outgoing>;
 
 /// The registry plus the outboxes of live connections.
 struct Hub {
     registry: Registry,
-    outboxes: HashMap<ConnId, mpsc::Sender<ServerMsg>>,
+    outboxes: HashMap<ConnId, ConnTx>,
 }
 
 impl Hub {
     fn deliver(&mut self, out: Outbox) {
         for (conn, msg) in out {
             if let Some(tx) = self.outboxes.get(&conn) {
-                if tx.try_send(msg).is_err() {
+                if tx.try_send(Outgoing::Msg(msg)).is_err() {
                     // Too slow or gone: dropping its sender closes the connection's writer.
                     self.outboxes.remove(&conn);
                 }
@@ -86,9 +134,13 @@ impl Hub {
 
 pub struct Server {
     hub: Mutex<Hub>,
+    /// Kept apart from the hub so relayed packets never wait for registrations.
+    relay: Mutex<RelayTable<ConnTx>>,
+    /// The main UDP socket, for relaying what arrives over TCP to nodes bound over UDP.
+    udp: std::sync::OnceLock<Arc<UdpSocket>>,
     private_key: [u8; 32],
     pub counters: Counters,
-    next_conn: AtomicU64,
+    next_conn: std::sync::atomic::AtomicU32,
 }
 
 impl Server {
@@ -98,9 +150,11 @@ impl Server {
                 registry: Registry::new(HEARTBEAT, REGISTRATION_TTL),
                 outboxes: HashMap::new(),
             }),
+            relay: Mutex::new(RelayTable::default()),
+            udp: std::sync::OnceLock::new(),
             private_key,
             counters: Counters::default(),
-            next_conn: AtomicU64::new(1),
+            next_conn: std::sync::atomic::AtomicU32::new(1),
         })
     }
 
@@ -108,15 +162,41 @@ impl Server {
         self.hub.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn relay(&self) -> std::sync::MutexGuard<'_, RelayTable<ConnTx>> {
+        self.relay.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new connection id: never 0, never one in use (ids wrap after 2^32 connections).
+    fn new_conn_id(&self) -> ConnId {
+        loop {
+            let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+            if id != 0 && !self.hub().outboxes.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
     /// Serves until an I/O error on a listening socket.
-    pub async fn run(self: Arc<Self>, tcp: TcpListener, udp: UdpSocket) -> io::Result<()> {
-        let udp_task = tokio::spawn(self.clone().serve_udp(udp));
-        let expiry_task = tokio::spawn(self.clone().expire_loop());
-        let stats_task = tokio::spawn(self.clone().stats_loop());
+    pub async fn run(
+        self: Arc<Self>,
+        tcp: TcpListener,
+        udp: UdpSocket,
+        udp_alt: Option<UdpSocket>,
+    ) -> io::Result<()> {
+        let udp = Arc::new(udp);
+        let _ = self.udp.set(udp.clone());
+        let mut tasks = vec![
+            tokio::spawn(self.clone().serve_udp(udp, true)),
+            tokio::spawn(self.clone().expire_loop()),
+            tokio::spawn(self.clone().stats_loop()),
+        ];
+        if let Some(alt) = udp_alt {
+            tasks.push(tokio::spawn(self.clone().serve_udp(Arc::new(alt), false)));
+        }
         let res = self.accept_loop(tcp).await;
-        udp_task.abort();
-        expiry_task.abort();
-        stats_task.abort();
+        for t in tasks {
+            t.abort();
+        }
         res
     }
 
@@ -163,7 +243,7 @@ impl Server {
         let hash = established.handshake_hash.clone();
         let (read, write) = stream.into_split();
         let (mut reader, writer) = established.split(read, write);
-        let conn: ConnId = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let conn: ConnId = self.new_conn_id();
 
         // The first message must be a valid registration.
         let first = tokio::time::timeout(REGISTER_TIMEOUT, reader.recv::<ClientMsg>()).await;
@@ -177,6 +257,7 @@ impl Server {
             })) => {
                 let mut hub = self.hub();
                 hub.outboxes.insert(conn, tx.clone());
+                let secret: [u8; 16] = rand::random();
                 match hub.registry.register(
                     Instant::now(),
                     conn,
@@ -186,9 +267,12 @@ impl Server {
                         network,
                         proof: &proof,
                         record,
+                        relay_secret: BASE64.encode(&secret),
                     },
                 ) {
                     Ok(out) => {
+                        self.relay()
+                            .insert(Instant::now(), conn, network, secret, tx.clone());
                         hub.deliver(out);
                         Counters::bump(&self.counters.registrations);
                         true
@@ -196,17 +280,17 @@ impl Server {
                     Err((reason, message)) => {
                         hub.outboxes.remove(&conn);
                         Counters::bump(&self.counters.registrations_refused);
-                        let _ = tx.try_send(ServerMsg::Refused { reason, message });
+                        let _ = tx.try_send(Outgoing::Msg(ServerMsg::Refused { reason, message }));
                         false
                     }
                 }
             }
             Ok(Ok(_)) => {
                 Counters::bump(&self.counters.tcp_bad_message);
-                let _ = tx.try_send(ServerMsg::Refused {
+                let _ = tx.try_send(Outgoing::Msg(ServerMsg::Refused {
                     reason: RefuseReason::Protocol,
                     message: "the first message must be a registration".into(),
-                });
+                }));
                 false
             }
             _ => {
@@ -217,8 +301,12 @@ impl Server {
         drop(tx);
         if registered {
             loop {
-                let msg = match reader.recv::<ClientMsg>().await {
-                    Ok(m) => m,
+                let msg = match reader.recv_frame::<ClientMsg>().await {
+                    Ok(Incoming::Msg(m)) => m,
+                    Ok(Incoming::Relay(dst, payload)) => {
+                        self.relay_from_conn(conn, dst, payload).await;
+                        continue;
+                    }
                     Err(e) => {
                         if e.kind() == io::ErrorKind::InvalidData {
                             Counters::bump(&self.counters.tcp_bad_message);
@@ -244,6 +332,12 @@ impl Server {
                         }
                     }
                     ClientMsg::Leave => break,
+                    ClientMsg::Punch { to } => {
+                        if let Some(out) = hub.registry.punch(conn, &to) {
+                            Counters::bump(&self.counters.punches);
+                            hub.deliver(out);
+                        }
+                    }
                     ClientMsg::Register { .. } => {
                         Counters::bump(&self.counters.tcp_bad_message);
                         break;
@@ -257,13 +351,41 @@ impl Server {
             let out = hub.registry.disconnect(conn);
             hub.outboxes.remove(&conn);
             hub.deliver(out);
+            self.relay().remove(conn);
         }
         // The writer ends once every sender is gone and the queue is flushed.
         let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
     }
 
-    async fn serve_udp(self: Arc<Self>, udp: UdpSocket) {
-        let mut buf = vec![0u8; 2048];
+    /// Relay data that came over connection `conn`'s control channel.
+    async fn relay_from_conn(&self, conn: ConnId, dst: u32, payload: Vec<u8>) {
+        let dest = self.relay().route_conn(Instant::now(), conn, dst);
+        match dest {
+            Ok(Dest::Udp(addr)) => {
+                let mut d = vec![0u8; RELAY_HEADER_LEN + payload.len()];
+                write_relay_header(&mut d, conn);
+                d[RELAY_HEADER_LEN..].copy_from_slice(&payload);
+                if let Some(udp) = self.udp.get() {
+                    let _ = udp.send_to(&d, addr).await;
+                    Counters::bump(&self.counters.relayed_tcp);
+                }
+            }
+            Ok(Dest::Conn(tx)) => self.forward_over_conn(&tx, conn, payload),
+            Err(why) => self.counters.dropped(why),
+        }
+    }
+
+    fn forward_over_conn(&self, tx: &ConnTx, src: u32, payload: Vec<u8>) {
+        if tx.try_send(Outgoing::Relay(src, payload)).is_ok() {
+            Counters::bump(&self.counters.relayed_tcp);
+        } else {
+            Counters::bump(&self.counters.relay_queue_full);
+        }
+    }
+
+    /// One UDP socket: endpoint probes everywhere; binds and relay data on the main port only.
+    async fn serve_udp(self: Arc<Self>, udp: Arc<UdpSocket>, main: bool) {
+        let mut buf = vec![0u8; 65536];
         let mut reply = [0u8; MAX_A2A_DATAGRAM];
         loop {
             let (n, src) = match udp.recv_from(&mut buf).await {
@@ -274,19 +396,59 @@ impl Server {
                     continue;
                 }
             };
-            let datagram = &buf[..n];
-            match (classify(datagram), A2aDatagram::decode(datagram)) {
-                (DatagramKind::A2a, Some(A2aDatagram::EndpointProbe { nonce })) => {
-                    Counters::bump(&self.counters.udp_endpoint_probes);
-                    let len = A2aDatagram::EndpointReply {
-                        nonce,
-                        observed: canonical(src),
+            let src = canonical(src);
+            if main {
+                if let Some((dst, _)) = parse_relay_data(&buf[..n]) {
+                    let routed = self.relay().route_udp(Instant::now(), src, dst);
+                    match routed {
+                        Ok((src_id, Dest::Udp(addr))) => {
+                            // Same datagram, header now naming the source.
+                            write_relay_header(&mut buf[..n], src_id);
+                            let _ = udp.send_to(&buf[..n], addr).await;
+                            Counters::bump(&self.counters.relayed_udp);
+                        }
+                        Ok((src_id, Dest::Conn(tx))) => {
+                            let payload = buf[RELAY_HEADER_LEN..n].to_vec();
+                            self.forward_over_conn(&tx, src_id, payload);
+                        }
+                        Err(why) => self.counters.dropped(why),
                     }
-                    .encode(&mut reply);
-                    let _ = udp.send_to(&reply[..len], src).await;
+                    continue;
                 }
-                _ => Counters::bump(&self.counters.udp_dropped),
             }
+            let datagram = &buf[..n];
+            let nonce = match (classify(datagram), A2aDatagram::decode(datagram)) {
+                (DatagramKind::A2a, Some(A2aDatagram::EndpointProbe { nonce })) => nonce,
+                (
+                    DatagramKind::A2a,
+                    Some(A2aDatagram::RelayBind {
+                        nonce,
+                        relay_id,
+                        secret,
+                    }),
+                ) if main => {
+                    let bound = self.relay().bind(Instant::now(), relay_id, &secret, src);
+                    match bound {
+                        Ok(()) => Counters::bump(&self.counters.relay_binds),
+                        Err(why) => {
+                            self.counters.dropped(why);
+                            continue;
+                        }
+                    }
+                    nonce
+                }
+                _ => {
+                    Counters::bump(&self.counters.udp_dropped);
+                    continue;
+                }
+            };
+            Counters::bump(&self.counters.udp_endpoint_probes);
+            let len = A2aDatagram::EndpointReply {
+                nonce,
+                observed: src,
+            }
+            .encode(&mut reply);
+            let _ = udp.send_to(&reply[..len], src).await;
         }
     }
 
@@ -298,6 +460,7 @@ impl Server {
             let (out, closed) = hub.registry.expire(Instant::now());
             for conn in closed {
                 hub.outboxes.remove(&conn);
+                self.relay().remove(conn);
             }
             hub.deliver(out);
         }
@@ -312,8 +475,9 @@ impl Server {
                 let hub = self.hub();
                 (hub.registry.member_count(), hub.registry.network_count())
             };
+            let slots = self.relay().len();
             tracing::info!(
-                "live members={members} networks={networks} {}",
+                "live members={members} networks={networks} relay_slots={slots} {}",
                 self.counters.summary()
             );
         }
@@ -322,10 +486,14 @@ impl Server {
 
 async fn write_loop(
     mut writer: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
-    mut rx: mpsc::Receiver<ServerMsg>,
+    mut rx: mpsc::Receiver<Outgoing>,
 ) {
-    while let Some(msg) = rx.recv().await {
-        if writer.send(&msg).await.is_err() {
+    while let Some(out) = rx.recv().await {
+        let sent = match out {
+            Outgoing::Msg(msg) => writer.send(&msg).await,
+            Outgoing::Relay(src, payload) => writer.send_relay(src, &payload).await,
+        };
+        if sent.is_err() {
             return;
         }
     }
