@@ -46,6 +46,20 @@ enum Command {
     },
     /// Print this node's overlay IPv4 address.
     Ip,
+    /// Probe a peer (name or overlay IP) over its current path: path, endpoint and RTT of each probe.
+    Ping {
+        /// The peer's name or overlay IPv4 address.
+        peer: String,
+        /// Number of probes, one a second.
+        #[arg(short = 'c', long, default_value_t = 4)]
+        count: u32,
+    },
+    /// Check the underlay: reflexive address, whether UDP works, NAT mapping behaviour, relay mode.
+    Netcheck {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,8 +77,40 @@ fn main() -> ExitCode {
     }
 }
 
+fn ping(socket: &std::path::Path, peer: &str, count: u32) -> Result<(), String> {
+    let mut answered = 0;
+    for i in 0..count.max(1) {
+        let started = std::time::Instant::now();
+        let request = ApiRequest::Ping {
+            peer: peer.to_string(),
+        };
+        match client::call(socket, &request)? {
+            ApiResponse::Pong { pong } => {
+                println!("{}", output::ping_line(&pong));
+                if pong.rtt_ms.is_some() {
+                    answered += 1;
+                }
+            }
+            ApiResponse::Error { message } => return Err(message),
+            other => return Err(format!("unexpected answer from a2ad: {other:?}")),
+        }
+        if i + 1 < count {
+            std::thread::sleep(std::time::Duration::from_secs(1).saturating_sub(started.elapsed()));
+        }
+    }
+    if answered == 0 {
+        return Err(format!(
+            "no probe to {peer} was answered: is it up? see `a2actl status` and `a2actl netcheck`"
+        ));
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let (socket, _) = a2a_proto::api::resolve_paths(cli.socket, cli.state_dir);
+    if let Command::Ping { peer, count } = &cli.command {
+        return ping(&socket, peer, *count);
+    }
     let request = match &cli.command {
         Command::Up { join, name } => {
             // Check the token here too, so a bad one is named even when a2ad is not running.
@@ -80,6 +126,8 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Down => ApiRequest::Down,
         Command::Status { .. } => ApiRequest::Status,
         Command::Ip => ApiRequest::Ip,
+        Command::Ping { .. } => unreachable!("handled above"),
+        Command::Netcheck { .. } => ApiRequest::Netcheck,
     };
     match client::call(&socket, &request)? {
         ApiResponse::Error { message } => Err(message),
@@ -99,6 +147,18 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{ip}");
             Ok(())
         }
+        ApiResponse::Netcheck { report } => {
+            if matches!(cli.command, Command::Netcheck { json: true }) {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", output::netcheck_text(&report));
+            }
+            Ok(())
+        }
+        ApiResponse::Pong { .. } => Err("unexpected ping answer from a2ad".into()),
         ApiResponse::Status { status } => {
             let json = matches!(cli.command, Command::Status { json: true });
             if json {

@@ -1,6 +1,48 @@
 //! Human-readable output.
 
-use a2a_proto::api::Status;
+use a2a_proto::api::{NetcheckReport, PingResult, Status};
+
+/// One line of `a2actl ping`.
+pub fn ping_line(p: &PingResult) -> String {
+    let via = match &p.endpoint {
+        Some(e) => format!("{} {e}", p.path),
+        None => p.path.clone(),
+    };
+    match p.rtt_ms {
+        Some(ms) => format!("pong from {} ({}) via {via} in {ms:.2} ms", p.name, p.ip),
+        None => format!("no answer from {} ({}) via {via} within 2 s", p.name, p.ip),
+    }
+}
+
+/// `a2actl netcheck` without `--json`.
+pub fn netcheck_text(r: &NetcheckReport) -> String {
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let mapping = match r.mapping.as_str() {
+        "endpoint-independent" => {
+            "endpoint-independent (the same address for every destination: direct paths work)"
+        }
+        "endpoint-dependent" => {
+            "endpoint-dependent (a new address per destination: hard NAT, expect the relay)"
+        }
+        _ => "unknown (needs answers from both coordinator ports)",
+    };
+    format!(
+        "coordinator:   {}\nudp:           {}\nreflexive:     {}\nsecond port:   {}\nmapping:       {mapping}\nrelay:         {}\ncoordinator rtt: {}\nlocal:         {}\n",
+        r.coordinator,
+        if r.udp { "yes" } else { "no (UDP to the coordinator gets no answer)" },
+        opt(&r.reflexive),
+        opt(&r.reflexive_alt),
+        match r.relay.as_str() {
+            "udp" => "over UDP",
+            "tcp" => "over the control connection (TCP)",
+            other => other,
+        },
+        r.coordinator_rtt_ms
+            .map(|ms| format!("{ms:.2} ms"))
+            .unwrap_or_else(|| "-".into()),
+        if r.local.is_empty() { "-".into() } else { r.local.join(", ") },
+    )
+}
 
 /// `a2actl status` without `--json`.
 pub fn status_table(status: &Status) -> String {
@@ -22,7 +64,7 @@ pub fn status_table(status: &Status) -> String {
         out.push_str("no peers yet\n");
         return out;
     }
-    let rows: Vec<[String; 6]> = status
+    let rows: Vec<[String; 7]> = status
         .peers
         .iter()
         .map(|p| {
@@ -31,6 +73,9 @@ pub fn status_table(status: &Status) -> String {
                 p.ip.clone(),
                 p.path.clone(),
                 p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                p.rtt_ms
+                    .map(|ms| format!("{ms:.2}ms"))
+                    .unwrap_or_else(|| "-".into()),
                 p.last_handshake_s
                     .map(|s| format!("{s}s ago"))
                     .unwrap_or_else(|| "never".into()),
@@ -38,8 +83,17 @@ pub fn status_table(status: &Status) -> String {
             ]
         })
         .collect();
-    let header = ["PEER", "IP", "PATH", "ENDPOINT", "HANDSHAKE", "TRAFFIC"].map(String::from);
-    let mut widths = [0usize; 6];
+    let header = [
+        "PEER",
+        "IP",
+        "PATH",
+        "ENDPOINT",
+        "RTT",
+        "HANDSHAKE",
+        "TRAFFIC",
+    ]
+    .map(String::from);
+    let mut widths = [0usize; 7];
     for r in std::iter::once(&header).chain(rows.iter()) {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
@@ -87,6 +141,7 @@ mod tests {
                 public_key: "k2".into(),
                 path: "direct".into(),
                 endpoint: Some("10.0.0.2:51820".into()),
+                rtt_ms: Some(0.42),
                 last_handshake_s: Some(4),
                 rx_bytes: 2048,
                 tx_bytes: 10,

@@ -82,5 +82,13 @@ async fn dispatch(req: ApiRequest, daemon: &Daemon) -> ApiResponse {
             Ok(ip) => ApiResponse::Ip { ip },
             Err(e) => error(e),
         },
+        ApiRequest::Ping { peer } => match daemon.ping(&peer).await {
+            Ok(pong) => ApiResponse::Pong { pong },
+            Err(e) => error(e),
+        },
+        ApiRequest::Netcheck => match daemon.netcheck().await {
+            Ok(report) => ApiResponse::Netcheck { report },
+            Err(e) => error(e),
+        },
     }
 }

@@ -1,23 +1,29 @@
 //! The coordinator client: connects over the Noise control channel, proves membership,
 //! publishes this node's signed record, applies the verified records of other members to the
 //! peer table, heartbeats, and reconnects by itself when the coordinator goes away.
+//!
+//! While registered it also keeps the relay link: a UDP bind every [`BIND_EVERY`] (which also
+//! re-learns the reflexive address, so a roaming node republishes its candidates), relay frames
+//! over the connection when UDP binds go unanswered, and punch requests to and from peers.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::sync::atomic::Ordering;
+
 use a2a_proto::control::{ClientMsg, RefuseReason, ServerMsg};
 use a2a_proto::keys::REGISTER_CONTEXT;
-use a2a_proto::noise_channel::{handshake_initiator, FrameReader, FrameWriter};
+use a2a_proto::noise_channel::{handshake_initiator, FrameReader, FrameWriter, Incoming};
 use a2a_proto::overlay::derive_ip;
-use a2a_proto::udp::{A2aDatagram, MAX_A2A_DATAGRAM};
 use a2a_proto::{JoinToken, NetworkKey, NodeRecord};
 use data_encoding::BASE64;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::dataplane::{Counters, DataPlane};
+use crate::dataplane::{ControlOut, Counters, DataPlane, RelayLink};
+use crate::pathfinder::PathEvent;
 use crate::peers::Applied;
 
 /// How the registration stands, for `a2actl up` and `status`.
@@ -39,8 +45,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(4);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the coordinator to echo our UDP endpoint.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
-/// How often the reflexive address is re-checked.
-const REPROBE_EVERY: Duration = Duration::from_secs(30);
+/// How often the relay bind is refreshed (and the reflexive and local addresses re-checked).
+const BIND_EVERY: Duration = Duration::from_secs(5);
+/// Silence from the coordinator, in heartbeats, after which the connection is presumed dead.
+const SILENT_HEARTBEATS: u32 = 3;
+/// Frames queued from the packet path for the control connection.
+const CONTROL_QUEUE: usize = 4096;
 /// Overlay addresses tried when the derived one is taken.
 const MAX_ADDRESS_ATTEMPTS: u32 = 16;
 
@@ -86,19 +96,14 @@ fn now_ms() -> u64 {
 
 impl ControlClient {
     /// Runs until `leave` fires (then tells the coordinator) or a permanent refusal.
-    pub async fn run(
-        self,
-        mut a2a_rx: mpsc::Receiver<(A2aDatagram, SocketAddr)>,
-        mut leave: watch::Receiver<bool>,
-    ) {
+    pub async fn run(self, mut leave: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_MIN;
         let mut attempt = 0u32;
         let mut last_issued = 0u64;
         let mut closed_handshakes = 0u32;
         loop {
-            let end = self
-                .session(&mut a2a_rx, &mut leave, &mut last_issued)
-                .await;
+            let end = self.session(&mut leave, &mut last_issued).await;
+            self.dataplane.relay.store(None);
             let end = match end {
                 SessionEnd::ClosedInHandshake(why) => {
                     closed_handshakes += 1;
@@ -189,41 +194,12 @@ impl ControlClient {
     }
 
     /// Asks the coordinator's UDP port which address our WireGuard socket is seen at.
-    async fn discover_reflexive(
-        &self,
-        coordinator: SocketAddr,
-        a2a_rx: &mut mpsc::Receiver<(A2aDatagram, SocketAddr)>,
-    ) -> Option<SocketAddr> {
-        let nonce: [u8; 8] = rand::random();
-        let mut buf = [0u8; MAX_A2A_DATAGRAM];
-        let len = A2aDatagram::EndpointProbe { nonce }.encode(&mut buf);
-        for _ in 0..3 {
-            let _ = self.dataplane.udp.send_to(&buf[..len], coordinator).await;
-            let deadline = tokio::time::Instant::now() + PROBE_TIMEOUT;
-            while let Ok(Some((msg, from))) = tokio::time::timeout_at(deadline, a2a_rx.recv()).await
-            {
-                if let A2aDatagram::EndpointReply { nonce: n, observed } = msg {
-                    if n == nonce && from == coordinator {
-                        return Some(observed);
-                    }
-                }
-            }
-        }
-        None
-    }
-
-    async fn candidates(&self, reflexive: Option<SocketAddr>) -> Vec<SocketAddr> {
-        let mut c: Vec<SocketAddr> = reflexive.into_iter().collect();
-        if let Ok(local) = self.netconf.local_ipv4(Some(self.tun_index)).await {
-            for ip in local {
-                let a = SocketAddr::new(ip.into(), self.udp_port);
-                if !c.contains(&a) {
-                    c.push(a);
-                }
-            }
-        }
-        c.truncate(a2a_proto::record::MAX_CANDIDATES);
-        c
+    async fn discover_reflexive(&self, coordinator: SocketAddr) -> Option<SocketAddr> {
+        let dp = &self.dataplane;
+        dp.prober
+            .probe(&dp.udp, coordinator, None, 3, PROBE_TIMEOUT)
+            .await
+            .map(|a| a.observed)
     }
 
     fn record(
@@ -245,7 +221,6 @@ impl ControlClient {
 
     async fn session(
         &self,
-        a2a_rx: &mut mpsc::Receiver<(A2aDatagram, SocketAddr)>,
         leave: &mut watch::Receiver<bool>,
         last_issued: &mut u64,
     ) -> SessionEnd {
@@ -278,8 +253,10 @@ impl ControlClient {
         let (r, w) = stream.into_split();
         let (mut reader, mut writer) = est.split(r, w);
 
-        let mut reflexive = self.discover_reflexive(coordinator, a2a_rx).await;
-        let record = self.record(self.candidates(reflexive).await, last_issued);
+        let reflexive = self.discover_reflexive(coordinator).await;
+        let locals = local_addresses(&self.netconf, self.tun_index, self.udp_port).await;
+        let mut published = candidates_from(reflexive, &locals);
+        let record = self.record(published.clone(), last_issued);
         let register = ClientMsg::Register {
             network: self.network_key.id(),
             proof,
@@ -288,57 +265,132 @@ impl ControlClient {
         if let Err(e) = writer.send(&register).await {
             return SessionEnd::Lost(format!("sending registration failed: {e}"));
         }
-        let heartbeat_s = match reader.recv::<ServerMsg>().await {
-            Ok(ServerMsg::Registered { heartbeat_s }) => heartbeat_s.clamp(1, 300),
+        let (heartbeat_s, relay_id, relay_secret) = match reader.recv::<ServerMsg>().await {
+            Ok(ServerMsg::Registered {
+                heartbeat_s,
+                relay_id,
+                relay_secret,
+            }) => (heartbeat_s.clamp(1, 300), relay_id, relay_secret),
             Ok(ServerMsg::Refused { reason, message }) => return refused(reason, message),
             Ok(_) => return SessionEnd::Lost("unexpected first reply from coordinator".into()),
             Err(e) => return SessionEnd::Lost(format!("coordinator closed the connection: {e}")),
+        };
+        let Some(relay_secret) = BASE64
+            .decode(relay_secret.as_bytes())
+            .ok()
+            .and_then(|v| <[u8; 16]>::try_from(v).ok())
+        else {
+            return SessionEnd::Lost("coordinator sent a malformed relay secret".into());
         };
         let ip = *self.ip.borrow();
         tracing::info!("registered with the coordinator as {} ({ip})", self.name);
         let _ = self.status.send(Registration::Registered { ip });
 
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(heartbeat_s.into()));
+        // The relay link: the packet path and path finder send through `control_tx`. Bind
+        // before the first peer is handled, so the first relayed handshake is not dropped as
+        // coming from an unbound address (skipped when UDP already failed).
+        let udp_ok = match reflexive {
+            Some(_) => {
+                let dp = &self.dataplane;
+                let bind = Some((relay_id, relay_secret));
+                dp.prober
+                    .probe(&dp.udp, coordinator, bind, 2, PROBE_TIMEOUT)
+                    .await
+                    .is_some()
+            }
+            None => false,
+        };
+        let (control_tx, mut control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let link = Arc::new(RelayLink {
+            coordinator,
+            udp_ok: std::sync::atomic::AtomicBool::new(udp_ok),
+            control: control_tx,
+        });
+        self.dataplane.relay.store(Some(link.clone()));
+        let (addrs_tx, mut addrs_rx) = watch::channel((reflexive, locals.clone()));
+        let binder = AbortOnDrop(tokio::spawn(bind_loop(
+            self.dataplane.clone(),
+            self.netconf.clone(),
+            self.tun_index,
+            self.udp_port,
+            link,
+            (relay_id, relay_secret),
+            addrs_tx,
+        )));
+
+        let heartbeat_every = Duration::from_secs(heartbeat_s.into());
+        let mut heartbeat = tokio::time::interval(heartbeat_every);
         heartbeat.tick().await;
-        let mut reprobe = tokio::time::interval(REPROBE_EVERY);
-        reprobe.tick().await;
-        loop {
+        let mut last_heard = tokio::time::Instant::now();
+        let mut relay_buf = vec![0u8; 65536];
+        let end = loop {
             tokio::select! {
-                msg = reader.recv::<ServerMsg>() => match msg {
-                    Ok(msg) => {
-                        if let Some(end) = self.handle(msg).await {
-                            return end;
+                frame = reader.recv_frame::<ServerMsg>() => {
+                    last_heard = tokio::time::Instant::now();
+                    match frame {
+                        Ok(Incoming::Msg(msg)) => {
+                            if let Some(end) = self.handle(msg).await {
+                                break end;
+                            }
                         }
-                    }
-                    Err(e) => return SessionEnd::Lost(format!("coordinator connection lost: {e}")),
-                },
-                _ = heartbeat.tick() => {
-                    if let Err(e) = writer.send(&ClientMsg::Heartbeat).await {
-                        return SessionEnd::Lost(format!("heartbeat failed: {e}"));
+                        Ok(Incoming::Relay(src, payload)) => {
+                            self.dataplane
+                                .receive_relayed_tcp(src, &payload, &mut relay_buf)
+                                .await;
+                        }
+                        Err(e) => break SessionEnd::Lost(format!("coordinator connection lost: {e}")),
                     }
                 }
-                _ = reprobe.tick() => {
-                    let now = self.discover_reflexive(coordinator, a2a_rx).await;
-                    if now.is_some() && now != reflexive {
-                        reflexive = now;
-                        let record = self.record(self.candidates(reflexive).await, last_issued);
+                out = control_rx.recv() => {
+                    let sent = match out {
+                        Some(ControlOut::Relay(id, payload)) => writer.send_relay(id, &payload).await,
+                        Some(ControlOut::Punch(to)) => writer.send(&ClientMsg::Punch { to }).await,
+                        None => Ok(()),
+                    };
+                    if let Err(e) = sent {
+                        break SessionEnd::Lost(format!("coordinator connection lost: {e}"));
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > heartbeat_every * SILENT_HEARTBEATS {
+                        break SessionEnd::Lost("coordinator stopped answering".into());
+                    }
+                    if let Err(e) = writer.send(&ClientMsg::Heartbeat).await {
+                        break SessionEnd::Lost(format!("heartbeat failed: {e}"));
+                    }
+                }
+                changed = addrs_rx.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let (reflexive, now_locals) = addrs_rx.borrow_and_update().clone();
+                    if now_locals != locals {
+                        // The connection is bound to an address that may be gone: start over.
+                        break SessionEnd::Lost("underlay addresses changed".into());
+                    }
+                    let candidates = candidates_from(reflexive, &now_locals);
+                    if candidates != published {
+                        published = candidates.clone();
+                        let record = self.record(candidates, last_issued);
                         if let Err(e) = writer.send(&ClientMsg::Update { record }).await {
-                            return SessionEnd::Lost(format!("update failed: {e}"));
+                            break SessionEnd::Lost(format!("update failed: {e}"));
                         }
                     }
                 }
                 _ = leave.changed() => {
                     leave_gracefully(&mut writer, &mut reader).await;
-                    return SessionEnd::Left;
+                    break SessionEnd::Left;
                 }
             }
-        }
+        };
+        drop(binder);
+        end
     }
 
     /// Applies one message from the coordinator; `Some` ends the session.
     async fn handle(&self, msg: ServerMsg) -> Option<SessionEnd> {
         match msg {
-            ServerMsg::PeerUp { record } => {
+            ServerMsg::PeerUp { record, relay_id } => {
                 let verified = match record.verify(&self.network_key.id()) {
                     Ok(r) => r,
                     Err(e) => {
@@ -353,18 +405,33 @@ impl ControlClient {
                     return None;
                 }
                 let key = verified.node_key;
-                match self.dataplane.peers.apply(verified) {
-                    Applied::Added => {
-                        if let Some(peer) = self.dataplane.peers.by_key(&key) {
-                            tracing::info!("peer {} ({}) joined", peer.info().name, peer.ip());
-                            self.dataplane.initiate(&peer).await;
+                let applied = self.dataplane.peers.apply(verified);
+                let peer = self.dataplane.peers.by_key(&key);
+                if let Some(p) = &peer {
+                    p.set_relay_id(relay_id);
+                }
+                match applied {
+                    Applied::Added | Applied::Updated => {
+                        if let Some(peer) = peer {
+                            if applied == Applied::Added {
+                                tracing::info!("peer {} ({}) joined", peer.info().name, peer.ip());
+                                self.dataplane.initiate(&peer).await;
+                            }
+                            let _ = self
+                                .dataplane
+                                .path_events
+                                .try_send(PathEvent::Candidates(key));
                         }
                     }
-                    Applied::Updated | Applied::IsSelf => {}
+                    Applied::IsSelf => {}
                     Applied::Stale | Applied::AddressConflict => {
                         Counters::bump(&self.counters.records_dropped);
                     }
                 }
+                None
+            }
+            ServerMsg::Punch { from } => {
+                let _ = self.dataplane.path_events.try_send(PathEvent::Punch(from));
                 None
             }
             ServerMsg::PeerDown { node_key } => {
@@ -377,6 +444,88 @@ impl ControlClient {
             ServerMsg::Refused { reason, message } => Some(refused(reason, message)),
             ServerMsg::Registered { .. } | ServerMsg::HeartbeatAck => None,
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// This node's local addresses with the WireGuard port (the TUN device's own excluded).
+async fn local_addresses(
+    netconf: &crate::netconf::NetConf,
+    tun_index: u32,
+    port: u16,
+) -> Vec<SocketAddr> {
+    let mut v: Vec<SocketAddr> = netconf
+        .local_ipv4(Some(tun_index))
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip.into(), port))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The candidates a node publishes: its reflexive address first, then its local ones.
+fn candidates_from(reflexive: Option<SocketAddr>, locals: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut c: Vec<SocketAddr> = reflexive.into_iter().collect();
+    for a in locals {
+        if !c.contains(a) {
+            c.push(*a);
+        }
+    }
+    c.truncate(a2a_proto::record::MAX_CANDIDATES);
+    c
+}
+
+/// Refreshes the UDP relay bind every [`BIND_EVERY`]; reports the reflexive address (as the
+/// bind's answer shows it) and local addresses whenever they change.
+async fn bind_loop(
+    dp: Arc<DataPlane>,
+    netconf: crate::netconf::NetConf,
+    tun_index: u32,
+    port: u16,
+    link: Arc<RelayLink>,
+    relay: (u32, [u8; 16]),
+    addrs: watch::Sender<(Option<SocketAddr>, Vec<SocketAddr>)>,
+) {
+    let mut every = tokio::time::interval(BIND_EVERY);
+    loop {
+        every.tick().await;
+        let answer = dp
+            .prober
+            .probe(&dp.udp, link.coordinator, Some(relay), 2, PROBE_TIMEOUT)
+            .await;
+        let was = link.udp_ok.swap(answer.is_some(), Ordering::Relaxed);
+        if was != answer.is_some() {
+            tracing::info!(
+                "relay over {}",
+                if answer.is_some() {
+                    "UDP"
+                } else {
+                    "the control connection (UDP to the coordinator gets no answer)"
+                }
+            );
+        }
+        let locals = local_addresses(&netconf, tun_index, port).await;
+        let reflexive = answer.map(|a| a.observed).or(addrs.borrow().0);
+        addrs.send_if_modified(|cur| {
+            let new = (reflexive, locals);
+            if *cur != new {
+                *cur = new;
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 

@@ -1,16 +1,21 @@
 //! The daemon's commands (`up`, `down`, `status`, `ip`) over its one optional session, and the
 //! membership kept in the state directory.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use a2a_proto::api::{PeerStatus, SelfStatus, Status};
+use a2a_proto::api::{NetcheckReport, PeerStatus, PingResult, SelfStatus, Status};
 use a2a_proto::overlay::{derive_ip, is_host_in};
 use a2a_proto::record::{sanitize_name, validate_name};
 use a2a_proto::{JoinToken, NetworkKey, NodeKey};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use tokio::sync::Mutex;
+use tokio::sync::{oneshot, Mutex};
 
 use crate::control::Registration;
+use crate::dataplane::DataPlane;
+use crate::path::Route;
+use crate::pathfinder::PathEvent;
+use crate::peers::Peer;
 use crate::session::{DeviceConfig, Session};
 use crate::state::{Membership, StateDir};
 
@@ -193,20 +198,16 @@ impl Daemon {
             .into_iter()
             .map(|p| {
                 let info = p.info();
-                let endpoint = p.endpoint();
                 let (since, tx, rx, _, _) = p.tunn().stats();
                 let live = since.is_some_and(|d| d < SESSION_LIFETIME);
+                let (path, endpoint) = describe_route(&s.dataplane, &p);
                 PeerStatus {
                     name: info.name,
                     ip: info.ip.to_string(),
                     public_key: p.key.to_base64(),
-                    path: if live && endpoint.addr.is_some() {
-                        "direct"
-                    } else {
-                        "none"
-                    }
-                    .into(),
-                    endpoint: endpoint.addr.map(|a| a.to_string()),
+                    path: if live { path } else { "none" }.into(),
+                    endpoint,
+                    rtt_ms: p.path().rtt().map(|d| d.as_secs_f64() * 1000.0),
                     last_handshake_s: since.map(|d| d.as_secs()),
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
@@ -230,6 +231,106 @@ impl Daemon {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
         }
+    }
+}
+
+/// A peer's path kind and the endpoint it uses: its address, or the coordinator's.
+fn describe_route(dp: &DataPlane, p: &Peer) -> (&'static str, Option<String>) {
+    match p.route().route {
+        Route::Direct(a) => ("direct", Some(a.to_string())),
+        Route::Relay => match dp.relay.load().as_ref() {
+            Some(link) if p.relay_id() != 0 => ("relay", Some(link.coordinator.to_string())),
+            _ => ("none", p.route().fallback.map(|a| a.to_string())),
+        },
+    }
+}
+
+/// How long `a2actl ping` waits for each answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Daemon {
+    async fn dataplane(&self) -> Result<Arc<DataPlane>, String> {
+        match self.session.lock().await.as_ref() {
+            Some(s) => Ok(s.dataplane.clone()),
+            None => Err("this node has not joined a network: run `a2actl up --join TOKEN`".into()),
+        }
+    }
+
+    /// One disco probe to `target` (a peer's name or overlay IP) over its current path.
+    pub async fn ping(&self, target: &str) -> Result<PingResult, String> {
+        let dp = self.dataplane().await?;
+        let peer = dp
+            .peers
+            .all()
+            .into_iter()
+            .find(|p| p.info().name == target || p.ip().to_string() == target)
+            .ok_or_else(|| {
+                format!("no peer named or addressed {target:?}: see `a2actl status` for the peers")
+            })?;
+        let (tx, rx) = oneshot::channel();
+        dp.path_events
+            .send(PathEvent::UserPing(peer.key, tx))
+            .await
+            .map_err(|_| "the path finder is not running".to_string())?;
+        let pong = tokio::time::timeout(PING_TIMEOUT, rx)
+            .await
+            .ok()
+            .and_then(|r| r.ok());
+        let (path, endpoint) = match pong.map(|p| p.route) {
+            Some(Route::Direct(a)) => ("direct", Some(a.to_string())),
+            _ => describe_route(&dp, &peer),
+        };
+        let info = peer.info();
+        Ok(PingResult {
+            name: info.name,
+            ip: info.ip.to_string(),
+            path: path.into(),
+            endpoint,
+            rtt_ms: pong.map(|p| p.rtt.as_secs_f64() * 1000.0),
+        })
+    }
+
+    /// Probes the coordinator's two UDP ports from the WireGuard socket.
+    pub async fn netcheck(&self) -> Result<NetcheckReport, String> {
+        let dp = self.dataplane().await?;
+        let link = dp.relay.load_full().ok_or_else(|| {
+            "not registered with the coordinator right now (see `a2actl status`); netcheck \
+             probes the coordinator this node is registered with"
+                .to_string()
+        })?;
+        let coordinator = link.coordinator;
+        let mut alt = coordinator;
+        alt.set_port(coordinator.port().wrapping_add(1));
+        let timeout = Duration::from_millis(700);
+        let main = dp
+            .prober
+            .probe(&dp.udp, coordinator, None, 3, timeout)
+            .await;
+        let second = dp.prober.probe(&dp.udp, alt, None, 3, timeout).await;
+        let mapping = match (main, second) {
+            (Some(a), Some(b)) if a.observed == b.observed => "endpoint-independent",
+            (Some(_), Some(_)) => "endpoint-dependent",
+            _ => "unknown",
+        };
+        let local = match crate::netconf::NetConf::new() {
+            Ok(nc) => nc.local_ipv4(None).await.unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        Ok(NetcheckReport {
+            coordinator: coordinator.to_string(),
+            udp: main.is_some(),
+            reflexive: main.map(|a| a.observed.to_string()),
+            reflexive_alt: second.map(|a| a.observed.to_string()),
+            mapping: mapping.into(),
+            relay: if link.udp_ok.load(std::sync::atomic::Ordering::Relaxed) {
+                "udp"
+            } else {
+                "tcp"
+            }
+            .into(),
+            coordinator_rtt_ms: main.map(|a| a.rtt.as_secs_f64() * 1000.0),
+            local: local.iter().map(|ip| ip.to_string()).collect(),
+        })
     }
 }
 

@@ -1,22 +1,33 @@
 //! The packet path: two loops, TUN→UDP (encrypt) and UDP→TUN (decrypt), plus the WireGuard
 //! timer tick. Buffers are allocated once per loop; peers are found in a lock-free snapshot and
 //! only the one peer's tunnel is locked, never across an `.await`.
+//!
+//! A peer's packets go where its path state says: to its direct address, or through the
+//! coordinator's relay (over UDP when the relay bind works, else over the control connection).
+//! Whatever arrives is answered the way it came.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use a2a_proto::udp::{classify, A2aDatagram, DatagramKind};
+use a2a_proto::udp::{
+    classify, is_disco, parse_relay_data, write_relay_header, A2aDatagram, DatagramKind,
+    RELAY_HEADER_LEN,
+};
 use a2a_proto::NodeKey;
+use arc_swap::ArcSwapOption;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tun_rs::AsyncDevice;
 
+use crate::path::Route;
+use crate::pathfinder::PathEvent;
 use crate::peers::{Peer, PeerTable};
+use crate::prober::Prober;
 
 /// Largest datagram or packet handled (no offload yet: one MTU-sized packet at a time).
 const BUF_LEN: usize = 65536;
@@ -37,6 +48,14 @@ pub struct Counters {
     pub no_endpoint: AtomicU64,
     pub send_errors: AtomicU64,
     pub records_dropped: AtomicU64,
+    pub relay_not_from_coordinator: AtomicU64,
+    pub relay_queue_full: AtomicU64,
+    pub disco_unknown_sender: AtomicU64,
+    pub disco_bad: AtomicU64,
+    pub disco_rate_limited: AtomicU64,
+    pub disco_stale_pong: AtomicU64,
+    pub path_upgrades: AtomicU64,
+    pub path_fallbacks: AtomicU64,
 }
 
 impl Counters {
@@ -58,8 +77,45 @@ impl Counters {
             ("no_endpoint", g(&self.no_endpoint)),
             ("send_errors", g(&self.send_errors)),
             ("records_dropped", g(&self.records_dropped)),
+            (
+                "relay_not_from_coordinator",
+                g(&self.relay_not_from_coordinator),
+            ),
+            ("relay_queue_full", g(&self.relay_queue_full)),
+            ("disco_unknown_sender", g(&self.disco_unknown_sender)),
+            ("disco_bad", g(&self.disco_bad)),
+            ("disco_rate_limited", g(&self.disco_rate_limited)),
+            ("disco_stale_pong", g(&self.disco_stale_pong)),
+            ("path_upgrades", g(&self.path_upgrades)),
+            ("path_fallbacks", g(&self.path_fallbacks)),
         ]
     }
+}
+
+/// What the packet path hands to the control connection.
+#[derive(Debug)]
+pub enum ControlOut {
+    /// Relay data for a relay id, over TCP (UDP to the relay does not work).
+    Relay(u32, Vec<u8>),
+    /// Ask the coordinator to make this peer probe us.
+    Punch(NodeKey),
+}
+
+/// The way to the coordinator's relay while registered.
+pub struct RelayLink {
+    /// The coordinator's UDP address (relay data and binds).
+    pub coordinator: SocketAddr,
+    /// True while UDP binds are answered: relay over UDP; else over the control connection.
+    pub udp_ok: AtomicBool,
+    pub control: mpsc::Sender<ControlOut>,
+}
+
+/// How a datagram reached us, and so how to answer it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Direct(SocketAddr),
+    /// Through the relay, from the peer with this relay id.
+    Relay(u32),
 }
 
 /// What the caller must do with the output of one `Tunn` call; ranges index the output buffer.
@@ -104,6 +160,10 @@ pub struct DataPlane {
     pub udp: Arc<UdpSocket>,
     pub peers: Arc<PeerTable>,
     pub counters: Arc<Counters>,
+    /// Set while registered with the coordinator.
+    pub relay: ArcSwapOption<RelayLink>,
+    pub prober: Prober,
+    pub path_events: mpsc::Sender<PathEvent>,
 }
 
 impl DataPlane {
@@ -112,22 +172,74 @@ impl DataPlane {
         let mut out = [0u8; 256];
         let act = {
             let mut t = peer.tunn();
-            let start = out.as_ptr();
-            action(start, t.format_handshake_initiation(&mut out, false))
+            let start = out[RELAY_HEADER_LEN..].as_ptr();
+            action(
+                start,
+                t.format_handshake_initiation(&mut out[RELAY_HEADER_LEN..], false),
+            )
         };
         if let Action::SendToNetwork(r) = act {
-            self.send_to_peer(peer, &out[r]).await;
+            self.send_to_peer(peer, &mut out, r.len()).await;
         }
     }
 
-    async fn send_to_peer(&self, peer: &Peer, datagram: &[u8]) {
-        match peer.endpoint().addr {
-            Some(addr) => {
-                if self.udp.send_to(datagram, addr).await.is_err() {
-                    Counters::bump(&self.counters.send_errors);
+    /// Sends `buf[RELAY_HEADER_LEN..RELAY_HEADER_LEN + len]` to the peer along its route; the
+    /// first bytes of `buf` are room for a relay header.
+    pub async fn send_to_peer(&self, peer: &Peer, buf: &mut [u8], len: usize) {
+        let route = peer.route();
+        match route.route {
+            Route::Direct(addr) => self.send_udp(&buf[RELAY_HEADER_LEN..][..len], addr).await,
+            Route::Relay => {
+                let id = peer.relay_id();
+                if id != 0 && self.send_relayed(id, buf, len).await {
+                    return;
+                }
+                match route.fallback {
+                    Some(addr) => self.send_udp(&buf[RELAY_HEADER_LEN..][..len], addr).await,
+                    None => Counters::bump(&self.counters.no_endpoint),
                 }
             }
-            None => Counters::bump(&self.counters.no_endpoint),
+        }
+    }
+
+    /// Sends through the relay to relay id `id`; false if there is no relay right now.
+    async fn send_relayed(&self, id: u32, buf: &mut [u8], len: usize) -> bool {
+        let guard = self.relay.load();
+        let Some(link) = guard.as_ref() else {
+            return false;
+        };
+        if link.udp_ok.load(Ordering::Relaxed) {
+            write_relay_header(buf, id);
+            self.send_udp(&buf[..RELAY_HEADER_LEN + len], link.coordinator)
+                .await;
+        } else {
+            let payload = buf[RELAY_HEADER_LEN..][..len].to_vec();
+            if link
+                .control
+                .try_send(ControlOut::Relay(id, payload))
+                .is_err()
+            {
+                Counters::bump(&self.counters.relay_queue_full);
+            }
+        }
+        true
+    }
+
+    async fn send_udp(&self, datagram: &[u8], addr: SocketAddr) {
+        if self.udp.send_to(datagram, addr).await.is_err() {
+            Counters::bump(&self.counters.send_errors);
+        }
+    }
+
+    /// Answers a datagram the way it came: `buf` as in [`send_to_peer`](Self::send_to_peer).
+    pub async fn reply(&self, via: Via, buf: &mut [u8], len: usize) {
+        match via {
+            Via::Direct(addr) => self.send_udp(&buf[RELAY_HEADER_LEN..][..len], addr).await,
+            Via::Relay(id) => {
+                if !self.send_relayed(id, buf, len).await {
+                    Counters::bump(&self.counters.no_endpoint);
+                }
+            }
         }
     }
 
@@ -154,21 +266,24 @@ impl DataPlane {
             };
             let act = {
                 let mut t = peer.tunn();
-                let start = out.as_ptr();
-                action(start, t.encapsulate(&packet[..n], &mut out))
+                let start = out[RELAY_HEADER_LEN..].as_ptr();
+                action(
+                    start,
+                    t.encapsulate(&packet[..n], &mut out[RELAY_HEADER_LEN..]),
+                )
             };
             if let Action::SendToNetwork(r) = act {
-                self.send_to_peer(&peer, &out[r]).await;
+                self.send_to_peer(&peer, &mut out, r.len()).await;
             }
         }
     }
 
     /// Finds the peer a WireGuard datagram belongs to, or answers it with a cookie under load.
-    fn route_wireguard(&self, datagram: &[u8], src: SocketAddr, cookie: &mut [u8]) -> Routed {
+    fn route_wireguard(&self, datagram: &[u8], src: IpAddr, cookie: &mut [u8]) -> Routed {
         let packet = match self
             .peers
             .rate_limiter()
-            .verify_packet(Some(src.ip()), datagram, cookie)
+            .verify_packet(Some(src), datagram, cookie)
         {
             Ok(p) => p,
             Err(TunnResult::WriteToNetwork(c)) => return Routed::Cookie(c.len()),
@@ -191,52 +306,118 @@ impl DataPlane {
     }
 
     /// UDP→TUN: receive a datagram, demultiplex, decrypt, check the inner source, write.
-    pub async fn udp_to_tun(self: Arc<Self>, a2a: mpsc::Sender<(A2aDatagram, SocketAddr)>) {
+    pub async fn udp_to_tun(self: Arc<Self>) {
         let mut datagram = vec![0u8; BUF_LEN];
         let mut out = vec![0u8; BUF_LEN];
-        let mut cookie = [0u8; 64];
         loop {
             let (n, src) = match self.udp.recv_from(&mut datagram).await {
                 Ok(x) => x,
                 Err(_) => continue, // ICMP errors from earlier sends surface here
             };
             let src = canonical(src);
-            match classify(&datagram[..n]) {
-                DatagramKind::Unknown => Counters::bump(&self.counters.udp_garbage),
-                DatagramKind::A2a => match A2aDatagram::decode(&datagram[..n]) {
-                    Some(msg) => {
-                        let _ = a2a.try_send((msg, src));
+            self.receive(&datagram[..n], Via::Direct(src), src.ip(), &mut out)
+                .await;
+        }
+    }
+
+    /// Handles one datagram that came `via` (`src_ip`: the underlay source, for WireGuard's
+    /// rate limiter).
+    async fn receive(&self, d: &[u8], via: Via, src_ip: IpAddr, out: &mut [u8]) {
+        match classify(d) {
+            DatagramKind::Unknown => Counters::bump(&self.counters.udp_garbage),
+            DatagramKind::WireGuard => self.receive_wireguard(d, via, src_ip, out).await,
+            DatagramKind::A2a if is_disco(d) => {
+                if self
+                    .path_events
+                    .try_send(PathEvent::Disco(d.to_vec(), via))
+                    .is_err()
+                {
+                    Counters::bump(&self.counters.disco_rate_limited);
+                }
+            }
+            DatagramKind::A2a => {
+                let Via::Direct(from) = via else {
+                    Counters::bump(&self.counters.udp_a2a_malformed);
+                    return;
+                };
+                if let Some((id, payload)) = parse_relay_data(d) {
+                    let from_relay = self
+                        .relay
+                        .load()
+                        .as_ref()
+                        .is_some_and(|l| l.coordinator == from);
+                    if !from_relay {
+                        Counters::bump(&self.counters.relay_not_from_coordinator);
+                        return;
                     }
-                    None => Counters::bump(&self.counters.udp_a2a_malformed),
-                },
-                DatagramKind::WireGuard => {
-                    let peer = match self.route_wireguard(&datagram[..n], src, &mut cookie) {
-                        Routed::Peer(p) => p,
-                        Routed::Cookie(len) => {
-                            Counters::bump(&self.counters.wg_cookies_sent);
-                            let _ = self.udp.send_to(&cookie[..len], src).await;
-                            continue;
-                        }
-                        Routed::Rejected => {
-                            Counters::bump(&self.counters.wg_rejected);
-                            continue;
-                        }
-                        Routed::UnknownPeer => {
-                            Counters::bump(&self.counters.udp_unknown_peer);
-                            continue;
-                        }
-                    };
-                    self.decapsulate(&peer, &datagram[..n], src, &mut out).await;
+                    Box::pin(self.receive(payload, Via::Relay(id), from.ip(), out)).await;
+                    return;
+                }
+                match A2aDatagram::decode(d) {
+                    Some(A2aDatagram::EndpointReply { nonce, observed }) => {
+                        self.prober.answered(nonce, from, observed)
+                    }
+                    _ => Counters::bump(&self.counters.udp_a2a_malformed),
                 }
             }
         }
     }
 
-    async fn decapsulate(&self, peer: &Peer, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+    /// Relay data that came over the control connection.
+    pub async fn receive_relayed_tcp(&self, src_id: u32, payload: &[u8], out: &mut [u8]) {
+        let ip = self
+            .relay
+            .load()
+            .as_ref()
+            .map(|l| l.coordinator.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        if classify(payload) == DatagramKind::WireGuard || is_disco(payload) {
+            self.receive(payload, Via::Relay(src_id), ip, out).await;
+        } else {
+            Counters::bump(&self.counters.udp_garbage);
+        }
+    }
+
+    async fn receive_wireguard(&self, d: &[u8], via: Via, src_ip: IpAddr, out: &mut [u8]) {
+        let mut cookie = [0u8; RELAY_HEADER_LEN + 64];
+        let peer = match self.route_wireguard(d, src_ip, &mut cookie[RELAY_HEADER_LEN..]) {
+            Routed::Peer(p) => p,
+            Routed::Cookie(len) => {
+                Counters::bump(&self.counters.wg_cookies_sent);
+                self.reply(via, &mut cookie, len).await;
+                return;
+            }
+            Routed::Rejected => {
+                Counters::bump(&self.counters.wg_rejected);
+                return;
+            }
+            Routed::UnknownPeer => {
+                Counters::bump(&self.counters.udp_unknown_peer);
+                return;
+            }
+        };
+        self.decapsulate(&peer, d, via, src_ip, out).await;
+    }
+
+    /// Notes that `peer` reached us directly from `from`.
+    fn seen_direct(&self, peer: &Peer, from: SocketAddr) {
+        if !peer.heard_direct(from, self.peers.now_ms()) {
+            let _ = self.path_events.try_send(PathEvent::SeenAt(peer.key, from));
+        }
+    }
+
+    async fn decapsulate(&self, peer: &Peer, d: &[u8], via: Via, src_ip: IpAddr, out: &mut [u8]) {
         let act = {
             let mut t = peer.tunn();
-            let start = out.as_ptr();
-            action(start, t.decapsulate(Some(src.ip()), datagram, out))
+            let start = out[RELAY_HEADER_LEN..].as_ptr();
+            action(
+                start,
+                t.decapsulate(Some(src_ip), d, &mut out[RELAY_HEADER_LEN..]),
+            )
+        };
+        let direct = match via {
+            Via::Direct(a) => Some(a),
+            Via::Relay(_) => None,
         };
         match act {
             Action::Rejected => {
@@ -249,7 +430,10 @@ impl DataPlane {
                     Counters::bump(&self.counters.inner_source_mismatch);
                     return;
                 }
-                peer.confirm_endpoint(src);
+                if let Some(a) = direct {
+                    self.seen_direct(peer, a);
+                }
+                let r = r.start + RELAY_HEADER_LEN..r.end + RELAY_HEADER_LEN;
                 if let Err(e) = self.tun.send(&out[r]).await {
                     tracing::debug!("writing to the TUN device failed: {e}");
                     Counters::bump(&self.counters.send_errors);
@@ -261,29 +445,27 @@ impl DataPlane {
                 return;
             }
             Action::Nothing => {
-                peer.confirm_endpoint(src);
+                if let Some(a) = direct {
+                    self.seen_direct(peer, a);
+                }
                 return;
             }
             Action::SendToNetwork(r) => {
-                peer.confirm_endpoint(src);
-                if self.udp.send_to(&out[r], src).await.is_err() {
-                    Counters::bump(&self.counters.send_errors);
-                }
+                self.reply(via, out, r.len()).await;
             }
         }
         // A completed handshake may release queued packets: flush until Done.
         loop {
             let act = {
                 let mut t = peer.tunn();
-                let start = out.as_ptr();
-                action(start, t.decapsulate(None, &[], out))
+                let start = out[RELAY_HEADER_LEN..].as_ptr();
+                action(
+                    start,
+                    t.decapsulate(None, &[], &mut out[RELAY_HEADER_LEN..]),
+                )
             };
             match act {
-                Action::SendToNetwork(r) => {
-                    if self.udp.send_to(&out[r], src).await.is_err() {
-                        Counters::bump(&self.counters.send_errors);
-                    }
-                }
+                Action::SendToNetwork(r) => self.send_to_peer(peer, out, r.len()).await,
                 _ => break,
             }
         }
@@ -303,11 +485,11 @@ impl DataPlane {
             for peer in self.peers.all() {
                 let act = {
                     let mut t: std::sync::MutexGuard<'_, Tunn> = peer.tunn();
-                    let start = out.as_ptr();
-                    action(start, t.update_timers(&mut out))
+                    let start = out[RELAY_HEADER_LEN..].as_ptr();
+                    action(start, t.update_timers(&mut out[RELAY_HEADER_LEN..]))
                 };
                 if let Action::SendToNetwork(r) = act {
-                    self.send_to_peer(&peer, &out[r]).await;
+                    self.send_to_peer(&peer, &mut out, r.len()).await;
                 }
             }
         }

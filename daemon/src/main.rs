@@ -6,7 +6,10 @@ mod control;
 mod daemon;
 mod dataplane;
 mod netconf;
+mod path;
+mod pathfinder;
 mod peers;
+mod prober;
 mod session;
 mod state;
 

@@ -7,9 +7,11 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use a2a_proto::disco::DiscoKey;
 use a2a_proto::{NodeKey, NodeRecord};
 use arc_swap::ArcSwap;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -30,12 +32,14 @@ pub struct PeerInfo {
     pub issued_ms: u64,
 }
 
-/// Where to send a peer's datagrams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Endpoint {
-    pub addr: Option<SocketAddr>,
-    /// True once an authenticated packet came from `addr` (WireGuard roaming).
-    pub confirmed: bool,
+use crate::path::{PathState, Route};
+
+/// What the packet path reads to send to a peer: a copy of its path state's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendRoute {
+    pub route: Route,
+    /// Where to send when relayed but the relay is unavailable.
+    pub fallback: Option<SocketAddr>,
 }
 
 pub struct Peer {
@@ -47,7 +51,14 @@ pub struct Peer {
     /// sources without taking a lock.
     ip: AtomicU32,
     info: Mutex<PeerInfo>,
-    endpoint: Mutex<Endpoint>,
+    /// Seals and opens disco probes with this peer.
+    pub disco: DiscoKey,
+    /// The coordinator's relay id for this peer (0: not known).
+    relay_id: AtomicU32,
+    path: Mutex<PathState>,
+    route: Mutex<SendRoute>,
+    /// When data last came from the direct address (ms since the table's epoch).
+    direct_rx_ms: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -67,18 +78,52 @@ impl Peer {
         Ipv4Addr::from(self.ip.load(Ordering::Relaxed))
     }
 
-    pub fn endpoint(&self) -> Endpoint {
-        *lock(&self.endpoint)
+    pub fn route(&self) -> SendRoute {
+        *lock(&self.route)
     }
 
-    /// An authenticated packet arrived from `from`: send there from now on (roaming).
-    pub fn confirm_endpoint(&self, from: SocketAddr) {
-        let mut e = lock(&self.endpoint);
-        if e.addr != Some(from) || !e.confirmed {
-            *e = Endpoint {
-                addr: Some(from),
-                confirmed: true,
-            };
+    pub fn relay_id(&self) -> u32 {
+        self.relay_id.load(Ordering::Relaxed)
+    }
+
+    pub fn set_relay_id(&self, id: u32) {
+        self.relay_id.store(id, Ordering::Relaxed);
+    }
+
+    /// The path state; hold the guard briefly and call [`publish_route`](Self::publish_route)
+    /// after changing it.
+    pub fn path(&self) -> MutexGuard<'_, PathState> {
+        lock(&self.path)
+    }
+
+    /// Copies the path state's decision to where the packet path reads it.
+    pub fn publish_route(&self, path: &PathState) {
+        let r = SendRoute {
+            route: path.route(),
+            fallback: path.fallback(),
+        };
+        let mut cur = lock(&self.route);
+        if *cur != r {
+            *cur = r;
+        }
+    }
+
+    /// Authenticated data arrived directly from `from` at `now_ms`: true if that is the direct
+    /// path (its liveness is refreshed); false if the path finder should look at `from`.
+    pub fn heard_direct(&self, from: SocketAddr, now_ms: u64) -> bool {
+        if lock(&self.route).route == Route::Direct(from) {
+            self.direct_rx_ms.store(now_ms, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When data last came from the direct address, if ever.
+    pub fn last_direct_rx(&self, epoch: Instant) -> Option<Instant> {
+        match self.direct_rx_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(epoch + Duration::from_millis(ms)),
         }
     }
 }
@@ -110,6 +155,7 @@ pub struct PeerTable {
     own_secret: StaticSecret,
     rate_limiter: Arc<RateLimiter>,
     next_index: AtomicU32,
+    epoch: Instant,
 }
 
 impl PeerTable {
@@ -123,7 +169,18 @@ impl PeerTable {
             rate_limiter: Arc::new(RateLimiter::new(&own_public, HANDSHAKE_RATE_LIMIT)),
             // Session indices are 24 bits; start at a random one.
             next_index: AtomicU32::new(rand::random::<u32>() & 0x00ff_ffff),
+            // Back-dated so that "ms since epoch" is never 0 (0 means "never").
+            epoch: Instant::now() - Duration::from_millis(1),
         }
+    }
+
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
+    /// Milliseconds since the epoch, for [`Peer::heard_direct`].
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     pub fn own_key(&self) -> NodeKey {
@@ -211,11 +268,9 @@ impl PeerTable {
                 *current = info.clone();
             }
             {
-                // Until the peer has been heard from, follow its published candidates.
-                let mut e = lock(&peer.endpoint);
-                if !e.confirmed {
-                    e.addr = info.candidates.first().copied();
-                }
+                let mut path = lock(&peer.path);
+                path.set_candidates(Instant::now(), info.candidates.clone());
+                peer.publish_route(&path);
             }
             self.rebuild(|_| {});
             return Applied::Updated;
@@ -229,15 +284,20 @@ impl PeerTable {
             index,
             Some(self.rate_limiter.clone()),
         );
+        let path = PathState::new(Instant::now(), info.candidates.clone());
         let peer = Arc::new(Peer {
             key: record.node_key,
             index,
             tunn: Mutex::new(tunn),
             ip: AtomicU32::new(u32::from(info.ip)),
-            endpoint: Mutex::new(Endpoint {
-                addr: info.candidates.first().copied(),
-                confirmed: false,
+            disco: DiscoKey::derive(&self.own_secret, &record.node_key),
+            relay_id: AtomicU32::new(0),
+            route: Mutex::new(SendRoute {
+                route: path.route(),
+                fallback: path.fallback(),
             }),
+            path: Mutex::new(path),
+            direct_rx_ms: AtomicU64::new(0),
             info: Mutex::new(info),
         });
         self.rebuild(|by_key| {
@@ -289,7 +349,8 @@ mod tests {
         assert_eq!(t.apply(record(2, "100.64.0.2", 4)), Applied::Stale);
         assert_eq!(t.len(), 1);
         let p = t.by_ip("100.64.0.2".parse().unwrap()).unwrap();
-        assert_eq!(p.endpoint().addr, Some("10.0.0.2:51820".parse().unwrap()));
+        assert_eq!(p.route().route, Route::Relay, "traffic starts on the relay");
+        assert_eq!(p.route().fallback, Some("10.0.0.2:51820".parse().unwrap()));
         // A newer record moves the address; lookups follow.
         assert_eq!(t.apply(record(2, "100.64.0.9", 6)), Applied::Updated);
         assert!(t.by_ip("100.64.0.2".parse().unwrap()).is_none());
@@ -314,20 +375,33 @@ mod tests {
     }
 
     #[test]
-    fn confirmed_endpoints_are_not_overridden_by_records() {
+    fn data_refreshes_only_the_direct_path() {
         let t = PeerTable::new(key(1).0);
         t.apply(record(2, "100.64.0.2", 1));
         let p = t.by_key(&key(2).1).unwrap();
-        let seen: SocketAddr = "192.0.2.7:4000".parse().unwrap();
-        p.confirm_endpoint(seen);
-        t.apply(record(2, "100.64.0.2", 2));
-        assert_eq!(
-            p.endpoint(),
-            Endpoint {
-                addr: Some(seen),
-                confirmed: true
-            }
+        let addr: SocketAddr = "10.0.0.2:51820".parse().unwrap();
+        assert!(
+            !p.heard_direct(addr, 5),
+            "relayed: the path finder must look"
         );
+        assert_eq!(p.last_direct_rx(t.epoch()), None);
+        {
+            let mut path = p.path();
+            let now = Instant::now();
+            let mut probes = Vec::new();
+            path.tick(now, None, &mut probes);
+            path.on_pong(now, probes[0].tx, Some(addr)).unwrap();
+            let c = path.confirm_probe(now, addr);
+            path.on_pong(now, c.tx, Some(addr)).unwrap();
+            p.publish_route(&path);
+        }
+        assert_eq!(p.route().route, Route::Direct(addr));
+        assert!(p.heard_direct(addr, 5));
+        assert_eq!(
+            p.last_direct_rx(t.epoch()),
+            Some(t.epoch() + Duration::from_millis(5))
+        );
+        assert!(!p.heard_direct("10.9.9.9:1".parse().unwrap(), 6));
     }
 
     #[test]

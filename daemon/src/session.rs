@@ -10,10 +10,17 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use arc_swap::ArcSwapOption;
+
 use crate::control::{ControlClient, Registration};
 use crate::dataplane::{Counters, DataPlane};
 use crate::netconf::NetConf;
+use crate::pathfinder::PathFinder;
 use crate::peers::PeerTable;
+use crate::prober::Prober;
+
+/// Disco datagrams and path events queued for the path finder (more are dropped and counted).
+const PATH_EVENT_QUEUE: usize = 1024;
 
 /// Overlay MTU: 1500 minus the IPv6 (40) + UDP (8) + WireGuard (32) overheads, as wg-quick.
 pub const OVERLAY_MTU: u16 = 1420;
@@ -34,6 +41,7 @@ pub struct Session {
     pub registration: watch::Receiver<Registration>,
     pub peers: Arc<PeerTable>,
     pub counters: Arc<Counters>,
+    pub dataplane: Arc<DataPlane>,
     leave: watch::Sender<bool>,
     control: JoinHandle<()>,
     loops: Vec<JoinHandle<()>>,
@@ -78,17 +86,21 @@ impl Session {
         let network_id = network_key.id();
         let peers = Arc::new(PeerTable::new(StaticSecret::from(node_private)));
         let counters = Arc::new(Counters::default());
+        let (path_tx, path_rx) = mpsc::channel(PATH_EVENT_QUEUE);
         let dataplane = Arc::new(DataPlane {
             tun,
             udp: Arc::new(udp),
             peers: peers.clone(),
             counters: counters.clone(),
+            relay: ArcSwapOption::empty(),
+            prober: Prober::default(),
+            path_events: path_tx,
         });
-        let (a2a_tx, a2a_rx) = mpsc::channel(64);
         let loops = vec![
             tokio::spawn(dataplane.clone().tun_to_udp()),
-            tokio::spawn(dataplane.clone().udp_to_tun(a2a_tx)),
+            tokio::spawn(dataplane.clone().udp_to_tun()),
             tokio::spawn(dataplane.clone().timers()),
+            tokio::spawn(PathFinder::new(dataplane.clone()).run(path_rx)),
         ];
         let (status_tx, status_rx) = watch::channel(Registration::Connecting);
         let (ip_tx, ip_rx) = watch::channel(ip);
@@ -99,14 +111,14 @@ impl Session {
             node_private,
             name: name.clone(),
             udp_port: device.udp_port,
-            dataplane,
+            dataplane: dataplane.clone(),
             counters: counters.clone(),
             netconf,
             tun_index,
             status: status_tx,
             ip: ip_tx,
         };
-        let control = tokio::spawn(client.run(a2a_rx, leave_rx));
+        let control = tokio::spawn(client.run(leave_rx));
         tracing::info!(
             "interface {} up as {ip}, WireGuard on UDP port {}",
             device.interface,
@@ -121,6 +133,7 @@ impl Session {
             registration: status_rx,
             peers,
             counters,
+            dataplane,
             leave: leave_tx,
             control,
             loops,

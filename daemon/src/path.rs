@@ -1,0 +1,472 @@
+//! Path selection for one peer: which direct address (if any) carries its packets, when to
+//! probe, and when to fall back to the relay. Free of I/O; the path finder feeds it the clock,
+//! probe answers and received data, and carries out the probes it asks for.
+//!
+//! - Traffic starts on the relay; every candidate address is probed at once and again every
+//!   [`UPGRADE_EVERY`] while the peer is relayed (each round also asks the coordinator to make the
+//!   peer probe back, which opens both NATs).
+//! - A candidate becomes the direct path after [`CONFIRM_PONGS`] answered probes in a row
+//!   (the second is sent as soon as the first is answered): one lucky packet does not switch.
+//! - A direct path is pinged every [`HEARTBEAT`] (which also holds NAT mappings open) and is
+//!   dropped for the relay when neither a pong nor data came from it for [`DIRECT_TIMEOUT`].
+//! - A direct path lost within [`FLAP_WINDOW`] of being chosen doubles the wait before the next
+//!   upgrade round (up to [`MAX_UPGRADE_WAIT`]): a flaky path is not chosen again and again.
+//! - Only a pong answering a ping still outstanding *to the address it came from* counts, so a
+//!   replayed or spoofed probe cannot move the endpoint.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use a2a_proto::disco::TxId;
+
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const UPGRADE_EVERY: Duration = Duration::from_secs(5);
+pub const MAX_UPGRADE_WAIT: Duration = Duration::from_secs(40);
+pub const FLAP_WINDOW: Duration = Duration::from_secs(30);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONFIRM_PONGS: u32 = 2;
+/// Addresses a peer was seen at but did not publish (its mapping towards us), kept for probing.
+const MAX_LEARNED: usize = 4;
+const MAX_PENDING: usize = 64;
+/// The same address is not probed again sooner than this because of received traffic.
+const REPROBE_GAP: Duration = Duration::from_secs(1);
+
+/// Where the peer's packets go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Direct(SocketAddr),
+    Relay,
+}
+
+/// A probe the caller must send: a disco ping with `tx` to `addr` (`None`: through the relay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub addr: Option<SocketAddr>,
+    pub tx: TxId,
+}
+
+/// What an accepted pong meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PongSeen {
+    pub rtt: Duration,
+    /// The ping was a user's (`a2actl ping`).
+    pub user: bool,
+    /// This pong made `addr` the direct path.
+    pub upgraded: bool,
+    /// Send one more probe to confirm this address.
+    pub confirm: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Direct {
+    addr: SocketAddr,
+    last_heard: Instant,
+    last_ping: Instant,
+    since: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    tx: TxId,
+    addr: Option<SocketAddr>,
+    sent: Instant,
+    user: bool,
+}
+
+#[derive(Debug)]
+pub struct PathState {
+    candidates: Vec<SocketAddr>,
+    learned: Vec<SocketAddr>,
+    direct: Option<Direct>,
+    /// The last direct address, used when there is no relay either.
+    last_direct: Option<SocketAddr>,
+    pending: Vec<Pending>,
+    confirming: Option<(SocketAddr, u32)>,
+    next_round: Instant,
+    upgrade_wait: Duration,
+    rtt: Option<Duration>,
+}
+
+impl PathState {
+    pub fn new(now: Instant, candidates: Vec<SocketAddr>) -> Self {
+        PathState {
+            candidates,
+            learned: Vec::new(),
+            direct: None,
+            last_direct: None,
+            pending: Vec::new(),
+            confirming: None,
+            next_round: now,
+            upgrade_wait: UPGRADE_EVERY,
+            rtt: None,
+        }
+    }
+
+    pub fn route(&self) -> Route {
+        match self.direct {
+            Some(d) => Route::Direct(d.addr),
+            None => Route::Relay,
+        }
+    }
+
+    /// Where to send when the relay is unavailable too (the coordinator is down).
+    pub fn fallback(&self) -> Option<SocketAddr> {
+        self.last_direct.or(self.candidates.first().copied())
+    }
+
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+
+    /// The peer published new candidates: probe them now if relayed.
+    pub fn set_candidates(&mut self, now: Instant, candidates: Vec<SocketAddr>) {
+        if candidates != self.candidates {
+            self.candidates = candidates;
+            if self.direct.is_none() {
+                self.next_round = now;
+            }
+        }
+    }
+
+    /// The peer is probing us (signalled by the coordinator): probe it back now if relayed.
+    pub fn punch_requested(&mut self, now: Instant) {
+        if self.direct.is_none() {
+            self.next_round = self.next_round.min(now);
+        }
+    }
+
+    fn new_probe(&mut self, now: Instant, addr: Option<SocketAddr>, user: bool) -> Probe {
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.remove(0);
+        }
+        let tx: TxId = rand::random();
+        self.pending.push(Pending {
+            tx,
+            addr,
+            sent: now,
+            user,
+        });
+        Probe { addr, tx }
+    }
+
+    fn probed_recently(&self, now: Instant, addr: SocketAddr) -> bool {
+        self.pending
+            .iter()
+            .any(|p| p.addr == Some(addr) && now.saturating_duration_since(p.sent) < REPROBE_GAP)
+    }
+
+    /// A user's probe over the current path.
+    pub fn user_probe(&mut self, now: Instant) -> Probe {
+        let addr = self.direct.map(|d| d.addr);
+        self.new_probe(now, addr, true)
+    }
+
+    /// Advances the clock. `last_rx`: when data last came from the direct address. Pushes the
+    /// probes to send into `probes`; returns true if the coordinator should ask the peer to
+    /// probe back (an upgrade round started).
+    pub fn tick(
+        &mut self,
+        now: Instant,
+        last_rx: Option<Instant>,
+        probes: &mut Vec<Probe>,
+    ) -> bool {
+        self.pending
+            .retain(|p| now.saturating_duration_since(p.sent) < PING_TIMEOUT);
+        if let Some(mut d) = self.direct {
+            if let Some(rx) = last_rx {
+                if rx > d.last_heard {
+                    d.last_heard = rx;
+                }
+            }
+            if now.saturating_duration_since(d.last_heard) > DIRECT_TIMEOUT {
+                self.lose_direct(now, d);
+            } else {
+                if now.saturating_duration_since(d.last_ping) >= HEARTBEAT {
+                    d.last_ping = now;
+                    probes.push(self.new_probe(now, Some(d.addr), false));
+                }
+                self.direct = Some(d);
+                return false;
+            }
+        }
+        if now < self.next_round {
+            return false;
+        }
+        self.next_round = now + self.upgrade_wait;
+        let mut targets = self.candidates.clone();
+        for a in &self.learned {
+            if !targets.contains(a) {
+                targets.push(*a);
+            }
+        }
+        for addr in targets {
+            probes.push(self.new_probe(now, Some(addr), false));
+        }
+        true
+    }
+
+    fn lose_direct(&mut self, now: Instant, d: Direct) {
+        self.direct = None;
+        self.last_direct = Some(d.addr);
+        self.rtt = None;
+        self.confirming = None;
+        self.upgrade_wait = if now.saturating_duration_since(d.since) < FLAP_WINDOW {
+            (self.upgrade_wait * 2).min(MAX_UPGRADE_WAIT)
+        } else {
+            UPGRADE_EVERY
+        };
+        self.next_round = now + self.upgrade_wait;
+    }
+
+    /// A pong with `tx` arrived from `from` (`None`: through the relay). `None` if it answers
+    /// no outstanding ping to that address: dropped.
+    pub fn on_pong(
+        &mut self,
+        now: Instant,
+        tx: TxId,
+        from: Option<SocketAddr>,
+    ) -> Option<PongSeen> {
+        let i = self
+            .pending
+            .iter()
+            .position(|p| p.tx == tx && p.addr == from)?;
+        let p = self.pending.swap_remove(i);
+        let rtt = now.saturating_duration_since(p.sent);
+        let mut seen = PongSeen {
+            rtt,
+            user: p.user,
+            upgraded: false,
+            confirm: None,
+        };
+        let Some(addr) = from else {
+            if self.direct.is_none() {
+                self.rtt = Some(rtt);
+            }
+            return Some(seen);
+        };
+        match &mut self.direct {
+            Some(d) if d.addr == addr => {
+                d.last_heard = now;
+                self.rtt = Some(rtt);
+            }
+            Some(_) => {}
+            None => {
+                let count = match self.confirming {
+                    Some((a, n)) if a == addr => n + 1,
+                    _ => 1,
+                };
+                if count >= CONFIRM_PONGS {
+                    self.direct = Some(Direct {
+                        addr,
+                        last_heard: now,
+                        last_ping: now,
+                        since: now,
+                    });
+                    self.last_direct = Some(addr);
+                    self.confirming = None;
+                    self.rtt = Some(rtt);
+                    seen.upgraded = true;
+                } else {
+                    self.confirming = Some((addr, count));
+                    seen.confirm = Some(addr);
+                }
+            }
+        }
+        Some(seen)
+    }
+
+    /// The confirming probe for [`PongSeen::confirm`].
+    pub fn confirm_probe(&mut self, now: Instant, addr: SocketAddr) -> Probe {
+        self.new_probe(now, Some(addr), false)
+    }
+
+    /// The peer reached us from `from` (an authenticated ping, or WireGuard data not from the
+    /// direct address): returns a probe to send there if it could be a (better) path.
+    pub fn seen_at(&mut self, now: Instant, from: SocketAddr) -> Option<Probe> {
+        if self.direct.is_some_and(|d| d.addr == from) {
+            return None;
+        }
+        if !self.candidates.contains(&from) && !self.learned.contains(&from) {
+            if self.learned.len() >= MAX_LEARNED {
+                self.learned.remove(0);
+            }
+            self.learned.push(from);
+        }
+        if self.direct.is_some() || self.probed_recently(now, from) {
+            return None;
+        }
+        Some(self.new_probe(now, Some(from), false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// Answers every probe to `addr` at `now`.
+    fn answer(
+        p: &mut PathState,
+        now: Instant,
+        probes: &[Probe],
+        addr: SocketAddr,
+    ) -> Vec<PongSeen> {
+        probes
+            .iter()
+            .filter(|pr| pr.addr == Some(addr))
+            .filter_map(|pr| p.on_pong(now, pr.tx, Some(addr)))
+            .collect()
+    }
+
+    #[test]
+    fn starts_relayed_probes_all_candidates_and_upgrades_after_two_pongs() {
+        let t0 = Instant::now();
+        let lan = a("192.168.1.5:51820");
+        let wan = a("203.0.113.5:40000");
+        let mut p = PathState::new(t0, vec![wan, lan]);
+        assert_eq!(p.route(), Route::Relay);
+        let mut probes = Vec::new();
+        assert!(
+            p.tick(t0, None, &mut probes),
+            "first round asks for a punch"
+        );
+        assert_eq!(probes.len(), 2);
+        let t1 = t0 + Duration::from_millis(3);
+        let seen = answer(&mut p, t1, &probes, lan);
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].confirm, Some(lan));
+        assert_eq!(p.route(), Route::Relay, "one pong is not enough");
+        let c = p.confirm_probe(t1, lan);
+        let seen = p
+            .on_pong(t1 + Duration::from_millis(1), c.tx, Some(lan))
+            .unwrap();
+        assert!(seen.upgraded);
+        assert_eq!(p.route(), Route::Direct(lan));
+        assert_eq!(p.rtt(), Some(Duration::from_millis(1)));
+        // A late pong from the other candidate does not move the path.
+        answer(&mut p, t1, &probes, wan);
+        assert_eq!(p.route(), Route::Direct(lan));
+    }
+
+    #[test]
+    fn replayed_spoofed_or_misaddressed_pongs_are_ignored() {
+        let t0 = Instant::now();
+        let good = a("203.0.113.5:40000");
+        let evil = a("198.51.100.66:666");
+        let mut p = PathState::new(t0, vec![good]);
+        let mut probes = Vec::new();
+        p.tick(t0, None, &mut probes);
+        let tx = probes[0].tx;
+        assert!(
+            p.on_pong(t0, tx, Some(evil)).is_none(),
+            "from another address"
+        );
+        assert!(p.on_pong(t0, [9; 12], Some(good)).is_none(), "unknown tx");
+        assert!(p.on_pong(t0, tx, None).is_none(), "through the relay");
+        assert!(p.on_pong(t0, tx, Some(good)).is_some());
+        assert!(p.on_pong(t0, tx, Some(good)).is_none(), "replayed");
+        // Pongs to expired pings count for nothing.
+        let mut probes = Vec::new();
+        p.tick(t0 + UPGRADE_EVERY, None, &mut probes);
+        let late = t0 + UPGRADE_EVERY + PING_TIMEOUT + Duration::from_millis(1);
+        p.tick(late, None, &mut Vec::new());
+        assert!(p.on_pong(late, probes[0].tx, Some(good)).is_none());
+        assert_eq!(p.route(), Route::Relay);
+    }
+
+    fn direct_at(t0: Instant, addr: SocketAddr) -> PathState {
+        let mut p = PathState::new(t0, vec![addr]);
+        let mut probes = Vec::new();
+        p.tick(t0, None, &mut probes);
+        p.on_pong(t0, probes[0].tx, Some(addr)).unwrap();
+        let c = p.confirm_probe(t0, addr);
+        assert!(p.on_pong(t0, c.tx, Some(addr)).unwrap().upgraded);
+        p
+    }
+
+    #[test]
+    fn a_silent_direct_path_falls_back_to_the_relay_and_heartbeats_keep_a_live_one() {
+        let t0 = Instant::now();
+        let addr = a("203.0.113.5:40000");
+        let mut p = direct_at(t0, addr);
+        // Heartbeats go out every HEARTBEAT; answered ones keep the path.
+        let mut now = t0;
+        for _ in 0..10 {
+            now += HEARTBEAT;
+            let mut probes = Vec::new();
+            assert!(!p.tick(now, None, &mut probes));
+            assert_eq!(probes.len(), 1, "one heartbeat");
+            answer(&mut p, now, &probes, addr);
+            assert_eq!(p.route(), Route::Direct(addr));
+        }
+        // Data from the path also counts as hearing from it.
+        let quiet = now + DIRECT_TIMEOUT;
+        p.tick(quiet, Some(quiet - Duration::from_secs(1)), &mut Vec::new());
+        assert_eq!(p.route(), Route::Direct(addr));
+        // Silence beyond the timeout: relay, and the address is kept as a fallback.
+        let dead = quiet + DIRECT_TIMEOUT;
+        p.tick(dead, None, &mut Vec::new());
+        assert_eq!(p.route(), Route::Relay);
+        assert_eq!(p.fallback(), Some(addr));
+    }
+
+    #[test]
+    fn a_path_that_flaps_is_retried_less_and_less_often() {
+        let t0 = Instant::now();
+        let addr = a("203.0.113.5:40000");
+        let mut p = direct_at(t0, addr);
+        let lost = t0 + DIRECT_TIMEOUT + Duration::from_millis(1);
+        p.tick(lost, None, &mut Vec::new());
+        assert_eq!(p.route(), Route::Relay);
+        // Lost soon after being chosen: the next round waits twice as long.
+        let mut probes = Vec::new();
+        assert!(!p.tick(lost + UPGRADE_EVERY, None, &mut probes));
+        assert!(probes.is_empty());
+        assert!(p.tick(lost + UPGRADE_EVERY * 2, None, &mut probes));
+        assert_eq!(probes.len(), 1);
+    }
+
+    #[test]
+    fn being_reached_from_a_new_address_probes_it_once() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(t0, vec![]);
+        let roamed = a("198.51.100.9:1234");
+        let probe = p.seen_at(t0, roamed).expect("probe the new address");
+        assert_eq!(probe.addr, Some(roamed));
+        assert!(p.seen_at(t0, roamed).is_none(), "not again at once");
+        // Later rounds include the learned address.
+        let mut probes = Vec::new();
+        p.tick(t0 + UPGRADE_EVERY, None, &mut probes);
+        assert!(probes.iter().any(|pr| pr.addr == Some(roamed)));
+        // The peer is reachable there: it becomes the path.
+        for pr in probes {
+            if let Some(seen) = p.on_pong(t0, pr.tx, pr.addr) {
+                if let Some(c) = seen.confirm {
+                    let c = p.confirm_probe(t0, c);
+                    p.on_pong(t0, c.tx, c.addr);
+                }
+            }
+        }
+        assert_eq!(p.route(), Route::Direct(roamed));
+    }
+
+    #[test]
+    fn user_probes_follow_the_current_path() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(t0, vec![]);
+        let pr = p.user_probe(t0);
+        assert_eq!(pr.addr, None, "relayed");
+        let seen = p
+            .on_pong(t0 + Duration::from_millis(7), pr.tx, None)
+            .unwrap();
+        assert!(seen.user);
+        assert_eq!(seen.rtt, Duration::from_millis(7));
+        let addr = a("203.0.113.5:40000");
+        let mut p = direct_at(t0, addr);
+        assert_eq!(p.user_probe(t0).addr, Some(addr));
+    }
+}

@@ -1,0 +1,241 @@
+//! The path finder task: drives every peer's [`PathState`](crate::path::PathState) — sends the
+//! disco probes it asks for, answers the peer's probes, feeds it pongs and sightings, and
+//! publishes its route to the packet path. All decisions are in `path.rs`; this is the I/O.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use a2a_proto::disco::{claimed_sender, DiscoMsg, TxId, MAX_DISCO_LEN};
+use a2a_proto::udp::RELAY_HEADER_LEN;
+use a2a_proto::NodeKey;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::dataplane::{ControlOut, Counters, DataPlane, Via};
+use crate::path::{Probe, Route};
+use crate::peers::Peer;
+
+const TICK: Duration = Duration::from_millis(250);
+/// Disco datagrams accepted from one peer per second; the rest are dropped and counted.
+const DISCO_PER_SECOND: u32 = 50;
+
+/// The answer to a user's ping: round-trip time and the path it took.
+#[derive(Debug, Clone, Copy)]
+pub struct UserPong {
+    pub rtt: Duration,
+    pub route: Route,
+}
+
+pub enum PathEvent {
+    /// A disco datagram and how it came.
+    Disco(Vec<u8>, Via),
+    /// Authenticated WireGuard data came from this peer at an address that is not its path.
+    SeenAt(NodeKey, SocketAddr),
+    /// The coordinator says this peer is probing us.
+    Punch(NodeKey),
+    /// This peer is new or published new candidates.
+    Candidates(NodeKey),
+    /// `a2actl ping`.
+    UserPing(NodeKey, oneshot::Sender<UserPong>),
+}
+
+pub struct PathFinder {
+    dp: Arc<DataPlane>,
+    user_pings: HashMap<TxId, (Route, oneshot::Sender<UserPong>)>,
+    /// Disco datagrams per peer in the current second.
+    budget: HashMap<NodeKey, u32>,
+}
+
+impl PathFinder {
+    pub fn new(dp: Arc<DataPlane>) -> Self {
+        PathFinder {
+            dp,
+            user_pings: HashMap::new(),
+            budget: HashMap::new(),
+        }
+    }
+
+    pub async fn run(mut self, mut events: mpsc::Receiver<PathEvent>) {
+        let mut tick = tokio::time::interval(TICK);
+        let mut ticks = 0u64;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    ticks += 1;
+                    if ticks.is_multiple_of(4) {
+                        self.budget.clear();
+                        self.user_pings.retain(|_, (_, tx)| !tx.is_closed());
+                    }
+                    self.tick().await;
+                }
+                ev = events.recv() => match ev {
+                    Some(ev) => self.handle(ev).await,
+                    None => return,
+                },
+            }
+        }
+    }
+
+    async fn tick(&mut self) {
+        let now = Instant::now();
+        for peer in self.dp.peers.all() {
+            self.tick_peer(now, &peer).await;
+        }
+    }
+
+    async fn tick_peer(&self, now: Instant, peer: &Peer) {
+        let epoch = self.dp.peers.epoch();
+        {
+            let mut probes = Vec::new();
+            let (punch, before, after) = {
+                let mut path = peer.path();
+                let before = path.route();
+                let punch = path.tick(now, peer.last_direct_rx(epoch), &mut probes);
+                peer.publish_route(&path);
+                (punch, before, path.route())
+            };
+            if before != after {
+                Counters::bump(&self.dp.counters.path_fallbacks);
+                tracing::info!(
+                    "peer {}: direct path stopped answering; using the relay",
+                    peer.info().name
+                );
+            }
+            for p in probes {
+                self.send_ping(peer, p).await;
+            }
+            if punch {
+                if let Some(link) = self.dp.relay.load().as_ref() {
+                    let _ = link.control.try_send(ControlOut::Punch(peer.key));
+                }
+            }
+        }
+    }
+
+    async fn send_ping(&self, peer: &Peer, probe: Probe) {
+        let via = probe.addr.map_or(Via::Relay(peer.relay_id()), Via::Direct);
+        self.send_disco(peer, via, &DiscoMsg::Ping { tx: probe.tx })
+            .await;
+    }
+
+    async fn send_disco(&self, peer: &Peer, via: Via, msg: &DiscoMsg) {
+        let mut sealed = [0u8; MAX_DISCO_LEN];
+        let n = peer.disco.seal(&self.dp.peers.own_key(), msg, &mut sealed);
+        let mut buf = [0u8; RELAY_HEADER_LEN + MAX_DISCO_LEN];
+        buf[RELAY_HEADER_LEN..][..n].copy_from_slice(&sealed[..n]);
+        self.dp.reply(via, &mut buf, n).await;
+    }
+
+    async fn handle(&mut self, ev: PathEvent) {
+        let now = Instant::now();
+        match ev {
+            PathEvent::Disco(d, via) => self.disco(now, &d, via).await,
+            PathEvent::SeenAt(key, from) => {
+                if let Some(peer) = self.dp.peers.by_key(&key) {
+                    let probe = peer.path().seen_at(now, from);
+                    if let Some(p) = probe {
+                        self.send_ping(&peer, p).await;
+                    }
+                }
+            }
+            PathEvent::Punch(key) => {
+                if let Some(peer) = self.dp.peers.by_key(&key) {
+                    peer.path().punch_requested(now);
+                    self.tick_peer(now, &peer).await;
+                }
+            }
+            PathEvent::Candidates(key) => {
+                if let Some(peer) = self.dp.peers.by_key(&key) {
+                    self.tick_peer(now, &peer).await;
+                }
+            }
+            PathEvent::UserPing(key, reply) => {
+                if let Some(peer) = self.dp.peers.by_key(&key) {
+                    let (probe, route) = {
+                        let mut path = peer.path();
+                        (path.user_probe(now), path.route())
+                    };
+                    self.user_pings.insert(probe.tx, (route, reply));
+                    self.send_ping(&peer, probe).await;
+                }
+            }
+        }
+    }
+
+    async fn disco(&mut self, now: Instant, d: &[u8], via: Via) {
+        let counters = &self.dp.counters;
+        let Some(peer) = claimed_sender(d).and_then(|k| self.dp.peers.by_key(&k)) else {
+            Counters::bump(&counters.disco_unknown_sender);
+            return;
+        };
+        let used = self.budget.entry(peer.key).or_insert(0);
+        *used += 1;
+        if *used > DISCO_PER_SECOND {
+            Counters::bump(&counters.disco_rate_limited);
+            return;
+        }
+        let Some(msg) = peer.disco.open(d) else {
+            Counters::bump(&counters.disco_bad);
+            return;
+        };
+        match msg {
+            DiscoMsg::Ping { tx } => {
+                let observed = match via {
+                    Via::Direct(a) => a,
+                    Via::Relay(_) => match self.dp.relay.load().as_ref() {
+                        Some(l) => l.coordinator,
+                        None => return,
+                    },
+                };
+                self.send_disco(&peer, via, &DiscoMsg::Pong { tx, observed })
+                    .await;
+                if let Via::Direct(from) = via {
+                    let probe = peer.path().seen_at(now, from);
+                    if let Some(p) = probe {
+                        self.send_ping(&peer, p).await;
+                    }
+                }
+            }
+            DiscoMsg::Pong { tx, .. } => {
+                let from = match via {
+                    Via::Direct(a) => Some(a),
+                    Via::Relay(_) => None,
+                };
+                let (seen, confirm) = {
+                    let mut path = peer.path();
+                    let seen = path.on_pong(now, tx, from);
+                    let confirm = seen
+                        .and_then(|s| s.confirm)
+                        .map(|a| path.confirm_probe(now, a));
+                    peer.publish_route(&path);
+                    (seen, confirm)
+                };
+                let Some(seen) = seen else {
+                    Counters::bump(&counters.disco_stale_pong);
+                    return;
+                };
+                if seen.upgraded {
+                    Counters::bump(&counters.path_upgrades);
+                    tracing::info!(
+                        "peer {}: direct path via {} ({:.2} ms)",
+                        peer.info().name,
+                        from.map(|a| a.to_string()).unwrap_or_default(),
+                        seen.rtt.as_secs_f64() * 1000.0
+                    );
+                }
+                if seen.user {
+                    if let Some((route, reply)) = self.user_pings.remove(&tx) {
+                        let _ = reply.send(UserPong {
+                            rtt: seen.rtt,
+                            route,
+                        });
+                    }
+                }
+                if let Some(p) = confirm {
+                    self.send_ping(&peer, p).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Endpoint probes to the coordinator from the WireGuard socket: "which address do you see me
+//! at?" (and, with a relay bind, "relay my packets to that address"). The receive loop hands
+//! replies to [`Prober::answered`]; whoever asked awaits them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use a2a_proto::udp::{A2aDatagram, MAX_A2A_DATAGRAM};
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+
+/// Outstanding probes at most (a flood of replies cannot grow the table).
+const MAX_WAITING: usize = 64;
+
+/// A probe's answer: the address the coordinator saw and the round-trip time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    pub observed: SocketAddr,
+    pub rtt: Duration,
+}
+
+type Waiter = (SocketAddr, Instant, oneshot::Sender<Answer>);
+
+#[derive(Default)]
+pub struct Prober {
+    waiting: Mutex<HashMap<[u8; 8], Waiter>>,
+}
+
+impl Prober {
+    /// A reply arrived from `from`: completes the probe with that nonce sent to `from`.
+    pub fn answered(&self, nonce: [u8; 8], from: SocketAddr, observed: SocketAddr) {
+        let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if w.get(&nonce).is_some_and(|(to, ..)| *to == from) {
+            if let Some((_, sent, tx)) = w.remove(&nonce) {
+                let _ = tx.send(Answer {
+                    observed,
+                    rtt: sent.elapsed(),
+                });
+            }
+        }
+    }
+
+    /// Sends a probe (`bind`: a relay bind with id and secret) to `to`, up to `tries` times,
+    /// waiting `timeout` for each answer.
+    pub async fn probe(
+        &self,
+        udp: &UdpSocket,
+        to: SocketAddr,
+        bind: Option<(u32, [u8; 16])>,
+        tries: u32,
+        timeout: Duration,
+    ) -> Option<Answer> {
+        for _ in 0..tries {
+            let nonce: [u8; 8] = rand::random();
+            let msg = match bind {
+                Some((relay_id, secret)) => A2aDatagram::RelayBind {
+                    nonce,
+                    relay_id,
+                    secret,
+                },
+                None => A2aDatagram::EndpointProbe { nonce },
+            };
+            let mut buf = [0u8; MAX_A2A_DATAGRAM];
+            let len = msg.encode(&mut buf);
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                if w.len() >= MAX_WAITING {
+                    w.retain(|_, (_, sent, _)| sent.elapsed() < Duration::from_secs(10));
+                }
+                w.insert(nonce, (to, Instant::now(), tx));
+            }
+            let _ = udp.send_to(&buf[..len], to).await;
+            let got = tokio::time::timeout(timeout, rx).await;
+            self.waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&nonce);
+            if let Ok(Ok(answer)) = got {
+                return Some(answer);
+            }
+        }
+        None
+    }
+}
