@@ -111,6 +111,7 @@ impl Registry {
                 heartbeat_s: self.heartbeat.as_secs() as u32,
                 relay_id: conn,
                 relay_secret: relay_secret.clone(),
+                peers: members.len() as u32,
             },
         )];
         for m in members.values() {
@@ -205,6 +206,7 @@ impl Registry {
                 heartbeat_s: self.heartbeat.as_secs() as u32,
                 relay_id: conn,
                 relay_secret: me.relay_secret.clone(),
+                peers: 0,
             },
         )];
         out.extend(members.iter().filter(|(k, _)| **k != key).map(|(_, m)| {
@@ -355,12 +357,16 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert!(matches!(
             &out[0],
-            (1, ServerMsg::Registered { heartbeat_s: 10, relay_id: 1, relay_secret })
+            (1, ServerMsg::Registered { heartbeat_s: 10, relay_id: 1, relay_secret, peers: 0 })
                 if relay_secret == "secret1"
         ));
         let out = reg(&mut r, now, 2, &k, &node(2, "100.64.0.2")).unwrap();
         // 2 is registered and told of 1; 1 is told of 2; each with the other's relay id.
         assert_eq!(out.len(), 3);
+        assert!(matches!(
+            out[0],
+            (2, ServerMsg::Registered { peers: 1, .. })
+        ));
         assert!(out
             .iter()
             .any(|(c, m)| *c == 2 && matches!(m, ServerMsg::PeerUp { relay_id: 1, .. })));

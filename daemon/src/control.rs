@@ -44,7 +44,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(4);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the coordinator to echo our UDP endpoint.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often the relay bind is refreshed (and the reflexive and local addresses re-checked).
 const BIND_EVERY: Duration = Duration::from_secs(5);
 /// Silence from the coordinator, in heartbeats, after which the connection is presumed dead.
@@ -197,7 +197,7 @@ impl ControlClient {
     async fn discover_reflexive(&self, coordinator: SocketAddr) -> Option<SocketAddr> {
         let dp = &self.dataplane;
         dp.prober
-            .probe(&dp.udp, coordinator, None, 3, PROBE_TIMEOUT)
+            .probe(&dp.udp, coordinator, None, 2, PROBE_TIMEOUT)
             .await
             .map(|a| a.observed)
     }
@@ -232,28 +232,27 @@ impl ControlClient {
             Err(e) => return SessionEnd::Lost(e),
         };
         let _ = stream.set_nodelay(true);
-        let est =
-            match handshake_initiator(&mut stream, &self.node_private, &self.token.coordinator_key)
-                .await
-            {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                    return SessionEnd::Refused(e.to_string())
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return SessionEnd::ClosedInHandshake(format!(
-                        "coordinator {coordinator} closed the connection during the handshake"
-                    ))
-                }
-                Err(e) => {
-                    return SessionEnd::Lost(format!("handshake with coordinator failed: {e}"))
-                }
-            };
+        // UDP discovery runs during the handshake: without UDP it costs no extra time.
+        let (handshake, reflexive) = tokio::join!(
+            handshake_initiator(&mut stream, &self.node_private, &self.token.coordinator_key),
+            self.discover_reflexive(coordinator)
+        );
+        let est = match handshake {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return SessionEnd::Refused(e.to_string())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return SessionEnd::ClosedInHandshake(format!(
+                    "coordinator {coordinator} closed the connection during the handshake"
+                ))
+            }
+            Err(e) => return SessionEnd::Lost(format!("handshake with coordinator failed: {e}")),
+        };
         let proof = BASE64.encode(&self.network_key.sign(REGISTER_CONTEXT, &est.handshake_hash));
         let (r, w) = stream.into_split();
         let (mut reader, mut writer) = est.split(r, w);
 
-        let reflexive = self.discover_reflexive(coordinator).await;
         let locals = local_addresses(&self.netconf, self.tun_index, self.udp_port).await;
         let mut published = candidates_from(reflexive, &locals);
         let record = self.record(published.clone(), last_issued);
@@ -265,12 +264,16 @@ impl ControlClient {
         if let Err(e) = writer.send(&register).await {
             return SessionEnd::Lost(format!("sending registration failed: {e}"));
         }
-        let (heartbeat_s, relay_id, relay_secret) = match reader.recv::<ServerMsg>().await {
+        let (heartbeat_s, relay_id, relay_secret, mut initial_peers) = match reader
+            .recv::<ServerMsg>()
+            .await
+        {
             Ok(ServerMsg::Registered {
                 heartbeat_s,
                 relay_id,
                 relay_secret,
-            }) => (heartbeat_s.clamp(1, 300), relay_id, relay_secret),
+                peers,
+            }) => (heartbeat_s.clamp(1, 300), relay_id, relay_secret, peers),
             Ok(ServerMsg::Refused { reason, message }) => return refused(reason, message),
             Ok(_) => return SessionEnd::Lost("unexpected first reply from coordinator".into()),
             Err(e) => return SessionEnd::Lost(format!("coordinator closed the connection: {e}")),
@@ -282,10 +285,6 @@ impl ControlClient {
         else {
             return SessionEnd::Lost("coordinator sent a malformed relay secret".into());
         };
-        let ip = *self.ip.borrow();
-        tracing::info!("registered with the coordinator as {} ({ip})", self.name);
-        let _ = self.status.send(Registration::Registered { ip });
-
         // The relay link: the packet path and path finder send through `control_tx`. Bind
         // before the first peer is handled, so the first relayed handshake is not dropped as
         // coming from an unbound address (skipped when UDP already failed).
@@ -300,6 +299,16 @@ impl ControlClient {
             }
             None => false,
         };
+        // `up` returns once the members already in the network are in the peer table, so the
+        // caller's first packet to any of them has a tunnel to go into.
+        let ip = *self.ip.borrow();
+        let registered = || {
+            tracing::info!("registered with the coordinator as {} ({ip})", self.name);
+            let _ = self.status.send(Registration::Registered { ip });
+        };
+        if initial_peers == 0 {
+            registered();
+        }
         let (control_tx, mut control_rx) = mpsc::channel(CONTROL_QUEUE);
         let link = Arc::new(RelayLink {
             coordinator,
@@ -318,27 +327,38 @@ impl ControlClient {
             addrs_tx,
         )));
 
+        // Reading is not cancellation-safe (a frame read half-way would be lost), so one task
+        // owns the reader: it hands relay data straight to the packet path and messages here.
+        let (msgs_tx, mut msgs) = mpsc::channel::<std::io::Result<ServerMsg>>(256);
+        let reader_task = AbortOnDrop(tokio::spawn(read_loop(
+            reader,
+            self.dataplane.clone(),
+            msgs_tx,
+        )));
+
         let heartbeat_every = Duration::from_secs(heartbeat_s.into());
         let mut heartbeat = tokio::time::interval(heartbeat_every);
         heartbeat.tick().await;
         let mut last_heard = tokio::time::Instant::now();
-        let mut relay_buf = vec![0u8; 65536];
         let end = loop {
             tokio::select! {
-                frame = reader.recv_frame::<ServerMsg>() => {
+                msg = msgs.recv() => {
                     last_heard = tokio::time::Instant::now();
-                    match frame {
-                        Ok(Incoming::Msg(msg)) => {
+                    match msg {
+                        Some(Ok(msg)) => {
+                            let peer_up = matches!(msg, ServerMsg::PeerUp { .. });
                             if let Some(end) = self.handle(msg).await {
                                 break end;
                             }
+                            if peer_up && initial_peers > 0 {
+                                initial_peers -= 1;
+                                if initial_peers == 0 {
+                                    registered();
+                                }
+                            }
                         }
-                        Ok(Incoming::Relay(src, payload)) => {
-                            self.dataplane
-                                .receive_relayed_tcp(src, &payload, &mut relay_buf)
-                                .await;
-                        }
-                        Err(e) => break SessionEnd::Lost(format!("coordinator connection lost: {e}")),
+                        Some(Err(e)) => break SessionEnd::Lost(format!("coordinator connection lost: {e}")),
+                        None => break SessionEnd::Lost("coordinator connection lost".into()),
                     }
                 }
                 out = control_rx.recv() => {
@@ -352,6 +372,10 @@ impl ControlClient {
                     }
                 }
                 _ = heartbeat.tick() => {
+                    if initial_peers > 0 {
+                        initial_peers = 0;
+                        registered();
+                    }
                     if last_heard.elapsed() > heartbeat_every * SILENT_HEARTBEATS {
                         break SessionEnd::Lost("coordinator stopped answering".into());
                     }
@@ -378,11 +402,12 @@ impl ControlClient {
                     }
                 }
                 _ = leave.changed() => {
-                    leave_gracefully(&mut writer, &mut reader).await;
+                    leave_gracefully(&mut writer, &mut msgs).await;
                     break SessionEnd::Left;
                 }
             }
         };
+        drop(reader_task);
         drop(binder);
         end
     }
@@ -539,10 +564,39 @@ fn refused(reason: RefuseReason, message: String) -> SessionEnd {
 
 async fn leave_gracefully(
     writer: &mut FrameWriter<OwnedWriteHalf>,
-    reader: &mut FrameReader<OwnedReadHalf>,
+    msgs: &mut mpsc::Receiver<std::io::Result<ServerMsg>>,
 ) {
     let _ = writer.send(&ClientMsg::Leave).await;
     let _ = writer.shutdown().await;
     // Wait briefly for the coordinator to close, so the leave is processed before we vanish.
-    let _ = tokio::time::timeout(Duration::from_millis(500), reader.recv::<ServerMsg>()).await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Some(Ok(_)) = msgs.recv().await {}
+    })
+    .await;
+}
+
+/// Owns the connection's reading half: relay data goes to the packet path, messages (and the
+/// error that ends the stream) to the session.
+async fn read_loop(
+    mut reader: FrameReader<OwnedReadHalf>,
+    dp: Arc<DataPlane>,
+    msgs: mpsc::Sender<std::io::Result<ServerMsg>>,
+) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match reader.recv_frame::<ServerMsg>().await {
+            Ok(Incoming::Relay(src, payload)) => {
+                dp.receive_relayed_tcp(src, &payload, &mut buf).await
+            }
+            Ok(Incoming::Msg(m)) => {
+                if msgs.send(Ok(m)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = msgs.send(Err(e)).await;
+                return;
+            }
+        }
+    }
 }

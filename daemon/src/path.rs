@@ -84,6 +84,9 @@ pub struct PathState {
     pending: Vec<Pending>,
     confirming: Option<(SocketAddr, u32)>,
     next_round: Instant,
+    last_round: Option<Instant>,
+    /// The next round answers the peer's punch: it must not ask for one back.
+    answering_punch: bool,
     upgrade_wait: Duration,
     rtt: Option<Duration>,
 }
@@ -98,6 +101,8 @@ impl PathState {
             pending: Vec::new(),
             confirming: None,
             next_round: now,
+            last_round: None,
+            answering_punch: false,
             upgrade_wait: UPGRADE_EVERY,
             rtt: None,
         }
@@ -129,10 +134,16 @@ impl PathState {
         }
     }
 
-    /// The peer is probing us (signalled by the coordinator): probe it back now if relayed.
+    /// The peer is probing us (signalled by the coordinator): probe it back now if relayed,
+    /// without asking it to probe back in turn (that would never end), and not more than once
+    /// per [`REPROBE_GAP`].
     pub fn punch_requested(&mut self, now: Instant) {
-        if self.direct.is_none() {
-            self.next_round = self.next_round.min(now);
+        let recent = self
+            .last_round
+            .is_some_and(|t| now.saturating_duration_since(t) < REPROBE_GAP);
+        if self.direct.is_none() && !recent && now < self.next_round {
+            self.next_round = now;
+            self.answering_punch = true;
         }
     }
 
@@ -194,6 +205,8 @@ impl PathState {
             return false;
         }
         self.next_round = now + self.upgrade_wait;
+        self.last_round = Some(now);
+        let ask_for_punch = !std::mem::take(&mut self.answering_punch);
         let mut targets = self.candidates.clone();
         for a in &self.learned {
             if !targets.contains(a) {
@@ -203,7 +216,7 @@ impl PathState {
         for addr in targets {
             probes.push(self.new_probe(now, Some(addr), false));
         }
-        true
+        ask_for_punch
     }
 
     fn lose_direct(&mut self, now: Instant, d: Direct) {
@@ -452,6 +465,32 @@ mod tests {
             }
         }
         assert_eq!(p.route(), Route::Direct(roamed));
+    }
+
+    #[test]
+    fn a_punch_is_answered_with_probes_but_not_with_a_punch() {
+        let t0 = Instant::now();
+        let addr = a("203.0.113.5:40000");
+        let mut p = PathState::new(t0, vec![addr]);
+        assert!(
+            p.tick(t0, None, &mut Vec::new()),
+            "a scheduled round asks for a punch"
+        );
+        // Right after a round, a punch is not answered again.
+        let t1 = t0 + Duration::from_millis(500);
+        p.punch_requested(t1);
+        let mut probes = Vec::new();
+        assert!(!p.tick(t1, None, &mut probes));
+        assert!(probes.is_empty());
+        // Later it is: probes go out, and no punch goes back.
+        let t2 = t0 + Duration::from_secs(2);
+        p.punch_requested(t2);
+        let mut probes = Vec::new();
+        assert!(!p.tick(t2, None, &mut probes), "no punch back");
+        assert_eq!(probes.len(), 1);
+        // The next scheduled round asks again.
+        let mut probes = Vec::new();
+        assert!(p.tick(t2 + UPGRADE_EVERY, None, &mut probes));
     }
 
     #[test]

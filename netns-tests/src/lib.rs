@@ -815,6 +815,11 @@ impl Lab {
     /// A node namespace with a state directory but no daemon started.
     pub fn node_without_daemon(&self, name: &str) -> Node {
         let ns = self.add_ns(name);
+        self.node_in(ns, name)
+    }
+
+    /// A node in an existing namespace (with a2ad not started).
+    fn node_in(&self, ns: Ns, name: &str) -> Node {
         let state_dir = self.inner.dir.join(format!("{name}-state"));
         fs::create_dir_all(&state_dir).expect("create node state dir");
         Node {
@@ -825,6 +830,130 @@ impl Lab {
             ip: Mutex::new(None),
             http: Mutex::new(None),
         }
+    }
+
+    /// A router on the wan doing `nat` for a LAN of its own (`192.168.<k>.0/24`); see [`Nat`].
+    /// Like a home router's firewall it drops unsolicited traffic from the wan, to itself as
+    /// well as to the LAN; dropped before conntrack confirms it, such a packet leaves no entry
+    /// that would clash with (and so renumber) the mapping of a LAN node punching out.
+    pub fn router(&self, role: &str, nat: Nat) -> Router {
+        let ns = self.add_ns(role);
+        let k = self.inner.next_host.fetch_add(1, Ordering::Relaxed);
+        let lan = Ipv4Addr::new(192, 168, k as u8, 1);
+        let n = ns.name.as_str();
+        let inner = &self.inner;
+        inner.host(&[
+            "ip",
+            "netns",
+            "exec",
+            n,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        inner.host(&[
+            "ip",
+            "-n",
+            n,
+            "link",
+            "add",
+            "lan0",
+            "type",
+            "bridge",
+            "forward_delay",
+            "0",
+        ]);
+        inner.host(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{lan}/24"),
+            "dev",
+            "lan0",
+        ]);
+        inner.host(&["ip", "-n", n, "link", "set", "lan0", "up"]);
+        let masquerade = match nat {
+            Nat::Easy | Nat::NoUdp => "masquerade persistent",
+            Nat::Hard => "masquerade random,fully-random",
+        };
+        let no_udp = match nat {
+            Nat::NoUdp => "oifname \"eth0\" meta l4proto udp drop",
+            _ => "",
+        };
+        let rules = format!(
+            "table ip a2a_nat {{\n\
+               chain postrouting {{ type nat hook postrouting priority srcnat; oifname \"eth0\" {masquerade}; }}\n\
+             }}\n\
+             table inet a2a_fw {{\n\
+               chain input {{ type filter hook input priority filter; policy accept;\n\
+                 iifname \"eth0\" ct state established,related accept\n\
+                 iifname \"eth0\" drop\n\
+               }}\n\
+               chain forward {{ type filter hook forward priority filter; policy accept;\n\
+                 iifname \"eth0\" ct state established,related accept\n\
+                 iifname \"eth0\" drop\n\
+                 {no_udp}\n\
+               }}\n\
+             }}\n"
+        );
+        let file = self.inner.dir.join(format!("{role}.nft"));
+        fs::write(&file, rules).expect("write nftables rules");
+        require_tool("nft", "nftables");
+        ns.exec(&["nft", "-f", &file.to_string_lossy()]).expect_ok();
+        Router {
+            ns,
+            nat,
+            lan,
+            next_host: AtomicU32::new(2),
+        }
+    }
+
+    /// A node on `router`'s LAN with a2ad running (not joined yet).
+    pub fn node_behind(&self, router: &Router, name: &str) -> Node {
+        let inner = &self.inner;
+        let ns_name = inner.create_ns(name);
+        let h = router.next_host.fetch_add(1, Ordering::Relaxed);
+        let o = router.lan.octets();
+        let ip = Ipv4Addr::new(o[0], o[1], o[2], h as u8);
+        let r = router.ns.name.as_str();
+        let side = format!("lan{h}");
+        inner.host(&[
+            "ip", "-n", r, "link", "add", &side, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns_name,
+        ]);
+        inner.host(&["ip", "-n", r, "link", "set", &side, "master", "lan0", "up"]);
+        inner.host(&[
+            "ip",
+            "-n",
+            &ns_name,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        inner.host(&["ip", "-n", &ns_name, "link", "set", "eth0", "up"]);
+        inner.host(&[
+            "ip",
+            "-n",
+            &ns_name,
+            "route",
+            "add",
+            "default",
+            "via",
+            &router.lan.to_string(),
+        ]);
+        let ns = Ns {
+            name: ns_name,
+            role: name.to_string(),
+            wan_ip: None,
+            lab: inner.clone(),
+        };
+        let node = self.node_in(ns, name);
+        node.start_daemon();
+        node
     }
 
     /// Prints the tail of every process log and of the command log to stderr.
@@ -958,6 +1087,84 @@ pub struct Ns {
 impl fmt::Debug for Ns {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Ns({})", self.name)
+    }
+}
+
+/// How a [`Router`] treats its LAN's traffic to the wan (nftables in the router's namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// `masquerade persistent`: one mapping per inside socket, whatever the destination
+    /// (endpoint-independent mapping), inbound only for established flows. Hole punching works.
+    Easy,
+    /// `masquerade random,fully-random`: a new mapping per destination. Punching fails.
+    Hard,
+    /// Easy NAT, and all outbound UDP dropped: only TCP reaches the coordinator.
+    NoUdp,
+}
+
+/// A NAT router between the wan and a LAN of nodes.
+#[derive(Debug)]
+pub struct Router {
+    pub ns: Ns,
+    pub nat: Nat,
+    /// The router's LAN address (the nodes' gateway).
+    pub lan: Ipv4Addr,
+    next_host: AtomicU32,
+}
+
+impl Router {
+    pub fn wan_ip(&self) -> Ipv4Addr {
+        self.ns.wan_ip.expect("a router has a wan address")
+    }
+
+    /// Drops UDP forwarded from this router's LAN to `to` (a wan address), until
+    /// [`unblock_udp`](Self::unblock_udp).
+    pub fn block_udp_to(&self, to: Ipv4Addr) {
+        let to = to.to_string();
+        let n = &self.ns;
+        let _ = n.exec(&["nft", "delete", "table", "inet", "a2a_block"]);
+        n.exec(&["nft", "add", "table", "inet", "a2a_block"])
+            .expect_ok();
+        n.exec(&[
+            "nft",
+            "add chain inet a2a_block forward { type filter hook forward priority -10; }",
+        ])
+        .expect_ok();
+        n.exec(&[
+            "nft",
+            "add",
+            "rule",
+            "inet",
+            "a2a_block",
+            "forward",
+            "ip",
+            "daddr",
+            &to,
+            "meta",
+            "l4proto",
+            "udp",
+            "drop",
+        ])
+        .expect_ok();
+    }
+
+    pub fn unblock_udp(&self) {
+        self.ns
+            .exec(&["nft", "delete", "table", "inet", "a2a_block"])
+            .expect_ok();
+    }
+
+    /// Sets the conntrack UDP timeouts (seconds) of this router: NAT mappings of idle flows
+    /// expire after that long.
+    pub fn set_udp_mapping_timeout(&self, secs: u32) {
+        for key in [
+            "nf_conntrack_udp_timeout",
+            "nf_conntrack_udp_timeout_stream",
+        ] {
+            self.ns
+                .exec(&["sysctl", "-qw", &format!("net.netfilter.{key}={secs}")])
+                .expect_ok();
+        }
     }
 }
 
@@ -1472,6 +1679,58 @@ impl Node {
                 other.overlay_ip()
             ),
             || self.fetch_from(other, 3),
+        );
+        start.elapsed()
+    }
+
+    /// `a2actl netcheck --json`, parsed.
+    pub fn netcheck(&self) -> serde_json::Value {
+        let out = self.ctl(&["netcheck", "--json"]).expect_ok();
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("netcheck printed no JSON ({e}): {out}"))
+    }
+
+    /// `a2actl ping -c count PEER`: for each line, the path and the RTT (None: no answer).
+    pub fn ping_peer(&self, peer: &str, count: u32) -> Vec<(String, Option<f64>)> {
+        let out = self.ctl(&["ping", "-c", &count.to_string(), peer]);
+        out.stdout
+            .lines()
+            .map(|l| {
+                let path = l
+                    .split(" via ")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .unwrap_or("?")
+                    .to_string();
+                let rtt = l
+                    .strip_suffix(" ms")
+                    .and_then(|r| r.rsplit(' ').next())
+                    .and_then(|v| v.parse().ok());
+                (path, rtt)
+            })
+            .collect()
+    }
+
+    /// The path (`direct`, `relay`, `none`) and endpoint of peer `name` in `status --json`.
+    pub fn path_to(&self, name: &str) -> Result<(String, Option<String>), String> {
+        let st = self.try_status()?;
+        let p = st
+            .peer(name)
+            .ok_or_else(|| format!("{} does not list {name}", self.name))?;
+        Ok((p.path.clone(), p.endpoint.clone()))
+    }
+
+    /// Waits until the path to peer `name` is `want`; returns how long that took.
+    #[track_caller]
+    pub fn wait_path(&self, name: &str, want: &str, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        wait_for(
+            timeout,
+            &format!("{}'s path to {name} to be {want}", self.name),
+            || match self.path_to(name)? {
+                (p, _) if p == want => Ok(()),
+                (p, e) => Err(format!("path is {p} via {e:?}")),
+            },
         );
         start.elapsed()
     }

@@ -47,11 +47,13 @@ pub enum RefuseReason {
 pub enum ServerMsg {
     /// The registration (or update) is accepted; send a heartbeat every `heartbeat_s` seconds.
     /// `relay_id` names this node in relay data; `relay_secret` (base64, 16 bytes) proves it in
-    /// a UDP relay bind.
+    /// a UDP relay bind. `peers`: how many `PeerUp`s follow at once (the members already in
+    /// the network), so the node knows when its peer table is complete.
     Registered {
         heartbeat_s: u32,
         relay_id: u32,
         relay_secret: String,
+        peers: u32,
     },
     Refused {
         reason: RefuseReason,

@@ -1,0 +1,389 @@
+//! Through NATs and firewalls: nodes behind simulated routers (nftables masquerade in their own
+//! namespaces), hole punching, relay over UDP and over TCP, path changes, mapping expiry and
+//! roaming. Needs root; see the crate documentation of `a2a_netns_tests`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use a2a_netns_tests::{report, wait_for, CoordOpts, Lab, Nat, Node, OVERLAY_TIMEOUT};
+
+/// How long a path may take to change (upgrade rounds every 5 s, fallback after 5 s silence,
+/// and one doubled wait after a flap).
+const PATH_TIMEOUT: Duration = Duration::from_secs(25);
+
+fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
+    v.get(key)
+        .unwrap_or_else(|| panic!("netcheck JSON has no {key}: {v}"))
+}
+
+/// The median RTT of `count` answered probes from `a` to `b`, all over `path`.
+#[track_caller]
+fn median_rtt(a: &Node, b: &Node, path: &str, count: u32) -> f64 {
+    let probes = a.ping_peer(&b.name, count);
+    let mut rtts: Vec<f64> = probes
+        .iter()
+        .filter_map(|(p, rtt)| {
+            assert_eq!(
+                p, path,
+                "{} -> {}: a probe took {p}: {probes:?}",
+                a.name, b.name
+            );
+            *rtt
+        })
+        .collect();
+    assert!(
+        !rtts.is_empty(),
+        "{} -> {}: no probe answered: {probes:?}",
+        a.name,
+        b.name
+    );
+    rtts.sort_by(f64::total_cmp);
+    rtts[rtts.len() / 2]
+}
+
+#[test]
+fn every_kind_of_nat_pair_connects() {
+    let Some(lab) = Lab::new("nat_matrix") else {
+        return;
+    };
+    let coord = lab.coordinator(CoordOpts::default());
+    let easy1 = lab.router("rtr-easy1", Nat::Easy);
+    let easy2 = lab.router("rtr-easy2", Nat::Easy);
+    let hard1 = lab.router("rtr-hard1", Nat::Hard);
+    let hard2 = lab.router("rtr-hard2", Nat::Hard);
+    let noudp = lab.router("rtr-noudp", Nat::NoUdp);
+    let home = lab.router("rtr-home", Nat::Easy);
+    let nodes = vec![
+        lab.node("open"),
+        lab.node_behind(&easy1, "easy-a"),
+        lab.node_behind(&easy2, "easy-b"),
+        lab.node_behind(&hard1, "hard-a"),
+        lab.node_behind(&hard2, "hard-b"),
+        lab.node_behind(&noudp, "noudp"),
+        lab.node_behind(&home, "lan-a"),
+        lab.node_behind(&home, "lan-b"),
+    ];
+    let by_name: BTreeMap<&str, &Node> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let kind = |n: &str| n.split('-').next().unwrap_or(n).to_string();
+
+    // Join one by one; time from `up` to the first HTTP response to every node already in.
+    let mut first_http: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        n.serve_http();
+        let t0 = Instant::now();
+        n.up_ok(&coord.token);
+        for m in &nodes[..i] {
+            n.wait_http(m, OVERLAY_TIMEOUT);
+            let mut pair = [kind(&n.name), kind(&m.name)];
+            pair.sort();
+            first_http
+                .entry(pair.join("-"))
+                .or_default()
+                .push(t0.elapsed());
+        }
+    }
+    for (pair, times) in &first_http {
+        let ms: Vec<u128> = times.iter().map(|d| d.as_millis()).collect();
+        report(format!(
+            "nat_matrix: {pair}: first HTTP {ms:?} ms after `a2actl up`"
+        ));
+    }
+    // Every ordered pair carries HTTP.
+    for a in &nodes {
+        for b in &nodes {
+            if a.name != b.name {
+                a.wait_http(b, OVERLAY_TIMEOUT);
+            }
+        }
+    }
+
+    // The paths settle where the networks allow.
+    let expect_direct = [
+        ("open", "easy-a"),
+        ("open", "hard-a"),
+        ("open", "lan-a"),
+        ("easy-a", "easy-b"),
+        ("easy-a", "lan-a"),
+        ("lan-a", "lan-b"),
+    ];
+    for (a, b) in expect_direct {
+        by_name[a].wait_path(b, "direct", PATH_TIMEOUT);
+        by_name[b].wait_path(a, "direct", PATH_TIMEOUT);
+    }
+    // Same LAN: found on the LAN, not through the router.
+    let (_, ep) = by_name["lan-a"].path_to("lan-b").unwrap();
+    assert!(
+        ep.as_deref().is_some_and(|e| e.starts_with("192.168.")),
+        "lan-a reaches lan-b at {ep:?}, not on their LAN"
+    );
+    let expect_relay = [
+        ("hard-a", "hard-b"),
+        ("noudp", "open"),
+        ("noudp", "easy-a"),
+        ("noudp", "hard-a"),
+    ];
+    // Give punching every chance first: two upgrade rounds.
+    std::thread::sleep(Duration::from_secs(6));
+    for (a, b) in expect_relay {
+        for (x, y) in [(a, b), (b, a)] {
+            let (path, _) = by_name[x].path_to(y).unwrap();
+            assert_eq!(path, "relay", "{x} -> {y} should be relayed");
+        }
+    }
+    // An easy-hard pair works either way.
+    let (path, _) = by_name["easy-a"].path_to("hard-b").unwrap();
+    report(format!("nat_matrix: easy-a -> hard-b settled on {path}"));
+
+    // netcheck tells the NATs apart and sees the blocked UDP.
+    let nc = |n: &str| by_name[n].netcheck();
+    for (n, mapping, udp, relay) in [
+        ("open", "endpoint-independent", true, "udp"),
+        ("easy-a", "endpoint-independent", true, "udp"),
+        ("hard-a", "endpoint-dependent", true, "udp"),
+        ("noudp", "unknown", false, "tcp"),
+    ] {
+        let v = nc(n);
+        assert_eq!(field(&v, "mapping"), mapping, "{n}: {v}");
+        assert_eq!(field(&v, "udp"), udp, "{n}: {v}");
+        assert_eq!(field(&v, "relay"), relay, "{n}: {v}");
+    }
+
+    // RTT and throughput: direct, relayed over UDP, relayed over TCP.
+    let direct = median_rtt(by_name["easy-a"], by_name["easy-b"], "direct", 5);
+    let relay_udp = median_rtt(by_name["hard-a"], by_name["hard-b"], "relay", 5);
+    let relay_tcp = median_rtt(by_name["noudp"], by_name["open"], "relay", 5);
+    report(format!(
+        "nat_matrix: median probe RTT: direct {direct:.3} ms, relay over UDP {relay_udp:.3} ms, \
+         relay over TCP {relay_tcp:.3} ms"
+    ));
+    for (from, to) in [
+        ("easy-a", "easy-b"),
+        ("hard-a", "hard-b"),
+        ("noudp", "open"),
+    ] {
+        let out = by_name[from].ns.exec(&[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "20",
+            "-i",
+            "0.05",
+            &by_name[to].overlay_ip().to_string(),
+        ]);
+        let summary = out.stdout.lines().last().unwrap_or_default().to_string();
+        report(format!("nat_matrix: ICMP ping {from} -> {to}: {summary}"));
+    }
+    let mut rates = Vec::new();
+    for (what, from, to) in [
+        ("direct", "easy-a", "easy-b"),
+        ("relayed over UDP", "hard-a", "hard-b"),
+        ("relayed over TCP", "noudp", "open"),
+    ] {
+        let server = by_name[to].ns.iperf3_server();
+        let mbit = by_name[from]
+            .ns
+            .iperf3_client(by_name[to].overlay_ip(), 3)
+            .unwrap_or_else(|e| panic!("iperf3 {what} {from} -> {to}: {e}"));
+        server.kill();
+        rates.push(format!("{what} {mbit:.0}"));
+    }
+    report(format!(
+        "nat_matrix: iperf3 TCP, 3 s, Mbit/s: {}",
+        rates.join(", ")
+    ));
+    for n in &nodes {
+        n.assert_daemon_running();
+    }
+    coord.assert_running();
+}
+
+/// Two easy-NAT nodes with UDP between their routers blocked.
+fn blocked_pair(
+    lab: &Lab,
+) -> (
+    a2a_netns_tests::Coordinator,
+    [a2a_netns_tests::Router; 2],
+    Node,
+    Node,
+) {
+    let coord = lab.coordinator(CoordOpts::default());
+    let ra = lab.router("rtr-a", Nat::Easy);
+    let rb = lab.router("rtr-b", Nat::Easy);
+    ra.block_udp_to(rb.wan_ip());
+    rb.block_udp_to(ra.wan_ip());
+    let a = lab.node_behind(&ra, "alpha");
+    let b = lab.node_behind(&rb, "bravo");
+    for n in [&a, &b] {
+        n.serve_http();
+        n.up_ok(&coord.token);
+    }
+    a.wait_http(&b, OVERLAY_TIMEOUT);
+    b.wait_http(&a, OVERLAY_TIMEOUT);
+    (coord, [ra, rb], a, b)
+}
+
+#[test]
+fn a_running_stream_survives_moves_between_relay_and_direct() {
+    let Some(lab) = Lab::new("path_change") else {
+        return;
+    };
+    let (_coord, [ra, rb], a, b) = blocked_pair(&lab);
+    a.wait_path("bravo", "relay", PATH_TIMEOUT);
+
+    // One TCP connection for the whole test.
+    let server = b.ns.iperf3_server();
+    let stream = a.ns.spawn(
+        "iperf3-stream",
+        &[
+            "iperf3",
+            "-c",
+            &b.overlay_ip().to_string(),
+            "-p",
+            &a2a_netns_tests::IPERF_PORT.to_string(),
+            "-t",
+            "45",
+            "-b",
+            "20M",
+            "-J",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+
+    ra.unblock_udp();
+    rb.unblock_udp();
+    let up = a.wait_path("bravo", "direct", PATH_TIMEOUT);
+    b.wait_path("alpha", "direct", PATH_TIMEOUT);
+    report(format!(
+        "path_change: direct {} ms after UDP was unblocked",
+        up.as_millis()
+    ));
+    std::thread::sleep(Duration::from_secs(3));
+
+    ra.block_udp_to(rb.wan_ip());
+    rb.block_udp_to(ra.wan_ip());
+    let down = a.wait_path("bravo", "relay", PATH_TIMEOUT);
+    report(format!(
+        "path_change: back on the relay {} ms after UDP was blocked",
+        down.as_millis()
+    ));
+    a.wait_http(&b, OVERLAY_TIMEOUT);
+
+    let status = wait_for(
+        Duration::from_secs(60),
+        "the iperf3 stream to finish",
+        || stream.exit_status().ok_or_else(|| "running".to_string()),
+    );
+    let out = stream.stdout_text();
+    let json: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("iperf3 printed no JSON ({e}): {out}"));
+    assert!(
+        status.success() && json.get("error").is_none(),
+        "the TCP stream broke while the path changed: {status:?} {}",
+        json.get("error").cloned().unwrap_or_default()
+    );
+    let mbit = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6;
+    report(format!(
+        "path_change: one TCP stream ran 45 s across relay -> direct -> relay at {mbit:.1} Mbit/s"
+    ));
+    assert!(
+        mbit > 1.0,
+        "the stream carried almost nothing: {mbit} Mbit/s"
+    );
+    server.kill();
+}
+
+#[test]
+fn keepalives_hold_nat_mappings_across_idle_periods() {
+    let Some(lab) = Lab::new("mapping_expiry") else {
+        return;
+    };
+    let coord = lab.coordinator(CoordOpts::default());
+    let ra = lab.router("rtr-a", Nat::Easy);
+    let rb = lab.router("rtr-b", Nat::Easy);
+    // Idle NAT mappings die after 5 s (Linux's default is 30 s / 120 s).
+    ra.set_udp_mapping_timeout(5);
+    rb.set_udp_mapping_timeout(5);
+    let a = lab.node_behind(&ra, "alpha");
+    let b = lab.node_behind(&rb, "bravo");
+    for n in [&a, &b] {
+        n.serve_http();
+        n.up_ok(&coord.token);
+    }
+    a.wait_path("bravo", "direct", PATH_TIMEOUT);
+    b.wait_path("alpha", "direct", PATH_TIMEOUT);
+    let fallbacks = |n: &Node| {
+        n.status().raw["counters"]["path_fallbacks"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+    };
+    let before = (fallbacks(&a), fallbacks(&b));
+    // No traffic from the agents for four mapping lifetimes.
+    std::thread::sleep(Duration::from_secs(20));
+    assert_eq!(a.path_to("bravo").unwrap().0, "direct");
+    assert_eq!(b.path_to("alpha").unwrap().0, "direct");
+    assert_eq!(
+        (fallbacks(&a), fallbacks(&b)),
+        before,
+        "a direct path was lost while idle"
+    );
+    let probes = a.ping_peer("bravo", 3);
+    assert!(
+        probes.iter().all(|(p, rtt)| p == "direct" && rtt.is_some()),
+        "after the idle period: {probes:?}"
+    );
+    a.wait_http(&b, Duration::from_secs(5));
+}
+
+#[test]
+fn a_roaming_node_is_reachable_again() {
+    let Some(lab) = Lab::new("roaming") else {
+        return;
+    };
+    let coord = lab.coordinator(CoordOpts::default());
+    let router = lab.router("rtr", Nat::Easy);
+    let roamer = lab.node("roamer");
+    let home = lab.node_behind(&router, "home");
+    for n in [&roamer, &home] {
+        n.serve_http();
+        n.up_ok(&coord.token);
+    }
+    home.wait_path("roamer", "direct", PATH_TIMEOUT);
+    let (_, before) = home.path_to("roamer").unwrap();
+
+    // The roamer's underlay address changes (new DHCP lease, new network).
+    let old = roamer.wan_ip();
+    let o = old.octets();
+    let new = std::net::Ipv4Addr::new(o[0], o[1], o[2], 200);
+    // (Deleting a primary address takes its subnet's secondaries with it: delete, then add.)
+    roamer
+        .ns
+        .exec(&["ip", "addr", "del", &format!("{old}/24"), "dev", "eth0"])
+        .expect_ok();
+    roamer
+        .ns
+        .exec(&["ip", "addr", "add", &format!("{new}/24"), "dev", "eth0"])
+        .expect_ok();
+    let t0 = Instant::now();
+    home.wait_http(&roamer, OVERLAY_TIMEOUT);
+    roamer.wait_http(&home, OVERLAY_TIMEOUT);
+    report(format!(
+        "roaming: HTTP both ways {} ms after the address changed",
+        t0.elapsed().as_millis()
+    ));
+    wait_for(
+        PATH_TIMEOUT,
+        "home to reach the roamer directly at its new address",
+        || match home.path_to("roamer")? {
+            (p, Some(e)) if p == "direct" && e.starts_with(&new.to_string()) => Ok(()),
+            other => Err(format!("{other:?} (was {before:?})")),
+        },
+    );
+    report(format!(
+        "roaming: direct path at the new address {} ms after the change",
+        t0.elapsed().as_millis()
+    ));
+}
