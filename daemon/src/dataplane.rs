@@ -401,7 +401,8 @@ impl DataPlane {
 
     /// Notes that `peer` reached us directly from `from`.
     fn seen_direct(&self, peer: &Peer, from: SocketAddr) {
-        if !peer.heard_direct(from, self.peers.now_ms()) {
+        let now_ms = self.peers.now_ms();
+        if !peer.heard_direct(from, now_ms) && peer.report_seen_elsewhere(now_ms) {
             let _ = self.path_events.try_send(PathEvent::SeenAt(peer.key, from));
         }
     }

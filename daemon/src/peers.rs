@@ -59,6 +59,8 @@ pub struct Peer {
     route: Mutex<SendRoute>,
     /// When data last came from the direct address (ms since the table's epoch).
     direct_rx_ms: AtomicU64,
+    /// When the path finder was last told of data from another address (ms since the epoch).
+    seen_elsewhere_ms: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -117,6 +119,17 @@ impl Peer {
         } else {
             false
         }
+    }
+
+    /// Whether data from an address that is not the path should be reported to the path
+    /// finder now: at most once a second, not once per packet.
+    pub fn report_seen_elsewhere(&self, now_ms: u64) -> bool {
+        let last = self.seen_elsewhere_ms.load(Ordering::Relaxed);
+        now_ms.saturating_sub(last) >= 1000
+            && self
+                .seen_elsewhere_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// When data last came from the direct address, if ever.
@@ -298,6 +311,7 @@ impl PeerTable {
             }),
             path: Mutex::new(path),
             direct_rx_ms: AtomicU64::new(0),
+            seen_elsewhere_ms: AtomicU64::new(0),
             info: Mutex::new(info),
         });
         self.rebuild(|by_key| {
@@ -402,6 +416,10 @@ mod tests {
             Some(t.epoch() + Duration::from_millis(5))
         );
         assert!(!p.heard_direct("10.9.9.9:1".parse().unwrap(), 6));
+        // Reported to the path finder once a second, not per packet.
+        assert!(p.report_seen_elsewhere(2000));
+        assert!(!p.report_seen_elsewhere(2500));
+        assert!(p.report_seen_elsewhere(3000));
     }
 
     #[test]
