@@ -231,8 +231,18 @@ fn a_running_stream_survives_moves_between_relay_and_direct() {
     let (_coord, [ra, rb], a, b) = blocked_pair(&lab);
     a.wait_path("bravo", "relay", PATH_TIMEOUT);
 
-    // One TCP connection for the whole test.
+    // One TCP connection for the whole test, once the server listens.
     let server = b.ns.iperf3_server();
+    let port = a2a_netns_tests::IPERF_PORT.to_string();
+    wait_for(Duration::from_secs(10), "iperf3 -s to listen", || {
+        let out =
+            b.ns.exec(&["ss", "-Htln", "sport", "=", &format!(":{port}")]);
+        if out.stdout.trim().is_empty() {
+            Err(format!("not listening yet: {out}"))
+        } else {
+            Ok(())
+        }
+    });
     let stream = a.ns.spawn(
         "iperf3-stream",
         &[
@@ -240,7 +250,7 @@ fn a_running_stream_survives_moves_between_relay_and_direct() {
             "-c",
             &b.overlay_ip().to_string(),
             "-p",
-            &a2a_netns_tests::IPERF_PORT.to_string(),
+            &port,
             "-t",
             "45",
             "-b",
