@@ -111,7 +111,7 @@ pub struct RelayLink {
 }
 
 /// How a datagram reached us, and so how to answer it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Via {
     Direct(SocketAddr),
     /// Through the relay, from the peer with this relay id.

@@ -17,7 +17,9 @@ use crate::path::{Probe, Route};
 use crate::peers::Peer;
 
 const TICK: Duration = Duration::from_millis(250);
-/// Disco datagrams accepted from one peer per second; the rest are dropped and counted.
+/// Disco datagrams accepted per second for one claimed peer from one source (address, or relay
+/// id); the rest are dropped and counted. Keyed by source too, so a flood that claims to be a
+/// peer does not starve that peer's genuine probes.
 const DISCO_PER_SECOND: u32 = 50;
 
 /// The answer to a user's ping: round-trip time and the path it took.
@@ -43,8 +45,8 @@ pub enum PathEvent {
 pub struct PathFinder {
     dp: Arc<DataPlane>,
     user_pings: HashMap<TxId, (Route, oneshot::Sender<UserPong>)>,
-    /// Disco datagrams per peer in the current second.
-    budget: HashMap<NodeKey, u32>,
+    /// Disco datagrams per (claimed peer, source) in the current second.
+    budget: HashMap<(NodeKey, Via), u32>,
 }
 
 impl PathFinder {
@@ -169,7 +171,7 @@ impl PathFinder {
             Counters::bump(&counters.disco_unknown_sender);
             return;
         };
-        let used = self.budget.entry(peer.key).or_insert(0);
+        let used = self.budget.entry((peer.key, via)).or_insert(0);
         *used += 1;
         if *used > DISCO_PER_SECOND {
             Counters::bump(&counters.disco_rate_limited);

@@ -397,3 +397,123 @@ fn a_roaming_node_is_reachable_again() {
         t0.elapsed().as_millis()
     ));
 }
+
+/// Sends `datagrams` to `target` from one socket, pacing a little so they are processed.
+fn send_all(target: std::net::SocketAddr, datagrams: Vec<Vec<u8>>) -> usize {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind a UDP socket");
+    let mut sent = 0;
+    for (i, d) in datagrams.iter().enumerate() {
+        if sock.send_to(d, target).is_ok() {
+            sent += 1;
+        }
+        if i % 128 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    sent
+}
+
+fn counter(n: &Node, name: &str) -> u64 {
+    n.status().raw["counters"][name].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn forged_relay_frames_and_probes_move_nothing() {
+    let Some(lab) = Lab::new("hostile_traversal") else {
+        return;
+    };
+    let coord = lab.coordinator(CoordOpts::default());
+    let alpha = lab.node("alpha");
+    let bravo = lab.node("bravo");
+    for n in [&alpha, &bravo] {
+        n.serve_http();
+        n.up_ok(&coord.token);
+    }
+    alpha.wait_path("bravo", "direct", PATH_TIMEOUT);
+    let (_, endpoint) = alpha.path_to("bravo").unwrap();
+    let bravo_key = data_encoding::BASE64
+        .decode(
+            bravo
+                .status()
+                .me
+                .expect("bravo's self")
+                .public_key
+                .as_bytes(),
+        )
+        .expect("status prints keys in base64");
+    let evil = lab.add_ns("evil");
+    let mut rng = a2a_netns_tests::garbage::Rng::new();
+    let coord_addr = std::net::SocketAddr::V4(coord.addr);
+    let alpha_addr = std::net::SocketAddr::new(alpha.wan_ip().into(), a2a_netns_tests::NODE_PORT);
+
+    // At the coordinator: relay data for every small relay id from an unbound address, and
+    // binds with guessed secrets.
+    let mut to_coord = Vec::new();
+    for id in 0u32..2000 {
+        let mut d = vec![0xA2, 0x05];
+        d.extend_from_slice(&id.to_be_bytes());
+        d.extend_from_slice(&[4, 0, 0, 0]);
+        d.extend_from_slice(&rng.bytes(40));
+        to_coord.push(d);
+    }
+    for id in 0u32..500 {
+        let mut d = vec![0xA2, 0x03];
+        d.extend_from_slice(&rng.bytes(8));
+        d.extend_from_slice(&(id % 50).to_be_bytes());
+        d.extend_from_slice(&rng.bytes(16));
+        to_coord.push(d);
+    }
+    // At alpha: probes claiming to come from bravo (without bravo's key they cannot be sealed),
+    // and relay data not coming from the coordinator.
+    let disco_before = counter(&alpha, "disco_bad");
+    let relay_before = counter(&alpha, "relay_not_from_coordinator");
+    let mut to_alpha = Vec::new();
+    for i in 0..1000 {
+        let mut d = vec![0xA2, 0x10];
+        d.extend_from_slice(&bravo_key);
+        d.extend_from_slice(&rng.bytes(24 + 13 + 16 + (i % 8) * 3));
+        to_alpha.push(d);
+        let mut r = vec![0xA2, 0x05, 0, 0, 0, 1];
+        r.extend_from_slice(&rng.bytes(60));
+        to_alpha.push(r);
+    }
+    let sent = evil.run_in(move || send_all(coord_addr, to_coord) + send_all(alpha_addr, to_alpha));
+    report(format!("hostile_traversal: sent {sent} forged datagrams"));
+
+    // Nothing moved, everything was counted, and the overlay (and the relay) still works.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        alpha.path_to("bravo").unwrap(),
+        ("direct".to_string(), endpoint.clone()),
+        "forged probes moved alpha's path to bravo"
+    );
+    assert_eq!(
+        counter(&alpha, "path_fallbacks"),
+        0,
+        "bravo's genuine probes were starved by the forged ones"
+    );
+    let disco_bad = counter(&alpha, "disco_bad") - disco_before;
+    let not_from_coord = counter(&alpha, "relay_not_from_coordinator") - relay_before;
+    let limited = counter(&alpha, "disco_rate_limited");
+    report(format!(
+        "hostile_traversal: alpha dropped {disco_bad} forged probes (+{limited} over the per-peer \
+         rate) and {not_from_coord} relay frames not from the coordinator"
+    ));
+    assert!(disco_bad > 0, "no forged probe was counted as bad");
+    assert_eq!(
+        not_from_coord, 1000,
+        "every foreign relay frame is dropped and counted"
+    );
+    alpha.wait_http(&bravo, Duration::from_secs(5));
+    let probes = alpha.ping_peer("bravo", 2);
+    assert!(
+        probes.iter().all(|(p, r)| p == "direct" && r.is_some()),
+        "{probes:?}"
+    );
+    coord.assert_running();
+    // A node joining now is served, and relayed while it punches.
+    let charlie = lab.node("charlie");
+    charlie.serve_http();
+    charlie.up_ok(&coord.token);
+    charlie.wait_http(&alpha, OVERLAY_TIMEOUT);
+}
