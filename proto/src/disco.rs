@@ -13,7 +13,7 @@
 //! came from. A pong only counts if it answers a ping still outstanding to the address it came
 //! from (the caller checks), so a replayed pong or ping cannot move a node's endpoint.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -22,7 +22,7 @@ use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::keys::NodeKey;
-use crate::udp::{A2A_MAGIC, KIND_DISCO};
+use crate::udp::{decode_addr, encode_addr, A2A_MAGIC, KIND_DISCO};
 
 const INFO: &[u8] = b"a2a disco v1";
 const HEADER_LEN: usize = 2 + 32 + 24;
@@ -127,38 +127,6 @@ pub fn claimed_sender(d: &[u8]) -> Option<NodeKey> {
         return None;
     }
     Some(NodeKey(d[2..34].try_into().ok()?))
-}
-
-fn encode_addr(a: &SocketAddr, out: &mut [u8]) -> usize {
-    let n = match a.ip() {
-        IpAddr::V4(ip) => {
-            out[0] = 4;
-            out[1..5].copy_from_slice(&ip.octets());
-            5
-        }
-        IpAddr::V6(ip) => {
-            out[0] = 6;
-            out[1..17].copy_from_slice(&ip.octets());
-            17
-        }
-    };
-    out[n..n + 2].copy_from_slice(&a.port().to_be_bytes());
-    n + 2
-}
-
-fn decode_addr(d: &[u8]) -> Option<SocketAddr> {
-    let (ip, port): (IpAddr, &[u8]) = match d {
-        [4, rest @ ..] if rest.len() == 6 => {
-            let o: [u8; 4] = rest[..4].try_into().ok()?;
-            (Ipv4Addr::from(o).into(), &rest[4..])
-        }
-        [6, rest @ ..] if rest.len() == 18 => {
-            let o: [u8; 16] = rest[..16].try_into().ok()?;
-            (Ipv6Addr::from(o).into(), &rest[16..])
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, u16::from_be_bytes([port[0], port[1]])))
 }
 
 #[cfg(test)]

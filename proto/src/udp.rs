@@ -67,6 +67,40 @@ pub enum A2aDatagram {
 /// Largest encoded [`A2aDatagram`].
 pub const MAX_A2A_DATAGRAM: usize = 2 + 8 + 4 + 16;
 
+/// Writes `a` as `family (4|6) | address | port` into `out`; returns the length (7 or 19).
+pub fn encode_addr(a: &SocketAddr, out: &mut [u8]) -> usize {
+    let n = match a.ip() {
+        IpAddr::V4(ip) => {
+            out[0] = 4;
+            out[1..5].copy_from_slice(&ip.octets());
+            5
+        }
+        IpAddr::V6(ip) => {
+            out[0] = 6;
+            out[1..17].copy_from_slice(&ip.octets());
+            17
+        }
+    };
+    out[n..n + 2].copy_from_slice(&a.port().to_be_bytes());
+    n + 2
+}
+
+/// Reads exactly one address written by [`encode_addr`]; `None` for anything else.
+pub fn decode_addr(d: &[u8]) -> Option<SocketAddr> {
+    let (ip, port): (IpAddr, &[u8]) = match d {
+        [4, rest @ ..] if rest.len() == 6 => {
+            let o: [u8; 4] = rest[..4].try_into().ok()?;
+            (Ipv4Addr::from(o).into(), &rest[4..])
+        }
+        [6, rest @ ..] if rest.len() == 18 => {
+            let o: [u8; 16] = rest[..16].try_into().ok()?;
+            (Ipv6Addr::from(o).into(), &rest[16..])
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, u16::from_be_bytes([port[0], port[1]])))
+}
+
 /// Writes a relay data header for `relay_id` into the first [`RELAY_HEADER_LEN`] bytes of `out`.
 pub fn write_relay_header(out: &mut [u8], relay_id: u32) {
     out[0] = A2A_MAGIC;
@@ -103,21 +137,7 @@ impl A2aDatagram {
             A2aDatagram::EndpointReply { nonce, observed } => {
                 out[1] = KIND_ENDPOINT_REPLY;
                 out[2..10].copy_from_slice(nonce);
-                let mut at = 10;
-                match observed.ip() {
-                    IpAddr::V4(ip) => {
-                        out[at] = 4;
-                        out[at + 1..at + 5].copy_from_slice(&ip.octets());
-                        at += 5;
-                    }
-                    IpAddr::V6(ip) => {
-                        out[at] = 6;
-                        out[at + 1..at + 17].copy_from_slice(&ip.octets());
-                        at += 17;
-                    }
-                }
-                out[at..at + 2].copy_from_slice(&observed.port().to_be_bytes());
-                at + 2
+                10 + encode_addr(observed, &mut out[10..])
             }
             A2aDatagram::RelayBind {
                 nonce,
@@ -146,24 +166,10 @@ impl A2aDatagram {
                 relay_id: u32::from_be_bytes(d[10..14].try_into().ok()?),
                 secret: d[14..30].try_into().ok()?,
             }),
-            KIND_ENDPOINT_REPLY => {
-                let (ip, rest): (IpAddr, &[u8]) = match d.get(10)? {
-                    4 if d.len() == 10 + 1 + 4 + 2 => {
-                        let o: [u8; 4] = d[11..15].try_into().ok()?;
-                        (Ipv4Addr::from(o).into(), &d[15..])
-                    }
-                    6 if d.len() == 10 + 1 + 16 + 2 => {
-                        let o: [u8; 16] = d[11..27].try_into().ok()?;
-                        (Ipv6Addr::from(o).into(), &d[27..])
-                    }
-                    _ => return None,
-                };
-                let port = u16::from_be_bytes([rest[0], rest[1]]);
-                Some(A2aDatagram::EndpointReply {
-                    nonce,
-                    observed: SocketAddr::new(ip, port),
-                })
-            }
+            KIND_ENDPOINT_REPLY => Some(A2aDatagram::EndpointReply {
+                nonce,
+                observed: decode_addr(&d[10..])?,
+            }),
             _ => None,
         }
     }
