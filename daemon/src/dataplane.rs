@@ -400,10 +400,10 @@ impl DataPlane {
                     tracing::warn!("UDP GSO send failed ({e}); sending one datagram per call");
                     self.counters.fast_udp_gso.store(0, Ordering::Relaxed);
                 }
-                Err(_) => {
-                    Counters::bump(&self.counters.send_errors);
-                    return;
-                }
+                // Any other failure (EMSGSIZE when the route's MTU is below the segment size,
+                // which GSO cannot fragment; a firewall's EPERM): send the datagrams one by
+                // one, so each fares as it would have without GSO (fragmented, or counted).
+                Err(_) => {}
             }
         }
         for d in data.chunks(segment) {

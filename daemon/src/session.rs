@@ -68,7 +68,7 @@ impl Session {
                     device.udp_port
                 )
             })?;
-        let fast = fast_paths_allowed();
+        let fast = allowed("A2A_TUN_OFFLOAD");
         let build = |offload: bool| {
             tun_rs::DeviceBuilder::new()
                 .name(&device.interface)
@@ -86,8 +86,8 @@ impl Session {
         };
         let tun_offload = tun.tcp_gso();
         let udp_fd = std::os::fd::AsRawFd::as_raw_fd(&udp);
-        let udp_gso = fast && udpbatch::gso_supported(udp_fd);
-        let udp_gro = fast && udpbatch::enable_gro(udp_fd);
+        let udp_gso = allowed("A2A_UDP_GSO") && udpbatch::gso_supported(udp_fd);
+        let udp_gro = allowed("A2A_UDP_GRO") && udpbatch::enable_gro(udp_fd);
         tracing::info!(
             "data path: TUN offload {}, UDP GSO {}, UDP GRO {}",
             on_off(tun_offload),
@@ -202,9 +202,11 @@ impl Session {
     }
 }
 
-/// The offloads (TUN virtio-net header, UDP GSO/GRO) are used unless `A2A_OFFLOAD=0`.
-fn fast_paths_allowed() -> bool {
-    std::env::var("A2A_OFFLOAD").map_or(true, |v| v != "0")
+/// The offloads (TUN virtio-net header, UDP GSO/GRO) are used unless `A2A_OFFLOAD=0`, or the
+/// one named (`A2A_TUN_OFFLOAD`, `A2A_UDP_GSO`, `A2A_UDP_GRO`) is `0`.
+fn allowed(name: &str) -> bool {
+    let off = |k: &str| std::env::var(k).is_ok_and(|v| v == "0");
+    !off("A2A_OFFLOAD") && !off(name)
 }
 
 fn on_off(b: bool) -> &'static str {
