@@ -22,7 +22,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::dataplane::{ControlOut, Counters, DataPlane, RelayLink};
+use crate::dataplane::{ControlOut, Counters, DataPlane, RelayLink, TunBatch};
 use crate::pathfinder::PathEvent;
 use crate::peers::Applied;
 
@@ -582,7 +582,7 @@ async fn read_loop(
     dp: Arc<DataPlane>,
     msgs: mpsc::Sender<std::io::Result<ServerMsg>>,
 ) {
-    let mut buf = vec![0u8; 65536];
+    let mut buf = TunBatch::new(1);
     loop {
         match reader.recv_frame::<ServerMsg>().await {
             Ok(Incoming::Relay(src, payload)) => {

@@ -8,6 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,17 +21,28 @@ use a2a_proto::NodeKey;
 use arc_swap::ArcSwapOption;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tun_rs::AsyncDevice;
+use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::path::Route;
 use crate::pathfinder::PathEvent;
 use crate::peers::{Peer, PeerTable};
 use crate::prober::Prober;
+use crate::udpbatch;
 
-/// Largest datagram or packet handled (no offload yet: one MTU-sized packet at a time).
+/// Largest datagram or packet handled.
 const BUF_LEN: usize = 65536;
+/// Room in front of every packet written to the TUN device: the virtio-net header when offload
+/// is on, or a relay header when a decapsulation answers through the relay.
+const HEAD: usize = 16;
+/// One packet read from the TUN device (at most the MTU; segments of a GSO read are MTU-sized).
+const TUN_PACKET_LEN: usize = 4096;
+/// Plaintext room for a decapsulation that is not data (handshake replies, keepalives).
+const MIN_DECAP_OUT: usize = 256;
+/// Datagram overhead of a WireGuard data packet, plus its padding to 16 bytes.
+const WG_DATA_OVERHEAD: usize = 32 + 16;
 /// How often WireGuard timers are driven.
 const TIMER_TICK: Duration = Duration::from_millis(250);
 
@@ -56,6 +68,10 @@ pub struct Counters {
     pub disco_stale_pong: AtomicU64,
     pub path_upgrades: AtomicU64,
     pub path_fallbacks: AtomicU64,
+    /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
+    pub fast_tun_offload: AtomicU64,
+    pub fast_udp_gso: AtomicU64,
+    pub fast_udp_gro: AtomicU64,
 }
 
 impl Counters {
@@ -88,6 +104,9 @@ impl Counters {
             ("disco_stale_pong", g(&self.disco_stale_pong)),
             ("path_upgrades", g(&self.path_upgrades)),
             ("path_fallbacks", g(&self.path_fallbacks)),
+            ("fast_tun_offload", g(&self.fast_tun_offload)),
+            ("fast_udp_gso", g(&self.fast_udp_gso)),
+            ("fast_udp_gro", g(&self.fast_udp_gro)),
         ]
     }
 }
@@ -243,12 +262,21 @@ impl DataPlane {
         }
     }
 
-    /// TUN→UDP: read a packet, find the peer owning its destination, encrypt, send.
+    /// TUN→UDP: read a packet (with offload, a GSO super-packet split into segments), find the
+    /// peer owning each destination, encrypt, and send: datagrams for one direct address are
+    /// gathered into one UDP GSO send; relayed ones go one by one.
     pub async fn tun_to_udp(self: Arc<Self>) {
-        let mut packet = vec![0u8; BUF_LEN];
-        let mut out = vec![0u8; BUF_LEN + 64];
+        let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + BUF_LEN];
+        let mut packets = vec![vec![0u8; TUN_PACKET_LEN]; IDEAL_BATCH_SIZE];
+        let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+        let mut tx = TxBatch::new();
+        let mut single = vec![0u8; RELAY_HEADER_LEN + TUN_PACKET_LEN + 64];
         loop {
-            let n = match self.tun.recv(&mut packet).await {
+            let n = match self
+                .tun
+                .recv_multiple(&mut original, &mut packets, &mut sizes, 0)
+                .await
+            {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!("reading the TUN device failed: {e}");
@@ -256,25 +284,130 @@ impl DataPlane {
                     continue;
                 }
             };
-            let Some(dst) = ipv4_destination(&packet[..n]) else {
-                Counters::bump(&self.counters.tun_not_ipv4);
-                continue;
-            };
-            let Some(peer) = self.peers.by_ip(dst) else {
-                Counters::bump(&self.counters.tun_no_route);
-                continue;
-            };
-            let act = {
-                let mut t = peer.tunn();
-                let start = out[RELAY_HEADER_LEN..].as_ptr();
-                action(
-                    start,
-                    t.encapsulate(&packet[..n], &mut out[RELAY_HEADER_LEN..]),
-                )
-            };
-            if let Action::SendToNetwork(r) = act {
-                self.send_to_peer(&peer, &mut out, r.len()).await;
+            // The peer of the previous packet and its route, reused while the destination repeats.
+            let mut last: Option<(Ipv4Addr, Arc<Peer>, Route)> = None;
+            for (packet, &size) in packets.iter().zip(&sizes[..n]) {
+                let packet = &packet[..size];
+                let Some(dst) = ipv4_destination(packet) else {
+                    Counters::bump(&self.counters.tun_not_ipv4);
+                    continue;
+                };
+                if last.as_ref().is_none_or(|(ip, ..)| *ip != dst) {
+                    let Some(peer) = self.peers.by_ip(dst) else {
+                        Counters::bump(&self.counters.tun_no_route);
+                        continue;
+                    };
+                    let route = peer.route().route;
+                    last = Some((dst, peer, route));
+                }
+                let Some((_, peer, route)) = last.as_ref() else {
+                    continue;
+                };
+                match *route {
+                    Route::Direct(addr) => self.encrypt_batched(peer, packet, addr, &mut tx).await,
+                    Route::Relay => {
+                        self.flush_tx(&mut tx).await;
+                        let act = {
+                            let mut t = peer.tunn();
+                            let start = single[RELAY_HEADER_LEN..].as_ptr();
+                            action(
+                                start,
+                                t.encapsulate(packet, &mut single[RELAY_HEADER_LEN..]),
+                            )
+                        };
+                        if let Action::SendToNetwork(r) = act {
+                            self.send_to_peer(peer, &mut single, r.len()).await;
+                        }
+                    }
+                }
             }
+            self.flush_tx(&mut tx).await;
+        }
+    }
+
+    /// Encrypts `packet` for `peer` into the send batch for `addr`, sending what the batch held
+    /// first when the new datagram cannot join it.
+    async fn encrypt_batched(
+        &self,
+        peer: &Peer,
+        packet: &[u8],
+        addr: SocketAddr,
+        tx: &mut TxBatch,
+    ) {
+        if tx.count > 0
+            && (tx.addr != addr
+                || tx.closed
+                || tx.count >= udpbatch::MAX_SEGMENTS
+                || tx.len + packet.len() + WG_DATA_OVERHEAD > udpbatch::MAX_GSO_BYTES)
+        {
+            self.flush_tx(tx).await;
+        }
+        let pos = tx.len;
+        let act = {
+            let mut t = peer.tunn();
+            let start = tx.buf[pos..].as_ptr();
+            action(start, t.encapsulate(packet, &mut tx.buf[pos..]))
+        };
+        let Action::SendToNetwork(r) = act else {
+            return;
+        };
+        let len = r.len();
+        if r.start != 0 {
+            tx.buf.copy_within(pos + r.start..pos + r.end, pos);
+        }
+        if tx.count == 0 {
+            tx.addr = addr;
+            tx.segment = len;
+        } else if len > tx.segment {
+            // Longer than the segments before it: those go now, this one starts a new batch.
+            tx.len = pos;
+            self.flush_tx(tx).await;
+            tx.buf.copy_within(pos..pos + len, 0);
+            tx.addr = addr;
+            tx.segment = len;
+            tx.len = len;
+            tx.count = 1;
+            return;
+        } else if len < tx.segment {
+            // A shorter datagram can only be the last of a GSO send.
+            tx.closed = true;
+        }
+        tx.len = pos + len;
+        tx.count += 1;
+    }
+
+    /// Sends the batch: one UDP GSO call when possible, else one datagram per call.
+    async fn flush_tx(&self, tx: &mut TxBatch) {
+        let count = tx.count;
+        let (len, segment, addr) = (tx.len, tx.segment, tx.addr);
+        tx.reset();
+        if count == 0 {
+            return;
+        }
+        let data = &tx.buf[..len];
+        if count > 1 && self.counters.fast_udp_gso.load(Ordering::Relaxed) == 1 {
+            let fd = self.udp.as_raw_fd();
+            let sent = self
+                .udp
+                .async_io(Interest::WRITABLE, || {
+                    udpbatch::send_segments(fd, data, segment as u16, addr)
+                })
+                .await;
+            match sent {
+                Ok(_) => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
+                    // The kernel or the outgoing device cannot segment: stop trying.
+                    tracing::warn!("UDP GSO send failed ({e}); sending one datagram per call");
+                    self.counters.fast_udp_gso.store(0, Ordering::Relaxed);
+                }
+                // Any other failure (EMSGSIZE when the route's MTU is below the segment size,
+                // which GSO cannot fragment; a firewall's EPERM): send the datagrams one by
+                // one, so each fares as it would have without GSO (fragmented, or counted).
+                Err(_) => {}
+            }
+        }
+        for d in data.chunks(segment) {
+            self.send_udp(d, addr).await;
         }
     }
 
@@ -305,24 +438,56 @@ impl DataPlane {
         }
     }
 
-    /// UDP→TUN: receive a datagram, demultiplex, decrypt, check the inner source, write.
+    /// UDP→TUN: receive datagrams (with UDP GRO, several per call), demultiplex, decrypt, check
+    /// the inner source, and write the packets to the TUN device in batches (with offload,
+    /// coalesced into TCP/UDP super-packets) once the socket has nothing more queued.
     pub async fn udp_to_tun(self: Arc<Self>) {
         let mut datagram = vec![0u8; BUF_LEN];
-        let mut out = vec![0u8; BUF_LEN];
+        let mut rx = TunBatch::new(IDEAL_BATCH_SIZE);
+        let fd = self.udp.as_raw_fd();
         loop {
-            let (n, src) = match self.udp.recv_from(&mut datagram).await {
+            let got = self.udp.try_io(Interest::READABLE, || {
+                udpbatch::recv_segments(fd, &mut datagram)
+            });
+            let (n, src, segment) = match got {
                 Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.flush_rx(&mut rx).await;
+                    let _ = self.udp.readable().await;
+                    continue;
+                }
                 Err(_) => continue, // ICMP errors from earlier sends surface here
             };
             let src = canonical(src);
-            self.receive(&datagram[..n], Via::Direct(src), src.ip(), &mut out)
-                .await;
+            for d in datagram[..n].chunks(segment) {
+                self.receive(d, Via::Direct(src), src.ip(), &mut rx).await;
+                if rx.is_full() {
+                    self.flush_rx(&mut rx).await;
+                }
+            }
+        }
+    }
+
+    /// Writes the decrypted packets gathered in `rx` to the TUN device.
+    pub async fn flush_rx(&self, rx: &mut TunBatch) {
+        if rx.n == 0 {
+            return;
+        }
+        let n = rx.n;
+        rx.n = 0;
+        if let Err(e) = self
+            .tun
+            .send_multiple(&mut rx.gro, &mut rx.bufs[..n], HEAD)
+            .await
+        {
+            tracing::debug!("writing to the TUN device failed: {e}");
+            Counters::bump(&self.counters.send_errors);
         }
     }
 
     /// Handles one datagram that came `via` (`src_ip`: the underlay source, for WireGuard's
     /// rate limiter).
-    async fn receive(&self, d: &[u8], via: Via, src_ip: IpAddr, out: &mut [u8]) {
+    async fn receive(&self, d: &[u8], via: Via, src_ip: IpAddr, out: &mut TunBatch) {
         match classify(d) {
             DatagramKind::Unknown => Counters::bump(&self.counters.udp_garbage),
             DatagramKind::WireGuard => self.receive_wireguard(d, via, src_ip, out).await,
@@ -363,8 +528,8 @@ impl DataPlane {
         }
     }
 
-    /// Relay data that came over the control connection.
-    pub async fn receive_relayed_tcp(&self, src_id: u32, payload: &[u8], out: &mut [u8]) {
+    /// Relay data that came over the control connection (written to the TUN device at once).
+    pub async fn receive_relayed_tcp(&self, src_id: u32, payload: &[u8], out: &mut TunBatch) {
         let ip = self
             .relay
             .load()
@@ -373,12 +538,13 @@ impl DataPlane {
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         if classify(payload) == DatagramKind::WireGuard || is_disco(payload) {
             self.receive(payload, Via::Relay(src_id), ip, out).await;
+            self.flush_rx(out).await;
         } else {
             Counters::bump(&self.counters.udp_garbage);
         }
     }
 
-    async fn receive_wireguard(&self, d: &[u8], via: Via, src_ip: IpAddr, out: &mut [u8]) {
+    async fn receive_wireguard(&self, d: &[u8], via: Via, src_ip: IpAddr, out: &mut TunBatch) {
         let mut cookie = [0u8; RELAY_HEADER_LEN + 64];
         let peer = match self.route_wireguard(d, src_ip, &mut cookie[RELAY_HEADER_LEN..]) {
             Routed::Peer(p) => p,
@@ -407,14 +573,25 @@ impl DataPlane {
         }
     }
 
-    async fn decapsulate(&self, peer: &Peer, d: &[u8], via: Via, src_ip: IpAddr, out: &mut [u8]) {
+    /// Decrypts into the next free buffer of `rx` (kept there for the next flush when it is a
+    /// packet for the TUN device).
+    async fn decapsulate(
+        &self,
+        peer: &Peer,
+        d: &[u8],
+        via: Via,
+        src_ip: IpAddr,
+        rx: &mut TunBatch,
+    ) {
+        if rx.is_full() {
+            self.flush_rx(rx).await;
+        }
+        let slot = rx.n;
+        let buf = rx.slot(HEAD + d.len().max(MIN_DECAP_OUT));
         let act = {
             let mut t = peer.tunn();
-            let start = out[RELAY_HEADER_LEN..].as_ptr();
-            action(
-                start,
-                t.decapsulate(Some(src_ip), d, &mut out[RELAY_HEADER_LEN..]),
-            )
+            let start = buf[HEAD..].as_ptr();
+            action(start, t.decapsulate(Some(src_ip), d, &mut buf[HEAD..]))
         };
         let direct = match via {
             Via::Direct(a) => Some(a),
@@ -434,11 +611,11 @@ impl DataPlane {
                 if let Some(a) = direct {
                     self.seen_direct(peer, a);
                 }
-                let r = r.start + RELAY_HEADER_LEN..r.end + RELAY_HEADER_LEN;
-                if let Err(e) = self.tun.send(&out[r]).await {
-                    tracing::debug!("writing to the TUN device failed: {e}");
-                    Counters::bump(&self.counters.send_errors);
+                if r.start != 0 {
+                    buf.copy_within(HEAD + r.start..HEAD + r.end, HEAD);
                 }
+                buf.truncate(HEAD + r.len());
+                rx.n = slot + 1;
                 return;
             }
             Action::DropV6 => {
@@ -452,21 +629,32 @@ impl DataPlane {
                 return;
             }
             Action::SendToNetwork(r) => {
-                self.reply(via, out, r.len()).await;
+                let len = r.len();
+                if r.start != 0 {
+                    buf.copy_within(HEAD + r.start..HEAD + r.end, HEAD);
+                }
+                self.reply(via, &mut buf[HEAD - RELAY_HEADER_LEN..], len)
+                    .await;
             }
         }
-        // A completed handshake may release queued packets: flush until Done.
+        // A completed handshake may release queued packets: flush until Done (rare: the buffer
+        // is grown to the largest packet once here).
+        let buf = rx.slot(HEAD + BUF_LEN);
         loop {
             let act = {
                 let mut t = peer.tunn();
-                let start = out[RELAY_HEADER_LEN..].as_ptr();
-                action(
-                    start,
-                    t.decapsulate(None, &[], &mut out[RELAY_HEADER_LEN..]),
-                )
+                let start = buf[HEAD..].as_ptr();
+                action(start, t.decapsulate(None, &[], &mut buf[HEAD..]))
             };
             match act {
-                Action::SendToNetwork(r) => self.send_to_peer(peer, out, r.len()).await,
+                Action::SendToNetwork(r) => {
+                    let len = r.len();
+                    if r.start != 0 {
+                        buf.copy_within(HEAD + r.start..HEAD + r.end, HEAD);
+                    }
+                    self.send_to_peer(peer, &mut buf[HEAD - RELAY_HEADER_LEN..], len)
+                        .await
+                }
                 _ => break,
             }
         }
@@ -494,6 +682,76 @@ impl DataPlane {
                 }
             }
         }
+    }
+}
+
+/// Encrypted datagrams for one address, back to back in `buf`: `count` of them, each `segment`
+/// bytes except perhaps the last (then `closed`: nothing more may join).
+struct TxBatch {
+    buf: Vec<u8>,
+    len: usize,
+    count: usize,
+    segment: usize,
+    closed: bool,
+    addr: SocketAddr,
+}
+
+impl TxBatch {
+    fn new() -> Self {
+        TxBatch {
+            buf: vec![0u8; udpbatch::MAX_GSO_BYTES + TUN_PACKET_LEN + WG_DATA_OVERHEAD],
+            len: 0,
+            count: 0,
+            segment: 0,
+            closed: false,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.len = 0;
+        self.count = 0;
+        self.segment = 0;
+        self.closed = false;
+    }
+}
+
+/// Decrypted packets waiting to be written to the TUN device: `bufs[..n]`, each packet at
+/// `HEAD` (the room before it holds the virtio-net header with offload). Buffers are allocated
+/// once with room for a coalesced super-packet, and reused.
+pub struct TunBatch {
+    bufs: Vec<Vec<u8>>,
+    n: usize,
+    gro: GROTable,
+}
+
+impl TunBatch {
+    pub fn new(capacity: usize) -> Self {
+        let bufs = (0..capacity.max(1))
+            .map(|_| {
+                let mut b = Vec::with_capacity(HEAD + BUF_LEN);
+                b.resize(HEAD + TUN_PACKET_LEN, 0);
+                b
+            })
+            .collect();
+        TunBatch {
+            bufs,
+            n: 0,
+            gro: GROTable::default(),
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.n == self.bufs.len()
+    }
+
+    /// The next free buffer, at least `len` bytes long (it grows within its capacity).
+    fn slot(&mut self, len: usize) -> &mut Vec<u8> {
+        let b = &mut self.bufs[self.n];
+        if b.len() < len {
+            b.resize(len, 0);
+        }
+        b
     }
 }
 

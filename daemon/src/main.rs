@@ -12,6 +12,7 @@ mod peers;
 mod prober;
 mod session;
 mod state;
+mod udpbatch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -2,6 +2,7 @@
 //! control client, started together and stopped together.
 
 use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use a2a_proto::{JoinToken, NetworkId, NetworkKey};
@@ -18,6 +19,7 @@ use crate::netconf::NetConf;
 use crate::pathfinder::PathFinder;
 use crate::peers::PeerTable;
 use crate::prober::Prober;
+use crate::udpbatch;
 
 /// Disco datagrams and path events queued for the path finder (more are dropped and counted).
 const PATH_EVENT_QUEUE: usize = 1024;
@@ -66,11 +68,32 @@ impl Session {
                     device.udp_port
                 )
             })?;
-        let tun = tun_rs::DeviceBuilder::new()
-            .name(&device.interface)
-            .mtu(OVERLAY_MTU)
-            .build_async()
-            .map_err(|e| tun_error(&device.interface, e))?;
+        let fast = allowed("A2A_TUN_OFFLOAD");
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(&device.interface)
+                .mtu(OVERLAY_MTU)
+                .offload(offload)
+                .build_async()
+        };
+        let tun = match build(fast) {
+            Ok(t) => t,
+            Err(e) if fast => {
+                tracing::warn!("TUN offload unavailable ({e}); using one packet per read/write");
+                build(false).map_err(|e| tun_error(&device.interface, e))?
+            }
+            Err(e) => return Err(tun_error(&device.interface, e)),
+        };
+        let tun_offload = tun.tcp_gso();
+        let udp_fd = std::os::fd::AsRawFd::as_raw_fd(&udp);
+        let udp_gso = allowed("A2A_UDP_GSO") && udpbatch::gso_supported(udp_fd);
+        let udp_gro = allowed("A2A_UDP_GRO") && udpbatch::enable_gro(udp_fd);
+        tracing::info!(
+            "data path: TUN offload {}, UDP GSO {}, UDP GRO {}",
+            on_off(tun_offload),
+            on_off(udp_gso),
+            on_off(udp_gro)
+        );
         let tun = Arc::new(tun);
         let netconf = NetConf::new().map_err(|e| format!("cannot open netlink: {e}"))?;
         let tun_index = netconf
@@ -86,6 +109,15 @@ impl Session {
         let network_id = network_key.id();
         let peers = Arc::new(PeerTable::new(StaticSecret::from(node_private)));
         let counters = Arc::new(Counters::default());
+        counters
+            .fast_tun_offload
+            .store(tun_offload.into(), Ordering::Relaxed);
+        counters
+            .fast_udp_gso
+            .store(udp_gso.into(), Ordering::Relaxed);
+        counters
+            .fast_udp_gro
+            .store(udp_gro.into(), Ordering::Relaxed);
         let (path_tx, path_rx) = mpsc::channel(PATH_EVENT_QUEUE);
         let dataplane = Arc::new(DataPlane {
             tun,
@@ -167,6 +199,21 @@ impl Session {
 
     pub fn current_ip(&self) -> Ipv4Addr {
         *self.ip.borrow()
+    }
+}
+
+/// The offloads (TUN virtio-net header, UDP GSO/GRO) are used unless `A2A_OFFLOAD=0`, or the
+/// one named (`A2A_TUN_OFFLOAD`, `A2A_UDP_GSO`, `A2A_UDP_GRO`) is `0`.
+fn allowed(name: &str) -> bool {
+    let off = |k: &str| std::env::var(k).is_ok_and(|v| v == "0");
+    !off("A2A_OFFLOAD") && !off(name)
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
     }
 }
 
