@@ -2,9 +2,7 @@
 //! signed records of its network's other members, and tells nodes the address it sees them at.
 //! It keeps everything in memory and writes no file but its own identity key.
 
-mod registry;
-mod relay;
-mod server;
+use a2a_coordinator::server;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
