@@ -136,6 +136,10 @@ impl<H: Clone> RelayTable<H> {
         self.slots.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     /// A UDP bind from `src`: with the right secret, `src` becomes the slot's UDP address.
     pub fn bind(
         &mut self,
