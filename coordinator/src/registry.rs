@@ -8,7 +8,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use a2a_proto::control::{RefuseReason, ServerMsg};
+use a2a_proto::invite::InviteId;
 use a2a_proto::keys::REGISTER_CONTEXT;
+use a2a_proto::membership::{Revocation, RotationNotice, Signed};
 use a2a_proto::{NetworkId, NodeKey, SignedRecord};
 use data_encoding::BASE64;
 
@@ -44,10 +46,35 @@ struct Member {
     expires: Instant,
 }
 
+/// What a network's members said about membership itself: removed node keys and where the
+/// network moved. Signed by the network key, so the coordinator can check it but not make it;
+/// kept in memory only, and re-sent by members after a coordinator restart.
+#[derive(Default)]
+struct Changes {
+    revoked: HashMap<NodeKey, Signed>,
+    moved: Option<Signed>,
+    /// Forgotten this long after the network's last member left.
+    forget_at: Option<Instant>,
+}
+
+/// Revocations kept per network.
+pub const MAX_REVOCATIONS: usize = 4096;
+/// Invites one connection may announce.
+pub const MAX_INVITES_PER_CONN: usize = 64;
+/// How long a redemption waits for its inviter's answer.
+pub const REDEEM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long membership changes outlive a network's last live member.
+pub const CHANGES_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Live registrations, grouped by network.
 pub struct Registry {
     networks: HashMap<NetworkId, HashMap<NodeKey, Member>>,
     by_conn: HashMap<ConnId, (NetworkId, NodeKey)>,
+    changes: HashMap<NetworkId, Changes>,
+    /// Invite id → the connection of the member honouring it.
+    invites: HashMap<InviteId, ConnId>,
+    /// Redemption ticket (the redeemer's connection) → its inviter's connection and deadline.
+    tickets: HashMap<ConnId, (ConnId, Instant)>,
     heartbeat: Duration,
     ttl: Duration,
 }
@@ -59,6 +86,9 @@ impl Registry {
         Registry {
             networks: HashMap::new(),
             by_conn: HashMap::new(),
+            changes: HashMap::new(),
+            invites: HashMap::new(),
+            tickets: HashMap::new(),
             heartbeat,
             ttl,
         }
@@ -91,8 +121,14 @@ impl Registry {
         if self.by_conn.contains_key(&conn) {
             return Err((RefuseReason::Protocol, "already registered".into()));
         }
-        let proof = BASE64.decode(proof.as_bytes()).unwrap_or_default();
-        if !network.verify(REGISTER_CONTEXT, handshake_hash, &proof) {
+        // A holder of the network secret signs the channel's handshake hash. A node admitted by
+        // invite sends no proof: its record carries a member certificate for the node key that
+        // the channel authenticated (checked in `check_record`).
+        let holds_secret = {
+            let proof = BASE64.decode(proof.as_bytes()).unwrap_or_default();
+            network.verify(REGISTER_CONTEXT, handshake_hash, &proof)
+        };
+        if !holds_secret && (!proof.is_empty() || record.cert.is_none()) {
             return Err((
                 RefuseReason::BadProof,
                 "membership proof does not verify: the join token is not valid for this network"
@@ -114,6 +150,25 @@ impl Registry {
                 peers: members.len() as u32,
             },
         )];
+        if let Some(changes) = self.changes.get_mut(&network) {
+            changes.forget_at = None;
+            out.extend(changes.revoked.values().map(|r| {
+                (
+                    conn,
+                    ServerMsg::Revoked {
+                        revocation: r.clone(),
+                    },
+                )
+            }));
+            if let Some(notice) = &changes.moved {
+                out.push((
+                    conn,
+                    ServerMsg::Moved {
+                        notice: notice.clone(),
+                    },
+                ));
+            }
+        }
         for m in members.values() {
             out.push((
                 conn,
@@ -155,10 +210,22 @@ impl Registry {
         let parsed = record
             .verify(network)
             .map_err(|e| (RefuseReason::BadRecord, e.to_string()))?;
+        let parsed = parsed.record;
         if parsed.node_key != key {
             return Err((
                 RefuseReason::BadRecord,
                 "record key does not match the control channel's key".into(),
+            ));
+        }
+        if self
+            .changes
+            .get(network)
+            .is_some_and(|c| c.revoked.contains_key(&key))
+        {
+            return Err((
+                RefuseReason::Revoked,
+                "this node was removed from the network (a2actl kick); ask a member for a new invite"
+                    .into(),
             ));
         }
         let taken = self
@@ -247,6 +314,8 @@ impl Registry {
 
     /// The connection closed or the node left: forget it and tell the other members.
     pub fn disconnect(&mut self, conn: ConnId) -> Outbox {
+        self.invites.retain(|_, c| *c != conn);
+        self.tickets.remove(&conn);
         let Some((network, key)) = self.by_conn.remove(&conn) else {
             return Vec::new();
         };
@@ -264,6 +333,9 @@ impl Registry {
             .collect();
         if members.is_empty() {
             self.networks.remove(&network);
+            if let Some(c) = self.changes.get_mut(&network) {
+                c.forget_at = Some(Instant::now() + CHANGES_TTL);
+            }
         }
         out
     }
@@ -285,10 +357,187 @@ impl Registry {
         let mut closed = Vec::new();
         for (network, key, conn) in expired {
             self.by_conn.remove(&conn);
+            self.invites.retain(|_, c| *c != conn);
             closed.push(conn);
             out.extend(self.remove_member(network, key));
         }
+        // Redemptions whose inviter did not answer in time.
+        let late: Vec<ConnId> = self
+            .tickets
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for ticket in late {
+            self.tickets.remove(&ticket);
+            out.push((
+                ticket,
+                ServerMsg::Refused {
+                    reason: RefuseReason::InviteRefused,
+                    message: "the member that made this invite did not answer".into(),
+                },
+            ));
+        }
+        self.changes
+            .retain(|_, c| c.forget_at.is_none_or(|at| at > now));
         (out, closed)
+    }
+
+    /// Handles `InviteOpen`: redemptions of `id` go to `conn` from now on.
+    pub fn invite_open(&mut self, conn: ConnId, id: InviteId) -> Result<(), Refusal> {
+        if !self.by_conn.contains_key(&conn) {
+            return Err((RefuseReason::Protocol, "invite before register".into()));
+        }
+        if id.len() != 32 {
+            return Err((RefuseReason::Protocol, "malformed invite id".into()));
+        }
+        let held = self.invites.values().filter(|c| **c == conn).count();
+        if held >= MAX_INVITES_PER_CONN && !self.invites.contains_key(&id) {
+            return Err((
+                RefuseReason::Protocol,
+                format!("at most {MAX_INVITES_PER_CONN} open invites per node"),
+            ));
+        }
+        self.invites.insert(id, conn);
+        Ok(())
+    }
+
+    pub fn invite_close(&mut self, conn: ConnId, id: &str) {
+        if self.invites.get(id) == Some(&conn) {
+            self.invites.remove(id);
+        }
+    }
+
+    /// Handles `Redeem` on the not-yet-registered connection `conn` (the ticket): passes it to
+    /// the inviter, who decides.
+    pub fn redeem(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        node_key: NodeKey,
+        invite: InviteId,
+        signing_key: String,
+        proof: String,
+    ) -> Result<Outbox, Refusal> {
+        let Some(&inviter) = self.invites.get(&invite) else {
+            return Err((
+                RefuseReason::InviteRefused,
+                "this invite is unknown to the coordinator: it expired or was used up, or the                  member that made it is offline or restarted (invites live only in its memory);                  ask for a new invite"
+                    .into(),
+            ));
+        };
+        self.tickets.insert(conn, (inviter, now + REDEEM_TIMEOUT));
+        Ok(vec![(
+            inviter,
+            ServerMsg::RedeemRequest {
+                ticket: conn,
+                invite,
+                node_key,
+                signing_key,
+                proof,
+            },
+        )])
+    }
+
+    /// Handles the inviter's answer to `ticket`; `None` unless `conn` is that ticket's inviter.
+    pub fn invite_answer(
+        &mut self,
+        conn: ConnId,
+        ticket: u32,
+        answer: ServerMsg,
+    ) -> Option<Outbox> {
+        match self.tickets.get(&ticket) {
+            Some((inviter, _)) if *inviter == conn => {
+                self.tickets.remove(&ticket);
+                Some(vec![(ticket, answer)])
+            }
+            _ => None,
+        }
+    }
+
+    /// Handles `Revoke`: checks it under the sender's network, keeps it, tells every member, and
+    /// removes the revoked node if it is live (its connection is returned, to be closed).
+    pub fn revoke(
+        &mut self,
+        conn: ConnId,
+        revocation: Signed,
+    ) -> Result<(Outbox, Option<ConnId>), Refusal> {
+        let Some(&(network, _)) = self.by_conn.get(&conn) else {
+            return Err((RefuseReason::Protocol, "revoke before register".into()));
+        };
+        let r = Revocation::open(&revocation, &network)
+            .map_err(|e| (RefuseReason::BadRecord, format!("revocation: {e}")))?;
+        let changes = self.changes.entry(network).or_default();
+        if changes.revoked.contains_key(&r.node_key) {
+            return Ok((Vec::new(), None));
+        }
+        if changes.revoked.len() >= MAX_REVOCATIONS {
+            return Err((
+                RefuseReason::Protocol,
+                format!(
+                    "more than {MAX_REVOCATIONS} revocations in one network; rotate the secret"
+                ),
+            ));
+        }
+        changes.revoked.insert(r.node_key, revocation.clone());
+        let mut out: Outbox = self
+            .networks
+            .get(&network)
+            .map(|members| {
+                members
+                    .values()
+                    .filter(|m| m.conn != conn)
+                    .map(|m| {
+                        (
+                            m.conn,
+                            ServerMsg::Revoked {
+                                revocation: revocation.clone(),
+                            },
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let removed = self
+            .networks
+            .get(&network)
+            .and_then(|m| m.get(&r.node_key))
+            .map(|m| m.conn);
+        if let Some(gone) = removed {
+            self.by_conn.remove(&gone);
+            self.invites.retain(|_, c| *c != gone);
+            out.extend(self.remove_member(network, r.node_key));
+        }
+        Ok((out, removed))
+    }
+
+    /// Handles `Rotate`: checks the notice under the sender's network, keeps it for members
+    /// that register later, and passes it to every other member now.
+    pub fn rotate(&mut self, conn: ConnId, notice: Signed) -> Result<Outbox, Refusal> {
+        let Some(&(network, _)) = self.by_conn.get(&conn) else {
+            return Err((RefuseReason::Protocol, "rotate before register".into()));
+        };
+        RotationNotice::open(&notice, &network)
+            .map_err(|e| (RefuseReason::BadRecord, format!("rotation notice: {e}")))?;
+        self.changes.entry(network).or_default().moved = Some(notice.clone());
+        Ok(self
+            .networks
+            .get(&network)
+            .map(|members| {
+                members
+                    .values()
+                    .filter(|m| m.conn != conn)
+                    .map(|m| {
+                        (
+                            m.conn,
+                            ServerMsg::Moved {
+                                notice: notice.clone(),
+                            },
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 }
 
@@ -310,6 +559,7 @@ mod tests {
         Node {
             key,
             record: NodeRecord {
+                network: NetworkKey::derive(&[0; 32]).id(),
                 node_key: key,
                 name: format!("n{n}"),
                 ip: ip.parse().unwrap(),
@@ -317,6 +567,13 @@ mod tests {
                 issued_ms: 1,
             },
         }
+    }
+
+    /// The record for network `k`, signed by `signer`.
+    fn signed(record: &NodeRecord, k: &NetworkKey, signer: &NetworkKey) -> SignedRecord {
+        let mut r = record.clone();
+        r.network = k.id();
+        r.sign(signer)
     }
 
     fn proof(k: &NetworkKey, hash: &[u8]) -> String {
@@ -338,7 +595,7 @@ mod tests {
                 handshake_hash: HASH,
                 network: k.id(),
                 proof: &proof(k, HASH),
-                record: n.record.sign(k),
+                record: signed(&n.record, k, k),
                 relay_secret: format!("secret{conn}"),
             },
         )
@@ -457,7 +714,7 @@ mod tests {
                 handshake_hash: hash,
                 network: k.id(),
                 proof: &proof(prover, HASH),
-                record: n.record.sign(signer),
+                record: signed(&n.record, &k, signer),
                 relay_secret: String::new(),
             };
             let refusal = r.register(Instant::now(), 1, request).unwrap_err();
@@ -524,14 +781,14 @@ mod tests {
         let mut n = node(1, "100.64.0.1");
         reg(&mut r, now, 1, &k, &n).unwrap();
         assert_eq!(
-            r.update(now, 1, n.record.sign(&k)).unwrap_err().0,
+            r.update(now, 1, signed(&n.record, &k, &k)).unwrap_err().0,
             RefuseReason::BadRecord
         );
         n.record.issued_ms = 2;
         n.record.candidates = vec!["10.0.0.1:1".parse().unwrap()];
-        r.update(now, 1, n.record.sign(&k)).unwrap();
+        r.update(now, 1, signed(&n.record, &k, &k)).unwrap();
         assert_eq!(
-            r.update(now, 9, n.record.sign(&k)).unwrap_err().0,
+            r.update(now, 9, signed(&n.record, &k, &k)).unwrap_err().0,
             RefuseReason::Protocol
         );
     }

@@ -57,6 +57,9 @@ pub struct Counters {
     pub relay_rate_limited: AtomicU64,
     pub relay_queue_full: AtomicU64,
     pub punches: AtomicU64,
+    pub redemptions: AtomicU64,
+    pub redemptions_refused: AtomicU64,
+    pub revocations: AtomicU64,
     open_connections: AtomicU64,
 }
 
@@ -72,7 +75,8 @@ impl Counters {
              registrations={} registrations_refused={} udp_endpoint_probes={} udp_dropped={} \
              relay_binds={} relay_bad_binds={} relayed_udp={} relayed_tcp={} \
              relay_unknown_source={} relay_unknown_destination={} relay_foreign_network={} \
-             relay_rate_limited={} relay_queue_full={} punches={}",
+             relay_rate_limited={} relay_queue_full={} punches={} redemptions={} \
+             redemptions_refused={} revocations={}",
             g(&self.tcp_accepted),
             g(&self.tcp_refused_over_cap),
             g(&self.tcp_bad_handshake),
@@ -91,6 +95,9 @@ impl Counters {
             g(&self.relay_rate_limited),
             g(&self.relay_queue_full),
             g(&self.punches),
+            g(&self.redemptions),
+            g(&self.redemptions_refused),
+            g(&self.revocations),
         )
     }
 
@@ -285,6 +292,49 @@ impl Server {
                     }
                 }
             }
+            Ok(Ok(ClientMsg::Redeem {
+                invite,
+                signing_key,
+                proof,
+            })) => {
+                // A node with an invite code: pass the redemption to its inviter, deliver the
+                // answer, then the node reconnects to register with its new certificate.
+                {
+                    let mut hub = self.hub();
+                    hub.outboxes.insert(conn, tx.clone());
+                    match hub.registry.redeem(
+                        Instant::now(),
+                        conn,
+                        conn_key,
+                        invite,
+                        signing_key,
+                        proof,
+                    ) {
+                        Ok(out) => {
+                            Counters::bump(&self.counters.redemptions);
+                            hub.deliver(out);
+                        }
+                        Err((reason, message)) => {
+                            Counters::bump(&self.counters.redemptions_refused);
+                            hub.deliver(vec![(conn, ServerMsg::Refused { reason, message })]);
+                        }
+                    }
+                }
+                drop(tx);
+                // Wait for the redeemer to read its answer and close (or the deadline).
+                let _ = tokio::time::timeout(
+                    crate::registry::REDEEM_TIMEOUT + Duration::from_secs(2),
+                    reader.recv::<ClientMsg>(),
+                )
+                .await;
+                {
+                    let mut hub = self.hub();
+                    hub.registry.disconnect(conn);
+                    hub.outboxes.remove(&conn);
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
+                return;
+            }
             Ok(Ok(_)) => {
                 Counters::bump(&self.counters.tcp_bad_message);
                 let _ = tx.try_send(Outgoing::Msg(ServerMsg::Refused {
@@ -338,10 +388,59 @@ impl Server {
                             hub.deliver(out);
                         }
                     }
-                    ClientMsg::Register { .. } => {
+                    ClientMsg::Register { .. } | ClientMsg::Redeem { .. } => {
                         Counters::bump(&self.counters.tcp_bad_message);
                         break;
                     }
+                    ClientMsg::InviteOpen { id } => {
+                        if hub.registry.invite_open(conn, id).is_err() {
+                            Counters::bump(&self.counters.tcp_bad_message);
+                        }
+                    }
+                    ClientMsg::InviteClose { id } => hub.registry.invite_close(conn, &id),
+                    ClientMsg::InviteAdmit { ticket, sealed } => {
+                        let answer = ServerMsg::InviteAdmitted { sealed };
+                        match hub.registry.invite_answer(conn, ticket, answer) {
+                            Some(out) => hub.deliver(out),
+                            None => Counters::bump(&self.counters.tcp_bad_message),
+                        }
+                    }
+                    ClientMsg::InviteDeny { ticket, message } => {
+                        let answer = ServerMsg::Refused {
+                            reason: RefuseReason::InviteRefused,
+                            message,
+                        };
+                        match hub.registry.invite_answer(conn, ticket, answer) {
+                            Some(out) => hub.deliver(out),
+                            None => Counters::bump(&self.counters.tcp_bad_message),
+                        }
+                    }
+                    ClientMsg::Revoke { revocation } => match hub.registry.revoke(conn, revocation)
+                    {
+                        Ok((out, removed)) => {
+                            hub.deliver(out);
+                            if let Some(gone) = removed {
+                                Counters::bump(&self.counters.revocations);
+                                hub.deliver(vec![(
+                                    gone,
+                                    ServerMsg::Refused {
+                                        reason: RefuseReason::Revoked,
+                                        message: "this node was removed from the network \
+                                                  (a2actl kick)"
+                                            .into(),
+                                    },
+                                )]);
+                                // Its writer flushes the refusal, then the connection ends.
+                                hub.outboxes.remove(&gone);
+                                self.relay().remove(gone);
+                            }
+                        }
+                        Err(_) => Counters::bump(&self.counters.tcp_bad_message),
+                    },
+                    ClientMsg::Rotate { notice } => match hub.registry.rotate(conn, notice) {
+                        Ok(out) => hub.deliver(out),
+                        Err(_) => Counters::bump(&self.counters.tcp_bad_message),
+                    },
                 }
                 if !hub.outboxes.contains_key(&conn) {
                     break; // dropped as too slow

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use a2a_proto::api::{ApiRequest, ApiResponse};
+use a2a_proto::invite::InviteCode;
 use a2a_proto::JoinToken;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -27,10 +28,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Join the network of a join token; prints this node's overlay IPv4 address.
+    /// Join the network of a join token or invite code; prints this node's overlay IPv4 address.
     Up {
-        /// The join token printed by a2a-coordinator (a2a1…).
-        #[arg(long, value_name = "TOKEN")]
+        /// The join token printed by a2a-coordinator (a2a1…), or an invite code printed by
+        /// `a2actl invite` on a member (a2ai…).
+        #[arg(long, value_name = "TOKEN|CODE")]
         join: String,
         /// This node's name in the network (a-z, 0-9, '-'); defaults to the host name.
         #[arg(long)]
@@ -60,6 +62,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print an invite code that lets a new machine join (`a2actl up --join CODE`) without the
+    /// network secret. Needs a node that joined with the token, online when the code is used.
+    Invite {
+        /// How many machines may join with the code.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long the code works, e.g. 90s, 10m, 2h, 1d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Remove a peer (name, overlay IP or public key) from the network: every member drops it
+    /// and the coordinator refuses it from now on.
+    Kick {
+        /// The peer's name, overlay IPv4 address or public key.
+        peer: String,
+    },
+    /// Manage the network secret.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Move the network to a new secret and print the new token. Members online (and those that
+    /// reconnect while the coordinator runs) come along; kicked and offline-and-forgotten nodes,
+    /// and anyone holding only the old token, are left out.
+    Rotate,
 }
 
 fn main() -> ExitCode {
@@ -114,7 +145,11 @@ fn run(cli: Cli) -> Result<(), String> {
     let request = match &cli.command {
         Command::Up { join, name } => {
             // Check the token here too, so a bad one is named even when a2ad is not running.
-            JoinToken::parse(join).map_err(|e| e.to_string())?;
+            if InviteCode::is_invite(join) {
+                InviteCode::parse(join).map_err(|e| e.to_string())?;
+            } else {
+                JoinToken::parse(join).map_err(|e| e.to_string())?;
+            }
             if let Some(n) = name {
                 a2a_proto::record::validate_name(n).map_err(|e| format!("--name: {e}"))?;
             }
@@ -128,6 +163,14 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Ip => ApiRequest::Ip,
         Command::Ping { .. } => unreachable!("handled above"),
         Command::Netcheck { .. } => ApiRequest::Netcheck,
+        Command::Invite { uses, ttl } => ApiRequest::Invite {
+            uses: *uses,
+            ttl_s: ttl.as_secs().max(1),
+        },
+        Command::Kick { peer } => ApiRequest::Kick { peer: peer.clone() },
+        Command::Token {
+            action: TokenAction::Rotate,
+        } => ApiRequest::RotateToken,
     };
     match client::call(&socket, &request)? {
         ApiResponse::Error { message } => Err(message),
@@ -159,6 +202,43 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         ApiResponse::Pong { .. } => Err("unexpected ping answer from a2ad".into()),
+        ApiResponse::Invite { code, uses, ttl_s } => {
+            println!("{code}");
+            eprintln!(
+                "invite for {uses} machine(s), valid {}: run `a2actl up --join CODE` there; this \
+                 node must be online when it is used",
+                humantime::format_duration(std::time::Duration::from_secs(ttl_s))
+            );
+            Ok(())
+        }
+        ApiResponse::Kicked {
+            name,
+            ip,
+            holds_secret,
+        } => {
+            eprintln!("removed {name} ({ip}); every member drops its packets");
+            if holds_secret {
+                eprintln!(
+                    "warning: {name} joined with the token and still holds the network secret: \
+                     it could rejoin under a new key; run `a2actl token rotate` to shut it out"
+                );
+            }
+            Ok(())
+        }
+        ApiResponse::Rotated { token, carried } => {
+            println!("{token}");
+            eprintln!(
+                "the network moved to a new secret; {} member(s) carried along{}; the old token \
+                 no longer joins this network",
+                carried.len(),
+                if carried.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", carried.join(", "))
+                }
+            );
+            Ok(())
+        }
         ApiResponse::Status { status } => {
             let json = matches!(cli.command, Command::Status { json: true });
             if json {

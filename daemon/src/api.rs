@@ -90,5 +90,21 @@ async fn dispatch(req: ApiRequest, daemon: &Daemon) -> ApiResponse {
             Ok(report) => ApiResponse::Netcheck { report },
             Err(e) => error(e),
         },
+        ApiRequest::Invite { uses, ttl_s } => match daemon.invite(uses, ttl_s).await {
+            Ok(code) => ApiResponse::Invite { code, uses, ttl_s },
+            Err(e) => error(e),
+        },
+        ApiRequest::Kick { peer } => match daemon.kick(&peer).await {
+            Ok((name, ip, holds_secret)) => ApiResponse::Kicked {
+                name,
+                ip,
+                holds_secret,
+            },
+            Err(e) => error(e),
+        },
+        ApiRequest::RotateToken => match daemon.rotate().await {
+            Ok((token, carried)) => ApiResponse::Rotated { token, carried },
+            Err(e) => error(e),
+        },
     }
 }

@@ -13,16 +13,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use std::sync::atomic::Ordering;
 
 use a2a_proto::control::{ClientMsg, RefuseReason, ServerMsg};
-use a2a_proto::keys::REGISTER_CONTEXT;
+use a2a_proto::invite::{InviteAnswer, InviteCode};
+use a2a_proto::membership::{
+    issue_cert, node_signing_key, Carry, Invited, MemberCert, Revocation, RotationNotice,
+};
 use a2a_proto::noise_channel::{handshake_initiator, FrameReader, FrameWriter, Incoming};
 use a2a_proto::overlay::derive_ip;
-use a2a_proto::{JoinToken, NetworkKey, NodeRecord};
+use a2a_proto::record::{RecordError, VerifiedRecord};
+use a2a_proto::{Credential, JoinToken, NetworkKey, NodeKey, NodeRecord};
 use data_encoding::BASE64;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::dataplane::{ControlOut, Counters, DataPlane, RelayLink, TunBatch};
+use crate::membership::MemberState;
 use crate::pathfinder::PathEvent;
 use crate::peers::Applied;
 
@@ -55,8 +60,7 @@ const CONTROL_QUEUE: usize = 4096;
 const MAX_ADDRESS_ATTEMPTS: u32 = 16;
 
 pub struct ControlClient {
-    pub token: JoinToken,
-    pub network_key: NetworkKey,
+    pub member: Arc<MemberState>,
     pub node_private: [u8; 32],
     pub name: String,
     pub udp_port: u16,
@@ -82,6 +86,8 @@ enum SessionEnd {
     /// The coordinator closed the connection during the Noise handshake: what a coordinator
     /// does when the token pins another key. Retried a few times, then a refusal.
     ClosedInHandshake(String),
+    /// The network rotated its secret and this node came along: register again at once.
+    Moved,
 }
 
 /// Handshakes closed in a row before the token's coordinator key is declared wrong.
@@ -124,6 +130,11 @@ impl ControlClient {
             };
             match end {
                 SessionEnd::Left => return,
+                SessionEnd::Moved => {
+                    tracing::info!("the network rotated its secret; registering in the new one");
+                    backoff = BACKOFF_MIN;
+                    continue;
+                }
                 SessionEnd::ClosedInHandshake(_) => unreachable!("mapped above"),
                 SessionEnd::Refused(msg) => {
                     tracing::error!("coordinator refused this node: {msg}");
@@ -138,11 +149,12 @@ impl ControlClient {
                         ));
                         return;
                     }
-                    let ip = derive_ip(self.token.prefix, &self.node_key(), attempt);
+                    let prefix = self.member.credential().prefix();
+                    let ip = derive_ip(prefix, &self.node_key(), attempt);
                     tracing::info!("overlay address taken by another node; moving to {ip}");
                     if let Err(e) = self
                         .netconf
-                        .configure(self.tun_index, ip, self.token.prefix.prefix_len())
+                        .configure(self.tun_index, ip, prefix.prefix_len())
                         .await
                     {
                         tracing::error!("{e}");
@@ -173,24 +185,7 @@ impl ControlClient {
     }
 
     async fn connect(&self) -> Result<(TcpStream, SocketAddr), String> {
-        let mut last = String::from("no endpoint");
-        for endpoint in &self.token.endpoints {
-            let addrs = match tokio::net::lookup_host(endpoint.as_str()).await {
-                Ok(a) => a.collect::<Vec<_>>(),
-                Err(e) => {
-                    last = format!("cannot resolve {endpoint}: {e}");
-                    continue;
-                }
-            };
-            for addr in addrs {
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-                    Ok(Ok(s)) => return Ok((s, addr)),
-                    Ok(Err(e)) => last = format!("cannot connect to coordinator {addr}: {e}"),
-                    Err(_) => last = format!("coordinator {addr} did not answer"),
-                }
-            }
-        }
-        Err(last)
+        connect_any(self.member.credential().endpoints()).await
     }
 
     /// Asks the coordinator's UDP port which address our WireGuard socket is seen at.
@@ -204,19 +199,20 @@ impl ControlClient {
 
     fn record(
         &self,
+        cred: &Credential,
         candidates: Vec<SocketAddr>,
         last_issued: &mut u64,
     ) -> a2a_proto::SignedRecord {
         let issued_ms = now_ms().max(*last_issued + 1);
         *last_issued = issued_ms;
-        NodeRecord {
+        cred.sign_record(&NodeRecord {
+            network: cred.network_id(),
             node_key: self.node_key(),
             name: self.name.clone(),
             ip: *self.ip.borrow(),
             candidates,
             issued_ms,
-        }
-        .sign(&self.network_key)
+        })
     }
 
     async fn session(
@@ -227,14 +223,17 @@ impl ControlClient {
         if *leave.borrow() {
             return SessionEnd::Left;
         }
+        // The credential for this whole connection (a rotation ends it and starts another).
+        let cred = self.member.credential();
         let (mut stream, coordinator) = match self.connect().await {
             Ok(x) => x,
             Err(e) => return SessionEnd::Lost(e),
         };
         let _ = stream.set_nodelay(true);
         // UDP discovery runs during the handshake: without UDP it costs no extra time.
+        let coordinator_key = cred.coordinator_key();
         let (handshake, reflexive) = tokio::join!(
-            handshake_initiator(&mut stream, &self.node_private, &self.token.coordinator_key),
+            handshake_initiator(&mut stream, &self.node_private, &coordinator_key),
             self.discover_reflexive(coordinator)
         );
         let est = match handshake {
@@ -249,15 +248,15 @@ impl ControlClient {
             }
             Err(e) => return SessionEnd::Lost(format!("handshake with coordinator failed: {e}")),
         };
-        let proof = BASE64.encode(&self.network_key.sign(REGISTER_CONTEXT, &est.handshake_hash));
+        let proof = cred.register_proof(&est.handshake_hash);
         let (r, w) = stream.into_split();
         let (mut reader, mut writer) = est.split(r, w);
 
         let locals = local_addresses(&self.netconf, self.tun_index, self.udp_port).await;
         let mut published = candidates_from(reflexive, &locals);
-        let record = self.record(published.clone(), last_issued);
+        let record = self.record(&cred, published.clone(), last_issued);
         let register = ClientMsg::Register {
-            network: self.network_key.id(),
+            network: cred.network_id(),
             proof,
             record,
         };
@@ -309,6 +308,26 @@ impl ControlClient {
         if initial_peers == 0 {
             registered();
         }
+        // What this member knows about membership, for the coordinator to hold again (it may
+        // have restarted): the revocations it has seen and the invites it honours.
+        let mut hello: Vec<ClientMsg> = self
+            .member
+            .revocations()
+            .into_iter()
+            .map(|revocation| ClientMsg::Revoke { revocation })
+            .collect();
+        hello.extend(
+            self.member
+                .invites()
+                .ids()
+                .into_iter()
+                .map(|id| ClientMsg::InviteOpen { id }),
+        );
+        for m in &hello {
+            if let Err(e) = writer.send(m).await {
+                return SessionEnd::Lost(format!("coordinator connection lost: {e}"));
+            }
+        }
         let (control_tx, mut control_rx) = mpsc::channel(CONTROL_QUEUE);
         let link = Arc::new(RelayLink {
             coordinator,
@@ -347,8 +366,19 @@ impl ControlClient {
                     match msg {
                         Some(Ok(msg)) => {
                             let peer_up = matches!(msg, ServerMsg::PeerUp { .. });
-                            if let Some(end) = self.handle(msg).await {
+                            let mut replies = Vec::new();
+                            if let Some(end) = self.handle(&cred, msg, &mut replies).await {
                                 break end;
+                            }
+                            let mut failed = None;
+                            for m in &replies {
+                                if let Err(e) = writer.send(m).await {
+                                    failed = Some(e);
+                                    break;
+                                }
+                            }
+                            if let Some(e) = failed {
+                                break SessionEnd::Lost(format!("coordinator connection lost: {e}"));
                             }
                             if peer_up && initial_peers > 0 {
                                 initial_peers -= 1;
@@ -365,6 +395,8 @@ impl ControlClient {
                     let sent = match out {
                         Some(ControlOut::Relay(id, payload)) => writer.send_relay(id, &payload).await,
                         Some(ControlOut::Punch(to)) => writer.send(&ClientMsg::Punch { to }).await,
+                        Some(ControlOut::Msg(m)) => writer.send(&m).await,
+                        Some(ControlOut::Moved) => break SessionEnd::Moved,
                         None => Ok(()),
                     };
                     if let Err(e) = sent {
@@ -395,7 +427,7 @@ impl ControlClient {
                     let candidates = candidates_from(reflexive, &now_locals);
                     if candidates != published {
                         published = candidates.clone();
-                        let record = self.record(candidates, last_issued);
+                        let record = self.record(&cred, candidates, last_issued);
                         if let Err(e) = writer.send(&ClientMsg::Update { record }).await {
                             break SessionEnd::Lost(format!("update failed: {e}"));
                         }
@@ -412,25 +444,44 @@ impl ControlClient {
         end
     }
 
-    /// Applies one message from the coordinator; `Some` ends the session.
-    async fn handle(&self, msg: ServerMsg) -> Option<SessionEnd> {
+    /// Applies one message from the coordinator; `Some` ends the session. Answers to send go
+    /// into `replies`.
+    async fn handle(
+        &self,
+        cred: &Credential,
+        msg: ServerMsg,
+        replies: &mut Vec<ClientMsg>,
+    ) -> Option<SessionEnd> {
+        let network = cred.network_id();
         match msg {
             ServerMsg::PeerUp { record, relay_id } => {
-                let verified = match record.verify(&self.network_key.id()) {
-                    Ok(r) => r,
+                // The coordinator cannot forge members: whatever does not verify is dropped
+                // and counted by kind.
+                let verified = match record.verify(&network) {
+                    Ok(v) => v,
                     Err(e) => {
-                        // The coordinator cannot forge members: drop and count.
-                        tracing::warn!("dropped a peer record: {e}");
-                        Counters::bump(&self.counters.records_dropped);
+                        let c = &self.counters;
+                        Counters::bump(match e {
+                            RecordError::Unsigned => &c.records_unsigned,
+                            RecordError::BadSignature => &c.records_bad_signature,
+                            RecordError::Foreign => &c.records_foreign,
+                            _ => &c.records_malformed,
+                        });
+                        tracing::debug!("dropped a peer record: {e}");
                         return None;
                     }
                 };
-                if !self.token.prefix.contains(&verified.ip) {
-                    Counters::bump(&self.counters.records_dropped);
+                let VerifiedRecord { record, cert } = verified;
+                if !cred.prefix().contains(&record.ip) {
+                    Counters::bump(&self.counters.records_malformed);
                     return None;
                 }
-                let key = verified.node_key;
-                let applied = self.dataplane.peers.apply(verified);
+                if self.member.is_revoked(&record.node_key) {
+                    Counters::bump(&self.counters.records_revoked);
+                    return None;
+                }
+                let key = record.node_key;
+                let applied = self.dataplane.peers.apply(record, cert);
                 let peer = self.dataplane.peers.by_key(&key);
                 if let Some(p) = &peer {
                     p.set_relay_id(relay_id);
@@ -449,8 +500,9 @@ impl ControlClient {
                         }
                     }
                     Applied::IsSelf => {}
-                    Applied::Stale | Applied::AddressConflict => {
-                        Counters::bump(&self.counters.records_dropped);
+                    Applied::Stale => Counters::bump(&self.counters.records_stale),
+                    Applied::AddressConflict => {
+                        Counters::bump(&self.counters.records_address_conflict)
                     }
                 }
                 None
@@ -466,10 +518,260 @@ impl ControlClient {
                 self.dataplane.peers.remove(&node_key);
                 None
             }
+            ServerMsg::RedeemRequest {
+                ticket,
+                invite,
+                node_key,
+                signing_key,
+                proof,
+            } => {
+                replies.push(self.answer_redemption(
+                    cred,
+                    ticket,
+                    &invite,
+                    node_key,
+                    &signing_key,
+                    &proof,
+                ));
+                if self.member.invites().ids().iter().all(|id| *id != invite) {
+                    replies.push(ClientMsg::InviteClose { id: invite });
+                }
+                None
+            }
+            ServerMsg::Revoked { revocation } => {
+                let r = match Revocation::open(&revocation, &network) {
+                    Ok(r) => r,
+                    Err(_) => {
+                        Counters::bump(&self.counters.membership_bad_signature);
+                        return None;
+                    }
+                };
+                if r.node_key == self.node_key() {
+                    return Some(SessionEnd::Refused(
+                        "this node was removed from the network (a2actl kick); ask a member for a \
+                         new invite"
+                            .into(),
+                    ));
+                }
+                if self.member.revoke(&r, revocation) {
+                    if let Some(peer) = self.dataplane.peers.by_key(&r.node_key) {
+                        tracing::info!("peer {} ({}) was removed", peer.info().name, peer.ip());
+                    }
+                }
+                self.dataplane.peers.remove(&r.node_key);
+                None
+            }
+            ServerMsg::Moved { notice } => self.follow_rotation(cred, &notice),
             ServerMsg::Refused { reason, message } => Some(refused(reason, message)),
-            ServerMsg::Registered { .. } | ServerMsg::HeartbeatAck => None,
+            ServerMsg::Registered { .. }
+            | ServerMsg::HeartbeatAck
+            | ServerMsg::InviteAdmitted { .. } => None,
         }
     }
+
+    /// Decides a redemption of one of our invites: a certificate sealed to the redeemer, or a
+    /// denial.
+    fn answer_redemption(
+        &self,
+        cred: &Credential,
+        ticket: u32,
+        invite: &str,
+        node_key: NodeKey,
+        signing_key: &str,
+        proof: &str,
+    ) -> ClientMsg {
+        let deny = |message: &str| ClientMsg::InviteDeny {
+            ticket,
+            message: message.into(),
+        };
+        let Some(network_key) = cred.network_key() else {
+            return deny("the inviter no longer holds the network secret");
+        };
+        let Some(signing) = BASE64
+            .decode(signing_key.as_bytes())
+            .ok()
+            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+            .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
+        else {
+            return deny("malformed signing key");
+        };
+        if self.member.is_revoked(&node_key) {
+            return deny("this node key was removed from the network");
+        }
+        let decided = self
+            .member
+            .invites()
+            .redeem(invite, &node_key, signing_key, proof, now_ms());
+        match decided {
+            Ok((code, _used_up)) => {
+                Counters::bump(&self.counters.invites_redeemed);
+                let cert = issue_cert(network_key, node_key, &signing, invite.into(), now_ms());
+                let answer = InviteAnswer::Admitted {
+                    network: network_key.id(),
+                    prefix: cred.prefix(),
+                    cert,
+                };
+                ClientMsg::InviteAdmit {
+                    ticket,
+                    sealed: code.seal_answer(&node_key, &answer),
+                }
+            }
+            Err(denial) => {
+                Counters::bump(&self.counters.invites_denied);
+                deny(denial.message())
+            }
+        }
+    }
+
+    /// A rotation notice: move to the new network if it carries this node, otherwise stop (the
+    /// node was left behind, i.e. removed).
+    fn follow_rotation(
+        &self,
+        cred: &Credential,
+        notice: &a2a_proto::membership::Signed,
+    ) -> Option<SessionEnd> {
+        let Ok(n) = RotationNotice::open(notice, &cred.network_id()) else {
+            Counters::bump(&self.counters.membership_bad_signature);
+            return None;
+        };
+        let own = boringtun::x25519::StaticSecret::from(self.node_private);
+        let own = x25519_dalek::StaticSecret::from(own.to_bytes());
+        let moved = match n.carry_for(&own) {
+            None => {
+                return Some(SessionEnd::Refused(
+                    "the network rotated its secret without this node: it was removed; ask a \
+                     member for a new invite or token"
+                        .into(),
+                ))
+            }
+            Some(Carry::Secret { secret }) => BASE64
+                .decode(secret.as_bytes())
+                .ok()
+                .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                .filter(|s| NetworkKey::derive(s).id() == n.new_network)
+                .map(|network_secret| {
+                    let token = JoinToken {
+                        coordinator_key: cred.coordinator_key(),
+                        network_secret,
+                        prefix: cred.prefix(),
+                        endpoints: cred.endpoints().to_vec(),
+                    };
+                    let text = token.encode();
+                    (Credential::from_token(token), text)
+                }),
+            Some(Carry::Cert { cert }) => MemberCert::open(&cert, &n.new_network)
+                .ok()
+                .and_then(|_| {
+                    let invited = Invited {
+                        coordinator_key: BASE64.encode(&cred.coordinator_key()),
+                        endpoints: cred.endpoints().to_vec(),
+                        prefix: cred.prefix(),
+                        network: n.new_network,
+                        cert,
+                    };
+                    Credential::from_invited(invited, &self.node_private).ok()
+                })
+                .map(|c| (c, self.member.join_text())),
+        };
+        let Some((new_cred, text)) = moved else {
+            Counters::bump(&self.counters.membership_bad_signature);
+            return None;
+        };
+        // Peers the rotation did not carry stay behind: drop them now.
+        let carried: std::collections::HashSet<NodeKey> = n
+            .carried
+            .iter()
+            .map(|c| c.node_key)
+            .chain([n.rotator])
+            .collect();
+        for p in self.dataplane.peers.all() {
+            if !carried.contains(&p.key) {
+                self.dataplane.peers.remove(&p.key);
+            }
+        }
+        self.member.replace_credential(Arc::new(new_cred), text);
+        if let Err(e) = self.member.persist(self.name.clone(), *self.ip.borrow()) {
+            tracing::warn!("moved to the rotated network, but cannot save it: {e}");
+        }
+        Some(SessionEnd::Moved)
+    }
+}
+
+/// Redeems an invite code at its coordinator: proves the code for this node's key, and opens
+/// the inviter's sealed answer (the member certificate) into a credential to register with.
+pub async fn redeem_invite(code: &InviteCode, node_private: &[u8; 32]) -> Result<Invited, String> {
+    let (mut stream, coordinator) = connect_any(&code.endpoints).await?;
+    let est = handshake_initiator(&mut stream, node_private, &code.coordinator_key)
+        .await
+        .map_err(|e| format!("handshake with coordinator {coordinator} failed: {e}"))?;
+    let node_key = NodeKey(
+        boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(*node_private))
+            .to_bytes(),
+    );
+    let signing_key = BASE64.encode(node_signing_key(node_private).verifying_key().as_bytes());
+    let (r, w) = stream.into_split();
+    let (mut reader, mut writer) = est.split(r, w);
+    writer
+        .send(&ClientMsg::Redeem {
+            invite: code.id(),
+            proof: code.proof(&node_key, &signing_key),
+            signing_key,
+        })
+        .await
+        .map_err(|e| format!("coordinator connection lost: {e}"))?;
+    let answer = tokio::time::timeout(Duration::from_secs(15), reader.recv::<ServerMsg>())
+        .await
+        .map_err(|_| "no answer to the invite within 15 s".to_string())?
+        .map_err(|e| format!("coordinator closed the connection: {e}"))?;
+    let sealed = match answer {
+        ServerMsg::InviteAdmitted { sealed } => sealed,
+        ServerMsg::Refused { message, .. } => return Err(format!("invite refused: {message}")),
+        _ => return Err("unexpected answer from the coordinator".into()),
+    };
+    let Some(InviteAnswer::Admitted {
+        network,
+        prefix,
+        cert,
+    }) = code.open_answer(&node_key, &sealed)
+    else {
+        return Err(
+            "the answer to the invite is not sealed with this invite: refusing it (a forged \
+             coordinator?)"
+                .into(),
+        );
+    };
+    let invited = Invited {
+        coordinator_key: BASE64.encode(&code.coordinator_key),
+        endpoints: code.endpoints.clone(),
+        prefix,
+        network,
+        cert,
+    };
+    // Checks that the certificate is for this node and this network.
+    Credential::from_invited(invited.clone(), node_private)?;
+    Ok(invited)
+}
+
+/// Connects to the first coordinator endpoint that answers.
+async fn connect_any(endpoints: &[String]) -> Result<(TcpStream, SocketAddr), String> {
+    let mut last = String::from("no endpoint");
+    for endpoint in endpoints {
+        let addrs = match tokio::net::lookup_host(endpoint.as_str()).await {
+            Ok(a) => a.collect::<Vec<_>>(),
+            Err(e) => {
+                last = format!("cannot resolve {endpoint}: {e}");
+                continue;
+            }
+        };
+        for addr in addrs {
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => return Ok((s, addr)),
+                Ok(Err(e)) => last = format!("cannot connect to coordinator {addr}: {e}"),
+                Err(_) => last = format!("coordinator {addr} did not answer"),
+            }
+        }
+    }
+    Err(last)
 }
 
 /// Aborts a task when dropped.
@@ -557,7 +859,10 @@ async fn bind_loop(
 fn refused(reason: RefuseReason, message: String) -> SessionEnd {
     match reason {
         RefuseReason::AddressInUse => SessionEnd::AddressInUse,
-        RefuseReason::BadProof | RefuseReason::BadRecord => SessionEnd::Refused(message),
+        RefuseReason::BadProof
+        | RefuseReason::BadRecord
+        | RefuseReason::Revoked
+        | RefuseReason::InviteRefused => SessionEnd::Refused(message),
         RefuseReason::Protocol => SessionEnd::Lost(message),
     }
 }

@@ -5,19 +5,42 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use a2a_proto::api::{NetcheckReport, PeerStatus, PingResult, SelfStatus, Status};
+use a2a_proto::control::ClientMsg;
+use a2a_proto::invite::InviteCode;
+use a2a_proto::keys::{REVOKE_CONTEXT, ROTATE_CONTEXT};
+use a2a_proto::membership::{issue_cert, Carry, Revocation, RotationNotice, Signed};
 use a2a_proto::overlay::{derive_ip, is_host_in};
 use a2a_proto::record::{sanitize_name, validate_name};
-use a2a_proto::{JoinToken, NetworkKey, NodeKey};
+use a2a_proto::{Credential, JoinToken, NetworkId, NetworkKey, NodeKey};
 use boringtun::x25519::{PublicKey, StaticSecret};
+use data_encoding::BASE64;
 use tokio::sync::{oneshot, Mutex};
 
 use crate::control::Registration;
-use crate::dataplane::DataPlane;
+use crate::dataplane::{ControlOut, DataPlane};
+use crate::membership::{MemberState, MAX_INVITE_TTL_MS};
 use crate::path::Route;
 use crate::pathfinder::PathEvent;
 use crate::peers::Peer;
 use crate::session::{DeviceConfig, Session};
 use crate::state::{Membership, StateDir};
+
+/// The network a saved membership is for.
+fn saved_network(m: &Membership) -> Option<NetworkId> {
+    match &m.invited {
+        Some(invited) => Some(invited.network),
+        None => JoinToken::parse(&m.token)
+            .ok()
+            .map(|t| NetworkKey::derive(&t.network_secret).id()),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// How long `a2actl up` waits for the coordinator to accept the node.
 const UP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -61,12 +84,18 @@ impl Daemon {
             tracing::info!("not joined to a network; waiting for `a2actl up --join TOKEN`");
             return Ok(());
         };
-        let token = JoinToken::parse(&m.token).map_err(|e| format!("saved {e}"))?;
+        let credential = match m.invited.clone() {
+            Some(invited) => Credential::from_invited(invited, &self.node_private)?,
+            None => Credential::from_token(
+                JoinToken::parse(&m.token).map_err(|e| format!("saved {e}"))?,
+            ),
+        };
         let session = Session::start(
             &self.device,
             self.node_private,
-            token,
+            credential,
             m.token.clone(),
+            self.state.clone(),
             m.name.clone(),
             m.ip,
         )
@@ -81,8 +110,17 @@ impl Daemon {
         token_text: &str,
         name: Option<String>,
     ) -> Result<(String, String), String> {
-        let token = JoinToken::parse(token_text).map_err(|e| e.to_string())?;
-        let network_id = NetworkKey::derive(&token.network_secret).id();
+        // An invite code is redeemed first (its inviter must be online); a failure here leaves
+        // the current network, if any, untouched.
+        let credential = if InviteCode::is_invite(token_text) {
+            let code = InviteCode::parse(token_text).map_err(|e| e.to_string())?;
+            let invited = crate::control::redeem_invite(&code, &self.node_private).await?;
+            Credential::from_invited(invited, &self.node_private)?
+        } else {
+            Credential::from_token(JoinToken::parse(token_text).map_err(|e| e.to_string())?)
+        };
+        let network_id = credential.network_id();
+        let prefix = credential.prefix();
         let saved = self.state.membership().map_err(|e| e.to_string())?;
         let name = match name {
             Some(n) => {
@@ -96,20 +134,20 @@ impl Daemon {
         };
         let mut slot = self.session.lock().await;
         if let Some(s) = slot.as_ref() {
-            if s.network_id == network_id && s.name == name {
+            if s.network_id() == network_id && s.name == name {
                 // Already a member: report the address (after registration, if pending).
                 let ip = wait_registered(s).await.unwrap_or_else(|_| s.current_ip());
                 return Ok((ip.to_string(), name));
             }
         }
         // Keep the old address when rejoining the same network.
-        let same_network = saved.as_ref().and_then(|m| {
-            let t = JoinToken::parse(&m.token).ok()?;
-            (NetworkKey::derive(&t.network_secret).id() == network_id).then_some(m.ip)
-        });
+        let same_network = saved
+            .as_ref()
+            .filter(|m| saved_network(m) == Some(network_id))
+            .map(|m| m.ip);
         let ip = same_network
-            .filter(|ip| is_host_in(token.prefix, *ip))
-            .unwrap_or_else(|| derive_ip(token.prefix, &self.node_key(), 0));
+            .filter(|ip| is_host_in(prefix, *ip))
+            .unwrap_or_else(|| derive_ip(prefix, &self.node_key(), 0));
 
         let previous = slot.take();
         if let Some(p) = previous {
@@ -119,8 +157,9 @@ impl Daemon {
             let session = Session::start(
                 &self.device,
                 self.node_private,
-                token.clone(),
+                credential,
                 token_text.trim().to_string(),
+                self.state.clone(),
                 name.clone(),
                 ip,
             )
@@ -136,12 +175,9 @@ impl Daemon {
         .await;
         match result {
             Ok((session, ip)) => {
-                self.state
-                    .save_membership(&Membership {
-                        token: session.token_text.clone(),
-                        name: name.clone(),
-                        ip,
-                    })
+                session
+                    .member
+                    .persist(name.clone(), ip)
                     .map_err(|e| e.to_string())?;
                 *slot = Some(session);
                 Ok((ip.to_string(), name))
@@ -372,4 +408,193 @@ async fn wait_registered(s: &Session) -> Result<std::net::Ipv4Addr, String> {
 fn default_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     sanitize_name(host.trim())
+}
+
+/// Membership commands: invite, kick, rotate. Each needs the network secret, so only a node
+/// that joined with the token can run them.
+impl Daemon {
+    async fn member(
+        &self,
+    ) -> Result<(Arc<DataPlane>, Arc<MemberState>, String, std::net::Ipv4Addr), String> {
+        match self.session.lock().await.as_ref() {
+            Some(s) => Ok((
+                s.dataplane.clone(),
+                s.member.clone(),
+                s.name.clone(),
+                s.current_ip(),
+            )),
+            None => Err("this node has not joined a network: run `a2actl up --join TOKEN`".into()),
+        }
+    }
+
+    fn network_key(credential: &Credential, what: &str) -> Result<NetworkKey, String> {
+        match credential {
+            Credential::Secret { token, .. } => Ok(NetworkKey::derive(&token.network_secret)),
+            Credential::Invited { .. } => Err(format!(
+                "this node joined by invite and does not hold the network secret, so it cannot \
+                 {what}; run the command on a node that joined with the token"
+            )),
+        }
+    }
+
+    /// Sends a control message now; an error if the node is not connected.
+    async fn send_control(dp: &DataPlane, msg: ControlOut) -> Result<(), String> {
+        let link = dp.relay.load_full().ok_or_else(|| {
+            "not connected to the coordinator right now (see `a2actl status`); try again when \
+             it is"
+                .to_string()
+        })?;
+        link.control
+            .send(msg)
+            .await
+            .map_err(|_| "the control connection just closed; try again".to_string())
+    }
+
+    /// A new invite code good for `uses` joins within `ttl_s` seconds.
+    pub async fn invite(&self, uses: u32, ttl_s: u64) -> Result<String, String> {
+        let (dp, member, _, _) = self.member().await?;
+        let credential = member.credential();
+        Self::network_key(&credential, "invite")?;
+        let ttl_ms = ttl_s.saturating_mul(1000);
+        if ttl_ms == 0 || ttl_ms > MAX_INVITE_TTL_MS {
+            return Err(format!(
+                "--ttl must be between 1s and {}d",
+                MAX_INVITE_TTL_MS / 86_400_000
+            ));
+        }
+        if dp.relay.load().is_none() {
+            return Err(
+                "not connected to the coordinator right now (see `a2actl status`); an \
+                        invite needs it to reach this node"
+                    .into(),
+            );
+        }
+        let code = InviteCode {
+            secret: rand::random(),
+            coordinator_key: credential.coordinator_key(),
+            endpoints: credential.endpoints().to_vec(),
+        };
+        let now = now_ms();
+        let id = member
+            .invites()
+            .open(code.clone(), uses, now + ttl_ms, now)?;
+        Self::send_control(&dp, ControlOut::Msg(ClientMsg::InviteOpen { id })).await?;
+        tracing::info!("made an invite for {uses} use(s), valid {ttl_s} s");
+        Ok(code.encode())
+    }
+
+    /// Removes a peer: signs a revocation, drops the peer here, and has the coordinator tell
+    /// every member (it also refuses the node from now on).
+    pub async fn kick(&self, target: &str) -> Result<(String, String, bool), String> {
+        let (dp, member, _, _) = self.member().await?;
+        let credential = member.credential();
+        let key = Self::network_key(&credential, "kick a peer")?;
+        if target == self.node_key().to_base64() {
+            return Err("this is this node itself; use `a2actl down` to leave".into());
+        }
+        let peer = dp
+            .peers
+            .all()
+            .into_iter()
+            .find(|p| {
+                p.info().name == target
+                    || p.ip().to_string() == target
+                    || p.key.to_base64() == target
+            })
+            .ok_or_else(|| {
+                format!("no peer named or addressed {target:?}: see `a2actl status` for the peers")
+            })?;
+        let info = peer.info();
+        let revocation = Revocation {
+            network: key.id(),
+            node_key: peer.key,
+            issued_ms: now_ms(),
+        };
+        let signed = Signed::sign(&revocation, &key, REVOKE_CONTEXT);
+        member.revoke(&revocation, signed.clone());
+        dp.peers.remove(&peer.key);
+        // If the coordinator is unreachable, the revocation is sent when this node registers.
+        if let Err(e) = Self::send_control(
+            &dp,
+            ControlOut::Msg(ClientMsg::Revoke { revocation: signed }),
+        )
+        .await
+        {
+            tracing::warn!("revocation kept; it reaches the other members later: {e}");
+        }
+        tracing::info!("removed peer {} ({})", info.name, info.ip);
+        Ok((info.name, info.ip.to_string(), info.cert.is_none()))
+    }
+
+    /// Moves the network to a new secret. Every peer in the table (removed ones are not) is
+    /// carried: holders of the old secret get the new one, invited nodes a new certificate,
+    /// each sealed to its node key. Returns the new token and the names carried.
+    pub async fn rotate(&self) -> Result<(String, Vec<String>), String> {
+        let (dp, member, name, ip) = self.member().await?;
+        let credential = member.credential();
+        let old_key = Self::network_key(&credential, "rotate the network secret")?;
+        let Credential::Secret { token, .. } = &*credential else {
+            unreachable!("network_key checked the credential")
+        };
+        if dp.relay.load().is_none() {
+            return Err(
+                "not connected to the coordinator right now (see `a2actl status`); the \
+                        other members learn of the rotation through it"
+                    .into(),
+            );
+        }
+        let new_token = JoinToken {
+            network_secret: rand::random(),
+            ..token.clone()
+        };
+        let new_key = NetworkKey::derive(&new_token.network_secret);
+        let own = x25519_dalek::StaticSecret::from(self.node_private);
+        let now = now_ms();
+        let mut carried = Vec::new();
+        let mut names = Vec::new();
+        for p in dp.peers.all() {
+            let info = p.info();
+            let carry = match &info.cert {
+                None => Carry::Secret {
+                    secret: BASE64.encode(&new_token.network_secret),
+                },
+                Some(cert) => {
+                    let Some(signing) = BASE64
+                        .decode(cert.signing_key.as_bytes())
+                        .ok()
+                        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                        .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
+                    else {
+                        continue;
+                    };
+                    Carry::Cert {
+                        cert: issue_cert(&new_key, p.key, &signing, cert.invite.clone(), now),
+                    }
+                }
+            };
+            carried.push(RotationNotice::seal(&own, p.key, &new_key.id(), &carry));
+            names.push(info.name);
+        }
+        let notice = RotationNotice {
+            old_network: old_key.id(),
+            new_network: new_key.id(),
+            rotator: self.node_key(),
+            issued_ms: now,
+            carried,
+        };
+        let signed = Signed::sign(&notice, &old_key, ROTATE_CONTEXT);
+        Self::send_control(&dp, ControlOut::Msg(ClientMsg::Rotate { notice: signed })).await?;
+        let text = new_token.encode();
+        member.replace_credential(Arc::new(Credential::from_token(new_token)), text.clone());
+        member
+            .persist(name, ip)
+            .map_err(|e| format!("rotated, but cannot save the new token: {e}"))?;
+        // The connection ends after the notice is written; the node registers anew.
+        let _ = Self::send_control(&dp, ControlOut::Moved).await;
+        tracing::info!(
+            "rotated the network secret; {} member(s) carried",
+            names.len()
+        );
+        Ok((text, names))
+    }
 }

@@ -59,7 +59,16 @@ pub struct Counters {
     pub tun_not_ipv4: AtomicU64,
     pub no_endpoint: AtomicU64,
     pub send_errors: AtomicU64,
-    pub records_dropped: AtomicU64,
+    pub records_unsigned: AtomicU64,
+    pub records_bad_signature: AtomicU64,
+    pub records_foreign: AtomicU64,
+    pub records_malformed: AtomicU64,
+    pub records_stale: AtomicU64,
+    pub records_revoked: AtomicU64,
+    pub records_address_conflict: AtomicU64,
+    pub membership_bad_signature: AtomicU64,
+    pub invites_redeemed: AtomicU64,
+    pub invites_denied: AtomicU64,
     pub relay_not_from_coordinator: AtomicU64,
     pub relay_queue_full: AtomicU64,
     pub disco_unknown_sender: AtomicU64,
@@ -92,7 +101,22 @@ impl Counters {
             ("tun_not_ipv4", g(&self.tun_not_ipv4)),
             ("no_endpoint", g(&self.no_endpoint)),
             ("send_errors", g(&self.send_errors)),
-            ("records_dropped", g(&self.records_dropped)),
+            ("records_unsigned", g(&self.records_unsigned)),
+            ("records_bad_signature", g(&self.records_bad_signature)),
+            ("records_foreign", g(&self.records_foreign)),
+            ("records_malformed", g(&self.records_malformed)),
+            ("records_stale", g(&self.records_stale)),
+            ("records_revoked", g(&self.records_revoked)),
+            (
+                "records_address_conflict",
+                g(&self.records_address_conflict),
+            ),
+            (
+                "membership_bad_signature",
+                g(&self.membership_bad_signature),
+            ),
+            ("invites_redeemed", g(&self.invites_redeemed)),
+            ("invites_denied", g(&self.invites_denied)),
             (
                 "relay_not_from_coordinator",
                 g(&self.relay_not_from_coordinator),
@@ -118,6 +142,10 @@ pub enum ControlOut {
     Relay(u32, Vec<u8>),
     /// Ask the coordinator to make this peer probe us.
     Punch(NodeKey),
+    /// A control message from a command (invite, kick, rotate).
+    Msg(a2a_proto::control::ClientMsg),
+    /// This node moved to a rotated network: end the connection and register anew.
+    Moved,
 }
 
 /// The way to the coordinator's relay while registered.

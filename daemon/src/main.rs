@@ -5,6 +5,7 @@ mod api;
 mod control;
 mod daemon;
 mod dataplane;
+mod membership;
 mod netconf;
 mod path;
 mod pathfinder;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use a2a_proto::disco::DiscoKey;
+use a2a_proto::membership::MemberCert;
 use a2a_proto::{NodeKey, NodeRecord};
 use arc_swap::ArcSwap;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -30,6 +31,9 @@ pub struct PeerInfo {
     pub ip: Ipv4Addr,
     pub candidates: Vec<SocketAddr>,
     pub issued_ms: u64,
+    /// The member certificate of a peer admitted by invite; `None` for a holder of the
+    /// network secret.
+    pub cert: Option<MemberCert>,
 }
 
 use crate::path::{PathState, Route};
@@ -253,8 +257,8 @@ impl PeerTable {
         }));
     }
 
-    /// Applies a record whose signature the caller has verified.
-    pub fn apply(&self, record: NodeRecord) -> Applied {
+    /// Applies a record whose signature (and certificate, if any) the caller has verified.
+    pub fn apply(&self, record: NodeRecord, cert: Option<MemberCert>) -> Applied {
         if record.node_key == self.own_key {
             return Applied::IsSelf;
         }
@@ -270,6 +274,7 @@ impl PeerTable {
             ip: record.ip,
             candidates: record.candidates,
             issued_ms: record.issued_ms,
+            cert,
         };
         if let Some(peer) = snap.by_key.get(&record.node_key) {
             {
@@ -346,6 +351,7 @@ mod tests {
 
     fn record(n: u8, ip: &str, issued_ms: u64) -> NodeRecord {
         NodeRecord {
+            network: a2a_proto::NetworkKey::derive(&[1; 32]).id(),
             node_key: key(n).1,
             name: format!("n{n}"),
             ip: ip.parse().unwrap(),
@@ -357,16 +363,16 @@ mod tests {
     #[test]
     fn adds_updates_and_drops_stale_records() {
         let t = PeerTable::new(key(1).0);
-        assert_eq!(t.apply(record(1, "100.64.0.1", 1)), Applied::IsSelf);
-        assert_eq!(t.apply(record(2, "100.64.0.2", 5)), Applied::Added);
-        assert_eq!(t.apply(record(2, "100.64.0.2", 5)), Applied::Stale);
-        assert_eq!(t.apply(record(2, "100.64.0.2", 4)), Applied::Stale);
+        assert_eq!(t.apply(record(1, "100.64.0.1", 1), None), Applied::IsSelf);
+        assert_eq!(t.apply(record(2, "100.64.0.2", 5), None), Applied::Added);
+        assert_eq!(t.apply(record(2, "100.64.0.2", 5), None), Applied::Stale);
+        assert_eq!(t.apply(record(2, "100.64.0.2", 4), None), Applied::Stale);
         assert_eq!(t.len(), 1);
         let p = t.by_ip("100.64.0.2".parse().unwrap()).unwrap();
         assert_eq!(p.route().route, Route::Relay, "traffic starts on the relay");
         assert_eq!(p.route().fallback, Some("10.0.0.2:51820".parse().unwrap()));
         // A newer record moves the address; lookups follow.
-        assert_eq!(t.apply(record(2, "100.64.0.9", 6)), Applied::Updated);
+        assert_eq!(t.apply(record(2, "100.64.0.9", 6), None), Applied::Updated);
         assert!(t.by_ip("100.64.0.2".parse().unwrap()).is_none());
         let p2 = t.by_ip("100.64.0.9".parse().unwrap()).unwrap();
         assert!(Arc::ptr_eq(&p, &p2), "the tunnel survives a record update");
@@ -380,9 +386,9 @@ mod tests {
     #[test]
     fn an_address_held_by_another_peer_is_refused() {
         let t = PeerTable::new(key(1).0);
-        assert_eq!(t.apply(record(2, "100.64.0.2", 1)), Applied::Added);
+        assert_eq!(t.apply(record(2, "100.64.0.2", 1), None), Applied::Added);
         assert_eq!(
-            t.apply(record(3, "100.64.0.2", 1)),
+            t.apply(record(3, "100.64.0.2", 1), None),
             Applied::AddressConflict
         );
         assert_eq!(t.len(), 1);
@@ -391,7 +397,7 @@ mod tests {
     #[test]
     fn data_refreshes_only_the_direct_path() {
         let t = PeerTable::new(key(1).0);
-        t.apply(record(2, "100.64.0.2", 1));
+        t.apply(record(2, "100.64.0.2", 1), None);
         let p = t.by_key(&key(2).1).unwrap();
         let addr: SocketAddr = "10.0.0.2:51820".parse().unwrap();
         assert!(
@@ -425,8 +431,8 @@ mod tests {
     #[test]
     fn removal_and_distinct_indices() {
         let t = PeerTable::new(key(1).0);
-        t.apply(record(2, "100.64.0.2", 1));
-        t.apply(record(3, "100.64.0.3", 1));
+        t.apply(record(2, "100.64.0.2", 1), None);
+        t.apply(record(3, "100.64.0.3", 1), None);
         let a = t.by_key(&key(2).1).unwrap().index;
         let b = t.by_key(&key(3).1).unwrap().index;
         assert_ne!(a, b);

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use a2a_proto::{JoinToken, NetworkId, NetworkKey};
+use a2a_proto::{Credential, NetworkId};
 use boringtun::x25519::StaticSecret;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
@@ -15,10 +15,12 @@ use arc_swap::ArcSwapOption;
 
 use crate::control::{ControlClient, Registration};
 use crate::dataplane::{Counters, DataPlane};
+use crate::membership::MemberState;
 use crate::netconf::NetConf;
 use crate::pathfinder::PathFinder;
 use crate::peers::PeerTable;
 use crate::prober::Prober;
+use crate::state::StateDir;
 use crate::udpbatch;
 
 /// Disco datagrams and path events queued for the path finder (more are dropped and counted).
@@ -35,8 +37,8 @@ pub struct DeviceConfig {
 }
 
 pub struct Session {
-    pub token_text: String,
-    pub network_id: NetworkId,
+    /// The credential (swapped when the network rotates), invites and revocations.
+    pub member: Arc<MemberState>,
     pub name: String,
     pub interface: String,
     pub ip: watch::Receiver<Ipv4Addr>,
@@ -55,8 +57,9 @@ impl Session {
     pub async fn start(
         device: &DeviceConfig,
         node_private: [u8; 32],
-        token: JoinToken,
-        token_text: String,
+        credential: Credential,
+        join_text: String,
+        state: StateDir,
         name: String,
         ip: Ipv4Addr,
     ) -> Result<Session, String> {
@@ -101,12 +104,11 @@ impl Session {
             .await
             .map_err(|e| e.to_string())?;
         netconf
-            .configure(tun_index, ip, token.prefix.prefix_len())
+            .configure(tun_index, ip, credential.prefix().prefix_len())
             .await
             .map_err(|e| format!("cannot configure {}: {e}", device.interface))?;
 
-        let network_key = NetworkKey::derive(&token.network_secret);
-        let network_id = network_key.id();
+        let member = Arc::new(MemberState::new(credential, join_text, state));
         let peers = Arc::new(PeerTable::new(StaticSecret::from(node_private)));
         let counters = Arc::new(Counters::default());
         counters
@@ -138,8 +140,7 @@ impl Session {
         let (ip_tx, ip_rx) = watch::channel(ip);
         let (leave_tx, leave_rx) = watch::channel(false);
         let client = ControlClient {
-            token,
-            network_key,
+            member: member.clone(),
             node_private,
             name: name.clone(),
             udp_port: device.udp_port,
@@ -157,8 +158,7 @@ impl Session {
             device.udp_port
         );
         Ok(Session {
-            token_text,
-            network_id,
+            member,
             name,
             interface: device.interface.clone(),
             ip: ip_rx,
@@ -195,6 +195,11 @@ impl Session {
             let _ = l.await;
         }
         self.peers.clear();
+    }
+
+    /// The network this session is in now.
+    pub fn network_id(&self) -> NetworkId {
+        self.member.credential().network_id()
     }
 
     pub fn current_ip(&self) -> Ipv4Addr {

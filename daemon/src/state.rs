@@ -1,6 +1,7 @@
 //! The node's state directory: its private key (`node.key`, 0600) and its network membership
-//! (`network.json`, 0600: the join token, the node name and its overlay address), so that a
-//! restarted daemon rejoins by itself with the same key and address.
+//! (`network.json`, 0600: the join token or invite credential, the node name and its overlay
+//! address), so that a restarted daemon rejoins by itself with the same key and address, and the
+//! signed revocations it has seen (`revoked.json`), so removed nodes stay removed.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -9,16 +10,22 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use a2a_proto::keyfile::{self, with_path};
+use a2a_proto::membership::{Invited, Signed};
 use serde::{Deserialize, Serialize};
 
 /// Membership kept across restarts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Membership {
+    /// The join token, or the invite code the node was admitted with (then `invited` is set).
     pub token: String,
+    /// The member certificate and network of a node admitted by invite.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invited: Option<Invited>,
     pub name: String,
     pub ip: Ipv4Addr,
 }
 
+#[derive(Clone)]
 pub struct StateDir {
     dir: PathBuf,
 }
@@ -62,8 +69,12 @@ impl StateDir {
 
     /// Saves the membership atomically (write to a temporary file, fsync, rename).
     pub fn save_membership(&self, m: &Membership) -> io::Result<()> {
-        let path = self.membership_path();
-        let tmp = self.dir.join("network.json.tmp");
+        self.save_json("network.json", m)
+    }
+
+    fn save_json<T: Serialize>(&self, name: &str, value: &T) -> io::Result<()> {
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!("{name}.tmp"));
         let write = || -> io::Result<()> {
             let mut f = OpenOptions::new()
                 .write(true)
@@ -71,7 +82,7 @@ impl StateDir {
                 .truncate(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(m).map_err(io::Error::other)?)?;
+            f.write_all(&serde_json::to_vec_pretty(value).map_err(io::Error::other)?)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)
         };
@@ -79,10 +90,30 @@ impl StateDir {
     }
 
     pub fn clear_membership(&self) -> io::Result<()> {
-        match fs::remove_file(self.membership_path()) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        for name in ["network.json", "revoked.json"] {
+            match fs::remove_file(self.dir.join(name)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
+        Ok(())
+    }
+
+    /// The saved revocations (each is checked against the network when loaded); an unreadable
+    /// file counts as none, with a warning.
+    pub fn revocations(&self) -> Vec<Signed> {
+        let path = self.dir.join("revoked.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!("ignoring {}: {e}", path.display());
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub fn save_revocations(&self, list: &[Signed]) -> io::Result<()> {
+        self.save_json("revoked.json", &list)
     }
 }
 
@@ -100,6 +131,7 @@ mod tests {
         assert_eq!(s.membership().unwrap(), None);
         let m = Membership {
             token: "a2a1x".into(),
+            invited: None,
             name: "n".into(),
             ip: "100.64.0.1".parse().unwrap(),
         };

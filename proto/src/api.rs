@@ -22,18 +22,61 @@ pub enum ApiRequest {
     },
     /// Check this node's view of the underlay: reflexive address, UDP, NAT mapping.
     Netcheck,
+    /// Make an invite code good for `uses` joins within `ttl_s` seconds.
+    Invite {
+        uses: u32,
+        ttl_s: u64,
+    },
+    /// Remove a peer (name, overlay IP or public key) from the network.
+    Kick {
+        peer: String,
+    },
+    /// Move the network to a new secret, carrying every member not removed.
+    RotateToken,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum ApiResponse {
-    Up { ip: String, name: String },
-    Down { was_up: bool },
-    Status { status: Status },
-    Ip { ip: String },
-    Pong { pong: PingResult },
-    Netcheck { report: NetcheckReport },
-    Error { message: String },
+    Up {
+        ip: String,
+        name: String,
+    },
+    Down {
+        was_up: bool,
+    },
+    Status {
+        status: Status,
+    },
+    Ip {
+        ip: String,
+    },
+    Pong {
+        pong: PingResult,
+    },
+    Netcheck {
+        report: NetcheckReport,
+    },
+    Invite {
+        code: String,
+        uses: u32,
+        ttl_s: u64,
+    },
+    /// `holds_secret`: the kicked node joined with the token, so it could rejoin under a new
+    /// key until the secret is rotated.
+    Kicked {
+        name: String,
+        ip: String,
+        holds_secret: bool,
+    },
+    /// The new token; `carried`: members moved along.
+    Rotated {
+        token: String,
+        carried: Vec<String>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// The outcome of one `a2actl ping` probe.

@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::invite::InviteId;
 use crate::keys::{NetworkId, NodeKey};
+use crate::membership::Signed;
 use crate::record::SignedRecord;
 
 /// Node to coordinator.
@@ -25,6 +27,28 @@ pub enum ClientMsg {
     /// "I am probing this peer for a direct path now": the coordinator tells the peer
     /// ([`ServerMsg::Punch`]) so both ends send probes at the same time and open their NATs.
     Punch { to: NodeKey },
+    /// A member that made an invite: send redemptions of `id` to me (I count its uses).
+    InviteOpen { id: InviteId },
+    /// The invite is used up or expired: forget it.
+    InviteClose { id: InviteId },
+    /// The first message from a node holding an invite code (instead of `Register`): `proof`
+    /// is derived from the invite secret, this connection's node key and `signing_key` (the
+    /// base64 Ed25519 key the node will sign its records with).
+    Redeem {
+        invite: InviteId,
+        signing_key: String,
+        proof: String,
+    },
+    /// The inviter admits redemption `ticket`: `sealed` is the answer sealed to the redeemer.
+    InviteAdmit { ticket: u32, sealed: String },
+    /// The inviter refuses redemption `ticket` (used up, expired, bad proof).
+    InviteDeny { ticket: u32, message: String },
+    /// A signed revocation (`a2actl kick`), or one this member holds, for the coordinator to
+    /// pass on to every member and enforce at registration.
+    Revoke { revocation: Signed },
+    /// A signed rotation notice (`a2actl token rotate`): pass it to every member of this
+    /// network, now and when they register later.
+    Rotate { notice: Signed },
 }
 
 /// Why the coordinator refused a registration.
@@ -39,6 +63,10 @@ pub enum RefuseReason {
     AddressInUse,
     /// A message came out of order (e.g. anything before `Register`).
     Protocol,
+    /// The node key was removed from the network (`a2actl kick`).
+    Revoked,
+    /// The invite cannot be redeemed (unknown, its inviter offline, used up or expired).
+    InviteRefused,
 }
 
 /// Coordinator to node.
@@ -74,6 +102,26 @@ pub enum ServerMsg {
         node_key: NodeKey,
     },
     HeartbeatAck,
+    /// To an inviter: a node asks to redeem one of its invites.
+    RedeemRequest {
+        ticket: u32,
+        invite: InviteId,
+        node_key: NodeKey,
+        signing_key: String,
+        proof: String,
+    },
+    /// To a redeemer: the inviter's sealed answer.
+    InviteAdmitted {
+        sealed: String,
+    },
+    /// A member was removed: drop it and refuse it from now on.
+    Revoked {
+        revocation: Signed,
+    },
+    /// The network moved to a new secret.
+    Moved {
+        notice: Signed,
+    },
 }
 
 #[cfg(test)]
@@ -86,6 +134,7 @@ mod tests {
             record: SignedRecord {
                 body: "{}".into(),
                 sig: "x".into(),
+                cert: None,
             },
         };
         let s = serde_json::to_string(&m).unwrap();

@@ -92,6 +92,7 @@ pub struct NetworkKey {
 }
 
 impl NetworkKey {
+    /// The key of a network secret.
     pub fn derive(network_secret: &[u8; 32]) -> Self {
         let hk = Hkdf::<Sha256>::new(Some(b"a2a network v1"), network_secret);
         let mut seed = [0u8; 32];
@@ -114,7 +115,7 @@ impl NetworkKey {
     }
 }
 
-fn signed_bytes(context: &[u8], message: &[u8]) -> Vec<u8> {
+pub(crate) fn signed_bytes(context: &[u8], message: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(context.len() + 1 + message.len());
     v.extend_from_slice(context);
     v.push(0);
@@ -122,6 +123,12 @@ fn signed_bytes(context: &[u8], message: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Signature context of a member certificate (a node admitted by invite).
+pub const CERT_CONTEXT: &[u8] = b"a2a member cert v1";
+/// Signature context of a revocation (`a2actl kick`).
+pub const REVOKE_CONTEXT: &[u8] = b"a2a revoke v1";
+/// Signature context of a rotation notice (`a2actl token rotate`).
+pub const ROTATE_CONTEXT: &[u8] = b"a2a rotate v1";
 /// Signature context of a node record.
 pub const RECORD_CONTEXT: &[u8] = b"a2a node record v1";
 /// Signature context of a registration proof (signed over the control channel's handshake hash).

@@ -5,8 +5,10 @@
 pub mod api;
 pub mod control;
 pub mod disco;
+pub mod invite;
 pub mod keyfile;
 pub mod keys;
+pub mod membership;
 pub mod noise_channel;
 pub mod overlay;
 pub mod process;
@@ -15,5 +17,6 @@ pub mod token;
 pub mod udp;
 
 pub use keys::{NetworkId, NetworkKey, NodeKey};
+pub use membership::Credential;
 pub use record::{NodeRecord, SignedRecord};
 pub use token::{JoinToken, TokenError};

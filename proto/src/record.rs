@@ -1,5 +1,9 @@
-//! Node records: what a node publishes about itself, signed with the network key so that the
-//! coordinator can check membership but cannot forge a member.
+//! Node records: what a node publishes about itself, signed so that the coordinator can check
+//! membership but cannot forge a member.
+//!
+//! A node that holds the network secret signs its record with the network key. A node admitted
+//! by invite does not hold it: it signs with its own node signing key and attaches the member
+//! certificate (signed by the network key) that vouches for that signing key.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -7,6 +11,7 @@ use data_encoding::BASE64;
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{NetworkId, NetworkKey, NodeKey, RECORD_CONTEXT};
+use crate::membership::{MemberCert, Signed};
 
 /// Longest node name accepted.
 pub const MAX_NAME_LEN: usize = 63;
@@ -18,6 +23,8 @@ pub const MAX_RECORD_LEN: usize = 4096;
 /// What a node says about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
+    /// The network the record is for: a record of another network is dropped as foreign.
+    pub network: NetworkId,
     pub node_key: NodeKey,
     pub name: String,
     pub ip: Ipv4Addr,
@@ -33,6 +40,18 @@ pub struct NodeRecord {
 pub struct SignedRecord {
     pub body: String,
     pub sig: String,
+    /// For a node admitted by invite: its member certificate; `sig` is then made with the
+    /// certificate's signing key instead of the network key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<Signed>,
+}
+
+/// A record whose signature (and certificate, if any) verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedRecord {
+    pub record: NodeRecord,
+    /// The certificate of a node admitted by invite; `None` for a holder of the network secret.
+    pub cert: Option<MemberCert>,
 }
 
 /// Why a signed record was dropped.
@@ -40,6 +59,10 @@ pub struct SignedRecord {
 pub enum RecordError {
     #[error("record is larger than {MAX_RECORD_LEN} bytes")]
     TooLarge,
+    #[error("record carries no signature")]
+    Unsigned,
+    #[error("record is for another network")]
+    Foreign,
     #[error("record signature does not verify under this network's key")]
     BadSignature,
     #[error("record body is malformed: {0}")]
@@ -100,32 +123,69 @@ impl NodeRecord {
         Ok(())
     }
 
+    /// Signs with the network key (a node that holds the network secret).
     pub fn sign(&self, key: &NetworkKey) -> SignedRecord {
         let body = serde_json::to_string(self).expect("a record always serialises");
         let sig = key.sign(RECORD_CONTEXT, body.as_bytes());
         SignedRecord {
             body,
             sig: BASE64.encode(&sig),
+            cert: None,
+        }
+    }
+
+    /// Signs with a node's own signing key, vouched for by `cert` (a node admitted by invite).
+    pub fn sign_with_cert(&self, key: &ed25519_dalek::SigningKey, cert: &Signed) -> SignedRecord {
+        use ed25519_dalek::Signer;
+        let body = serde_json::to_string(self).expect("a record always serialises");
+        let sig = key.sign(&crate::keys::signed_bytes(RECORD_CONTEXT, body.as_bytes()));
+        SignedRecord {
+            body,
+            sig: BASE64.encode(&sig.to_bytes()),
+            cert: Some(cert.clone()),
         }
     }
 }
 
 impl SignedRecord {
-    /// Verifies the signature under `network`, then parses and validates the body.
-    pub fn verify(&self, network: &NetworkId) -> Result<NodeRecord, RecordError> {
+    /// Verifies the record for `network`: its size, that it is signed, that it names this
+    /// network, its signature (by the network key, or by a signing key the network key
+    /// certified), then validates the body.
+    pub fn verify(&self, network: &NetworkId) -> Result<VerifiedRecord, RecordError> {
         if self.body.len() > MAX_RECORD_LEN || self.sig.len() > 128 {
             return Err(RecordError::TooLarge);
+        }
+        if self.sig.is_empty() {
+            return Err(RecordError::Unsigned);
         }
         let sig = BASE64
             .decode(self.sig.as_bytes())
             .map_err(|_| RecordError::BadSignature)?;
-        if !network.verify(RECORD_CONTEXT, self.body.as_bytes(), &sig) {
-            return Err(RecordError::BadSignature);
-        }
         let record: NodeRecord =
             serde_json::from_str(&self.body).map_err(|e| RecordError::Malformed(e.to_string()))?;
+        if record.network != *network {
+            return Err(RecordError::Foreign);
+        }
+        let cert = match &self.cert {
+            None => {
+                if !network.verify(RECORD_CONTEXT, self.body.as_bytes(), &sig) {
+                    return Err(RecordError::BadSignature);
+                }
+                None
+            }
+            Some(signed) => {
+                let cert = MemberCert::open(signed, network)?;
+                if cert.node_key != record.node_key {
+                    return Err(RecordError::BadSignature);
+                }
+                if !cert.verify_node_signature(RECORD_CONTEXT, self.body.as_bytes(), &sig) {
+                    return Err(RecordError::BadSignature);
+                }
+                Some(cert)
+            }
+        };
         record.validate().map_err(RecordError::Invalid)?;
-        Ok(record)
+        Ok(VerifiedRecord { record, cert })
     }
 }
 
@@ -135,6 +195,7 @@ mod tests {
 
     fn record() -> NodeRecord {
         NodeRecord {
+            network: NetworkKey::derive(&[1; 32]).id(),
             node_key: NodeKey([3; 32]),
             name: "alice".into(),
             ip: "100.64.0.7".parse().unwrap(),
@@ -147,9 +208,17 @@ mod tests {
     fn signed_record_verifies_only_in_its_network() {
         let k = NetworkKey::derive(&[1; 32]);
         let signed = record().sign(&k);
-        assert_eq!(signed.verify(&k.id()).unwrap(), record());
+        assert_eq!(signed.verify(&k.id()).unwrap().record, record());
         let other = NetworkKey::derive(&[2; 32]);
-        assert_eq!(signed.verify(&other.id()), Err(RecordError::BadSignature));
+        assert_eq!(signed.verify(&other.id()), Err(RecordError::Foreign));
+        // Naming our network but signed by another key: a forgery.
+        let mut forged = record();
+        forged.network = other.id();
+        let forged = forged.sign(&k);
+        assert_eq!(forged.verify(&other.id()), Err(RecordError::BadSignature));
+        let mut unsigned = record().sign(&k);
+        unsigned.sig.clear();
+        assert_eq!(unsigned.verify(&k.id()), Err(RecordError::Unsigned));
     }
 
     #[test]

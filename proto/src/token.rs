@@ -71,7 +71,7 @@ impl fmt::Debug for JoinToken {
     }
 }
 
-fn base32(strict: bool) -> data_encoding::Encoding {
+pub(crate) fn base32(strict: bool) -> data_encoding::Encoding {
     let mut spec = data_encoding::Specification::new();
     spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
     spec.translate.from.push_str("ABCDEFGHIJKLMNOPQRSTUVWXYZ");
@@ -266,7 +266,7 @@ pub fn validate_prefix(prefix: Ipv4Net) -> Result<(), String> {
     Ok(())
 }
 
-fn encoded_len(bytes: usize) -> usize {
+pub(crate) fn encoded_len(bytes: usize) -> usize {
     (bytes * 8).div_ceil(5)
 }
 

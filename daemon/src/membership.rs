@@ -1,0 +1,330 @@
+//! This node's standing in its network: the credential it registers with (swapped when the
+//! network rotates its secret), the invites it made and honours, and the node keys removed from
+//! the network. Free of I/O except [`MemberState::persist`], which writes the state directory.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use a2a_proto::invite::{InviteCode, InviteId};
+use a2a_proto::membership::{Revocation, Signed};
+use a2a_proto::{Credential, NodeKey};
+
+use crate::state::{Membership, StateDir};
+
+/// Most invites one node keeps open at once (the coordinator's cap too).
+pub const MAX_OPEN_INVITES: usize = 64;
+/// Longest invite lifetime accepted.
+pub const MAX_INVITE_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Most uses one invite may have.
+pub const MAX_INVITE_USES: u32 = 1000;
+
+struct OpenInvite {
+    code: InviteCode,
+    uses_left: u32,
+    expires_ms: u64,
+}
+
+/// Why a redemption was refused, as told to the redeemer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    Unknown,
+    UsedUp,
+    Expired,
+    BadProof,
+}
+
+impl Denial {
+    pub fn message(&self) -> &'static str {
+        match self {
+            Denial::Unknown => {
+                "this invite is not known to the member that should hold it; ask for a new invite"
+            }
+            Denial::UsedUp => {
+                "this invite has been used up; ask a member for a new invite (`a2actl invite`)"
+            }
+            Denial::Expired => {
+                "this invite has expired; ask a member for a new invite (`a2actl invite --ttl ...`)"
+            }
+            Denial::BadProof => "the invite proof does not match this invite",
+        }
+    }
+}
+
+/// The invites this node made, in memory only: a daemon restart voids them.
+#[derive(Default)]
+pub struct InviteBook {
+    open: HashMap<InviteId, OpenInvite>,
+}
+
+impl InviteBook {
+    /// Records a new invite; the caller announces its id to the coordinator.
+    pub fn open(
+        &mut self,
+        code: InviteCode,
+        uses: u32,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<InviteId, String> {
+        self.expire(now_ms);
+        if uses == 0 || uses > MAX_INVITE_USES {
+            return Err(format!("--uses must be 1 to {MAX_INVITE_USES}"));
+        }
+        if self.open.len() >= MAX_OPEN_INVITES {
+            return Err(format!(
+                "this node already has {MAX_OPEN_INVITES} open invites; wait for some to expire"
+            ));
+        }
+        let id = code.id();
+        self.open.insert(
+            id.clone(),
+            OpenInvite {
+                code,
+                uses_left: uses,
+                expires_ms,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Decides one redemption and, if admitted, takes one use, all at once: two redemptions of
+    /// a one-time invite can never both pass. Returns the code (to seal the answer with) and
+    /// whether the invite is now used up (to close it at the coordinator).
+    pub fn redeem(
+        &mut self,
+        id: &str,
+        node_key: &NodeKey,
+        signing_key: &str,
+        proof: &str,
+        now_ms: u64,
+    ) -> Result<(InviteCode, bool), Denial> {
+        let invite = self.open.get_mut(id).ok_or(Denial::Unknown)?;
+        if invite.expires_ms <= now_ms {
+            self.open.remove(id);
+            return Err(Denial::Expired);
+        }
+        if !constant_time_eq(
+            invite.code.proof(node_key, signing_key).as_bytes(),
+            proof.as_bytes(),
+        ) {
+            return Err(Denial::BadProof);
+        }
+        if invite.uses_left == 0 {
+            return Err(Denial::UsedUp);
+        }
+        invite.uses_left -= 1;
+        let code = invite.code.clone();
+        let used_up = invite.uses_left == 0;
+        if used_up {
+            self.open.remove(id);
+        }
+        Ok((code, used_up))
+    }
+
+    /// Drops expired invites; returns their ids.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<InviteId> {
+        let gone: Vec<InviteId> = self
+            .open
+            .iter()
+            .filter(|(_, i)| i.expires_ms <= now_ms)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            self.open.remove(id);
+        }
+        gone
+    }
+
+    /// The ids still open, to announce again after reconnecting.
+    pub fn ids(&self) -> Vec<InviteId> {
+        self.open.keys().cloned().collect()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Node keys removed from the network, with the signed revocations that prove it.
+#[derive(Default)]
+pub struct RevokedList {
+    by_key: HashMap<NodeKey, Signed>,
+}
+
+impl RevokedList {
+    pub fn contains(&self, key: &NodeKey) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    /// Adds a verified revocation; false if it was already known.
+    pub fn add(&mut self, r: &Revocation, signed: Signed) -> bool {
+        self.by_key.insert(r.node_key, signed).is_none()
+    }
+
+    pub fn signed(&self) -> Vec<Signed> {
+        self.by_key.values().cloned().collect()
+    }
+}
+
+/// Shared by the control client and the daemon's commands.
+pub struct MemberState {
+    credential: RwLock<Arc<Credential>>,
+    /// The token or invite code the credential came from, as saved.
+    join_text: Mutex<String>,
+    invites: Mutex<InviteBook>,
+    revoked: Mutex<RevokedList>,
+    state: StateDir,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MemberState {
+    /// Starts with `credential` and the revocations saved for its network.
+    pub fn new(credential: Credential, join_text: String, state: StateDir) -> MemberState {
+        let network = credential.network_id();
+        let mut revoked = RevokedList::default();
+        for signed in state.revocations() {
+            if let Ok(r) = Revocation::open(&signed, &network) {
+                revoked.add(&r, signed);
+            }
+        }
+        MemberState {
+            credential: RwLock::new(Arc::new(credential)),
+            join_text: Mutex::new(join_text),
+            invites: Mutex::new(InviteBook::default()),
+            revoked: Mutex::new(revoked),
+            state,
+        }
+    }
+
+    pub fn credential(&self) -> Arc<Credential> {
+        self.credential
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Moves to a new network's credential: revocations and invites of the old one are void.
+    pub fn replace_credential(&self, credential: Arc<Credential>, join_text: String) {
+        *self.credential.write().unwrap_or_else(|p| p.into_inner()) = credential;
+        *lock(&self.join_text) = join_text;
+        *lock(&self.invites) = InviteBook::default();
+        *lock(&self.revoked) = RevokedList::default();
+        if let Err(e) = self.state.save_revocations(&[]) {
+            tracing::warn!("cannot clear the saved revocations: {e}");
+        }
+    }
+
+    pub fn invites(&self) -> MutexGuard<'_, InviteBook> {
+        lock(&self.invites)
+    }
+
+    pub fn is_revoked(&self, key: &NodeKey) -> bool {
+        lock(&self.revoked).contains(key)
+    }
+
+    /// Adds a verified revocation and saves the list; false if it was known.
+    pub fn revoke(&self, r: &Revocation, signed: Signed) -> bool {
+        let mut list = lock(&self.revoked);
+        if !list.add(r, signed) {
+            return false;
+        }
+        if let Err(e) = self.state.save_revocations(&list.signed()) {
+            tracing::warn!("cannot save the revocation list: {e}");
+        }
+        true
+    }
+
+    pub fn revocations(&self) -> Vec<Signed> {
+        lock(&self.revoked).signed()
+    }
+
+    pub fn join_text(&self) -> String {
+        lock(&self.join_text).clone()
+    }
+
+    /// Saves the membership for the current credential (after a rotation moved it).
+    pub fn persist(&self, name: String, ip: Ipv4Addr) -> std::io::Result<()> {
+        let join_text = self.join_text();
+        let invited = match &*self.credential() {
+            Credential::Invited { invited, .. } => Some(invited.clone()),
+            Credential::Secret { .. } => None,
+        };
+        self.state.save_membership(&Membership {
+            token: join_text,
+            invited,
+            name,
+            ip,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(n: u8) -> InviteCode {
+        InviteCode {
+            secret: [n; 16],
+            coordinator_key: [1; 32],
+            endpoints: vec!["h:1".into()],
+        }
+    }
+
+    #[test]
+    fn a_one_time_invite_admits_exactly_one() {
+        let mut book = InviteBook::default();
+        let c = code(1);
+        let id = book.open(c.clone(), 1, 10_000, 0).unwrap();
+        let (a, b) = (NodeKey([1; 32]), NodeKey([2; 32]));
+        let (_, used_up) = book.redeem(&id, &a, "s", &c.proof(&a, "s"), 5).unwrap();
+        assert!(used_up);
+        assert_eq!(
+            book.redeem(&id, &b, "s", &c.proof(&b, "s"), 5).unwrap_err(),
+            Denial::Unknown
+        );
+    }
+
+    #[test]
+    fn uses_expiry_and_proofs_are_enforced() {
+        let mut book = InviteBook::default();
+        let c = code(2);
+        let id = book.open(c.clone(), 2, 1000, 0).unwrap();
+        let k = |n| NodeKey([n; 32]);
+        // A proof made for another key does not pass (what a coordinator replaying it sends).
+        assert_eq!(
+            book.redeem(&id, &k(9), "s", &c.proof(&k(1), "s"), 1)
+                .unwrap_err(),
+            Denial::BadProof
+        );
+        assert!(
+            !book
+                .redeem(&id, &k(1), "s", &c.proof(&k(1), "s"), 1)
+                .unwrap()
+                .1
+        );
+        assert!(
+            book.redeem(&id, &k(2), "s", &c.proof(&k(2), "s"), 2)
+                .unwrap()
+                .1
+        );
+        assert_eq!(
+            book.redeem(&id, &k(3), "s", &c.proof(&k(3), "s"), 3)
+                .unwrap_err(),
+            Denial::Unknown
+        );
+        let c = code(3);
+        let id = book.open(c.clone(), 5, 1000, 0).unwrap();
+        assert_eq!(
+            book.redeem(&id, &k(1), "s", &c.proof(&k(1), "s"), 1000)
+                .unwrap_err(),
+            Denial::Expired
+        );
+        assert!(book.open(code(4), 0, 1000, 0).is_err());
+        let id = book.open(code(5), 1, 100, 0).unwrap();
+        assert_eq!(book.expire(100), vec![id]);
+        assert!(book.ids().is_empty());
+    }
+}

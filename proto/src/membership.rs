@@ -1,0 +1,515 @@
+//! Membership that the coordinator cannot forge: what proves a node belongs to a network, and
+//! the signed statements that change who belongs.
+//!
+//! - A node that joined with the token holds the network secret and signs with the network key.
+//! - A node admitted by invite holds a [`MemberCert`]: the network key's signature over its node
+//!   key and a signing key derived from its node private key. It signs its own records with
+//!   that key. It never learns the network secret.
+//! - A [`Revocation`] (`a2actl kick`), signed by the network key, removes a node key for good.
+//! - A [`RotationNotice`] (`a2actl token rotate`), signed by the old network key, moves the
+//!   members it names to a new network secret, each sealed to that member's node key so the
+//!   coordinator that carries it cannot read it.
+//!
+//! All of these are signed JSON ([`Signed`]): the coordinator can check them against the
+//! network id it knows, but cannot make one.
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use data_encoding::BASE64;
+use ed25519_dalek::{Signature, SigningKey, Verifier, VerifyingKey};
+use hkdf::Hkdf;
+use ipnet::Ipv4Net;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::keys::{
+    signed_bytes, NetworkId, NetworkKey, NodeKey, CERT_CONTEXT, REGISTER_CONTEXT, REVOKE_CONTEXT,
+    ROTATE_CONTEXT,
+};
+use crate::record::{NodeRecord, RecordError, SignedRecord};
+use crate::token::JoinToken;
+
+/// Largest signed statement accepted (a rotation notice for [`MAX_CARRIED`] members).
+pub const MAX_SIGNED_LEN: usize = 256 * 1024;
+/// Most members one rotation notice carries to the new network.
+pub const MAX_CARRIED: usize = 1024;
+
+/// A JSON body and the network key's signature over it (base64).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signed {
+    pub body: String,
+    pub sig: String,
+}
+
+impl Signed {
+    pub fn sign<T: Serialize>(value: &T, key: &NetworkKey, context: &[u8]) -> Signed {
+        let body = serde_json::to_string(value).expect("a statement always serialises");
+        let sig = key.sign(context, body.as_bytes());
+        Signed {
+            body,
+            sig: BASE64.encode(&sig),
+        }
+    }
+
+    /// Checks the signature under `network`, then parses the body.
+    pub fn open<T: DeserializeOwned>(
+        &self,
+        network: &NetworkId,
+        context: &[u8],
+    ) -> Result<T, RecordError> {
+        if self.body.len() > MAX_SIGNED_LEN || self.sig.len() > 128 {
+            return Err(RecordError::TooLarge);
+        }
+        if self.sig.is_empty() {
+            return Err(RecordError::Unsigned);
+        }
+        let sig = BASE64
+            .decode(self.sig.as_bytes())
+            .map_err(|_| RecordError::BadSignature)?;
+        if !network.verify(context, self.body.as_bytes(), &sig) {
+            return Err(RecordError::BadSignature);
+        }
+        serde_json::from_str(&self.body).map_err(|e| RecordError::Malformed(e.to_string()))
+    }
+}
+
+/// The Ed25519 key a node signs its own records with when it was admitted by invite, derived
+/// from its X25519 node private key (so it needs no extra file and survives restarts).
+pub fn node_signing_key(node_private: &[u8; 32]) -> SigningKey {
+    let mut seed = [0u8; 32];
+    Hkdf::<Sha256>::new(Some(b"a2a node signing key v1"), node_private)
+        .expand(b"ed25519 seed", &mut seed)
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    SigningKey::from_bytes(&seed)
+}
+
+/// The network key's word that a node key belongs to the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberCert {
+    pub network: NetworkId,
+    pub node_key: NodeKey,
+    /// The node's signing key (base64 Ed25519 public key), see [`node_signing_key`].
+    pub signing_key: String,
+    /// The invite it was admitted with (hex id), for `status`.
+    pub invite: String,
+    pub issued_ms: u64,
+}
+
+impl MemberCert {
+    /// Verifies a certificate for `network`.
+    pub fn open(signed: &Signed, network: &NetworkId) -> Result<MemberCert, RecordError> {
+        let cert: MemberCert = signed.open(network, CERT_CONTEXT)?;
+        if cert.network != *network {
+            return Err(RecordError::Foreign);
+        }
+        if cert.signing_key().is_none() {
+            return Err(RecordError::Invalid(
+                "certificate signing key is invalid".into(),
+            ));
+        }
+        Ok(cert)
+    }
+
+    fn signing_key(&self) -> Option<VerifyingKey> {
+        let bytes: [u8; 32] = BASE64
+            .decode(self.signing_key.as_bytes())
+            .ok()?
+            .try_into()
+            .ok()?;
+        VerifyingKey::from_bytes(&bytes).ok()
+    }
+
+    /// Checks a signature made by the certified node's signing key.
+    pub fn verify_node_signature(&self, context: &[u8], message: &[u8], sig: &[u8]) -> bool {
+        let (Some(key), Ok(sig)) = (self.signing_key(), Signature::from_slice(sig)) else {
+            return false;
+        };
+        key.verify(&signed_bytes(context, message), &sig).is_ok()
+    }
+}
+
+/// Issues a certificate for `node_key` (whose signing key is `signing_key`).
+pub fn issue_cert(
+    key: &NetworkKey,
+    node_key: NodeKey,
+    signing_key: &VerifyingKey,
+    invite: String,
+    issued_ms: u64,
+) -> Signed {
+    Signed::sign(
+        &MemberCert {
+            network: key.id(),
+            node_key,
+            signing_key: BASE64.encode(signing_key.as_bytes()),
+            invite,
+            issued_ms,
+        },
+        key,
+        CERT_CONTEXT,
+    )
+}
+
+/// "This node key is no longer a member" (`a2actl kick`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub network: NetworkId,
+    pub node_key: NodeKey,
+    pub issued_ms: u64,
+}
+
+impl Revocation {
+    pub fn open(signed: &Signed, network: &NetworkId) -> Result<Revocation, RecordError> {
+        let r: Revocation = signed.open(network, REVOKE_CONTEXT)?;
+        if r.network != *network {
+            return Err(RecordError::Foreign);
+        }
+        Ok(r)
+    }
+}
+
+/// What a rotation hands one member, sealed to its node key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Carry {
+    /// For a holder of the old secret: the new network secret (base64, 32 bytes).
+    Secret { secret: String },
+    /// For a member admitted by invite: its certificate under the new network key.
+    Cert { cert: Signed },
+}
+
+/// One member carried to the new network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Carried {
+    pub node_key: NodeKey,
+    /// base64 of `nonce (24) | XChaCha20-Poly1305(Carry JSON)`.
+    pub sealed: String,
+}
+
+/// "This network moves to a new secret; these members come along" (`a2actl token rotate`).
+/// Members not named are left behind in the old network, alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationNotice {
+    pub old_network: NetworkId,
+    pub new_network: NetworkId,
+    /// The member that rotated (its node key seals the carried parts).
+    pub rotator: NodeKey,
+    pub issued_ms: u64,
+    pub carried: Vec<Carried>,
+}
+
+fn carry_cipher(own: &StaticSecret, peer: &NodeKey, new_network: &NetworkId) -> XChaCha20Poly1305 {
+    let shared = own.diffie_hellman(&PublicKey::from(peer.0));
+    let mut key = [0u8; 32];
+    let mut info = b"a2a rotate carry v1".to_vec();
+    info.extend_from_slice(&new_network.0);
+    Hkdf::<Sha256>::new(None, shared.as_bytes())
+        .expand(&info, &mut key)
+        .expect("32 bytes is a valid HKDF-SHA256 length");
+    XChaCha20Poly1305::new(&key.into())
+}
+
+impl RotationNotice {
+    pub fn open(signed: &Signed, network: &NetworkId) -> Result<RotationNotice, RecordError> {
+        let n: RotationNotice = signed.open(network, ROTATE_CONTEXT)?;
+        if n.old_network != *network {
+            return Err(RecordError::Foreign);
+        }
+        if n.carried.len() > MAX_CARRIED {
+            return Err(RecordError::Invalid(
+                "rotation carries too many members".into(),
+            ));
+        }
+        Ok(n)
+    }
+
+    /// Seals `carry` for `member`, by the rotator (`own`).
+    pub fn seal(
+        own: &StaticSecret,
+        member: NodeKey,
+        new_network: &NetworkId,
+        carry: &Carry,
+    ) -> Carried {
+        let cipher = carry_cipher(own, &member, new_network);
+        let nonce: [u8; 24] = rand::random();
+        let plain = serde_json::to_vec(carry).expect("a carry always serialises");
+        let aad = member.0;
+        let sealed = cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &plain,
+                    aad: &aad,
+                },
+            )
+            .expect("XChaCha20-Poly1305 seals any length used here");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        Carried {
+            node_key: member,
+            sealed: BASE64.encode(&out),
+        }
+    }
+
+    /// This member's part, opened with its private key; `None` if the notice leaves it behind
+    /// or its part does not open.
+    pub fn carry_for(&self, own: &StaticSecret) -> Option<Carry> {
+        let me = NodeKey(PublicKey::from(own).to_bytes());
+        let part = self.carried.iter().find(|c| c.node_key == me)?;
+        let raw = BASE64.decode(part.sealed.as_bytes()).ok()?;
+        if raw.len() < 24 + 16 || raw.len() > 64 * 1024 {
+            return None;
+        }
+        let cipher = carry_cipher(own, &self.rotator, &self.new_network);
+        let plain = cipher
+            .decrypt(
+                XNonce::from_slice(&raw[..24]),
+                Payload {
+                    msg: &raw[24..],
+                    aad: &me.0,
+                },
+            )
+            .ok()?;
+        serde_json::from_slice(&plain).ok()
+    }
+}
+
+/// What a node admitted by invite keeps instead of the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invited {
+    /// The coordinator's static public key (base64).
+    pub coordinator_key: String,
+    pub endpoints: Vec<String>,
+    pub prefix: Ipv4Net,
+    pub network: NetworkId,
+    pub cert: Signed,
+}
+
+impl std::fmt::Debug for Invited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invited")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What lets this node take part in a network.
+pub enum Credential {
+    /// Joined with the token: holds the network secret, so it can invite, kick and rotate.
+    Secret { token: JoinToken, key: NetworkKey },
+    /// Admitted by invite: a certificate and the node's own signing key.
+    Invited {
+        invited: Invited,
+        coordinator_key: [u8; 32],
+        signer: SigningKey,
+    },
+}
+
+impl Credential {
+    pub fn from_token(token: JoinToken) -> Credential {
+        let key = NetworkKey::derive(&token.network_secret);
+        Credential::Secret { token, key }
+    }
+
+    /// Checks a saved invite credential against this node's private key.
+    pub fn from_invited(invited: Invited, node_private: &[u8; 32]) -> Result<Credential, String> {
+        let coordinator_key: [u8; 32] = BASE64
+            .decode(invited.coordinator_key.as_bytes())
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or("the saved coordinator key is malformed")?;
+        let cert = MemberCert::open(&invited.cert, &invited.network)
+            .map_err(|e| format!("the saved member certificate is invalid: {e}"))?;
+        let signer = node_signing_key(node_private);
+        let me = NodeKey(PublicKey::from(&StaticSecret::from(*node_private)).to_bytes());
+        if cert.node_key != me
+            || cert.signing_key != BASE64.encode(signer.verifying_key().as_bytes())
+        {
+            return Err("the saved member certificate is for another node key".into());
+        }
+        Ok(Credential::Invited {
+            invited,
+            coordinator_key,
+            signer,
+        })
+    }
+
+    pub fn coordinator_key(&self) -> [u8; 32] {
+        match self {
+            Credential::Secret { token, .. } => token.coordinator_key,
+            Credential::Invited {
+                coordinator_key, ..
+            } => *coordinator_key,
+        }
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        match self {
+            Credential::Secret { token, .. } => &token.endpoints,
+            Credential::Invited { invited, .. } => &invited.endpoints,
+        }
+    }
+
+    pub fn prefix(&self) -> Ipv4Net {
+        match self {
+            Credential::Secret { token, .. } => token.prefix,
+            Credential::Invited { invited, .. } => invited.prefix,
+        }
+    }
+
+    pub fn network_id(&self) -> NetworkId {
+        match self {
+            Credential::Secret { key, .. } => key.id(),
+            Credential::Invited { invited, .. } => invited.network,
+        }
+    }
+
+    /// The network key, if this node holds the secret.
+    pub fn network_key(&self) -> Option<&NetworkKey> {
+        match self {
+            Credential::Secret { key, .. } => Some(key),
+            Credential::Invited { .. } => None,
+        }
+    }
+
+    pub fn token(&self) -> Option<&JoinToken> {
+        match self {
+            Credential::Secret { token, .. } => Some(token),
+            Credential::Invited { .. } => None,
+        }
+    }
+
+    pub fn sign_record(&self, record: &NodeRecord) -> SignedRecord {
+        match self {
+            Credential::Secret { key, .. } => record.sign(key),
+            Credential::Invited {
+                invited, signer, ..
+            } => record.sign_with_cert(signer, &invited.cert),
+        }
+    }
+
+    /// The registration proof over the control channel's handshake hash: the network key's
+    /// signature for a secret holder; empty for an invited node, whose record carries its
+    /// certificate (the channel itself authenticates the node key the certificate names).
+    pub fn register_proof(&self, handshake_hash: &[u8]) -> String {
+        match self {
+            Credential::Secret { key, .. } => {
+                BASE64.encode(&key.sign(REGISTER_CONTEXT, handshake_hash))
+            }
+            Credential::Invited { .. } => String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: u8) -> (StaticSecret, NodeKey) {
+        let s = StaticSecret::from([n; 32]);
+        let k = NodeKey(PublicKey::from(&s).to_bytes());
+        (s, k)
+    }
+
+    fn record(network: NetworkId, key: NodeKey) -> NodeRecord {
+        NodeRecord {
+            network,
+            node_key: key,
+            name: "inv".into(),
+            ip: "100.64.0.9".parse().unwrap(),
+            candidates: vec![],
+            issued_ms: 5,
+        }
+    }
+
+    #[test]
+    fn certified_records_verify_and_forgeries_do_not() {
+        let net = NetworkKey::derive(&[1; 32]);
+        let (_, key) = node(7);
+        let signer = node_signing_key(&[7; 32]);
+        let cert = issue_cert(&net, key, &signer.verifying_key(), "ab".into(), 1);
+        let signed = record(net.id(), key).sign_with_cert(&signer, &cert);
+        let v = signed.verify(&net.id()).unwrap();
+        assert_eq!(v.cert.unwrap().invite, "ab");
+
+        // The certificate is for another node key.
+        let (_, other) = node(8);
+        let signed = record(net.id(), other).sign_with_cert(&signer, &cert);
+        assert_eq!(signed.verify(&net.id()), Err(RecordError::BadSignature));
+        // Signed by a key the certificate does not name.
+        let stranger = node_signing_key(&[9; 32]);
+        let signed = record(net.id(), key).sign_with_cert(&stranger, &cert);
+        assert_eq!(signed.verify(&net.id()), Err(RecordError::BadSignature));
+        // A certificate the coordinator made with some other key.
+        let rogue = NetworkKey::derive(&[2; 32]);
+        let fake = issue_cert(&rogue, key, &signer.verifying_key(), "ab".into(), 1);
+        let signed = record(net.id(), key).sign_with_cert(&signer, &fake);
+        assert!(signed.verify(&net.id()).is_err());
+    }
+
+    #[test]
+    fn revocations_bind_their_network() {
+        let net = NetworkKey::derive(&[1; 32]);
+        let other = NetworkKey::derive(&[2; 32]);
+        let r = Revocation {
+            network: net.id(),
+            node_key: NodeKey([3; 32]),
+            issued_ms: 1,
+        };
+        let s = Signed::sign(&r, &net, REVOKE_CONTEXT);
+        assert_eq!(Revocation::open(&s, &net.id()).unwrap(), r);
+        assert!(Revocation::open(&s, &other.id()).is_err());
+        // A certificate's signature does not pass for a revocation.
+        let s2 = Signed::sign(&r, &net, CERT_CONTEXT);
+        assert_eq!(
+            Revocation::open(&s2, &net.id()),
+            Err(RecordError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn rotation_parts_open_only_for_their_member() {
+        let old = NetworkKey::derive(&[1; 32]);
+        let new = NetworkKey::derive(&[2; 32]);
+        let (rot_s, rot_k) = node(1);
+        let (a_s, a_k) = node(2);
+        let (b_s, _) = node(3);
+        let carry = Carry::Secret {
+            secret: BASE64.encode(&[2; 32]),
+        };
+        let notice = RotationNotice {
+            old_network: old.id(),
+            new_network: new.id(),
+            rotator: rot_k,
+            issued_ms: 1,
+            carried: vec![RotationNotice::seal(&rot_s, a_k, &new.id(), &carry)],
+        };
+        let signed = Signed::sign(&notice, &old, ROTATE_CONTEXT);
+        let opened = RotationNotice::open(&signed, &old.id()).unwrap();
+        assert_eq!(opened.carry_for(&a_s), Some(carry));
+        assert_eq!(opened.carry_for(&b_s), None);
+        assert!(RotationNotice::open(&signed, &new.id()).is_err());
+    }
+
+    #[test]
+    fn invited_credential_checks_its_certificate() {
+        let net = NetworkKey::derive(&[1; 32]);
+        let (_, key) = node(7);
+        let signer = node_signing_key(&[7; 32]);
+        let invited = Invited {
+            coordinator_key: BASE64.encode(&[4; 32]),
+            endpoints: vec!["h:1".into()],
+            prefix: "100.64.0.0/10".parse().unwrap(),
+            network: net.id(),
+            cert: issue_cert(&net, key, &signer.verifying_key(), "ab".into(), 1),
+        };
+        let cred = Credential::from_invited(invited.clone(), &[7; 32]).unwrap();
+        assert!(cred.network_key().is_none());
+        assert_eq!(cred.register_proof(b"h"), "");
+        let signed = cred.sign_record(&record(net.id(), key));
+        assert!(signed.verify(&net.id()).is_ok());
+        assert!(Credential::from_invited(invited, &[8; 32]).is_err());
+    }
+}
