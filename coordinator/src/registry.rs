@@ -99,6 +99,11 @@ impl Registry {
         self.by_conn.len()
     }
 
+    /// The connection of a live member.
+    pub fn conn_of(&self, network: &NetworkId, key: &NodeKey) -> Option<ConnId> {
+        self.networks.get(network)?.get(key).map(|m| m.conn)
+    }
+
     pub fn network_count(&self) -> usize {
         self.networks.len()
     }
@@ -422,7 +427,9 @@ impl Registry {
         let Some(&inviter) = self.invites.get(&invite) else {
             return Err((
                 RefuseReason::InviteRefused,
-                "this invite is unknown to the coordinator: it expired or was used up, or the                  member that made it is offline or restarted (invites live only in its memory);                  ask for a new invite"
+                "this invite is unknown to the coordinator: it expired or was used up, or the \
+                 member that made it is offline or restarted (invites live only in its memory); \
+                 ask for a new invite"
                     .into(),
             ));
         };
@@ -791,5 +798,187 @@ mod tests {
             r.update(now, 9, signed(&n.record, &k, &k)).unwrap_err().0,
             RefuseReason::Protocol
         );
+    }
+
+    fn invited(n: u8, k: &NetworkKey) -> (Node, SignedRecord) {
+        use a2a_proto::membership::{issue_cert, node_signing_key};
+        let node = node(n, &format!("100.64.0.{n}"));
+        let signer = node_signing_key(&[n; 32]);
+        let cert = issue_cert(k, node.key, &signer.verifying_key(), "ab".into(), 1);
+        let mut r = node.record.clone();
+        r.network = k.id();
+        let signed = r.sign_with_cert(&signer, &cert);
+        (node, signed)
+    }
+
+    #[test]
+    fn invited_nodes_register_with_their_certificate_only() {
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let rogue = NetworkKey::derive(&[2; 32]);
+        let now = Instant::now();
+        reg(&mut r, now, 1, &k, &node(1, "100.64.0.1")).unwrap();
+        let (n, record) = invited(2, &k);
+        let request = |record: SignedRecord, proof: &'static str| RegisterRequest {
+            conn_key: n.key,
+            handshake_hash: HASH,
+            network: k.id(),
+            proof,
+            record,
+            relay_secret: String::new(),
+        };
+        // A certificate from a key that is not the network's: refused.
+        let (_, forged) = invited(2, &rogue);
+        let mut forged = forged;
+        forged.body = record.body.clone();
+        assert!(r.register(now, 2, request(forged, "")).is_err());
+        // No proof and no certificate: refused.
+        let plain = signed(&n.record, &k, &rogue);
+        assert_eq!(
+            r.register(now, 2, request(plain, "")).unwrap_err().0,
+            RefuseReason::BadProof
+        );
+        // The genuine certificate: admitted, and alpha is told.
+        let out = r.register(now, 2, request(record, "")).unwrap();
+        assert!(out
+            .iter()
+            .any(|(c, m)| *c == 1 && matches!(m, ServerMsg::PeerUp { relay_id: 2, .. })));
+    }
+
+    #[test]
+    fn redemptions_go_to_the_inviter_and_answers_to_the_redeemer_only() {
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let now = Instant::now();
+        reg(&mut r, now, 1, &k, &node(1, "100.64.0.1")).unwrap();
+        reg(&mut r, now, 2, &k, &node(2, "100.64.0.2")).unwrap();
+        let id = "0".repeat(32);
+        assert!(r.invite_open(9, id.clone()).is_err(), "not registered");
+        r.invite_open(1, id.clone()).unwrap();
+        let unknown = r.redeem(
+            now,
+            50,
+            NodeKey([5; 32]),
+            "f".repeat(32),
+            "s".into(),
+            "p".into(),
+        );
+        assert_eq!(unknown.unwrap_err().0, RefuseReason::InviteRefused);
+        let out = r
+            .redeem(
+                now,
+                50,
+                NodeKey([5; 32]),
+                id.clone(),
+                "s".into(),
+                "p".into(),
+            )
+            .unwrap();
+        assert!(matches!(
+            out[..],
+            [(1, ServerMsg::RedeemRequest { ticket: 50, .. })]
+        ));
+        // Only the inviter may answer, once.
+        let answer = || ServerMsg::InviteAdmitted { sealed: "x".into() };
+        assert!(r.invite_answer(2, 50, answer()).is_none());
+        assert_eq!(r.invite_answer(1, 50, answer()), Some(vec![(50, answer())]));
+        assert!(r.invite_answer(1, 50, answer()).is_none());
+        // An unanswered redemption is refused at the deadline.
+        r.redeem(
+            now,
+            51,
+            NodeKey([6; 32]),
+            id.clone(),
+            "s".into(),
+            "p".into(),
+        )
+        .unwrap();
+        let (out, _) = r.expire(now + REDEEM_TIMEOUT);
+        assert!(out.iter().any(|(c, m)| *c == 51
+            && matches!(
+                m,
+                ServerMsg::Refused {
+                    reason: RefuseReason::InviteRefused,
+                    ..
+                }
+            )));
+        // The inviter leaving closes its invites.
+        r.disconnect(1);
+        assert!(r
+            .redeem(now, 52, NodeKey([7; 32]), id, "s".into(), "p".into())
+            .is_err());
+    }
+
+    #[test]
+    fn revocations_remove_and_keep_out_and_only_the_network_key_makes_them() {
+        use a2a_proto::keys::REVOKE_CONTEXT;
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let rogue = NetworkKey::derive(&[2; 32]);
+        let now = Instant::now();
+        for n in 1..=3 {
+            reg(
+                &mut r,
+                now,
+                n as u32,
+                &k,
+                &node(n, &format!("100.64.0.{n}")),
+            )
+            .unwrap();
+        }
+        let revocation = Revocation {
+            network: k.id(),
+            node_key: NodeKey([3; 32]),
+            issued_ms: 1,
+        };
+        let forged = Signed::sign(&revocation, &rogue, REVOKE_CONTEXT);
+        assert!(r.revoke(1, forged).is_err());
+        assert_eq!(r.member_count(), 3);
+        let (out, removed) = r
+            .revoke(1, Signed::sign(&revocation, &k, REVOKE_CONTEXT))
+            .unwrap();
+        assert_eq!(removed, Some(3));
+        assert!(out
+            .iter()
+            .any(|(c, m)| *c == 2 && matches!(m, ServerMsg::Revoked { .. })));
+        assert_eq!(r.member_count(), 2);
+        // It cannot come back, and a later member learns of the revocation.
+        let e = reg(&mut r, now, 4, &k, &node(3, "100.64.0.3")).unwrap_err();
+        assert_eq!(e.0, RefuseReason::Revoked);
+        let out = reg(&mut r, now, 5, &k, &node(5, "100.64.0.5")).unwrap();
+        assert!(out
+            .iter()
+            .any(|(c, m)| *c == 5 && matches!(m, ServerMsg::Revoked { .. })));
+    }
+
+    #[test]
+    fn rotation_notices_reach_members_now_and_later() {
+        use a2a_proto::keys::ROTATE_CONTEXT;
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let next = NetworkKey::derive(&[2; 32]);
+        let now = Instant::now();
+        reg(&mut r, now, 1, &k, &node(1, "100.64.0.1")).unwrap();
+        reg(&mut r, now, 2, &k, &node(2, "100.64.0.2")).unwrap();
+        let notice = RotationNotice {
+            old_network: k.id(),
+            new_network: next.id(),
+            rotator: NodeKey([1; 32]),
+            issued_ms: 1,
+            carried: vec![],
+        };
+        assert!(r
+            .rotate(1, Signed::sign(&notice, &next, ROTATE_CONTEXT))
+            .is_err());
+        let out = r
+            .rotate(1, Signed::sign(&notice, &k, ROTATE_CONTEXT))
+            .unwrap();
+        assert!(matches!(out[..], [(2, ServerMsg::Moved { .. })]));
+        r.disconnect(1);
+        r.disconnect(2);
+        let out = reg(&mut r, now, 3, &k, &node(3, "100.64.0.3")).unwrap();
+        assert!(out
+            .iter()
+            .any(|(c, m)| *c == 3 && matches!(m, ServerMsg::Moved { .. })));
     }
 }

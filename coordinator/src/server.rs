@@ -18,7 +18,7 @@ use a2a_proto::udp::{
     classify, parse_relay_data, write_relay_header, A2aDatagram, DatagramKind, MAX_A2A_DATAGRAM,
     RELAY_HEADER_LEN,
 };
-use a2a_proto::NodeKey;
+use a2a_proto::{NetworkId, NodeKey, SignedRecord};
 use data_encoding::BASE64;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -112,6 +112,30 @@ impl Counters {
     }
 }
 
+/// A hook for tests only: a test binary (the forging coordinator in `netns-tests`) wraps the
+/// real server and injects what an attacker holding the hub would send, to show that members
+/// refuse it. The `a2a-coordinator` binary never installs one.
+pub trait Tamper: Send + Sync + 'static {
+    /// Called once a node registered in `network` with `record`; each injection returned is
+    /// sent to the member of `network` with that node key (the new node or any other), after
+    /// the genuine registration messages.
+    fn after_register(
+        &self,
+        network: &NetworkId,
+        record: &SignedRecord,
+    ) -> Vec<(NodeKey, Injected)>;
+}
+
+/// What a [`Tamper`] hook sends to a node.
+pub enum Injected {
+    Msg(ServerMsg),
+    /// A datagram framed as relay data from relay id `from`, over the control connection.
+    Relay {
+        from: u32,
+        datagram: Vec<u8>,
+    },
+}
+
 /// What a connection's writer task sends: a message, or relay data from a relay id.
 enum Outgoing {
     Msg(ServerMsg),
@@ -147,6 +171,7 @@ pub struct Server {
     udp: std::sync::OnceLock<Arc<UdpSocket>>,
     private_key: [u8; 32],
     pub counters: Counters,
+    tamper: std::sync::OnceLock<Arc<dyn Tamper>>,
     next_conn: std::sync::atomic::AtomicU32,
 }
 
@@ -161,8 +186,14 @@ impl Server {
             udp: std::sync::OnceLock::new(),
             private_key,
             counters: Counters::default(),
+            tamper: std::sync::OnceLock::new(),
             next_conn: std::sync::atomic::AtomicU32::new(1),
         })
+    }
+
+    /// Installs a test hook (see [`Tamper`]); only test binaries call this.
+    pub fn set_tamper(&self, tamper: Arc<dyn Tamper>) {
+        let _ = self.tamper.set(tamper);
     }
 
     fn hub(&self) -> std::sync::MutexGuard<'_, Hub> {
@@ -265,6 +296,10 @@ impl Server {
                 let mut hub = self.hub();
                 hub.outboxes.insert(conn, tx.clone());
                 let secret: [u8; 16] = rand::random();
+                let tampered = self
+                    .tamper
+                    .get()
+                    .map(|t| t.after_register(&network, &record));
                 match hub.registry.register(
                     Instant::now(),
                     conn,
@@ -281,6 +316,21 @@ impl Server {
                         self.relay()
                             .insert(Instant::now(), conn, network, secret, tx.clone());
                         hub.deliver(out);
+                        for (to, injected) in tampered.into_iter().flatten() {
+                            let Some(out) = hub
+                                .registry
+                                .conn_of(&network, &to)
+                                .and_then(|c| hub.outboxes.get(&c))
+                            else {
+                                continue;
+                            };
+                            let _ = out.try_send(match injected {
+                                Injected::Msg(m) => Outgoing::Msg(m),
+                                Injected::Relay { from, datagram } => {
+                                    Outgoing::Relay(from, datagram)
+                                }
+                            });
+                        }
                         Counters::bump(&self.counters.registrations);
                         true
                     }

@@ -54,10 +54,10 @@ pub fn status_table(status: &Status) -> String {
         me.name,
         me.ip,
         me.interface,
-        if me.registered {
-            ""
-        } else {
-            " (coordinator unreachable; tunnels keep working)"
+        match (&me.refused, me.registered) {
+            (Some(why), _) => format!(" (refused by the coordinator: {why})"),
+            (None, true) => String::new(),
+            (None, false) => " (coordinator unreachable; tunnels keep working)".into(),
         }
     );
     if status.peers.is_empty() {
@@ -133,6 +133,7 @@ mod tests {
                 ip: "100.64.0.1".into(),
                 public_key: "k".into(),
                 registered: true,
+                refused: None,
                 interface: "a2a0".into(),
             }),
             peers: vec![PeerStatus {

@@ -251,12 +251,17 @@ impl Daemon {
             })
             .collect();
         let registered = matches!(*s.registration.borrow(), Registration::Registered { .. });
+        let refused = match &*s.registration.borrow() {
+            Registration::Refused(why) => Some(why.clone()),
+            _ => None,
+        };
         Status {
             self_: Some(SelfStatus {
                 name: s.name.clone(),
                 ip: s.current_ip().to_string(),
                 public_key: self.node_key().to_base64(),
                 registered,
+                refused,
                 interface: s.interface.clone(),
             }),
             peers,

@@ -1361,6 +1361,9 @@ pub struct CoordOpts {
     pub prefix: Option<String>,
     /// Listen on `0.0.0.0` and pass the wan address as `--endpoint`.
     pub wildcard_listen: bool,
+    /// Run the forging coordinator (`a2a-forging-coordinator`, the real server with a hook that
+    /// injects forged members) instead of `a2a-coordinator`.
+    pub forging: bool,
 }
 
 /// A coordinator process in its namespace.
@@ -1379,11 +1382,15 @@ impl Coordinator {
     fn args(&self) -> Vec<String> {
         let bins = &self.ns.lab.bins;
         // At its most verbose level, so the zero-log checks read everything it can print.
-        let mut args = vec![
-            "env".into(),
-            "A2A_LOG=trace".into(),
-            bins.coordinator.clone(),
-        ];
+        let binary = if self.opts.forging {
+            bins.dir
+                .join("a2a-forging-coordinator")
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            bins.coordinator.clone()
+        };
+        let mut args = vec!["env".into(), "A2A_LOG=trace".into(), binary];
         if self.opts.wildcard_listen {
             args.push("--listen".into());
             args.push(format!("0.0.0.0:{COORDINATOR_PORT}"));
@@ -1581,7 +1588,13 @@ impl Node {
 
     /// `a2actl up --join TOKEN --name NAME`, as is.
     pub fn up(&self, token: &str) -> Output {
-        self.ctl(&["up", "--join", token, "--name", &self.name])
+        let out = self.ctl(&["up", "--join", token, "--name", &self.name]);
+        if out.success() {
+            if let Ok(ip) = out.stdout.trim().parse() {
+                *self.ip.lock().unwrap() = Some(ip);
+            }
+        }
+        out
     }
 
     /// `a2actl up` that must succeed and print a bare IPv4 address; returns (and remembers) it.

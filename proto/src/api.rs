@@ -132,6 +132,9 @@ pub struct SelfStatus {
     /// Whether the coordinator currently has this node registered.
     #[serde(default)]
     pub registered: bool,
+    /// Why the coordinator refused this node, when it did (kicked, rotated out, bad token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
     #[serde(default)]
     pub interface: String,
 }
@@ -205,6 +208,7 @@ mod tests {
                 ip: "100.64.0.1".into(),
                 public_key: "k".into(),
                 registered: true,
+                refused: None,
                 interface: "a2a0".into(),
             }),
             peers: vec![PeerStatus {
