@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::LinkFlags;
 use rtnetlink::{Handle, LinkUnspec};
 
 #[derive(Clone)]
@@ -88,12 +89,29 @@ impl NetConf {
 
     /// The host's IPv4 addresses other than loopback and the overlay interface: the local
     /// candidates a node publishes.
+    ///
+    /// Point-to-point links (other tunnels: another a2a, WireGuard, a VPN) are skipped: an
+    /// address there reaches a peer only through that other tunnel, and a path found through
+    /// it would nest one tunnel inside another.
     pub async fn local_ipv4(&self, exclude_index: Option<u32>) -> io::Result<Vec<Ipv4Addr>> {
+        let tunnels: Vec<u32> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|e| nl_err("list links", e))?
+            .into_iter()
+            .filter(|l| l.header.flags.contains(LinkFlags::Pointopoint))
+            .map(|l| l.header.index)
+            .collect();
         Ok(self
             .addresses()
             .await?
             .iter()
             .filter(|m| Some(m.header.index) != exclude_index)
+            .filter(|m| !tunnels.contains(&m.header.index))
             .filter_map(ipv4_of)
             .filter(|ip| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified())
             .collect())
