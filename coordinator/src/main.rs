@@ -223,9 +223,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let _ = std::io::stdout().flush();
         let server = server::Server::new(private);
         tokio::select! {
-            r = server.run(tcp, udp, udp_alt) => r.map_err(|e| format!("listening socket failed: {e}")),
+            r = server.clone().run(tcp, udp, udp_alt) => r.map_err(|e| format!("listening socket failed: {e}")),
             _ = a2a_proto::process::shutdown_signal() => {
-                tracing::info!("shutting down; all registrations were in memory only");
+                tracing::info!(
+                    "shutting down; all registrations were in memory only; {}",
+                    server.stats_line()
+                );
                 Ok(())
             }
         }

@@ -620,16 +620,22 @@ impl Server {
         tick.tick().await;
         loop {
             tick.tick().await;
-            let (members, networks) = {
-                let hub = self.hub();
-                (hub.registry.member_count(), hub.registry.network_count())
-            };
-            let slots = self.relay().len();
-            tracing::info!(
-                "live members={members} networks={networks} relay_slots={slots} {}",
-                self.counters.summary()
-            );
+            tracing::info!("{}", self.stats_line());
         }
+    }
+
+    /// The coordinator's only report: how many members, networks and relay slots are live, and
+    /// the counters. Numbers only, never an identifier.
+    pub fn stats_line(&self) -> String {
+        let (members, networks) = {
+            let hub = self.hub();
+            (hub.registry.member_count(), hub.registry.network_count())
+        };
+        let slots = self.relay().len();
+        format!(
+            "live members={members} networks={networks} relay_slots={slots} {}",
+            self.counters.summary()
+        )
     }
 }
 
