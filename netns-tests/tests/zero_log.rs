@@ -984,7 +984,7 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
     let first_token = a2a_proto::JoinToken::parse(&token).expect("the coordinator's token parses");
 
     // An easy pair (direct), a hard pair (relayed over UDP), a node without UDP (relayed over
-    // TCP), and two open nodes that will leave and fail.
+    // TCP), and open nodes that will leave, fail, and be invited then kicked.
     let easy1 = lab.router("rtr-easy1", Nat::Easy);
     let easy2 = lab.router("rtr-easy2", Nat::Easy);
     let hard1 = lab.router("rtr-hard1", Nat::Hard);
@@ -997,7 +997,8 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
     let nu = lab.node_behind(&noudp, &name("noudp"));
     let leaver = lab.node(&name("leaver"));
     let crasher = lab.node(&name("crasher"));
-    let behind: [(&Node, Option<&Router>); 7] = [
+    let invitee = lab.node(&name("invitee"));
+    let behind: [(&Node, Option<&Router>); 8] = [
         (&ea, Some(&easy1)),
         (&eb, Some(&easy2)),
         (&ha, Some(&hard1)),
@@ -1005,11 +1006,22 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
         (&nu, Some(&noudp)),
         (&leaver, None),
         (&crasher, None),
+        (&invitee, None),
     ];
-    for (n, _) in &behind {
+    for (n, _) in &behind[..7] {
         n.serve_http();
         n.up_ok(&token);
     }
+    // The last one joins with an invite from easy-a (redeemed through the coordinator).
+    let code = ea
+        .ctl(&["invite", "--uses", "1", "--ttl", "10m"])
+        .expect_ok()
+        .stdout
+        .trim()
+        .to_string();
+    let invite = a2a_proto::invite::InviteCode::parse(&code).expect("the invite code parses");
+    invitee.serve_http();
+    invitee.up_ok(&code);
     let names = |ns: &[&Node]| ns.iter().map(|n| n.name.clone()).collect::<Vec<_>>();
     let all: Vec<&Node> = behind.iter().map(|(n, _)| *n).collect();
     for n in &all {
@@ -1035,6 +1047,7 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
         (&nu, &ha),
         (&leaver, &hb),
         (&crasher, &nu),
+        (&invitee, &hb),
     ] {
         a.wait_http(b, OVERLAY_TIMEOUT);
     }
@@ -1044,11 +1057,17 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
     for (n, r) in &behind {
         needles.extend(node_needles(n, *r));
     }
-    let peers = control_peers(&coord);
-    assert_eq!(
-        peers.len(),
-        all.len(),
-        "the coordinator should hold one control connection per node: {peers:?}"
+    let peers = wait_for(
+        OVERLAY_TIMEOUT,
+        "one control connection per node at the coordinator",
+        || {
+            let peers = control_peers(&coord);
+            if peers.len() == all.len() {
+                Ok(peers)
+            } else {
+                Err(format!("{peers:?}"))
+            }
+        },
     );
     for p in &peers {
         needles.push(addr_needles("a node's control connection source", *p.ip()));
@@ -1056,6 +1075,19 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
     }
     let network_id = a2a_proto::NetworkKey::derive(&first_token.network_secret).id();
     needles.extend(key_forms("the network id", &network_id.0));
+    // The invite's id is all the coordinator knows of it (hex); never printed either.
+    let invite_id = invite.id();
+    for text in [
+        invite_id.clone(),
+        invite_id.to_ascii_uppercase(),
+        invite_id[..8].to_string(),
+    ] {
+        needles.push(Needle {
+            what: "the invite id".into(),
+            text,
+            bounded: false,
+        });
+    }
 
     // The canary crosses the direct path, the UDP relay (hard-a -> hard-b, with hard-a's TUN
     // captured) and the TCP relay (noudp -> hard-a).
@@ -1144,9 +1176,12 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
         "the canary sent through the relay appears in plaintext on the coordinator's interface"
     );
 
-    // A node leaves, another fails: the others see both go.
+    // A node leaves, another fails, the invited one is kicked: the others see all three go.
+    // (The kicked node's daemon is then stopped: members keep its revocation, but the frozen
+    // members below could not re-send it to a restarted coordinator in time.)
     leaver.ctl(&["down"]).expect_ok();
     crasher.stop_daemon(libc::SIGKILL);
+    ea.ctl(&["kick", &invitee.name]).expect_ok();
     let survivors: Vec<&Node> = vec![&ea, &eb, &ha, &hb, &nu];
     for n in &survivors {
         let others: Vec<String> = names(&survivors)
@@ -1156,6 +1191,7 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
         let others: Vec<&str> = others.iter().map(String::as_str).collect();
         n.wait_peers(&others, OVERLAY_TIMEOUT);
     }
+    invitee.stop_daemon(libc::SIGTERM);
 
     // The first run stops cleanly: its last line counts what it did, in numbers only (the
     // relayed transfers, the plaintext datagrams it dropped), and names nobody.
@@ -1173,6 +1209,8 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
         ("relayed_udp", 1),
         ("relayed_tcp", 1),
         ("udp_dropped", 5),
+        ("redemptions", 1),
+        ("revocations", 1),
     ] {
         assert!(
             c1.get(counter).is_some_and(|v| *v >= at_least),
