@@ -218,6 +218,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             "serving control and TCP relay on {0}, discovery and UDP relay on UDP {0}",
             args.listen
         );
+        // The coordinator's own public key (not a node's): what `a2a-coordinator token
+        // --coordinator-key` needs to make a token on another machine.
+        println!("coordinator key: {}", data_encoding::BASE64.encode(&public));
         println!("join token: {token}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
