@@ -26,6 +26,10 @@ pub const RELAY_FRAME: u8 = 0x00;
 pub const MAX_RELAY_PAYLOAD: usize = MAX_FRAME - TAG_LEN - 5;
 /// How long either side waits for the other's handshake message.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest first handshake message the responder reads. The initiator's is 96 bytes (ephemeral
+/// key, encrypted static key, empty payload); a longer announced length is refused before any
+/// memory is set aside for it, so a connection that never finishes its first frame costs little.
+pub const MAX_HANDSHAKE_FRAME: usize = 1024;
 
 fn params() -> snow::params::NoiseParams {
     NOISE_PARAMS.parse().expect("valid Noise parameters")
@@ -36,7 +40,22 @@ fn noise_err(e: snow::Error) -> io::Error {
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> io::Result<()> {
+    read_frame_max(io, buf, MAX_FRAME).await
+}
+
+/// Reads one frame, refusing one announced longer than `max`.
+async fn read_frame_max<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<()> {
     let len = io.read_u16().await? as usize;
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "frame longer than allowed here",
+        ));
+    }
     buf.resize(len, 0);
     io.read_exact(buf).await?;
     Ok(())
@@ -134,9 +153,12 @@ pub async fn handshake_responder<S: AsyncRead + AsyncWrite + Unpin>(
         .and_then(|b| b.build_responder())
         .map_err(noise_err)?;
     let mut frame = Vec::new();
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(io, &mut frame))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+    tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        read_frame_max(io, &mut frame, MAX_HANDSHAKE_FRAME),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
     let mut msg = vec![0u8; MAX_FRAME];
     hs.read_message(&frame, &mut msg).map_err(noise_err)?;
     let n = hs.write_message(&[], &mut msg).map_err(noise_err)?;
@@ -317,6 +339,29 @@ mod tests {
         assert!(parse_plaintext::<String>(&[RELAY_FRAME, 0, 0, 0, 1]).is_err());
         assert!(parse_plaintext::<String>(&[RELAY_FRAME]).is_err());
         assert!(parse_plaintext::<String>(b"{not json").is_err());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_first_handshake_frame_is_refused_unread() {
+        let (server_priv, _) = keypair(1);
+        let (mut a, mut b) = tokio::io::duplex(1 << 17);
+        let server = tokio::spawn(async move { handshake_responder(&mut b, &server_priv).await });
+        // Announces a 64 KiB frame and sends only its first bytes: refused on the length alone.
+        a.write_all(&[0xff, 0xff, 1, 2, 3]).await.unwrap();
+        let err = server.await.unwrap().err().expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // A real initiator's first message fits.
+        let (_, server_pub) = keypair(1);
+        let (client_priv, _) = keypair(2);
+        let mut hs = snow::Builder::new(params())
+            .prologue(PROLOGUE)
+            .and_then(|b| b.local_private_key(&client_priv))
+            .and_then(|b| b.remote_public_key(&server_pub))
+            .and_then(|b| b.build_initiator())
+            .unwrap();
+        let mut msg = vec![0u8; MAX_FRAME];
+        let n = hs.write_message(&[], &mut msg).unwrap();
+        assert!(n <= MAX_HANDSHAKE_FRAME, "{n}");
     }
 
     #[tokio::test]
