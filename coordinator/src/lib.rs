@@ -2,6 +2,7 @@
 //! that drive them. The `a2a-coordinator` binary is a thin command line over [`server`]; tests
 //! build other binaries over it (a coordinator with a forging hook, for instance).
 
+pub mod limits;
 pub mod registry;
 pub mod relay;
 pub mod server;
