@@ -2,6 +2,7 @@
 //! signed records of its network's other members, and tells nodes the address it sees them at.
 //! It keeps everything in memory and writes no file but its own identity key.
 
+use a2a_coordinator::limits::Limits;
 use a2a_coordinator::server;
 
 use std::net::SocketAddr;
@@ -73,6 +74,10 @@ struct ServeArgs {
         default_value = "0.0.0.0:7600"
     )]
     listen: SocketAddr,
+    /// Seconds between two lines of counters (hidden: tests read the counters sooner).
+    #[arg(long, value_name = "SECS", hide = true, default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    stats_interval: u64,
     #[command(flatten)]
     common: Common,
 }
@@ -224,7 +229,20 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         println!("join token: {token}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        let server = server::Server::new(private);
+        let limits = Limits::default().fit_fd_limit(raise_fd_limit());
+        tracing::info!(
+            "limits: {} connections ({} per source), {} unregistered ({} per source), \
+             {}/s new connections per source (bursts of {}), registration within {:?}",
+            limits.max_connections,
+            limits.source_connections,
+            limits.max_pending,
+            limits.source_pending,
+            limits.source_connect_rate.per_sec,
+            limits.source_connect_rate.burst,
+            limits.register_deadline
+        );
+        let stats_every = std::time::Duration::from_secs(args.stats_interval);
+        let server = server::Server::with_limits(private, limits, stats_every);
         tokio::select! {
             r = server.clone().run(tcp, udp, udp_alt) => r.map_err(|e| format!("listening socket failed: {e}")),
             _ = a2a_proto::process::shutdown_signal() => {
@@ -236,4 +254,30 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             }
         }
     })
+}
+
+/// Raises the soft limit of open files to the hard one (systemd starts services at 1024) and
+/// returns the limit in force: every control connection is a file descriptor.
+fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            // Refused under a system-call filter without @resources: keep the soft limit.
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_cur
 }

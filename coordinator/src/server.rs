@@ -23,16 +23,15 @@ use data_encoding::BASE64;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
+use crate::limits::{Admission, Drops, Limits, Ticket};
 use crate::registry::{ConnId, Outbox, RegisterRequest, Registry};
 use crate::relay::{Dest, RelayDrop, RelayTable};
 
 /// How often nodes heartbeat, and how long a silent registration lives.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 pub const REGISTRATION_TTL: Duration = Duration::from_secs(35);
-/// A connection must register within this long after connecting.
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most control connections at once.
-const MAX_CONNECTIONS: u64 = 50_000;
+/// How often the counters line is printed unless told otherwise.
+pub const STATS_EVERY: Duration = Duration::from_secs(60);
 /// Messages queued for one slow connection before it is dropped.
 const OUTBOX_DEPTH: usize = 4096;
 
@@ -60,7 +59,6 @@ pub struct Counters {
     pub redemptions: AtomicU64,
     pub redemptions_refused: AtomicU64,
     pub revocations: AtomicU64,
-    open_connections: AtomicU64,
 }
 
 impl Counters {
@@ -173,10 +171,43 @@ pub struct Server {
     pub counters: Counters,
     tamper: std::sync::OnceLock<Arc<dyn Tamper>>,
     next_conn: std::sync::atomic::AtomicU32,
+    /// Per-source and global connection accounting (see [`crate::limits`]).
+    admission: Mutex<Admission>,
+    limits: Limits,
+    /// What the limits dropped, by reason.
+    pub limited: Drops,
+    stats_every: Duration,
+}
+
+/// An admitted connection's place in the accounting, given back when the task ends.
+struct Permit {
+    server: Arc<Server>,
+    ticket: Option<Ticket>,
+}
+
+impl Permit {
+    fn registered(&mut self) {
+        if let Some(t) = self.ticket.as_mut() {
+            self.server.admission().registered(t);
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.server.admission().closed(t);
+        }
+    }
 }
 
 impl Server {
     pub fn new(private_key: [u8; 32]) -> Arc<Self> {
+        Server::with_limits(private_key, Limits::default(), STATS_EVERY)
+    }
+
+    /// A server with the given limits, printing its counters every `stats_every`.
+    pub fn with_limits(private_key: [u8; 32], limits: Limits, stats_every: Duration) -> Arc<Self> {
         Arc::new(Server {
             hub: Mutex::new(Hub {
                 registry: Registry::new(HEARTBEAT, REGISTRATION_TTL),
@@ -188,12 +219,20 @@ impl Server {
             counters: Counters::default(),
             tamper: std::sync::OnceLock::new(),
             next_conn: std::sync::atomic::AtomicU32::new(1),
+            admission: Mutex::new(Admission::new(limits.clone(), Instant::now())),
+            limits,
+            limited: Drops::default(),
+            stats_every,
         })
     }
 
     /// Installs a test hook (see [`Tamper`]); only test binaries call this.
     pub fn set_tamper(&self, tamper: Arc<dyn Tamper>) {
         let _ = self.tamper.set(tamper);
+    }
+
+    fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn hub(&self) -> std::sync::MutexGuard<'_, Hub> {
@@ -240,7 +279,7 @@ impl Server {
 
     async fn accept_loop(self: Arc<Self>, tcp: TcpListener) -> io::Result<()> {
         loop {
-            let (stream, _peer) = match tcp.accept().await {
+            let (stream, peer) = match tcp.accept().await {
                 Ok(x) => x,
                 // Out of file descriptors and the like: back off, keep serving.
                 Err(e) if is_transient_accept_error(&e) => {
@@ -249,31 +288,44 @@ impl Server {
                 }
                 Err(e) => return Err(e),
             };
-            if self.counters.open_connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                Counters::bump(&self.counters.tcp_refused_over_cap);
-                continue;
-            }
+            let admitted = self.admission().admit_tcp(Instant::now(), peer.ip());
+            let ticket = match admitted {
+                Ok(t) => t,
+                Err(why) => {
+                    if why == crate::limits::Refusal::Full {
+                        Counters::bump(&self.counters.tcp_refused_over_cap);
+                    }
+                    self.limited.refused(why);
+                    reset(&stream);
+                    continue;
+                }
+            };
             Counters::bump(&self.counters.tcp_accepted);
-            self.counters
-                .open_connections
-                .fetch_add(1, Ordering::Relaxed);
+            let mut permit = Permit {
+                server: self.clone(),
+                ticket: Some(ticket),
+            };
             let server = self.clone();
             tokio::spawn(async move {
                 let _ = stream.set_nodelay(true);
-                server.clone().serve_connection(stream).await;
-                server
-                    .counters
-                    .open_connections
-                    .fetch_sub(1, Ordering::Relaxed);
+                server.serve_connection(stream, &mut permit).await;
             });
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, mut stream: TcpStream) {
-        let established = match handshake_responder(&mut stream, &self.private_key).await {
-            Ok(e) => e,
-            Err(_) => {
+    async fn serve_connection(self: Arc<Self>, mut stream: TcpStream, permit: &mut Permit) {
+        // The handshake and the registration together get one deadline (slow-loris).
+        let deadline = tokio::time::Instant::now() + self.limits.register_deadline;
+        let handshake = handshake_responder(&mut stream, &self.private_key);
+        let established = match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(_)) => {
                 Counters::bump(&self.counters.tcp_bad_handshake);
+                return;
+            }
+            Err(_) => {
+                Drops::bump(&self.limited.tcp_register_deadline);
+                reset(&stream);
                 return;
             }
         };
@@ -284,7 +336,7 @@ impl Server {
         let conn: ConnId = self.new_conn_id();
 
         // The first message must be a valid registration.
-        let first = tokio::time::timeout(REGISTER_TIMEOUT, reader.recv::<ClientMsg>()).await;
+        let first = tokio::time::timeout_at(deadline, reader.recv::<ClientMsg>()).await;
         let (tx, rx) = mpsc::channel(OUTBOX_DEPTH);
         let writer_task = tokio::spawn(write_loop(writer, rx));
         let registered = match first {
@@ -332,6 +384,7 @@ impl Server {
                             });
                         }
                         Counters::bump(&self.counters.registrations);
+                        permit.registered();
                         true
                     }
                     Err((reason, message)) => {
@@ -393,16 +446,24 @@ impl Server {
                 }));
                 false
             }
-            _ => {
+            Err(_) => {
+                Drops::bump(&self.limited.tcp_register_deadline);
+                false
+            }
+            Ok(Err(_)) => {
                 Counters::bump(&self.counters.tcp_bad_message);
                 false
             }
         };
         drop(tx);
         if registered {
+            let mut budget = self.limits.message_budget(Instant::now());
             loop {
                 let msg = match reader.recv_frame::<ClientMsg>().await {
-                    Ok(Incoming::Msg(m)) => m,
+                    Ok(Incoming::Msg(m)) => {
+                        self.pace(&mut budget).await;
+                        m
+                    }
                     Ok(Incoming::Relay(dst, payload)) => {
                         self.relay_from_conn(conn, dst, payload).await;
                         continue;
@@ -506,6 +567,16 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
     }
 
+    /// Holds a connection's reader to its message rate: reading no further while it waits
+    /// pushes back on the sender through TCP.
+    async fn pace(&self, budget: &mut crate::limits::TokenBucket) {
+        let wait = budget.delay(Instant::now());
+        if !wait.is_zero() {
+            Drops::bump(&self.limited.ctl_msgs_throttled);
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// Relay data that came over connection `conn`'s control channel.
     async fn relay_from_conn(&self, conn: ConnId, dst: u32, payload: Vec<u8>) {
         let dest = self.relay().route_conn(Instant::now(), conn, dst);
@@ -565,6 +636,10 @@ impl Server {
                     continue;
                 }
             }
+            if !self.admission().udp(Instant::now(), src.ip()) {
+                Drops::bump(&self.limited.udp_rate_limited);
+                continue;
+            }
             let datagram = &buf[..n];
             let nonce = match (classify(datagram), A2aDatagram::decode(datagram)) {
                 (DatagramKind::A2a, Some(A2aDatagram::EndpointProbe { nonce })) => nonce,
@@ -616,7 +691,7 @@ impl Server {
     }
 
     async fn stats_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut tick = tokio::time::interval(self.stats_every);
         tick.tick().await;
         loop {
             tick.tick().await;
@@ -632,9 +707,15 @@ impl Server {
             (hub.registry.member_count(), hub.registry.network_count())
         };
         let slots = self.relay().len();
+        let (open, pending) = {
+            let a = self.admission();
+            (a.open(), a.pending())
+        };
         format!(
-            "live members={members} networks={networks} relay_slots={slots} {}",
-            self.counters.summary()
+            "live members={members} networks={networks} relay_slots={slots} \
+             connections={open} unregistered={pending} {} {}",
+            self.counters.summary(),
+            self.limited.summary()
         )
     }
 }
@@ -653,6 +734,27 @@ async fn write_loop(
         }
     }
     let _ = writer.shutdown().await;
+}
+
+/// Closes `stream` with a RST when it is dropped. A node reads that as "busy, try again" and
+/// backs off; an orderly close during the handshake means "this coordinator does not hold the
+/// token's key" to it, which it gives up on after a few tries.
+fn reset(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on the stream's open descriptor with a correctly sized `linger`.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 /// An IPv4-mapped IPv6 source (dual-stack socket) reported as plain IPv4.
