@@ -277,16 +277,40 @@ impl Server {
         res
     }
 
+    /// Accepting and refusing run on a thread of their own: a refusal never waits behind the
+    /// handshakes (Diffie-Hellman) and relaying the runtime's workers are busy with, so the
+    /// listen queue keeps draining under a flood and a new node's connection is not dropped in
+    /// the kernel. Admitted connections are served on the runtime.
     async fn accept_loop(self: Arc<Self>, tcp: TcpListener) -> io::Result<()> {
+        let listener = tcp.into_std()?;
+        listener.set_nonblocking(false)?;
+        let rt = tokio::runtime::Handle::current();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || {
+                let _ = done_tx.send(self.accept_thread(&listener, &rt));
+            })?;
+        Err(done_rx
+            .await
+            .unwrap_or_else(|_| io::Error::other("the accept thread ended")))
+    }
+
+    /// Runs until a fatal error on the listening socket, which it returns.
+    fn accept_thread(
+        self: Arc<Self>,
+        tcp: &std::net::TcpListener,
+        rt: &tokio::runtime::Handle,
+    ) -> io::Error {
         loop {
-            let (stream, peer) = match tcp.accept().await {
+            let (stream, peer) = match tcp.accept() {
                 Ok(x) => x,
                 // Out of file descriptors and the like: back off, keep serving.
                 Err(e) if is_transient_accept_error(&e) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    std::thread::sleep(Duration::from_millis(50));
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return e,
             };
             let admitted = self.admission().admit_tcp(Instant::now(), peer.ip());
             let ticket = match admitted {
@@ -306,9 +330,14 @@ impl Server {
                 ticket: Some(ticket),
             };
             let server = self.clone();
-            tokio::spawn(async move {
-                let _ = stream.set_nodelay(true);
-                server.serve_connection(stream, &mut permit).await;
+            rt.spawn(async move {
+                let stream = stream
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpStream::from_std(stream));
+                if let Ok(stream) = stream {
+                    let _ = stream.set_nodelay(true);
+                    server.serve_connection(stream, &mut permit).await;
+                }
             });
         }
     }
@@ -739,8 +768,7 @@ async fn write_loop(
 /// Closes `stream` with a RST when it is dropped. A node reads that as "busy, try again" and
 /// backs off; an orderly close during the handshake means "this coordinator does not hold the
 /// token's key" to it, which it gives up on after a few tries.
-fn reset(stream: &TcpStream) {
-    use std::os::fd::AsRawFd;
+fn reset(stream: &impl std::os::fd::AsRawFd) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
