@@ -1364,6 +1364,9 @@ pub struct CoordOpts {
     /// Run the forging coordinator (`a2a-forging-coordinator`, the real server with a hook that
     /// injects forged members) instead of `a2a-coordinator`.
     pub forging: bool,
+    /// `--stats-interval SECS` (hidden): print the counters line this often (default 60 s);
+    /// [`Coordinator::counters`] reads the latest.
+    pub stats_interval: Option<u32>,
 }
 
 /// A coordinator process in its namespace.
@@ -1406,7 +1409,48 @@ impl Coordinator {
             args.push("--prefix".into());
             args.push(p.clone());
         }
+        if let Some(secs) = self.opts.stats_interval {
+            args.push("--stats-interval".into());
+            args.push(secs.to_string());
+        }
         args
+    }
+
+    /// The counters of the latest counters line the coordinator printed (`name=value` pairs of
+    /// its `live members=...` line), or `None` before the first one.
+    pub fn counters(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+        let log = self.proc().stderr_text();
+        let line = log.lines().rev().find(|l| l.contains("live members="))?;
+        let start = line.find("live members=")?;
+        Some(
+            line[start + "live ".len()..]
+                .split_whitespace()
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    Some((k.to_string(), v.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    /// Waits for a counters line printed after this call (needs `stats_interval`) and returns
+    /// its counters.
+    #[track_caller]
+    pub fn fresh_counters(&self) -> std::collections::BTreeMap<String, u64> {
+        let lines = |p: &Proc| {
+            p.stderr_text()
+                .lines()
+                .filter(|l| l.contains("live members="))
+                .count()
+        };
+        let proc = self.proc();
+        let before = lines(&proc);
+        wait_until(
+            Duration::from_secs(30),
+            "a new counters line from the coordinator (is stats_interval set?)",
+            || lines(&proc) > before,
+        );
+        self.counters().expect("a counters line")
     }
 
     /// Starts the process and returns the token it prints.
