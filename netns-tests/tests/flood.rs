@@ -1,7 +1,9 @@
 //! A flood from one address does not take the coordinator away from everyone else: while one
 //! namespace floods it, a new node joins and reaches an existing one, the existing nodes stay
-//! connected, and the coordinator's counters show the flood was limited. Two floods in turn,
-//! from the same namespace (`src/bin/a2a-flood.rs`):
+//! connected, and the coordinator's counters show the flood was limited. The flooding
+//! namespace is that of a member node directly on the wan (`neighbour`, a compromised machine,
+//! say), whose own connection must survive the flood too. Three floods in turn
+//! (`src/bin/a2a-flood.rs`):
 //! - *mixed*: held TCP connections, half and replayed Noise handshakes, complete handshakes with
 //!   invalid registrations (each at [`TCP_RATE`]), UDP relay data for random ids and UDP probes
 //!   and binds (each at [`UDP_RATE`]);
@@ -12,6 +14,10 @@
 //!   sending control messages as fast as they are read, with relay frames for random ids: the
 //!   per-connection message budget paces it.
 //!
+//! Last, `neighbour`'s a2ad is restarted during a mixed flood: its new connection is refused
+//! like the flood's (the per-source caps cannot tell them apart), and a2ad must take those
+//! resets as "busy" and keep trying, not give up: it is back by itself when the flood stops.
+//!
 //! Needs root; see the crate documentation of `a2a_netns_tests`.
 //!
 //! Timings are printed, never asserted.
@@ -19,12 +25,65 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use a2a_netns_tests::{report, wait_for, CoordOpts, Lab, Node, OVERLAY_TIMEOUT};
+use a2a_netns_tests::{report, wait_for, CoordOpts, Coordinator, Lab, Node, Proc, OVERLAY_TIMEOUT};
 
-/// New TCP connections per second of each TCP kind (hold, half, full): 600 a second in all.
+/// New TCP connections per second of each TCP kind (hold, half, full): 3000 a second in all.
 const TCP_RATE: u32 = 1000;
-/// UDP datagrams per second of each UDP kind (relay data, probes and binds): 10 000 in all.
+/// UDP datagrams per second of each UDP kind (relay data, probes and binds): 40 000 in all.
 const UDP_RATE: u32 = 20000;
+/// What the first flood sends.
+const MIXED: &str = "hold,half,full,relay,probe";
+
+/// Starts the flooder in `ns` with `token` and `kinds`, and waits until the coordinator refuses
+/// part of what it sends.
+fn start_flood(
+    ns: &a2a_netns_tests::Ns,
+    coord: &Coordinator,
+    token: &str,
+    kinds: &str,
+    label: &str,
+) -> Proc {
+    let before = coord.fresh_counters();
+    let flooder = ns.spawn(
+        &format!("flood-{label}"),
+        &[
+            env!("CARGO_BIN_EXE_a2a-flood"),
+            "--token",
+            token,
+            "--tcp-rate",
+            &TCP_RATE.to_string(),
+            "--udp-rate",
+            &UDP_RATE.to_string(),
+            "--kinds",
+            kinds,
+            "--seconds",
+            "300",
+        ],
+    );
+    wait_for(
+        Duration::from_secs(30),
+        &format!("the coordinator to refuse part of the {label} flood"),
+        || {
+            flooder.assert_running();
+            let c = coord.fresh_counters();
+            let refused: u64 = [
+                "tcp_refused_source_pending",
+                "tcp_refused_source_rate",
+                "udp_rate_limited",
+                "ctl_msgs_throttled",
+            ]
+            .iter()
+            .map(|k| get(&c, k).saturating_sub(get(&before, k)))
+            .sum();
+            if refused > 0 {
+                Ok(())
+            } else {
+                Err(format!("counters: {c:?}"))
+            }
+        },
+    );
+    flooder
+}
 
 /// `a2actl up` (which must succeed: it waits up to a2ad's own 20 s for the registration),
 /// timed; then the first HTTP answer from `peer` over the overlay, timed from the start of
@@ -93,7 +152,7 @@ struct Phase {
 const PHASES: [Phase; 3] = [
     Phase {
         name: "mixed",
-        kinds: "hold,half,full,relay,probe",
+        kinds: MIXED,
         own_network: false,
         joiner: "fresh",
         must_count: &[
@@ -184,10 +243,12 @@ fn a_flood_from_one_address_leaves_the_coordinator_serving_others() {
         calm_up.as_millis(),
         calm_http.as_millis()
     ));
-    let mut members = vec!["alpha", "bravo", "calm"];
-
-    // The flooder: one namespace on the wan, one address.
-    let evil = lab.add_ns("evil");
+    // The flooder's host: a member node on the wan; the flood comes from its address.
+    let neighbour = lab.node("neighbour");
+    neighbour.serve_http();
+    neighbour.up_ok(&coord.token);
+    let mut members = vec!["alpha", "bravo", "calm", "neighbour"];
+    let evil = neighbour.ns.clone();
     evil.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])
         .expect_ok();
     let coord_pid = coord.proc().pid();
@@ -198,50 +259,13 @@ fn a_flood_from_one_address_leaves_the_coordinator_serving_others() {
         let name = phase.name;
         let before = coord.fresh_counters();
         let (cpu_before, began) = (cpu_time(coord_pid), Instant::now());
-        let flooder = evil.spawn(
-            &format!("flood-{name}"),
-            &[
-                env!("CARGO_BIN_EXE_a2a-flood"),
-                "--token",
-                if phase.own_network {
-                    &other_network
-                } else {
-                    &coord.token
-                },
-                "--tcp-rate",
-                &TCP_RATE.to_string(),
-                "--udp-rate",
-                &UDP_RATE.to_string(),
-                "--kinds",
-                phase.kinds,
-                "--seconds",
-                "300",
-            ],
-        );
-        // Under way once the coordinator refuses part of it; then a few seconds more, so held
-        // connections reach their registration deadline.
-        wait_for(
-            Duration::from_secs(30),
-            &format!("the coordinator to refuse part of the {name} flood"),
-            || {
-                flooder.assert_running();
-                let c = coord.fresh_counters();
-                let refused: u64 = [
-                    "tcp_refused_source_pending",
-                    "tcp_refused_source_rate",
-                    "udp_rate_limited",
-                    "ctl_msgs_throttled",
-                ]
-                .iter()
-                .map(|k| get(&c, k).saturating_sub(get(&before, k)))
-                .sum();
-                if refused > 0 {
-                    Ok(())
-                } else {
-                    Err(format!("counters: {c:?}"))
-                }
-            },
-        );
+        let token = if phase.own_network {
+            &other_network
+        } else {
+            &coord.token
+        };
+        let flooder = start_flood(&evil, &coord, token, phase.kinds, name);
+        // A few seconds more, so held connections reach their registration deadline.
         std::thread::sleep(Duration::from_secs(6));
         flooder.assert_running();
 
@@ -259,7 +283,7 @@ fn a_flood_from_one_address_leaves_the_coordinator_serving_others() {
         members.push(phase.joiner);
         // The existing nodes are still connected: they learned of the new node from the
         // coordinator, and still reach each other and the new node.
-        for n in [&alpha, &bravo] {
+        for n in [&alpha, &bravo, &neighbour] {
             let others: Vec<&str> = members.iter().copied().filter(|p| *p != n.name).collect();
             n.wait_peers(&others, OVERLAY_TIMEOUT);
         }
@@ -362,9 +386,45 @@ fn a_flood_from_one_address_leaves_the_coordinator_serving_others() {
         joined.push(fresh);
     }
 
+    // The flooder's own node, restarted during a flood: refused like the flood while it runs
+    // (it shares the address), never giving up, back by itself when the flood ends.
+    let flooder = start_flood(&evil, &coord, &coord.token, MIXED, "restart");
+    neighbour.stop_daemon(libc::SIGTERM);
+    neighbour.start_daemon();
+    std::thread::sleep(Duration::from_secs(10));
+    let in_during_flood = alpha
+        .try_status()
+        .map(|st| st.peer("neighbour").is_some())
+        .unwrap_or(false);
+    neighbour.assert_daemon_running();
+    flooder.stop(libc::SIGTERM, Duration::from_secs(10));
+    let stopped = Instant::now();
+    let others: Vec<&str> = members.iter().copied().filter(|p| *p != "alpha").collect();
+    alpha.wait_peers(&others, OVERLAY_TIMEOUT);
+    neighbour.wait_http(&alpha, OVERLAY_TIMEOUT);
+    let st = neighbour.status();
+    assert!(
+        st.me.is_some(),
+        "neighbour is not a member after its restart: {:?}",
+        st.raw
+    );
+    report(format!(
+        "flood: neighbour (restarted at the flooder's address during a mixed flood): {} while \
+         the flood ran; back on the overlay {} ms after it stopped",
+        if in_during_flood {
+            "got back in"
+        } else {
+            "refused"
+        },
+        stopped.elapsed().as_millis()
+    ));
+
     // Afterwards everything still works, and the output named no one.
     coord.assert_running();
-    for n in [&alpha, &bravo, &calm].into_iter().chain(&joined) {
+    for n in [&alpha, &bravo, &calm, &neighbour]
+        .into_iter()
+        .chain(&joined)
+    {
         n.assert_daemon_running();
         if n.name != "alpha" {
             alpha.wait_http(n, OVERLAY_TIMEOUT);
@@ -375,7 +435,7 @@ fn a_flood_from_one_address_leaves_the_coordinator_serving_others() {
         coord.proc().stdout_text(),
         coord.proc().stderr_text()
     );
-    let evil_ip = evil.wan_ip.expect("evil's address").to_string();
+    let evil_ip = neighbour.wan_ip().to_string();
     let mut secrets = vec![
         format!("{evil_ip}:"),
         format!("{evil_ip} "),
