@@ -449,7 +449,7 @@ impl ControlClient {
                         }
                     }
                     Applied::IsSelf => {}
-                    Applied::Stale | Applied::AddressConflict => {
+                    Applied::Stale | Applied::AddressConflict | Applied::LowOrderKey => {
                         Counters::bump(&self.counters.records_dropped);
                     }
                 }

@@ -6,7 +6,7 @@
 //! new snapshot. No I/O happens here.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use a2a_proto::disco::DiscoKey;
 use a2a_proto::{NodeKey, NodeRecord};
 use arc_swap::ArcSwap;
+use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::Tunn;
+use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
 /// WireGuard persistent keepalive, seconds: holds NAT mappings open.
@@ -152,6 +153,18 @@ pub enum Applied {
     IsSelf,
     /// Another peer already holds that overlay address: dropped.
     AddressConflict,
+    /// The node key is an X25519 point of small order: dropped (anyone could impersonate it).
+    LowOrderKey,
+}
+
+/// Where a WireGuard datagram goes, as [`PeerTable::route_wireguard`] decides.
+pub enum Routed {
+    Peer(Arc<Peer>),
+    /// Under load and without a valid cookie MAC: answer with the cookie reply of this length
+    /// (written to the caller's buffer).
+    Cookie(usize),
+    Rejected,
+    UnknownPeer,
 }
 
 #[derive(Default)]
@@ -167,7 +180,6 @@ pub struct PeerTable {
     own_key: NodeKey,
     own_secret: StaticSecret,
     rate_limiter: Arc<RateLimiter>,
-    next_index: AtomicU32,
     epoch: Instant,
 }
 
@@ -180,8 +192,6 @@ impl PeerTable {
             own_key: NodeKey(own_public.to_bytes()),
             own_secret,
             rate_limiter: Arc::new(RateLimiter::new(&own_public, HANDSHAKE_RATE_LIMIT)),
-            // Session indices are 24 bits; start at a random one.
-            next_index: AtomicU32::new(rand::random::<u32>() & 0x00ff_ffff),
             // Back-dated so that "ms since epoch" is never 0 (0 means "never").
             epoch: Instant::now() - Duration::from_millis(1),
         }
@@ -198,10 +208,6 @@ impl PeerTable {
 
     pub fn own_key(&self) -> NodeKey {
         self.own_key
-    }
-
-    pub fn own_secret(&self) -> &StaticSecret {
-        &self.own_secret
     }
 
     pub fn own_public(&self) -> PublicKey {
@@ -227,6 +233,32 @@ impl PeerTable {
             .by_index
             .get(&(receiver_idx >> 8))
             .cloned()
+    }
+
+    /// Finds the peer a WireGuard datagram from `src` belongs to, after boringtun's rate
+    /// limiter has checked its MAC1 (and, under load, its cookie MAC2; `cookie` then receives
+    /// the cookie reply). An initiation is matched by the static key inside it, everything
+    /// else by the receiver index.
+    pub fn route_wireguard(&self, datagram: &[u8], src: IpAddr, cookie: &mut [u8]) -> Routed {
+        let packet = match self.rate_limiter.verify_packet(Some(src), datagram, cookie) {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(c)) => return Routed::Cookie(c.len()),
+            Err(_) => return Routed::Rejected,
+        };
+        let peer = match packet {
+            Packet::HandshakeInit(init) => {
+                parse_handshake_anon(&self.own_secret, &self.own_public(), &init)
+                    .ok()
+                    .and_then(|h| self.by_key(&NodeKey(h.peer_static_public)))
+            }
+            Packet::HandshakeResponse(r) => self.by_receiver_index(r.receiver_idx),
+            Packet::PacketCookieReply(c) => self.by_receiver_index(c.receiver_idx),
+            Packet::PacketData(d) => self.by_receiver_index(d.receiver_idx),
+        };
+        match peer {
+            Some(p) => Routed::Peer(p),
+            None => Routed::UnknownPeer,
+        }
     }
 
     pub fn all(&self) -> Vec<Arc<Peer>> {
@@ -258,6 +290,11 @@ impl PeerTable {
         if record.node_key == self.own_key {
             return Applied::IsSelf;
         }
+        if record.node_key.is_low_order() {
+            // Checked when the record was verified too; a peer with such a key would be a peer
+            // anybody can complete a WireGuard handshake as (its static DH is all zeros).
+            return Applied::LowOrderKey;
+        }
         let _w = lock(&self.writer);
         let snap = self.snapshot.load();
         if let Some(holder) = snap.by_ip.get(&record.ip) {
@@ -288,7 +325,16 @@ impl PeerTable {
             self.rebuild(|_| {});
             return Applied::Updated;
         }
-        let index = self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+        // boringtun puts this 24-bit index in the upper bits of every session index of the
+        // peer, in clear in every packet: a random one (unique here) says nothing about how many
+        // peers this node has or in which order they came, nor ties its tunnels together, as
+        // consecutive indices would.
+        let index = loop {
+            let i = rand::random::<u32>() & 0x00ff_ffff;
+            if !snap.by_index.contains_key(&i) {
+                break i;
+            }
+        };
         let tunn = Tunn::new(
             self.own_secret.clone(),
             PublicKey::from(record.node_key.0),
@@ -420,6 +466,47 @@ mod tests {
         assert!(p.report_seen_elsewhere(2000));
         assert!(!p.report_seen_elsewhere(2500));
         assert!(p.report_seen_elsewhere(3000));
+    }
+
+    #[test]
+    fn peer_indices_are_random_not_sequential() {
+        let t = PeerTable::new(key(1).0);
+        let mut indices = Vec::new();
+        for n in 2..66u8 {
+            t.apply(record(n, &format!("100.64.0.{n}"), 1));
+            indices.push(t.by_key(&key(n).1).unwrap().index);
+        }
+        assert!(
+            indices.iter().all(|&i| i < 1 << 24),
+            "24 bits: {indices:x?}"
+        );
+        let mut sorted = indices.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), indices.len(), "unique");
+        // Consecutive peers get unrelated indices (sequential ones would count the peers and
+        // tie a node's tunnels together); 64 random 24-bit values spread far.
+        let neighbours = indices.windows(2).filter(|w| w[0].abs_diff(w[1]) < 256);
+        assert!(neighbours.count() <= 1, "{indices:x?}");
+        assert!(
+            sorted[sorted.len() - 1] - sorted[0] > 1 << 20,
+            "{indices:x?}"
+        );
+    }
+
+    #[test]
+    fn low_order_keys_never_become_peers() {
+        let t = PeerTable::new(key(1).0);
+        for (i, p) in a2a_proto::keys::LOW_ORDER_POINTS.into_iter().enumerate() {
+            for top in [0u8, 0x80] {
+                let mut k = p;
+                k[31] |= top;
+                let mut r = record(2, &format!("100.64.0.{}", i + 2), 1);
+                r.node_key = NodeKey(k);
+                assert_eq!(t.apply(r), Applied::LowOrderKey, "{k:02x?}");
+            }
+        }
+        assert_eq!(t.len(), 0);
     }
 
     #[test]
