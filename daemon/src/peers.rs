@@ -19,8 +19,12 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
-/// WireGuard persistent keepalive, seconds: holds NAT mappings open.
-pub const PERSISTENT_KEEPALIVE_S: u16 = 25;
+/// WireGuard persistent keepalive, seconds. Shorter than boringtun's KEEPALIVE_TIMEOUT +
+/// REKEY_TIMEOUT (15 s): boringtun starts a new handshake when a packet is sent more than 15 s
+/// after the last one received from the peer, without waiting for the answer the whitepaper
+/// waits for, so with the usual 25 s an idle tunnel's first packet often cost a needless
+/// handshake. A peer that hears our keepalive every 10 s never sees such a silence.
+pub const PERSISTENT_KEEPALIVE_S: u16 = 10;
 /// Handshake initiations a second before cookies are demanded (shared by all peers).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
