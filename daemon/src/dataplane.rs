@@ -28,7 +28,7 @@ use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::path::Route;
 use crate::pathfinder::PathEvent;
-use crate::peers::{Peer, PeerTable, Routed};
+use crate::peers::{Peer, PeerTable, Routed, Source};
 use crate::prober::Prober;
 use crate::session::OVERLAY_MTU;
 use crate::udpbatch;
@@ -61,6 +61,9 @@ pub struct Counters {
     /// Cookie replies from peers accepted: our handshake met a peer under load, and the next
     /// one will carry the cookie's MAC2.
     pub wg_cookies_received: AtomicU64,
+    /// Handshake messages with a valid cookie dropped while under load, their source being over
+    /// its share (`HANDSHAKES_PER_SOURCE` a second).
+    pub wg_handshake_rate_limited: AtomicU64,
     pub inner_source_mismatch: AtomicU64,
     pub tun_no_route: AtomicU64,
     pub tun_not_ipv4: AtomicU64,
@@ -96,6 +99,10 @@ impl Counters {
             ("wg_handshake_replays", g(&self.wg_handshake_replays)),
             ("wg_cookies_sent", g(&self.wg_cookies_sent)),
             ("wg_cookies_received", g(&self.wg_cookies_received)),
+            (
+                "wg_handshake_rate_limited",
+                g(&self.wg_handshake_rate_limited),
+            ),
             ("inner_source_mismatch", g(&self.inner_source_mismatch)),
             ("tun_no_route", g(&self.tun_no_route)),
             ("tun_not_ipv4", g(&self.tun_not_ipv4)),
@@ -550,25 +557,34 @@ impl DataPlane {
 
     async fn receive_wireguard(&self, d: &[u8], via: Via, src_ip: IpAddr, out: &mut TunBatch) {
         let mut cookie = [0u8; RELAY_HEADER_LEN + 64];
-        let peer = match self
-            .peers
-            .route_wireguard(d, src_ip, &mut cookie[RELAY_HEADER_LEN..])
-        {
-            Routed::Peer(p) => p,
-            Routed::Cookie(len) => {
-                Counters::bump(&self.counters.wg_cookies_sent);
-                self.reply(via, &mut cookie, len).await;
-                return;
-            }
-            Routed::Rejected => {
-                Counters::bump(&self.counters.wg_rejected);
-                return;
-            }
-            Routed::UnknownPeer => {
-                Counters::bump(&self.counters.udp_unknown_peer);
-                return;
-            }
+        let source = match via {
+            Via::Direct(addr) => Source::Addr(addr.ip()),
+            Via::Relay(id) => Source::Relay(id),
         };
+        let peer =
+            match self
+                .peers
+                .route_wireguard(d, src_ip, source, &mut cookie[RELAY_HEADER_LEN..])
+            {
+                Routed::Peer(p) => p,
+                Routed::Cookie(len) => {
+                    Counters::bump(&self.counters.wg_cookies_sent);
+                    self.reply(via, &mut cookie, len).await;
+                    return;
+                }
+                Routed::RateLimited => {
+                    Counters::bump(&self.counters.wg_handshake_rate_limited);
+                    return;
+                }
+                Routed::Rejected => {
+                    Counters::bump(&self.counters.wg_rejected);
+                    return;
+                }
+                Routed::UnknownPeer => {
+                    Counters::bump(&self.counters.udp_unknown_peer);
+                    return;
+                }
+            };
         self.decapsulate(&peer, d, via, src_ip, out).await;
     }
 
@@ -683,7 +699,7 @@ impl DataPlane {
             tick.tick().await;
             ticks += 1;
             if ticks.is_multiple_of(4) {
-                self.peers.rate_limiter().reset_count();
+                self.peers.reset_handshake_limits();
             }
             for peer in self.peers.all() {
                 let act = {
@@ -993,9 +1009,10 @@ mod tests {
     /// `receive_wireguard` does.
     fn route_and_decapsulate(t: &PeerTable, d: &[u8], out: &mut [u8]) -> Action {
         let mut cookie = [0u8; 64];
-        let peer = match t.route_wireguard(d, SRC, &mut cookie) {
+        let peer = match t.route_wireguard(d, SRC, Source::Addr(SRC), &mut cookie) {
             Routed::Peer(p) => p,
             Routed::Cookie(_) => panic!("unexpected cookie"),
+            Routed::RateLimited => panic!("unexpectedly rate limited"),
             Routed::Rejected => return Action::Rejected,
             Routed::UnknownPeer => panic!("unknown peer"),
         };
@@ -1052,7 +1069,7 @@ mod tests {
             assert_eq!(t.apply(rec), crate::peers::Applied::LowOrderKey);
             let mut cookie = [0u8; 64];
             assert!(matches!(
-                t.route_wireguard(&init, SRC, &mut cookie),
+                t.route_wireguard(&init, SRC, Source::Addr(SRC), &mut cookie),
                 Routed::UnknownPeer
             ));
         }
@@ -1144,7 +1161,7 @@ mod tests {
         for n in 0..150u8 {
             let init = forged_initiation(&r_pub, &[n; 32], &[n; 32]);
             let from = IpAddr::V4(Ipv4Addr::new(10, 9, 9, n));
-            match t.route_wireguard(&init, from, &mut cookie) {
+            match t.route_wireguard(&init, from, Source::Addr(from), &mut cookie) {
                 Routed::Cookie(len) => {
                     assert_eq!(len, 64);
                     cookies += 1;
@@ -1164,7 +1181,8 @@ mod tests {
             panic!("no initiation");
         };
         let init = out_i[x].to_vec();
-        let Routed::Cookie(len) = t.route_wireguard(&init, SRC, &mut cookie) else {
+        let Routed::Cookie(len) = t.route_wireguard(&init, SRC, Source::Addr(SRC), &mut cookie)
+        else {
             panic!("no cookie under load");
         };
         assert!(is_cookie_reply(&cookie[..len]));
@@ -1186,6 +1204,63 @@ mod tests {
             route_and_decapsulate(&t, &retry, &mut out_r),
             Action::SendToNetwork(_)
         ));
+
+        // Valid cookie or not, one source gets HANDSHAKES_PER_SOURCE handshake messages a
+        // second through while the node is under load (a flooder that answers cookies is held
+        // to that); another source is not affected, and the next second starts afresh.
+        fn with_mac2(initiator: &mut Tunn, out: &mut [u8]) -> Vec<u8> {
+            let Action::SendToNetwork(x) = action(
+                out.as_ptr(),
+                initiator.format_handshake_initiation(out, true),
+            ) else {
+                panic!("no initiation");
+            };
+            out[x].to_vec()
+        }
+        let mut passed = 1;
+        let mut limited = 0;
+        for _ in 0..40 {
+            match t.route_wireguard(
+                &with_mac2(&mut initiator, &mut out_i),
+                SRC,
+                Source::Addr(SRC),
+                &mut cookie,
+            ) {
+                Routed::Peer(_) => passed += 1,
+                Routed::RateLimited => limited += 1,
+                _ => panic!("a handshake with a valid cookie was refused otherwise"),
+            }
+        }
+        assert_eq!(passed, crate::peers::HANDSHAKES_PER_SOURCE);
+        assert_eq!(limited, 41 - passed);
+        let other = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3));
+        let init = with_mac2(&mut initiator, &mut out_i);
+        let Routed::Cookie(len) = t.route_wireguard(&init, other, Source::Addr(other), &mut cookie)
+        else {
+            panic!("no cookie for the other address");
+        };
+        initiator.decapsulate(None, &cookie[..len], &mut out_r);
+        assert!(matches!(
+            t.route_wireguard(
+                &with_mac2(&mut initiator, &mut out_i),
+                other,
+                Source::Addr(other),
+                &mut cookie
+            ),
+            Routed::Peer(_)
+        ));
+        t.reset_handshake_limits();
+        for _ in 0..30 {
+            assert!(matches!(
+                t.route_wireguard(
+                    &with_mac2(&mut initiator, &mut out_i),
+                    other,
+                    Source::Addr(other),
+                    &mut cookie
+                ),
+                Routed::Peer(_)
+            ));
+        }
     }
 
     #[test]

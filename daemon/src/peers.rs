@@ -25,8 +25,13 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 /// waits for, so with the usual 25 s an idle tunnel's first packet often cost a needless
 /// handshake. A peer that hears our keepalive every 10 s never sees such a silence.
 pub const PERSISTENT_KEEPALIVE_S: u16 = 10;
-/// Handshake initiations a second before cookies are demanded (shared by all peers).
+/// Handshake messages a second before cookies are demanded (shared by all peers; boringtun
+/// counts a peer's message twice, once when it is routed and once in the peer's tunnel).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake messages a second let through from one source (address, or relay id) while the
+/// node is under load, however valid their cookie: a flooder that answers cookies is held to
+/// this, as WireGuard's kernel module and wireguard-go hold it (boringtun does not).
+pub const HANDSHAKES_PER_SOURCE: u32 = 20;
 
 /// What the control client knows of a peer, from its latest record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,8 +172,18 @@ pub enum Routed {
     /// Under load and without a valid cookie MAC: answer with the cookie reply of this length
     /// (written to the caller's buffer).
     Cookie(usize),
+    /// A handshake message over its source's share while under load: dropped.
+    RateLimited,
     Rejected,
     UnknownPeer,
+}
+
+/// Who sent a datagram, for the per-source handshake limit: its underlay address, or, when
+/// relayed (all relayed datagrams come from the coordinator's address), its relay id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    Addr(IpAddr),
+    Relay(u32),
 }
 
 #[derive(Default)]
@@ -184,6 +199,14 @@ pub struct PeerTable {
     own_key: NodeKey,
     own_secret: StaticSecret,
     rate_limiter: Arc<RateLimiter>,
+    /// Handshake messages seen since the last [`reset_handshake_limits`]: at or over
+    /// `HANDSHAKE_RATE_LIMIT`, the node is under load (boringtun, counting at least as many, is
+    /// then demanding cookies).
+    ///
+    /// [`reset_handshake_limits`]: PeerTable::reset_handshake_limits
+    handshakes: AtomicU64,
+    /// Under load: handshake messages let through per source since the last reset.
+    per_source: Mutex<HashMap<Source, u32>>,
     epoch: Instant,
 }
 
@@ -196,6 +219,8 @@ impl PeerTable {
             own_key: NodeKey(own_public.to_bytes()),
             own_secret,
             rate_limiter: Arc::new(RateLimiter::new(&own_public, HANDSHAKE_RATE_LIMIT)),
+            handshakes: AtomicU64::new(0),
+            per_source: Mutex::new(HashMap::new()),
             // Back-dated so that "ms since epoch" is never 0 (0 means "never").
             epoch: Instant::now() - Duration::from_millis(1),
         }
@@ -218,8 +243,12 @@ impl PeerTable {
         PublicKey::from(self.own_key.0)
     }
 
-    pub fn rate_limiter(&self) -> &RateLimiter {
-        &self.rate_limiter
+    /// Starts a new second for the handshake limits (boringtun's, which resets itself at most
+    /// once a second, and the per-source one); called about every second.
+    pub fn reset_handshake_limits(&self) {
+        self.rate_limiter.reset_count();
+        self.handshakes.store(0, Ordering::Relaxed);
+        lock(&self.per_source).clear();
     }
 
     pub fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Peer>> {
@@ -239,16 +268,36 @@ impl PeerTable {
             .cloned()
     }
 
-    /// Finds the peer a WireGuard datagram from `src` belongs to, after boringtun's rate
-    /// limiter has checked its MAC1 (and, under load, its cookie MAC2; `cookie` then receives
-    /// the cookie reply). An initiation is matched by the static key inside it, everything
-    /// else by the receiver index.
-    pub fn route_wireguard(&self, datagram: &[u8], src: IpAddr, cookie: &mut [u8]) -> Routed {
+    /// Finds the peer a WireGuard datagram from `src` (the underlay address it came from, to
+    /// which cookies are bound) belongs to, after boringtun's rate limiter has checked its MAC1
+    /// (and, under load, its cookie MAC2; `cookie` then receives the cookie reply). Under load,
+    /// a handshake message with a valid cookie still counts against its `source`'s share. An
+    /// initiation is matched by the static key inside it, everything else by the receiver index.
+    pub fn route_wireguard(
+        &self,
+        datagram: &[u8],
+        src: IpAddr,
+        source: Source,
+        cookie: &mut [u8],
+    ) -> Routed {
+        let handshake = matches!(datagram.first(), Some(1 | 2));
+        let under_load =
+            handshake && self.handshakes.fetch_add(1, Ordering::Relaxed) >= HANDSHAKE_RATE_LIMIT;
         let packet = match self.rate_limiter.verify_packet(Some(src), datagram, cookie) {
             Ok(p) => p,
             Err(TunnResult::WriteToNetwork(c)) => return Routed::Cookie(c.len()),
             Err(_) => return Routed::Rejected,
         };
+        if under_load {
+            // Its MAC2 is valid (boringtun, under load too, checked it): the sender can receive
+            // at its address, but may not make us do handshakes at any rate.
+            let mut per_source = lock(&self.per_source);
+            let n = per_source.entry(source).or_insert(0);
+            *n += 1;
+            if *n > HANDSHAKES_PER_SOURCE {
+                return Routed::RateLimited;
+            }
+        }
         let peer = match packet {
             Packet::HandshakeInit(init) => {
                 parse_handshake_anon(&self.own_secret, &self.own_public(), &init)
