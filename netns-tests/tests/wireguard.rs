@@ -354,15 +354,43 @@ fn mac16(key: &[u8], msg: &[u8]) -> [u8; 16] {
     m.finalize_fixed().into()
 }
 
-/// A handshake initiation from nobody: random fields, but a valid MAC1 for `responder`, so
-/// it passes the first check and counts against the handshake rate limit.
-fn flood_initiation(mac1_key: &[u8; 32], rng: &mut a2a_netns_tests::garbage::Rng) -> Vec<u8> {
+/// A handshake initiation from nobody: random fields, but a valid MAC1 for the responder
+/// (`mac1_key`), so it passes the first check and counts against the handshake rate limit; with
+/// a `cookie`, also a valid MAC2. Returns the message and its MAC1.
+fn flood_initiation(
+    mac1_key: &[u8; 32],
+    cookie: Option<&[u8; 16]>,
+    sender: u32,
+    rng: &mut a2a_netns_tests::garbage::Rng,
+) -> (Vec<u8>, [u8; 16]) {
     let mut m = rng.bytes(148);
     m[..4].copy_from_slice(&[1, 0, 0, 0]);
+    m[4..8].copy_from_slice(&sender.to_le_bytes());
     let mac1 = mac16(mac1_key, &m[..116]);
     m[116..132].copy_from_slice(&mac1);
-    m[132..].fill(0);
-    m
+    let mac2 = cookie.map_or([0; 16], |c| mac16(c, &m[..132]));
+    m[132..].copy_from_slice(&mac2);
+    (m, mac1)
+}
+
+/// The cookie in a cookie reply to a message whose MAC1 was `mac1` (whitepaper §5.4.7):
+/// XChaCha20-Poly1305 under HASH(LABEL_COOKIE || responder's public key).
+fn open_cookie(reply: &[u8], responder: &[u8; 32], mac1: &[u8; 16]) -> Option<[u8; 16]> {
+    use blake2::{Blake2s256, Digest};
+    use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+    use chacha20poly1305::XChaCha20Poly1305;
+    let key: [u8; 32] = Blake2s256::new()
+        .chain_update(b"cookie--")
+        .chain_update(responder)
+        .finalize()
+        .into();
+    let cipher = XChaCha20Poly1305::new(&key.into());
+    let payload = Payload {
+        msg: &reply[32..64],
+        aad: mac1,
+    };
+    let cookie = cipher.decrypt(reply[8..32].into(), payload).ok()?;
+    cookie.try_into().ok()
 }
 
 /// Initiations sent every 2 ms by [`Flood`]: about 2000 a second, twenty times the rate at
@@ -372,20 +400,21 @@ fn flood_initiation(mac1_key: &[u8; 32], rng: &mut a2a_netns_tests::garbage::Rng
 const FLOOD_BURST: usize = 4;
 
 /// Floods `target` from `ns` with MAC1-valid initiations ([`FLOOD_BURST`] every 2 ms) until
-/// stopped; counts the cookie replies that come back to the flooder's (real) address.
+/// stopped; counts the cookie replies that come back to the flooder's (real) address. With
+/// `answer_cookies`, the flooder does what a cookie asks: its next initiations carry a valid
+/// MAC2.
 struct Flood {
     stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    cookies: Arc<AtomicU64>,
+    /// Initiations sent, cookie replies received, initiations sent with a valid cookie.
+    counts: Arc<[AtomicU64; 3]>,
     handle: JoinHandle<()>,
 }
 
 impl Flood {
-    fn start(ns: &Ns, target: SocketAddr, responder: [u8; 32]) -> Flood {
+    fn start(ns: &Ns, target: SocketAddr, responder: [u8; 32], answer_cookies: bool) -> Flood {
         let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let cookies = Arc::new(AtomicU64::new(0));
-        let (s, n, c) = (stop.clone(), sent.clone(), cookies.clone());
+        let counts: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+        let (s, c) = (stop.clone(), counts.clone());
         let ns = ns.clone();
         let handle = std::thread::spawn(move || {
             ns.run_in(move || {
@@ -394,18 +423,35 @@ impl Flood {
                 let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
                 sock.set_nonblocking(true).expect("nonblocking");
                 let mut buf = [0u8; 256];
+                // The MAC1 of each recent initiation, by sender index: a cookie reply is
+                // sealed with it.
+                const RECENT: usize = 4096;
+                let mut mac1s = vec![[0u8; 16]; RECENT];
+                let mut cookie: Option<[u8; 16]> = None;
+                let mut sender: u32 = 0;
                 while !s.load(Ordering::Relaxed) {
                     for _ in 0..FLOOD_BURST {
-                        if sock
-                            .send_to(&flood_initiation(&key, &mut rng), target)
-                            .is_ok()
-                        {
-                            n.fetch_add(1, Ordering::Relaxed);
+                        sender = sender.wrapping_add(1);
+                        let (m, mac1) = flood_initiation(&key, cookie.as_ref(), sender, &mut rng);
+                        mac1s[sender as usize % RECENT] = mac1;
+                        if sock.send_to(&m, target).is_ok() {
+                            c[0].fetch_add(1, Ordering::Relaxed);
+                            if cookie.is_some() {
+                                c[2].fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                     while let Ok((len, _)) = sock.recv_from(&mut buf) {
-                        if len == 64 && buf[0] == 3 {
-                            c.fetch_add(1, Ordering::Relaxed);
+                        if len != 64 || buf[0] != 3 {
+                            continue;
+                        }
+                        c[1].fetch_add(1, Ordering::Relaxed);
+                        if answer_cookies {
+                            let idx = u32::from_le_bytes(buf[4..8].try_into().unwrap());
+                            let mac1 = &mac1s[idx as usize % RECENT];
+                            if let Some(k) = open_cookie(&buf[..64], &responder, mac1) {
+                                cookie = Some(k);
+                            }
                         }
                     }
                     std::thread::sleep(Duration::from_millis(2));
@@ -414,20 +460,19 @@ impl Flood {
         });
         Flood {
             stop,
-            sent,
-            cookies,
+            counts,
             handle,
         }
     }
 
-    /// Stops the flood; (initiations sent, cookie replies received).
-    fn stop(self) -> (u64, u64) {
+    /// Stops the flood; (initiations sent, cookie replies received, initiations sent with a
+    /// valid cookie).
+    fn stop(self) -> (u64, u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("flood thread");
-        (
-            self.sent.load(Ordering::Relaxed),
-            self.cookies.load(Ordering::Relaxed),
-        )
+        let c = &self.counts;
+        let get = |i: usize| c[i].load(Ordering::Relaxed);
+        (get(0), get(1), get(2))
     }
 }
 
@@ -456,7 +501,8 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
     let evil = lab.add_ns("evil");
     let bravo_wan = SocketAddr::new(bravo.wan_ip().into(), NODE_PORT);
     let cpu_before = cpu_seconds(bravo.daemon().pid());
-    let flood = Flood::start(&evil, bravo_wan, public_key(&bravo));
+    let bravo_key = public_key(&bravo);
+    let flood = Flood::start(&evil, bravo_wan, bravo_key, false);
     let flood_started = Instant::now();
     wait_until(
         Duration::from_secs(10),
@@ -494,7 +540,7 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
     let age_during = handshake_age(&bravo, "alpha").unwrap();
     let flood_secs = flood_started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(bravo.daemon().pid()) - cpu_before;
-    let (sent, cookies_back) = flood.stop();
+    let (sent, cookies_back, _) = flood.stop();
     let cookies_sent = counter(&bravo, "wg_cookies_sent") - cookies_before;
     report(format!(
         "wg_flood: {sent} initiations in {flood_secs:.1} s; bravo sent {cookies_sent} cookie \
@@ -521,7 +567,44 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
         "the flood cost alpha and bravo their session ({age_before} s, then {age_during} s)"
     );
 
-    // Once the flood is over, the limiter's count is reset (every second): a new member's
+    // A flooder that answers the cookies (it receives at its address, so it can) gets its
+    // initiations past the cookie check, and each would cost bravo a Diffie-Hellman: under load
+    // bravo lets 20 a second through per source (boringtun alone would let them all through).
+    let unknown_before = counter(&bravo, "udp_unknown_peer");
+    let limited_before = counter(&bravo, "wg_handshake_rate_limited");
+    let cpu_before = cpu_seconds(bravo.daemon().pid());
+    let flood = Flood::start(&evil, bravo_wan, bravo_key, true);
+    let flood_started = Instant::now();
+    std::thread::sleep(Duration::from_secs(5));
+    alpha.wait_http(&bravo, Duration::from_secs(15));
+    bravo.wait_http(&alpha, Duration::from_secs(15));
+    let flood_secs = flood_started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(bravo.daemon().pid()) - cpu_before;
+    let (sent, cookies_back, with_cookie) = flood.stop();
+    let attempted = counter(&bravo, "udp_unknown_peer") - unknown_before;
+    let limited = counter(&bravo, "wg_handshake_rate_limited") - limited_before;
+    report(format!(
+        "wg_flood: a flooder answering cookies sent {sent} initiations in {flood_secs:.1} s, \
+         {with_cookie} with a valid cookie ({cookies_back} cookie replies); bravo looked up the \
+         key in {attempted} of them and dropped {limited} over the per-source share; bravo's \
+         a2ad used {:.0} % of a core",
+        cpu / flood_secs * 100.0
+    ));
+    assert!(
+        with_cookie > sent / 2,
+        "the flooder did not manage to answer the cookies"
+    );
+    assert!(
+        limited > with_cookie / 2,
+        "initiations with a valid cookie were not limited per source"
+    );
+    assert!(
+        attempted < sent / 4,
+        "bravo did a handshake's Diffie-Hellman for {attempted} of {sent} flood initiations"
+    );
+    assert!(handshake_age(&bravo, "alpha").unwrap() >= age_during);
+
+    // Once the floods are over, the limiter's count is reset (every second): a new member's
     // handshake needs no cookie any more.
     std::thread::sleep(Duration::from_millis(2500));
     let cookies_after = counter(&bravo, "wg_cookies_sent");
