@@ -280,7 +280,11 @@ impl PeerTable {
         source: Source,
         cookie: &mut [u8],
     ) -> Routed {
-        let handshake = matches!(datagram.first(), Some(1 | 2));
+        // Counted as boringtun counts them: initiations and responses of the right size only.
+        let handshake = matches!(
+            (datagram.first(), datagram.len()),
+            (Some(1), 148) | (Some(2), 92)
+        );
         let under_load =
             handshake && self.handshakes.fetch_add(1, Ordering::Relaxed) >= HANDSHAKE_RATE_LIMIT;
         let packet = match self.rate_limiter.verify_packet(Some(src), datagram, cookie) {
