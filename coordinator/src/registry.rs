@@ -212,6 +212,13 @@ impl Registry {
         key: NodeKey,
         record: &SignedRecord,
     ) -> Result<(Ipv4Addr, u64), Refusal> {
+        if key.is_low_order() {
+            // Its DH with anyone is a known constant (see `a2a_proto::keys::is_low_order`).
+            return Err((
+                RefuseReason::BadRecord,
+                "node key is an X25519 point of small order".into(),
+            ));
+        }
         let parsed = record
             .verify(network)
             .map_err(|e| (RefuseReason::BadRecord, e.to_string()))?;
@@ -778,6 +785,21 @@ mod tests {
         assert_eq!(out[0].0, 1);
         assert_eq!(r.member_count(), 1);
         assert!(!r.heartbeat(t1, 2));
+    }
+
+    #[test]
+    fn low_order_node_keys_are_refused() {
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let now = Instant::now();
+        for (i, p) in a2a_proto::keys::LOW_ORDER_POINTS.into_iter().enumerate() {
+            let mut n = node(1, &format!("100.64.0.{}", i + 1));
+            n.key = NodeKey(p);
+            n.record.node_key = n.key;
+            let (reason, _) = reg(&mut r, now, i as ConnId + 1, &k, &n).unwrap_err();
+            assert_eq!(reason, RefuseReason::BadRecord);
+        }
+        assert_eq!(r.member_count(), 0);
     }
 
     #[test]

@@ -504,6 +504,7 @@ impl ControlClient {
                     Applied::AddressConflict => {
                         Counters::bump(&self.counters.records_address_conflict)
                     }
+                    Applied::LowOrderKey => Counters::bump(&self.counters.records_malformed),
                 }
                 None
             }

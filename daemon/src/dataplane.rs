@@ -19,8 +19,8 @@ use a2a_proto::udp::{
 };
 use a2a_proto::NodeKey;
 use arc_swap::ArcSwapOption;
-use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::{Tunn, TunnResult};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -28,8 +28,9 @@ use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::path::Route;
 use crate::pathfinder::PathEvent;
-use crate::peers::{Peer, PeerTable};
+use crate::peers::{Peer, PeerTable, Routed, Source};
 use crate::prober::Prober;
+use crate::session::OVERLAY_MTU;
 use crate::udpbatch;
 
 /// Largest datagram or packet handled.
@@ -53,7 +54,16 @@ pub struct Counters {
     pub udp_unknown_peer: AtomicU64,
     pub udp_a2a_malformed: AtomicU64,
     pub wg_rejected: AtomicU64,
+    /// Handshake initiations whose timestamp is not newer than the last one accepted from that
+    /// peer: replays (boringtun refuses them), counted apart from `wg_rejected`.
+    pub wg_handshake_replays: AtomicU64,
     pub wg_cookies_sent: AtomicU64,
+    /// Cookie replies from peers accepted: our handshake met a peer under load, and the next
+    /// one will carry the cookie's MAC2.
+    pub wg_cookies_received: AtomicU64,
+    /// Handshake messages with a valid cookie dropped while under load, their source being over
+    /// its share (`HANDSHAKES_PER_SOURCE` a second).
+    pub wg_handshake_rate_limited: AtomicU64,
     pub inner_source_mismatch: AtomicU64,
     pub tun_no_route: AtomicU64,
     pub tun_not_ipv4: AtomicU64,
@@ -95,7 +105,13 @@ impl Counters {
             ("udp_unknown_peer", g(&self.udp_unknown_peer)),
             ("udp_a2a_malformed", g(&self.udp_a2a_malformed)),
             ("wg_rejected", g(&self.wg_rejected)),
+            ("wg_handshake_replays", g(&self.wg_handshake_replays)),
             ("wg_cookies_sent", g(&self.wg_cookies_sent)),
+            ("wg_cookies_received", g(&self.wg_cookies_received)),
+            (
+                "wg_handshake_rate_limited",
+                g(&self.wg_handshake_rate_limited),
+            ),
             ("inner_source_mismatch", g(&self.inner_source_mismatch)),
             ("tun_no_route", g(&self.tun_no_route)),
             ("tun_not_ipv4", g(&self.tun_not_ipv4)),
@@ -174,6 +190,8 @@ enum Action {
     DropV6,
     Nothing,
     Rejected,
+    /// A handshake initiation with a timestamp not after the last accepted one: a replay.
+    ReplayedHandshake,
 }
 
 /// Turns a `TunnResult` (which borrows `out`) into an owned [`Action`].
@@ -184,11 +202,31 @@ fn action(out_start: *const u8, result: TunnResult<'_>) -> Action {
     };
     match result {
         TunnResult::Done => Action::Nothing,
+        TunnResult::Err(WireGuardError::WrongTai64nTimestamp) => Action::ReplayedHandshake,
         TunnResult::Err(_) => Action::Rejected,
         TunnResult::WriteToNetwork(p) => Action::SendToNetwork(range(p)),
         TunnResult::WriteToTunnelV4(p, src) => Action::WriteToTunnel(range(p), src),
         TunnResult::WriteToTunnelV6(..) => Action::DropV6,
     }
+}
+
+/// Length of a plaintext of `len` bytes padded as WireGuard pads it (whitepaper §5.4.6): to a
+/// multiple of 16, but not beyond the MTU (nor shortened when it is longer).
+fn padded_len(len: usize, mtu: usize) -> usize {
+    if len >= mtu {
+        len
+    } else {
+        len.next_multiple_of(16).min(mtu)
+    }
+}
+
+/// Zero-pads the packet at the start of `buf` (`len` bytes) for encryption: boringtun does not
+/// pad, and then the datagram's size tells the inner packet's exact length. The receiver trims
+/// the padding by the IP header's total length (boringtun does), so this is invisible to peers.
+fn pad_plaintext(buf: &mut [u8], len: usize) -> &[u8] {
+    let padded = padded_len(len, usize::from(OVERLAY_MTU)).min(buf.len());
+    buf[len..padded].fill(0);
+    &buf[..padded]
 }
 
 /// Destination of an IPv4 packet read from the TUN device.
@@ -314,8 +352,8 @@ impl DataPlane {
             };
             // The peer of the previous packet and its route, reused while the destination repeats.
             let mut last: Option<(Ipv4Addr, Arc<Peer>, Route)> = None;
-            for (packet, &size) in packets.iter().zip(&sizes[..n]) {
-                let packet = &packet[..size];
+            for (packet, &size) in packets.iter_mut().zip(&sizes[..n]) {
+                let packet = pad_plaintext(packet, size);
                 let Some(dst) = ipv4_destination(packet) else {
                     Counters::bump(&self.counters.tun_not_ipv4);
                     continue;
@@ -439,33 +477,6 @@ impl DataPlane {
         }
     }
 
-    /// Finds the peer a WireGuard datagram belongs to, or answers it with a cookie under load.
-    fn route_wireguard(&self, datagram: &[u8], src: IpAddr, cookie: &mut [u8]) -> Routed {
-        let packet = match self
-            .peers
-            .rate_limiter()
-            .verify_packet(Some(src), datagram, cookie)
-        {
-            Ok(p) => p,
-            Err(TunnResult::WriteToNetwork(c)) => return Routed::Cookie(c.len()),
-            Err(_) => return Routed::Rejected,
-        };
-        let peer = match packet {
-            Packet::HandshakeInit(init) => {
-                parse_handshake_anon(self.peers.own_secret(), &self.peers.own_public(), &init)
-                    .ok()
-                    .and_then(|h| self.peers.by_key(&NodeKey(h.peer_static_public)))
-            }
-            Packet::HandshakeResponse(r) => self.peers.by_receiver_index(r.receiver_idx),
-            Packet::PacketCookieReply(c) => self.peers.by_receiver_index(c.receiver_idx),
-            Packet::PacketData(d) => self.peers.by_receiver_index(d.receiver_idx),
-        };
-        match peer {
-            Some(p) => Routed::Peer(p),
-            None => Routed::UnknownPeer,
-        }
-    }
-
     /// UDP→TUN: receive datagrams (with UDP GRO, several per call), demultiplex, decrypt, check
     /// the inner source, and write the packets to the TUN device in batches (with offload,
     /// coalesced into TCP/UDP super-packets) once the socket has nothing more queued.
@@ -574,22 +585,34 @@ impl DataPlane {
 
     async fn receive_wireguard(&self, d: &[u8], via: Via, src_ip: IpAddr, out: &mut TunBatch) {
         let mut cookie = [0u8; RELAY_HEADER_LEN + 64];
-        let peer = match self.route_wireguard(d, src_ip, &mut cookie[RELAY_HEADER_LEN..]) {
-            Routed::Peer(p) => p,
-            Routed::Cookie(len) => {
-                Counters::bump(&self.counters.wg_cookies_sent);
-                self.reply(via, &mut cookie, len).await;
-                return;
-            }
-            Routed::Rejected => {
-                Counters::bump(&self.counters.wg_rejected);
-                return;
-            }
-            Routed::UnknownPeer => {
-                Counters::bump(&self.counters.udp_unknown_peer);
-                return;
-            }
+        let source = match via {
+            Via::Direct(addr) => Source::Addr(addr.ip()),
+            Via::Relay(id) => Source::Relay(id),
         };
+        let peer =
+            match self
+                .peers
+                .route_wireguard(d, src_ip, source, &mut cookie[RELAY_HEADER_LEN..])
+            {
+                Routed::Peer(p) => p,
+                Routed::Cookie(len) => {
+                    Counters::bump(&self.counters.wg_cookies_sent);
+                    self.reply(via, &mut cookie, len).await;
+                    return;
+                }
+                Routed::RateLimited => {
+                    Counters::bump(&self.counters.wg_handshake_rate_limited);
+                    return;
+                }
+                Routed::Rejected => {
+                    Counters::bump(&self.counters.wg_rejected);
+                    return;
+                }
+                Routed::UnknownPeer => {
+                    Counters::bump(&self.counters.udp_unknown_peer);
+                    return;
+                }
+            };
         self.decapsulate(&peer, d, via, src_ip, out).await;
     }
 
@@ -630,6 +653,10 @@ impl DataPlane {
                 Counters::bump(&self.counters.wg_rejected);
                 return;
             }
+            Action::ReplayedHandshake => {
+                Counters::bump(&self.counters.wg_handshake_replays);
+                return;
+            }
             Action::WriteToTunnel(r, inner_src) => {
                 if inner_src != peer.ip() {
                     // A member may only send from its own overlay address.
@@ -651,7 +678,10 @@ impl DataPlane {
                 return;
             }
             Action::Nothing => {
-                if let Some(a) = direct {
+                if is_cookie_reply(d) {
+                    // Not data: it tells nothing about the peer's path.
+                    Counters::bump(&self.counters.wg_cookies_received);
+                } else if let Some(a) = direct {
                     self.seen_direct(peer, a);
                 }
                 return;
@@ -697,7 +727,7 @@ impl DataPlane {
             tick.tick().await;
             ticks += 1;
             if ticks.is_multiple_of(4) {
-                self.peers.rate_limiter().reset_count();
+                self.peers.reset_handshake_limits();
             }
             for peer in self.peers.all() {
                 let act = {
@@ -783,11 +813,9 @@ impl TunBatch {
     }
 }
 
-enum Routed {
-    Peer(Arc<Peer>),
-    Cookie(usize),
-    Rejected,
-    UnknownPeer,
+/// Whether a WireGuard datagram is a cookie reply (type 3).
+fn is_cookie_reply(d: &[u8]) -> bool {
+    d.first() == Some(&3)
 }
 
 /// An IPv4-mapped IPv6 address as plain IPv4.
@@ -804,6 +832,42 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+
+    use boringtun::x25519::{PublicKey, StaticSecret};
+
+    /// Two tunnels with a session between them (`a` initiated).
+    fn handshaken_pair() -> (Tunn, Tunn) {
+        let a_key = StaticSecret::from([1u8; 32]);
+        let b_key = StaticSecret::from([2u8; 32]);
+        let mut a = Tunn::new(a_key.clone(), PublicKey::from(&b_key), None, None, 1, None);
+        let mut b = Tunn::new(b_key, PublicKey::from(&a_key), None, None, 2, None);
+        let (mut out_a, mut out_b) = (vec![0u8; 2048], vec![0u8; 2048]);
+        let Action::SendToNetwork(r) = action(
+            out_a.as_ptr(),
+            a.format_handshake_initiation(&mut out_a, false),
+        ) else {
+            panic!("no initiation");
+        };
+        let init = out_a[r].to_vec();
+        let Action::SendToNetwork(r) =
+            action(out_b.as_ptr(), b.decapsulate(None, &init, &mut out_b))
+        else {
+            panic!("no response");
+        };
+        let response = out_b[r].to_vec();
+        let Action::SendToNetwork(r) =
+            action(out_a.as_ptr(), a.decapsulate(None, &response, &mut out_a))
+        else {
+            panic!("no keepalive");
+        };
+        let keepalive = out_a[r].to_vec();
+        assert_eq!(
+            action(out_b.as_ptr(), b.decapsulate(None, &keepalive, &mut out_b)),
+            Action::Nothing
+        );
+        (a, b)
+    }
 
     #[test]
     fn finds_ipv4_destinations_only() {
@@ -832,8 +896,404 @@ mod tests {
     }
 
     #[test]
-    fn actions_carry_a_packet_through_a_real_handshake() {
+    fn padding_rounds_up_to_16_within_the_mtu() {
+        for (len, want) in [
+            (0, 0),
+            (1, 16),
+            (16, 16),
+            (17, 32),
+            (84, 96),
+            (1408, 1408),
+            (1409, 1420),
+            (1420, 1420),
+            (1500, 1500),
+        ] {
+            assert_eq!(padded_len(len, 1420), want, "{len}");
+        }
+        // Stale bytes of an earlier, longer packet in the buffer become zeros.
+        let mut buf = vec![0xffu8; 64];
+        buf[..20].fill(7);
+        let padded = pad_plaintext(&mut buf, 20);
+        assert_eq!(padded.len(), 32);
+        assert!(padded[..20].iter().all(|&b| b == 7));
+        assert!(padded[20..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn padded_packets_arrive_trimmed_and_datagrams_hide_the_exact_length() {
+        let (mut a, mut b) = handshaken_pair();
+        let mut out_a = vec![0u8; 2048];
+        let mut out_b = vec![0u8; 2048];
+        let mut sizes = HashSet::new();
+        for payload in 0..=64 {
+            let packet = ipv4_udp([100, 64, 0, 1], [100, 64, 0, 2], &vec![0x5a; payload]);
+            let mut buf = packet.clone();
+            buf.resize(4096, 0xee);
+            let padded = pad_plaintext(&mut buf, packet.len());
+            let Action::SendToNetwork(r) =
+                action(out_a.as_ptr(), a.encapsulate(padded, &mut out_a))
+            else {
+                panic!("expected a data packet");
+            };
+            let datagram = out_a[r].to_vec();
+            assert_eq!((datagram.len() - 32) % 16, 0, "{payload}");
+            sizes.insert(datagram.len());
+            let Action::WriteToTunnel(r, _) =
+                action(out_b.as_ptr(), b.decapsulate(None, &datagram, &mut out_b))
+            else {
+                panic!("expected the packet back");
+            };
+            assert_eq!(&out_b[r], &packet[..], "trimmed to the IP length");
+        }
+        // 65 different inner lengths, 5 different datagram lengths.
+        assert_eq!(sizes.len(), 5, "{sizes:?}");
+    }
+
+    /// A WireGuard handshake initiation built by hand (whitepaper §5.4.2), so that the
+    /// initiator's static key can be anything, even a point whose DH is all zeros: `ss` is the
+    /// static-static DH as the responder computes it.
+    fn forged_initiation(responder: &[u8; 32], static_public: &[u8; 32], ss: &[u8; 32]) -> Vec<u8> {
+        use blake2::digest::consts::U16;
+        use blake2::digest::{FixedOutput, KeyInit, Mac};
+        use blake2::{Blake2s256, Blake2sMac, Digest};
         use boringtun::x25519::{PublicKey, StaticSecret};
+        use chacha20poly1305::aead::{Aead, Payload};
+        use chacha20poly1305::ChaCha20Poly1305;
+
+        fn hash(parts: &[&[u8]]) -> [u8; 32] {
+            let mut h = Blake2s256::new();
+            for p in parts {
+                Digest::update(&mut h, p);
+            }
+            h.finalize().into()
+        }
+        fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+            let mut m = <hmac::SimpleHmac<Blake2s256> as KeyInit>::new_from_slice(key).unwrap();
+            for p in parts {
+                Mac::update(&mut m, p);
+            }
+            m.finalize_fixed().into()
+        }
+        fn kdf2(ck: &[u8; 32], input: &[u8]) -> ([u8; 32], [u8; 32]) {
+            let t = hmac(ck, &[input]);
+            let ck = hmac(&t, &[&[1]]);
+            let k = hmac(&t, &[&ck, &[2]]);
+            (ck, k)
+        }
+        fn seal(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
+            let c = <ChaCha20Poly1305 as chacha20poly1305::KeyInit>::new(key.into());
+            let payload = Payload {
+                msg: plaintext,
+                aad,
+            };
+            c.encrypt(&[0u8; 12].into(), payload).unwrap()
+        }
+
+        let ck = hash(&[b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"]);
+        let h = hash(&[&ck, b"WireGuard v1 zx2c4 Jason@zx2c4.com"]);
+        let h = hash(&[&h, responder]);
+        let e = StaticSecret::random_from_rng(rand::rngs::OsRng);
+        let e_pub = PublicKey::from(&e).to_bytes();
+        let mut msg = vec![0u8; 148];
+        msg[0] = 1;
+        msg[4..8].copy_from_slice(&rand::random::<u32>().to_le_bytes());
+        msg[8..40].copy_from_slice(&e_pub);
+        let h = hash(&[&h, &e_pub]);
+        let ck = hmac(&hmac(&ck, &[&e_pub]), &[&[1]]);
+        let es = e.diffie_hellman(&PublicKey::from(*responder));
+        let (ck, k) = kdf2(&ck, es.as_bytes());
+        let enc_static = seal(&k, static_public, &h);
+        msg[40..88].copy_from_slice(&enc_static);
+        let h = hash(&[&h, &enc_static]);
+        let (_, k) = kdf2(&ck, ss);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let mut tai64n = [0u8; 12];
+        tai64n[..8].copy_from_slice(&(now.as_secs() + (1 << 62) + 37).to_be_bytes());
+        tai64n[8..].copy_from_slice(&now.subsec_nanos().to_be_bytes());
+        msg[88..116].copy_from_slice(&seal(&k, &tai64n, &h));
+        let mac1_key = hash(&[b"mac1----", responder]);
+        let mut mac = <Blake2sMac<U16> as KeyInit>::new_from_slice(&mac1_key).unwrap();
+        Mac::update(&mut mac, &msg[..116]);
+        let mac1: [u8; 16] = mac.finalize_fixed().into();
+        msg[116..132].copy_from_slice(&mac1);
+        msg
+    }
+
+    fn record(key: &StaticSecret, ip: [u8; 4]) -> a2a_proto::NodeRecord {
+        a2a_proto::NodeRecord {
+            network: a2a_proto::NetworkKey::derive(&[1; 32]).id(),
+            node_key: NodeKey(PublicKey::from(key).to_bytes()),
+            name: "peer".into(),
+            ip: Ipv4Addr::from(ip),
+            candidates: vec![],
+            issued_ms: 1,
+        }
+    }
+
+    const SRC: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+
+    /// Routes `d` through the table and decapsulates it in the peer's tunnel, as
+    /// `receive_wireguard` does.
+    fn route_and_decapsulate(t: &PeerTable, d: &[u8], out: &mut [u8]) -> Action {
+        let mut cookie = [0u8; 64];
+        let peer = match t.route_wireguard(d, SRC, Source::Addr(SRC), &mut cookie) {
+            Routed::Peer(p) => p,
+            Routed::Cookie(_) => panic!("unexpected cookie"),
+            Routed::RateLimited => panic!("unexpectedly rate limited"),
+            Routed::Rejected => return Action::Rejected,
+            Routed::UnknownPeer => panic!("unknown peer"),
+        };
+        let mut tunn = peer.tunn();
+        action(out.as_ptr(), tunn.decapsulate(Some(SRC), d, out))
+    }
+
+    #[test]
+    fn the_forged_initiation_is_valid_wireguard() {
+        let r = StaticSecret::from([3u8; 32]);
+        let i = StaticSecret::from([4u8; 32]);
+        let r_pub = PublicKey::from(&r).to_bytes();
+        let i_pub = PublicKey::from(&i).to_bytes();
+        let ss = i.diffie_hellman(&PublicKey::from(r_pub)).to_bytes();
+        let init = forged_initiation(&r_pub, &i_pub, &ss);
+        let mut responder = Tunn::new(r.clone(), PublicKey::from(i_pub), None, None, 1, None);
+        let mut out = vec![0u8; 2048];
+        assert!(matches!(
+            action(out.as_ptr(), responder.decapsulate(None, &init, &mut out)),
+            Action::SendToNetwork(_)
+        ));
+        // And through the daemon's routing.
+        let t = PeerTable::new(r);
+        t.apply(record(&i, [100, 64, 0, 4]), None);
+        let init = forged_initiation(&r_pub, &i_pub, &ss);
+        assert!(matches!(
+            route_and_decapsulate(&t, &init, &mut out),
+            Action::SendToNetwork(_)
+        ));
+    }
+
+    #[test]
+    fn an_initiation_from_a_low_order_static_key_finds_no_peer() {
+        let r = StaticSecret::from([3u8; 32]);
+        let r_pub = PublicKey::from(&r).to_bytes();
+        let t = PeerTable::new(r.clone());
+        let mut out = vec![0u8; 2048];
+        for low in a2a_proto::keys::LOW_ORDER_POINTS {
+            // The premise: boringtun does not refuse the all-zero DH. A tunnel configured with
+            // such a peer key completes a handshake with anybody, who needs no secret to forge
+            // it (should boringtun ever refuse it, this assert fails: good news).
+            let mut responder = Tunn::new(r.clone(), PublicKey::from(low), None, None, 1, None);
+            let init = forged_initiation(&r_pub, &low, &[0u8; 32]);
+            assert!(
+                matches!(
+                    action(out.as_ptr(), responder.decapsulate(None, &init, &mut out)),
+                    Action::SendToNetwork(_)
+                ),
+                "boringtun accepted no forged initiation for {low:02x?}"
+            );
+            // So a2a never holds such a peer, and the same initiation finds nobody.
+            let mut rec = record(&r, [100, 64, 0, 9]);
+            rec.node_key = NodeKey(low);
+            assert_eq!(t.apply(rec, None), crate::peers::Applied::LowOrderKey);
+            let mut cookie = [0u8; 64];
+            assert!(matches!(
+                t.route_wireguard(&init, SRC, Source::Addr(SRC), &mut cookie),
+                Routed::UnknownPeer
+            ));
+        }
+    }
+
+    #[test]
+    fn a_replayed_initiation_is_counted_apart_and_changes_nothing() {
+        let r = StaticSecret::from([3u8; 32]);
+        let i = StaticSecret::from([4u8; 32]);
+        let t = PeerTable::new(r.clone());
+        t.apply(record(&i, [100, 64, 0, 4]), None);
+        let mut initiator = Tunn::new(i, PublicKey::from(&r), None, None, 7, None);
+        let (mut out_i, mut out_r) = (vec![0u8; 2048], vec![0u8; 2048]);
+        let Action::SendToNetwork(x) = action(
+            out_i.as_ptr(),
+            initiator.format_handshake_initiation(&mut out_i, false),
+        ) else {
+            panic!("no initiation");
+        };
+        let init = out_i[x].to_vec();
+        let Action::SendToNetwork(x) = route_and_decapsulate(&t, &init, &mut out_r) else {
+            panic!("no response");
+        };
+        let response = out_r[x].to_vec();
+        let Action::SendToNetwork(x) = action(
+            out_i.as_ptr(),
+            initiator.decapsulate(None, &response, &mut out_i),
+        ) else {
+            panic!("no keepalive");
+        };
+        let keepalive = out_i[x].to_vec();
+        assert_eq!(
+            route_and_decapsulate(&t, &keepalive, &mut out_r),
+            Action::Nothing
+        );
+        let peer = t.by_ip(Ipv4Addr::new(100, 64, 0, 4)).unwrap();
+        let to_i = ipv4_udp([100, 64, 0, 3], [100, 64, 0, 4], b"to the initiator");
+        let receiver_index = |out: &mut [u8]| {
+            let Action::SendToNetwork(x) =
+                action(out.as_ptr(), peer.tunn().encapsulate(&to_i, out))
+            else {
+                panic!("no data packet");
+            };
+            out[x][4..8].to_vec()
+        };
+        let before = receiver_index(&mut out_r);
+
+        // The replay: refused for its timestamp, and told apart from other rejects.
+        assert_eq!(
+            route_and_decapsulate(&t, &init, &mut out_r),
+            Action::ReplayedHandshake
+        );
+
+        // The session is the one before, both ways.
+        assert_eq!(receiver_index(&mut out_r), before, "a new session was made");
+        let Action::SendToNetwork(x) =
+            action(out_r.as_ptr(), peer.tunn().encapsulate(&to_i, &mut out_r))
+        else {
+            panic!("no data packet");
+        };
+        let d = out_r[x].to_vec();
+        assert!(matches!(
+            action(out_i.as_ptr(), initiator.decapsulate(None, &d, &mut out_i)),
+            Action::WriteToTunnel(..)
+        ));
+        let to_r = ipv4_udp([100, 64, 0, 4], [100, 64, 0, 3], b"to the responder");
+        let Action::SendToNetwork(x) =
+            action(out_i.as_ptr(), initiator.encapsulate(&to_r, &mut out_i))
+        else {
+            panic!("no data packet");
+        };
+        let d = out_i[x].to_vec();
+        assert!(matches!(
+            route_and_decapsulate(&t, &d, &mut out_r),
+            Action::WriteToTunnel(..)
+        ));
+    }
+
+    #[test]
+    fn under_load_a_peer_handshakes_with_a_cookie() {
+        let r = StaticSecret::from([3u8; 32]);
+        let i = StaticSecret::from([4u8; 32]);
+        let r_pub = PublicKey::from(&r).to_bytes();
+        let t = PeerTable::new(r.clone());
+        t.apply(record(&i, [100, 64, 0, 4]), None);
+        // Initiations with a valid MAC1 from keys nobody knows, until cookies are demanded.
+        let mut cookie = [0u8; 64];
+        let mut cookies = 0;
+        for n in 0..150u8 {
+            let init = forged_initiation(&r_pub, &[n; 32], &[n; 32]);
+            let from = IpAddr::V4(Ipv4Addr::new(10, 9, 9, n));
+            match t.route_wireguard(&init, from, Source::Addr(from), &mut cookie) {
+                Routed::Cookie(len) => {
+                    assert_eq!(len, 64);
+                    cookies += 1;
+                }
+                Routed::UnknownPeer => {}
+                _ => panic!("a forged initiation was routed to a peer"),
+            }
+        }
+        assert!(cookies >= 40, "{cookies} cookie replies");
+        // The real peer's initiation draws a cookie reply too; with it, the retry passes.
+        let mut initiator = Tunn::new(i, PublicKey::from(&r), None, None, 7, None);
+        let (mut out_i, mut out_r) = (vec![0u8; 2048], vec![0u8; 2048]);
+        let Action::SendToNetwork(x) = action(
+            out_i.as_ptr(),
+            initiator.format_handshake_initiation(&mut out_i, false),
+        ) else {
+            panic!("no initiation");
+        };
+        let init = out_i[x].to_vec();
+        let Routed::Cookie(len) = t.route_wireguard(&init, SRC, Source::Addr(SRC), &mut cookie)
+        else {
+            panic!("no cookie under load");
+        };
+        assert!(is_cookie_reply(&cookie[..len]));
+        assert_eq!(
+            action(
+                out_i.as_ptr(),
+                initiator.decapsulate(None, &cookie[..len], &mut out_i)
+            ),
+            Action::Nothing
+        );
+        let Action::SendToNetwork(x) = action(
+            out_i.as_ptr(),
+            initiator.format_handshake_initiation(&mut out_i, true),
+        ) else {
+            panic!("no retry");
+        };
+        let retry = out_i[x].to_vec();
+        assert!(matches!(
+            route_and_decapsulate(&t, &retry, &mut out_r),
+            Action::SendToNetwork(_)
+        ));
+
+        // Valid cookie or not, one source gets HANDSHAKES_PER_SOURCE handshake messages a
+        // second through while the node is under load (a flooder that answers cookies is held
+        // to that); another source is not affected, and the next second starts afresh.
+        fn with_mac2(initiator: &mut Tunn, out: &mut [u8]) -> Vec<u8> {
+            let Action::SendToNetwork(x) = action(
+                out.as_ptr(),
+                initiator.format_handshake_initiation(out, true),
+            ) else {
+                panic!("no initiation");
+            };
+            out[x].to_vec()
+        }
+        let mut passed = 1;
+        let mut limited = 0;
+        for _ in 0..40 {
+            match t.route_wireguard(
+                &with_mac2(&mut initiator, &mut out_i),
+                SRC,
+                Source::Addr(SRC),
+                &mut cookie,
+            ) {
+                Routed::Peer(_) => passed += 1,
+                Routed::RateLimited => limited += 1,
+                _ => panic!("a handshake with a valid cookie was refused otherwise"),
+            }
+        }
+        assert_eq!(passed, crate::peers::HANDSHAKES_PER_SOURCE);
+        assert_eq!(limited, 41 - passed);
+        let other = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3));
+        let init = with_mac2(&mut initiator, &mut out_i);
+        let Routed::Cookie(len) = t.route_wireguard(&init, other, Source::Addr(other), &mut cookie)
+        else {
+            panic!("no cookie for the other address");
+        };
+        initiator.decapsulate(None, &cookie[..len], &mut out_r);
+        assert!(matches!(
+            t.route_wireguard(
+                &with_mac2(&mut initiator, &mut out_i),
+                other,
+                Source::Addr(other),
+                &mut cookie
+            ),
+            Routed::Peer(_)
+        ));
+        t.reset_handshake_limits();
+        for _ in 0..30 {
+            assert!(matches!(
+                t.route_wireguard(
+                    &with_mac2(&mut initiator, &mut out_i),
+                    other,
+                    Source::Addr(other),
+                    &mut cookie
+                ),
+                Routed::Peer(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn actions_carry_a_packet_through_a_real_handshake() {
         let a_key = StaticSecret::from([1u8; 32]);
         let b_key = StaticSecret::from([2u8; 32]);
         let mut a = Tunn::new(a_key.clone(), PublicKey::from(&b_key), None, None, 1, None);

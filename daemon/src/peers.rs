@@ -6,7 +6,7 @@
 //! new snapshot. No I/O happens here.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -15,14 +15,24 @@ use a2a_proto::disco::DiscoKey;
 use a2a_proto::membership::MemberCert;
 use a2a_proto::{NodeKey, NodeRecord};
 use arc_swap::ArcSwap;
+use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::Tunn;
+use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
-/// WireGuard persistent keepalive, seconds: holds NAT mappings open.
-pub const PERSISTENT_KEEPALIVE_S: u16 = 25;
-/// Handshake initiations a second before cookies are demanded (shared by all peers).
+/// WireGuard persistent keepalive, seconds. Shorter than boringtun's KEEPALIVE_TIMEOUT +
+/// REKEY_TIMEOUT (15 s): boringtun starts a new handshake when a packet is sent more than 15 s
+/// after the last one received from the peer, without waiting for the answer the whitepaper
+/// waits for, so with the usual 25 s an idle tunnel's first packet often cost a needless
+/// handshake. A peer that hears our keepalive every 10 s never sees such a silence.
+pub const PERSISTENT_KEEPALIVE_S: u16 = 10;
+/// Handshake messages a second before cookies are demanded (shared by all peers; boringtun
+/// counts a peer's message twice, once when it is routed and once in the peer's tunnel).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake messages a second let through from one source (address, or relay id) while the
+/// node is under load, however valid their cookie: a flooder that answers cookies is held to
+/// this, as WireGuard's kernel module and wireguard-go hold it (boringtun does not).
+pub const HANDSHAKES_PER_SOURCE: u32 = 20;
 
 /// What the control client knows of a peer, from its latest record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +166,28 @@ pub enum Applied {
     IsSelf,
     /// Another peer already holds that overlay address: dropped.
     AddressConflict,
+    /// The node key is an X25519 point of small order: dropped (anyone could impersonate it).
+    LowOrderKey,
+}
+
+/// Where a WireGuard datagram goes, as [`PeerTable::route_wireguard`] decides.
+pub enum Routed {
+    Peer(Arc<Peer>),
+    /// Under load and without a valid cookie MAC: answer with the cookie reply of this length
+    /// (written to the caller's buffer).
+    Cookie(usize),
+    /// A handshake message over its source's share while under load: dropped.
+    RateLimited,
+    Rejected,
+    UnknownPeer,
+}
+
+/// Who sent a datagram, for the per-source handshake limit: its underlay address, or, when
+/// relayed (all relayed datagrams come from the coordinator's address), its relay id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    Addr(IpAddr),
+    Relay(u32),
 }
 
 #[derive(Default)]
@@ -171,7 +203,14 @@ pub struct PeerTable {
     own_key: NodeKey,
     own_secret: StaticSecret,
     rate_limiter: Arc<RateLimiter>,
-    next_index: AtomicU32,
+    /// Handshake messages seen since the last [`reset_handshake_limits`]: at or over
+    /// `HANDSHAKE_RATE_LIMIT`, the node is under load (boringtun, counting at least as many, is
+    /// then demanding cookies).
+    ///
+    /// [`reset_handshake_limits`]: PeerTable::reset_handshake_limits
+    handshakes: AtomicU64,
+    /// Under load: handshake messages let through per source since the last reset.
+    per_source: Mutex<HashMap<Source, u32>>,
     epoch: Instant,
 }
 
@@ -184,8 +223,8 @@ impl PeerTable {
             own_key: NodeKey(own_public.to_bytes()),
             own_secret,
             rate_limiter: Arc::new(RateLimiter::new(&own_public, HANDSHAKE_RATE_LIMIT)),
-            // Session indices are 24 bits; start at a random one.
-            next_index: AtomicU32::new(rand::random::<u32>() & 0x00ff_ffff),
+            handshakes: AtomicU64::new(0),
+            per_source: Mutex::new(HashMap::new()),
             // Back-dated so that "ms since epoch" is never 0 (0 means "never").
             epoch: Instant::now() - Duration::from_millis(1),
         }
@@ -204,16 +243,16 @@ impl PeerTable {
         self.own_key
     }
 
-    pub fn own_secret(&self) -> &StaticSecret {
-        &self.own_secret
-    }
-
     pub fn own_public(&self) -> PublicKey {
         PublicKey::from(self.own_key.0)
     }
 
-    pub fn rate_limiter(&self) -> &RateLimiter {
-        &self.rate_limiter
+    /// Starts a new second for the handshake limits (boringtun's, which resets itself at most
+    /// once a second, and the per-source one); called about every second.
+    pub fn reset_handshake_limits(&self) {
+        self.rate_limiter.reset_count();
+        self.handshakes.store(0, Ordering::Relaxed);
+        lock(&self.per_source).clear();
     }
 
     pub fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Peer>> {
@@ -231,6 +270,56 @@ impl PeerTable {
             .by_index
             .get(&(receiver_idx >> 8))
             .cloned()
+    }
+
+    /// Finds the peer a WireGuard datagram from `src` (the underlay address it came from, to
+    /// which cookies are bound) belongs to, after boringtun's rate limiter has checked its MAC1
+    /// (and, under load, its cookie MAC2; `cookie` then receives the cookie reply). Under load,
+    /// a handshake message with a valid cookie still counts against its `source`'s share. An
+    /// initiation is matched by the static key inside it, everything else by the receiver index.
+    pub fn route_wireguard(
+        &self,
+        datagram: &[u8],
+        src: IpAddr,
+        source: Source,
+        cookie: &mut [u8],
+    ) -> Routed {
+        // Counted as boringtun counts them: initiations and responses of the right size only.
+        let handshake = matches!(
+            (datagram.first(), datagram.len()),
+            (Some(1), 148) | (Some(2), 92)
+        );
+        let under_load =
+            handshake && self.handshakes.fetch_add(1, Ordering::Relaxed) >= HANDSHAKE_RATE_LIMIT;
+        let packet = match self.rate_limiter.verify_packet(Some(src), datagram, cookie) {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(c)) => return Routed::Cookie(c.len()),
+            Err(_) => return Routed::Rejected,
+        };
+        if under_load {
+            // Its MAC2 is valid (boringtun, under load too, checked it): the sender can receive
+            // at its address, but may not make us do handshakes at any rate.
+            let mut per_source = lock(&self.per_source);
+            let n = per_source.entry(source).or_insert(0);
+            *n += 1;
+            if *n > HANDSHAKES_PER_SOURCE {
+                return Routed::RateLimited;
+            }
+        }
+        let peer = match packet {
+            Packet::HandshakeInit(init) => {
+                parse_handshake_anon(&self.own_secret, &self.own_public(), &init)
+                    .ok()
+                    .and_then(|h| self.by_key(&NodeKey(h.peer_static_public)))
+            }
+            Packet::HandshakeResponse(r) => self.by_receiver_index(r.receiver_idx),
+            Packet::PacketCookieReply(c) => self.by_receiver_index(c.receiver_idx),
+            Packet::PacketData(d) => self.by_receiver_index(d.receiver_idx),
+        };
+        match peer {
+            Some(p) => Routed::Peer(p),
+            None => Routed::UnknownPeer,
+        }
     }
 
     pub fn all(&self) -> Vec<Arc<Peer>> {
@@ -261,6 +350,11 @@ impl PeerTable {
     pub fn apply(&self, record: NodeRecord, cert: Option<MemberCert>) -> Applied {
         if record.node_key == self.own_key {
             return Applied::IsSelf;
+        }
+        if record.node_key.is_low_order() {
+            // Checked when the record was verified too; a peer with such a key would be a peer
+            // anybody can complete a WireGuard handshake as (its static DH is all zeros).
+            return Applied::LowOrderKey;
         }
         let _w = lock(&self.writer);
         let snap = self.snapshot.load();
@@ -293,7 +387,16 @@ impl PeerTable {
             self.rebuild(|_| {});
             return Applied::Updated;
         }
-        let index = self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+        // boringtun puts this 24-bit index in the upper bits of every session index of the
+        // peer, in clear in every packet: a random one (unique here) says nothing about how many
+        // peers this node has or in which order they came, nor ties its tunnels together, as
+        // consecutive indices would.
+        let index = loop {
+            let i = rand::random::<u32>() & 0x00ff_ffff;
+            if !snap.by_index.contains_key(&i) {
+                break i;
+            }
+        };
         let tunn = Tunn::new(
             self.own_secret.clone(),
             PublicKey::from(record.node_key.0),
@@ -426,6 +529,47 @@ mod tests {
         assert!(p.report_seen_elsewhere(2000));
         assert!(!p.report_seen_elsewhere(2500));
         assert!(p.report_seen_elsewhere(3000));
+    }
+
+    #[test]
+    fn peer_indices_are_random_not_sequential() {
+        let t = PeerTable::new(key(1).0);
+        let mut indices = Vec::new();
+        for n in 2..66u8 {
+            t.apply(record(n, &format!("100.64.0.{n}"), 1), None);
+            indices.push(t.by_key(&key(n).1).unwrap().index);
+        }
+        assert!(
+            indices.iter().all(|&i| i < 1 << 24),
+            "24 bits: {indices:x?}"
+        );
+        let mut sorted = indices.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), indices.len(), "unique");
+        // Consecutive peers get unrelated indices (sequential ones would count the peers and
+        // tie a node's tunnels together); 64 random 24-bit values spread far.
+        let neighbours = indices.windows(2).filter(|w| w[0].abs_diff(w[1]) < 256);
+        assert!(neighbours.count() <= 1, "{indices:x?}");
+        assert!(
+            sorted[sorted.len() - 1] - sorted[0] > 1 << 20,
+            "{indices:x?}"
+        );
+    }
+
+    #[test]
+    fn low_order_keys_never_become_peers() {
+        let t = PeerTable::new(key(1).0);
+        for (i, p) in a2a_proto::keys::LOW_ORDER_POINTS.into_iter().enumerate() {
+            for top in [0u8, 0x80] {
+                let mut k = p;
+                k[31] |= top;
+                let mut r = record(2, &format!("100.64.0.{}", i + 2), 1);
+                r.node_key = NodeKey(k);
+                assert_eq!(t.apply(r, None), Applied::LowOrderKey, "{k:02x?}");
+            }
+        }
+        assert_eq!(t.len(), 0);
     }
 
     #[test]

@@ -42,6 +42,68 @@ impl<'de> serde::Deserialize<'de> for NodeKey {
     }
 }
 
+impl NodeKey {
+    /// Whether this key is one of the X25519 points of small order (see [`is_low_order`]):
+    /// never a peer, never registered.
+    pub fn is_low_order(&self) -> bool {
+        is_low_order(&self.0)
+    }
+}
+
+/// The points of small order on Curve25519 (u-coordinates, little endian), as listed by
+/// Bernstein and blocked by libsodium (`crypto_scalarmult_curve25519`) and WireGuard: X25519 of
+/// any (clamped) secret with one of these is all zeros. The last three are p-1, p and p+1, the
+/// unreduced forms of the same points.
+pub const LOW_ORDER_POINTS: [[u8; 32]; 7] = [
+    // 0 (order 4)
+    [0; 32],
+    // 1 (order 1)
+    [
+        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ],
+    // 325606250916557431795983626356110631294008115727848805560023387167927233504 (order 8)
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ],
+    // 39382357235489614581723060781553021112529911719440698176882885853963445705823 (order 8)
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ],
+    // p - 1 (order 2)
+    [
+        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+    // p (= 0, order 4)
+    [
+        0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+    // p + 1 (= 1, order 1)
+    [
+        0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+];
+
+/// Whether `key` is an X25519 public key of small order: one of [`LOW_ORDER_POINTS`], the top
+/// bit ignored as X25519 ignores it (as libsodium does). A DH with such a key yields all zeros,
+/// which anybody can compute: a peer configured with one could be impersonated by anyone,
+/// since WireGuard's static-static DH would be a known constant (boringtun does not check).
+pub fn is_low_order(key: &[u8; 32]) -> bool {
+    LOW_ORDER_POINTS
+        .iter()
+        .any(|p| p[..31] == key[..31] && p[31] == key[31] & 0x7f)
+}
+
 /// The public half of the network signing key: what the coordinator knows a network by.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NetworkId(pub [u8; 32]);
@@ -157,6 +219,40 @@ mod tests {
         assert!(!k.id().verify(REGISTER_CONTEXT, b"hello", &sig));
         assert!(!other.id().verify(RECORD_CONTEXT, b"hello", &sig));
         assert!(!k.id().verify(RECORD_CONTEXT, b"hello", &sig[..63]));
+    }
+
+    #[test]
+    fn low_order_points_are_recognised_and_give_an_all_zero_dh() {
+        use x25519_dalek::{PublicKey, StaticSecret};
+        let secret = StaticSecret::random_from_rng(rand::rngs::OsRng);
+        for p in LOW_ORDER_POINTS {
+            for top in [0u8, 0x80] {
+                let mut k = p;
+                k[31] |= top;
+                assert!(is_low_order(&k), "{k:02x?}");
+                assert!(NodeKey(k).is_low_order());
+                // What makes them dangerous: the shared secret is all zeros, whatever our key.
+                let shared = secret.diffie_hellman(&PublicKey::from(k));
+                assert_eq!(shared.as_bytes(), &[0u8; 32], "{k:02x?}");
+                assert!(!shared.was_contributory());
+            }
+        }
+        // Real keys are not.
+        for _ in 0..100 {
+            let s = StaticSecret::random_from_rng(rand::rngs::OsRng);
+            let k = PublicKey::from(&s).to_bytes();
+            assert!(!is_low_order(&k));
+            assert!(secret
+                .diffie_hellman(&PublicKey::from(k))
+                .was_contributory());
+        }
+        // Neighbours of the listed points are not either (p + 2 is the point 2).
+        let mut two = LOW_ORDER_POINTS[6];
+        two[0] += 1;
+        assert!(!is_low_order(&two));
+        let mut x = LOW_ORDER_POINTS[2];
+        x[5] ^= 1;
+        assert!(!is_low_order(&x));
     }
 
     #[test]

@@ -117,6 +117,9 @@ pub fn sanitize_name(raw: &str) -> String {
 impl NodeRecord {
     pub fn validate(&self) -> Result<(), String> {
         validate_name(&self.name)?;
+        if self.node_key.is_low_order() {
+            return Err("node key is an X25519 point of small order".into());
+        }
         if self.candidates.len() > MAX_CANDIDATES {
             return Err(format!("more than {MAX_CANDIDATES} candidates"));
         }
@@ -241,6 +244,20 @@ mod tests {
             r.sign(&k).verify(&k.id()),
             Err(RecordError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn signed_record_with_a_low_order_key_is_refused() {
+        let k = NetworkKey::derive(&[1; 32]);
+        for p in crate::keys::LOW_ORDER_POINTS {
+            let mut r = record();
+            r.node_key = NodeKey(p);
+            assert!(r.validate().is_err());
+            assert!(matches!(
+                r.sign(&k).verify(&k.id()),
+                Err(RecordError::Invalid(_))
+            ));
+        }
     }
 
     #[test]
