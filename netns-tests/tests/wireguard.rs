@@ -63,11 +63,13 @@ fn public_key(n: &Node) -> [u8; 32] {
 struct Seen {
     at: Instant,
     from: SocketAddr,
+    /// Sent by this namespace (from the port), rather than arriving for it.
+    outgoing: bool,
     payload: Vec<u8>,
 }
 
-/// Captures, on `eth0` of a namespace (AF_PACKET), the UDP datagrams arriving for one port,
-/// until [`stop`](Self::stop).
+/// Captures, on `eth0` of a namespace (AF_PACKET), the UDP datagrams arriving for one port and
+/// those sent from it, until [`stop`](Self::stop).
 struct Capture {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -108,9 +110,10 @@ impl Capture {
     }
 }
 
-/// An AF_PACKET socket receiving the IPv4 packets of `eth0` (with a 100 ms receive timeout).
+/// An AF_PACKET socket receiving every frame of `eth0`, both ways (`ETH_P_ALL`: a socket bound
+/// to one protocol sees only incoming frames), with a 100 ms receive timeout.
 fn open_packet_socket() -> io::Result<OwnedFd> {
-    let proto = (libc::ETH_P_IP as u16).to_be();
+    let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket(2) call.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)) };
     if fd < 0 {
@@ -173,22 +176,28 @@ fn capture_loop(fd: &OwnedFd, port: u16, stop: &AtomicBool, seen: &Mutex<Vec<See
                 &mut from_len,
             )
         };
-        if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
+        if n <= 0 {
             continue;
         }
+        let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
         let p = &buf[..n as usize];
         if p.len() < 20 || p[0] >> 4 != 4 || p[9] != 17 {
             continue;
         }
         let ihl = usize::from(p[0] & 15) * 4;
-        if p.len() < ihl + 8 || u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]) != port {
+        if p.len() < ihl + 8 {
+            continue;
+        }
+        let sport = u16::from_be_bytes([p[ihl], p[ihl + 1]]);
+        let dport = u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]);
+        if (outgoing && sport != port) || (!outgoing && dport != port) {
             continue;
         }
         let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
-        let sport = u16::from_be_bytes([p[ihl], p[ihl + 1]]);
         seen.lock().unwrap().push(Seen {
             at: Instant::now(),
             from: SocketAddr::new(src.into(), sport),
+            outgoing,
             payload: p[ihl + 8..].to_vec(),
         });
     }
@@ -231,9 +240,10 @@ fn replayed_initiations_and_data_change_nothing() {
     let coord = lab.coordinator(CoordOpts::default());
     let alpha = lab.node("alpha");
     let bravo = lab.node("bravo");
-    // Everything arriving at bravo's WireGuard port from the moment alpha joins: its handshake
-    // initiations (relayed at first, then direct) and its data.
-    let capture = Capture::start(&bravo.ns, NODE_PORT);
+    // Everything arriving at and leaving both WireGuard ports from the moment they join:
+    // handshake messages (relayed at first, then direct) and data.
+    let capture_a = Capture::start(&alpha.ns, NODE_PORT);
+    let capture_b = Capture::start(&bravo.ns, NODE_PORT);
     for n in [&alpha, &bravo] {
         n.serve_http();
         n.up_ok(&coord.token);
@@ -241,36 +251,64 @@ fn replayed_initiations_and_data_change_nothing() {
     alpha.wait_http(&bravo, OVERLAY_TIMEOUT);
     bravo.wait_http(&alpha, OVERLAY_TIMEOUT);
     alpha.wait_path("bravo", "direct", PATH_TIMEOUT);
-    // Data of every size class (and so every padding) from alpha.
-    for size in [1, 15, 16, 17, 100, 500, 1000, 1391, 1392] {
-        let s = size.to_string();
-        let ip = bravo.overlay_ip().to_string();
-        alpha
-            .ns
-            .exec(&["ping", "-n", "-q", "-c", "2", "-i", "0.2", "-s", &s, &ip])
-            .expect_ok();
-    }
-    let seen = capture.stop();
-    let alpha_wan = SocketAddr::new(alpha.wan_ip().into(), NODE_PORT);
-    let mut inits = Vec::new();
-    let mut data = Vec::new();
-    for s in &seen {
-        let Some(wg) = wireguard_in(&s.payload) else {
-            continue;
-        };
-        match wg[0] {
-            1 if wg.len() == 148 => inits.push(wg.to_vec()),
-            4 if s.from == alpha_wan && s.payload.len() <= 1500 => data.push(wg.to_vec()),
-            _ => {}
+    // Data of every size class (and so every padding) both ways.
+    for (from, to) in [(&alpha, &bravo), (&bravo, &alpha)] {
+        for size in [1, 15, 16, 17, 100, 500, 1000, 1391, 1392] {
+            let s = size.to_string();
+            let ip = to.overlay_ip().to_string();
+            from.ns
+                .exec(&["ping", "-n", "-q", "-c", "2", "-i", "0.2", "-s", &s, &ip])
+                .expect_ok();
         }
     }
+    let seen_a = capture_a.stop();
+    let seen_b = capture_b.stop();
+    // Both ends initiate when they learn of each other; which initiation each end processed
+    // depends on who learnt first (one that arrives before the responder knows the initiator is
+    // dropped unprocessed, and a later "replay" of it would be its first delivery, which
+    // WireGuard rightly accepts). Replay to the end that answered an initiation: the victim.
+    let answered = |seen: &[Seen]| -> Vec<Vec<u8>> {
+        let responses: Vec<[u8; 4]> = seen
+            .iter()
+            .filter(|s| s.outgoing)
+            .filter_map(|s| wireguard_in(&s.payload))
+            .filter(|wg| wg[0] == 2 && wg.len() == 92)
+            .map(|wg| wg[8..12].try_into().unwrap())
+            .collect();
+        seen.iter()
+            .filter(|s| !s.outgoing)
+            .filter_map(|s| wireguard_in(&s.payload))
+            .filter(|wg| {
+                wg[0] == 1 && wg.len() == 148 && responses.contains(&wg[4..8].try_into().unwrap())
+            })
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
+    let (victim, sender, seen, inits) = match (answered(&seen_b), answered(&seen_a)) {
+        (b, _) if !b.is_empty() => (&bravo, &alpha, seen_b, b),
+        (_, a) => (&alpha, &bravo, seen_a, a),
+    };
+    let sender_wan = SocketAddr::new(sender.wan_ip().into(), NODE_PORT);
+    let data: Vec<Vec<u8>> = seen
+        .iter()
+        .filter(|s| !s.outgoing && s.from == sender_wan && s.payload.len() <= 1500)
+        .filter_map(|s| wireguard_in(&s.payload))
+        .filter(|wg| wg[0] == 4)
+        .map(<[u8]>::to_vec)
+        .collect();
     report(format!(
-        "wg_replay: captured {} datagrams at bravo: {} initiations, {} data packets from alpha",
+        "wg_replay: captured {} datagrams at {}: {} initiations it answered, {} data packets \
+         from {}",
         seen.len(),
+        victim.name,
         inits.len(),
-        data.len()
+        data.len(),
+        sender.name
     ));
-    assert!(!inits.is_empty(), "no handshake initiation captured");
+    assert!(
+        !inits.is_empty(),
+        "no answered handshake initiation captured"
+    );
     assert!(data.len() >= 18, "too few data packets captured");
 
     // Padding (whitepaper §5.4.6): every data datagram's plaintext is a multiple of 16 bytes,
@@ -278,37 +316,39 @@ fn replayed_initiations_and_data_change_nothing() {
     let sizes: Vec<usize> = data.iter().map(|d| d.len() - 32).collect();
     assert!(
         sizes.iter().all(|&p| p % 16 == 0 || p == MTU),
-        "unpadded data from alpha (plaintext sizes): {sizes:?}"
+        "unpadded data from {} (plaintext sizes): {sizes:?}",
+        sender.name
     );
 
     // Replay every initiation three times and every data packet once, from another host, once
     // the session is a few seconds old (so that a new handshake would show).
     wait_until(Duration::from_secs(10), "a session 3 s old", || {
-        handshake_age(&bravo, "alpha").is_some_and(|s| s >= 3)
+        handshake_age(victim, &sender.name).is_some_and(|s| s >= 3)
     });
-    let age_before = handshake_age(&bravo, "alpha").unwrap();
-    let alpha_age_before = handshake_age(&alpha, "bravo").unwrap();
-    let (_, endpoint_before) = bravo.path_to("alpha").unwrap();
-    let replays_before = counter(&bravo, "wg_handshake_replays");
-    let rejected_before = counter(&bravo, "wg_rejected");
+    let age_before = handshake_age(victim, &sender.name).unwrap();
+    let sender_age_before = handshake_age(sender, &victim.name).unwrap();
+    let (_, endpoint_before) = victim.path_to(&sender.name).unwrap();
+    let replays_before = counter(victim, "wg_handshake_replays");
+    let rejected_before = counter(victim, "wg_rejected");
     let evil = lab.add_ns("evil");
-    let bravo_wan = SocketAddr::new(bravo.wan_ip().into(), NODE_PORT);
+    let victim_wan = SocketAddr::new(victim.wan_ip().into(), NODE_PORT);
     let mut datagrams = Vec::new();
     for _ in 0..3 {
         datagrams.extend(inits.iter().cloned());
     }
     let replayed_inits = datagrams.len() as u64;
     datagrams.extend(data.iter().cloned());
-    let sent = send_all(&evil, bravo_wan, datagrams);
+    let sent = send_all(&evil, victim_wan, datagrams);
     assert_eq!(sent as u64, replayed_inits + data.len() as u64);
     std::thread::sleep(Duration::from_secs(1));
 
     // Each replayed initiation is refused for its timestamp, and counted as a replay.
-    let replays = counter(&bravo, "wg_handshake_replays") - replays_before;
-    let rejected = counter(&bravo, "wg_rejected") - rejected_before;
+    let replays = counter(victim, "wg_handshake_replays") - replays_before;
+    let rejected = counter(victim, "wg_rejected") - rejected_before;
     report(format!(
-        "wg_replay: bravo counted {replays} replayed initiations and {rejected} rejected data \
-         packets"
+        "wg_replay: {} counted {replays} replayed initiations and {rejected} rejected data \
+         packets",
+        victim.name
     ));
     assert_eq!(
         replays, replayed_inits,
@@ -322,14 +362,15 @@ fn replayed_initiations_and_data_change_nothing() {
     // No new handshake on either side, the path did not move to the replayer, and traffic
     // flows both ways.
     assert!(
-        handshake_age(&bravo, "alpha").unwrap() >= age_before,
-        "a replay made bravo start a new session"
+        handshake_age(victim, &sender.name).unwrap() >= age_before,
+        "a replay made {} start a new session",
+        victim.name
     );
-    assert!(handshake_age(&alpha, "bravo").unwrap() >= alpha_age_before);
-    assert_eq!(bravo.path_to("alpha").unwrap().1, endpoint_before);
+    assert!(handshake_age(sender, &victim.name).unwrap() >= sender_age_before);
+    assert_eq!(victim.path_to(&sender.name).unwrap().1, endpoint_before);
     alpha.fetch_from(&bravo, 5).unwrap();
     bravo.fetch_from(&alpha, 5).unwrap();
-    assert!(handshake_age(&bravo, "alpha").unwrap() >= age_before);
+    assert!(handshake_age(victim, &sender.name).unwrap() >= age_before);
 }
 
 // ------------------------------------------------------------------------------------------
