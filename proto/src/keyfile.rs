@@ -55,8 +55,7 @@ pub fn load_or_create(path: &Path) -> io::Result<([u8; 32], bool)> {
 
 /// Parses a key file's text: standard base64 of 32 bytes, surrounding white space ignored.
 pub fn parse_key(text: &str) -> Option<[u8; 32]> {
-    let v = BASE64.decode(text.trim().as_bytes()).ok()?;
-    v.try_into().ok()
+    crate::keys::base64_32(text.trim())
 }
 
 /// Wraps an I/O error with what was being done and to which path.
@@ -77,6 +76,9 @@ mod tests {
         assert_eq!(parse_key(&BASE64.encode(&[7; 33])), None);
         assert_eq!(parse_key(""), None);
         assert_eq!(parse_key("not base64!"), None);
+        // Two padded pieces decode to 32 bytes too, but are not a key's text.
+        let two_pieces = format!("{}{}", BASE64.encode(&[7; 29]), BASE64.encode(&[7; 3]));
+        assert_eq!(parse_key(&two_pieces), None);
     }
 
     #[test]
