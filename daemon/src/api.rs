@@ -5,8 +5,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use a2a_proto::api::{ApiRequest, ApiResponse, MAX_API_LINE};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use a2a_proto::api::{parse_request, read_line, ApiRequest, ApiResponse, MAX_API_LINE};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::daemon::Daemon;
@@ -48,15 +48,11 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
 
 async fn handle(stream: UnixStream, daemon: &Daemon) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read.take(MAX_API_LINE as u64))
-        .read_line(&mut line)
-        .await?;
-    let response = match serde_json::from_str::<ApiRequest>(&line) {
+    let mut line = Vec::new();
+    read_line(read, MAX_API_LINE, &mut line).await?;
+    let response = match parse_request(&line) {
         Ok(req) => dispatch(req, daemon).await,
-        Err(e) => ApiResponse::Error {
-            message: format!("malformed request: {e}"),
-        },
+        Err(message) => ApiResponse::Error { message },
     };
     let mut out = serde_json::to_vec(&response).map_err(io::Error::other)?;
     out.push(b'\n');

@@ -2,9 +2,29 @@
 //! over a Unix socket.
 
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
 /// Largest request or response line accepted.
 pub const MAX_API_LINE: usize = 1 << 20;
+
+/// Reads one line (up to and including the first `\n`, or to the end of the stream) into
+/// `line`, but never more than `limit` bytes: a longer line is cut there (and then fails to
+/// parse).
+pub async fn read_line<R: AsyncRead + Unpin>(
+    read: R,
+    limit: usize,
+    line: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    BufReader::new(read.take(limit as u64))
+        .read_until(b'\n', line)
+        .await?;
+    Ok(())
+}
+
+/// Parses a request line read by [`read_line`]; the error says what is wrong.
+pub fn parse_request(line: &[u8]) -> Result<ApiRequest, String> {
+    serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -183,6 +203,36 @@ pub fn resolve_paths(
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[tokio::test]
+    async fn requests_are_one_line_of_at_most_the_limit() {
+        let mut line = Vec::new();
+        read_line(
+            &b"{\"cmd\":\"status\"}\n{\"cmd\":\"ip\"}\n"[..],
+            MAX_API_LINE,
+            &mut line,
+        )
+        .await
+        .unwrap();
+        assert_eq!(parse_request(&line), Ok(ApiRequest::Status));
+        // No newline: the whole stream is the line.
+        line.clear();
+        read_line(&b"{\"cmd\":\"ip\"}"[..], MAX_API_LINE, &mut line)
+            .await
+            .unwrap();
+        assert_eq!(parse_request(&line), Ok(ApiRequest::Ip));
+        // Longer than the limit: cut, and refused.
+        line.clear();
+        read_line(&b"{\"cmd\":\"status\"}\n"[..], 10, &mut line)
+            .await
+            .unwrap();
+        assert_eq!(line, b"{\"cmd\":\"st");
+        let err = parse_request(&line).unwrap_err();
+        assert!(err.starts_with("malformed request"), "{err}");
+        // Not UTF-8: refused with a message, like any other malformed request.
+        assert!(parse_request(b"{\"cmd\":\"\xff\"}").is_err());
+        assert!(parse_request(b"").is_err());
+    }
 
     #[test]
     fn socket_follows_state_dir_unless_given() {

@@ -29,8 +29,10 @@ const HEADER_LEN: usize = 2 + 32 + 24;
 const TAG_LEN: usize = 16;
 const KIND_PING: u8 = 1;
 const KIND_PONG: u8 = 2;
-/// Largest sealed disco datagram (a pong carrying an IPv6 address).
-pub const MAX_DISCO_LEN: usize = HEADER_LEN + 1 + 12 + 19 + TAG_LEN;
+/// Largest plaintext (a pong carrying an IPv6 address).
+pub const MAX_BODY_LEN: usize = 1 + 12 + 19;
+/// Largest sealed disco datagram.
+pub const MAX_DISCO_LEN: usize = HEADER_LEN + MAX_BODY_LEN + TAG_LEN;
 
 /// A transaction id: pairs a pong with its ping.
 pub type TxId = [u8; 12];
@@ -70,18 +72,7 @@ impl DiscoKey {
         out[34..HEADER_LEN].copy_from_slice(&nonce);
         let (aad, body) = out.split_at_mut(HEADER_LEN);
         let aad = &aad[..34];
-        let len = match msg {
-            DiscoMsg::Ping { tx } => {
-                body[0] = KIND_PING;
-                body[1..13].copy_from_slice(tx);
-                13
-            }
-            DiscoMsg::Pong { tx, observed } => {
-                body[0] = KIND_PONG;
-                body[1..13].copy_from_slice(tx);
-                13 + encode_addr(observed, &mut body[13..])
-            }
-        };
+        let len = encode_body(msg, body);
         let (plain, rest) = body.split_at_mut(len);
         let tag = self
             .0
@@ -103,21 +94,43 @@ impl DiscoKey {
         let nonce = XNonce::from_slice(&d[34..HEADER_LEN]);
         let (aad, _) = d.split_at(34);
         let (sealed, tag) = d[HEADER_LEN..].split_at(d.len() - HEADER_LEN - TAG_LEN);
-        let mut plain = [0u8; 13 + 19];
+        let mut plain = [0u8; MAX_BODY_LEN];
         let plain = &mut plain[..sealed.len()];
         plain.copy_from_slice(sealed);
         self.0
             .decrypt_in_place_detached(nonce, aad, plain, tag.into())
             .ok()?;
-        let tx: TxId = plain[1..13].try_into().ok()?;
-        match (plain[0], plain.len()) {
-            (KIND_PING, 13) => Some(DiscoMsg::Ping { tx }),
-            (KIND_PONG, _) => Some(DiscoMsg::Pong {
-                tx,
-                observed: decode_addr(&plain[13..])?,
-            }),
-            _ => None,
+        decode_body(plain)
+    }
+}
+
+/// Writes the plaintext of `msg` (`kind | tx id | [observed addr]`) into `out`; returns its
+/// length (at most [`MAX_BODY_LEN`]).
+pub fn encode_body(msg: &DiscoMsg, out: &mut [u8]) -> usize {
+    match msg {
+        DiscoMsg::Ping { tx } => {
+            out[0] = KIND_PING;
+            out[1..13].copy_from_slice(tx);
+            13
         }
+        DiscoMsg::Pong { tx, observed } => {
+            out[0] = KIND_PONG;
+            out[1..13].copy_from_slice(tx);
+            13 + encode_addr(observed, &mut out[13..])
+        }
+    }
+}
+
+/// Parses an opened plaintext written by [`encode_body`]; `None` for anything else.
+pub fn decode_body(plain: &[u8]) -> Option<DiscoMsg> {
+    let tx: TxId = plain.get(1..13)?.try_into().ok()?;
+    match (plain[0], plain.len()) {
+        (KIND_PING, 13) => Some(DiscoMsg::Ping { tx }),
+        (KIND_PONG, _) => Some(DiscoMsg::Pong {
+            tx,
+            observed: decode_addr(&plain[13..])?,
+        }),
+        _ => None,
     }
 }
 
@@ -165,6 +178,30 @@ mod tests {
                 assert_eq!(ba.open(&buf[..cut]), None);
             }
         }
+    }
+
+    #[test]
+    fn bodies_round_trip_and_malformed_ones_are_refused() {
+        let mut buf = [0u8; MAX_BODY_LEN];
+        for msg in [
+            DiscoMsg::Ping { tx: [1; 12] },
+            DiscoMsg::Pong {
+                tx: [2; 12],
+                observed: "[2001:db8::1]:51820".parse().unwrap(),
+            },
+        ] {
+            let n = encode_body(&msg, &mut buf);
+            assert_eq!(decode_body(&buf[..n]), Some(msg));
+            for cut in 0..n {
+                assert_eq!(decode_body(&buf[..cut]), None);
+            }
+        }
+        let mut long_ping = [0u8; 14];
+        long_ping[0] = KIND_PING;
+        assert_eq!(decode_body(&long_ping), None);
+        let mut other_kind = [0u8; 13];
+        other_kind[0] = 3;
+        assert_eq!(decode_body(&other_kind), None);
     }
 
     #[test]

@@ -13,20 +13,16 @@ use rand::RngCore;
 pub fn load_or_create(path: &Path) -> io::Result<([u8; 32], bool)> {
     match fs::read_to_string(path) {
         Ok(text) => {
-            let key = BASE64
-                .decode(text.trim().as_bytes())
-                .ok()
-                .and_then(|v| <[u8; 32]>::try_from(v).ok())
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "key file {} is not a base64 32-byte key; restore it from a backup \
-                             (removing it gives this machine a new identity)",
-                            path.display()
-                        ),
-                    )
-                })?;
+            let key = parse_key(&text).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "key file {} is not a base64 32-byte key; restore it from a backup \
+                         (removing it gives this machine a new identity)",
+                        path.display()
+                    ),
+                )
+            })?;
             let mode = fs::metadata(path)?.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
                 fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
@@ -57,6 +53,11 @@ pub fn load_or_create(path: &Path) -> io::Result<([u8; 32], bool)> {
     }
 }
 
+/// Parses a key file's text: standard base64 of 32 bytes, surrounding white space ignored.
+pub fn parse_key(text: &str) -> Option<[u8; 32]> {
+    crate::keys::base64_32(text.trim())
+}
+
 /// Wraps an I/O error with what was being done and to which path.
 pub fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("cannot {what} {}: {e}", path.display()))
@@ -65,6 +66,20 @@ pub fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_text_is_base64_of_exactly_32_bytes() {
+        let text = format!("{}\n", BASE64.encode(&[7; 32]));
+        assert_eq!(parse_key(&text), Some([7; 32]));
+        assert_eq!(parse_key(&format!("  {}  ", text.trim())), Some([7; 32]));
+        assert_eq!(parse_key(&BASE64.encode(&[7; 31])), None);
+        assert_eq!(parse_key(&BASE64.encode(&[7; 33])), None);
+        assert_eq!(parse_key(""), None);
+        assert_eq!(parse_key("not base64!"), None);
+        // Two padded pieces decode to 32 bytes too, but are not a key's text.
+        let two_pieces = format!("{}{}", BASE64.encode(&[7; 29]), BASE64.encode(&[7; 3]));
+        assert_eq!(parse_key(&two_pieces), None);
+    }
 
     #[test]
     fn creates_once_with_mode_0600_then_reuses() {

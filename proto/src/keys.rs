@@ -18,9 +18,15 @@ impl NodeKey {
     }
 
     pub fn from_base64(s: &str) -> Option<Self> {
-        let v = BASE64.decode(s.trim().as_bytes()).ok()?;
-        Some(NodeKey(v.try_into().ok()?))
+        base64_32(s.trim()).map(NodeKey)
     }
+}
+
+/// Decodes the one standard-base64 text of 32 bytes (44 characters, one `=`). The decoder alone
+/// would also take concatenated padded pieces (`…Bwc=HcwB`), giving one key many spellings.
+pub fn base64_32(text: &str) -> Option<[u8; 32]> {
+    let v: [u8; 32] = BASE64.decode(text.as_bytes()).ok()?.try_into().ok()?;
+    (BASE64.encode(&v) == text).then_some(v)
 }
 
 impl fmt::Debug for NodeKey {
@@ -138,12 +144,9 @@ impl serde::Serialize for NetworkId {
 impl<'de> serde::Deserialize<'de> for NetworkId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        let v = BASE64
-            .decode(s.as_bytes())
-            .map_err(serde::de::Error::custom)?;
-        Ok(NetworkId(v.try_into().map_err(|_| {
-            serde::de::Error::custom("network id must be 32 bytes")
-        })?))
+        base64_32(&s)
+            .map(NetworkId)
+            .ok_or_else(|| serde::de::Error::custom("network id must be base64 of 32 bytes"))
     }
 }
 
@@ -262,5 +265,28 @@ mod tests {
         assert_eq!(NodeKey::from_base64("short"), None);
         let json = serde_json::to_string(&k).unwrap();
         assert_eq!(serde_json::from_str::<NodeKey>(&json).unwrap(), k);
+    }
+
+    /// Found by fuzz/fuzz_targets/keyfile.rs: the base64 decoder also takes concatenated padded
+    /// pieces, so one key had many spellings (key files, node keys, network ids).
+    #[test]
+    fn a_key_has_one_spelling() {
+        let k = [7u8; 32];
+        let text = BASE64.encode(&k);
+        assert_eq!(base64_32(&text), Some(k));
+        let two_pieces = format!("{}{}", BASE64.encode(&k[..29]), BASE64.encode(&k[29..]));
+        assert_eq!(BASE64.decode(two_pieces.as_bytes()).unwrap(), k);
+        assert_eq!(base64_32(&two_pieces), None);
+        assert_eq!(NodeKey::from_base64(&two_pieces), None);
+        assert_eq!(
+            NodeKey::from_base64(&format!(" {text}\n")),
+            Some(NodeKey(k))
+        );
+        assert!(serde_json::from_str::<NetworkId>(&format!("\"{two_pieces}\"")).is_err());
+        assert_eq!(
+            serde_json::from_str::<NetworkId>(&format!("\"{text}\"")).unwrap(),
+            NetworkId(k)
+        );
+        assert_eq!(base64_32(&BASE64.encode(&[7; 31])), None);
     }
 }

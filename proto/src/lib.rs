@@ -1,6 +1,7 @@
 //! a2a-proto: what crosses a process boundary in a2a. Join tokens, keys and signed node records,
 //! control-channel messages and their Noise framing, the UDP datagram demultiplexer and the local
-//! API between `a2actl` and `a2ad`. Everything here except `noise_channel` is free of I/O.
+//! API between `a2actl` and `a2ad`. Everything here except `noise_channel` and `api::read_line`
+//! is free of I/O.
 
 pub mod api;
 pub mod control;

@@ -39,12 +39,14 @@ fn noise_err(e: snow::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("noise: {e}"))
 }
 
-async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> io::Result<()> {
+/// Reads one `u16 length | bytes` frame into `buf` (at most [`MAX_FRAME`] bytes, whatever the
+/// peer sends).
+pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> io::Result<()> {
     read_frame_max(io, buf, MAX_FRAME).await
 }
 
-/// Reads one frame, refusing one announced longer than `max`.
-async fn read_frame_max<R: AsyncRead + Unpin>(
+/// Reads one frame, refusing one announced longer than `max` before reserving memory for it.
+pub async fn read_frame_max<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut Vec<u8>,
     max: usize,
@@ -205,17 +207,32 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next message or relay frame.
     pub async fn recv_frame<T: DeserializeOwned>(&mut self) -> io::Result<Incoming<T>> {
         read_frame(&mut self.io, &mut self.cipher).await?;
-        self.plain.resize(self.cipher.len(), 0);
-        let n = self
-            .state
-            .read_message(self.nonce, &self.cipher, &mut self.plain)
-            .map_err(noise_err)?;
+        // Any error ends the channel, so the nonce need not be kept on one.
+        let frame = open_frame(&self.state, self.nonce, &self.cipher, &mut self.plain);
         self.nonce += 1;
-        parse_plaintext(&self.plain[..n])
+        frame
     }
 }
 
-fn parse_plaintext<T: DeserializeOwned>(plain: &[u8]) -> io::Result<Incoming<T>> {
+/// Decrypts frame number `nonce` of a channel (`cipher`, the bytes [`read_frame`] returned) into
+/// `plain` and parses it with [`parse_frame`]. Pure: what [`FrameReader::recv_frame`] does once
+/// a frame has been read.
+pub fn open_frame<T: DeserializeOwned>(
+    state: &StatelessTransportState,
+    nonce: u64,
+    cipher: &[u8],
+    plain: &mut Vec<u8>,
+) -> io::Result<Incoming<T>> {
+    plain.resize(cipher.len(), 0);
+    let n = state
+        .read_message(nonce, cipher, plain)
+        .map_err(noise_err)?;
+    parse_frame(&plain[..n])
+}
+
+/// Parses a decrypted frame: relay data (first byte [`RELAY_FRAME`], a relay id, a non-empty
+/// datagram) or one JSON message.
+pub fn parse_frame<T: DeserializeOwned>(plain: &[u8]) -> io::Result<Incoming<T>> {
     match plain {
         [RELAY_FRAME, a, b, c, d, payload @ ..] if !payload.is_empty() => Ok(Incoming::Relay(
             u32::from_be_bytes([*a, *b, *c, *d]),
@@ -336,9 +353,65 @@ mod tests {
 
     #[test]
     fn truncated_relay_frames_are_refused() {
-        assert!(parse_plaintext::<String>(&[RELAY_FRAME, 0, 0, 0, 1]).is_err());
-        assert!(parse_plaintext::<String>(&[RELAY_FRAME]).is_err());
-        assert!(parse_plaintext::<String>(b"{not json").is_err());
+        assert!(parse_frame::<String>(&[RELAY_FRAME, 0, 0, 0, 1]).is_err());
+        assert!(parse_frame::<String>(&[RELAY_FRAME]).is_err());
+        assert!(parse_frame::<String>(b"{not json").is_err());
+        assert!(parse_frame::<String>(b"").is_err());
+        assert_eq!(
+            parse_frame::<String>(&[RELAY_FRAME, 0, 0, 1, 2, 9]).unwrap(),
+            Incoming::Relay(0x0102, vec![9])
+        );
+        assert_eq!(
+            parse_frame::<String>(b"\"x\"").unwrap(),
+            Incoming::Msg("x".to_string())
+        );
+    }
+
+    /// Both ends of an established channel, without the frame I/O.
+    async fn states() -> (Established, Established) {
+        let (server_priv, server_pub) = keypair(1);
+        let (client_priv, _) = keypair(2);
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move { handshake_responder(&mut b, &server_priv).await });
+        let client = handshake_initiator(&mut a, &client_priv, &server_pub)
+            .await
+            .unwrap();
+        (client, server.await.unwrap().unwrap())
+    }
+
+    #[tokio::test]
+    async fn frames_open_only_at_their_nonce_and_with_their_bytes() {
+        let (client, server) = states().await;
+        let mut cipher = vec![0u8; MAX_FRAME];
+        let n = client
+            .state
+            .write_message(3, b"\"hi\"", &mut cipher)
+            .unwrap();
+        let mut plain = Vec::new();
+        assert_eq!(
+            open_frame::<String>(&server.state, 3, &cipher[..n], &mut plain).unwrap(),
+            Incoming::Msg("hi".to_string())
+        );
+        assert!(open_frame::<String>(&server.state, 2, &cipher[..n], &mut plain).is_err());
+        for cut in 0..n {
+            assert!(open_frame::<String>(&server.state, 3, &cipher[..cut], &mut plain).is_err());
+        }
+        cipher[0] ^= 1;
+        assert!(open_frame::<String>(&server.state, 3, &cipher[..n], &mut plain).is_err());
+    }
+
+    #[tokio::test]
+    async fn read_frame_takes_the_length_prefix_and_refuses_short_streams() {
+        let mut buf = Vec::new();
+        let mut stream: &[u8] = &[0, 3, 1, 2, 3, 0, 0, 0, 5, 1];
+        read_frame(&mut stream, &mut buf).await.unwrap();
+        assert_eq!(buf, [1, 2, 3]);
+        read_frame(&mut stream, &mut buf).await.unwrap();
+        assert!(buf.is_empty());
+        let err = read_frame(&mut stream, &mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let mut stream: &[u8] = &[7];
+        assert!(read_frame(&mut stream, &mut buf).await.is_err());
     }
 
     #[tokio::test]

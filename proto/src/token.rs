@@ -171,20 +171,17 @@ impl JoinToken {
         }
         // A strict decode refuses a last character with non-zero unused bits (a changed
         // character); a lenient one still yields the bytes, so a cut token is named as truncated.
-        let (bytes, unused_bits_set) = match base32(true).decode(body.as_bytes()) {
-            Ok(b) => (b, false),
+        // A tail of 1, 3 or 6 characters is never a whole encoding: one character too many or
+        // too few. Without that last character it is one, and what it holds says which.
+        let (bytes, unused_bits_set, extra_char) = match base32(true).decode(body.as_bytes()) {
+            Ok(b) => (b, false, false),
             Err(_) => match base32(false).decode(body.as_bytes()) {
-                Ok(b) => (b, true),
+                Ok(b) => (b, true, false),
                 Err(_) => {
-                    // A tail of 1, 3 or 6 characters is never a whole encoding: the token was cut.
-                    let whole = base32(false)
-                        .decode(&body.as_bytes()[..body.len() / 8 * 8])
-                        .map(|b| b.len())
-                        .unwrap_or(0);
-                    return Err(TokenError::Truncated {
-                        expected: TOKEN_PREFIX.len() + encoded_len(whole + 1),
-                        got: text.len(),
-                    });
+                    let b = base32(false)
+                        .decode(&body.as_bytes()[..body.len() - 1])
+                        .unwrap_or_default();
+                    (b, false, true)
                 }
             },
         };
@@ -215,7 +212,7 @@ impl JoinToken {
         if bytes.len() < end {
             return Err(need(end));
         }
-        if bytes.len() > end {
+        if bytes.len() > end || extra_char {
             let extra = body.len().saturating_sub(encoded_len(end));
             return Err(TokenError::TrailingData {
                 extra: extra.max(1),
@@ -363,6 +360,44 @@ mod tests {
             err.starts_with("token is truncated: expected at least"),
             "{err}"
         );
+    }
+
+    /// Found by fuzz/fuzz_targets/token_decode.rs: a body whose last group had 3 or 6
+    /// characters (never a whole encoding) was named truncated with an expected length below
+    /// the length given ("expected at least 150 characters, got 151"), and a whole token with
+    /// one character appended was called truncated too.
+    #[test]
+    fn a_truncated_token_expects_more_than_it_got_and_an_extra_character_is_trailing_data() {
+        for extra in 0..5 {
+            let mut t = sample();
+            t.endpoints = vec![format!("h{}:1", "x".repeat(extra))];
+            let s = t.encode();
+            for cut in 5..s.len() {
+                match JoinToken::parse(&s[..cut]) {
+                    Err(TokenError::Truncated { expected, got }) => {
+                        assert!(expected > got, "cut at {cut}: {expected} <= {got}");
+                        assert!(
+                            expected <= s.len(),
+                            "cut at {cut}: {expected} > {}",
+                            s.len()
+                        );
+                    }
+                    other => panic!("cut at {cut}: {other:?}"),
+                }
+            }
+            for c in ['a', 'q', '7'] {
+                assert_eq!(
+                    JoinToken::parse(&format!("{s}{c}")),
+                    Err(TokenError::TrailingData { extra: 1 }),
+                    "{s}{c}"
+                );
+            }
+        }
+        let fuzzed = "a2a1afl5wszvt4r24xqunzhckeqfm4chejiggdqobyhbiaaaaa4aebwqorr7vouuna";
+        match JoinToken::parse(fuzzed) {
+            Err(TokenError::Truncated { expected, got }) => assert!(expected > got),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
