@@ -494,24 +494,8 @@ impl Registry {
             ));
         }
         changes.revoked.insert(r.node_key, revocation.clone());
-        let mut out: Outbox = self
-            .networks
-            .get(&network)
-            .map(|members| {
-                members
-                    .values()
-                    .filter(|m| m.conn != conn)
-                    .map(|m| {
-                        (
-                            m.conn,
-                            ServerMsg::Revoked {
-                                revocation: revocation.clone(),
-                            },
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        // The member that sent it applied it already.
+        let mut out = self.to_others(&network, conn, ServerMsg::Revoked { revocation });
         let removed = self
             .networks
             .get(&network)
@@ -525,6 +509,20 @@ impl Registry {
         Ok((out, removed))
     }
 
+    /// `msg` for every live member of `network` but the one on connection `except`.
+    fn to_others(&self, network: &NetworkId, except: ConnId, msg: ServerMsg) -> Outbox {
+        self.networks
+            .get(network)
+            .map(|members| {
+                members
+                    .values()
+                    .filter(|m| m.conn != except)
+                    .map(|m| (m.conn, msg.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Handles `Rotate`: checks the notice under the sender's network, keeps it for members
     /// that register later, and passes it to every other member now.
     pub fn rotate(&mut self, conn: ConnId, notice: Signed) -> Result<Outbox, Refusal> {
@@ -534,24 +532,8 @@ impl Registry {
         RotationNotice::open(&notice, &network)
             .map_err(|e| (RefuseReason::BadRecord, format!("rotation notice: {e}")))?;
         self.changes.entry(network).or_default().moved = Some(notice.clone());
-        Ok(self
-            .networks
-            .get(&network)
-            .map(|members| {
-                members
-                    .values()
-                    .filter(|m| m.conn != conn)
-                    .map(|m| {
-                        (
-                            m.conn,
-                            ServerMsg::Moved {
-                                notice: notice.clone(),
-                            },
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
+        // The rotating member has moved already.
+        Ok(self.to_others(&network, conn, ServerMsg::Moved { notice }))
     }
 }
 

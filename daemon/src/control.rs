@@ -635,8 +635,7 @@ impl ControlClient {
             Counters::bump(&self.counters.membership_bad_signature);
             return None;
         };
-        let own = boringtun::x25519::StaticSecret::from(self.node_private);
-        let own = x25519_dalek::StaticSecret::from(own.to_bytes());
+        let own = x25519_dalek::StaticSecret::from(self.node_private);
         let moved = match n.carry_for(&own) {
             None => {
                 return Some(SessionEnd::Refused(

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::keys::{NetworkId, NodeKey};
 use crate::membership::Signed;
-use crate::token::{base32, encoded_len, validate_endpoint, MAX_ENDPOINTS};
+use crate::token::{base32, encode_checked, encoded_len, validate_endpoint, MAX_ENDPOINTS};
 
 /// The printable prefix of every invite code.
 pub const INVITE_PREFIX: &str = "a2ai";
@@ -155,18 +155,11 @@ impl InviteCode {
     }
 
     pub fn encode(&self) -> String {
-        let mut bytes = Vec::with_capacity(FIXED_LEN + 32 + CHECK_LEN);
+        let mut bytes = Vec::with_capacity(FIXED_LEN - 1);
         bytes.push(VERSION);
         bytes.extend_from_slice(&self.secret);
         bytes.extend_from_slice(&self.coordinator_key);
-        bytes.push(self.endpoints.len() as u8);
-        for e in &self.endpoints {
-            bytes.push(e.len() as u8);
-            bytes.extend_from_slice(e.as_bytes());
-        }
-        let check = Sha256::digest(&bytes);
-        bytes.extend_from_slice(&check[..CHECK_LEN]);
-        format!("{INVITE_PREFIX}{}", base32(true).encode(&bytes))
+        encode_checked(INVITE_PREFIX, bytes, &self.endpoints)
     }
 
     pub fn parse(text: &str) -> Result<Self, InviteError> {

@@ -71,6 +71,19 @@ impl fmt::Debug for JoinToken {
     }
 }
 
+/// Appends the endpoint list (`count | (len | utf8)*`) and the 4-byte SHA-256 check to `bytes`,
+/// and prints `prefix` and lowercase base32: the tail shared by tokens and invite codes.
+pub(crate) fn encode_checked(prefix: &str, mut bytes: Vec<u8>, endpoints: &[String]) -> String {
+    bytes.push(endpoints.len() as u8);
+    for e in endpoints {
+        bytes.push(e.len() as u8);
+        bytes.extend_from_slice(e.as_bytes());
+    }
+    let check = Sha256::digest(&bytes);
+    bytes.extend_from_slice(&check[..CHECK_LEN]);
+    format!("{prefix}{}", base32(true).encode(&bytes))
+}
+
 pub(crate) fn base32(strict: bool) -> data_encoding::Encoding {
     let mut spec = data_encoding::Specification::new();
     spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
@@ -143,14 +156,7 @@ impl JoinToken {
         bytes.extend_from_slice(&self.network_secret);
         bytes.extend_from_slice(&self.prefix.network().octets());
         bytes.push(self.prefix.prefix_len());
-        bytes.push(self.endpoints.len() as u8);
-        for e in &self.endpoints {
-            bytes.push(e.len() as u8);
-            bytes.extend_from_slice(e.as_bytes());
-        }
-        let check = Sha256::digest(&bytes);
-        bytes.extend_from_slice(&check[..CHECK_LEN]);
-        format!("{TOKEN_PREFIX}{}", base32(true).encode(&bytes))
+        encode_checked(TOKEN_PREFIX, bytes, &self.endpoints)
     }
 
     /// Parses a token strictly; surrounding white space is ignored.
