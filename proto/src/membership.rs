@@ -59,20 +59,30 @@ impl Signed {
         network: &NetworkId,
         context: &[u8],
     ) -> Result<T, RecordError> {
-        if self.body.len() > MAX_SIGNED_LEN || self.sig.len() > 128 {
-            return Err(RecordError::TooLarge);
-        }
-        if self.sig.is_empty() {
-            return Err(RecordError::Unsigned);
-        }
-        let sig = BASE64
-            .decode(self.sig.as_bytes())
-            .map_err(|_| RecordError::BadSignature)?;
+        let sig = signature_bytes(&self.body, &self.sig, MAX_SIGNED_LEN)?;
         if !network.verify(context, self.body.as_bytes(), &sig) {
             return Err(RecordError::BadSignature);
         }
         serde_json::from_str(&self.body).map_err(|e| RecordError::Malformed(e.to_string()))
     }
+}
+
+/// The checks every signed statement gets before its signature is tried: the body within
+/// `max_body`, a signature present, base64 of at most 128 characters. Returns the signature.
+pub(crate) fn signature_bytes(
+    body: &str,
+    sig: &str,
+    max_body: usize,
+) -> Result<Vec<u8>, RecordError> {
+    if body.len() > max_body || sig.len() > 128 {
+        return Err(RecordError::TooLarge);
+    }
+    if sig.is_empty() {
+        return Err(RecordError::Unsigned);
+    }
+    BASE64
+        .decode(sig.as_bytes())
+        .map_err(|_| RecordError::BadSignature)
 }
 
 /// The Ed25519 key a node signs its own records with when it was admitted by invite, derived

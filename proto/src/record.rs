@@ -11,7 +11,7 @@ use data_encoding::BASE64;
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{NetworkId, NetworkKey, NodeKey, RECORD_CONTEXT};
-use crate::membership::{MemberCert, Signed};
+use crate::membership::{signature_bytes, MemberCert, Signed};
 
 /// Longest node name accepted.
 pub const MAX_NAME_LEN: usize = 63;
@@ -155,15 +155,7 @@ impl SignedRecord {
     /// network, its signature (by the network key, or by a signing key the network key
     /// certified), then validates the body.
     pub fn verify(&self, network: &NetworkId) -> Result<VerifiedRecord, RecordError> {
-        if self.body.len() > MAX_RECORD_LEN || self.sig.len() > 128 {
-            return Err(RecordError::TooLarge);
-        }
-        if self.sig.is_empty() {
-            return Err(RecordError::Unsigned);
-        }
-        let sig = BASE64
-            .decode(self.sig.as_bytes())
-            .map_err(|_| RecordError::BadSignature)?;
+        let sig = signature_bytes(&self.body, &self.sig, MAX_RECORD_LEN)?;
         let record: NodeRecord =
             serde_json::from_str(&self.body).map_err(|e| RecordError::Malformed(e.to_string()))?;
         if record.network != *network {
