@@ -1692,6 +1692,18 @@ impl Node {
             .unwrap_or_else(|e| panic!("`a2actl status --json` on {}: {e}", self.name))
     }
 
+    /// One of a2ad's counters from `a2actl status --json`; panics naming the node if the daemon
+    /// has no such counter (a typo in a test must not read as zero).
+    pub fn counter(&self, name: &str) -> u64 {
+        let st = self.status();
+        st.raw["counters"][name].as_u64().unwrap_or_else(|| {
+            panic!(
+                "{} has no counter {name:?}: {}",
+                self.name, st.raw["counters"]
+            )
+        })
+    }
+
     /// Starts the node's HTTP server (see [`Ns::serve_http`]).
     pub fn serve_http(&self) -> HttpServer {
         let server = self.ns.serve_http();

@@ -7,13 +7,6 @@ use std::time::Duration;
 
 use a2a_netns_tests::{report, wait_for, wait_until, CoordOpts, Lab, Node, OVERLAY_TIMEOUT};
 
-/// One counter from `a2actl status --json`.
-fn counter(node: &Node, name: &str) -> u64 {
-    node.status().raw["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{}: no counter {name:?} in status", node.name))
-}
-
 /// Starts `tcpdump` on the node's overlay interface, writing to a file in the lab directory.
 fn capture_overlay(lab: &Lab, node: &Node) -> (a2a_netns_tests::Proc, std::path::PathBuf) {
     let file = lab.dir().join(format!("{}-a2a0.pcap", node.name));
@@ -81,7 +74,7 @@ fn a_forging_coordinator_adds_no_member() {
     // Every forgery was dropped and counted by kind. bravo registered second, so it also got
     // alpha's first record replayed, a tampered copy of it and a forged revocation of alpha.
     for (node, stale) in [(&alpha, 0), (&bravo, 1)] {
-        let got = |c| counter(node, c);
+        let got = |c| node.counter(c);
         report(format!(
             "{}: unsigned {} bad_signature {} foreign {} stale {} membership_bad_signature {} \
              udp_unknown_peer {}",

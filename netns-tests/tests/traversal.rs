@@ -432,10 +432,6 @@ fn udp_rcvbuf_errors(n: &Node) -> u64 {
     values[i].parse().expect("a number")
 }
 
-fn counter(n: &Node, name: &str) -> u64 {
-    n.status().raw["counters"][name].as_u64().unwrap_or(0)
-}
-
 #[test]
 fn forged_relay_frames_and_probes_move_nothing() {
     let Some(lab) = Lab::new("hostile_traversal") else {
@@ -484,9 +480,9 @@ fn forged_relay_frames_and_probes_move_nothing() {
     }
     // At alpha: probes claiming to come from bravo (without bravo's key they cannot be sealed),
     // and relay data not coming from the coordinator.
-    let disco_before = counter(&alpha, "disco_bad");
-    let limited_before = counter(&alpha, "disco_rate_limited");
-    let relay_before = counter(&alpha, "relay_not_from_coordinator");
+    let disco_before = alpha.counter("disco_bad");
+    let limited_before = alpha.counter("disco_rate_limited");
+    let relay_before = alpha.counter("relay_not_from_coordinator");
     let kernel_before = udp_rcvbuf_errors(&alpha);
     let mut to_alpha = Vec::new();
     for i in 0..1000 {
@@ -509,13 +505,13 @@ fn forged_relay_frames_and_probes_move_nothing() {
         "forged probes moved alpha's path to bravo"
     );
     assert_eq!(
-        counter(&alpha, "path_fallbacks"),
+        alpha.counter("path_fallbacks"),
         0,
         "bravo's genuine probes were starved by the forged ones"
     );
-    let disco_bad = counter(&alpha, "disco_bad") - disco_before;
-    let not_from_coord = counter(&alpha, "relay_not_from_coordinator") - relay_before;
-    let limited = counter(&alpha, "disco_rate_limited") - limited_before;
+    let disco_bad = alpha.counter("disco_bad") - disco_before;
+    let not_from_coord = alpha.counter("relay_not_from_coordinator") - relay_before;
+    let limited = alpha.counter("disco_rate_limited") - limited_before;
     let kernel_dropped = udp_rcvbuf_errors(&alpha) - kernel_before;
     report(format!(
         "hostile_traversal: alpha dropped {disco_bad} forged probes (+{limited} over the per-peer \

@@ -19,13 +19,6 @@ const PATH_TIMEOUT: Duration = Duration::from_secs(25);
 /// The overlay MTU (a2ad's `OVERLAY_MTU`).
 const MTU: usize = 1420;
 
-fn counter(n: &Node, name: &str) -> u64 {
-    let st = n.status();
-    st.raw["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{} has no counter {name}: {}", n.name, st.raw["counters"]))
-}
-
 /// CPU time (user + system) a process has used, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -328,8 +321,8 @@ fn replayed_initiations_and_data_change_nothing() {
     let age_before = handshake_age(victim, &sender.name).unwrap();
     let sender_age_before = handshake_age(sender, &victim.name).unwrap();
     let (_, endpoint_before) = victim.path_to(&sender.name).unwrap();
-    let replays_before = counter(victim, "wg_handshake_replays");
-    let rejected_before = counter(victim, "wg_rejected");
+    let replays_before = victim.counter("wg_handshake_replays");
+    let rejected_before = victim.counter("wg_rejected");
     let evil = lab.add_ns("evil");
     let victim_wan = SocketAddr::new(victim.wan_ip().into(), NODE_PORT);
     let mut datagrams = Vec::new();
@@ -343,8 +336,8 @@ fn replayed_initiations_and_data_change_nothing() {
     std::thread::sleep(Duration::from_secs(1));
 
     // Each replayed initiation is refused for its timestamp, and counted as a replay.
-    let replays = counter(victim, "wg_handshake_replays") - replays_before;
-    let rejected = counter(victim, "wg_rejected") - rejected_before;
+    let replays = victim.counter("wg_handshake_replays") - replays_before;
+    let rejected = victim.counter("wg_rejected") - rejected_before;
     report(format!(
         "wg_replay: {} counted {replays} replayed initiations and {rejected} rejected data \
          packets",
@@ -536,7 +529,7 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
         handshake_age(&bravo, "alpha").is_some_and(|s| s >= 3)
     });
     let age_before = handshake_age(&bravo, "alpha").unwrap();
-    let cookies_before = counter(&bravo, "wg_cookies_sent");
+    let cookies_before = bravo.counter("wg_cookies_sent");
 
     // The flood, from a host with a real address that knows bravo's public key.
     let evil = lab.add_ns("evil");
@@ -548,7 +541,7 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
     wait_until(
         Duration::from_secs(10),
         "bravo to answer the flood with cookies",
-        || counter(&bravo, "wg_cookies_sent") > cookies_before + 1000,
+        || bravo.counter("wg_cookies_sent") > cookies_before + 1000,
     );
 
     // The established session carries on, both ways, without a new handshake.
@@ -572,7 +565,7 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
         joins.push(charlie.wait_http(&bravo, Duration::from_secs(45)));
         bravo.wait_http(&charlie, OVERLAY_TIMEOUT);
         // Counters start again with each membership.
-        charlie_cookies = counter(&charlie, "wg_cookies_received");
+        charlie_cookies = charlie.counter("wg_cookies_received");
         if charlie_cookies > 0 {
             break;
         }
@@ -582,7 +575,7 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
     let flood_secs = flood_started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(bravo.daemon().pid()) - cpu_before;
     let (sent, cookies_back, _) = flood.stop();
-    let cookies_sent = counter(&bravo, "wg_cookies_sent") - cookies_before;
+    let cookies_sent = bravo.counter("wg_cookies_sent") - cookies_before;
     report(format!(
         "wg_flood: {sent} initiations in {flood_secs:.1} s; bravo sent {cookies_sent} cookie \
          replies, {cookies_back} reached the flooder; charlie's joins reached bravo after \
@@ -611,8 +604,8 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
     // A flooder that answers the cookies (it receives at its address, so it can) gets its
     // initiations past the cookie check, and each would cost bravo a Diffie-Hellman: under load
     // bravo lets 20 a second through per source (boringtun alone would let them all through).
-    let unknown_before = counter(&bravo, "udp_unknown_peer");
-    let limited_before = counter(&bravo, "wg_handshake_rate_limited");
+    let unknown_before = bravo.counter("udp_unknown_peer");
+    let limited_before = bravo.counter("wg_handshake_rate_limited");
     let cpu_before = cpu_seconds(bravo.daemon().pid());
     let flood = Flood::start(&evil, bravo_wan, bravo_key, true);
     let flood_started = Instant::now();
@@ -622,8 +615,8 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
     let flood_secs = flood_started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(bravo.daemon().pid()) - cpu_before;
     let (sent, cookies_back, with_cookie) = flood.stop();
-    let attempted = counter(&bravo, "udp_unknown_peer") - unknown_before;
-    let limited = counter(&bravo, "wg_handshake_rate_limited") - limited_before;
+    let attempted = bravo.counter("udp_unknown_peer") - unknown_before;
+    let limited = bravo.counter("wg_handshake_rate_limited") - limited_before;
     report(format!(
         "wg_flood: a flooder answering cookies sent {sent} initiations in {flood_secs:.1} s, \
          {with_cookie} with a valid cookie ({cookies_back} cookie replies); bravo looked up the \
@@ -648,18 +641,18 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
     // Once the floods are over, the limiter's count is reset (every second): a new member's
     // handshake needs no cookie any more.
     std::thread::sleep(Duration::from_millis(2500));
-    let cookies_after = counter(&bravo, "wg_cookies_sent");
+    let cookies_after = bravo.counter("wg_cookies_sent");
     let delta = lab.node("delta");
     delta.serve_http();
     delta.up_ok(&coord.token);
     delta.wait_http(&bravo, OVERLAY_TIMEOUT);
     bravo.wait_http(&delta, OVERLAY_TIMEOUT);
     assert_eq!(
-        counter(&bravo, "wg_cookies_sent"),
+        bravo.counter("wg_cookies_sent"),
         cookies_after,
         "bravo still demands cookies after the flood: its rate limiter was not reset"
     );
-    assert_eq!(counter(&delta, "wg_cookies_received"), 0);
+    assert_eq!(delta.counter("wg_cookies_received"), 0);
     for n in [&alpha, &bravo, &charlie, &delta] {
         n.assert_daemon_running();
     }
