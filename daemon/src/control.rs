@@ -8,20 +8,23 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use std::sync::atomic::Ordering;
 
 use a2a_proto::control::{ClientMsg, RefuseReason, ServerMsg};
-use a2a_proto::invite::{InviteAnswer, InviteCode};
+use a2a_proto::invite::{InviteAnswer, InviteCode, InviteId, InviteProof};
+use a2a_proto::keys::{CoordinatorKey, SignerId};
 use a2a_proto::membership::{
     issue_cert, node_signing_key, Carry, Invited, MemberCert, Revocation, RotationNotice,
 };
-use a2a_proto::noise_channel::{handshake_initiator, FrameReader, FrameWriter, Incoming};
+use a2a_proto::noise_channel::{
+    handshake_initiator, FrameReader, FrameWriter, HandshakeError, Incoming,
+};
 use a2a_proto::overlay::derive_ip;
 use a2a_proto::record::{RecordError, VerifiedRecord};
+use a2a_proto::time::now_ms;
 use a2a_proto::{Credential, JoinToken, NetworkKey, NodeKey, NodeRecord};
-use data_encoding::BASE64;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -92,13 +95,6 @@ enum SessionEnd {
 
 /// Handshakes closed in a row before the token's coordinator key is declared wrong.
 const MAX_CLOSED_HANDSHAKES: u32 = 3;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 impl ControlClient {
     /// Runs until `leave` fires (then tells the coordinator) or a permanent refusal.
@@ -238,10 +234,8 @@ impl ControlClient {
         );
         let est = match handshake {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return SessionEnd::Refused(e.to_string())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(e @ HandshakeError::Refused) => return SessionEnd::Refused(e.to_string()),
+            Err(HandshakeError::Closed) => {
                 return SessionEnd::ClosedInHandshake(format!(
                     "coordinator {coordinator} closed the connection during the handshake"
                 ))
@@ -276,13 +270,6 @@ impl ControlClient {
             Ok(ServerMsg::Refused { reason, message }) => return refused(reason, message),
             Ok(_) => return SessionEnd::Lost("unexpected first reply from coordinator".into()),
             Err(e) => return SessionEnd::Lost(format!("coordinator closed the connection: {e}")),
-        };
-        let Some(relay_secret) = BASE64
-            .decode(relay_secret.as_bytes())
-            .ok()
-            .and_then(|v| <[u8; 16]>::try_from(v).ok())
-        else {
-            return SessionEnd::Lost("coordinator sent a malformed relay secret".into());
         };
         // The relay link: the packet path and path finder send through `control_tx`. Bind
         // before the first peer is handled, so the first relayed handshake is not dropped as
@@ -529,9 +516,9 @@ impl ControlClient {
                 replies.push(self.answer_redemption(
                     cred,
                     ticket,
-                    &invite,
+                    invite,
                     node_key,
-                    &signing_key,
+                    signing_key,
                     &proof,
                 ));
                 if self.member.invites().ids().iter().all(|id| *id != invite) {
@@ -576,10 +563,10 @@ impl ControlClient {
         &self,
         cred: &Credential,
         ticket: u32,
-        invite: &str,
+        invite: InviteId,
         node_key: NodeKey,
-        signing_key: &str,
-        proof: &str,
+        signing_key: SignerId,
+        proof: &InviteProof,
     ) -> ClientMsg {
         let deny = |message: &str| ClientMsg::InviteDeny {
             ticket,
@@ -588,25 +575,17 @@ impl ControlClient {
         let Some(network_key) = cred.network_key() else {
             return deny("the inviter no longer holds the network secret");
         };
-        let Some(signing) = BASE64
-            .decode(signing_key.as_bytes())
-            .ok()
-            .and_then(|v| <[u8; 32]>::try_from(v).ok())
-            .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
-        else {
-            return deny("malformed signing key");
-        };
         if self.member.is_revoked(&node_key) {
             return deny("this node key was removed from the network");
         }
-        let decided = self
-            .member
-            .invites()
-            .redeem(invite, &node_key, signing_key, proof, now_ms());
+        let decided =
+            self.member
+                .invites()
+                .redeem(&invite, &node_key, &signing_key, proof, now_ms());
         match decided {
             Ok((code, _used_up)) => {
                 Counters::bump(&self.counters.invites_redeemed);
-                let cert = issue_cert(network_key, node_key, &signing, invite.into(), now_ms());
+                let cert = issue_cert(network_key, node_key, signing_key, invite, now_ms());
                 let answer = InviteAnswer::Admitted {
                     network: network_key.id(),
                     prefix: cred.prefix(),
@@ -644,10 +623,7 @@ impl ControlClient {
                         .into(),
                 ))
             }
-            Some(Carry::Secret { secret }) => BASE64
-                .decode(secret.as_bytes())
-                .ok()
-                .and_then(|v| <[u8; 32]>::try_from(v).ok())
+            Some(Carry::Secret { secret }) => Some(secret.0)
                 .filter(|s| NetworkKey::derive(s).id() == n.new_network)
                 .map(|network_secret| {
                     let token = JoinToken {
@@ -663,7 +639,7 @@ impl ControlClient {
                 .ok()
                 .and_then(|_| {
                     let invited = Invited {
-                        coordinator_key: BASE64.encode(&cred.coordinator_key()),
+                        coordinator_key: CoordinatorKey(cred.coordinator_key()),
                         endpoints: cred.endpoints().to_vec(),
                         prefix: cred.prefix(),
                         network: n.new_network,
@@ -708,7 +684,7 @@ pub async fn redeem_invite(code: &InviteCode, node_private: &[u8; 32]) -> Result
         boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(*node_private))
             .to_bytes(),
     );
-    let signing_key = BASE64.encode(node_signing_key(node_private).verifying_key().as_bytes());
+    let signing_key = SignerId::from(node_signing_key(node_private).verifying_key());
     let (r, w) = stream.into_split();
     let (mut reader, mut writer) = est.split(r, w);
     writer
@@ -741,7 +717,7 @@ pub async fn redeem_invite(code: &InviteCode, node_private: &[u8; 32]) -> Result
         );
     };
     let invited = Invited {
-        coordinator_key: BASE64.encode(&code.coordinator_key),
+        coordinator_key: CoordinatorKey(code.coordinator_key),
         endpoints: code.endpoints.clone(),
         prefix,
         network,
@@ -821,7 +797,7 @@ async fn bind_loop(
     tun_index: u32,
     port: u16,
     link: Arc<RelayLink>,
-    relay: (u32, [u8; 16]),
+    relay: (u32, a2a_proto::keys::RelaySecret),
     addrs: watch::Sender<(Option<SocketAddr>, Vec<SocketAddr>)>,
 ) {
     let mut every = tokio::time::interval(BIND_EVERY);
@@ -899,7 +875,7 @@ async fn read_loop(
                 }
             }
             Err(e) => {
-                let _ = msgs.send(Err(e)).await;
+                let _ = msgs.send(Err(e.into())).await;
                 return;
             }
         }

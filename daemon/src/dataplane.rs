@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use a2a_proto::addr::canonical;
 use a2a_proto::udp::{
     classify, is_disco, parse_relay_data, write_relay_header, A2aDatagram, DatagramKind,
     RELAY_HEADER_LEN,
@@ -816,17 +817,6 @@ impl TunBatch {
 /// Whether a WireGuard datagram is a cookie reply (type 3).
 fn is_cookie_reply(d: &[u8]) -> bool {
     d.first() == Some(&3)
-}
-
-/// An IPv4-mapped IPv6 address as plain IPv4.
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), addr.port()),
-            None => addr,
-        },
-        IpAddr::V4(_) => addr,
-    }
 }
 
 #[cfg(test)]
