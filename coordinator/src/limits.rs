@@ -182,9 +182,10 @@ impl From<IpAddr> for SourceKey {
     }
 }
 
-/// Why a connection was refused.
+/// Which limit a refused connection was over (the control protocol's own refusals, sent to
+/// a node, are [`crate::registry::Refusal`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub enum OverLimit {
     /// The coordinator holds [`Limits::max_connections`].
     Full,
     /// [`Limits::max_pending`] connections are waiting for their registration.
@@ -204,10 +205,10 @@ enum Slot {
     Overflow,
 }
 
-/// An admitted connection: where it is counted. Hand it to [`Admission::registered`] once the
+/// An admitted connection's seat: where it is counted. Hand it to [`Admission::registered`] once the
 /// node has registered and to [`Admission::closed`] when the connection ends.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Ticket {
+pub struct Seat {
     slot: Slot,
     registered: bool,
 }
@@ -277,7 +278,7 @@ impl Admission {
     }
 
     /// A connection from `ip` was accepted: serve it (and count it) or refuse it.
-    pub fn admit_tcp(&mut self, now: Instant, ip: IpAddr) -> Result<Ticket, Refusal> {
+    pub fn admit_tcp(&mut self, now: Instant, ip: IpAddr) -> Result<Seat, OverLimit> {
         let slot = self.slot(now, ip);
         let (open, pending) = (self.open, self.pending);
         let limits = &self.limits;
@@ -287,52 +288,52 @@ impl Admission {
         };
         s.seen = now;
         if s.open >= limits.source_connections {
-            return Err(Refusal::SourceConnections);
+            return Err(OverLimit::SourceConnections);
         }
         if s.pending >= limits.source_pending {
-            return Err(Refusal::SourcePending);
+            return Err(OverLimit::SourcePending);
         }
         if open >= limits.max_connections {
-            return Err(Refusal::Full);
+            return Err(OverLimit::Full);
         }
         if pending >= limits.max_pending {
-            return Err(Refusal::PendingFull);
+            return Err(OverLimit::PendingFull);
         }
         // Last, so a refusal for another reason costs the source no token.
         if !s.connects.take(now) {
-            return Err(Refusal::SourceRate);
+            return Err(OverLimit::SourceRate);
         }
         s.open += 1;
         s.pending += 1;
         self.open += 1;
         self.pending += 1;
-        Ok(Ticket {
+        Ok(Seat {
             slot,
             registered: false,
         })
     }
 
-    /// The connection of `ticket` has registered: it no longer counts as pending.
-    pub fn registered(&mut self, ticket: &mut Ticket) {
-        if ticket.registered {
+    /// The connection of `seat` has registered: it no longer counts as pending.
+    pub fn registered(&mut self, seat: &mut Seat) {
+        if seat.registered {
             return;
         }
-        ticket.registered = true;
+        seat.registered = true;
         self.pending -= 1;
-        if let Some(s) = self.state(ticket.slot) {
+        if let Some(s) = self.state(seat.slot) {
             s.pending -= 1;
         }
     }
 
-    /// The connection of `ticket` has ended.
-    pub fn closed(&mut self, ticket: Ticket) {
+    /// The connection of `seat` has ended.
+    pub fn closed(&mut self, seat: Seat) {
         self.open -= 1;
-        if !ticket.registered {
+        if !seat.registered {
             self.pending -= 1;
         }
-        if let Some(s) = self.state(ticket.slot) {
+        if let Some(s) = self.state(seat.slot) {
             s.open -= 1;
-            if !ticket.registered {
+            if !seat.registered {
                 s.pending -= 1;
             }
         }
@@ -392,13 +393,13 @@ impl Admission {
 /// Counts of what the limits dropped, by reason: numbers only, never who.
 #[derive(Default)]
 pub struct Drops {
-    /// Refused: [`Refusal::PendingFull`].
+    /// Refused: [`OverLimit::PendingFull`].
     pub tcp_refused_pending_cap: AtomicU64,
-    /// Refused: [`Refusal::SourceConnections`].
+    /// Refused: [`OverLimit::SourceConnections`].
     pub tcp_refused_source_cap: AtomicU64,
-    /// Refused: [`Refusal::SourcePending`].
+    /// Refused: [`OverLimit::SourcePending`].
     pub tcp_refused_source_pending: AtomicU64,
-    /// Refused: [`Refusal::SourceRate`].
+    /// Refused: [`OverLimit::SourceRate`].
     pub tcp_refused_source_rate: AtomicU64,
     /// Closed for missing the registration deadline (in the handshake or after it).
     pub tcp_register_deadline: AtomicU64,
@@ -414,13 +415,13 @@ impl Drops {
     }
 
     /// Counts a refusal; `Full` is counted by the caller (as `tcp_refused_over_cap`).
-    pub fn refused(&self, why: Refusal) {
+    pub fn refused(&self, why: OverLimit) {
         match why {
-            Refusal::Full => {}
-            Refusal::PendingFull => Drops::bump(&self.tcp_refused_pending_cap),
-            Refusal::SourceConnections => Drops::bump(&self.tcp_refused_source_cap),
-            Refusal::SourcePending => Drops::bump(&self.tcp_refused_source_pending),
-            Refusal::SourceRate => Drops::bump(&self.tcp_refused_source_rate),
+            OverLimit::Full => {}
+            OverLimit::PendingFull => Drops::bump(&self.tcp_refused_pending_cap),
+            OverLimit::SourceConnections => Drops::bump(&self.tcp_refused_source_cap),
+            OverLimit::SourcePending => Drops::bump(&self.tcp_refused_source_pending),
+            OverLimit::SourceRate => Drops::bump(&self.tcp_refused_source_rate),
         }
     }
 
@@ -552,32 +553,32 @@ mod tests {
             t0,
         );
         let flood = ip("198.51.100.7");
-        let mut tickets = Vec::new();
+        let mut seats = Vec::new();
         for _ in 0..4 {
-            tickets.push(a.admit_tcp(t0, flood).unwrap());
+            seats.push(a.admit_tcp(t0, flood).unwrap());
         }
         // Four handshakes in flight: the fifth waits until one registers or closes.
-        assert_eq!(a.admit_tcp(t0, flood), Err(Refusal::SourcePending));
-        for t in &mut tickets {
+        assert_eq!(a.admit_tcp(t0, flood), Err(OverLimit::SourcePending));
+        for t in &mut seats {
             a.registered(t);
         }
-        a.registered(&mut tickets[0]); // twice is once
+        a.registered(&mut seats[0]); // twice is once
         assert_eq!(a.pending(), 0);
         for _ in 0..4 {
             let mut t = a.admit_tcp(t0, flood).unwrap();
             a.registered(&mut t);
-            tickets.push(t);
+            seats.push(t);
         }
-        assert_eq!(a.admit_tcp(t0, flood), Err(Refusal::SourceConnections));
+        assert_eq!(a.admit_tcp(t0, flood), Err(OverLimit::SourceConnections));
         // Another source is not affected.
         let other = a.admit_tcp(t0, ip("203.0.113.9")).unwrap();
         // Closing one frees one.
-        a.closed(tickets.pop().unwrap());
+        a.closed(seats.pop().unwrap());
         let t = a.admit_tcp(t0, flood).unwrap();
         assert_eq!(a.open(), 9);
         a.closed(t);
         a.closed(other);
-        for t in tickets {
+        for t in seats {
             a.closed(t);
         }
         assert_eq!((a.open(), a.pending()), (0, 0));
@@ -593,11 +594,11 @@ mod tests {
             let t = a.admit_tcp(t0, flood).unwrap();
             a.closed(t);
         }
-        assert_eq!(a.admit_tcp(t0, flood), Err(Refusal::SourceRate));
+        assert_eq!(a.admit_tcp(t0, flood), Err(OverLimit::SourceRate));
         // 10 per second after that.
         let t = a.admit_tcp(t0 + ms(100), flood).unwrap();
         a.closed(t);
-        assert_eq!(a.admit_tcp(t0 + ms(150), flood), Err(Refusal::SourceRate));
+        assert_eq!(a.admit_tcp(t0 + ms(150), flood), Err(OverLimit::SourceRate));
         // The rest of the world still gets in.
         let t = a.admit_tcp(t0, ip("203.0.113.9")).unwrap();
         a.closed(t);
@@ -608,9 +609,9 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Admission::new(small(), t0);
         let flood = ip("198.51.100.7");
-        let held: Vec<Ticket> = (0..4).map(|_| a.admit_tcp(t0, flood).unwrap()).collect();
+        let held: Vec<Seat> = (0..4).map(|_| a.admit_tcp(t0, flood).unwrap()).collect();
         for _ in 0..100 {
-            assert_eq!(a.admit_tcp(t0, flood), Err(Refusal::SourcePending));
+            assert_eq!(a.admit_tcp(t0, flood), Err(OverLimit::SourcePending));
         }
         for t in held {
             a.closed(t);
@@ -629,24 +630,24 @@ mod tests {
             },
             t0,
         );
-        let mut tickets = Vec::new();
+        let mut seats = Vec::new();
         for i in 0..10u8 {
-            tickets.push(a.admit_tcp(t0, ip(&format!("192.0.2.{i}"))).unwrap());
+            seats.push(a.admit_tcp(t0, ip(&format!("192.0.2.{i}"))).unwrap());
         }
         assert_eq!(
             a.admit_tcp(t0, ip("192.0.2.200")),
-            Err(Refusal::PendingFull)
+            Err(OverLimit::PendingFull)
         );
-        for t in &mut tickets {
+        for t in &mut seats {
             a.registered(t);
         }
         for i in 10..20u8 {
             let mut t = a.admit_tcp(t0, ip(&format!("192.0.2.{i}"))).unwrap();
             a.registered(&mut t);
-            tickets.push(t);
+            seats.push(t);
         }
-        assert_eq!(a.admit_tcp(t0, ip("192.0.2.200")), Err(Refusal::Full));
-        a.closed(tickets.pop().unwrap());
+        assert_eq!(a.admit_tcp(t0, ip("192.0.2.200")), Err(OverLimit::Full));
+        a.closed(seats.pop().unwrap());
         assert!(a.admit_tcp(t0, ip("192.0.2.200")).is_ok());
     }
 
@@ -701,7 +702,7 @@ mod tests {
     fn the_source_table_is_bounded_and_forgets_idle_sources() {
         let t0 = Instant::now();
         let mut a = Admission::new(small(), t0);
-        let ticket = a.admit_tcp(t0, ip("192.0.2.1")).unwrap();
+        let seat = a.admit_tcp(t0, ip("192.0.2.1")).unwrap();
         for i in 2..=4u8 {
             assert!(a.udp(t0, ip(&format!("192.0.2.{i}"))));
         }
@@ -719,7 +720,7 @@ mod tests {
         let later = t0 + Duration::from_secs(61);
         assert!(a.udp(later, ip("192.0.2.50")));
         assert_eq!(a.sources(), 2);
-        a.closed(ticket);
+        a.closed(seat);
         assert_eq!(a.open(), 0);
     }
 
@@ -734,13 +735,13 @@ mod tests {
             t0,
         );
         let first = a.admit_tcp(t0, ip("192.0.2.1")).unwrap();
-        let mut over: Vec<Ticket> = (2..6u8)
+        let mut over: Vec<Seat> = (2..6u8)
             .map(|i| a.admit_tcp(t0, ip(&format!("192.0.2.{i}"))).unwrap())
             .collect();
         // Four pending in the overflow allowance: its pending cap is reached.
         assert_eq!(
             a.admit_tcp(t0, ip("192.0.2.9")),
-            Err(Refusal::SourcePending)
+            Err(OverLimit::SourcePending)
         );
         a.closed(over.pop().unwrap());
         over.push(a.admit_tcp(t0, ip("192.0.2.9")).unwrap());

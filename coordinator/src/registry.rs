@@ -17,7 +17,7 @@ use a2a_proto::{NetworkId, NodeKey, SignedRecord};
 pub type ConnId = u32;
 
 /// Messages the server must send: each to the connection named.
-pub type Outbox = Vec<(ConnId, ServerMsg)>;
+pub type Sends = Vec<(ConnId, ServerMsg)>;
 
 /// A refused request: the reason code and a message for the node.
 pub type Refusal = (RefuseReason, String);
@@ -113,7 +113,7 @@ impl Registry {
         now: Instant,
         conn: ConnId,
         request: RegisterRequest<'_>,
-    ) -> Result<Outbox, Refusal> {
+    ) -> Result<Sends, Refusal> {
         let RegisterRequest {
             conn_key,
             handshake_hash,
@@ -143,7 +143,7 @@ impl Registry {
         if let Some(old) = members.remove(&conn_key) {
             self.by_conn.remove(&old.conn);
         }
-        let mut out: Outbox = vec![(
+        let mut out: Sends = vec![(
             conn,
             ServerMsg::Registered {
                 heartbeat_s: self.heartbeat.as_secs() as u32,
@@ -256,7 +256,7 @@ impl Registry {
         now: Instant,
         conn: ConnId,
         record: SignedRecord,
-    ) -> Result<Outbox, Refusal> {
+    ) -> Result<Sends, Refusal> {
         let Some(&(network, key)) = self.by_conn.get(&conn) else {
             return Err((RefuseReason::Protocol, "update before register".into()));
         };
@@ -276,7 +276,7 @@ impl Registry {
         me.ip = ip;
         me.issued_ms = issued_ms;
         me.expires = now + self.ttl;
-        let mut out: Outbox = vec![(
+        let mut out: Sends = vec![(
             conn,
             ServerMsg::Registered {
                 heartbeat_s: self.heartbeat.as_secs() as u32,
@@ -299,7 +299,7 @@ impl Registry {
 
     /// Handles `Punch`: tells `to`, if it is a live member of the sender's network, that the
     /// sender is probing it. Anything else is dropped (false).
-    pub fn punch(&self, conn: ConnId, to: &NodeKey) -> Option<Outbox> {
+    pub fn punch(&self, conn: ConnId, to: &NodeKey) -> Option<Sends> {
         let (network, from) = self.by_conn.get(&conn)?;
         if from == to {
             return None;
@@ -322,7 +322,7 @@ impl Registry {
     }
 
     /// The connection closed or the node left: forget it and tell the other members.
-    pub fn disconnect(&mut self, conn: ConnId) -> Outbox {
+    pub fn disconnect(&mut self, conn: ConnId) -> Sends {
         self.invites.retain(|_, c| *c != conn);
         self.tickets.remove(&conn);
         let Some((network, key)) = self.by_conn.remove(&conn) else {
@@ -331,7 +331,7 @@ impl Registry {
         self.remove_member(network, key)
     }
 
-    fn remove_member(&mut self, network: NetworkId, key: NodeKey) -> Outbox {
+    fn remove_member(&mut self, network: NetworkId, key: NodeKey) -> Sends {
         let Some(members) = self.networks.get_mut(&network) else {
             return Vec::new();
         };
@@ -351,7 +351,7 @@ impl Registry {
 
     /// Drops members not heard from within the TTL; returns the messages to send and the
     /// connections that should be closed.
-    pub fn expire(&mut self, now: Instant) -> (Outbox, Vec<ConnId>) {
+    pub fn expire(&mut self, now: Instant) -> (Sends, Vec<ConnId>) {
         let expired: Vec<(NetworkId, NodeKey, ConnId)> = self
             .networks
             .iter()
@@ -424,7 +424,7 @@ impl Registry {
         invite: InviteId,
         signing_key: SignerId,
         proof: InviteProof,
-    ) -> Result<Outbox, Refusal> {
+    ) -> Result<Sends, Refusal> {
         let Some(&inviter) = self.invites.get(&invite) else {
             return Err((
                 RefuseReason::InviteRefused,
@@ -448,12 +448,7 @@ impl Registry {
     }
 
     /// Handles the inviter's answer to `ticket`; `None` unless `conn` is that ticket's inviter.
-    pub fn invite_answer(
-        &mut self,
-        conn: ConnId,
-        ticket: u32,
-        answer: ServerMsg,
-    ) -> Option<Outbox> {
+    pub fn invite_answer(&mut self, conn: ConnId, ticket: u32, answer: ServerMsg) -> Option<Sends> {
         match self.tickets.get(&ticket) {
             Some((inviter, _)) if *inviter == conn => {
                 self.tickets.remove(&ticket);
@@ -469,7 +464,7 @@ impl Registry {
         &mut self,
         conn: ConnId,
         revocation: Signed,
-    ) -> Result<(Outbox, Option<ConnId>), Refusal> {
+    ) -> Result<(Sends, Option<ConnId>), Refusal> {
         let Some(&(network, _)) = self.by_conn.get(&conn) else {
             return Err((RefuseReason::Protocol, "revoke before register".into()));
         };
@@ -504,7 +499,7 @@ impl Registry {
     }
 
     /// `msg` for every live member of `network` but the one on connection `except`.
-    fn to_others(&self, network: &NetworkId, except: ConnId, msg: ServerMsg) -> Outbox {
+    fn to_others(&self, network: &NetworkId, except: ConnId, msg: ServerMsg) -> Sends {
         self.networks
             .get(network)
             .map(|members| {
@@ -519,7 +514,7 @@ impl Registry {
 
     /// Handles `Rotate`: checks the notice under the sender's network, keeps it for members
     /// that register later, and passes it to every other member now.
-    pub fn rotate(&mut self, conn: ConnId, notice: Signed) -> Result<Outbox, Refusal> {
+    pub fn rotate(&mut self, conn: ConnId, notice: Signed) -> Result<Sends, Refusal> {
         let Some(&(network, _)) = self.by_conn.get(&conn) else {
             return Err((RefuseReason::Protocol, "rotate before register".into()));
         };
@@ -576,7 +571,7 @@ mod tests {
         conn: ConnId,
         k: &NetworkKey,
         n: &Node,
-    ) -> Result<Outbox, Refusal> {
+    ) -> Result<Sends, Refusal> {
         r.register(
             now,
             conn,

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use a2a_proto::keys::RelaySecret;
 use a2a_proto::NetworkId;
 
+use crate::limits::{Rate, TokenBucket};
+
 /// A UDP binding not refreshed for this long is no longer used to reach its node.
 pub const UDP_BIND_TTL: Duration = Duration::from_secs(15);
 /// Datagrams one node may have relayed per second (sustained), and in a burst.
@@ -43,40 +45,18 @@ pub enum RelayDrop {
     BadBind,
 }
 
-/// A token bucket in datagrams.
-#[derive(Debug, Clone)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(now: Instant) -> Self {
-        Bucket {
-            tokens: RELAY_BURST,
-            at: now,
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let dt = now.saturating_duration_since(self.at).as_secs_f64();
-        self.at = now;
-        self.tokens = (self.tokens + dt * RELAY_RATE_PPS).min(RELAY_BURST);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
+/// The per-sender relay rate, as a token bucket in datagrams.
+pub const RELAY_RATE: Rate = Rate {
+    per_sec: RELAY_RATE_PPS,
+    burst: RELAY_BURST,
+};
 
 struct Slot<H> {
     network: NetworkId,
     secret: RelaySecret,
     handle: H,
     udp: Option<(SocketAddr, Instant)>,
-    bucket: Bucket,
+    bucket: TokenBucket,
 }
 
 impl<H: Clone> Slot<H> {
@@ -113,7 +93,7 @@ impl<H: Clone> RelayTable<H> {
                 secret,
                 handle: h,
                 udp: None,
-                bucket: Bucket::new(now),
+                bucket: TokenBucket::new(RELAY_RATE, now),
             },
         );
     }

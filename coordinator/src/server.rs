@@ -7,13 +7,14 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use a2a_proto::addr::canonical;
-use a2a_proto::control::{ClientMsg, RefuseReason, ServerMsg};
-use a2a_proto::keys::RelaySecret;
+use a2a_proto::control::{ClientMsg, ServerMsg};
 use a2a_proto::noise_channel::{handshake_responder, FrameError, FrameWriter, Incoming};
 use a2a_proto::sync::lock;
 use a2a_proto::udp::{
@@ -21,12 +22,14 @@ use a2a_proto::udp::{
     RELAY_HEADER_LEN,
 };
 use a2a_proto::{NetworkId, NodeKey, SignedRecord};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
-use crate::limits::{Admission, Drops, Limits, Ticket};
-use crate::registry::{ConnId, Outbox, RegisterRequest, Registry};
+use crate::limits::{Admission, Drops, Limits, OverLimit, Seat};
+use crate::registry::ConnId;
 use crate::relay::{Dest, RelayDrop, RelayTable};
+use crate::switchboard::{Count, Outbox, RelayChange, Switchboard};
 
 /// How often nodes heartbeat, and how long a silent registration lives.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -143,21 +146,98 @@ enum Outgoing {
 
 type ConnTx = mpsc::Sender<Outgoing>;
 
-/// The registry plus the outboxes of live connections.
+/// Which of the coordinator's UDP ports a datagram came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpPort {
+    /// The main port: endpoint probes, relay binds and relay data.
+    Main,
+    /// The mapping-check port (the next one): endpoint probes only.
+    Alt,
+}
+
+/// Where the coordinator sends datagrams it makes outside the UDP loop (relay data that came
+/// over a control connection, for a node bound over UDP): the real socket, or a test's channel.
+pub trait DatagramSink: Send + Sync + 'static {
+    /// Sends one datagram without waiting; false if it was dropped (a full socket buffer).
+    fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) -> bool;
+}
+
+impl DatagramSink for UdpSocket {
+    fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) -> bool {
+        self.try_send_to(datagram, to).is_ok()
+    }
+}
+
+/// The switchboard plus the outboxes of live connections.
 struct Hub {
-    registry: Registry,
+    board: Switchboard,
     outboxes: HashMap<ConnId, ConnTx>,
 }
 
+/// What the driver of one connection does next, from an [`Outbox`].
+struct Next {
+    pause: Duration,
+    registered: bool,
+    linger: Option<Duration>,
+}
+
 impl Hub {
-    fn deliver(&mut self, out: Outbox) {
-        for (conn, msg) in out {
+    /// Carries out `out` (queues, closes, relay slots, counters) but what concerns the
+    /// connection handled alone, which is returned.
+    fn carry_out(&mut self, server: &Server, out: Outbox) -> Next {
+        for (conn, msg) in out.send {
             if let Some(tx) = self.outboxes.get(&conn) {
                 if tx.try_send(Outgoing::Msg(msg)).is_err() {
                     // Too slow or gone: dropping its sender closes the connection's writer.
                     self.outboxes.remove(&conn);
                 }
             }
+        }
+        for change in out.relay {
+            match change {
+                RelayChange::Open {
+                    conn,
+                    network,
+                    secret,
+                } => {
+                    if let Some(tx) = self.outboxes.get(&conn) {
+                        server
+                            .relay()
+                            .insert(Instant::now(), conn, network, secret, tx.clone());
+                    }
+                }
+                RelayChange::Close(conn) => server.relay().remove(conn),
+            }
+        }
+        for conn in out.close {
+            // Its writer flushes what is queued, then the connection ends.
+            self.outboxes.remove(&conn);
+        }
+        for c in out.counts {
+            server.count(c);
+        }
+        Next {
+            pause: out.pause,
+            registered: out.registered,
+            linger: out.linger,
+        }
+    }
+
+    /// Queues a [`Tamper`] hook's injections, each to the member of `network` it names.
+    fn inject(&mut self, network: NetworkId, injections: Vec<(NodeKey, Injected)>) {
+        for (to, injected) in injections {
+            let Some(tx) = self
+                .board
+                .registry()
+                .conn_of(&network, &to)
+                .and_then(|c| self.outboxes.get(&c))
+            else {
+                continue;
+            };
+            let _ = tx.try_send(match injected {
+                Injected::Msg(m) => Outgoing::Msg(m),
+                Injected::Relay { from, datagram } => Outgoing::Relay(from, datagram),
+            });
         }
     }
 }
@@ -166,8 +246,8 @@ pub struct Server {
     hub: Mutex<Hub>,
     /// Kept apart from the hub so relayed packets never wait for registrations.
     relay: Mutex<RelayTable<ConnTx>>,
-    /// The main UDP socket, for relaying what arrives over TCP to nodes bound over UDP.
-    udp: std::sync::OnceLock<Arc<UdpSocket>>,
+    /// For relaying what arrives over TCP to nodes bound over UDP (the main UDP socket).
+    udp: std::sync::OnceLock<Arc<dyn DatagramSink>>,
     private_key: [u8; 32],
     pub counters: Counters,
     tamper: std::sync::OnceLock<Arc<dyn Tamper>>,
@@ -180,15 +260,15 @@ pub struct Server {
     stats_every: Duration,
 }
 
-/// An admitted connection's place in the accounting, given back when the task ends.
+/// An admitted connection's seat in the accounting, given back when the task ends.
 struct Permit {
     server: Arc<Server>,
-    ticket: Option<Ticket>,
+    seat: Option<Seat>,
 }
 
 impl Permit {
     fn registered(&mut self) {
-        if let Some(t) = self.ticket.as_mut() {
+        if let Some(t) = self.seat.as_mut() {
             self.server.admission().registered(t);
         }
     }
@@ -196,7 +276,7 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some(t) = self.ticket.take() {
+        if let Some(t) = self.seat.take() {
             self.server.admission().closed(t);
         }
     }
@@ -211,7 +291,12 @@ impl Server {
     pub fn with_limits(private_key: [u8; 32], limits: Limits, stats_every: Duration) -> Arc<Self> {
         Arc::new(Server {
             hub: Mutex::new(Hub {
-                registry: Registry::new(HEARTBEAT, REGISTRATION_TTL),
+                board: Switchboard::new(
+                    HEARTBEAT,
+                    REGISTRATION_TTL,
+                    limits.message_rate,
+                    rand::random(),
+                ),
                 outboxes: HashMap::new(),
             }),
             relay: Mutex::new(RelayTable::default()),
@@ -232,6 +317,13 @@ impl Server {
         let _ = self.tamper.set(tamper);
     }
 
+    /// Where relay data that came over a control connection goes when its destination is
+    /// bound over UDP. [`Server::run`] sets the main UDP socket; a test without sockets sets
+    /// its own (once, before serving).
+    pub fn set_datagram_sink(&self, sink: Arc<dyn DatagramSink>) {
+        let _ = self.udp.set(sink);
+    }
+
     fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
         lock(&self.admission)
     }
@@ -242,6 +334,27 @@ impl Server {
 
     fn relay(&self) -> std::sync::MutexGuard<'_, RelayTable<ConnTx>> {
         lock(&self.relay)
+    }
+
+    fn count(&self, c: Count) {
+        let k = &self.counters;
+        match c {
+            Count::Registration => Counters::bump(&k.registrations),
+            Count::RegistrationRefused => Counters::bump(&k.registrations_refused),
+            Count::BadMessage => Counters::bump(&k.tcp_bad_message),
+            Count::Punch => Counters::bump(&k.punches),
+            Count::Redemption => Counters::bump(&k.redemptions),
+            Count::RedemptionRefused => Counters::bump(&k.redemptions_refused),
+            Count::Revocation => Counters::bump(&k.revocations),
+            Count::Throttled => Drops::bump(&self.limited.ctl_msgs_throttled),
+        }
+    }
+
+    fn over_limit(&self, why: OverLimit) {
+        if why == OverLimit::Full {
+            Counters::bump(&self.counters.tcp_refused_over_cap);
+        }
+        self.limited.refused(why);
     }
 
     /// A new connection id: never 0, never one in use (ids wrap after 2^32 connections).
@@ -262,14 +375,16 @@ impl Server {
         udp_alt: Option<UdpSocket>,
     ) -> io::Result<()> {
         let udp = Arc::new(udp);
-        let _ = self.udp.set(udp.clone());
+        self.set_datagram_sink(udp.clone());
         let mut tasks = vec![
-            tokio::spawn(self.clone().serve_udp(udp, true)),
+            tokio::spawn(self.clone().serve_udp(udp, UdpPort::Main)),
             tokio::spawn(self.clone().expire_loop()),
             tokio::spawn(self.clone().stats_loop()),
         ];
         if let Some(alt) = udp_alt {
-            tasks.push(tokio::spawn(self.clone().serve_udp(Arc::new(alt), false)));
+            tasks.push(tokio::spawn(
+                self.clone().serve_udp(Arc::new(alt), UdpPort::Alt),
+            ));
         }
         let res = self.accept_loop(tcp).await;
         for t in tasks {
@@ -314,21 +429,18 @@ impl Server {
                 Err(e) => return e,
             };
             let admitted = self.admission().admit_tcp(Instant::now(), peer.ip());
-            let ticket = match admitted {
+            let seat = match admitted {
                 Ok(t) => t,
                 Err(why) => {
-                    if why == crate::limits::Refusal::Full {
-                        Counters::bump(&self.counters.tcp_refused_over_cap);
-                    }
-                    self.limited.refused(why);
-                    reset(&stream);
+                    self.over_limit(why);
+                    reset(stream.as_raw_fd());
                     continue;
                 }
             };
             Counters::bump(&self.counters.tcp_accepted);
             let mut permit = Permit {
                 server: self.clone(),
-                ticket: Some(ticket),
+                seat: Some(seat),
             };
             let server = self.clone();
             rt.spawn(async move {
@@ -337,13 +449,42 @@ impl Server {
                     .and_then(|()| TcpStream::from_std(stream));
                 if let Ok(stream) = stream {
                     let _ = stream.set_nodelay(true);
-                    server.serve_connection(stream, &mut permit).await;
+                    let fd = stream.as_raw_fd();
+                    server.serve_connection(stream, Some(fd), &mut permit).await;
                 }
             });
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, mut stream: TcpStream, permit: &mut Permit) {
+    /// Serves one control connection over any byte stream, as if it had been accepted from
+    /// `peer` (whose source the admission limits count): an in-process test connects a whole
+    /// daemon with [`tokio::io::duplex`]. Returns when the connection ends.
+    pub async fn serve_control<S>(self: Arc<Self>, stream: S, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let admitted = self.admission().admit_tcp(Instant::now(), peer.ip());
+        let seat = match admitted {
+            Ok(t) => t,
+            Err(why) => return self.over_limit(why),
+        };
+        Counters::bump(&self.counters.tcp_accepted);
+        let mut permit = Permit {
+            server: self.clone(),
+            seat: Some(seat),
+        };
+        self.serve_connection(stream, None, &mut permit).await;
+    }
+
+    /// One admitted connection; `fd`, the socket's (TCP), to close it with a reset.
+    async fn serve_connection<S>(
+        self: Arc<Self>,
+        mut stream: S,
+        fd: Option<RawFd>,
+        permit: &mut Permit,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         // The handshake and the registration together get one deadline (slow-loris).
         let deadline = tokio::time::Instant::now() + self.limits.register_deadline;
         let handshake = handshake_responder(&mut stream, &self.private_key);
@@ -355,260 +496,108 @@ impl Server {
             }
             Err(_) => {
                 Drops::bump(&self.limited.tcp_register_deadline);
-                reset(&stream);
+                if let Some(fd) = fd {
+                    reset(fd);
+                }
                 return;
             }
         };
         let conn_key = NodeKey(established.remote_static);
         let hash = established.handshake_hash.clone();
-        let (read, write) = stream.into_split();
+        let (read, write) = tokio::io::split(stream);
         let (mut reader, writer) = established.split(read, write);
         let conn: ConnId = self.new_conn_id();
-
-        // The first message must be a valid registration.
-        let first = tokio::time::timeout_at(deadline, reader.recv::<ClientMsg>()).await;
         let (tx, rx) = mpsc::channel(OUTBOX_DEPTH);
         let writer_task = tokio::spawn(write_loop(writer, rx));
-        let registered = match first {
-            Ok(Ok(ClientMsg::Register {
-                network,
-                proof,
-                record,
-            })) => {
-                let mut hub = self.hub();
-                hub.outboxes.insert(conn, tx.clone());
-                let secret = RelaySecret(rand::random());
-                let tampered = self
-                    .tamper
-                    .get()
-                    .map(|t| t.after_register(&network, &record));
-                match hub.registry.register(
-                    Instant::now(),
-                    conn,
-                    RegisterRequest {
-                        conn_key,
-                        handshake_hash: &hash,
-                        network,
-                        proof,
-                        record,
-                        relay_secret: secret,
-                    },
-                ) {
-                    Ok(out) => {
-                        self.relay()
-                            .insert(Instant::now(), conn, network, secret, tx.clone());
-                        hub.deliver(out);
-                        for (to, injected) in tampered.into_iter().flatten() {
-                            let Some(out) = hub
-                                .registry
-                                .conn_of(&network, &to)
-                                .and_then(|c| hub.outboxes.get(&c))
-                            else {
-                                continue;
-                            };
-                            let _ = out.try_send(match injected {
-                                Injected::Msg(m) => Outgoing::Msg(m),
-                                Injected::Relay { from, datagram } => {
-                                    Outgoing::Relay(from, datagram)
-                                }
-                            });
-                        }
-                        Counters::bump(&self.counters.registrations);
-                        permit.registered();
-                        true
-                    }
-                    Err((reason, message)) => {
-                        hub.outboxes.remove(&conn);
-                        Counters::bump(&self.counters.registrations_refused);
-                        let _ = tx.try_send(Outgoing::Msg(ServerMsg::Refused { reason, message }));
-                        false
-                    }
-                }
-            }
-            Ok(Ok(ClientMsg::Redeem {
-                invite,
-                signing_key,
-                proof,
-            })) => {
-                // A node with an invite code: pass the redemption to its inviter, deliver the
-                // answer, then the node reconnects to register with its new certificate.
-                {
-                    let mut hub = self.hub();
-                    hub.outboxes.insert(conn, tx.clone());
-                    match hub.registry.redeem(
-                        Instant::now(),
-                        conn,
-                        conn_key,
-                        invite,
-                        signing_key,
-                        proof,
-                    ) {
-                        Ok(out) => {
-                            Counters::bump(&self.counters.redemptions);
-                            hub.deliver(out);
-                        }
-                        Err((reason, message)) => {
-                            Counters::bump(&self.counters.redemptions_refused);
-                            hub.deliver(vec![(conn, ServerMsg::Refused { reason, message })]);
-                        }
-                    }
-                }
-                drop(tx);
-                // Wait for the redeemer to read its answer and close (or the deadline).
-                let _ = tokio::time::timeout(
-                    crate::registry::REDEEM_TIMEOUT + Duration::from_secs(2),
-                    reader.recv::<ClientMsg>(),
-                )
-                .await;
-                {
-                    let mut hub = self.hub();
-                    hub.registry.disconnect(conn);
-                    hub.outboxes.remove(&conn);
-                }
-                let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
-                return;
-            }
-            Ok(Ok(_)) => {
-                Counters::bump(&self.counters.tcp_bad_message);
-                let _ = tx.try_send(Outgoing::Msg(ServerMsg::Refused {
-                    reason: RefuseReason::Protocol,
-                    message: "the first message must be a registration".into(),
-                }));
-                false
-            }
-            Err(_) => {
-                Drops::bump(&self.limited.tcp_register_deadline);
-                false
-            }
-            Ok(Err(_)) => {
-                Counters::bump(&self.counters.tcp_bad_message);
-                false
-            }
-        };
-        drop(tx);
-        if registered {
-            let mut budget = self.limits.message_budget(Instant::now());
-            loop {
-                let msg = match reader.recv_frame::<ClientMsg>().await {
-                    Ok(Incoming::Msg(m)) => {
-                        self.pace(&mut budget).await;
-                        m
-                    }
-                    Ok(Incoming::Relay(dst, payload)) => {
-                        self.relay_from_conn(conn, dst, payload).await;
-                        continue;
-                    }
-                    Err(e) => {
-                        if matches!(e, FrameError::Malformed(_)) {
-                            Counters::bump(&self.counters.tcp_bad_message);
-                        }
-                        break;
-                    }
-                };
-                let mut hub = self.hub();
-                match msg {
-                    ClientMsg::Heartbeat => {
-                        if !hub.registry.heartbeat(Instant::now(), conn) {
-                            break; // replaced by a newer connection or expired
-                        }
-                        hub.deliver(vec![(conn, ServerMsg::HeartbeatAck)]);
-                    }
-                    ClientMsg::Update { record } => {
-                        match hub.registry.update(Instant::now(), conn, record) {
-                            Ok(out) => hub.deliver(out),
-                            Err((reason, message)) => {
-                                Counters::bump(&self.counters.registrations_refused);
-                                hub.deliver(vec![(conn, ServerMsg::Refused { reason, message })]);
-                            }
-                        }
-                    }
-                    ClientMsg::Leave => break,
-                    ClientMsg::Punch { to } => {
-                        if let Some(out) = hub.registry.punch(conn, &to) {
-                            Counters::bump(&self.counters.punches);
-                            hub.deliver(out);
-                        }
-                    }
-                    ClientMsg::Register { .. } | ClientMsg::Redeem { .. } => {
-                        Counters::bump(&self.counters.tcp_bad_message);
-                        break;
-                    }
-                    ClientMsg::InviteOpen { id } => {
-                        if hub.registry.invite_open(conn, id).is_err() {
-                            Counters::bump(&self.counters.tcp_bad_message);
-                        }
-                    }
-                    ClientMsg::InviteClose { id } => hub.registry.invite_close(conn, &id),
-                    ClientMsg::InviteAdmit { ticket, sealed } => {
-                        let answer = ServerMsg::InviteAdmitted { sealed };
-                        match hub.registry.invite_answer(conn, ticket, answer) {
-                            Some(out) => hub.deliver(out),
-                            None => Counters::bump(&self.counters.tcp_bad_message),
-                        }
-                    }
-                    ClientMsg::InviteDeny { ticket, message } => {
-                        let answer = ServerMsg::Refused {
-                            reason: RefuseReason::InviteRefused,
-                            message,
-                        };
-                        match hub.registry.invite_answer(conn, ticket, answer) {
-                            Some(out) => hub.deliver(out),
-                            None => Counters::bump(&self.counters.tcp_bad_message),
-                        }
-                    }
-                    ClientMsg::Revoke { revocation } => match hub.registry.revoke(conn, revocation)
-                    {
-                        Ok((out, removed)) => {
-                            hub.deliver(out);
-                            if let Some(gone) = removed {
-                                Counters::bump(&self.counters.revocations);
-                                hub.deliver(vec![(
-                                    gone,
-                                    ServerMsg::Refused {
-                                        reason: RefuseReason::Revoked,
-                                        message: "this node was removed from the network \
-                                                  (a2actl kick)"
-                                            .into(),
-                                    },
-                                )]);
-                                // Its writer flushes the refusal, then the connection ends.
-                                hub.outboxes.remove(&gone);
-                                self.relay().remove(gone);
-                            }
-                        }
-                        Err(_) => Counters::bump(&self.counters.tcp_bad_message),
-                    },
-                    ClientMsg::Rotate { notice } => match hub.registry.rotate(conn, notice) {
-                        Ok(out) => hub.deliver(out),
-                        Err(_) => Counters::bump(&self.counters.tcp_bad_message),
-                    },
-                }
-                if !hub.outboxes.contains_key(&conn) {
-                    break; // dropped as too slow
-                }
-            }
+        {
             let mut hub = self.hub();
-            let out = hub.registry.disconnect(conn);
+            hub.outboxes.insert(conn, tx);
+            hub.board.open(conn, conn_key, hash);
+        }
+
+        // Until it registers, the connection reads against the deadline; a redeemer then
+        // lingers for its answer.
+        let mut read_until = Some((deadline, true));
+        let mut registered = false;
+        loop {
+            let read = reader.recv_frame::<ClientMsg>();
+            let frame = match read_until {
+                None => read.await,
+                Some((until, counts)) => match tokio::time::timeout_at(until, read).await {
+                    Ok(f) => f,
+                    Err(_) => {
+                        if counts {
+                            Drops::bump(&self.limited.tcp_register_deadline);
+                        }
+                        break;
+                    }
+                },
+            };
+            let msg = match frame {
+                Ok(Incoming::Msg(m)) => m,
+                Ok(Incoming::Relay(dst, payload)) if registered => {
+                    self.relay_from_conn(conn, dst, payload);
+                    continue;
+                }
+                Ok(Incoming::Relay(..)) => {
+                    Counters::bump(&self.counters.tcp_bad_message);
+                    break;
+                }
+                Err(e) => {
+                    if matches!(e, FrameError::Malformed(_)) {
+                        Counters::bump(&self.counters.tcp_bad_message);
+                    }
+                    break;
+                }
+            };
+            let tampered = match (&msg, self.tamper.get()) {
+                (
+                    ClientMsg::Register {
+                        network, record, ..
+                    },
+                    Some(t),
+                ) if !registered => Some((*network, t.after_register(network, record))),
+                _ => None,
+            };
+            let (next, open) = {
+                let mut hub = self.hub();
+                let out = hub.board.handle(Instant::now(), conn, msg);
+                let next = hub.carry_out(&self, out);
+                if next.registered {
+                    if let Some((network, injections)) = tampered {
+                        hub.inject(network, injections);
+                    }
+                }
+                (next, hub.outboxes.contains_key(&conn))
+            };
+            if next.registered {
+                registered = true;
+                permit.registered();
+                read_until = None;
+            }
+            if let Some(linger) = next.linger {
+                read_until = Some((tokio::time::Instant::now() + linger, false));
+            }
+            if !open {
+                break; // closed by the protocol, or dropped as too slow
+            }
+            if !next.pause.is_zero() {
+                // Reading no further pushes back on the sender through TCP.
+                tokio::time::sleep(next.pause).await;
+            }
+        }
+        {
+            let mut hub = self.hub();
+            let out = hub.board.close(conn);
             hub.outboxes.remove(&conn);
-            hub.deliver(out);
-            self.relay().remove(conn);
+            hub.carry_out(&self, out);
         }
         // The writer ends once every sender is gone and the queue is flushed.
         let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
     }
 
-    /// Holds a connection's reader to its message rate: reading no further while it waits
-    /// pushes back on the sender through TCP.
-    async fn pace(&self, budget: &mut crate::limits::TokenBucket) {
-        let wait = budget.delay(Instant::now());
-        if !wait.is_zero() {
-            Drops::bump(&self.limited.ctl_msgs_throttled);
-            tokio::time::sleep(wait).await;
-        }
-    }
-
     /// Relay data that came over connection `conn`'s control channel.
-    async fn relay_from_conn(&self, conn: ConnId, dst: u32, payload: Vec<u8>) {
+    fn relay_from_conn(&self, conn: ConnId, dst: u32, payload: Vec<u8>) {
         let dest = self.relay().route_conn(Instant::now(), conn, dst);
         match dest {
             Ok(Dest::Udp(addr)) => {
@@ -616,8 +605,11 @@ impl Server {
                 write_relay_header(&mut d, conn);
                 d[RELAY_HEADER_LEN..].copy_from_slice(&payload);
                 if let Some(udp) = self.udp.get() {
-                    let _ = udp.send_to(&d, addr).await;
-                    Counters::bump(&self.counters.relayed_tcp);
+                    if udp.send_datagram(addr, &d) {
+                        Counters::bump(&self.counters.relayed_tcp);
+                    } else {
+                        Counters::bump(&self.counters.relay_queue_full);
+                    }
                 }
             }
             Ok(Dest::Conn(tx)) => self.forward_over_conn(&tx, conn, payload),
@@ -633,8 +625,8 @@ impl Server {
         }
     }
 
-    /// One UDP socket: endpoint probes everywhere; binds and relay data on the main port only.
-    async fn serve_udp(self: Arc<Self>, udp: Arc<UdpSocket>, main: bool) {
+    /// One UDP socket's loop: each datagram handled, and what that returns sent.
+    async fn serve_udp(self: Arc<Self>, udp: Arc<UdpSocket>, port: UdpPort) {
         let mut buf = vec![0u8; 65536];
         let mut reply = [0u8; MAX_A2A_DATAGRAM];
         loop {
@@ -646,64 +638,84 @@ impl Server {
                     continue;
                 }
             };
-            let src = canonical(src);
-            if main {
-                if let Some((dst, _)) = parse_relay_data(&buf[..n]) {
-                    let routed = self.relay().route_udp(Instant::now(), src, dst);
-                    match routed {
-                        Ok((src_id, Dest::Udp(addr))) => {
-                            // Same datagram, header now naming the source.
-                            write_relay_header(&mut buf[..n], src_id);
-                            let _ = udp.send_to(&buf[..n], addr).await;
-                            Counters::bump(&self.counters.relayed_udp);
-                        }
-                        Ok((src_id, Dest::Conn(tx))) => {
-                            let payload = buf[RELAY_HEADER_LEN..n].to_vec();
-                            self.forward_over_conn(&tx, src_id, payload);
-                        }
-                        Err(why) => self.counters.dropped(why),
-                    }
-                    continue;
-                }
+            if let Some((to, datagram)) = self.handle_datagram(src, port, &mut buf[..n], &mut reply)
+            {
+                let _ = udp.send_to(datagram, to).await;
             }
-            if !self.admission().udp(Instant::now(), src.ip()) {
-                Drops::bump(&self.limited.udp_rate_limited);
-                continue;
-            }
-            let datagram = &buf[..n];
-            let nonce = match (classify(datagram), A2aDatagram::decode(datagram)) {
-                (DatagramKind::A2a, Some(A2aDatagram::EndpointProbe { nonce })) => nonce,
-                (
-                    DatagramKind::A2a,
-                    Some(A2aDatagram::RelayBind {
-                        nonce,
-                        relay_id,
-                        secret,
-                    }),
-                ) if main => {
-                    let bound = self.relay().bind(Instant::now(), relay_id, &secret, src);
-                    match bound {
-                        Ok(()) => Counters::bump(&self.counters.relay_binds),
-                        Err(why) => {
-                            self.counters.dropped(why);
-                            continue;
-                        }
-                    }
-                    nonce
-                }
-                _ => {
-                    Counters::bump(&self.counters.udp_dropped);
-                    continue;
-                }
-            };
-            Counters::bump(&self.counters.udp_endpoint_probes);
-            let len = A2aDatagram::EndpointReply {
-                nonce,
-                observed: src,
-            }
-            .encode(&mut reply);
-            let _ = udp.send_to(&reply[..len], src).await;
         }
+    }
+
+    /// One datagram that came to `port` from `from`: endpoint probes everywhere; binds and
+    /// relay data on the main port only. Returns the datagram to send and where: relay data
+    /// rewritten in place in `datagram` (its header now naming the source), or an endpoint
+    /// reply written into `reply`. Relay data for a node reached over its control connection
+    /// is queued there, and `None` returned. No allocation on the UDP relay path.
+    pub fn handle_datagram<'a>(
+        &self,
+        from: SocketAddr,
+        port: UdpPort,
+        datagram: &'a mut [u8],
+        reply: &'a mut [u8; MAX_A2A_DATAGRAM],
+    ) -> Option<(SocketAddr, &'a [u8])> {
+        let src = canonical(from);
+        if port == UdpPort::Main {
+            if let Some((dst, _)) = parse_relay_data(datagram) {
+                let routed = self.relay().route_udp(Instant::now(), src, dst);
+                return match routed {
+                    Ok((src_id, Dest::Udp(addr))) => {
+                        // Same datagram, header now naming the source.
+                        write_relay_header(datagram, src_id);
+                        Counters::bump(&self.counters.relayed_udp);
+                        Some((addr, &*datagram))
+                    }
+                    Ok((src_id, Dest::Conn(tx))) => {
+                        let payload = datagram[RELAY_HEADER_LEN..].to_vec();
+                        self.forward_over_conn(&tx, src_id, payload);
+                        None
+                    }
+                    Err(why) => {
+                        self.counters.dropped(why);
+                        None
+                    }
+                };
+            }
+        }
+        if !self.admission().udp(Instant::now(), src.ip()) {
+            Drops::bump(&self.limited.udp_rate_limited);
+            return None;
+        }
+        let nonce = match (classify(datagram), A2aDatagram::decode(datagram)) {
+            (DatagramKind::A2a, Some(A2aDatagram::EndpointProbe { nonce })) => nonce,
+            (
+                DatagramKind::A2a,
+                Some(A2aDatagram::RelayBind {
+                    nonce,
+                    relay_id,
+                    secret,
+                }),
+            ) if port == UdpPort::Main => {
+                let bound = self.relay().bind(Instant::now(), relay_id, &secret, src);
+                match bound {
+                    Ok(()) => Counters::bump(&self.counters.relay_binds),
+                    Err(why) => {
+                        self.counters.dropped(why);
+                        return None;
+                    }
+                }
+                nonce
+            }
+            _ => {
+                Counters::bump(&self.counters.udp_dropped);
+                return None;
+            }
+        };
+        Counters::bump(&self.counters.udp_endpoint_probes);
+        let len = A2aDatagram::EndpointReply {
+            nonce,
+            observed: src,
+        }
+        .encode(reply);
+        Some((src, &reply[..len]))
     }
 
     async fn expire_loop(self: Arc<Self>) {
@@ -711,12 +723,8 @@ impl Server {
         loop {
             tick.tick().await;
             let mut hub = self.hub();
-            let (out, closed) = hub.registry.expire(Instant::now());
-            for conn in closed {
-                hub.outboxes.remove(&conn);
-                self.relay().remove(conn);
-            }
-            hub.deliver(out);
+            let out = hub.board.expire(Instant::now());
+            hub.carry_out(&self, out);
         }
     }
 
@@ -734,7 +742,8 @@ impl Server {
     pub fn stats_line(&self) -> String {
         let (members, networks) = {
             let hub = self.hub();
-            (hub.registry.member_count(), hub.registry.network_count())
+            let r = hub.board.registry();
+            (r.member_count(), r.network_count())
         };
         let slots = self.relay().len();
         let (open, pending) = {
@@ -750,8 +759,8 @@ impl Server {
     }
 }
 
-async fn write_loop(
-    mut writer: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: FrameWriter<W>,
     mut rx: mpsc::Receiver<Outgoing>,
 ) {
     while let Some(out) = rx.recv().await {
@@ -769,7 +778,7 @@ async fn write_loop(
 /// Closes `stream` with a RST when it is dropped. A node reads that as "busy, try again" and
 /// backs off; an orderly close during the handshake means "this coordinator does not hold the
 /// token's key" to it, which it gives up on after a few tries.
-fn reset(stream: &impl std::os::fd::AsRawFd) {
+fn reset(fd: RawFd) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -777,7 +786,7 @@ fn reset(stream: &impl std::os::fd::AsRawFd) {
     // SAFETY: setsockopt on the stream's open descriptor with a correctly sized `linger`.
     unsafe {
         libc::setsockopt(
-            stream.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             &linger as *const libc::linger as *const libc::c_void,

@@ -1,0 +1,813 @@
+//! The coordinator's control protocol without I/O: what to do with each message a node sends on
+//! its control connection. The server's socket loops feed it (the connection, the message, the
+//! time) and carry out the [`Outbox`] it returns: which messages to send to which connection,
+//! which connections to end, which relay slots to open or close, which counters to bump, how
+//! long to pause reading. It holds the [`Registry`] (who is live in which network) and each
+//! connection's phase (handshaken, registered, redeeming an invite) and message budget.
+//!
+//! When to call what:
+//! - [`Switchboard::open`] once a connection's Noise handshake completed;
+//! - [`Switchboard::handle`] for each control message read from it (relay frames go to the
+//!   [`crate::relay::RelayTable`] directly);
+//! - [`Switchboard::close`] when its stream ends, whatever the reason;
+//! - [`Switchboard::expire`] about once a second.
+//!
+//! Nothing here is written or printed.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use a2a_proto::control::{ClientMsg, RefuseReason, ServerMsg};
+use a2a_proto::keys::RelaySecret;
+use a2a_proto::{NetworkId, NodeKey};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+
+use crate::limits::{Rate, TokenBucket};
+use crate::registry::{ConnId, RegisterRequest, Registry, REDEEM_TIMEOUT};
+
+/// What the driver counts (its counters are numbers only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    Registration,
+    RegistrationRefused,
+    /// A message out of order, malformed in a way the parse could not see, or refused.
+    BadMessage,
+    Punch,
+    Redemption,
+    RedemptionRefused,
+    Revocation,
+    /// A message that came faster than its connection's budget (reading pauses).
+    Throttled,
+}
+
+/// A change to the relay slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayChange {
+    /// The connection registered: its relay id is the connection id, proved by `secret`.
+    Open {
+        conn: ConnId,
+        network: NetworkId,
+        secret: RelaySecret,
+    },
+    Close(ConnId),
+}
+
+/// What the driver must do after a call.
+#[derive(Debug, Default, PartialEq)]
+pub struct Outbox {
+    /// Messages to queue, each on the connection named.
+    pub send: Vec<(ConnId, ServerMsg)>,
+    /// Connections to end once what is queued for them is written (the one handled included).
+    pub close: Vec<ConnId>,
+    pub relay: Vec<RelayChange>,
+    pub counts: Vec<Count>,
+    /// Read nothing more from the connection handled for this long (its message budget: TCP
+    /// pushes back on the sender meanwhile).
+    pub pause: Duration,
+    /// The connection handled has registered now.
+    pub registered: bool,
+    /// The connection handled redeems an invite: keep it this long for the inviter's answer
+    /// to reach it and for it to close, reading nothing more.
+    pub linger: Option<Duration>,
+}
+
+impl Outbox {
+    fn refuse(&mut self, conn: ConnId, reason: RefuseReason, message: String) {
+        self.send
+            .push((conn, ServerMsg::Refused { reason, message }));
+    }
+}
+
+/// Where one connection stands.
+enum Phase {
+    /// Handshaken: the first message must be `Register` or `Redeem`.
+    Opened {
+        key: NodeKey,
+        handshake_hash: Vec<u8>,
+    },
+    Registered {
+        budget: TokenBucket,
+    },
+    /// Sent `Redeem`: waits for its answer, and may send nothing more.
+    Redeeming,
+}
+
+/// How long past [`REDEEM_TIMEOUT`] a redeemer is kept for its answer.
+const REDEEM_LINGER: Duration = Duration::from_secs(2);
+
+/// The control protocol of all connections.
+pub struct Switchboard {
+    registry: Registry,
+    conns: HashMap<ConnId, Phase>,
+    message_rate: Rate,
+    /// Makes relay secrets; seeded by the caller (the server from the OS, tests fixed).
+    rng: StdRng,
+}
+
+impl Switchboard {
+    /// `heartbeat` and `ttl` as for [`Registry::new`]; `message_rate` is the budget of each
+    /// registered connection's control messages.
+    pub fn new(heartbeat: Duration, ttl: Duration, message_rate: Rate, seed: [u8; 32]) -> Self {
+        Switchboard {
+            registry: Registry::new(heartbeat, ttl),
+            conns: HashMap::new(),
+            message_rate,
+            rng: StdRng::from_seed(seed),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Connection `conn` completed its handshake with the node key `key`.
+    pub fn open(&mut self, conn: ConnId, key: NodeKey, handshake_hash: Vec<u8>) {
+        self.conns.insert(
+            conn,
+            Phase::Opened {
+                key,
+                handshake_hash,
+            },
+        );
+    }
+
+    /// Whether `conn` is a connection this switchboard knows (opened and not closed).
+    pub fn is_open(&self, conn: ConnId) -> bool {
+        self.conns.contains_key(&conn)
+    }
+
+    /// One control message from `conn`.
+    pub fn handle(&mut self, now: Instant, conn: ConnId, msg: ClientMsg) -> Outbox {
+        let mut out = Outbox::default();
+        match self.conns.get_mut(&conn) {
+            None => out.close.push(conn),
+            Some(Phase::Redeeming) => {
+                // A redeemer has nothing more to say: anything from it ends it.
+                out.close.push(conn);
+            }
+            Some(Phase::Opened { .. }) => self.first(now, conn, msg, &mut out),
+            Some(Phase::Registered { budget }) => {
+                out.pause = budget.delay(now);
+                if !out.pause.is_zero() {
+                    out.counts.push(Count::Throttled);
+                }
+                self.registered(now, conn, msg, &mut out);
+            }
+        }
+        out
+    }
+
+    /// The first message of a connection: a registration, a redemption, or a refusal.
+    fn first(&mut self, now: Instant, conn: ConnId, msg: ClientMsg, out: &mut Outbox) {
+        let Some(Phase::Opened {
+            key,
+            handshake_hash,
+        }) = self.conns.remove(&conn)
+        else {
+            unreachable!("called for opened connections only")
+        };
+        match msg {
+            ClientMsg::Register {
+                network,
+                proof,
+                record,
+            } => {
+                let mut secret = [0u8; 16];
+                self.rng.fill_bytes(&mut secret);
+                let secret = RelaySecret(secret);
+                let request = RegisterRequest {
+                    conn_key: key,
+                    handshake_hash: &handshake_hash,
+                    network,
+                    proof,
+                    record,
+                    relay_secret: secret,
+                };
+                match self.registry.register(now, conn, request) {
+                    Ok(sent) => {
+                        out.send = sent;
+                        out.relay.push(RelayChange::Open {
+                            conn,
+                            network,
+                            secret,
+                        });
+                        out.counts.push(Count::Registration);
+                        out.registered = true;
+                        self.conns.insert(
+                            conn,
+                            Phase::Registered {
+                                budget: TokenBucket::new(self.message_rate, now),
+                            },
+                        );
+                    }
+                    Err((reason, message)) => {
+                        out.counts.push(Count::RegistrationRefused);
+                        out.refuse(conn, reason, message);
+                        out.close.push(conn);
+                    }
+                }
+            }
+            ClientMsg::Redeem {
+                invite,
+                signing_key,
+                proof,
+            } => {
+                // A node with an invite code: the inviter decides; the node then reconnects to
+                // register with its new certificate.
+                match self
+                    .registry
+                    .redeem(now, conn, key, invite, signing_key, proof)
+                {
+                    Ok(sent) => {
+                        out.counts.push(Count::Redemption);
+                        out.send = sent;
+                    }
+                    Err((reason, message)) => {
+                        out.counts.push(Count::RedemptionRefused);
+                        out.refuse(conn, reason, message);
+                    }
+                }
+                out.linger = Some(REDEEM_TIMEOUT + REDEEM_LINGER);
+                self.conns.insert(conn, Phase::Redeeming);
+            }
+            _ => {
+                out.counts.push(Count::BadMessage);
+                out.refuse(
+                    conn,
+                    RefuseReason::Protocol,
+                    "the first message must be a registration".into(),
+                );
+                out.close.push(conn);
+            }
+        }
+    }
+
+    fn registered(&mut self, now: Instant, conn: ConnId, msg: ClientMsg, out: &mut Outbox) {
+        let r = &mut self.registry;
+        match msg {
+            ClientMsg::Heartbeat => {
+                if r.heartbeat(now, conn) {
+                    out.send.push((conn, ServerMsg::HeartbeatAck));
+                } else {
+                    // Replaced by a newer connection of the same node, or expired.
+                    out.close.push(conn);
+                }
+            }
+            ClientMsg::Update { record } => match r.update(now, conn, record) {
+                Ok(sent) => out.send = sent,
+                Err((reason, message)) => {
+                    out.counts.push(Count::RegistrationRefused);
+                    out.refuse(conn, reason, message);
+                }
+            },
+            ClientMsg::Leave => out.close.push(conn),
+            ClientMsg::Punch { to } => {
+                if let Some(sent) = r.punch(conn, &to) {
+                    out.counts.push(Count::Punch);
+                    out.send = sent;
+                }
+            }
+            ClientMsg::Register { .. } | ClientMsg::Redeem { .. } => {
+                out.counts.push(Count::BadMessage);
+                out.close.push(conn);
+            }
+            ClientMsg::InviteOpen { id } => {
+                if r.invite_open(conn, id).is_err() {
+                    out.counts.push(Count::BadMessage);
+                }
+            }
+            ClientMsg::InviteClose { id } => r.invite_close(conn, &id),
+            ClientMsg::InviteAdmit { ticket, sealed } => {
+                let answer = ServerMsg::InviteAdmitted { sealed };
+                match r.invite_answer(conn, ticket, answer) {
+                    Some(sent) => out.send = sent,
+                    None => out.counts.push(Count::BadMessage),
+                }
+            }
+            ClientMsg::InviteDeny { ticket, message } => {
+                let answer = ServerMsg::Refused {
+                    reason: RefuseReason::InviteRefused,
+                    message,
+                };
+                match r.invite_answer(conn, ticket, answer) {
+                    Some(sent) => out.send = sent,
+                    None => out.counts.push(Count::BadMessage),
+                }
+            }
+            ClientMsg::Revoke { revocation } => match r.revoke(conn, revocation) {
+                Ok((sent, removed)) => {
+                    out.send = sent;
+                    if let Some(gone) = removed {
+                        out.counts.push(Count::Revocation);
+                        out.refuse(
+                            gone,
+                            RefuseReason::Revoked,
+                            "this node was removed from the network (a2actl kick)".into(),
+                        );
+                        // Its refusal is written, then its connection ends.
+                        out.close.push(gone);
+                        out.relay.push(RelayChange::Close(gone));
+                        self.conns.remove(&gone);
+                    }
+                }
+                Err(_) => out.counts.push(Count::BadMessage),
+            },
+            ClientMsg::Rotate { notice } => match r.rotate(conn, notice) {
+                Ok(sent) => out.send = sent,
+                Err(_) => out.counts.push(Count::BadMessage),
+            },
+        }
+    }
+
+    /// Connection `conn` ended (closed by the node, by the server, or failed): forget it and
+    /// tell the other members.
+    pub fn close(&mut self, conn: ConnId) -> Outbox {
+        let was_registered = matches!(self.conns.remove(&conn), Some(Phase::Registered { .. }));
+        let mut out = Outbox {
+            send: self.registry.disconnect(conn),
+            ..Outbox::default()
+        };
+        if was_registered {
+            out.relay.push(RelayChange::Close(conn));
+        }
+        out
+    }
+
+    /// Members not heard from within the TTL are dropped (their connections ended) and
+    /// redemptions whose inviter did not answer are refused.
+    pub fn expire(&mut self, now: Instant) -> Outbox {
+        let (send, closed) = self.registry.expire(now);
+        let mut out = Outbox {
+            send,
+            ..Outbox::default()
+        };
+        for conn in closed {
+            self.conns.remove(&conn);
+            out.relay.push(RelayChange::Close(conn));
+            out.close.push(conn);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use a2a_proto::invite::{InviteId, InviteProof};
+    use a2a_proto::keys::{Signature, SignerId, REGISTER_CONTEXT, REVOKE_CONTEXT, ROTATE_CONTEXT};
+    use a2a_proto::membership::{node_signing_key, Revocation, RotationNotice, Signed};
+    use a2a_proto::sealed::Sealed;
+    use a2a_proto::{NetworkKey, NodeRecord, SignedRecord};
+
+    fn hash(conn: ConnId) -> Vec<u8> {
+        format!("handshake hash of connection {conn}").into_bytes()
+    }
+
+    fn key(n: u8) -> NodeKey {
+        NodeKey([n; 32])
+    }
+
+    fn record(k: &NetworkKey, n: u8, ip: &str, issued_ms: u64) -> SignedRecord {
+        NodeRecord {
+            network: k.id(),
+            node_key: key(n),
+            name: format!("n{n}"),
+            ip: ip.parse().unwrap(),
+            candidates: vec![],
+            issued_ms,
+        }
+        .sign(k)
+    }
+
+    fn register_msg(k: &NetworkKey, conn: ConnId, n: u8, ip: &str) -> ClientMsg {
+        ClientMsg::Register {
+            network: k.id(),
+            proof: Some(Signature(k.sign(REGISTER_CONTEXT, &hash(conn)))),
+            record: record(k, n, ip, 1),
+        }
+    }
+
+    fn board() -> Switchboard {
+        Switchboard::new(
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+            Rate {
+                per_sec: 100.0,
+                burst: 5.0,
+            },
+            [7; 32],
+        )
+    }
+
+    /// Opens connection `conn` for node `n` and registers it.
+    fn join(b: &mut Switchboard, now: Instant, k: &NetworkKey, conn: ConnId, n: u8) -> Outbox {
+        b.open(conn, key(n), hash(conn));
+        b.handle(
+            now,
+            conn,
+            register_msg(k, conn, n, &format!("100.64.0.{n}")),
+        )
+    }
+
+    fn sent_to(out: &Outbox, conn: ConnId) -> Vec<&ServerMsg> {
+        out.send
+            .iter()
+            .filter(|(c, _)| *c == conn)
+            .map(|(_, m)| m)
+            .collect()
+    }
+
+    fn refusal(out: &Outbox, conn: ConnId) -> Option<RefuseReason> {
+        sent_to(out, conn).into_iter().find_map(|m| match m {
+            ServerMsg::Refused { reason, .. } => Some(*reason),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_registration_is_accepted_and_opens_a_relay_slot() {
+        let mut b = board();
+        let k = NetworkKey::derive(&[1; 32]);
+        let now = Instant::now();
+        let out = join(&mut b, now, &k, 1, 1);
+        assert!(out.registered);
+        assert_eq!(out.counts, vec![Count::Registration]);
+        assert!(out.close.is_empty());
+        let Some(ServerMsg::Registered {
+            relay_id,
+            relay_secret,
+            ..
+        }) = sent_to(&out, 1).first().copied()
+        else {
+            panic!("no Registered: {out:?}");
+        };
+        assert_eq!(*relay_id, 1);
+        assert_eq!(
+            out.relay,
+            vec![RelayChange::Open {
+                conn: 1,
+                network: k.id(),
+                secret: *relay_secret,
+            }]
+        );
+        // The next member is told of the first, and the first of it.
+        let out = join(&mut b, now, &k, 2, 2);
+        assert!(sent_to(&out, 2)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::PeerUp { relay_id: 1, .. })));
+        assert!(sent_to(&out, 1)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::PeerUp { relay_id: 2, .. })));
+        // Each registration gets its own relay secret.
+        let secrets: Vec<_> = [&out]
+            .iter()
+            .flat_map(|o| o.relay.iter())
+            .map(|c| match c {
+                RelayChange::Open { secret, .. } => *secret,
+                RelayChange::Close(_) => unreachable!(),
+            })
+            .collect();
+        assert_ne!(secrets[0], *relay_secret);
+    }
+
+    #[test]
+    fn registrations_are_refused_for_a_bad_proof_or_a_taken_address() {
+        let mut b = board();
+        let k = NetworkKey::derive(&[1; 32]);
+        let other = NetworkKey::derive(&[2; 32]);
+        let now = Instant::now();
+        // A proof over another connection's handshake hash (a replay).
+        b.open(1, key(1), hash(1));
+        let replayed = ClientMsg::Register {
+            network: k.id(),
+            proof: Some(Signature(k.sign(REGISTER_CONTEXT, &hash(9)))),
+            record: record(&k, 1, "100.64.0.1", 1),
+        };
+        let out = b.handle(now, 1, replayed);
+        assert_eq!(refusal(&out, 1), Some(RefuseReason::BadProof));
+        assert_eq!(out.close, vec![1]);
+        assert_eq!(out.counts, vec![Count::RegistrationRefused]);
+        assert!(out.relay.is_empty() && !out.registered);
+        // A proof by another network's key.
+        b.open(2, key(2), hash(2));
+        let foreign = ClientMsg::Register {
+            network: k.id(),
+            proof: Some(Signature(other.sign(REGISTER_CONTEXT, &hash(2)))),
+            record: record(&k, 2, "100.64.0.2", 1),
+        };
+        assert_eq!(
+            refusal(&b.handle(now, 2, foreign), 2),
+            Some(RefuseReason::BadProof)
+        );
+        // An address a live member holds.
+        join(&mut b, now, &k, 3, 3);
+        b.open(4, key(4), hash(4));
+        let out = b.handle(now, 4, register_msg(&k, 4, 4, "100.64.0.3"));
+        assert_eq!(refusal(&out, 4), Some(RefuseReason::AddressInUse));
+        assert_eq!(out.close, vec![4]);
+        assert_eq!(b.registry().member_count(), 1);
+    }
+
+    #[test]
+    fn nothing_but_a_registration_or_redemption_comes_first() {
+        let mut b = board();
+        let now = Instant::now();
+        for (conn, msg) in [
+            (1, ClientMsg::Heartbeat),
+            (2, ClientMsg::Punch { to: key(9) }),
+            (
+                3,
+                ClientMsg::InviteOpen {
+                    id: InviteId([0; 16]),
+                },
+            ),
+        ] {
+            b.open(conn, key(conn as u8), hash(conn));
+            let out = b.handle(now, conn, msg);
+            assert_eq!(refusal(&out, conn), Some(RefuseReason::Protocol));
+            assert_eq!(out.close, vec![conn]);
+            assert_eq!(out.counts, vec![Count::BadMessage]);
+        }
+        // A connection the switchboard does not know (never opened, or closed) is ended.
+        let out = b.handle(now, 77, ClientMsg::Heartbeat);
+        assert_eq!(out.close, vec![77]);
+        assert!(out.send.is_empty());
+        // A registered node registering again is a protocol error too.
+        let k = NetworkKey::derive(&[1; 32]);
+        join(&mut b, now, &k, 10, 10);
+        let out = b.handle(now, 10, register_msg(&k, 10, 10, "100.64.0.10"));
+        assert_eq!(out.close, vec![10]);
+        assert_eq!(out.counts, vec![Count::BadMessage]);
+    }
+
+    #[test]
+    fn updates_fan_out_and_heartbeats_are_acknowledged() {
+        let mut b = board();
+        let k = NetworkKey::derive(&[1; 32]);
+        let now = Instant::now();
+        for n in 1..=3 {
+            join(&mut b, now, &k, n as ConnId, n);
+        }
+        let out = b.handle(
+            now,
+            1,
+            ClientMsg::Update {
+                record: record(&k, 1, "100.64.0.1", 2),
+            },
+        );
+        assert!(matches!(
+            sent_to(&out, 1)[..],
+            [ServerMsg::Registered { .. }]
+        ));
+        for other in [2, 3] {
+            assert!(matches!(
+                sent_to(&out, other)[..],
+                [ServerMsg::PeerUp { relay_id: 1, .. }]
+            ));
+        }
+        // An older record is refused, to the sender only.
+        let out = b.handle(
+            now,
+            1,
+            ClientMsg::Update {
+                record: record(&k, 1, "100.64.0.1", 2),
+            },
+        );
+        assert_eq!(refusal(&out, 1), Some(RefuseReason::BadRecord));
+        assert_eq!(out.send.len(), 1);
+        let out = b.handle(now, 2, ClientMsg::Heartbeat);
+        assert_eq!(out.send, vec![(2, ServerMsg::HeartbeatAck)]);
+    }
+
+    #[test]
+    fn punches_reach_the_peer_in_the_same_network_only() {
+        let mut b = board();
+        let k = NetworkKey::derive(&[1; 32]);
+        let other = NetworkKey::derive(&[2; 32]);
+        let now = Instant::now();
+        join(&mut b, now, &k, 1, 1);
+        join(&mut b, now, &k, 2, 2);
+        join(&mut b, now, &other, 3, 3);
+        let out = b.handle(now, 1, ClientMsg::Punch { to: key(2) });
+        assert_eq!(out.send, vec![(2, ServerMsg::Punch { from: key(1) })]);
+        assert_eq!(out.counts, vec![Count::Punch]);
+        let out = b.handle(now, 3, ClientMsg::Punch { to: key(1) });
+        assert!(out.send.is_empty() && out.counts.is_empty());
+    }
+
+    #[test]
+    fn redemptions_go_to_the_inviter_and_its_answer_to_the_redeemer() {
+        let mut b = board();
+        let k = NetworkKey::derive(&[1; 32]);
+        let now = Instant::now();
+        join(&mut b, now, &k, 1, 1);
+        join(&mut b, now, &k, 2, 2);
+        let id = InviteId([4; 16]);
+        assert!(b
+            .handle(now, 1, ClientMsg::InviteOpen { id })
+            .counts
+            .is_empty());
+        let signer = SignerId::from(node_signing_key(&[5; 32]).verifying_key());
+        let redeem = ClientMsg::Redeem {
+            invite: id,
+            signing_key: signer,
+            proof: InviteProof([6; 32]),
+        };
+        // Redeemer on connection 50: passed to the inviter with its channel's node key.
+        b.open(50, key(50), hash(50));
+        let out = b.handle(now, 50, redeem.clone());
+        assert_eq!(out.counts, vec![Count::Redemption]);
+        assert_eq!(out.linger, Some(REDEEM_TIMEOUT + REDEEM_LINGER));
+        assert!(out.close.is_empty() && !out.registered);
+        assert!(matches!(
+            &out.send[..],
+            [(1, ServerMsg::RedeemRequest { ticket: 50, node_key, .. })] if *node_key == key(50)
+        ));
+        // Only the inviter answers; the sealed answer reaches the redeemer alone.
+        let sealed = Sealed::from_bytes(vec![8; 48]).unwrap();
+        let admit = |ticket| ClientMsg::InviteAdmit {
+            ticket,
+            sealed: sealed.clone(),
+        };
+        let out = b.handle(now, 2, admit(50));
+        assert!(out.send.is_empty());
+        assert_eq!(out.counts, vec![Count::BadMessage]);
+        let out = b.handle(now, 1, admit(50));
+        assert_eq!(
+            out.send,
+            vec![(
+                50,
+                ServerMsg::InviteAdmitted {
+                    sealed: sealed.clone()
+                }
+            )]
+        );
+        // The redeemer may say nothing more.
+        assert_eq!(b.handle(now, 50, ClientMsg::Heartbeat).close, vec![50]);
+        // A denial reaches its redeemer as a refusal.
+        b.open(51, key(51), hash(51));
+        b.handle(now, 51, redeem.clone());
+        let out = b.handle(
+            now,
+            1,
+            ClientMsg::InviteDeny {
+                ticket: 51,
+                message: "used up".into(),
+            },
+        );
+        assert_eq!(refusal(&out, 51), Some(RefuseReason::InviteRefused));
+        // An invite nobody holds is refused at once.
+        b.open(52, key(52), hash(52));
+        let out = b.handle(
+            now,
+            52,
+            ClientMsg::Redeem {
+                invite: InviteId([9; 16]),
+                signing_key: signer,
+                proof: InviteProof([6; 32]),
+            },
+        );
+        assert_eq!(refusal(&out, 52), Some(RefuseReason::InviteRefused));
+        assert_eq!(out.counts, vec![Count::RedemptionRefused]);
+    }
+
+    #[test]
+    fn a_revocation_is_broadcast_ends_the_node_and_keeps_it_out() {
+        let mut b = board();
+        let k = NetworkKey::derive(&[1; 32]);
+        let rogue = NetworkKey::derive(&[2; 32]);
+        let now = Instant::now();
+        for n in 1..=3 {
+            join(&mut b, now, &k, n as ConnId, n);
+        }
+        let revocation = Revocation {
+            network: k.id(),
+            node_key: key(3),
+            issued_ms: 1,
+        };
+        // Signed by another key: refused, nobody removed.
+        let out = b.handle(
+            now,
+            1,
+            ClientMsg::Revoke {
+                revocation: Signed::sign(&revocation, &rogue, REVOKE_CONTEXT),
+            },
+        );
+        assert_eq!(out.counts, vec![Count::BadMessage]);
+        assert_eq!(b.registry().member_count(), 3);
+        let out = b.handle(
+            now,
+            1,
+            ClientMsg::Revoke {
+                revocation: Signed::sign(&revocation, &k, REVOKE_CONTEXT),
+            },
+        );
+        assert!(sent_to(&out, 2)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Revoked { .. })));
+        assert!(sent_to(&out, 2)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::PeerDown { node_key } if *node_key == key(3))));
+        assert_eq!(refusal(&out, 3), Some(RefuseReason::Revoked));
+        assert_eq!(out.close, vec![3]);
+        assert_eq!(out.relay, vec![RelayChange::Close(3)]);
+        assert_eq!(out.counts, vec![Count::Revocation]);
+        assert!(!b.is_open(3));
+        // Its connection ending later changes nothing more.
+        assert_eq!(b.close(3), Outbox::default());
+        // It cannot register again; a later member learns of the revocation.
+        b.open(4, key(3), hash(4));
+        let out = b.handle(now, 4, register_msg(&k, 4, 3, "100.64.0.3"));
+        assert_eq!(refusal(&out, 4), Some(RefuseReason::Revoked));
+        let out = join(&mut b, now, &k, 5, 5);
+        assert!(sent_to(&out, 5)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Revoked { .. })));
+    }
+
+    #[test]
+    fn a_rotation_notice_is_kept_for_members_that_come_later() {
+        let mut b = board();
+        let k = NetworkKey::derive(&[1; 32]);
+        let next = NetworkKey::derive(&[2; 32]);
+        let now = Instant::now();
+        join(&mut b, now, &k, 1, 1);
+        join(&mut b, now, &k, 2, 2);
+        let notice = Signed::sign(
+            &RotationNotice {
+                old_network: k.id(),
+                new_network: next.id(),
+                rotator: key(1),
+                issued_ms: 1,
+                carried: vec![],
+            },
+            &k,
+            ROTATE_CONTEXT,
+        );
+        let out = b.handle(
+            now,
+            1,
+            ClientMsg::Rotate {
+                notice: notice.clone(),
+            },
+        );
+        assert_eq!(
+            out.send,
+            vec![(
+                2,
+                ServerMsg::Moved {
+                    notice: notice.clone()
+                }
+            )]
+        );
+        // Everyone leaves; a latecomer of the old network is told where it went.
+        for conn in [1, 2] {
+            b.handle(now, conn, ClientMsg::Leave);
+            b.close(conn);
+        }
+        let out = join(&mut b, now, &k, 3, 3);
+        assert!(sent_to(&out, 3).contains(&&ServerMsg::Moved { notice }));
+    }
+
+    #[test]
+    fn leaving_and_expiry_tell_the_others_and_close_relay_slots() {
+        let mut b = board();
+        let k = NetworkKey::derive(&[1; 32]);
+        let t0 = Instant::now();
+        for n in 1..=3 {
+            join(&mut b, t0, &k, n as ConnId, n);
+        }
+        let out = b.handle(t0, 3, ClientMsg::Leave);
+        assert_eq!(out.close, vec![3]);
+        let out = b.close(3);
+        assert_eq!(out.relay, vec![RelayChange::Close(3)]);
+        assert_eq!(out.send.len(), 2);
+        // 1 heartbeats, 2 goes silent.
+        b.handle(t0 + Duration::from_secs(20), 1, ClientMsg::Heartbeat);
+        let out = b.expire(t0 + Duration::from_secs(31));
+        assert_eq!(out.close, vec![2]);
+        assert_eq!(out.relay, vec![RelayChange::Close(2)]);
+        assert_eq!(
+            out.send,
+            vec![(1, ServerMsg::PeerDown { node_key: key(2) })]
+        );
+    }
+
+    #[test]
+    fn control_messages_are_paced_to_the_budget() {
+        let mut b = board();
+        let k = NetworkKey::derive(&[1; 32]);
+        let now = Instant::now();
+        join(&mut b, now, &k, 1, 1);
+        // A burst of 5 passes at once; the sixth asks the reader to wait a token's time.
+        for _ in 0..5 {
+            assert_eq!(b.handle(now, 1, ClientMsg::Heartbeat).pause, Duration::ZERO);
+        }
+        let out = b.handle(now, 1, ClientMsg::Heartbeat);
+        assert!(out.pause > Duration::ZERO, "{out:?}");
+        assert!(out.counts.contains(&Count::Throttled));
+        // Still handled: pacing delays, it does not drop.
+        assert_eq!(out.send, vec![(1, ServerMsg::HeartbeatAck)]);
+    }
+}
