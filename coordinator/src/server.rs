@@ -802,3 +802,142 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
     ) || e.kind() == io::ErrorKind::ConnectionAborted
         || e.kind() == io::ErrorKind::ConnectionReset
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use a2a_proto::keys::{RelaySecret, Signature, REGISTER_CONTEXT};
+    use a2a_proto::noise_channel::{handshake_initiator, FrameReader, FrameWriter};
+    use a2a_proto::{NetworkKey, NodeRecord};
+    use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
+    use x25519_dalek::{PublicKey, StaticSecret};
+
+    /// What a test's "UDP socket" was asked to send.
+    #[derive(Default)]
+    struct Sent(Mutex<Vec<(SocketAddr, Vec<u8>)>>);
+
+    impl DatagramSink for Sent {
+        fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) -> bool {
+            lock(&self.0).push((to, datagram.to_vec()));
+            true
+        }
+    }
+
+    type Channel = (
+        FrameReader<ReadHalf<DuplexStream>>,
+        FrameWriter<WriteHalf<DuplexStream>>,
+    );
+
+    /// A node with secret `n` connects over an in-memory stream and registers.
+    async fn member(server: &Arc<Server>, k: &NetworkKey, n: u8) -> (Channel, u32, RelaySecret) {
+        let coordinator = PublicKey::from(&StaticSecret::from([1; 32])).to_bytes();
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let peer = SocketAddr::from(([192, 0, 2, n], 4000));
+        tokio::spawn(server.clone().serve_control(b, peer));
+        let est = handshake_initiator(&mut a, &[n; 32], &coordinator)
+            .await
+            .unwrap();
+        let node_key = NodeKey(PublicKey::from(&StaticSecret::from([n; 32])).to_bytes());
+        let record = NodeRecord {
+            network: k.id(),
+            node_key,
+            name: format!("n{n}"),
+            ip: format!("100.64.0.{n}").parse().unwrap(),
+            candidates: vec![],
+            issued_ms: 1,
+        }
+        .sign(k);
+        let proof = Some(Signature(k.sign(REGISTER_CONTEXT, &est.handshake_hash)));
+        let (r, w) = tokio::io::split(a);
+        let (mut r, mut w) = est.split(r, w);
+        w.send(&ClientMsg::Register {
+            network: k.id(),
+            proof,
+            record,
+        })
+        .await
+        .unwrap();
+        let ServerMsg::Registered {
+            relay_id,
+            relay_secret,
+            ..
+        } = r.recv().await.unwrap()
+        else {
+            panic!("not registered");
+        };
+        ((r, w), relay_id, relay_secret)
+    }
+
+    #[tokio::test]
+    async fn nodes_register_bind_and_relay_without_sockets() {
+        let server = Server::new([1; 32]);
+        let sent = Arc::new(Sent::default());
+        server.set_datagram_sink(sent.clone());
+        let k = NetworkKey::derive(&[9; 32]);
+        let (_a, a_id, a_secret) = member(&server, &k, 2).await;
+        let ((mut b_rx, mut b_tx), b_id, _) = member(&server, &k, 3).await;
+        assert!(matches!(
+            b_rx.recv::<ServerMsg>().await.unwrap(),
+            ServerMsg::PeerUp { relay_id, .. } if relay_id == a_id
+        ));
+        // Node a binds its relay id over "UDP" from a dual-stack socket's mapped address.
+        let mut d = [0u8; MAX_A2A_DATAGRAM];
+        let len = A2aDatagram::RelayBind {
+            nonce: [5; 8],
+            relay_id: a_id,
+            secret: a_secret,
+        }
+        .encode(&mut d);
+        let mut reply = [0u8; MAX_A2A_DATAGRAM];
+        let from: SocketAddr = "[::ffff:198.51.100.1]:5000".parse().unwrap();
+        let plain: SocketAddr = "198.51.100.1:5000".parse().unwrap();
+        let (to, answer) = server
+            .handle_datagram(from, UdpPort::Main, &mut d[..len], &mut reply)
+            .expect("a bind is answered");
+        assert_eq!(to, plain);
+        assert_eq!(
+            A2aDatagram::decode(answer),
+            Some(A2aDatagram::EndpointReply {
+                nonce: [5; 8],
+                observed: plain
+            })
+        );
+        // The mapping-check port answers probes but takes no bind.
+        let len = A2aDatagram::RelayBind {
+            nonce: [6; 8],
+            relay_id: a_id,
+            secret: RelaySecret([0; 16]),
+        }
+        .encode(&mut d);
+        assert!(server
+            .handle_datagram(from, UdpPort::Alt, &mut d[..len], &mut reply)
+            .is_none());
+        // Node b relays over its control connection to a: it leaves as UDP to a's binding,
+        // its header naming b.
+        b_tx.send_relay(a_id, &[4, 0, 0, 0, 9, 9]).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while lock(&sent.0).is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "nothing relayed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (to, datagram) = lock(&sent.0).remove(0);
+        assert_eq!(to, plain);
+        assert_eq!(
+            parse_relay_data(&datagram),
+            Some((b_id, &[4, 0, 0, 0, 9, 9][..]))
+        );
+        // UDP relay data from a's binding to b (not bound over UDP) goes over b's connection.
+        let mut relay = vec![0u8; RELAY_HEADER_LEN + 3];
+        write_relay_header(&mut relay, b_id);
+        relay[RELAY_HEADER_LEN..].copy_from_slice(&[4, 0, 0]);
+        assert!(server
+            .handle_datagram(plain, UdpPort::Main, &mut relay, &mut reply)
+            .is_none());
+        assert_eq!(
+            b_rx.recv_frame::<ServerMsg>().await.unwrap(),
+            Incoming::Relay(a_id, vec![4, 0, 0])
+        );
+        assert_eq!(server.counters.registrations.load(Ordering::Relaxed), 2);
+        assert_eq!(server.counters.relayed_tcp.load(Ordering::Relaxed), 2);
+    }
+}
