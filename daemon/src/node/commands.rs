@@ -16,14 +16,15 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use data_encoding::BASE64;
 use tokio::sync::{oneshot, Mutex};
 
-use crate::control::Registration;
-use crate::dataplane::{ControlOut, DataPlane};
-use crate::membership::{MemberState, MAX_INVITE_TTL_MS};
-use crate::path::Route;
-use crate::pathfinder::PathEvent;
-use crate::peers::Peer;
-use crate::session::{DeviceConfig, Session};
-use crate::state::{Membership, StateDir};
+use crate::core::control::Registration;
+use crate::core::membership::{MemberState, Membership, MAX_INVITE_TTL_MS};
+use crate::core::path::Route;
+use crate::core::peers::Peer;
+use crate::io::state::StateDir;
+use crate::io::{Platform, Underlay};
+use crate::node::session::{DeviceConfig, Joining, Session};
+use crate::tasks::dataplane::DataPlane;
+use crate::tasks::events::{ControlOut, PathEvent};
 
 /// The network a saved membership is for.
 fn saved_network(m: &Membership) -> Option<NetworkId> {
@@ -47,15 +48,16 @@ const UP_TIMEOUT: Duration = Duration::from_secs(20);
 /// A WireGuard session older than this is gone (REJECT_AFTER_TIME).
 const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 
-pub struct Daemon {
+pub struct Daemon<P: Platform> {
+    platform: P,
     device: DeviceConfig,
     state: StateDir,
     node_private: [u8; 32],
-    session: Mutex<Option<Session>>,
+    session: Mutex<Option<Session<P>>>,
 }
 
-impl Daemon {
-    pub fn new(device: DeviceConfig, state: StateDir) -> Result<Self, String> {
+impl<P: Platform> Daemon<P> {
+    pub fn new(platform: P, device: DeviceConfig, state: StateDir) -> Result<Self, String> {
         let node_private = state.node_key().map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
                 format!(
@@ -67,6 +69,7 @@ impl Daemon {
             }
         })?;
         Ok(Daemon {
+            platform,
             device,
             state,
             node_private,
@@ -91,13 +94,16 @@ impl Daemon {
             ),
         };
         let session = Session::start(
+            &self.platform,
             &self.device,
-            self.node_private,
-            credential,
-            m.token.clone(),
             self.state.clone(),
-            m.name.clone(),
-            m.ip,
+            Joining {
+                node_private: self.node_private,
+                credential,
+                join_text: m.token.clone(),
+                name: m.name.clone(),
+                ip: m.ip,
+            },
         )
         .await?;
         *self.session.lock().await = Some(session);
@@ -114,7 +120,12 @@ impl Daemon {
         // the current network, if any, untouched.
         let credential = if InviteCode::is_invite(token_text) {
             let code = InviteCode::parse(token_text).map_err(|e| e.to_string())?;
-            let invited = crate::control::redeem_invite(&code, &self.node_private).await?;
+            let invited = crate::tasks::control::redeem_invite(
+                &self.platform.connector(),
+                &code,
+                &self.node_private,
+            )
+            .await?;
             Credential::from_invited(invited, &self.node_private)?
         } else {
             Credential::from_token(JoinToken::parse(token_text).map_err(|e| e.to_string())?)
@@ -155,13 +166,16 @@ impl Daemon {
         }
         let result = async {
             let session = Session::start(
+                &self.platform,
                 &self.device,
-                self.node_private,
-                credential,
-                token_text.trim().to_string(),
                 self.state.clone(),
-                name.clone(),
-                ip,
+                Joining {
+                    node_private: self.node_private,
+                    credential,
+                    join_text: token_text.trim().to_string(),
+                    name: name.clone(),
+                    ip,
+                },
             )
             .await?;
             match wait_registered(&session).await {
@@ -175,9 +189,8 @@ impl Daemon {
         .await;
         match result {
             Ok((session, ip)) => {
-                session
-                    .member
-                    .persist(name.clone(), ip)
+                self.state
+                    .save_membership(&session.member.membership(name.clone(), ip))
                     .map_err(|e| e.to_string())?;
                 *slot = Some(session);
                 Ok((ip.to_string(), name))
@@ -276,7 +289,7 @@ impl Daemon {
 }
 
 /// A peer's path kind and the endpoint it uses: its address, or the coordinator's.
-fn describe_route(dp: &DataPlane, p: &Peer) -> (&'static str, Option<String>) {
+fn describe_route<P: Platform>(dp: &DataPlane<P>, p: &Peer) -> (&'static str, Option<String>) {
     match p.route().route {
         Route::Direct(a) => ("direct", Some(a.to_string())),
         Route::Relay => match dp.relay.load().as_ref() {
@@ -289,8 +302,8 @@ fn describe_route(dp: &DataPlane, p: &Peer) -> (&'static str, Option<String>) {
 /// How long `a2actl ping` waits for each answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-impl Daemon {
-    async fn dataplane(&self) -> Result<Arc<DataPlane>, String> {
+impl<P: Platform> Daemon<P> {
+    async fn dataplane(&self) -> Result<Arc<DataPlane<P>>, String> {
         match self.session.lock().await.as_ref() {
             Some(s) => Ok(s.dataplane.clone()),
             None => Err("this node has not joined a network: run `a2actl up --join TOKEN`".into()),
@@ -353,10 +366,11 @@ impl Daemon {
             (Some(_), Some(_)) => "endpoint-dependent",
             _ => "unknown",
         };
-        let local = match crate::netconf::NetConf::new() {
-            Ok(nc) => nc.local_ipv4(None).await.unwrap_or_default(),
-            Err(_) => Vec::new(),
+        let underlay = match self.session.lock().await.as_ref() {
+            Some(s) => s.underlay.clone(),
+            None => return Err("this node has not joined a network".into()),
         };
+        let local = underlay.local_ipv4().await;
         Ok(NetcheckReport {
             coordinator: coordinator.to_string(),
             udp: main.is_some(),
@@ -376,7 +390,7 @@ impl Daemon {
 }
 
 /// Waits until the coordinator has accepted the session's registration.
-async fn wait_registered(s: &Session) -> Result<std::net::Ipv4Addr, String> {
+async fn wait_registered<P: Platform>(s: &Session<P>) -> Result<std::net::Ipv4Addr, String> {
     let mut rx = s.registration.clone();
     let wait = async {
         loop {
@@ -417,10 +431,19 @@ fn default_name() -> String {
 
 /// Membership commands: invite, kick, rotate. Each needs the network secret, so only a node
 /// that joined with the token can run them.
-impl Daemon {
+impl<P: Platform> Daemon<P> {
+    #[allow(clippy::type_complexity)]
     async fn member(
         &self,
-    ) -> Result<(Arc<DataPlane>, Arc<MemberState>, String, std::net::Ipv4Addr), String> {
+    ) -> Result<
+        (
+            Arc<DataPlane<P>>,
+            Arc<MemberState>,
+            String,
+            std::net::Ipv4Addr,
+        ),
+        String,
+    > {
         match self.session.lock().await.as_ref() {
             Some(s) => Ok((
                 s.dataplane.clone(),
@@ -443,7 +466,7 @@ impl Daemon {
     }
 
     /// Sends a control message now; an error if the node is not connected.
-    async fn send_control(dp: &DataPlane, msg: ControlOut) -> Result<(), String> {
+    async fn send_control(dp: &DataPlane<P>, msg: ControlOut) -> Result<(), String> {
         let link = dp.relay.load_full().ok_or_else(|| {
             "not connected to the coordinator right now (see `a2actl status`); try again when \
              it is"
@@ -516,7 +539,11 @@ impl Daemon {
             issued_ms: now_ms(),
         };
         let signed = Signed::sign(&revocation, &key, REVOKE_CONTEXT);
-        member.revoke(&revocation, signed.clone());
+        if let Some(list) = member.revoke(&revocation, signed.clone()) {
+            if let Err(e) = self.state.save_revocations(&list) {
+                tracing::warn!("cannot save the revocation list: {e}");
+            }
+        }
         dp.peers.remove(&peer.key);
         // If the coordinator is unreachable, the revocation is sent when this node registers.
         if let Err(e) = Self::send_control(
@@ -591,8 +618,11 @@ impl Daemon {
         Self::send_control(&dp, ControlOut::Msg(ClientMsg::Rotate { notice: signed })).await?;
         let text = new_token.encode();
         member.replace_credential(Arc::new(Credential::from_token(new_token)), text.clone());
-        member
-            .persist(name, ip)
+        if let Err(e) = self.state.save_revocations(&[]) {
+            tracing::warn!("cannot clear the saved revocations: {e}");
+        }
+        self.state
+            .save_membership(&member.membership(name, ip))
             .map_err(|e| format!("rotated, but cannot save the new token: {e}"))?;
         // The connection ends after the notice is written; the node registers anew.
         let _ = Self::send_control(&dp, ControlOut::Moved).await;

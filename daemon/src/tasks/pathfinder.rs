@@ -1,9 +1,8 @@
-//! The path finder task: drives every peer's [`PathState`](crate::path::PathState) — sends the
+//! The path finder task: drives every peer's [`PathState`](crate::core::path::PathState) — sends the
 //! disco probes it asks for, answers the peer's probes, feeds it pongs and sightings, and
 //! publishes its route to the packet path. All decisions are in `path.rs`; this is the I/O.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,9 +11,14 @@ use a2a_proto::udp::RELAY_HEADER_LEN;
 use a2a_proto::NodeKey;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::dataplane::{ControlOut, Counters, DataPlane, Via};
-use crate::path::{Probe, Route};
-use crate::peers::Peer;
+use crate::core::counters::Counters;
+use crate::core::limit::PerSecond;
+use crate::core::path::{Probe, Route};
+use crate::core::peers::{Peer, Via};
+use crate::io::Platform;
+use crate::tasks::dataplane::DataPlane;
+use crate::tasks::events::{ControlOut, PathEvent, UserPong};
+use crate::tasks::now;
 
 const TICK: Duration = Duration::from_millis(250);
 /// Disco datagrams accepted per second for one claimed peer from one source (address, or relay
@@ -22,39 +26,19 @@ const TICK: Duration = Duration::from_millis(250);
 /// peer does not starve that peer's genuine probes.
 const DISCO_PER_SECOND: u32 = 50;
 
-/// The answer to a user's ping: round-trip time and the path it took.
-#[derive(Debug, Clone, Copy)]
-pub struct UserPong {
-    pub rtt: Duration,
-    pub route: Route,
-}
-
-pub enum PathEvent {
-    /// A disco datagram and how it came.
-    Disco(Vec<u8>, Via),
-    /// Authenticated WireGuard data came from this peer at an address that is not its path.
-    SeenAt(NodeKey, SocketAddr),
-    /// The coordinator says this peer is probing us.
-    Punch(NodeKey),
-    /// This peer is new or published new candidates.
-    Candidates(NodeKey),
-    /// `a2actl ping`.
-    UserPing(NodeKey, oneshot::Sender<UserPong>),
-}
-
-pub struct PathFinder {
-    dp: Arc<DataPlane>,
+pub struct PathFinder<P: Platform> {
+    dp: Arc<DataPlane<P>>,
     user_pings: HashMap<TxId, (Route, oneshot::Sender<UserPong>)>,
     /// Disco datagrams per (claimed peer, source) in the current second.
-    budget: HashMap<(NodeKey, Via), u32>,
+    budget: PerSecond<(NodeKey, Via)>,
 }
 
-impl PathFinder {
-    pub fn new(dp: Arc<DataPlane>) -> Self {
+impl<P: Platform> PathFinder<P> {
+    pub fn new(dp: Arc<DataPlane<P>>) -> Self {
         PathFinder {
             dp,
             user_pings: HashMap::new(),
-            budget: HashMap::new(),
+            budget: PerSecond::new(DISCO_PER_SECOND),
         }
     }
 
@@ -66,7 +50,7 @@ impl PathFinder {
                 _ = tick.tick() => {
                     ticks += 1;
                     if ticks.is_multiple_of(4) {
-                        self.budget.clear();
+                        self.budget.reset();
                         self.user_pings.retain(|_, (_, tx)| !tx.is_closed());
                     }
                     self.tick().await;
@@ -80,7 +64,7 @@ impl PathFinder {
     }
 
     async fn tick(&mut self) {
-        let now = Instant::now();
+        let now = now();
         for peer in self.dp.peers.all() {
             self.tick_peer(now, &peer).await;
         }
@@ -130,7 +114,7 @@ impl PathFinder {
     }
 
     async fn handle(&mut self, ev: PathEvent) {
-        let now = Instant::now();
+        let now = now();
         match ev {
             PathEvent::Disco(d, via) => self.disco(now, &d, via).await,
             PathEvent::SeenAt(key, from) => {
@@ -171,9 +155,7 @@ impl PathFinder {
             Counters::bump(&counters.disco_unknown_sender);
             return;
         };
-        let used = self.budget.entry((peer.key, via)).or_insert(0);
-        *used += 1;
-        if *used > DISCO_PER_SECOND {
+        if !self.budget.allow((peer.key, via)) {
             Counters::bump(&counters.disco_rate_limited);
             return;
         }
