@@ -700,3 +700,550 @@ fn refused(reason: RefuseReason, message: String) -> End {
         RefuseReason::Protocol => End::Lost(message),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use a2a_proto::invite::InviteCode;
+    use a2a_proto::keys::{REVOKE_CONTEXT, ROTATE_CONTEXT};
+    use a2a_proto::membership::Signed;
+    use boringtun::x25519::{PublicKey, StaticSecret};
+
+    const SECRET: [u8; 32] = [7; 32];
+
+    fn token(secret: [u8; 32]) -> JoinToken {
+        JoinToken {
+            coordinator_key: [9; 32],
+            network_secret: secret,
+            prefix: "100.64.0.0/10".parse().unwrap(),
+            endpoints: vec!["192.0.2.1:7600".into()],
+        }
+    }
+
+    fn key_of(private: [u8; 32]) -> NodeKey {
+        NodeKey(PublicKey::from(&StaticSecret::from(private)).to_bytes())
+    }
+
+    struct World {
+        client: Client,
+        peers: Arc<PeerTable>,
+        counters: Arc<Counters>,
+        member: Arc<MemberState>,
+        t0: Instant,
+    }
+
+    fn world() -> World {
+        let t0 = Instant::now();
+        let cred = Credential::from_token(token(SECRET));
+        let member = Arc::new(MemberState::new(cred, token(SECRET).encode(), vec![]));
+        let private = [1; 32];
+        let peers = Arc::new(PeerTable::new(StaticSecret::from(private), t0));
+        let counters = Arc::new(Counters::default());
+        let client = Client::new(
+            member.clone(),
+            peers.clone(),
+            counters.clone(),
+            private,
+            "self".into(),
+            "100.64.0.1".parse().unwrap(),
+        );
+        World {
+            client,
+            peers,
+            counters,
+            member,
+            t0,
+        }
+    }
+
+    fn at(w: &World, ms: u64) -> Now {
+        Now {
+            at: w.t0 + Duration::from_millis(ms),
+            unix_ms: 1_000_000 + ms,
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn registered(peers: u32) -> ServerMsg {
+        ServerMsg::Registered {
+            heartbeat_s: 10,
+            relay_id: 5,
+            relay_secret: BASE64.encode(&[3u8; 16]),
+            peers,
+        }
+    }
+
+    /// A member's record signed with the network key (`secret`), as a real member signs it.
+    fn peer_record(n: u8, secret: [u8; 32], issued_ms: u64) -> SignedRecord {
+        let cred = Credential::from_token(token(secret));
+        cred.sign_record(&NodeRecord {
+            network: cred.network_id(),
+            node_key: key_of([n; 32]),
+            name: format!("peer{n}"),
+            ip: format!("100.64.0.{n}").parse().unwrap(),
+            candidates: vec![addr("192.0.2.50:51820")],
+            issued_ms,
+        })
+    }
+
+    fn peer_up(n: u8) -> ServerMsg {
+        ServerMsg::PeerUp {
+            record: peer_record(n, SECRET, 10),
+            relay_id: u32::from(n),
+        }
+    }
+
+    /// Connects and registers with `peers` members to come.
+    fn register(w: &mut World, peers: u32) -> Vec<Action> {
+        let msg = w
+            .client
+            .connected(at(w, 0), b"hash", Some(addr("198.51.100.1:4000")), vec![]);
+        assert!(matches!(msg, ClientMsg::Register { .. }), "{msg:?}");
+        w.client.handle(at(w, 5), registered(peers))
+    }
+
+    fn status_registered(actions: &[Action]) -> bool {
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Status(Registration::Registered { .. })))
+    }
+
+    #[test]
+    fn the_registration_proves_membership_and_publishes_a_signed_record() {
+        let mut w = world();
+        let msg = w.client.connected(
+            at(&w, 0),
+            b"hash",
+            Some(addr("198.51.100.1:4000")),
+            vec![addr("10.0.0.2:51820")],
+        );
+        let ClientMsg::Register {
+            network,
+            proof,
+            record,
+        } = msg
+        else {
+            panic!("not a registration");
+        };
+        let cred = w.member.credential();
+        assert_eq!(network, cred.network_id());
+        assert_eq!(proof, cred.register_proof(b"hash"));
+        let v = record.verify(&network).unwrap();
+        assert_eq!(v.record.node_key, w.peers.own_key());
+        assert_eq!(
+            v.record.candidates,
+            vec![addr("198.51.100.1:4000"), addr("10.0.0.2:51820")],
+            "reflexive first, then local"
+        );
+    }
+
+    #[test]
+    fn up_returns_once_the_members_already_there_are_in_the_peer_table() {
+        let mut w = world();
+        let actions = register(&mut w, 2);
+        assert_eq!(
+            actions[0],
+            Action::BindRelay {
+                relay_id: 5,
+                secret: [3; 16]
+            },
+            "the relay is bound before any peer is handled"
+        );
+        assert!(
+            !status_registered(&actions),
+            "two members are still to come"
+        );
+        let a = w.client.handle(at(&w, 6), peer_up(2));
+        assert_eq!(
+            a,
+            vec![
+                Action::Initiate(key_of([2; 32])),
+                Action::Candidates(key_of([2; 32]))
+            ]
+        );
+        let a = w.client.handle(at(&w, 7), peer_up(3));
+        assert!(status_registered(&a));
+        assert_eq!(w.peers.len(), 2);
+        assert_eq!(w.peers.by_key(&key_of([3; 32])).unwrap().relay_id(), 3);
+        // A newer record updates; the same one again is stale.
+        let newer = ServerMsg::PeerUp {
+            record: peer_record(3, SECRET, 11),
+            relay_id: 3,
+        };
+        assert_eq!(
+            w.client.handle(at(&w, 8), newer),
+            vec![Action::Candidates(key_of([3; 32]))]
+        );
+        assert!(w.client.handle(at(&w, 9), peer_up(3)).is_empty());
+        assert_eq!(Counters::get(&w.counters.records_stale), 1);
+    }
+
+    #[test]
+    fn promised_records_that_never_come_do_not_hold_up_forever() {
+        let mut w = world();
+        register(&mut w, 2);
+        // A forged record counts as one of those promised (it came), and is dropped.
+        let forged = ServerMsg::PeerUp {
+            record: peer_record(2, [8; 32], 10),
+            relay_id: 2,
+        };
+        assert!(!status_registered(&w.client.handle(at(&w, 6), forged)));
+        let due = w.client.poll_timeout().unwrap();
+        assert_eq!(due, at(&w, 5).at + Duration::from_secs(10));
+        let a = w.client.handle_timeout(Now {
+            at: due,
+            unix_ms: 0,
+        });
+        assert!(status_registered(&a), "the first heartbeat ends the wait");
+        assert!(a.contains(&Action::Send(ClientMsg::Heartbeat)));
+    }
+
+    #[test]
+    fn records_that_do_not_verify_are_counted_by_kind_and_never_applied() {
+        let mut w = world();
+        register(&mut w, 0);
+        let mut unsigned = peer_record(2, SECRET, 10);
+        unsigned.sig.clear();
+        let mut tampered = peer_record(3, SECRET, 10);
+        tampered.body = tampered.body.replace("peer3", "peerX");
+        let foreign = peer_record(4, [8; 32], 10);
+        let outside = {
+            let cred = Credential::from_token(token(SECRET));
+            cred.sign_record(&NodeRecord {
+                network: cred.network_id(),
+                node_key: key_of([5; 32]),
+                name: "out".into(),
+                ip: "10.1.2.3".parse().unwrap(),
+                candidates: vec![],
+                issued_ms: 1,
+            })
+        };
+        for record in [unsigned, tampered, foreign, outside] {
+            let a = w.client.handle(
+                at(&w, 6),
+                ServerMsg::PeerUp {
+                    record,
+                    relay_id: 1,
+                },
+            );
+            assert!(a.is_empty(), "{a:?}");
+        }
+        assert!(w.peers.is_empty());
+        let c = &w.counters;
+        assert_eq!(Counters::get(&c.records_unsigned), 1);
+        assert_eq!(Counters::get(&c.records_bad_signature), 1);
+        assert_eq!(Counters::get(&c.records_foreign), 1);
+        assert_eq!(Counters::get(&c.records_malformed), 1);
+    }
+
+    #[test]
+    fn heartbeats_keep_the_connection_and_silence_ends_it() {
+        let mut w = world();
+        register(&mut w, 0);
+        let mut t = w.client.poll_timeout().unwrap();
+        // The coordinator answers the first two heartbeats, then falls silent.
+        for i in 0..2 {
+            let a = w.client.handle_timeout(Now { at: t, unix_ms: 0 });
+            assert_eq!(a, vec![Action::Send(ClientMsg::Heartbeat)], "beat {i}");
+            w.client
+                .handle(Now { at: t, unix_ms: 0 }, ServerMsg::HeartbeatAck);
+            t = w.client.poll_timeout().unwrap();
+        }
+        let mut ended = None;
+        for _ in 0..5 {
+            let a = w.client.handle_timeout(Now { at: t, unix_ms: 0 });
+            if let Some(Action::End(e)) = a.last() {
+                ended = Some(e.clone());
+                break;
+            }
+            t = w.client.poll_timeout().unwrap();
+        }
+        assert_eq!(
+            ended,
+            Some(End::Lost("coordinator stopped answering".into()))
+        );
+        // Early timer calls do nothing.
+        let mut w = world();
+        register(&mut w, 0);
+        assert!(w.client.handle_timeout(at(&w, 6)).is_empty());
+    }
+
+    #[test]
+    fn an_unanswered_registration_ends_the_connection() {
+        let mut w = world();
+        w.client.connected(at(&w, 0), b"h", None, vec![]);
+        let due = w.client.poll_timeout().unwrap();
+        assert_eq!(due, w.t0 + REGISTER_TIMEOUT);
+        assert!(matches!(
+            w.client.handle_timeout(Now {
+                at: due,
+                unix_ms: 0
+            })[..],
+            [Action::End(End::Lost(_))]
+        ));
+        // Refusals and surprises in place of the answer.
+        w.client.connected(at(&w, 0), b"h", None, vec![]);
+        let a = w.client.handle(
+            at(&w, 1),
+            ServerMsg::Refused {
+                reason: RefuseReason::AddressInUse,
+                message: "taken".into(),
+            },
+        );
+        assert_eq!(a, vec![Action::End(End::AddressInUse)]);
+        w.client.connected(at(&w, 0), b"h", None, vec![]);
+        let a = w.client.handle(at(&w, 1), ServerMsg::HeartbeatAck);
+        assert!(matches!(a[..], [Action::End(End::Lost(_))]));
+        w.client.connected(at(&w, 0), b"h", None, vec![]);
+        let bad_secret = ServerMsg::Registered {
+            heartbeat_s: 10,
+            relay_id: 1,
+            relay_secret: "bm90IDE2".into(),
+            peers: 0,
+        };
+        assert!(matches!(
+            w.client.handle(at(&w, 1), bad_secret)[..],
+            [Action::End(End::Lost(_))]
+        ));
+    }
+
+    #[test]
+    fn new_candidates_are_republished_and_new_local_addresses_start_over() {
+        let mut w = world();
+        let locals = vec![addr("10.0.0.2:51820")];
+        w.client.connected(
+            at(&w, 0),
+            b"h",
+            Some(addr("198.51.100.1:4000")),
+            locals.clone(),
+        );
+        w.client.handle(at(&w, 1), registered(0));
+        assert!(w
+            .client
+            .addresses(at(&w, 2), Some(addr("198.51.100.1:4000")), &locals)
+            .is_empty());
+        let a = w
+            .client
+            .addresses(at(&w, 3), Some(addr("198.51.100.1:4999")), &locals);
+        let [Action::Send(ClientMsg::Update { record })] = &a[..] else {
+            panic!("{a:?}");
+        };
+        let v = record.verify(&w.member.credential().network_id()).unwrap();
+        assert_eq!(v.record.candidates[0], addr("198.51.100.1:4999"));
+        assert!(
+            v.record.issued_ms > 1_000_000,
+            "newer than the registration's"
+        );
+        assert!(w
+            .client
+            .addresses(at(&w, 4), Some(addr("198.51.100.1:4999")), &locals)
+            .is_empty());
+        let a = w
+            .client
+            .addresses(at(&w, 5), None, &[addr("10.0.0.3:51820")]);
+        assert!(matches!(a[..], [Action::End(End::Lost(_))]));
+    }
+
+    #[test]
+    fn a_redemption_of_our_invite_is_decided_here_once() {
+        let mut w = world();
+        register(&mut w, 0);
+        let code = InviteCode {
+            secret: [4; 16],
+            coordinator_key: [9; 32],
+            endpoints: vec!["192.0.2.1:7600".into()],
+        };
+        let id = w
+            .member
+            .invites()
+            .open(code.clone(), 1, 2_000_000, 1_000_000)
+            .unwrap();
+        let redeemer = key_of([6; 32]);
+        let signing = a2a_proto::membership::node_signing_key(&[6; 32]);
+        let signing_key = BASE64.encode(signing.verifying_key().as_bytes());
+        let request = |proof: String| ServerMsg::RedeemRequest {
+            ticket: 77,
+            invite: id.clone(),
+            node_key: redeemer,
+            signing_key: signing_key.clone(),
+            proof,
+        };
+        let a = w.client.handle(at(&w, 10), request("forged".into()));
+        assert!(matches!(
+            &a[0],
+            Action::Send(ClientMsg::InviteDeny { ticket: 77, .. })
+        ));
+        let a = w
+            .client
+            .handle(at(&w, 11), request(code.proof(&redeemer, &signing_key)));
+        let Action::Send(ClientMsg::InviteAdmit { ticket: 77, sealed }) = &a[0] else {
+            panic!("{a:?}");
+        };
+        let Some(InviteAnswer::Admitted { network, cert, .. }) =
+            code.open_answer(&redeemer, sealed)
+        else {
+            panic!("the answer is sealed to the redeemer");
+        };
+        assert_eq!(network, w.member.credential().network_id());
+        assert!(MemberCert::open(&cert, &network).is_ok());
+        assert!(
+            a.contains(&Action::Send(ClientMsg::InviteClose { id: id.clone() })),
+            "used up: closed at the coordinator"
+        );
+        let a = w
+            .client
+            .handle(at(&w, 12), request(code.proof(&redeemer, &signing_key)));
+        assert!(matches!(&a[0], Action::Send(ClientMsg::InviteDeny { .. })));
+        assert_eq!(Counters::get(&w.counters.invites_redeemed), 1);
+        assert_eq!(Counters::get(&w.counters.invites_denied), 2);
+    }
+
+    #[test]
+    fn revocations_remove_peers_are_saved_and_a_forged_one_changes_nothing() {
+        let mut w = world();
+        register(&mut w, 0);
+        w.client.handle(at(&w, 6), peer_up(2));
+        let network_key = NetworkKey::derive(&SECRET);
+        let revoke = |k: NodeKey, key: &NetworkKey| ServerMsg::Revoked {
+            revocation: Signed::sign(
+                &Revocation {
+                    network: network_key.id(),
+                    node_key: k,
+                    issued_ms: 5,
+                },
+                key,
+                REVOKE_CONTEXT,
+            ),
+        };
+        let forged = revoke(key_of([2; 32]), &NetworkKey::derive(&[8; 32]));
+        assert!(w.client.handle(at(&w, 7), forged).is_empty());
+        assert_eq!(Counters::get(&w.counters.membership_bad_signature), 1);
+        assert_eq!(w.peers.len(), 1);
+        let a = w
+            .client
+            .handle(at(&w, 8), revoke(key_of([2; 32]), &network_key));
+        assert!(matches!(&a[..], [Action::SaveRevocations(l)] if l.len() == 1));
+        assert!(w.peers.is_empty());
+        assert!(
+            w.client.handle(at(&w, 9), peer_up(2)).is_empty(),
+            "a revoked member's record is refused"
+        );
+        assert_eq!(Counters::get(&w.counters.records_revoked), 1);
+        let own = w.peers.own_key();
+        let a = w.client.handle(at(&w, 10), revoke(own, &network_key));
+        assert!(matches!(a[..], [Action::End(End::Refused(_))]));
+    }
+
+    #[test]
+    fn a_rotation_that_carries_this_node_moves_it_and_one_that_does_not_stops_it() {
+        let mut w = world();
+        register(&mut w, 0);
+        w.client.handle(at(&w, 6), peer_up(2));
+        w.client.handle(at(&w, 6), peer_up(3));
+        let old = NetworkKey::derive(&SECRET);
+        let new_secret = [5u8; 32];
+        let new = NetworkKey::derive(&new_secret);
+        let rotator = StaticSecret::from([2; 32]);
+        let notice = |carry_me: bool| {
+            let mut carried = Vec::new();
+            if carry_me {
+                let carry = Carry::Secret {
+                    secret: BASE64.encode(&new_secret),
+                };
+                carried.push(RotationNotice::seal(
+                    &rotator,
+                    w.peers.own_key(),
+                    &new.id(),
+                    &carry,
+                ));
+            }
+            ServerMsg::Moved {
+                notice: Signed::sign(
+                    &RotationNotice {
+                        old_network: old.id(),
+                        new_network: new.id(),
+                        rotator: key_of([2; 32]),
+                        issued_ms: 9,
+                        carried,
+                    },
+                    &old,
+                    ROTATE_CONTEXT,
+                ),
+            }
+        };
+        let left_behind = notice(false);
+        let carried = notice(true);
+        let a = w.client.handle(at(&w, 7), carried);
+        assert!(matches!(&a[0], Action::SaveMembership(m) if m.token != token(SECRET).encode()));
+        assert_eq!(a[1], Action::SaveRevocations(vec![]));
+        assert_eq!(a[2], Action::End(End::Moved));
+        assert_eq!(w.member.credential().network_id(), new.id());
+        assert!(
+            w.peers.by_key(&key_of([2; 32])).is_some(),
+            "the rotator stays"
+        );
+        assert!(
+            w.peers.by_key(&key_of([3; 32])).is_none(),
+            "not carried: dropped"
+        );
+        assert_eq!(w.client.ended(End::Moved), Next::Retry(Duration::ZERO));
+
+        let mut w2 = world();
+        register(&mut w2, 0);
+        let a = w2.client.handle(at(&w2, 7), left_behind);
+        assert!(matches!(a[..], [Action::End(End::Refused(_))]));
+    }
+
+    #[test]
+    fn after_a_connection_ends_back_off_move_address_or_stop() {
+        let mut w = world();
+        let waits: Vec<_> = (0..5)
+            .map(|_| w.client.ended(End::Lost("x".into())))
+            .collect();
+        assert_eq!(
+            waits,
+            [500, 1000, 2000, 4000, 4000]
+                .map(|ms| Next::Retry(Duration::from_millis(ms)))
+                .to_vec()
+        );
+        register(&mut w, 0);
+        assert_eq!(
+            w.client.ended(End::Lost("x".into())),
+            Next::Retry(BACKOFF_MIN),
+            "a registration resets the back-off"
+        );
+        let first = w.client.ip();
+        let Next::MoveAddress(ip) = w.client.ended(End::AddressInUse) else {
+            panic!("expected a new address");
+        };
+        assert_ne!(ip, first);
+        assert_eq!(w.client.ip(), ip);
+        for _ in 2..MAX_ADDRESS_ATTEMPTS {
+            assert!(matches!(
+                w.client.ended(End::AddressInUse),
+                Next::MoveAddress(_)
+            ));
+        }
+        assert!(matches!(
+            w.client.ended(End::AddressInUse),
+            Next::Stop(Some(Registration::Refused(_)))
+        ));
+        let mut w = world();
+        for _ in 1..MAX_CLOSED_HANDSHAKES {
+            assert!(matches!(
+                w.client.ended(End::ClosedInHandshake("closed".into())),
+                Next::Retry(_)
+            ));
+        }
+        let Next::Stop(Some(Registration::Refused(why))) =
+            w.client.ended(End::ClosedInHandshake("closed".into()))
+        else {
+            panic!("three closed handshakes are a wrong key");
+        };
+        assert!(why.contains("get a new token"), "{why}");
+        assert_eq!(w.client.ended(End::Left), Next::Stop(None));
+    }
+}
