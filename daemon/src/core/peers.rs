@@ -1,5 +1,5 @@
 //! The peer table: one WireGuard tunnel (`boringtun::noise::Tunn`) per member of the network,
-//! found by overlay address (TUN→UDP), by session index or key (UDP→TUN).
+//! found by overlay address (TUN→UDP), by receiver index or key (UDP→TUN).
 //!
 //! Readers on the packet path load an immutable snapshot (`ArcSwap`), so they never take a
 //! table-wide lock; each peer's tunnel has its own lock. Writers (the control client) build a
@@ -59,7 +59,7 @@ pub struct SendRoute {
 
 pub struct Peer {
     pub key: NodeKey,
-    /// The 24-bit index boringtun puts in the upper bits of this peer's session indices.
+    /// The 24-bit index boringtun puts in the upper bits of this peer's WireGuard indices.
     pub index: u32,
     tunn: Mutex<Tunn>,
     /// The overlay address, also in `info`; kept apart so the receive path checks inner
@@ -107,14 +107,17 @@ impl Peer {
         self.relay_id.store(id, Ordering::Relaxed);
     }
 
-    /// The path state; hold the guard briefly and call [`publish_route`](Self::publish_route)
-    /// after changing it.
-    pub fn path(&self) -> MutexGuard<'_, PathState> {
-        lock(&self.path)
+    /// Runs `f` on the path state (briefly: it is locked meanwhile); the route the packet path
+    /// reads follows whatever `f` decided, so the two can never disagree.
+    pub fn with_path<R>(&self, f: impl FnOnce(&mut PathState) -> R) -> R {
+        let mut path = lock(&self.path);
+        let r = f(&mut path);
+        self.publish_route(&path);
+        r
     }
 
     /// Copies the path state's decision to where the packet path reads it.
-    pub fn publish_route(&self, path: &PathState) {
+    fn publish_route(&self, path: &PathState) {
         let r = SendRoute {
             route: path.route(),
             fallback: path.fallback(),
@@ -291,7 +294,7 @@ impl PeerTable {
         self.snapshot.load().by_key.get(key).cloned()
     }
 
-    /// The peer owning a session index from a WireGuard message's receiver field.
+    /// The peer owning an index from a WireGuard message's receiver field.
     pub fn by_receiver_index(&self, receiver_idx: u32) -> Option<Arc<Peer>> {
         self.snapshot
             .load()
@@ -345,6 +348,13 @@ impl PeerTable {
             Some(p) => Routed::Peer(p),
             None => Routed::UnknownPeer,
         }
+    }
+
+    /// The peer a user names: by its name, overlay address or public key (base64).
+    pub fn find(&self, target: &str) -> Option<Arc<Peer>> {
+        self.all().into_iter().find(|p| {
+            p.info().name == target || p.ip().to_string() == target || p.key.to_base64() == target
+        })
     }
 
     pub fn all(&self) -> Vec<Arc<Peer>> {
@@ -415,7 +425,7 @@ impl PeerTable {
             self.rebuild(|_| {});
             return Applied::Updated;
         }
-        // boringtun puts this 24-bit index in the upper bits of every session index of the
+        // boringtun puts this 24-bit index in the upper bits of every WireGuard index of the
         // peer, in clear in every packet: a random one (unique here) says nothing about how many
         // peers this node has or in which order they came, nor ties its tunnels together, as
         // consecutive indices would.
@@ -554,16 +564,14 @@ mod tests {
             "relayed: the path finder must look"
         );
         assert_eq!(p.last_direct_rx(t.epoch()), None);
-        {
-            let mut path = p.path();
+        p.with_path(|path| {
             let now = Instant::now();
             let mut probes = Vec::new();
             path.tick(now, None, &mut probes);
             path.on_pong(now, probes[0].tx, Some(addr)).unwrap();
             let c = path.confirm_probe(now, addr);
             path.on_pong(now, c.tx, Some(addr)).unwrap();
-            p.publish_route(&path);
-        }
+        });
         assert_eq!(p.route().route, Route::Direct(addr));
         assert!(p.heard_direct(addr, 5));
         assert_eq!(

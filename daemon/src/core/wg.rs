@@ -91,7 +91,7 @@ mod tests {
 
     use boringtun::x25519::{PublicKey, StaticSecret};
 
-    /// Two tunnels with a session between them (`a` initiated).
+    /// Two tunnels with keys between them (`a` initiated).
     fn handshaken_pair() -> (Tunn, Tunn) {
         let a_key = StaticSecret::from([1u8; 32]);
         let b_key = StaticSecret::from([2u8; 32]);
@@ -410,8 +410,8 @@ mod tests {
             Action::ReplayedHandshake
         );
 
-        // The session is the one before, both ways.
-        assert_eq!(receiver_index(&mut out_r), before, "a new session was made");
+        // The keys are the ones before, both ways.
+        assert_eq!(receiver_index(&mut out_r), before, "new keys were made");
         let Action::SendToNetwork(x) =
             action(out_r.as_ptr(), peer.tunn().encapsulate(&to_i, &mut out_r))
         else {
@@ -560,7 +560,7 @@ mod tests {
         let mut out_a = vec![0u8; 2048];
         let mut out_b = vec![0u8; 2048];
 
-        // No session yet: the packet is queued and a handshake initiation goes out.
+        // No keys yet: the packet is queued and a handshake initiation goes out.
         let Action::SendToNetwork(r) = action(out_a.as_ptr(), a.encapsulate(&packet, &mut out_a))
         else {
             panic!("expected a handshake initiation");

@@ -45,8 +45,8 @@ fn now_ms() -> u64 {
 
 /// How long `a2actl up` waits for the coordinator to accept the node.
 const UP_TIMEOUT: Duration = Duration::from_secs(20);
-/// A WireGuard session older than this is gone (REJECT_AFTER_TIME).
-const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+/// WireGuard keys older than this are gone (REJECT_AFTER_TIME).
+const KEYS_LIFETIME: Duration = Duration::from_secs(180);
 
 pub struct Daemon<P: Platform> {
     platform: P,
@@ -248,7 +248,7 @@ impl<P: Platform> Daemon<P> {
             .map(|p| {
                 let info = p.info();
                 let (since, tx, rx, _, _) = p.tunn().stats();
-                let live = since.is_some_and(|d| d < SESSION_LIFETIME);
+                let live = since.is_some_and(|d| d < KEYS_LIFETIME);
                 let (path, endpoint) = describe_route(&s.dataplane, &p);
                 PeerStatus {
                     name: info.name,
@@ -256,7 +256,9 @@ impl<P: Platform> Daemon<P> {
                     public_key: p.key.to_base64(),
                     path: if live { path } else { "none" }.into(),
                     endpoint,
-                    rtt_ms: p.path().rtt().map(|d| d.as_secs_f64() * 1000.0),
+                    rtt_ms: p
+                        .with_path(|path| path.rtt())
+                        .map(|d| d.as_secs_f64() * 1000.0),
                     last_handshake_s: since.map(|d| d.as_secs()),
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
@@ -313,14 +315,9 @@ impl<P: Platform> Daemon<P> {
     /// One disco probe to `target` (a peer's name or overlay IP) over its current path.
     pub async fn ping(&self, target: &str) -> Result<PingResult, String> {
         let dp = self.dataplane().await?;
-        let peer = dp
-            .peers
-            .all()
-            .into_iter()
-            .find(|p| p.info().name == target || p.ip().to_string() == target)
-            .ok_or_else(|| {
-                format!("no peer named or addressed {target:?}: see `a2actl status` for the peers")
-            })?;
+        let peer = dp.peers.find(target).ok_or_else(|| {
+            format!("no peer named or addressed {target:?}: see `a2actl status` for the peers")
+        })?;
         let (tx, rx) = oneshot::channel();
         dp.path_events
             .send(PathEvent::UserPing(peer.key, tx))
@@ -520,18 +517,9 @@ impl<P: Platform> Daemon<P> {
         if target == self.node_key().to_base64() {
             return Err("this is this node itself; use `a2actl down` to leave".into());
         }
-        let peer = dp
-            .peers
-            .all()
-            .into_iter()
-            .find(|p| {
-                p.info().name == target
-                    || p.ip().to_string() == target
-                    || p.key.to_base64() == target
-            })
-            .ok_or_else(|| {
-                format!("no peer named or addressed {target:?}: see `a2actl status` for the peers")
-            })?;
+        let peer = dp.peers.find(target).ok_or_else(|| {
+            format!("no peer named or addressed {target:?}: see `a2actl status` for the peers")
+        })?;
         let info = peer.info();
         let revocation = Revocation {
             network: key.id(),

@@ -74,13 +74,11 @@ impl<P: Platform> PathFinder<P> {
         let epoch = self.dp.peers.epoch();
         {
             let mut probes = Vec::new();
-            let (punch, before, after) = {
-                let mut path = peer.path();
+            let (punch, before, after) = peer.with_path(|path| {
                 let before = path.route();
                 let punch = path.tick(now, peer.last_direct_rx(epoch), &mut probes);
-                peer.publish_route(&path);
                 (punch, before, path.route())
-            };
+            });
             if before != after {
                 Counters::bump(&self.dp.counters.path_fallbacks);
                 tracing::info!(
@@ -119,7 +117,7 @@ impl<P: Platform> PathFinder<P> {
             PathEvent::Disco(d, via) => self.disco(now, &d, via).await,
             PathEvent::SeenAt(key, from) => {
                 if let Some(peer) = self.dp.peers.by_key(&key) {
-                    let probe = peer.path().seen_at(now, from);
+                    let probe = peer.with_path(|p| p.seen_at(now, from));
                     if let Some(p) = probe {
                         self.send_ping(&peer, p).await;
                     }
@@ -127,7 +125,7 @@ impl<P: Platform> PathFinder<P> {
             }
             PathEvent::Punch(key) => {
                 if let Some(peer) = self.dp.peers.by_key(&key) {
-                    peer.path().punch_requested(now);
+                    peer.with_path(|p| p.punch_requested(now));
                     self.tick_peer(now, &peer).await;
                 }
             }
@@ -138,10 +136,8 @@ impl<P: Platform> PathFinder<P> {
             }
             PathEvent::UserPing(key, reply) => {
                 if let Some(peer) = self.dp.peers.by_key(&key) {
-                    let (probe, route) = {
-                        let mut path = peer.path();
-                        (path.user_probe(now), path.route())
-                    };
+                    let (probe, route) =
+                        peer.with_path(|path| (path.user_probe(now), path.route()));
                     self.user_pings.insert(probe.tx, (route, reply));
                     self.send_ping(&peer, probe).await;
                 }
@@ -175,7 +171,7 @@ impl<P: Platform> PathFinder<P> {
                 self.send_disco(&peer, via, &DiscoMsg::Pong { tx, observed })
                     .await;
                 if let Via::Direct(from) = via {
-                    let probe = peer.path().seen_at(now, from);
+                    let probe = peer.with_path(|p| p.seen_at(now, from));
                     if let Some(p) = probe {
                         self.send_ping(&peer, p).await;
                     }
@@ -186,15 +182,13 @@ impl<P: Platform> PathFinder<P> {
                     Via::Direct(a) => Some(a),
                     Via::Relay(_) => None,
                 };
-                let (seen, confirm) = {
-                    let mut path = peer.path();
+                let (seen, confirm) = peer.with_path(|path| {
                     let seen = path.on_pong(now, tx, from);
                     let confirm = seen
                         .and_then(|s| s.confirm)
                         .map(|a| path.confirm_probe(now, a));
-                    peer.publish_route(&path);
                     (seen, confirm)
-                };
+                });
                 let Some(seen) = seen else {
                     Counters::bump(&counters.disco_stale_pong);
                     return;
