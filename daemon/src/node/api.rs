@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::io::Platform;
-use crate::node::commands::Daemon;
+use crate::node::commands::{CommandError, Daemon};
 
 /// Binds the socket, refusing to steal it from a running daemon.
 pub async fn bind(path: &Path) -> Result<UnixListener, String> {
@@ -63,7 +63,9 @@ async fn handle<P: Platform>(stream: UnixStream, daemon: &Daemon<P>) -> io::Resu
 
 /// Answers one request: what the socket does per line (in-process tests call it directly).
 pub async fn dispatch<P: Platform>(req: ApiRequest, daemon: &Daemon<P>) -> ApiResponse {
-    let error = |message| ApiResponse::Error { message };
+    let error = |e: CommandError| ApiResponse::Error {
+        message: e.to_string(),
+    };
     match req {
         ApiRequest::Up { token, name } => match daemon.up(&token, name).await {
             Ok((ip, name)) => ApiResponse::Up { ip, name },

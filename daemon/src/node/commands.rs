@@ -43,6 +43,62 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Why a command failed: the variants callers tell apart, and every other failure with its
+/// message. Each says what went wrong and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandError {
+    /// The node is in no network.
+    NotJoined,
+    /// The command needs the coordinator, which is not reachable now; why it needs it.
+    NotConnected(&'static str),
+    /// No peer has that name, address or key.
+    NoSuchPeer(String),
+    /// A node admitted by invite cannot do this (it lacks the network secret).
+    NoSecret(&'static str),
+    /// The coordinator refused this node, for a reason retrying does not fix.
+    Refused(String),
+    /// Anything else (bad input, I/O), with its message.
+    Failed(String),
+}
+
+impl std::fmt::Display for CommandError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommandError::NotJoined => {
+                write!(
+                    f,
+                    "this node has not joined a network: run `a2actl up --join TOKEN`"
+                )
+            }
+            CommandError::NotConnected(why) => write!(
+                f,
+                "not connected to the coordinator right now (see `a2actl status`); {why}"
+            ),
+            CommandError::NoSuchPeer(t) => write!(
+                f,
+                "no peer named or addressed {t:?}: see `a2actl status` for the peers"
+            ),
+            CommandError::NoSecret(what) => write!(
+                f,
+                "this node joined by invite and does not hold the network secret, so it cannot \
+                 {what}; run the command on a node that joined with the token"
+            ),
+            CommandError::Refused(m) => {
+                write!(f, "the coordinator refused to register this node: {m}")
+            }
+            CommandError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for CommandError {}
+
+impl From<String> for CommandError {
+    fn from(m: String) -> Self {
+        CommandError::Failed(m)
+    }
+}
+
 /// How long `a2actl up` waits for the coordinator to accept the node.
 const UP_TIMEOUT: Duration = Duration::from_secs(20);
 /// WireGuard keys older than this are gone (REJECT_AFTER_TIME).
@@ -82,7 +138,7 @@ impl<P: Platform> Daemon<P> {
     }
 
     /// At start: rejoin the saved network, if any, without waiting for the coordinator.
-    pub async fn resume(&self) -> Result<(), String> {
+    pub async fn resume(&self) -> Result<(), CommandError> {
         let Some(m) = self.state.membership().map_err(|e| e.to_string())? else {
             tracing::info!("not joined to a network; waiting for `a2actl up --join TOKEN`");
             return Ok(());
@@ -115,7 +171,7 @@ impl<P: Platform> Daemon<P> {
         &self,
         token_text: &str,
         name: Option<String>,
-    ) -> Result<(String, String), String> {
+    ) -> Result<(String, String), CommandError> {
         // An invite code is redeemed first (its inviter must be online); a failure here leaves
         // the current network, if any, untouched.
         let credential = if InviteCode::is_invite(token_text) {
@@ -206,7 +262,7 @@ impl<P: Platform> Daemon<P> {
         }
     }
 
-    pub async fn down(&self) -> Result<bool, String> {
+    pub async fn down(&self) -> Result<bool, CommandError> {
         let session = self.session.lock().await.take();
         let was_up = session.is_some();
         if let Some(s) = session {
@@ -225,10 +281,10 @@ impl<P: Platform> Daemon<P> {
         }
     }
 
-    pub async fn ip(&self) -> Result<String, String> {
+    pub async fn ip(&self) -> Result<String, CommandError> {
         match self.session.lock().await.as_ref() {
             Some(s) => Ok(s.current_ip().to_string()),
-            None => Err("this node has not joined a network: run `a2actl up --join TOKEN`".into()),
+            None => Err(CommandError::NotJoined),
         }
     }
 
@@ -305,19 +361,20 @@ fn describe_route<P: Platform>(dp: &DataPlane<P>, p: &Peer) -> (&'static str, Op
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl<P: Platform> Daemon<P> {
-    async fn dataplane(&self) -> Result<Arc<DataPlane<P>>, String> {
+    async fn dataplane(&self) -> Result<Arc<DataPlane<P>>, CommandError> {
         match self.session.lock().await.as_ref() {
             Some(s) => Ok(s.dataplane.clone()),
-            None => Err("this node has not joined a network: run `a2actl up --join TOKEN`".into()),
+            None => Err(CommandError::NotJoined),
         }
     }
 
     /// One disco probe to `target` (a peer's name or overlay IP) over its current path.
-    pub async fn ping(&self, target: &str) -> Result<PingResult, String> {
+    pub async fn ping(&self, target: &str) -> Result<PingResult, CommandError> {
         let dp = self.dataplane().await?;
-        let peer = dp.peers.find(target).ok_or_else(|| {
-            format!("no peer named or addressed {target:?}: see `a2actl status` for the peers")
-        })?;
+        let peer = dp
+            .peers
+            .find(target)
+            .ok_or_else(|| CommandError::NoSuchPeer(target.to_string()))?;
         let (tx, rx) = oneshot::channel();
         dp.path_events
             .send(PathEvent::UserPing(peer.key, tx))
@@ -342,13 +399,11 @@ impl<P: Platform> Daemon<P> {
     }
 
     /// Probes the coordinator's two UDP ports from the WireGuard socket.
-    pub async fn netcheck(&self) -> Result<NetcheckReport, String> {
+    pub async fn netcheck(&self) -> Result<NetcheckReport, CommandError> {
         let dp = self.dataplane().await?;
-        let link = dp.relay.load_full().ok_or_else(|| {
-            "not registered with the coordinator right now (see `a2actl status`); netcheck \
-             probes the coordinator this node is registered with"
-                .to_string()
-        })?;
+        let link = dp.relay.load_full().ok_or(CommandError::NotConnected(
+            "netcheck probes the coordinator this node is registered with",
+        ))?;
         let coordinator = link.coordinator;
         let mut alt = coordinator;
         alt.set_port(coordinator.port().wrapping_add(1));
@@ -365,7 +420,7 @@ impl<P: Platform> Daemon<P> {
         };
         let underlay = match self.session.lock().await.as_ref() {
             Some(s) => s.underlay.clone(),
-            None => return Err("this node has not joined a network".into()),
+            None => return Err(CommandError::NotJoined),
         };
         let local = underlay.local_ipv4().await;
         Ok(NetcheckReport {
@@ -387,21 +442,17 @@ impl<P: Platform> Daemon<P> {
 }
 
 /// Waits until the coordinator has accepted the session's registration.
-async fn wait_registered<P: Platform>(s: &Session<P>) -> Result<std::net::Ipv4Addr, String> {
+async fn wait_registered<P: Platform>(s: &Session<P>) -> Result<std::net::Ipv4Addr, CommandError> {
     let mut rx = s.registration.clone();
     let wait = async {
         loop {
             match &*rx.borrow_and_update() {
                 Registration::Registered { ip } => return Ok(*ip),
-                Registration::Refused(m) => {
-                    return Err(format!(
-                        "the coordinator refused to register this node: {m}"
-                    ))
-                }
+                Registration::Refused(m) => return Err(CommandError::Refused(m.clone())),
                 _ => {}
             }
             if rx.changed().await.is_err() {
-                return Err("the control client stopped".to_string());
+                return Err(CommandError::Failed("the control client stopped".into()));
             }
         }
     };
@@ -412,11 +463,11 @@ async fn wait_registered<P: Platform>(s: &Session<P>) -> Result<std::net::Ipv4Ad
                 Registration::Unreachable(m) => m.clone(),
                 _ => "no answer".into(),
             };
-            Err(format!(
+            Err(CommandError::Failed(format!(
                 "could not register with the coordinator within {}s ({why}); check that \
                  a2a-coordinator runs at the token's endpoint and that its TCP and UDP port are reachable",
                 UP_TIMEOUT.as_secs()
-            ))
+            )))
         }
     }
 }
@@ -439,7 +490,7 @@ impl<P: Platform> Daemon<P> {
             String,
             std::net::Ipv4Addr,
         ),
-        String,
+        CommandError,
     > {
         match self.session.lock().await.as_ref() {
             Some(s) => Ok((
@@ -448,51 +499,47 @@ impl<P: Platform> Daemon<P> {
                 s.name.clone(),
                 s.current_ip(),
             )),
-            None => Err("this node has not joined a network: run `a2actl up --join TOKEN`".into()),
+            None => Err(CommandError::NotJoined),
         }
     }
 
-    fn network_key(credential: &Credential, what: &str) -> Result<NetworkKey, String> {
+    fn network_key(
+        credential: &Credential,
+        what: &'static str,
+    ) -> Result<NetworkKey, CommandError> {
         match credential {
             Credential::Secret { token, .. } => Ok(NetworkKey::derive(&token.network_secret)),
-            Credential::Invited { .. } => Err(format!(
-                "this node joined by invite and does not hold the network secret, so it cannot \
-                 {what}; run the command on a node that joined with the token"
-            )),
+            Credential::Invited { .. } => Err(CommandError::NoSecret(what)),
         }
     }
 
     /// Sends a control message now; an error if the node is not connected.
-    async fn send_control(dp: &DataPlane<P>, msg: ControlOut) -> Result<(), String> {
-        let link = dp.relay.load_full().ok_or_else(|| {
-            "not connected to the coordinator right now (see `a2actl status`); try again when \
-             it is"
-                .to_string()
-        })?;
-        link.control
-            .send(msg)
-            .await
-            .map_err(|_| "the control connection just closed; try again".to_string())
+    async fn send_control(dp: &DataPlane<P>, msg: ControlOut) -> Result<(), CommandError> {
+        let link = dp
+            .relay
+            .load_full()
+            .ok_or(CommandError::NotConnected("try again when it is"))?;
+        link.control.send(msg).await.map_err(|_| {
+            CommandError::NotConnected("the control connection just closed; try again")
+        })
     }
 
     /// A new invite code good for `uses` joins within `ttl_s` seconds.
-    pub async fn invite(&self, uses: u32, ttl_s: u64) -> Result<String, String> {
+    pub async fn invite(&self, uses: u32, ttl_s: u64) -> Result<String, CommandError> {
         let (dp, member, _, _) = self.member().await?;
         let credential = member.credential();
         Self::network_key(&credential, "invite")?;
         let ttl_ms = ttl_s.saturating_mul(1000);
         if ttl_ms == 0 || ttl_ms > MAX_INVITE_TTL_MS {
-            return Err(format!(
+            return Err(CommandError::Failed(format!(
                 "--ttl must be between 1s and {}d",
                 MAX_INVITE_TTL_MS / 86_400_000
-            ));
+            )));
         }
         if dp.relay.load().is_none() {
-            return Err(
-                "not connected to the coordinator right now (see `a2actl status`); an \
-                        invite needs it to reach this node"
-                    .into(),
-            );
+            return Err(CommandError::NotConnected(
+                "an invite needs it to reach this node",
+            ));
         }
         let code = InviteCode {
             secret: rand::random(),
@@ -510,16 +557,19 @@ impl<P: Platform> Daemon<P> {
 
     /// Removes a peer: signs a revocation, drops the peer here, and has the coordinator tell
     /// every member (it also refuses the node from now on).
-    pub async fn kick(&self, target: &str) -> Result<(String, String, bool), String> {
+    pub async fn kick(&self, target: &str) -> Result<(String, String, bool), CommandError> {
         let (dp, member, _, _) = self.member().await?;
         let credential = member.credential();
         let key = Self::network_key(&credential, "kick a peer")?;
         if target == self.node_key().to_base64() {
-            return Err("this is this node itself; use `a2actl down` to leave".into());
+            return Err(CommandError::Failed(
+                "this is this node itself; use `a2actl down` to leave".into(),
+            ));
         }
-        let peer = dp.peers.find(target).ok_or_else(|| {
-            format!("no peer named or addressed {target:?}: see `a2actl status` for the peers")
-        })?;
+        let peer = dp
+            .peers
+            .find(target)
+            .ok_or_else(|| CommandError::NoSuchPeer(target.to_string()))?;
         let info = peer.info();
         let revocation = Revocation {
             network: key.id(),
@@ -549,7 +599,7 @@ impl<P: Platform> Daemon<P> {
     /// Moves the network to a new secret. Every peer in the table (removed ones are not) is
     /// carried: holders of the old secret get the new one, invited nodes a new certificate,
     /// each sealed to its node key. Returns the new token and the names carried.
-    pub async fn rotate(&self) -> Result<(String, Vec<String>), String> {
+    pub async fn rotate(&self) -> Result<(String, Vec<String>), CommandError> {
         let (dp, member, name, ip) = self.member().await?;
         let credential = member.credential();
         let old_key = Self::network_key(&credential, "rotate the network secret")?;
@@ -557,11 +607,9 @@ impl<P: Platform> Daemon<P> {
             unreachable!("network_key checked the credential")
         };
         if dp.relay.load().is_none() {
-            return Err(
-                "not connected to the coordinator right now (see `a2actl status`); the \
-                        other members learn of the rotation through it"
-                    .into(),
-            );
+            return Err(CommandError::NotConnected(
+                "the other members learn of the rotation through it",
+            ));
         }
         let new_token = JoinToken {
             network_secret: rand::random(),
