@@ -8,11 +8,10 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use a2a_proto::control::{RefuseReason, ServerMsg};
-use a2a_proto::invite::InviteId;
-use a2a_proto::keys::REGISTER_CONTEXT;
+use a2a_proto::invite::{InviteId, InviteProof};
+use a2a_proto::keys::{RelaySecret, Signature, SignerId, REGISTER_CONTEXT};
 use a2a_proto::membership::{Revocation, RotationNotice, Signed};
 use a2a_proto::{NetworkId, NodeKey, SignedRecord};
-use data_encoding::BASE64;
 
 /// Identifies one control connection; also the node's relay id while it is connected.
 pub type ConnId = u32;
@@ -30,11 +29,11 @@ pub struct RegisterRequest<'a> {
     /// The channel's handshake hash, which the proof must sign.
     pub handshake_hash: &'a [u8],
     pub network: NetworkId,
-    /// Base64 signature of the network key over `handshake_hash`.
-    pub proof: &'a str,
+    /// The network key's signature over `handshake_hash`; none from a node admitted by invite.
+    pub proof: Option<Signature>,
     pub record: SignedRecord,
-    /// The secret (base64) the node proves its relay id with in UDP binds.
-    pub relay_secret: String,
+    /// The secret the node proves its relay id with in UDP binds.
+    pub relay_secret: RelaySecret,
 }
 
 struct Member {
@@ -42,7 +41,7 @@ struct Member {
     ip: Ipv4Addr,
     issued_ms: u64,
     conn: ConnId,
-    relay_secret: String,
+    relay_secret: RelaySecret,
     expires: Instant,
 }
 
@@ -129,11 +128,9 @@ impl Registry {
         // A holder of the network secret signs the channel's handshake hash. A node admitted by
         // invite sends no proof: its record carries a member certificate for the node key that
         // the channel authenticated (checked in `check_record`).
-        let holds_secret = {
-            let proof = BASE64.decode(proof.as_bytes()).unwrap_or_default();
-            network.verify(REGISTER_CONTEXT, handshake_hash, &proof)
-        };
-        if !holds_secret && (!proof.is_empty() || record.cert.is_none()) {
+        let holds_secret =
+            proof.is_some_and(|p| network.verify(REGISTER_CONTEXT, handshake_hash, &p.0));
+        if !holds_secret && (proof.is_some() || record.cert.is_none()) {
             return Err((
                 RefuseReason::BadProof,
                 "membership proof does not verify: the join token is not valid for this network"
@@ -151,7 +148,7 @@ impl Registry {
             ServerMsg::Registered {
                 heartbeat_s: self.heartbeat.as_secs() as u32,
                 relay_id: conn,
-                relay_secret: relay_secret.clone(),
+                relay_secret,
                 peers: members.len() as u32,
             },
         )];
@@ -284,7 +281,7 @@ impl Registry {
             ServerMsg::Registered {
                 heartbeat_s: self.heartbeat.as_secs() as u32,
                 relay_id: conn,
-                relay_secret: me.relay_secret.clone(),
+                relay_secret: me.relay_secret,
                 peers: 0,
             },
         )];
@@ -400,9 +397,6 @@ impl Registry {
         if !self.by_conn.contains_key(&conn) {
             return Err((RefuseReason::Protocol, "invite before register".into()));
         }
-        if id.len() != 32 {
-            return Err((RefuseReason::Protocol, "malformed invite id".into()));
-        }
         let held = self.invites.values().filter(|c| **c == conn).count();
         if held >= MAX_INVITES_PER_CONN && !self.invites.contains_key(&id) {
             return Err((
@@ -414,7 +408,7 @@ impl Registry {
         Ok(())
     }
 
-    pub fn invite_close(&mut self, conn: ConnId, id: &str) {
+    pub fn invite_close(&mut self, conn: ConnId, id: &InviteId) {
         if self.invites.get(id) == Some(&conn) {
             self.invites.remove(id);
         }
@@ -428,8 +422,8 @@ impl Registry {
         conn: ConnId,
         node_key: NodeKey,
         invite: InviteId,
-        signing_key: String,
-        proof: String,
+        signing_key: SignerId,
+        proof: InviteProof,
     ) -> Result<Outbox, Refusal> {
         let Some(&inviter) = self.invites.get(&invite) else {
             return Err((
@@ -572,8 +566,8 @@ mod tests {
         r.sign(signer)
     }
 
-    fn proof(k: &NetworkKey, hash: &[u8]) -> String {
-        BASE64.encode(&k.sign(REGISTER_CONTEXT, hash))
+    fn proof(k: &NetworkKey, hash: &[u8]) -> Option<Signature> {
+        Some(Signature(k.sign(REGISTER_CONTEXT, hash)))
     }
 
     fn reg(
@@ -590,9 +584,9 @@ mod tests {
                 conn_key: n.key,
                 handshake_hash: HASH,
                 network: k.id(),
-                proof: &proof(k, HASH),
+                proof: proof(k, HASH),
                 record: signed(&n.record, k, k),
-                relay_secret: format!("secret{conn}"),
+                relay_secret: RelaySecret([conn as u8; 16]),
             },
         )
     }
@@ -611,7 +605,7 @@ mod tests {
         assert!(matches!(
             &out[0],
             (1, ServerMsg::Registered { heartbeat_s: 10, relay_id: 1, relay_secret, peers: 0 })
-                if relay_secret == "secret1"
+                if *relay_secret == RelaySecret([1; 16])
         ));
         let out = reg(&mut r, now, 2, &k, &node(2, "100.64.0.2")).unwrap();
         // 2 is registered and told of 1; 1 is told of 2; each with the other's relay id.
@@ -709,9 +703,9 @@ mod tests {
                 conn_key,
                 handshake_hash: hash,
                 network: k.id(),
-                proof: &proof(prover, HASH),
+                proof: proof(prover, HASH),
                 record: signed(&n.record, &k, signer),
-                relay_secret: String::new(),
+                relay_secret: RelaySecret([0; 16]),
             };
             let refusal = r.register(Instant::now(), 1, request).unwrap_err();
             assert_eq!(refusal.0, want, "{what}");
@@ -808,7 +802,13 @@ mod tests {
         use a2a_proto::membership::{issue_cert, node_signing_key};
         let node = node(n, &format!("100.64.0.{n}"));
         let signer = node_signing_key(&[n; 32]);
-        let cert = issue_cert(k, node.key, &signer.verifying_key(), "ab".into(), 1);
+        let cert = issue_cert(
+            k,
+            node.key,
+            signer.verifying_key().into(),
+            InviteId([0xab; 16]),
+            1,
+        );
         let mut r = node.record.clone();
         r.network = k.id();
         let signed = r.sign_with_cert(&signer, &cert);
@@ -823,27 +823,27 @@ mod tests {
         let now = Instant::now();
         reg(&mut r, now, 1, &k, &node(1, "100.64.0.1")).unwrap();
         let (n, record) = invited(2, &k);
-        let request = |record: SignedRecord, proof: &'static str| RegisterRequest {
+        let request = |record: SignedRecord, proof: Option<Signature>| RegisterRequest {
             conn_key: n.key,
             handshake_hash: HASH,
             network: k.id(),
             proof,
             record,
-            relay_secret: String::new(),
+            relay_secret: RelaySecret([0; 16]),
         };
         // A certificate from a key that is not the network's: refused.
         let (_, forged) = invited(2, &rogue);
         let mut forged = forged;
         forged.body = record.body.clone();
-        assert!(r.register(now, 2, request(forged, "")).is_err());
+        assert!(r.register(now, 2, request(forged, None)).is_err());
         // No proof and no certificate: refused.
         let plain = signed(&n.record, &k, &rogue);
         assert_eq!(
-            r.register(now, 2, request(plain, "")).unwrap_err().0,
+            r.register(now, 2, request(plain, None)).unwrap_err().0,
             RefuseReason::BadProof
         );
         // The genuine certificate: admitted, and alpha is told.
-        let out = r.register(now, 2, request(record, "")).unwrap();
+        let out = r.register(now, 2, request(record, None)).unwrap();
         assert!(out
             .iter()
             .any(|(c, m)| *c == 1 && matches!(m, ServerMsg::PeerUp { relay_id: 2, .. })));
@@ -856,47 +856,39 @@ mod tests {
         let now = Instant::now();
         reg(&mut r, now, 1, &k, &node(1, "100.64.0.1")).unwrap();
         reg(&mut r, now, 2, &k, &node(2, "100.64.0.2")).unwrap();
-        let id = "0".repeat(32);
-        assert!(r.invite_open(9, id.clone()).is_err(), "not registered");
-        r.invite_open(1, id.clone()).unwrap();
+        let id = InviteId([0; 16]);
+        let signer =
+            SignerId::from(a2a_proto::membership::node_signing_key(&[5; 32]).verifying_key());
+        let proof = InviteProof([7; 32]);
+        assert!(r.invite_open(9, id).is_err(), "not registered");
+        r.invite_open(1, id).unwrap();
         let unknown = r.redeem(
             now,
             50,
             NodeKey([5; 32]),
-            "f".repeat(32),
-            "s".into(),
-            "p".into(),
+            InviteId([0xf; 16]),
+            signer,
+            proof,
         );
         assert_eq!(unknown.unwrap_err().0, RefuseReason::InviteRefused);
         let out = r
-            .redeem(
-                now,
-                50,
-                NodeKey([5; 32]),
-                id.clone(),
-                "s".into(),
-                "p".into(),
-            )
+            .redeem(now, 50, NodeKey([5; 32]), id, signer, proof)
             .unwrap();
         assert!(matches!(
             out[..],
             [(1, ServerMsg::RedeemRequest { ticket: 50, .. })]
         ));
         // Only the inviter may answer, once.
-        let answer = || ServerMsg::InviteAdmitted { sealed: "x".into() };
+        let sealed = a2a_proto::sealed::Sealed::from_bytes(vec![1; 40]).unwrap();
+        let answer = || ServerMsg::InviteAdmitted {
+            sealed: sealed.clone(),
+        };
         assert!(r.invite_answer(2, 50, answer()).is_none());
         assert_eq!(r.invite_answer(1, 50, answer()), Some(vec![(50, answer())]));
         assert!(r.invite_answer(1, 50, answer()).is_none());
         // An unanswered redemption is refused at the deadline.
-        r.redeem(
-            now,
-            51,
-            NodeKey([6; 32]),
-            id.clone(),
-            "s".into(),
-            "p".into(),
-        )
-        .unwrap();
+        r.redeem(now, 51, NodeKey([6; 32]), id, signer, proof)
+            .unwrap();
         let (out, _) = r.expire(now + REDEEM_TIMEOUT);
         assert!(out.iter().any(|(c, m)| *c == 51
             && matches!(
@@ -909,7 +901,7 @@ mod tests {
         // The inviter leaving closes its invites.
         r.disconnect(1);
         assert!(r
-            .redeem(now, 52, NodeKey([7; 32]), id, "s".into(), "p".into())
+            .redeem(now, 52, NodeKey([7; 32]), id, signer, proof)
             .is_err());
     }
 

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use a2a_proto::keys::RelaySecret;
 use a2a_proto::NetworkId;
 
 /// A UDP binding not refreshed for this long is no longer used to reach its node.
@@ -72,7 +73,7 @@ impl Bucket {
 
 struct Slot<H> {
     network: NetworkId,
-    secret: [u8; 16],
+    secret: RelaySecret,
     handle: H,
     udp: Option<(SocketAddr, Instant)>,
     bucket: Bucket,
@@ -102,13 +103,8 @@ impl<H: Clone> Default for RelayTable<H> {
     }
 }
 
-/// Compares secrets without an early exit.
-fn same_secret(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl<H: Clone> RelayTable<H> {
-    pub fn insert(&mut self, now: Instant, id: u32, network: NetworkId, secret: [u8; 16], h: H) {
+    pub fn insert(&mut self, now: Instant, id: u32, network: NetworkId, secret: RelaySecret, h: H) {
         self.remove(id);
         self.slots.insert(
             id,
@@ -145,11 +141,12 @@ impl<H: Clone> RelayTable<H> {
         &mut self,
         now: Instant,
         id: u32,
-        secret: &[u8; 16],
+        secret: &RelaySecret,
         src: SocketAddr,
     ) -> Result<(), RelayDrop> {
         let slot = self.slots.get_mut(&id).ok_or(RelayDrop::BadBind)?;
-        if !same_secret(&slot.secret, secret) {
+        // Constant time (`RelaySecret`'s `==`).
+        if slot.secret != *secret {
             return Err(RelayDrop::BadBind);
         }
         if let Some((old, _)) = slot.udp {
@@ -222,9 +219,9 @@ mod tests {
 
     fn table(now: Instant) -> RelayTable<&'static str> {
         let mut t = RelayTable::default();
-        t.insert(now, 1, NET_A, [1; 16], "conn1");
-        t.insert(now, 2, NET_A, [2; 16], "conn2");
-        t.insert(now, 3, NET_B, [3; 16], "conn3");
+        t.insert(now, 1, NET_A, RelaySecret([1; 16]), "conn1");
+        t.insert(now, 2, NET_A, RelaySecret([2; 16]), "conn2");
+        t.insert(now, 3, NET_B, RelaySecret([3; 16]), "conn3");
         t
     }
 
@@ -237,8 +234,10 @@ mod tests {
             t.route_udp(now, addr("192.0.2.1:5000"), 2),
             Err(RelayDrop::UnknownSource)
         );
-        t.bind(now, 1, &[1; 16], addr("192.0.2.1:5000")).unwrap();
-        t.bind(now, 2, &[2; 16], addr("192.0.2.2:6000")).unwrap();
+        t.bind(now, 1, &RelaySecret([1; 16]), addr("192.0.2.1:5000"))
+            .unwrap();
+        t.bind(now, 2, &RelaySecret([2; 16]), addr("192.0.2.2:6000"))
+            .unwrap();
         assert_eq!(
             t.route_udp(now, addr("192.0.2.1:5000"), 2),
             Ok((1, Dest::Udp(addr("192.0.2.2:6000"))))
@@ -253,11 +252,11 @@ mod tests {
         let now = Instant::now();
         let mut t = table(now);
         assert_eq!(
-            t.bind(now, 1, &[9; 16], addr("192.0.2.9:1")),
+            t.bind(now, 1, &RelaySecret([9; 16]), addr("192.0.2.9:1")),
             Err(RelayDrop::BadBind)
         );
         assert_eq!(
-            t.bind(now, 77, &[1; 16], addr("192.0.2.9:1")),
+            t.bind(now, 77, &RelaySecret([1; 16]), addr("192.0.2.9:1")),
             Err(RelayDrop::BadBind)
         );
         assert_eq!(
@@ -266,8 +265,10 @@ mod tests {
             "a failed bind binds nothing"
         );
         // Roaming: the node binds from a new address; the old one stops working.
-        t.bind(now, 1, &[1; 16], addr("192.0.2.1:5000")).unwrap();
-        t.bind(now, 1, &[1; 16], addr("192.0.2.1:5001")).unwrap();
+        t.bind(now, 1, &RelaySecret([1; 16]), addr("192.0.2.1:5000"))
+            .unwrap();
+        t.bind(now, 1, &RelaySecret([1; 16]), addr("192.0.2.1:5001"))
+            .unwrap();
         assert_eq!(
             t.route_udp(now, addr("192.0.2.1:5000"), 2),
             Err(RelayDrop::UnknownSource)

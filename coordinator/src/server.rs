@@ -7,19 +7,20 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use a2a_proto::addr::canonical;
 use a2a_proto::control::{ClientMsg, RefuseReason, ServerMsg};
-use a2a_proto::noise_channel::{handshake_responder, FrameWriter, Incoming};
+use a2a_proto::keys::RelaySecret;
+use a2a_proto::noise_channel::{handshake_responder, FrameError, FrameWriter, Incoming};
+use a2a_proto::sync::lock;
 use a2a_proto::udp::{
     classify, parse_relay_data, write_relay_header, A2aDatagram, DatagramKind, MAX_A2A_DATAGRAM,
     RELAY_HEADER_LEN,
 };
 use a2a_proto::{NetworkId, NodeKey, SignedRecord};
-use data_encoding::BASE64;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
@@ -232,15 +233,15 @@ impl Server {
     }
 
     fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
-        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.admission)
     }
 
     fn hub(&self) -> std::sync::MutexGuard<'_, Hub> {
-        self.hub.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.hub)
     }
 
     fn relay(&self) -> std::sync::MutexGuard<'_, RelayTable<ConnTx>> {
-        self.relay.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.relay)
     }
 
     /// A new connection id: never 0, never one in use (ids wrap after 2^32 connections).
@@ -376,7 +377,7 @@ impl Server {
             })) => {
                 let mut hub = self.hub();
                 hub.outboxes.insert(conn, tx.clone());
-                let secret: [u8; 16] = rand::random();
+                let secret = RelaySecret(rand::random());
                 let tampered = self
                     .tamper
                     .get()
@@ -388,9 +389,9 @@ impl Server {
                         conn_key,
                         handshake_hash: &hash,
                         network,
-                        proof: &proof,
+                        proof,
                         record,
-                        relay_secret: BASE64.encode(&secret),
+                        relay_secret: secret,
                     },
                 ) {
                     Ok(out) => {
@@ -498,7 +499,7 @@ impl Server {
                         continue;
                     }
                     Err(e) => {
-                        if e.kind() == io::ErrorKind::InvalidData {
+                        if matches!(e, FrameError::Malformed(_)) {
                             Counters::bump(&self.counters.tcp_bad_message);
                         }
                         break;
@@ -782,17 +783,6 @@ fn reset(stream: &impl std::os::fd::AsRawFd) {
             &linger as *const libc::linger as *const libc::c_void,
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
-    }
-}
-
-/// An IPv4-mapped IPv6 source (dual-stack socket) reported as plain IPv4.
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
     }
 }
 

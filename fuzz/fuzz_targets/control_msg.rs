@@ -1,5 +1,6 @@
 //! Control messages as JSON, both directions: whatever parses must survive a round trip, and the
-//! fields the coordinator and node decode next (proof, relay secret, records) must not panic.
+//! fields the coordinator and node check next (proof, records, statements, sealed answers) must
+//! not panic. Keys and secrets are decoded by the parse itself (typed fields).
 
 #![no_main]
 
@@ -8,7 +9,6 @@ use a2a_proto::control::{ClientMsg, ServerMsg};
 use a2a_proto::invite::InviteCode;
 use a2a_proto::keys::REGISTER_CONTEXT;
 use a2a_proto::membership::{Revocation, RotationNotice};
-use data_encoding::BASE64;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| run(data, || {
@@ -30,8 +30,7 @@ pub fn coordinator_reads(m: &ClientMsg) {
             proof,
             record,
         } => {
-            let proof = BASE64.decode(proof.as_bytes()).unwrap_or_default();
-            if network.verify(REGISTER_CONTEXT, &HANDSHAKE_HASH, &proof) {
+            if proof.is_some_and(|p| network.verify(REGISTER_CONTEXT, &HANDSHAKE_HASH, &p.0)) {
                 let _ = check_record(record, network);
             }
         }
@@ -58,12 +57,6 @@ pub fn coordinator_reads(m: &ClientMsg) {
 /// What a node does with a coordinator message.
 pub fn node_reads(m: &ServerMsg) {
     match m {
-        ServerMsg::Registered { relay_secret, .. } => {
-            let _ = BASE64
-                .decode(relay_secret.as_bytes())
-                .ok()
-                .and_then(|v| <[u8; 16]>::try_from(v).ok());
-        }
         ServerMsg::PeerUp { record, .. } => {
             let _ = check_record(record, &network_id());
         }

@@ -6,6 +6,7 @@
 
 use a2a_fuzz::run;
 use a2a_proto::invite::{InviteCode, InviteError};
+use a2a_proto::sealed::Sealed;
 use a2a_proto::NodeKey;
 use libfuzzer_sys::fuzz_target;
 
@@ -17,7 +18,7 @@ fuzz_target!(|data: &[u8]| run(data, || {
             assert_eq!(encoded, text.trim().to_ascii_lowercase());
             assert_eq!(InviteCode::parse(&encoded).as_ref(), Ok(&c));
             assert!(InviteCode::is_invite(&encoded));
-            assert_eq!(c.id().len(), 32);
+            assert_eq!(c.id().to_hex().len(), 32);
         }
         Err(e) => {
             let msg = e.to_string();
@@ -33,5 +34,7 @@ fuzz_target!(|data: &[u8]| run(data, || {
         coordinator_key: [4; 32],
         endpoints: vec!["198.51.100.1:7600".into()],
     };
-    assert!(code.open_answer(&NodeKey([5; 32]), &text).is_none());
+    if let Some(sealed) = a2a_proto::keys::base64_strict(&text).and_then(Sealed::from_bytes) {
+        assert!(code.open_answer(&NodeKey([5; 32]), &sealed).is_none());
+    }
 }));

@@ -4,7 +4,8 @@
 use a2a_proto::api::ApiRequest;
 use a2a_proto::control::{ClientMsg, RefuseReason, ServerMsg};
 use a2a_proto::disco::{encode_body, DiscoKey, DiscoMsg, MAX_BODY_LEN, MAX_DISCO_LEN};
-use a2a_proto::keys::REGISTER_CONTEXT;
+use a2a_proto::invite::{InviteId, InviteProof};
+use a2a_proto::keys::{RelaySecret, Signature, SignerId, REGISTER_CONTEXT};
 use a2a_proto::noise_channel::{handshake_initiator, MAX_FRAME, RELAY_FRAME};
 use a2a_proto::udp::{encode_addr, write_relay_header, A2aDatagram, MAX_A2A_DATAGRAM};
 use a2a_proto::{JoinToken, NodeRecord};
@@ -77,7 +78,9 @@ fn client_msgs() -> Vec<(&'static str, ClientMsg)> {
             "register",
             ClientMsg::Register {
                 network: network_id(),
-                proof: BASE64.encode(&network_key().sign(REGISTER_CONTEXT, &HANDSHAKE_HASH)),
+                proof: Some(Signature(
+                    network_key().sign(REGISTER_CONTEXT, &HANDSHAKE_HASH),
+                )),
                 record: signed(),
             },
         ),
@@ -107,9 +110,10 @@ fn client_msgs() -> Vec<(&'static str, ClientMsg)> {
         (
             "redeem",
             ClientMsg::Redeem {
-                invite: "0".repeat(32),
-                signing_key: BASE64.encode(&[1; 32]),
-                proof: BASE64.encode(&[2; 32]),
+                invite: InviteId([0; 16]),
+                signing_key: SignerId::from_base64(&BASE64.encode(&[1; 32]))
+                    .expect("a valid Ed25519 key"),
+                proof: InviteProof([2; 32]),
             },
         ),
     ]
@@ -122,7 +126,7 @@ fn server_msgs() -> Vec<(&'static str, ServerMsg)> {
             ServerMsg::Registered {
                 heartbeat_s: 10,
                 relay_id: 7,
-                relay_secret: BASE64.encode(&[3; 16]),
+                relay_secret: RelaySecret([3; 16]),
                 peers: 1,
             },
         ),
@@ -361,7 +365,7 @@ fn udp_datagram() -> Vec<(&'static str, Vec<u8>)> {
             A2aDatagram::RelayBind {
                 nonce: [4; 8],
                 relay_id: 7,
-                secret: [5; 16],
+                secret: RelaySecret([5; 16]),
             },
         ),
     ] {

@@ -337,7 +337,7 @@ impl Proc {
     }
 
     fn child(&self) -> MutexGuard<'_, Child> {
-        self.inner.child.lock().unwrap_or_else(|e| e.into_inner())
+        a2a_proto::sync::lock(&self.inner.child)
     }
 
     /// `None` while running, else how it ended.
@@ -965,11 +965,7 @@ impl Lab {
             inner.test,
             inner.dir.display()
         );
-        let procs = inner
-            .procs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let procs = a2a_proto::sync::lock(&inner.procs).clone();
         for p in &procs {
             for (kind, path) in [("stdout", &p.inner.stdout), ("stderr", &p.inner.stderr)] {
                 let content = fs::read_to_string(path).unwrap_or_default();
@@ -1002,13 +998,12 @@ impl Drop for Lab {
             self.print_logs();
         }
         let inner = &self.inner;
-        let procs: Vec<Proc> =
-            std::mem::take(&mut *inner.procs.lock().unwrap_or_else(|e| e.into_inner()));
+        let procs: Vec<Proc> = std::mem::take(&mut *a2a_proto::sync::lock(&inner.procs));
         for p in &procs {
             p.kill();
         }
         let namespaces: Vec<String> =
-            std::mem::take(&mut *inner.namespaces.lock().unwrap_or_else(|e| e.into_inner()));
+            std::mem::take(&mut *a2a_proto::sync::lock(&inner.namespaces));
         for ns in namespaces.iter().rev() {
             delete_namespace(ns);
         }

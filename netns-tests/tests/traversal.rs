@@ -446,16 +446,9 @@ fn forged_relay_frames_and_probes_move_nothing() {
     }
     alpha.wait_path("bravo", "direct", PATH_TIMEOUT);
     let (_, endpoint) = alpha.path_to("bravo").unwrap();
-    let bravo_key = data_encoding::BASE64
-        .decode(
-            bravo
-                .status()
-                .me
-                .expect("bravo's self")
-                .public_key
-                .as_bytes(),
-        )
-        .expect("status prints keys in base64");
+    let bravo_key =
+        a2a_proto::keys::base64_exact::<32>(&bravo.status().me.expect("bravo's self").public_key)
+            .expect("status prints keys in base64");
     let evil = lab.add_ns("evil");
     let mut rng = a2a_netns_tests::garbage::Rng::new();
     let coord_addr = std::net::SocketAddr::V4(coord.addr);

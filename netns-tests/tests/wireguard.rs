@@ -41,11 +41,7 @@ fn handshake_age(n: &Node, peer: &str) -> Option<u64> {
 
 fn public_key(n: &Node) -> [u8; 32] {
     let b64 = n.status().me.expect("joined").public_key;
-    data_encoding::BASE64
-        .decode(b64.as_bytes())
-        .expect("status prints keys in base64")
-        .try_into()
-        .expect("32-byte key")
+    a2a_proto::keys::base64_exact(&b64).expect("status prints keys in base64")
 }
 
 // ------------------------------------------------------------------------------------------

@@ -629,16 +629,12 @@ fn node_needles(node: &Node, router: Option<&Router>) -> Vec<Needle> {
         .clone()
         .unwrap_or_else(|| panic!("{} has no self in its status", node.name));
     let label = |what: &str| format!("{}'s {what}", node.name);
-    let key: [u8; 32] = BASE64
-        .decode(me.public_key.as_bytes())
-        .ok()
-        .and_then(|v| v.try_into().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "{}: public key {:?} is not base64",
-                node.name, me.public_key
-            )
-        });
+    let key: [u8; 32] = a2a_proto::keys::base64_exact(&me.public_key).unwrap_or_else(|| {
+        panic!(
+            "{}: public key {:?} is not base64",
+            node.name, me.public_key
+        )
+    });
     let mut needles = key_forms(&label("public key"), &key);
     needles.push(Needle {
         what: label("name"),
@@ -1076,7 +1072,7 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
     let network_id = a2a_proto::NetworkKey::derive(&first_token.network_secret).id();
     needles.extend(key_forms("the network id", &network_id.0));
     // The invite's id is all the coordinator knows of it (hex); never printed either.
-    let invite_id = invite.id();
+    let invite_id = invite.id().to_hex();
     for text in [
         invite_id.clone(),
         invite_id.to_ascii_uppercase(),

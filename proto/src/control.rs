@@ -2,20 +2,24 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::invite::InviteId;
-use crate::keys::{NetworkId, NodeKey};
+use crate::invite::{InviteId, InviteProof};
+use crate::keys::{NetworkId, NodeKey, RelaySecret, Signature, SignerId};
 use crate::membership::Signed;
 use crate::record::SignedRecord;
+use crate::sealed::Sealed;
 
 /// Node to coordinator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMsg {
-    /// First message on a connection. `proof` is the network key's signature (base64) over the
-    /// channel's Noise handshake hash, so it cannot be replayed on another connection.
+    /// First message on a connection. `proof` is the network key's signature over the
+    /// channel's Noise handshake hash, so it cannot be replayed on another connection; a node
+    /// admitted by invite has none (the empty string on the wire) and its record carries its
+    /// member certificate instead.
     Register {
         network: NetworkId,
-        proof: String,
+        #[serde(with = "crate::keys::empty_is_none")]
+        proof: Option<Signature>,
         record: SignedRecord,
     },
     /// A newer record (new candidates, for instance).
@@ -33,14 +37,14 @@ pub enum ClientMsg {
     InviteClose { id: InviteId },
     /// The first message from a node holding an invite code (instead of `Register`): `proof`
     /// is derived from the invite secret, this connection's node key and `signing_key` (the
-    /// base64 Ed25519 key the node will sign its records with).
+    /// Ed25519 key the node will sign its records with).
     Redeem {
         invite: InviteId,
-        signing_key: String,
-        proof: String,
+        signing_key: SignerId,
+        proof: InviteProof,
     },
     /// The inviter admits redemption `ticket`: `sealed` is the answer sealed to the redeemer.
-    InviteAdmit { ticket: u32, sealed: String },
+    InviteAdmit { ticket: u32, sealed: Sealed },
     /// The inviter refuses redemption `ticket` (used up, expired, bad proof).
     InviteDeny { ticket: u32, message: String },
     /// A signed revocation (`a2actl kick`), or one this member holds, for the coordinator to
@@ -74,13 +78,12 @@ pub enum RefuseReason {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
     /// The registration (or update) is accepted; send a heartbeat every `heartbeat_s` seconds.
-    /// `relay_id` names this node in relay data; `relay_secret` (base64, 16 bytes) proves it in
-    /// a UDP relay bind. `peers`: how many `PeerUp`s follow at once (the members already in
+    /// `relay_id` names this node in relay data; `relay_secret` proves it in a UDP relay bind. `peers`: how many `PeerUp`s follow at once (the members already in
     /// the network), so the node knows when its peer table is complete.
     Registered {
         heartbeat_s: u32,
         relay_id: u32,
-        relay_secret: String,
+        relay_secret: RelaySecret,
         peers: u32,
     },
     Refused {
@@ -107,12 +110,12 @@ pub enum ServerMsg {
         ticket: u32,
         invite: InviteId,
         node_key: NodeKey,
-        signing_key: String,
-        proof: String,
+        signing_key: SignerId,
+        proof: InviteProof,
     },
     /// To a redeemer: the inviter's sealed answer.
     InviteAdmitted {
-        sealed: String,
+        sealed: Sealed,
     },
     /// A member was removed: drop it and refuse it from now on.
     Revoked {
@@ -147,5 +150,60 @@ mod tests {
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<ServerMsg>(&s).unwrap(), r);
         assert!(serde_json::from_str::<ClientMsg>("{\"type\":\"nope\"}").is_err());
+    }
+
+    /// The typed fields keep the JSON shape they had as strings: base64 (and an empty proof
+    /// for an invited node), and a malformed one fails the whole message.
+    #[test]
+    fn keys_and_secrets_cross_as_the_same_base64_strings() {
+        use data_encoding::BASE64;
+        let record = SignedRecord {
+            body: "{}".into(),
+            sig: "x".into(),
+            cert: None,
+        };
+        let network = crate::NetworkKey::derive(&[1; 32]).id();
+        for proof in [Some(Signature([5; 64])), None] {
+            let m = ClientMsg::Register {
+                network,
+                proof,
+                record: record.clone(),
+            };
+            let v: serde_json::Value = serde_json::to_value(&m).unwrap();
+            let want = proof.map(|p| BASE64.encode(&p.0)).unwrap_or_default();
+            assert_eq!(v["proof"], want.as_str());
+            assert_eq!(serde_json::from_value::<ClientMsg>(v).unwrap(), m);
+        }
+        let m = ServerMsg::Registered {
+            heartbeat_s: 10,
+            relay_id: 1,
+            relay_secret: RelaySecret([3; 16]),
+            peers: 0,
+        };
+        let v: serde_json::Value = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["relay_secret"], BASE64.encode(&[3; 16]).as_str());
+        for bad in [
+            BASE64.encode(&[3; 15]),
+            "!!".into(),
+            BASE64.encode(&[3; 17]),
+        ] {
+            let mut v = v.clone();
+            v["relay_secret"] = bad.into();
+            assert!(serde_json::from_value::<ServerMsg>(v).is_err());
+        }
+        let signer = SignerId::from(crate::membership::node_signing_key(&[1; 32]).verifying_key());
+        let m = ClientMsg::Redeem {
+            invite: InviteId([0xab; 16]),
+            signing_key: signer,
+            proof: InviteProof([2; 32]),
+        };
+        let v: serde_json::Value = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["invite"], "ab".repeat(16).as_str());
+        assert_eq!(v["signing_key"], signer.to_base64().as_str());
+        assert_eq!(v["proof"], BASE64.encode(&[2; 32]).as_str());
+        assert_eq!(serde_json::from_value::<ClientMsg>(v.clone()).unwrap(), m);
+        let mut bad = v;
+        bad["proof"] = "".into();
+        assert!(serde_json::from_value::<ClientMsg>(bad).is_err());
     }
 }

@@ -15,16 +15,16 @@
 //! Layout (before base32): `version(1) | secret(16) | coordinator_key(32) | endpoint_count(1) |
 //! (len(1) | utf8 "host:port")* | check(4)`; the string is `a2ai` and lowercase unpadded base32.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use data_encoding::BASE64;
+use chacha20poly1305::aead::KeyInit;
+use chacha20poly1305::XChaCha20Poly1305;
 use hkdf::Hkdf;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::keys::{NetworkId, NodeKey};
+use crate::keys::{base64_newtype, secret_newtype, NetworkId, NodeKey, SignerId};
 use crate::membership::Signed;
+use crate::sealed::Sealed;
 use crate::token::{base32, encode_checked, encoded_len, validate_endpoint, MAX_ENDPOINTS};
 
 /// The printable prefix of every invite code.
@@ -66,8 +66,60 @@ impl std::fmt::Debug for InviteCode {
     }
 }
 
-/// The id of an invite, as the coordinator knows it (hex).
-pub type InviteId = String;
+/// The id of an invite, as the coordinator knows it: 16 bytes derived from the invite secret,
+/// 32 lowercase hex digits on the wire. `Debug` does not print it (the coordinator must not).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct InviteId(pub [u8; 16]);
+
+impl InviteId {
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    /// The one spelling: 32 lowercase hex digits.
+    pub fn from_hex(text: &str) -> Option<InviteId> {
+        if text.len() != 32 {
+            return None;
+        }
+        let mut id = [0u8; 16];
+        for (i, pair) in text.as_bytes().chunks(2).enumerate() {
+            let digit = |c: u8| match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                _ => None,
+            };
+            id[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(InviteId(id))
+    }
+}
+
+impl std::fmt::Debug for InviteId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InviteId(..)")
+    }
+}
+
+impl Serialize for InviteId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for InviteId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        InviteId::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom("invite id must be 32 lowercase hex digits"))
+    }
+}
+
+/// A redeemer's proof that it holds the invite secret, bound to its node key and signing key
+/// (32 bytes, base64 on the wire). Compared in constant time.
+#[derive(Clone, Copy)]
+pub struct InviteProof(pub [u8; 32]);
+base64_newtype!(InviteProof, 32, "an invite proof");
+secret_newtype!(InviteProof);
 
 fn derive(secret: &[u8; 16], info: &[u8], out: &mut [u8]) {
     Hkdf::<Sha256>::new(Some(b"a2a invite v1"), secret)
@@ -90,17 +142,18 @@ impl InviteCode {
     pub fn id(&self) -> InviteId {
         let mut id = [0u8; 16];
         derive(&self.secret, b"id", &mut id);
-        hex(&id)
+        InviteId(id)
     }
 
-    /// The redeemer's proof for `node_key` and its record signing key (base64 of both).
-    pub fn proof(&self, node_key: &NodeKey, signing_key: &str) -> String {
+    /// The redeemer's proof for `node_key` and its record signing key. (The signing key enters
+    /// the derivation as its base64 text, as it did when it crossed as a string.)
+    pub fn proof(&self, node_key: &NodeKey, signing_key: &SignerId) -> InviteProof {
         let mut info = b"proof".to_vec();
         info.extend_from_slice(&node_key.0);
-        info.extend_from_slice(signing_key.as_bytes());
+        info.extend_from_slice(signing_key.to_base64().as_bytes());
         let mut p = [0u8; 32];
         derive(&self.secret, &info, &mut p);
-        BASE64.encode(&p)
+        InviteProof(p)
     }
 
     fn cipher(&self, node_key: &NodeKey) -> XChaCha20Poly1305 {
@@ -111,46 +164,20 @@ impl InviteCode {
         XChaCha20Poly1305::new(&k.into())
     }
 
-    /// Seals the inviter's answer to the redeemer `node_key` (base64).
-    pub fn seal_answer(&self, node_key: &NodeKey, answer: &InviteAnswer) -> String {
-        let nonce: [u8; 24] = rand::random();
+    /// Seals the inviter's answer to the redeemer `node_key` (the invite id, as hex, is
+    /// authenticated with it).
+    pub fn seal_answer(&self, node_key: &NodeKey, answer: &InviteAnswer) -> Sealed {
         let plain = serde_json::to_vec(answer).expect("an answer always serialises");
-        let id = self.id();
-        let sealed = self
-            .cipher(node_key)
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &plain,
-                    aad: id.as_bytes(),
-                },
-            )
-            .expect("XChaCha20-Poly1305 seals any length used here");
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&sealed);
-        BASE64.encode(&out)
+        Sealed::seal(
+            &self.cipher(node_key),
+            &plain,
+            self.id().to_hex().as_bytes(),
+        )
     }
 
     /// Opens an answer sealed with [`seal_answer`](Self::seal_answer); `None` if it was not.
-    pub fn open_answer(&self, node_key: &NodeKey, sealed: &str) -> Option<InviteAnswer> {
-        if sealed.len() > 64 * 1024 {
-            return None;
-        }
-        let raw = BASE64.decode(sealed.as_bytes()).ok()?;
-        if raw.len() < 24 + 16 {
-            return None;
-        }
-        let id = self.id();
-        let plain = self
-            .cipher(node_key)
-            .decrypt(
-                XNonce::from_slice(&raw[..24]),
-                Payload {
-                    msg: &raw[24..],
-                    aad: id.as_bytes(),
-                },
-            )
-            .ok()?;
+    pub fn open_answer(&self, node_key: &NodeKey, sealed: &Sealed) -> Option<InviteAnswer> {
+        let plain = sealed.open(&self.cipher(node_key), self.id().to_hex().as_bytes())?;
         serde_json::from_slice(&plain).ok()
     }
 
@@ -307,14 +334,37 @@ mod tests {
             ..sample()
         };
         assert_eq!(other.open_answer(&NodeKey([1; 32]), &sealed), None);
+        let s = SignerId::from(crate::membership::node_signing_key(&[1; 32]).verifying_key());
+        let t = SignerId::from(crate::membership::node_signing_key(&[2; 32]).verifying_key());
         assert_ne!(
-            c.proof(&NodeKey([1; 32]), "s"),
-            c.proof(&NodeKey([2; 32]), "s")
+            c.proof(&NodeKey([1; 32]), &s),
+            c.proof(&NodeKey([2; 32]), &s)
         );
         assert_ne!(
-            c.proof(&NodeKey([1; 32]), "s"),
-            c.proof(&NodeKey([1; 32]), "t")
+            c.proof(&NodeKey([1; 32]), &s),
+            c.proof(&NodeKey([1; 32]), &t)
         );
         assert_ne!(c.id(), other.id());
+    }
+
+    #[test]
+    fn invite_ids_have_one_spelling() {
+        let id = sample().id();
+        let hex = id.to_hex();
+        assert_eq!(hex.len(), 32);
+        assert_eq!(InviteId::from_hex(&hex), Some(id));
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{hex}\""));
+        assert_eq!(serde_json::from_str::<InviteId>(&json).unwrap(), id);
+        for bad in [
+            hex.to_uppercase(),
+            hex[..31].to_string(),
+            format!("{hex}0"),
+            "g".repeat(32),
+        ] {
+            assert!(InviteId::from_hex(&bad).is_none() || bad == hex, "{bad}");
+            assert!(serde_json::from_str::<InviteId>(&format!("\"{bad}\"")).is_err() || bad == hex);
+        }
+        assert_eq!(format!("{id:?}"), "InviteId(..)");
     }
 }

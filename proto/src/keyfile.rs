@@ -55,7 +55,7 @@ pub fn load_or_create(path: &Path) -> io::Result<([u8; 32], bool)> {
 
 /// Parses a key file's text: standard base64 of 32 bytes, surrounding white space ignored.
 pub fn parse_key(text: &str) -> Option<[u8; 32]> {
-    crate::keys::base64_32(text.trim())
+    crate::keys::base64_exact(text.trim())
 }
 
 /// Wraps an I/O error with what was being done and to which path.

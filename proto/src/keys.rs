@@ -3,7 +3,7 @@
 use std::fmt;
 
 use data_encoding::BASE64;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature as DalekSignature, Signer, SigningKey, Verifier, VerifyingKey};
 use hkdf::Hkdf;
 use sha2::Sha256;
 
@@ -18,16 +18,213 @@ impl NodeKey {
     }
 
     pub fn from_base64(s: &str) -> Option<Self> {
-        base64_32(s.trim()).map(NodeKey)
+        base64_exact(s.trim()).map(NodeKey)
     }
 }
 
-/// Decodes the one standard-base64 text of 32 bytes (44 characters, one `=`). The decoder alone
-/// would also take concatenated padded pieces (`…Bwc=HcwB`), giving one key many spellings.
-pub fn base64_32(text: &str) -> Option<[u8; 32]> {
-    let v: [u8; 32] = BASE64.decode(text.as_bytes()).ok()?.try_into().ok()?;
+/// Decodes the one standard-base64 text of exactly `N` bytes (for 32 bytes: 44 characters, one
+/// `=`). The decoder alone would also take concatenated padded pieces (`…Bwc=HcwB`), giving one
+/// key many spellings.
+pub fn base64_exact<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let v: [u8; N] = BASE64.decode(text.as_bytes()).ok()?.try_into().ok()?;
     (BASE64.encode(&v) == text).then_some(v)
 }
+
+/// Decodes the one standard-base64 text of any length (see [`base64_exact`]).
+pub fn base64_strict(text: &str) -> Option<Vec<u8>> {
+    let v = BASE64.decode(text.as_bytes()).ok()?;
+    (BASE64.encode(&v) == text).then_some(v)
+}
+
+/// Compares two byte strings in time that depends on their lengths only, never on where they
+/// differ: for secrets and proofs an attacker could otherwise guess byte by byte.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serde (as strict standard base64) and `to_base64`/`from_base64` for a newtype over `[u8; N]`.
+macro_rules! base64_newtype {
+    ($name:ident, $n:literal, $what:literal) => {
+        impl $name {
+            /// Standard base64, padded.
+            pub fn to_base64(&self) -> String {
+                data_encoding::BASE64.encode(&self.0)
+            }
+
+            /// The one base64 text of this value (see [`crate::keys::base64_exact`]).
+            pub fn from_base64(text: &str) -> Option<Self> {
+                $crate::keys::base64_exact::<$n>(text).map($name)
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.to_base64())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                $name::from_base64(&s).ok_or_else(|| {
+                    serde::de::Error::custom(concat!(
+                        $what,
+                        " must be standard base64 of ",
+                        stringify!($n),
+                        " bytes"
+                    ))
+                })
+            }
+        }
+    };
+}
+pub(crate) use base64_newtype;
+
+/// Constant-time `PartialEq` (see [`constant_time_eq`]) and an opaque `Debug` for a secret.
+macro_rules! secret_newtype {
+    ($name:ident) => {
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                $crate::keys::constant_time_eq(&self.0, &other.0)
+            }
+        }
+
+        impl Eq for $name {}
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(concat!(stringify!($name), "(..)"))
+            }
+        }
+    };
+}
+pub(crate) use secret_newtype;
+
+/// An Ed25519 signature (64 bytes), e.g. the registration proof; base64 on the wire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Signature(pub [u8; 64]);
+base64_newtype!(Signature, 64, "a signature");
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Signature(..)")
+    }
+}
+
+/// The serde of an optional value spelled as the empty string when absent (the registration
+/// proof of a node admitted by invite, which has none).
+pub mod empty_is_none {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => v.serialize(s),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<Option<T>, D::Error>
+    where
+        T: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        use serde::de::IntoDeserializer;
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        if s.is_empty() {
+            return Ok(None);
+        }
+        T::deserialize(s.as_ref().into_deserializer()).map(Some)
+    }
+}
+
+/// The public half of a node's own record-signing key (Ed25519, see
+/// [`crate::membership::node_signing_key`]): what a member certificate vouches for, as the
+/// [`NetworkId`] is the public half of the network key. Always a valid Ed25519 point (checked
+/// when made); kept compressed, 32 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SignerId([u8; 32]);
+
+impl SignerId {
+    pub fn verifying_key(&self) -> VerifyingKey {
+        VerifyingKey::from_bytes(&self.0).expect("a SignerId is a valid Ed25519 key")
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn to_base64(&self) -> String {
+        BASE64.encode(&self.0)
+    }
+
+    /// The one base64 text of a valid Ed25519 public key.
+    pub fn from_base64(text: &str) -> Option<Self> {
+        let bytes = base64_exact::<32>(text)?;
+        VerifyingKey::from_bytes(&bytes).ok()?;
+        Some(SignerId(bytes))
+    }
+
+    /// Checks a signature made by this key over `context` and `message`.
+    pub fn verify(&self, context: &[u8], message: &[u8], sig: &[u8]) -> bool {
+        let Ok(sig) = DalekSignature::from_slice(sig) else {
+            return false;
+        };
+        self.verifying_key()
+            .verify(&signed_bytes(context, message), &sig)
+            .is_ok()
+    }
+}
+
+impl From<VerifyingKey> for SignerId {
+    fn from(k: VerifyingKey) -> Self {
+        SignerId(k.to_bytes())
+    }
+}
+
+impl fmt::Debug for SignerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SignerId(..)")
+    }
+}
+
+impl serde::Serialize for SignerId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_base64())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SignerId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        SignerId::from_base64(&s).ok_or_else(|| {
+            serde::de::Error::custom("signing key must be base64 of a 32-byte Ed25519 key")
+        })
+    }
+}
+
+/// The coordinator's static X25519 public key, which the control channel pins.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CoordinatorKey(pub [u8; 32]);
+base64_newtype!(CoordinatorKey, 32, "a coordinator key");
+
+impl fmt::Debug for CoordinatorKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CoordinatorKey({})", self.to_base64())
+    }
+}
+
+/// The network secret K (32 bytes) the network key is derived from; what a token carries.
+#[derive(Clone, Copy)]
+pub struct NetworkSecret(pub [u8; 32]);
+base64_newtype!(NetworkSecret, 32, "a network secret");
+secret_newtype!(NetworkSecret);
+
+/// The 16-byte secret a node proves its relay id with in UDP relay binds; handed out by the
+/// coordinator at registration.
+#[derive(Clone, Copy)]
+pub struct RelaySecret(pub [u8; 16]);
+base64_newtype!(RelaySecret, 16, "a relay secret");
+secret_newtype!(RelaySecret);
 
 impl fmt::Debug for NodeKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -121,7 +318,7 @@ impl NetworkId {
 
     /// Checks a signature made with [`NetworkKey::sign`] over `context` and `message`.
     pub fn verify(&self, context: &[u8], message: &[u8], sig: &[u8]) -> bool {
-        let (Some(key), Ok(sig)) = (self.verifying_key(), Signature::from_slice(sig)) else {
+        let (Some(key), Ok(sig)) = (self.verifying_key(), DalekSignature::from_slice(sig)) else {
             return false;
         };
         key.verify(&signed_bytes(context, message), &sig).is_ok()
@@ -144,7 +341,7 @@ impl serde::Serialize for NetworkId {
 impl<'de> serde::Deserialize<'de> for NetworkId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        base64_32(&s)
+        base64_exact(&s)
             .map(NetworkId)
             .ok_or_else(|| serde::de::Error::custom("network id must be base64 of 32 bytes"))
     }
@@ -273,10 +470,10 @@ mod tests {
     fn a_key_has_one_spelling() {
         let k = [7u8; 32];
         let text = BASE64.encode(&k);
-        assert_eq!(base64_32(&text), Some(k));
+        assert_eq!(base64_exact::<32>(&text), Some(k));
         let two_pieces = format!("{}{}", BASE64.encode(&k[..29]), BASE64.encode(&k[29..]));
         assert_eq!(BASE64.decode(two_pieces.as_bytes()).unwrap(), k);
-        assert_eq!(base64_32(&two_pieces), None);
+        assert_eq!(base64_exact::<32>(&two_pieces), None);
         assert_eq!(NodeKey::from_base64(&two_pieces), None);
         assert_eq!(
             NodeKey::from_base64(&format!(" {text}\n")),
@@ -287,6 +484,6 @@ mod tests {
             serde_json::from_str::<NetworkId>(&format!("\"{text}\"")).unwrap(),
             NetworkId(k)
         );
-        assert_eq!(base64_32(&BASE64.encode(&[7; 31])), None);
+        assert_eq!(base64_exact::<32>(&BASE64.encode(&[7; 31])), None);
     }
 }

@@ -3,6 +3,7 @@
 //! API between `a2actl` and `a2ad`. Everything here except `noise_channel` and `api::read_line`
 //! is free of I/O.
 
+pub mod addr;
 pub mod api;
 pub mod control;
 pub mod disco;
@@ -14,6 +15,9 @@ pub mod noise_channel;
 pub mod overlay;
 pub mod process;
 pub mod record;
+pub mod sealed;
+pub mod sync;
+pub mod time;
 pub mod token;
 pub mod udp;
 

@@ -13,10 +13,10 @@
 //! All of these are signed JSON ([`Signed`]): the coordinator can check them against the
 //! network id it knows, but cannot make one.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use chacha20poly1305::aead::KeyInit;
+use chacha20poly1305::XChaCha20Poly1305;
 use data_encoding::BASE64;
-use ed25519_dalek::{Signature, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::SigningKey;
 use hkdf::Hkdf;
 use ipnet::Ipv4Net;
 use serde::de::DeserializeOwned;
@@ -24,11 +24,13 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use crate::invite::InviteId;
 use crate::keys::{
-    signed_bytes, NetworkId, NetworkKey, NodeKey, CERT_CONTEXT, REGISTER_CONTEXT, REVOKE_CONTEXT,
-    ROTATE_CONTEXT,
+    CoordinatorKey, NetworkId, NetworkKey, NetworkSecret, NodeKey, Signature, SignerId,
+    CERT_CONTEXT, REGISTER_CONTEXT, REVOKE_CONTEXT, ROTATE_CONTEXT,
 };
 use crate::record::{NodeRecord, RecordError, SignedRecord};
+use crate::sealed::Sealed;
 use crate::token::JoinToken;
 
 /// Largest signed statement accepted (a rotation notice for [`MAX_CARRIED`] members).
@@ -100,10 +102,10 @@ pub fn node_signing_key(node_private: &[u8; 32]) -> SigningKey {
 pub struct MemberCert {
     pub network: NetworkId,
     pub node_key: NodeKey,
-    /// The node's signing key (base64 Ed25519 public key), see [`node_signing_key`].
-    pub signing_key: String,
-    /// The invite it was admitted with (hex id), for `status`.
-    pub invite: String,
+    /// The node's signing key, see [`node_signing_key`].
+    pub signing_key: SignerId,
+    /// The invite it was admitted with, for `status`.
+    pub invite: InviteId,
     pub issued_ms: u64,
 }
 
@@ -114,29 +116,12 @@ impl MemberCert {
         if cert.network != *network {
             return Err(RecordError::Foreign);
         }
-        if cert.signing_key().is_none() {
-            return Err(RecordError::Invalid(
-                "certificate signing key is invalid".into(),
-            ));
-        }
         Ok(cert)
-    }
-
-    fn signing_key(&self) -> Option<VerifyingKey> {
-        let bytes: [u8; 32] = BASE64
-            .decode(self.signing_key.as_bytes())
-            .ok()?
-            .try_into()
-            .ok()?;
-        VerifyingKey::from_bytes(&bytes).ok()
     }
 
     /// Checks a signature made by the certified node's signing key.
     pub fn verify_node_signature(&self, context: &[u8], message: &[u8], sig: &[u8]) -> bool {
-        let (Some(key), Ok(sig)) = (self.signing_key(), Signature::from_slice(sig)) else {
-            return false;
-        };
-        key.verify(&signed_bytes(context, message), &sig).is_ok()
+        self.signing_key.verify(context, message, sig)
     }
 }
 
@@ -144,15 +129,15 @@ impl MemberCert {
 pub fn issue_cert(
     key: &NetworkKey,
     node_key: NodeKey,
-    signing_key: &VerifyingKey,
-    invite: String,
+    signing_key: SignerId,
+    invite: InviteId,
     issued_ms: u64,
 ) -> Signed {
     Signed::sign(
         &MemberCert {
             network: key.id(),
             node_key,
-            signing_key: BASE64.encode(signing_key.as_bytes()),
+            signing_key,
             invite,
             issued_ms,
         },
@@ -183,8 +168,8 @@ impl Revocation {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Carry {
-    /// For a holder of the old secret: the new network secret (base64, 32 bytes).
-    Secret { secret: String },
+    /// For a holder of the old secret: the new network secret.
+    Secret { secret: NetworkSecret },
     /// For a member admitted by invite: its certificate under the new network key.
     Cert { cert: Signed },
 }
@@ -193,8 +178,8 @@ pub enum Carry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Carried {
     pub node_key: NodeKey,
-    /// base64 of `nonce (24) | XChaCha20-Poly1305(Carry JSON)`.
-    pub sealed: String,
+    /// The [`Carry`] JSON, sealed to the member (the rotator's X25519 with it).
+    pub sealed: Sealed,
 }
 
 /// "This network moves to a new secret; these members come along" (`a2actl token rotate`).
@@ -242,23 +227,10 @@ impl RotationNotice {
         carry: &Carry,
     ) -> Carried {
         let cipher = carry_cipher(own, &member, new_network);
-        let nonce: [u8; 24] = rand::random();
         let plain = serde_json::to_vec(carry).expect("a carry always serialises");
-        let aad = member.0;
-        let sealed = cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &plain,
-                    aad: &aad,
-                },
-            )
-            .expect("XChaCha20-Poly1305 seals any length used here");
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&sealed);
         Carried {
             node_key: member,
-            sealed: BASE64.encode(&out),
+            sealed: Sealed::seal(&cipher, &plain, &member.0),
         }
     }
 
@@ -267,20 +239,8 @@ impl RotationNotice {
     pub fn carry_for(&self, own: &StaticSecret) -> Option<Carry> {
         let me = NodeKey(PublicKey::from(own).to_bytes());
         let part = self.carried.iter().find(|c| c.node_key == me)?;
-        let raw = BASE64.decode(part.sealed.as_bytes()).ok()?;
-        if raw.len() < 24 + 16 || raw.len() > 64 * 1024 {
-            return None;
-        }
         let cipher = carry_cipher(own, &self.rotator, &self.new_network);
-        let plain = cipher
-            .decrypt(
-                XNonce::from_slice(&raw[..24]),
-                Payload {
-                    msg: &raw[24..],
-                    aad: &me.0,
-                },
-            )
-            .ok()?;
+        let plain = part.sealed.open(&cipher, &me.0)?;
         serde_json::from_slice(&plain).ok()
     }
 }
@@ -288,8 +248,8 @@ impl RotationNotice {
 /// What a node admitted by invite keeps instead of the token.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invited {
-    /// The coordinator's static public key (base64).
-    pub coordinator_key: String,
+    /// The coordinator's static public key.
+    pub coordinator_key: CoordinatorKey,
     pub endpoints: Vec<String>,
     pub prefix: Ipv4Net,
     pub network: NetworkId,
@@ -312,7 +272,6 @@ pub enum Credential {
     /// Admitted by invite: a certificate and the node's own signing key.
     Invited {
         invited: Invited,
-        coordinator_key: [u8; 32],
         signer: SigningKey,
     },
 }
@@ -325,33 +284,20 @@ impl Credential {
 
     /// Checks a saved invite credential against this node's private key.
     pub fn from_invited(invited: Invited, node_private: &[u8; 32]) -> Result<Credential, String> {
-        let coordinator_key: [u8; 32] = BASE64
-            .decode(invited.coordinator_key.as_bytes())
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or("the saved coordinator key is malformed")?;
         let cert = MemberCert::open(&invited.cert, &invited.network)
             .map_err(|e| format!("the saved member certificate is invalid: {e}"))?;
         let signer = node_signing_key(node_private);
         let me = NodeKey(PublicKey::from(&StaticSecret::from(*node_private)).to_bytes());
-        if cert.node_key != me
-            || cert.signing_key != BASE64.encode(signer.verifying_key().as_bytes())
-        {
+        if cert.node_key != me || cert.signing_key != SignerId::from(signer.verifying_key()) {
             return Err("the saved member certificate is for another node key".into());
         }
-        Ok(Credential::Invited {
-            invited,
-            coordinator_key,
-            signer,
-        })
+        Ok(Credential::Invited { invited, signer })
     }
 
     pub fn coordinator_key(&self) -> [u8; 32] {
         match self {
             Credential::Secret { token, .. } => token.coordinator_key,
-            Credential::Invited {
-                coordinator_key, ..
-            } => *coordinator_key,
+            Credential::Invited { invited, .. } => invited.coordinator_key.0,
         }
     }
 
@@ -401,14 +347,14 @@ impl Credential {
     }
 
     /// The registration proof over the control channel's handshake hash: the network key's
-    /// signature for a secret holder; empty for an invited node, whose record carries its
+    /// signature for a secret holder; none for an invited node, whose record carries its
     /// certificate (the channel itself authenticates the node key the certificate names).
-    pub fn register_proof(&self, handshake_hash: &[u8]) -> String {
+    pub fn register_proof(&self, handshake_hash: &[u8]) -> Option<Signature> {
         match self {
             Credential::Secret { key, .. } => {
-                BASE64.encode(&key.sign(REGISTER_CONTEXT, handshake_hash))
+                Some(Signature(key.sign(REGISTER_CONTEXT, handshake_hash)))
             }
-            Credential::Invited { .. } => String::new(),
+            Credential::Invited { .. } => None,
         }
     }
 }
@@ -416,6 +362,8 @@ impl Credential {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const INVITE: InviteId = InviteId([0xab; 16]);
 
     fn node(n: u8) -> (StaticSecret, NodeKey) {
         let s = StaticSecret::from([n; 32]);
@@ -439,10 +387,10 @@ mod tests {
         let net = NetworkKey::derive(&[1; 32]);
         let (_, key) = node(7);
         let signer = node_signing_key(&[7; 32]);
-        let cert = issue_cert(&net, key, &signer.verifying_key(), "ab".into(), 1);
+        let cert = issue_cert(&net, key, signer.verifying_key().into(), INVITE, 1);
         let signed = record(net.id(), key).sign_with_cert(&signer, &cert);
         let v = signed.verify(&net.id()).unwrap();
-        assert_eq!(v.cert.unwrap().invite, "ab");
+        assert_eq!(v.cert.unwrap().invite, INVITE);
 
         // The certificate is for another node key.
         let (_, other) = node(8);
@@ -454,7 +402,7 @@ mod tests {
         assert_eq!(signed.verify(&net.id()), Err(RecordError::BadSignature));
         // A certificate the coordinator made with some other key.
         let rogue = NetworkKey::derive(&[2; 32]);
-        let fake = issue_cert(&rogue, key, &signer.verifying_key(), "ab".into(), 1);
+        let fake = issue_cert(&rogue, key, signer.verifying_key().into(), INVITE, 1);
         let signed = record(net.id(), key).sign_with_cert(&signer, &fake);
         assert!(signed.verify(&net.id()).is_err());
     }
@@ -487,7 +435,7 @@ mod tests {
         let (a_s, a_k) = node(2);
         let (b_s, _) = node(3);
         let carry = Carry::Secret {
-            secret: BASE64.encode(&[2; 32]),
+            secret: NetworkSecret([2; 32]),
         };
         let notice = RotationNotice {
             old_network: old.id(),
@@ -509,15 +457,15 @@ mod tests {
         let (_, key) = node(7);
         let signer = node_signing_key(&[7; 32]);
         let invited = Invited {
-            coordinator_key: BASE64.encode(&[4; 32]),
+            coordinator_key: CoordinatorKey([4; 32]),
             endpoints: vec!["h:1".into()],
             prefix: "100.64.0.0/10".parse().unwrap(),
             network: net.id(),
-            cert: issue_cert(&net, key, &signer.verifying_key(), "ab".into(), 1),
+            cert: issue_cert(&net, key, signer.verifying_key().into(), INVITE, 1),
         };
         let cred = Credential::from_invited(invited.clone(), &[7; 32]).unwrap();
         assert!(cred.network_key().is_none());
-        assert_eq!(cred.register_proof(b"h"), "");
+        assert_eq!(cred.register_proof(b"h"), None);
         let signed = cred.sign_record(&record(net.id(), key));
         assert!(signed.verify(&net.id()).is_ok());
         assert!(Credential::from_invited(invited, &[8; 32]).is_err());

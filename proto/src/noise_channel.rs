@@ -31,6 +31,62 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// memory is set aside for it, so a connection that never finishes its first frame costs little.
 pub const MAX_HANDSHAKE_FRAME: usize = 1024;
 
+/// Why the initiator's handshake failed, by what the node should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The answer does not authenticate under the pinned key: whoever answered is not the
+    /// coordinator the token (or invite code) names. Retrying cannot help.
+    #[error(
+        "the coordinator failed authentication: its key does not match the one the join token          (or invite code) pins; get a new token or invite from this coordinator's network"
+    )]
+    Refused,
+    /// The peer closed the connection without answering: what a coordinator that does not hold
+    /// the pinned key does (it cannot read the first message), but also one that is going down.
+    #[error(
+        "the coordinator closed the connection during the handshake: either it does not hold          the key the join token pins (a token of another coordinator, or its state directory          was replaced), or it is restarting"
+    )]
+    Closed,
+    /// No answer within [`HANDSHAKE_TIMEOUT`].
+    #[error(
+        "the coordinator did not answer the handshake within {}s; check that the endpoint is          an a2a coordinator and reachable",
+        HANDSHAKE_TIMEOUT.as_secs()
+    )]
+    TimedOut,
+    /// The connection failed (reset, for instance: a coordinator too busy to take it).
+    #[error("the connection to the coordinator failed during the handshake: {0}")]
+    Io(io::Error),
+}
+
+impl From<HandshakeError> for io::Error {
+    fn from(e: HandshakeError) -> io::Error {
+        match e {
+            HandshakeError::Io(e) => e,
+            other => io::Error::other(other),
+        }
+    }
+}
+
+/// Why a frame of an established channel could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream ended or failed: the connection is gone.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The peer sent what is not a frame of this channel (longer than allowed, not decrypting,
+    /// not a message): it is broken or hostile, and the channel ends.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+impl From<FrameError> for io::Error {
+    fn from(e: FrameError) -> io::Error {
+        match e {
+            FrameError::Io(e) => e,
+            FrameError::Malformed(m) => io::Error::new(io::ErrorKind::InvalidData, m),
+        }
+    }
+}
+
 fn params() -> snow::params::NoiseParams {
     NOISE_PARAMS.parse().expect("valid Noise parameters")
 }
@@ -41,7 +97,10 @@ fn noise_err(e: snow::Error) -> io::Error {
 
 /// Reads one `u16 length | bytes` frame into `buf` (at most [`MAX_FRAME`] bytes, whatever the
 /// peer sends).
-pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> io::Result<()> {
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     read_frame_max(io, buf, MAX_FRAME).await
 }
 
@@ -50,13 +109,12 @@ pub async fn read_frame_max<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut Vec<u8>,
     max: usize,
-) -> io::Result<()> {
+) -> Result<(), FrameError> {
     let len = io.read_u16().await? as usize;
     if len > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "frame longer than allowed here",
-        ));
+        return Err(FrameError::Malformed(format!(
+            "a frame of {len} bytes, longer than the {max} allowed here"
+        )));
     }
     buf.resize(len, 0);
     io.read_exact(buf).await?;
@@ -111,37 +169,43 @@ impl Established {
     }
 }
 
-/// Runs the initiator side (the node).
+/// Runs the initiator side (the node), pinning the coordinator's key `remote_public`.
+///
+/// Error contract: [`HandshakeError::Refused`] when the answer does not authenticate (a forged
+/// or different coordinator: permanent), [`HandshakeError::Closed`] when the peer closed without
+/// answering, [`HandshakeError::TimedOut`] after [`HANDSHAKE_TIMEOUT`], [`HandshakeError::Io`]
+/// for anything else the connection did (a reset, for instance).
 pub async fn handshake_initiator<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     local_private: &[u8; 32],
     remote_public: &[u8; 32],
-) -> io::Result<Established> {
+) -> Result<Established, HandshakeError> {
+    let local = |e: snow::Error| HandshakeError::Io(noise_err(e));
     let mut hs = snow::Builder::new(params())
         .prologue(PROLOGUE)
         .and_then(|b| b.local_private_key(local_private))
         .and_then(|b| b.remote_public_key(remote_public))
         .and_then(|b| b.build_initiator())
-        .map_err(noise_err)?;
+        .map_err(local)?;
     let mut msg = vec![0u8; MAX_FRAME];
-    let n = hs.write_message(&[], &mut msg).map_err(noise_err)?;
-    write_frame(io, &msg[..n]).await?;
-    let mut frame = Vec::new();
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(io, &mut frame))
+    let n = hs.write_message(&[], &mut msg).map_err(local)?;
+    write_frame(io, &msg[..n])
         .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                "coordinator did not answer the handshake",
-            )
-        })??;
-    hs.read_message(&frame, &mut msg).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "coordinator failed authentication: its key does not match the token",
-        )
-    })?;
-    finish(hs)
+        .map_err(HandshakeError::Io)?;
+    let mut frame = Vec::new();
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(io, &mut frame)).await {
+        Err(_) => return Err(HandshakeError::TimedOut),
+        Ok(Err(FrameError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(HandshakeError::Closed)
+        }
+        Ok(Err(FrameError::Io(e))) => return Err(HandshakeError::Io(e)),
+        // An answer that is no handshake message does not authenticate either.
+        Ok(Err(FrameError::Malformed(_))) => return Err(HandshakeError::Refused),
+        Ok(Ok(())) => {}
+    }
+    hs.read_message(&frame, &mut msg)
+        .map_err(|_| HandshakeError::Refused)?;
+    finish(hs).map_err(HandshakeError::Io)
 }
 
 /// Runs the responder side (the coordinator).
@@ -194,18 +258,17 @@ pub struct FrameReader<R> {
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next message; an error on a closed, corrupted or unparsable stream, or on relay
     /// data (not expected where this is used: before registration).
-    pub async fn recv<T: DeserializeOwned>(&mut self) -> io::Result<T> {
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<T, FrameError> {
         match self.recv_frame().await? {
             Incoming::Msg(m) => Ok(m),
-            Incoming::Relay(..) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "relay data before registration",
+            Incoming::Relay(..) => Err(FrameError::Malformed(
+                "relay data before registration".into(),
             )),
         }
     }
 
     /// The next message or relay frame.
-    pub async fn recv_frame<T: DeserializeOwned>(&mut self) -> io::Result<Incoming<T>> {
+    pub async fn recv_frame<T: DeserializeOwned>(&mut self) -> Result<Incoming<T>, FrameError> {
         read_frame(&mut self.io, &mut self.cipher).await?;
         // Any error ends the channel, so the nonce need not be kept on one.
         let frame = open_frame(&self.state, self.nonce, &self.cipher, &mut self.plain);
@@ -222,29 +285,26 @@ pub fn open_frame<T: DeserializeOwned>(
     nonce: u64,
     cipher: &[u8],
     plain: &mut Vec<u8>,
-) -> io::Result<Incoming<T>> {
+) -> Result<Incoming<T>, FrameError> {
     plain.resize(cipher.len(), 0);
     let n = state
         .read_message(nonce, cipher, plain)
-        .map_err(noise_err)?;
+        .map_err(|e| FrameError::Malformed(format!("noise: {e}")))?;
     parse_frame(&plain[..n])
 }
 
 /// Parses a decrypted frame: relay data (first byte [`RELAY_FRAME`], a relay id, a non-empty
 /// datagram) or one JSON message.
-pub fn parse_frame<T: DeserializeOwned>(plain: &[u8]) -> io::Result<Incoming<T>> {
+pub fn parse_frame<T: DeserializeOwned>(plain: &[u8]) -> Result<Incoming<T>, FrameError> {
     match plain {
         [RELAY_FRAME, a, b, c, d, payload @ ..] if !payload.is_empty() => Ok(Incoming::Relay(
             u32::from_be_bytes([*a, *b, *c, *d]),
             payload.to_vec(),
         )),
-        [RELAY_FRAME, ..] => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "truncated relay frame",
-        )),
+        [RELAY_FRAME, ..] => Err(FrameError::Malformed("truncated relay frame".into())),
         _ => serde_json::from_slice(plain)
             .map(Incoming::Msg)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}"))),
+            .map_err(|e| FrameError::Malformed(format!("bad message: {e}"))),
     }
 }
 
@@ -409,7 +469,10 @@ mod tests {
         read_frame(&mut stream, &mut buf).await.unwrap();
         assert!(buf.is_empty());
         let err = read_frame(&mut stream, &mut buf).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(
+            matches!(&err, FrameError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof),
+            "{err:?}"
+        );
         let mut stream: &[u8] = &[7];
         assert!(read_frame(&mut stream, &mut buf).await.is_err());
     }
@@ -448,6 +511,47 @@ mod tests {
             let _ = handshake_responder(&mut b, &forger_priv).await;
         });
         let err = handshake_initiator(&mut a, &client_priv, &server_pub).await;
-        assert!(err.is_err());
+        assert!(
+            matches!(err, Err(HandshakeError::Closed)),
+            "{:?}",
+            err.err()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_under_another_key_is_refused_and_a_silent_close_is_closed() {
+        let (_, server_pub) = keypair(1);
+        let (client_priv, _) = keypair(2);
+        // A peer that answers with bytes that are no handshake message under the pinned key.
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let mut frame = Vec::new();
+            read_frame(&mut b, &mut frame).await.unwrap();
+            write_frame(&mut b, &[7; 48]).await.unwrap();
+            let _ = read_frame(&mut b, &mut frame).await;
+        });
+        let err = handshake_initiator(&mut a, &client_priv, &server_pub).await;
+        assert!(
+            matches!(err, Err(HandshakeError::Refused)),
+            "{:?}",
+            err.err()
+        );
+        let msg = HandshakeError::Refused.to_string();
+        assert!(
+            msg.contains("does not match") && msg.contains("get a new token"),
+            "{msg}"
+        );
+        // A peer that reads the first message and closes.
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let mut frame = Vec::new();
+            read_frame(&mut b, &mut frame).await.unwrap();
+        });
+        let err = handshake_initiator(&mut a, &client_priv, &server_pub).await;
+        assert!(
+            matches!(err, Err(HandshakeError::Closed)),
+            "{:?}",
+            err.err()
+        );
     }
 }

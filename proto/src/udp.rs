@@ -17,6 +17,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::keys::RelaySecret;
+
 pub const A2A_MAGIC: u8 = 0xA2;
 const KIND_ENDPOINT_PROBE: u8 = 0x01;
 const KIND_ENDPOINT_REPLY: u8 = 0x02;
@@ -60,7 +62,7 @@ pub enum A2aDatagram {
     RelayBind {
         nonce: [u8; 8],
         relay_id: u32,
-        secret: [u8; 16],
+        secret: RelaySecret,
     },
 }
 
@@ -147,7 +149,7 @@ impl A2aDatagram {
                 out[1] = KIND_RELAY_BIND;
                 out[2..10].copy_from_slice(nonce);
                 out[10..14].copy_from_slice(&relay_id.to_be_bytes());
-                out[14..30].copy_from_slice(secret);
+                out[14..30].copy_from_slice(&secret.0);
                 30
             }
         }
@@ -164,7 +166,7 @@ impl A2aDatagram {
             KIND_RELAY_BIND if d.len() == 30 => Some(A2aDatagram::RelayBind {
                 nonce,
                 relay_id: u32::from_be_bytes(d[10..14].try_into().ok()?),
-                secret: d[14..30].try_into().ok()?,
+                secret: RelaySecret(d[14..30].try_into().ok()?),
             }),
             KIND_ENDPOINT_REPLY => Some(A2aDatagram::EndpointReply {
                 nonce,
@@ -206,7 +208,7 @@ mod tests {
             A2aDatagram::RelayBind {
                 nonce: [4; 8],
                 relay_id: 0xdead_beef,
-                secret: [5; 16],
+                secret: RelaySecret([5; 16]),
             },
         ] {
             let n = msg.encode(&mut buf);

@@ -20,12 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use a2a_proto::control::{ClientMsg, RefuseReason, ServerMsg};
-use a2a_proto::invite::InviteAnswer;
+use a2a_proto::invite::{InviteAnswer, InviteId, InviteProof};
+use a2a_proto::keys::{CoordinatorKey, RelaySecret, SignerId};
 use a2a_proto::membership::{issue_cert, Carry, Invited, MemberCert, Revocation, RotationNotice};
 use a2a_proto::overlay::derive_ip;
 use a2a_proto::record::{RecordError, VerifiedRecord, MAX_CANDIDATES};
 use a2a_proto::{Credential, JoinToken, NetworkKey, NodeKey, NodeRecord, SignedRecord};
-use data_encoding::BASE64;
 
 use crate::core::counters::Counters;
 use crate::core::membership::{MemberState, Membership};
@@ -89,7 +89,7 @@ pub enum Action {
     /// first relayed handshake must not meet an unbound address.
     BindRelay {
         relay_id: u32,
-        secret: [u8; 16],
+        secret: RelaySecret,
     },
     /// A new peer: send it a WireGuard handshake initiation now.
     Initiate(NodeKey),
@@ -316,15 +316,7 @@ impl Client {
                 ))]
             }
         };
-        let Some(secret) = BASE64
-            .decode(relay_secret.as_bytes())
-            .ok()
-            .and_then(|v| <[u8; 16]>::try_from(v).ok())
-        else {
-            return vec![Action::End(End::Lost(
-                "coordinator sent a malformed relay secret".into(),
-            ))];
-        };
+        let secret = relay_secret;
         let Some(c) = self.conn.as_mut() else {
             return vec![];
         };
@@ -380,9 +372,9 @@ impl Client {
                     now,
                     cred,
                     ticket,
-                    &invite,
+                    invite,
                     node_key,
-                    &signing_key,
+                    signing_key,
                     &proof,
                 )));
                 if self.member.invites().ids().iter().all(|id| *id != invite) {
@@ -484,10 +476,10 @@ impl Client {
         now: Now,
         cred: &Credential,
         ticket: u32,
-        invite: &str,
+        invite: InviteId,
         node_key: NodeKey,
-        signing_key: &str,
-        proof: &str,
+        signing_key: SignerId,
+        proof: &InviteProof,
     ) -> ClientMsg {
         let deny = |message: &str| ClientMsg::InviteDeny {
             ticket,
@@ -496,25 +488,17 @@ impl Client {
         let Some(network_key) = cred.network_key() else {
             return deny("the inviter no longer holds the network secret");
         };
-        let Some(signing) = BASE64
-            .decode(signing_key.as_bytes())
-            .ok()
-            .and_then(|v| <[u8; 32]>::try_from(v).ok())
-            .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
-        else {
-            return deny("malformed signing key");
-        };
         if self.member.is_revoked(&node_key) {
             return deny("this node key was removed from the network");
         }
         let decided =
             self.member
                 .invites()
-                .redeem(invite, &node_key, signing_key, proof, now.unix_ms);
+                .redeem(&invite, &node_key, &signing_key, proof, now.unix_ms);
         match decided {
             Ok((code, _used_up)) => {
                 Counters::bump(&self.counters.invites_redeemed);
-                let cert = issue_cert(network_key, node_key, &signing, invite.into(), now.unix_ms);
+                let cert = issue_cert(network_key, node_key, signing_key, invite, now.unix_ms);
                 let answer = InviteAnswer::Admitted {
                     network: network_key.id(),
                     prefix: cred.prefix(),
@@ -554,10 +538,7 @@ impl Client {
                 )));
                 return;
             }
-            Some(Carry::Secret { secret }) => BASE64
-                .decode(secret.as_bytes())
-                .ok()
-                .and_then(|v| <[u8; 32]>::try_from(v).ok())
+            Some(Carry::Secret { secret }) => Some(secret.0)
                 .filter(|s| NetworkKey::derive(s).id() == n.new_network)
                 .map(|network_secret| {
                     let token = JoinToken {
@@ -573,7 +554,7 @@ impl Client {
                 .ok()
                 .and_then(|_| {
                     let invited = Invited {
-                        coordinator_key: BASE64.encode(&cred.coordinator_key()),
+                        coordinator_key: CoordinatorKey(cred.coordinator_key()),
                         endpoints: cred.endpoints().to_vec(),
                         prefix: cred.prefix(),
                         network: n.new_network,
@@ -771,7 +752,7 @@ mod tests {
         ServerMsg::Registered {
             heartbeat_s: 10,
             relay_id: 5,
-            relay_secret: BASE64.encode(&[3u8; 16]),
+            relay_secret: RelaySecret([3u8; 16]),
             peers,
         }
     }
@@ -848,7 +829,7 @@ mod tests {
             actions[0],
             Action::BindRelay {
                 relay_id: 5,
-                secret: [3; 16]
+                secret: RelaySecret([3; 16])
             },
             "the relay is bound before any peer is handled"
         );
@@ -997,17 +978,6 @@ mod tests {
         w.client.connected(at(&w, 0), b"h", None, vec![]);
         let a = w.client.handle(at(&w, 1), ServerMsg::HeartbeatAck);
         assert!(matches!(a[..], [Action::End(End::Lost(_))]));
-        w.client.connected(at(&w, 0), b"h", None, vec![]);
-        let bad_secret = ServerMsg::Registered {
-            heartbeat_s: 10,
-            relay_id: 1,
-            relay_secret: "bm90IDE2".into(),
-            peers: 0,
-        };
-        assert!(matches!(
-            w.client.handle(at(&w, 1), bad_secret)[..],
-            [Action::End(End::Lost(_))]
-        ));
     }
 
     #[test]
@@ -1063,15 +1033,15 @@ mod tests {
             .unwrap();
         let redeemer = key_of([6; 32]);
         let signing = a2a_proto::membership::node_signing_key(&[6; 32]);
-        let signing_key = BASE64.encode(signing.verifying_key().as_bytes());
-        let request = |proof: String| ServerMsg::RedeemRequest {
+        let signing_key = SignerId::from(signing.verifying_key());
+        let request = |proof: InviteProof| ServerMsg::RedeemRequest {
             ticket: 77,
-            invite: id.clone(),
+            invite: id,
             node_key: redeemer,
-            signing_key: signing_key.clone(),
+            signing_key,
             proof,
         };
-        let a = w.client.handle(at(&w, 10), request("forged".into()));
+        let a = w.client.handle(at(&w, 10), request(InviteProof([0; 32])));
         assert!(matches!(
             &a[0],
             Action::Send(ClientMsg::InviteDeny { ticket: 77, .. })
@@ -1090,7 +1060,7 @@ mod tests {
         assert_eq!(network, w.member.credential().network_id());
         assert!(MemberCert::open(&cert, &network).is_ok());
         assert!(
-            a.contains(&Action::Send(ClientMsg::InviteClose { id: id.clone() })),
+            a.contains(&Action::Send(ClientMsg::InviteClose { id })),
             "used up: closed at the coordinator"
         );
         let a = w
@@ -1151,7 +1121,7 @@ mod tests {
             let mut carried = Vec::new();
             if carry_me {
                 let carry = Carry::Secret {
-                    secret: BASE64.encode(&new_secret),
+                    secret: a2a_proto::keys::NetworkSecret(new_secret),
                 };
                 carried.push(RotationNotice::seal(
                     &rotator,

@@ -7,8 +7,10 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use a2a_proto::invite::{InviteCode, InviteId};
+use a2a_proto::invite::{InviteCode, InviteId, InviteProof};
+use a2a_proto::keys::SignerId;
 use a2a_proto::membership::{Revocation, Signed};
+use a2a_proto::sync::lock;
 use a2a_proto::{Credential, NodeKey};
 
 use a2a_proto::membership::Invited;
@@ -91,7 +93,7 @@ impl InviteBook {
         }
         let id = code.id();
         self.open.insert(
-            id.clone(),
+            id,
             OpenInvite {
                 code,
                 uses_left: uses,
@@ -106,10 +108,10 @@ impl InviteBook {
     /// whether the invite is now used up (to close it at the coordinator).
     pub fn redeem(
         &mut self,
-        id: &str,
+        id: &InviteId,
         node_key: &NodeKey,
-        signing_key: &str,
-        proof: &str,
+        signing_key: &SignerId,
+        proof: &InviteProof,
         now_ms: u64,
     ) -> Result<(InviteCode, bool), Denial> {
         let invite = self.open.get_mut(id).ok_or(Denial::Unknown)?;
@@ -117,10 +119,8 @@ impl InviteBook {
             self.open.remove(id);
             return Err(Denial::Expired);
         }
-        if !constant_time_eq(
-            invite.code.proof(node_key, signing_key).as_bytes(),
-            proof.as_bytes(),
-        ) {
+        // Constant time (`InviteProof`'s `==`).
+        if invite.code.proof(node_key, signing_key) != *proof {
             return Err(Denial::BadProof);
         }
         if invite.uses_left == 0 {
@@ -141,7 +141,7 @@ impl InviteBook {
             .open
             .iter()
             .filter(|(_, i)| i.expires_ms <= now_ms)
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| *id)
             .collect();
         for id in &gone {
             self.open.remove(id);
@@ -153,10 +153,6 @@ impl InviteBook {
     pub fn ids(&self) -> Vec<InviteId> {
         self.open.keys().cloned().collect()
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Node keys removed from the network, with the signed revocations that prove it.
@@ -189,10 +185,6 @@ pub struct MemberState {
     revoked: Mutex<RevokedList>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl MemberState {
     /// Starts with `credential` and the revocations saved for its network (others are
     /// ignored).
@@ -213,16 +205,13 @@ impl MemberState {
     }
 
     pub fn credential(&self) -> Arc<Credential> {
-        self.credential
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        a2a_proto::sync::read(&self.credential).clone()
     }
 
     /// Moves to a new network's credential: revocations and invites of the old one are void
     /// (the caller saves the new membership and the empty revocation list).
     pub fn replace_credential(&self, credential: Arc<Credential>, join_text: String) {
-        *self.credential.write().unwrap_or_else(|p| p.into_inner()) = credential;
+        *a2a_proto::sync::write(&self.credential) = credential;
         *lock(&self.join_text) = join_text;
         *lock(&self.invites) = InviteBook::default();
         *lock(&self.revoked) = RevokedList::default();
@@ -277,16 +266,23 @@ mod tests {
         }
     }
 
+    fn s() -> SignerId {
+        a2a_proto::membership::node_signing_key(&[1; 32])
+            .verifying_key()
+            .into()
+    }
+
     #[test]
     fn a_one_time_invite_admits_exactly_one() {
         let mut book = InviteBook::default();
         let c = code(1);
         let id = book.open(c.clone(), 1, 10_000, 0).unwrap();
         let (a, b) = (NodeKey([1; 32]), NodeKey([2; 32]));
-        let (_, used_up) = book.redeem(&id, &a, "s", &c.proof(&a, "s"), 5).unwrap();
+        let (_, used_up) = book.redeem(&id, &a, &s(), &c.proof(&a, &s()), 5).unwrap();
         assert!(used_up);
         assert_eq!(
-            book.redeem(&id, &b, "s", &c.proof(&b, "s"), 5).unwrap_err(),
+            book.redeem(&id, &b, &s(), &c.proof(&b, &s()), 5)
+                .unwrap_err(),
             Denial::Unknown
         );
     }
@@ -299,30 +295,30 @@ mod tests {
         let k = |n| NodeKey([n; 32]);
         // A proof made for another key does not pass (what a coordinator replaying it sends).
         assert_eq!(
-            book.redeem(&id, &k(9), "s", &c.proof(&k(1), "s"), 1)
+            book.redeem(&id, &k(9), &s(), &c.proof(&k(1), &s()), 1)
                 .unwrap_err(),
             Denial::BadProof
         );
         assert!(
             !book
-                .redeem(&id, &k(1), "s", &c.proof(&k(1), "s"), 1)
+                .redeem(&id, &k(1), &s(), &c.proof(&k(1), &s()), 1)
                 .unwrap()
                 .1
         );
         assert!(
-            book.redeem(&id, &k(2), "s", &c.proof(&k(2), "s"), 2)
+            book.redeem(&id, &k(2), &s(), &c.proof(&k(2), &s()), 2)
                 .unwrap()
                 .1
         );
         assert_eq!(
-            book.redeem(&id, &k(3), "s", &c.proof(&k(3), "s"), 3)
+            book.redeem(&id, &k(3), &s(), &c.proof(&k(3), &s()), 3)
                 .unwrap_err(),
             Denial::Unknown
         );
         let c = code(3);
         let id = book.open(c.clone(), 5, 1000, 0).unwrap();
         assert_eq!(
-            book.redeem(&id, &k(1), "s", &c.proof(&k(1), "s"), 1000)
+            book.redeem(&id, &k(1), &s(), &c.proof(&k(1), &s()), 1000)
                 .unwrap_err(),
             Denial::Expired
         );

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use a2a_proto::disco::DiscoKey;
 use a2a_proto::membership::MemberCert;
+use a2a_proto::sync::lock;
 use a2a_proto::{NodeKey, NodeRecord};
 use arc_swap::ArcSwap;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -76,10 +77,6 @@ pub struct Peer {
     direct_rx_ms: AtomicU64,
     /// When the path finder was last told of data from another address (ms since the epoch).
     seen_elsewhere_ms: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Peer {

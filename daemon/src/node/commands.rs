@@ -7,13 +7,13 @@ use std::time::Duration;
 use a2a_proto::api::{NetcheckReport, PeerStatus, PingResult, SelfStatus, Status};
 use a2a_proto::control::ClientMsg;
 use a2a_proto::invite::InviteCode;
-use a2a_proto::keys::{REVOKE_CONTEXT, ROTATE_CONTEXT};
+use a2a_proto::keys::{NetworkSecret, REVOKE_CONTEXT, ROTATE_CONTEXT};
 use a2a_proto::membership::{issue_cert, Carry, Revocation, RotationNotice, Signed};
 use a2a_proto::overlay::{derive_ip, is_host_in};
 use a2a_proto::record::{sanitize_name, validate_name};
+use a2a_proto::time::now_ms;
 use a2a_proto::{Credential, JoinToken, NetworkId, NetworkKey, NodeKey};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use data_encoding::BASE64;
 use tokio::sync::{oneshot, Mutex};
 
 use crate::core::control::Registration;
@@ -34,13 +34,6 @@ fn saved_network(m: &Membership) -> Option<NetworkId> {
             .ok()
             .map(|t| NetworkKey::derive(&t.network_secret).id()),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Why a command failed: the variants callers tell apart, and every other failure with its
@@ -624,21 +617,11 @@ impl<P: Platform> Daemon<P> {
             let info = p.info();
             let carry = match &info.cert {
                 None => Carry::Secret {
-                    secret: BASE64.encode(&new_token.network_secret),
+                    secret: NetworkSecret(new_token.network_secret),
                 },
-                Some(cert) => {
-                    let Some(signing) = BASE64
-                        .decode(cert.signing_key.as_bytes())
-                        .ok()
-                        .and_then(|v| <[u8; 32]>::try_from(v).ok())
-                        .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
-                    else {
-                        continue;
-                    };
-                    Carry::Cert {
-                        cert: issue_cert(&new_key, p.key, &signing, cert.invite.clone(), now),
-                    }
-                }
+                Some(cert) => Carry::Cert {
+                    cert: issue_cert(&new_key, p.key, cert.signing_key, cert.invite, now),
+                },
             };
             carried.push(RotationNotice::seal(&own, p.key, &new_key.id(), &carry));
             names.push(info.name);

@@ -13,10 +13,12 @@ use std::time::Duration;
 
 use a2a_proto::control::{ClientMsg, ServerMsg};
 use a2a_proto::invite::{InviteAnswer, InviteCode};
+use a2a_proto::keys::{CoordinatorKey, RelaySecret, SignerId};
 use a2a_proto::membership::{node_signing_key, Invited};
-use a2a_proto::noise_channel::{handshake_initiator, FrameReader, FrameWriter, Incoming};
+use a2a_proto::noise_channel::{
+    handshake_initiator, FrameReader, FrameWriter, HandshakeError, Incoming,
+};
 use a2a_proto::{Credential, NodeKey};
-use data_encoding::BASE64;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 
@@ -120,10 +122,8 @@ impl<P: Platform> ControlTask<P> {
         );
         let est = match handshake {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return End::Refused(e.to_string())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(e @ HandshakeError::Refused) => return End::Refused(e.to_string()),
+            Err(HandshakeError::Closed) => {
                 return End::ClosedInHandshake(format!(
                     "coordinator {coordinator} closed the connection during the handshake"
                 ))
@@ -314,7 +314,7 @@ pub async fn redeem_invite<C: Connector>(
         boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(*node_private))
             .to_bytes(),
     );
-    let signing_key = BASE64.encode(node_signing_key(node_private).verifying_key().as_bytes());
+    let signing_key = SignerId::from(node_signing_key(node_private).verifying_key());
     let (r, w) = tokio::io::split(stream);
     let (mut reader, mut writer) = est.split(r, w);
     writer
@@ -347,7 +347,7 @@ pub async fn redeem_invite<C: Connector>(
         );
     };
     let invited = Invited {
-        coordinator_key: BASE64.encode(&code.coordinator_key),
+        coordinator_key: CoordinatorKey(code.coordinator_key),
         endpoints: code.endpoints.clone(),
         prefix,
         network,
@@ -403,7 +403,7 @@ async fn bind_loop<P: Platform>(
     underlay: Arc<P::Underlay>,
     port: u16,
     link: Arc<RelayLink>,
-    relay: (u32, [u8; 16]),
+    relay: (u32, RelaySecret),
     addrs: watch::Sender<(Option<SocketAddr>, Vec<SocketAddr>)>,
 ) {
     let mut every = tokio::time::interval(BIND_EVERY);
@@ -471,7 +471,7 @@ async fn read_loop<P: Platform>(
                 }
             }
             Err(e) => {
-                let _ = msgs.send(Err(e)).await;
+                let _ = msgs.send(Err(e.into())).await;
                 return;
             }
         }

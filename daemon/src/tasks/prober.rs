@@ -33,7 +33,7 @@ pub struct Prober {
 impl Prober {
     /// A reply arrived from `from`: completes the probe with that nonce sent to `from`.
     pub fn answered(&self, nonce: [u8; 8], from: SocketAddr, observed: SocketAddr) {
-        let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = a2a_proto::sync::lock(&self.waiting);
         if w.get(&nonce).is_some_and(|(to, ..)| *to == from) {
             if let Some((_, sent, tx)) = w.remove(&nonce) {
                 let _ = tx.send(Answer {
@@ -50,7 +50,7 @@ impl Prober {
         &self,
         udp: &impl UdpTransport,
         to: SocketAddr,
-        bind: Option<(u32, [u8; 16])>,
+        bind: Option<(u32, a2a_proto::keys::RelaySecret)>,
         tries: u32,
         timeout: Duration,
     ) -> Option<Answer> {
@@ -68,7 +68,7 @@ impl Prober {
             let len = msg.encode(&mut buf);
             let (tx, rx) = oneshot::channel();
             {
-                let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                let mut w = a2a_proto::sync::lock(&self.waiting);
                 if w.len() >= MAX_WAITING {
                     let t = now();
                     w.retain(|_, (_, sent, _)| {
@@ -79,10 +79,7 @@ impl Prober {
             }
             let _ = udp.send(&buf[..len], len, to).await;
             let got = tokio::time::timeout(timeout, rx).await;
-            self.waiting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&nonce);
+            a2a_proto::sync::lock(&self.waiting).remove(&nonce);
             if let Ok(Ok(answer)) = got {
                 return Some(answer);
             }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use a2a_netns_tests::garbage::Rng;
 use a2a_proto::control::ClientMsg;
-use a2a_proto::noise_channel::handshake_initiator;
+use a2a_proto::noise_channel::{handshake_initiator, HandshakeError};
 use a2a_proto::{JoinToken, NetworkId, SignedRecord};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -403,7 +403,7 @@ async fn full(target: SocketAddr, coordinator_key: [u8; 32], stats: &Stats) {
     .await;
     let est = match hs {
         Ok(Ok(e)) => e,
-        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+        Ok(Err(HandshakeError::Io(e))) if e.kind() == io::ErrorKind::ConnectionReset => {
             return stats.bump("full_reset_in_handshake")
         }
         Ok(Err(_)) => return stats.bump("full_handshake_failed"),
@@ -415,7 +415,10 @@ async fn full(target: SocketAddr, coordinator_key: [u8; 32], stats: &Stats) {
     let network = NetworkId(rng.bytes(32).try_into().expect("32 bytes"));
     let register = ClientMsg::Register {
         network,
-        proof: "bm90IGEgcHJvb2Y=".into(),
+        // Well-formed, so the coordinator gets as far as verifying it (and refuses it).
+        proof: Some(a2a_proto::keys::Signature(
+            rng.bytes(64).try_into().expect("64 bytes"),
+        )),
         record: SignedRecord {
             body: "{\"node_key\":\"garbage\"}".into(),
             sig: "bm90IGEgc2lnbmF0dXJl".into(),
@@ -483,7 +486,7 @@ async fn member_session(
     writer
         .send(&ClientMsg::Register {
             network: network_key.id(),
-            proof: data_encoding::BASE64.encode(&proof),
+            proof: Some(a2a_proto::keys::Signature(proof)),
             record,
         })
         .await?;

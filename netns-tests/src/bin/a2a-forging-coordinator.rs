@@ -106,8 +106,8 @@ impl Tamper for Forger {
         let cert = issue_cert(
             &self.rogue,
             NodeKey([0x33; 32]),
-            &signer.verifying_key(),
-            "00".into(),
+            signer.verifying_key().into(),
+            a2a_proto::invite::InviteId([0; 16]),
             1,
         );
         out.push(peer_up(

@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use a2a_proto::addr::canonical;
 use a2a_proto::udp::{
     classify, is_disco, parse_relay_data, A2aDatagram, DatagramKind, RELAY_HEADER_LEN,
 };
@@ -288,16 +289,5 @@ impl<P: Platform> DataPlane<P> {
                 _ => break,
             }
         }
-    }
-}
-
-/// An IPv4-mapped IPv6 address as plain IPv4.
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), addr.port()),
-            None => addr,
-        },
-        IpAddr::V4(_) => addr,
     }
 }
