@@ -19,7 +19,7 @@
 //! The modules, each depending only on those listed before it:
 //! - `timing`: [`in_ci`], [`report`], [`poll`], [`wait_for`], [`wait_until`];
 //! - `process`: the binaries ([`Bins`]), commands with a time limit ([`Output`],
-//!   [`run_host`]), background processes ([`Proc`]), [`require_tool`];
+//!   [`run_host`]), background processes ([`Proc`]), [`require_tool`] and [`require_tools`];
 //! - [`garbage`]: hostile bytes;
 //! - `topology`: [`Lab`], namespaces ([`Ns`]), NAT routers ([`Router`], [`Nat`]);
 //! - `services`: programs run in a namespace (HTTP server, curl, ping, iperf3);
@@ -44,7 +44,7 @@ pub use capture::Capture;
 pub use checks::{assert_private_files, in_prefix};
 pub use coordinator::{CoordOpts, Coordinator, COORDINATOR_PORT, DEFAULT_PREFIX};
 pub use node::{Node, NODE_PORT, OVERLAY_TIMEOUT};
-pub use process::{require_tool, run_host, Bins, Output, Proc};
+pub use process::{require_tool, require_tools, run_host, Bins, Output, Proc};
 pub use services::{HttpServer, HTTP_PORT, IPERF_PORT};
 pub use status::{PeerStatus, SelfStatus, Status};
 pub use timing::{in_ci, poll, report, wait_for, wait_until};

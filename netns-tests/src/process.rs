@@ -122,21 +122,37 @@ fn newest_mtime(dir: &Path) -> Option<SystemTime> {
     newest
 }
 
-/// Panics unless `tool` is on `PATH`, naming the Debian package that has it: call it at the
-/// start of a test (after [`Lab::new`](crate::Lab::new), so that a test skipped for want of
-/// root does not fail for want of a tool), before anything waits on the tool. `./run-tests`
-/// installs every package the tests need.
+/// Panics unless `tool` is on `PATH`, naming the Debian package that has it. See
+/// [`require_tools`].
 #[track_caller]
 pub fn require_tool(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
-        .unwrap_or(false);
-    if !found {
-        panic!(
-            "`{tool}` is not installed: this test needs the `{package}` package \
-             (`apt-get install {package}`, or run ./run-tests, which installs what the tests need)"
-        );
+    require_tools(&[(tool, package)]);
+}
+
+/// Panics unless every `(tool, Debian package)` is on `PATH`, naming all the missing packages
+/// and the command that installs them. Call it at the start of a test, after
+/// [`Lab::new`](crate::Lab::new) (so that a test skipped for want of root does not fail for
+/// want of a tool) and before anything waits on a tool. `./run-tests` installs every package
+/// the tests need.
+#[track_caller]
+pub fn require_tools(tools: &[(&str, &str)]) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let on_path = |tool: &str| std::env::split_paths(&path).any(|p| p.join(tool).is_file());
+    let missing: Vec<&(&str, &str)> = tools.iter().filter(|(t, _)| !on_path(t)).collect();
+    if missing.is_empty() {
+        return;
     }
+    let tools: Vec<String> = missing.iter().map(|(t, _)| format!("`{t}`")).collect();
+    let mut packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+    packages.sort_unstable();
+    packages.dedup();
+    panic!(
+        "{} not installed: this test needs the Debian package(s) {} \
+         (`apt-get install {}`, or run ./run-tests, which installs what the tests need)",
+        tools.join(", "),
+        packages.join(", "),
+        packages.join(" ")
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -458,6 +474,26 @@ pub(crate) fn command_in(ns: Option<&str>, args: &[&str]) -> Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_tool_names_its_package() {
+        require_tools(&[("sh", "dash")]);
+        let err = std::panic::catch_unwind(|| {
+            require_tools(&[
+                ("sh", "dash"),
+                ("a2a-no-such-tool", "a2a-no-such-package"),
+                ("a2a-no-such-tool-either", "a2a-no-such-package"),
+            ])
+        })
+        .expect_err("a missing tool panics");
+        let msg = err.downcast_ref::<String>().expect("a formatted message");
+        assert!(msg.contains("`a2a-no-such-tool`"), "{msg}");
+        assert!(
+            msg.contains("apt-get install a2a-no-such-package`"),
+            "{msg}"
+        );
+        assert!(!msg.contains("dash"), "{msg}");
+    }
 
     #[test]
     fn output_tail_and_truncate() {

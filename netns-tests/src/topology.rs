@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use crate::process::{
-    command_in, require_tool, run_to_completion, tail, truncate, Bins, Output, Proc,
+    command_in, require_tools, run_to_completion, tail, truncate, Bins, Output, Proc,
 };
 use crate::timing::{in_ci, report};
 
@@ -161,9 +161,12 @@ impl Lab {
         }
         // Everything that can panic comes before the first namespace exists.
         let bins = Bins::locate();
-        require_tool("curl", "curl");
-        require_tool("python3", "python3");
-        require_tool("ping", "iputils-ping");
+        // What every lab uses: `ip` (checked below), HTTP servers and clients, ping.
+        require_tools(&[
+            ("curl", "curl"),
+            ("python3", "python3"),
+            ("ping", "iputils-ping"),
+        ]);
         STALE_CLEANUP.call_once(cleanup_stale_namespaces);
         let probe = Command::new("ip")
             .args(["netns", "add", &format!("{name}-hub")])
@@ -287,6 +290,7 @@ impl Lab {
     /// well as to the LAN; dropped before conntrack confirms it, such a packet leaves no entry
     /// that would clash with (and so renumber) the mapping of a LAN node punching out.
     pub fn router(&self, role: &str, nat: Nat) -> Router {
+        require_tools(&[("nft", "nftables"), ("sysctl", "procps")]);
         let ns = self.add_ns(role);
         let k = self.inner.next_host.fetch_add(1, Ordering::Relaxed);
         let lan = Ipv4Addr::new(192, 168, k as u8, 1);
@@ -350,7 +354,6 @@ impl Lab {
         );
         let file = self.inner.dir.join(format!("{role}.nft"));
         fs::write(&file, rules).expect("write nftables rules");
-        require_tool("nft", "nftables");
         ns.exec(&["nft", "-f", &file.to_string_lossy()]).expect_ok();
         Router {
             ns,

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use a2a_netns_tests::{
-    garbage, report, require_tool, wait_for, wait_until, Capture, Lab, Nat, Node, Ns, Proc, Router,
-    COORDINATOR_PORT, OVERLAY_TIMEOUT,
+    garbage, report, require_tools, wait_for, wait_until, Capture, Lab, Nat, Node, Ns, Proc,
+    Router, COORDINATOR_PORT, OVERLAY_TIMEOUT,
 };
 use data_encoding::{
     BASE32_NOPAD, BASE64, BASE64URL, BASE64URL_NOPAD, BASE64_NOPAD, HEXLOWER, HEXUPPER,
@@ -893,10 +893,12 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
     let Some(lab) = Lab::new("zero_log") else {
         return;
     };
-    require_tool("strace", "strace");
-    require_tool("tcpdump", "tcpdump");
-    require_tool("python3", "python3");
-    require_tool("ss", "iproute2");
+    require_tools(&[
+        ("strace", "strace"),
+        ("tcpdump", "tcpdump"),
+        ("ss", "iproute2"),
+        ("nft", "nftables"),
+    ]);
     let tag = random_text(6).to_ascii_lowercase();
     let name = |n: &str| format!("{n}-{tag}");
 
