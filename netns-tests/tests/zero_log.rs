@@ -3,8 +3,8 @@
 //! through its relay, leave, fail, and while it is itself killed and restarted. See the README,
 //! "The zero-log promise", for which assertion proves which part of the promise.
 //!
-//! Needs root, `strace` and `tcpdump` (installed by `.ci/run`); under `CI=true` without root it
-//! fails instead of skipping (see [`Lab::new`]).
+//! Needs root, `strace` and `tcpdump` (installed by `./run-tests`); under `CI=true` without root
+//! it fails instead of skipping (see [`Lab::new`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
