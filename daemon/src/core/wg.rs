@@ -204,76 +204,19 @@ mod tests {
         assert_eq!(sizes.len(), 5, "{sizes:?}");
     }
 
-    /// A WireGuard handshake initiation built by hand (whitepaper §5.4.2), so that the
-    /// initiator's static key can be anything, even a point whose DH is all zeros: `ss` is the
+    /// A WireGuard handshake initiation built by hand (a2a-wg-forge), so that the initiator's
+    /// static key can be anything, even a point whose DH is all zeros: `ss` is the
     /// static-static DH as the responder computes it.
     fn forged_initiation(responder: &[u8; 32], static_public: &[u8; 32], ss: &[u8; 32]) -> Vec<u8> {
-        use blake2::digest::consts::U16;
-        use blake2::digest::{FixedOutput, KeyInit, Mac};
-        use blake2::{Blake2s256, Blake2sMac, Digest};
-        use boringtun::x25519::{PublicKey, StaticSecret};
-        use chacha20poly1305::aead::{Aead, Payload};
-        use chacha20poly1305::ChaCha20Poly1305;
-
-        fn hash(parts: &[&[u8]]) -> [u8; 32] {
-            let mut h = Blake2s256::new();
-            for p in parts {
-                Digest::update(&mut h, p);
-            }
-            h.finalize().into()
-        }
-        fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-            let mut m = <hmac::SimpleHmac<Blake2s256> as KeyInit>::new_from_slice(key).unwrap();
-            for p in parts {
-                Mac::update(&mut m, p);
-            }
-            m.finalize_fixed().into()
-        }
-        fn kdf2(ck: &[u8; 32], input: &[u8]) -> ([u8; 32], [u8; 32]) {
-            let t = hmac(ck, &[input]);
-            let ck = hmac(&t, &[&[1]]);
-            let k = hmac(&t, &[&ck, &[2]]);
-            (ck, k)
-        }
-        fn seal(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
-            let c = <ChaCha20Poly1305 as chacha20poly1305::KeyInit>::new(key.into());
-            let payload = Payload {
-                msg: plaintext,
-                aad,
-            };
-            c.encrypt(&[0u8; 12].into(), payload).unwrap()
-        }
-
-        let ck = hash(&[b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"]);
-        let h = hash(&[&ck, b"WireGuard v1 zx2c4 Jason@zx2c4.com"]);
-        let h = hash(&[&h, responder]);
-        let e = StaticSecret::random_from_rng(rand::rngs::OsRng);
-        let e_pub = PublicKey::from(&e).to_bytes();
-        let mut msg = vec![0u8; 148];
-        msg[0] = 1;
-        msg[4..8].copy_from_slice(&rand::random::<u32>().to_le_bytes());
-        msg[8..40].copy_from_slice(&e_pub);
-        let h = hash(&[&h, &e_pub]);
-        let ck = hmac(&hmac(&ck, &[&e_pub]), &[&[1]]);
-        let es = e.diffie_hellman(&PublicKey::from(*responder));
-        let (ck, k) = kdf2(&ck, es.as_bytes());
-        let enc_static = seal(&k, static_public, &h);
-        msg[40..88].copy_from_slice(&enc_static);
-        let h = hash(&[&h, &enc_static]);
-        let (_, k) = kdf2(&ck, ss);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
-        let mut tai64n = [0u8; 12];
-        tai64n[..8].copy_from_slice(&(now.as_secs() + (1 << 62) + 37).to_be_bytes());
-        tai64n[8..].copy_from_slice(&now.subsec_nanos().to_be_bytes());
-        msg[88..116].copy_from_slice(&seal(&k, &tai64n, &h));
-        let mac1_key = hash(&[b"mac1----", responder]);
-        let mut mac = <Blake2sMac<U16> as KeyInit>::new_from_slice(&mac1_key).unwrap();
-        Mac::update(&mut mac, &msg[..116]);
-        let mac1: [u8; 16] = mac.finalize_fixed().into();
-        msg[116..132].copy_from_slice(&mac1);
-        msg
+        a2a_wg_forge::initiation_with(
+            responder,
+            static_public,
+            ss,
+            rand::random(),
+            a2a_wg_forge::tai64n(std::time::SystemTime::now()),
+            None,
+        )
+        .message
     }
 
     fn record(key: &StaticSecret, ip: [u8; 4]) -> a2a_proto::NodeRecord {
