@@ -1,19 +1,10 @@
 //! a2ad: the a2a node daemon. A userspace WireGuard peer (boringtun's `noise`) behind a TUN
 //! device, joined to an a2a network through its coordinator.
 
-mod api;
-mod control;
-mod daemon;
-mod dataplane;
-mod membership;
-mod netconf;
-mod path;
-mod pathfinder;
-mod peers;
-mod prober;
-mod session;
-mod state;
-mod udpbatch;
+use a2a_daemon::io::kernel::Kernel;
+use a2a_daemon::io::state::StateDir;
+use a2a_daemon::node::session::DeviceConfig;
+use a2a_daemon::node::{api, commands::Daemon};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -131,14 +122,11 @@ async fn run(args: Args) -> Result<(), String> {
         ));
     }
     let (socket, state_dir) = a2a_proto::api::resolve_paths(args.socket, args.state_dir);
-    let device = session::DeviceConfig {
+    let device = DeviceConfig {
         interface: args.interface,
         udp_port: args.port,
     };
-    let daemon = Arc::new(daemon::Daemon::new(
-        device,
-        state::StateDir::new(&state_dir),
-    )?);
+    let daemon = Arc::new(Daemon::new(Kernel, device, StateDir::new(&state_dir))?);
     let listener = api::bind(&socket).await?;
     tracing::info!(
         "a2ad {} listening on {}",

@@ -25,7 +25,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use a2a_netns_tests::{report, wait_for, CoordOpts, Coordinator, Lab, Node, Proc, OVERLAY_TIMEOUT};
+use a2a_netns_tests::{
+    report, require_tools, wait_for, CoordOpts, Coordinator, Lab, Node, Proc, OVERLAY_TIMEOUT,
+};
 
 /// New TCP connections per second of each TCP kind (hold, half, full): 3000 a second in all.
 const TCP_RATE: u32 = 1000;
@@ -221,6 +223,7 @@ fn a_flood_from_one_address_leaves_the_coordinator_serving_others() {
     let Some(lab) = Lab::new("flood") else {
         return;
     };
+    require_tools(&[("sysctl", "procps"), ("nstat", "iproute2")]);
     let coord = lab.coordinator(CoordOpts {
         stats_interval: Some(1),
         ..Default::default()

@@ -5,20 +5,14 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use a2a_netns_tests::{report, wait_for, wait_until, CoordOpts, Lab, Node, OVERLAY_TIMEOUT};
+use a2a_netns_tests::{
+    report, require_tool, wait_for, wait_until, Capture, CoordOpts, Lab, Node, OVERLAY_TIMEOUT,
+};
 
-/// Starts `tcpdump` on the node's overlay interface, writing to a file in the lab directory.
-fn capture_overlay(lab: &Lab, node: &Node) -> (a2a_netns_tests::Proc, std::path::PathBuf) {
+/// Captures the node's overlay interface with `tcpdump`, into a file in the lab directory.
+fn capture_overlay(lab: &Lab, node: &Node) -> Capture {
     let file = lab.dir().join(format!("{}-a2a0.pcap", node.name));
-    let f = file.to_string_lossy().into_owned();
-    let p = node
-        .ns
-        .spawn("tcpdump", &["tcpdump", "-i", "a2a0", "-n", "-U", "-w", &f]);
-    // tcpdump announces itself on stderr once listening.
-    wait_until(Duration::from_secs(10), "tcpdump to listen", || {
-        p.stderr_text().contains("listening on")
-    });
-    (p, file)
+    Capture::start(&node.ns, "a2a0", file)
 }
 
 /// Source addresses of the IPv4 packets in a capture file.
@@ -44,6 +38,7 @@ fn a_forging_coordinator_adds_no_member() {
     let Some(lab) = Lab::new("forged") else {
         return;
     };
+    require_tool("tcpdump", "tcpdump");
     let coord = lab.coordinator(CoordOpts {
         forging: true,
         ..Default::default()
@@ -55,9 +50,9 @@ fn a_forging_coordinator_adds_no_member() {
     // alpha's capture starts before bravo joins, so it sees the forged member announced and
     // its handshakes sent to alpha at bravo's registration; charlie's join sends both again.
     alpha.up_ok(&coord.token);
-    let (tcpdump_a, pcap_a) = capture_overlay(&lab, &alpha);
+    let cap_a = capture_overlay(&lab, &alpha);
     bravo.up_ok(&coord.token);
-    let (tcpdump_b, pcap_b) = capture_overlay(&lab, &bravo);
+    let cap_b = capture_overlay(&lab, &bravo);
     let charlie = lab.node("charlie");
     charlie.up_ok(&coord.token);
     // Only the genuine members: never a forged one, however long we look.
@@ -114,11 +109,11 @@ fn a_forging_coordinator_adds_no_member() {
     bravo.wait_http(&alpha, Duration::from_secs(5));
 
     // No packet from anyone but the two members reached either overlay interface.
-    tcpdump_a.stop(libc::SIGINT, Duration::from_secs(5));
-    tcpdump_b.stop(libc::SIGINT, Duration::from_secs(5));
+    cap_a.stop();
+    cap_b.stop();
     let members = [alpha.overlay_ip(), bravo.overlay_ip(), charlie.overlay_ip()];
-    for (node, pcap) in [(&alpha, &pcap_a), (&bravo, &pcap_b)] {
-        let srcs = sources(node, pcap);
+    for (node, cap) in [(&alpha, &cap_a), (&bravo, &cap_b)] {
+        let srcs = sources(node, cap.file());
         assert!(
             srcs.len() >= 4,
             "{}: the capture saw almost nothing ({}), so it proves nothing",

@@ -6,8 +6,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use a2a_netns_tests::{
-    assert_private_files, garbage, in_prefix, report, wait_for, wait_until, CoordOpts, Coordinator,
-    Lab, Node, Status, DEFAULT_PREFIX, NODE_PORT, OVERLAY_TIMEOUT,
+    assert_private_files, garbage, in_prefix, report, require_tool, wait_for, wait_until,
+    CoordOpts, Coordinator, Lab, Node, Status, DEFAULT_PREFIX, NODE_PORT, OVERLAY_TIMEOUT,
 };
 
 /// Joins `node` and checks the address `a2actl up` printed against the prefix and `a2actl ip`.
@@ -99,6 +99,7 @@ fn three_nodes_on_one_segment() {
     let Some(lab) = Lab::new("three_nodes") else {
         return;
     };
+    require_tool("iperf3", "iperf3");
     let prefix = "100.77.0.0/16";
     let coord = lab.coordinator(CoordOpts {
         prefix: Some(prefix.into()),
@@ -874,6 +875,7 @@ fn mtu_fits_and_nothing_vanishes() {
     let Some(lab) = Lab::new("mtu") else {
         return;
     };
+    require_tool("iperf3", "iperf3");
     let (_coord, alpha, bravo) = two_joined_nodes(&lab);
     let b_ip = bravo.overlay_ip().to_string();
     let ping = |size: u32| {

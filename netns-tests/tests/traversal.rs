@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use a2a_netns_tests::{report, wait_for, CoordOpts, Lab, Nat, Node, OVERLAY_TIMEOUT};
+use a2a_netns_tests::{
+    report, require_tools, wait_for, CoordOpts, Lab, Nat, Node, OVERLAY_TIMEOUT,
+};
 
 /// How long a path may take to change (upgrade rounds every 5 s, fallback after 5 s silence,
 /// and one doubled wait after a flap).
@@ -46,6 +48,11 @@ fn every_kind_of_nat_pair_connects() {
     let Some(lab) = Lab::new("nat_matrix") else {
         return;
     };
+    require_tools(&[
+        ("iperf3", "iperf3"),
+        ("nft", "nftables"),
+        ("sysctl", "procps"),
+    ]);
     let coord = lab.coordinator(CoordOpts::default());
     let easy1 = lab.router("rtr-easy1", Nat::Easy);
     let easy2 = lab.router("rtr-easy2", Nat::Easy);
@@ -228,6 +235,11 @@ fn a_running_stream_survives_moves_between_relay_and_direct() {
     let Some(lab) = Lab::new("path_change") else {
         return;
     };
+    require_tools(&[
+        ("iperf3", "iperf3"),
+        ("ss", "iproute2"),
+        ("nft", "nftables"),
+    ]);
     let (_coord, [ra, rb], a, b) = blocked_pair(&lab);
     a.wait_path("bravo", "relay", PATH_TIMEOUT);
 

@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use a2a_netns_tests::{report, wait_until, CoordOpts, Lab, Node, Ns, NODE_PORT, OVERLAY_TIMEOUT};
+use a2a_netns_tests::{
+    report, require_tool, wait_until, CoordOpts, Lab, Node, Ns, NODE_PORT, OVERLAY_TIMEOUT,
+};
+use a2a_wg_forge as wg_forge;
 
 /// How long the path between two open nodes may take to become direct.
 const PATH_TIMEOUT: Duration = Duration::from_secs(25);
@@ -366,63 +369,6 @@ fn replayed_initiations_and_data_change_nothing() {
 // Handshake flood and cookies
 // ------------------------------------------------------------------------------------------
 
-/// HASH(LABEL_MAC1 || responder's public key): the key of MAC1 (whitepaper §5.4.4).
-fn mac1_key(responder: &[u8; 32]) -> [u8; 32] {
-    use blake2::{Blake2s256, Digest};
-    let mut h = Blake2s256::new();
-    h.update(b"mac1----");
-    h.update(responder);
-    h.finalize().into()
-}
-
-/// MAC(key, msg): keyed BLAKE2s with a 16-byte output.
-fn mac16(key: &[u8], msg: &[u8]) -> [u8; 16] {
-    use blake2::digest::consts::U16;
-    use blake2::digest::{FixedOutput, KeyInit, Update};
-    let mut m = <blake2::Blake2sMac<U16> as KeyInit>::new_from_slice(key).expect("key length");
-    m.update(msg);
-    m.finalize_fixed().into()
-}
-
-/// A handshake initiation from nobody: random fields, but a valid MAC1 for the responder
-/// (`mac1_key`), so it passes the first check and counts against the handshake rate limit; with
-/// a `cookie`, also a valid MAC2. Returns the message and its MAC1.
-fn flood_initiation(
-    mac1_key: &[u8; 32],
-    cookie: Option<&[u8; 16]>,
-    sender: u32,
-    rng: &mut a2a_netns_tests::garbage::Rng,
-) -> (Vec<u8>, [u8; 16]) {
-    let mut m = rng.bytes(148);
-    m[..4].copy_from_slice(&[1, 0, 0, 0]);
-    m[4..8].copy_from_slice(&sender.to_le_bytes());
-    let mac1 = mac16(mac1_key, &m[..116]);
-    m[116..132].copy_from_slice(&mac1);
-    let mac2 = cookie.map_or([0; 16], |c| mac16(c, &m[..132]));
-    m[132..].copy_from_slice(&mac2);
-    (m, mac1)
-}
-
-/// The cookie in a cookie reply to a message whose MAC1 was `mac1` (whitepaper §5.4.7):
-/// XChaCha20-Poly1305 under HASH(LABEL_COOKIE || responder's public key).
-fn open_cookie(reply: &[u8], responder: &[u8; 32], mac1: &[u8; 16]) -> Option<[u8; 16]> {
-    use blake2::{Blake2s256, Digest};
-    use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-    use chacha20poly1305::XChaCha20Poly1305;
-    let key: [u8; 32] = Blake2s256::new()
-        .chain_update(b"cookie--")
-        .chain_update(responder)
-        .finalize()
-        .into();
-    let cipher = XChaCha20Poly1305::new(&key.into());
-    let payload = Payload {
-        msg: &reply[32..64],
-        aad: mac1,
-    };
-    let cookie = cipher.decrypt(reply[8..32].into(), payload).ok()?;
-    cookie.try_into().ok()
-}
-
 /// Initiations sent every 2 ms by [`Flood`]: about 2000 a second, twenty times the rate at
 /// which a node starts demanding cookies (100 a second), and little enough for a debug build
 /// of a2ad on a shared 2-core machine to keep up with, so that what is tested is the cookie
@@ -448,8 +394,7 @@ impl Flood {
         let ns = ns.clone();
         let handle = std::thread::spawn(move || {
             ns.run_in(move || {
-                let key = mac1_key(&responder);
-                let mut rng = a2a_netns_tests::garbage::Rng::new();
+                let mut rng = rand::thread_rng();
                 let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
                 sock.set_nonblocking(true).expect("nonblocking");
                 let mut buf = [0u8; 256];
@@ -462,9 +407,14 @@ impl Flood {
                 while !s.load(Ordering::Relaxed) {
                     for _ in 0..FLOOD_BURST {
                         sender = sender.wrapping_add(1);
-                        let (m, mac1) = flood_initiation(&key, cookie.as_ref(), sender, &mut rng);
-                        mac1s[sender as usize % RECENT] = mac1;
-                        if sock.send_to(&m, target).is_ok() {
+                        let init = wg_forge::random_initiation(
+                            &responder,
+                            sender,
+                            cookie.as_ref(),
+                            &mut rng,
+                        );
+                        mac1s[sender as usize % RECENT] = init.mac1;
+                        if sock.send_to(&init.message, target).is_ok() {
                             c[0].fetch_add(1, Ordering::Relaxed);
                             if cookie.is_some() {
                                 c[2].fetch_add(1, Ordering::Relaxed);
@@ -472,14 +422,15 @@ impl Flood {
                         }
                     }
                     while let Ok((len, _)) = sock.recv_from(&mut buf) {
-                        if len != 64 || buf[0] != 3 {
+                        if len != wg_forge::COOKIE_REPLY_LEN || buf[0] != 3 {
                             continue;
                         }
                         c[1].fetch_add(1, Ordering::Relaxed);
                         if answer_cookies {
-                            let idx = u32::from_le_bytes(buf[4..8].try_into().unwrap());
+                            let reply = &buf[..len];
+                            let idx = wg_forge::receiver_index(reply).expect("a cookie reply");
                             let mac1 = &mac1s[idx as usize % RECENT];
-                            if let Some(k) = open_cookie(&buf[..64], &responder, mac1) {
+                            if let Some(k) = wg_forge::open_cookie(reply, &responder, mac1) {
                                 cookie = Some(k);
                             }
                         }
@@ -746,6 +697,7 @@ fn session_timers_rekey_reject_and_recover_in_real_time() {
     let Some(lab) = Lab::new("wg_timers") else {
         return;
     };
+    require_tool("nft", "nftables");
     let coord = lab.coordinator(CoordOpts::default());
     let alpha = lab.node("alpha");
     let bravo = lab.node("bravo");

@@ -3,8 +3,8 @@
 //! through its relay, leave, fail, and while it is itself killed and restarted. See the README,
 //! "The zero-log promise", for which assertion proves which part of the promise.
 //!
-//! Needs root, `strace` and `tcpdump` (installed by `.ci/run`); under `CI=true` without root it
-//! fails instead of skipping (see [`Lab::new`]).
+//! Needs root, `strace` and `tcpdump` (installed by `./run-tests`); under `CI=true` without root
+//! it fails instead of skipping (see [`Lab::new`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use a2a_netns_tests::{
-    garbage, poll, report, wait_for, wait_until, Lab, Nat, Node, Ns, Proc, Router,
-    COORDINATOR_PORT, OVERLAY_TIMEOUT,
+    garbage, report, require_tools, wait_for, wait_until, Capture, Lab, Nat, Node, Ns, Proc,
+    Router, COORDINATOR_PORT, OVERLAY_TIMEOUT,
 };
 use data_encoding::{
     BASE32_NOPAD, BASE64, BASE64URL, BASE64URL_NOPAD, BASE64_NOPAD, HEXLOWER, HEXUPPER,
@@ -77,16 +77,6 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for _ in range(5):
     s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
 "#;
-
-fn require_tool(tool: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "`{tool}` is not installed: install the `{tool}` package (see .ci/run)"
-    );
-}
 
 /// `n` random characters of `[A-Za-z0-9]`.
 fn random_text(n: usize) -> String {
@@ -711,75 +701,6 @@ fn control_peers(coord: &TracedCoordinator) -> Vec<SocketAddrV4> {
 // Packet captures
 // ------------------------------------------------------------------------------------------
 
-/// `tcpdump -i IFACE -w FILE` in a namespace, running until [`Capture::finish`].
-struct Capture {
-    proc: Proc,
-    file: PathBuf,
-}
-
-impl Capture {
-    fn start(ns: &Ns, iface: &str, file: PathBuf) -> Capture {
-        let f = file.to_string_lossy().into_owned();
-        // -Z root: write the file as root (Debian's tcpdump would switch to its own user);
-        // --immediate-mode and -U: each packet is written as it comes (not a buffer at a time,
-        // which would lose the last ones at exit); -B: a 32 MiB kernel buffer.
-        let proc = ns.spawn(
-            &format!("tcpdump-{iface}"),
-            &[
-                "tcpdump",
-                "-i",
-                iface,
-                "-n",
-                "-s",
-                "0",
-                "--immediate-mode",
-                "-U",
-                "-B",
-                "32768",
-                "-Z",
-                "root",
-                "-w",
-                &f,
-            ],
-        );
-        wait_until(
-            Duration::from_secs(15),
-            &format!("tcpdump on {iface} in {} to listen", ns.name),
-            || {
-                proc.assert_running();
-                proc.stderr_text().contains("listening on")
-            },
-        );
-        Capture { proc, file }
-    }
-
-    /// Waits (up to 10 s) until the capture file holds `needle`; whether it does.
-    fn wait_for(&self, needle: &[u8]) -> bool {
-        poll(Duration::from_secs(10), || {
-            if contains(&fs::read(&self.file).unwrap_or_default(), needle) {
-                Ok(())
-            } else {
-                Err(String::new())
-            }
-        })
-        .is_ok()
-    }
-
-    /// Stops tcpdump (SIGINT, so it flushes) and returns the capture and tcpdump's summary.
-    fn finish(self) -> (Vec<u8>, String) {
-        self.proc.stop(libc::SIGINT, Duration::from_secs(10));
-        let summary = self
-            .proc
-            .stderr_text()
-            .lines()
-            .filter(|l| l.contains("packets"))
-            .collect::<Vec<_>>()
-            .join("; ");
-        let data = fs::read(&self.file).expect("read the packet capture");
-        (data, summary)
-    }
-}
-
 /// Traffic to and from the coordinator's port in a capture.
 #[derive(Debug, Default)]
 struct CoordTraffic {
@@ -968,8 +889,12 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
     let Some(lab) = Lab::new("zero_log") else {
         return;
     };
-    require_tool("strace");
-    require_tool("tcpdump");
+    require_tools(&[
+        ("strace", "strace"),
+        ("tcpdump", "tcpdump"),
+        ("ss", "iproute2"),
+        ("nft", "nftables"),
+    ]);
     let tag = random_text(6).to_ascii_lowercase();
     let name = |n: &str| format!("{n}-{tag}");
 

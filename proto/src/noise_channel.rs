@@ -37,18 +37,18 @@ pub enum HandshakeError {
     /// The answer does not authenticate under the pinned key: whoever answered is not the
     /// coordinator the token (or invite code) names. Retrying cannot help.
     #[error(
-        "the coordinator failed authentication: its key does not match the one the join token          (or invite code) pins; get a new token or invite from this coordinator's network"
+        "the coordinator failed authentication: its key does not match the one the join token (or invite code) pins; get a new token or invite from this coordinator's network"
     )]
     Refused,
     /// The peer closed the connection without answering: what a coordinator that does not hold
     /// the pinned key does (it cannot read the first message), but also one that is going down.
     #[error(
-        "the coordinator closed the connection during the handshake: either it does not hold          the key the join token pins (a token of another coordinator, or its state directory          was replaced), or it is restarting"
+        "the coordinator closed the connection during the handshake: either it does not hold the key the join token pins (a token of another coordinator, or its state directory was replaced), or it is restarting"
     )]
     Closed,
     /// No answer within [`HANDSHAKE_TIMEOUT`].
     #[error(
-        "the coordinator did not answer the handshake within {}s; check that the endpoint is          an a2a coordinator and reachable",
+        "the coordinator did not answer the handshake within {}s; check that the endpoint is an a2a coordinator and reachable",
         HANDSHAKE_TIMEOUT.as_secs()
     )]
     TimedOut,

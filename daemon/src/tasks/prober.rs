@@ -8,8 +8,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use a2a_proto::udp::{A2aDatagram, MAX_A2A_DATAGRAM};
-use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
+
+use crate::io::UdpTransport;
+use crate::tasks::now;
 
 /// Outstanding probes at most (a flood of replies cannot grow the table).
 const MAX_WAITING: usize = 64;
@@ -36,7 +38,7 @@ impl Prober {
             if let Some((_, sent, tx)) = w.remove(&nonce) {
                 let _ = tx.send(Answer {
                     observed,
-                    rtt: sent.elapsed(),
+                    rtt: now().saturating_duration_since(sent),
                 });
             }
         }
@@ -46,7 +48,7 @@ impl Prober {
     /// waiting `timeout` for each answer.
     pub async fn probe(
         &self,
-        udp: &UdpSocket,
+        udp: &impl UdpTransport,
         to: SocketAddr,
         bind: Option<(u32, a2a_proto::keys::RelaySecret)>,
         tries: u32,
@@ -68,11 +70,14 @@ impl Prober {
             {
                 let mut w = a2a_proto::sync::lock(&self.waiting);
                 if w.len() >= MAX_WAITING {
-                    w.retain(|_, (_, sent, _)| sent.elapsed() < Duration::from_secs(10));
+                    let t = now();
+                    w.retain(|_, (_, sent, _)| {
+                        t.saturating_duration_since(*sent) < Duration::from_secs(10)
+                    });
                 }
-                w.insert(nonce, (to, Instant::now(), tx));
+                w.insert(nonce, (to, now(), tx));
             }
-            let _ = udp.send_to(&buf[..len], to).await;
+            let _ = udp.send(&buf[..len], len, to).await;
             let got = tokio::time::timeout(timeout, rx).await;
             a2a_proto::sync::lock(&self.waiting).remove(&nonce);
             if let Ok(Ok(answer)) = got {

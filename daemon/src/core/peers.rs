@@ -1,5 +1,5 @@
 //! The peer table: one WireGuard tunnel (`boringtun::noise::Tunn`) per member of the network,
-//! found by overlay address (TUN→UDP), by session index or key (UDP→TUN).
+//! found by overlay address (TUN→UDP), by receiver index or key (UDP→TUN).
 //!
 //! Readers on the packet path load an immutable snapshot (`ArcSwap`), so they never take a
 //! table-wide lock; each peer's tunnel has its own lock. Writers (the control client) build a
@@ -47,7 +47,8 @@ pub struct PeerInfo {
     pub cert: Option<MemberCert>,
 }
 
-use crate::path::{PathState, Route};
+use crate::core::limit::PerSecond;
+use crate::core::path::{PathState, Route};
 
 /// What the packet path reads to send to a peer: a copy of its path state's decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +60,7 @@ pub struct SendRoute {
 
 pub struct Peer {
     pub key: NodeKey,
-    /// The 24-bit index boringtun puts in the upper bits of this peer's session indices.
+    /// The 24-bit index boringtun puts in the upper bits of this peer's WireGuard indices.
     pub index: u32,
     tunn: Mutex<Tunn>,
     /// The overlay address, also in `info`; kept apart so the receive path checks inner
@@ -103,14 +104,17 @@ impl Peer {
         self.relay_id.store(id, Ordering::Relaxed);
     }
 
-    /// The path state; hold the guard briefly and call [`publish_route`](Self::publish_route)
-    /// after changing it.
-    pub fn path(&self) -> MutexGuard<'_, PathState> {
-        lock(&self.path)
+    /// Runs `f` on the path state (briefly: it is locked meanwhile); the route the packet path
+    /// reads follows whatever `f` decided, so the two can never disagree.
+    pub fn with_path<R>(&self, f: impl FnOnce(&mut PathState) -> R) -> R {
+        let mut path = lock(&self.path);
+        let r = f(&mut path);
+        self.publish_route(&path);
+        r
     }
 
     /// Copies the path state's decision to where the packet path reads it.
-    pub fn publish_route(&self, path: &PathState) {
+    fn publish_route(&self, path: &PathState) {
         let r = SendRoute {
             route: path.route(),
             fallback: path.fallback(),
@@ -179,6 +183,32 @@ pub enum Routed {
     UnknownPeer,
 }
 
+/// How a datagram reached us, and so how to answer it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Via {
+    Direct(SocketAddr),
+    /// Through the relay, from the peer with this relay id.
+    Relay(u32),
+}
+
+impl Via {
+    /// Who sent it, for the per-source handshake limit.
+    pub fn source(self) -> Source {
+        match self {
+            Via::Direct(addr) => Source::Addr(addr.ip()),
+            Via::Relay(id) => Source::Relay(id),
+        }
+    }
+
+    /// The address it came from, when it came directly.
+    pub fn direct(self) -> Option<SocketAddr> {
+        match self {
+            Via::Direct(a) => Some(a),
+            Via::Relay(_) => None,
+        }
+    }
+}
+
 /// Who sent a datagram, for the per-source handshake limit: its underlay address, or, when
 /// relayed (all relayed datagrams come from the coordinator's address), its relay id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -207,12 +237,13 @@ pub struct PeerTable {
     /// [`reset_handshake_limits`]: PeerTable::reset_handshake_limits
     handshakes: AtomicU64,
     /// Under load: handshake messages let through per source since the last reset.
-    per_source: Mutex<HashMap<Source, u32>>,
+    per_source: Mutex<PerSecond<Source>>,
     epoch: Instant,
 }
 
 impl PeerTable {
-    pub fn new(own_secret: StaticSecret) -> Self {
+    /// A table for the node with `own_secret`, its clock starting at `now`.
+    pub fn new(own_secret: StaticSecret, now: Instant) -> Self {
         let own_public = PublicKey::from(&own_secret);
         PeerTable {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
@@ -221,9 +252,9 @@ impl PeerTable {
             own_secret,
             rate_limiter: Arc::new(RateLimiter::new(&own_public, HANDSHAKE_RATE_LIMIT)),
             handshakes: AtomicU64::new(0),
-            per_source: Mutex::new(HashMap::new()),
+            per_source: Mutex::new(PerSecond::new(HANDSHAKES_PER_SOURCE)),
             // Back-dated so that "ms since epoch" is never 0 (0 means "never").
-            epoch: Instant::now() - Duration::from_millis(1),
+            epoch: now - Duration::from_millis(1),
         }
     }
 
@@ -231,9 +262,9 @@ impl PeerTable {
         self.epoch
     }
 
-    /// Milliseconds since the epoch, for [`Peer::heard_direct`].
-    pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    /// `now` in milliseconds since the epoch, for [`Peer::heard_direct`].
+    pub fn ms_since_epoch(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     pub fn own_key(&self) -> NodeKey {
@@ -249,7 +280,7 @@ impl PeerTable {
     pub fn reset_handshake_limits(&self) {
         self.rate_limiter.reset_count();
         self.handshakes.store(0, Ordering::Relaxed);
-        lock(&self.per_source).clear();
+        lock(&self.per_source).reset();
     }
 
     pub fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Peer>> {
@@ -260,7 +291,7 @@ impl PeerTable {
         self.snapshot.load().by_key.get(key).cloned()
     }
 
-    /// The peer owning a session index from a WireGuard message's receiver field.
+    /// The peer owning an index from a WireGuard message's receiver field.
     pub fn by_receiver_index(&self, receiver_idx: u32) -> Option<Arc<Peer>> {
         self.snapshot
             .load()
@@ -296,10 +327,7 @@ impl PeerTable {
         if under_load {
             // Its MAC2 is valid (boringtun, under load too, checked it): the sender can receive
             // at its address, but may not make us do handshakes at any rate.
-            let mut per_source = lock(&self.per_source);
-            let n = per_source.entry(source).or_insert(0);
-            *n += 1;
-            if *n > HANDSHAKES_PER_SOURCE {
+            if !lock(&self.per_source).allow(source) {
                 return Routed::RateLimited;
             }
         }
@@ -319,15 +347,25 @@ impl PeerTable {
         }
     }
 
+    /// The peer a user names: by its name, overlay address or public key (base64).
+    pub fn find(&self, target: &str) -> Option<Arc<Peer>> {
+        self.all().into_iter().find(|p| {
+            p.info().name == target || p.ip().to_string() == target || p.key.to_base64() == target
+        })
+    }
+
     pub fn all(&self) -> Vec<Arc<Peer>> {
         let mut v: Vec<_> = self.snapshot.load().by_key.values().cloned().collect();
         v.sort_by_key(|p| p.ip());
         v
     }
 
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.snapshot.load().by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn rebuild(&self, mutate: impl FnOnce(&mut HashMap<NodeKey, Arc<Peer>>)) {
@@ -344,7 +382,7 @@ impl PeerTable {
     }
 
     /// Applies a record whose signature (and certificate, if any) the caller has verified.
-    pub fn apply(&self, record: NodeRecord, cert: Option<MemberCert>) -> Applied {
+    pub fn apply(&self, now: Instant, record: NodeRecord, cert: Option<MemberCert>) -> Applied {
         if record.node_key == self.own_key {
             return Applied::IsSelf;
         }
@@ -378,13 +416,13 @@ impl PeerTable {
             }
             {
                 let mut path = lock(&peer.path);
-                path.set_candidates(Instant::now(), info.candidates.clone());
+                path.set_candidates(now, info.candidates.clone());
                 peer.publish_route(&path);
             }
             self.rebuild(|_| {});
             return Applied::Updated;
         }
-        // boringtun puts this 24-bit index in the upper bits of every session index of the
+        // boringtun puts this 24-bit index in the upper bits of every WireGuard index of the
         // peer, in clear in every packet: a random one (unique here) says nothing about how many
         // peers this node has or in which order they came, nor ties its tunnels together, as
         // consecutive indices would.
@@ -402,7 +440,7 @@ impl PeerTable {
             index,
             Some(self.rate_limiter.clone()),
         );
-        let path = PathState::new(Instant::now(), info.candidates.clone());
+        let path = PathState::new(now, info.candidates.clone());
         let peer = Arc::new(Peer {
             key: record.node_key,
             index,
@@ -462,17 +500,32 @@ mod tests {
 
     #[test]
     fn adds_updates_and_drops_stale_records() {
-        let t = PeerTable::new(key(1).0);
-        assert_eq!(t.apply(record(1, "100.64.0.1", 1), None), Applied::IsSelf);
-        assert_eq!(t.apply(record(2, "100.64.0.2", 5), None), Applied::Added);
-        assert_eq!(t.apply(record(2, "100.64.0.2", 5), None), Applied::Stale);
-        assert_eq!(t.apply(record(2, "100.64.0.2", 4), None), Applied::Stale);
+        let t = PeerTable::new(key(1).0, Instant::now());
+        assert_eq!(
+            t.apply(Instant::now(), record(1, "100.64.0.1", 1), None),
+            Applied::IsSelf
+        );
+        assert_eq!(
+            t.apply(Instant::now(), record(2, "100.64.0.2", 5), None),
+            Applied::Added
+        );
+        assert_eq!(
+            t.apply(Instant::now(), record(2, "100.64.0.2", 5), None),
+            Applied::Stale
+        );
+        assert_eq!(
+            t.apply(Instant::now(), record(2, "100.64.0.2", 4), None),
+            Applied::Stale
+        );
         assert_eq!(t.len(), 1);
         let p = t.by_ip("100.64.0.2".parse().unwrap()).unwrap();
         assert_eq!(p.route().route, Route::Relay, "traffic starts on the relay");
         assert_eq!(p.route().fallback, Some("10.0.0.2:51820".parse().unwrap()));
         // A newer record moves the address; lookups follow.
-        assert_eq!(t.apply(record(2, "100.64.0.9", 6), None), Applied::Updated);
+        assert_eq!(
+            t.apply(Instant::now(), record(2, "100.64.0.9", 6), None),
+            Applied::Updated
+        );
         assert!(t.by_ip("100.64.0.2".parse().unwrap()).is_none());
         let p2 = t.by_ip("100.64.0.9".parse().unwrap()).unwrap();
         assert!(Arc::ptr_eq(&p, &p2), "the tunnel survives a record update");
@@ -485,10 +538,13 @@ mod tests {
 
     #[test]
     fn an_address_held_by_another_peer_is_refused() {
-        let t = PeerTable::new(key(1).0);
-        assert_eq!(t.apply(record(2, "100.64.0.2", 1), None), Applied::Added);
+        let t = PeerTable::new(key(1).0, Instant::now());
         assert_eq!(
-            t.apply(record(3, "100.64.0.2", 1), None),
+            t.apply(Instant::now(), record(2, "100.64.0.2", 1), None),
+            Applied::Added
+        );
+        assert_eq!(
+            t.apply(Instant::now(), record(3, "100.64.0.2", 1), None),
             Applied::AddressConflict
         );
         assert_eq!(t.len(), 1);
@@ -496,8 +552,8 @@ mod tests {
 
     #[test]
     fn data_refreshes_only_the_direct_path() {
-        let t = PeerTable::new(key(1).0);
-        t.apply(record(2, "100.64.0.2", 1), None);
+        let t = PeerTable::new(key(1).0, Instant::now());
+        t.apply(Instant::now(), record(2, "100.64.0.2", 1), None);
         let p = t.by_key(&key(2).1).unwrap();
         let addr: SocketAddr = "10.0.0.2:51820".parse().unwrap();
         assert!(
@@ -505,16 +561,14 @@ mod tests {
             "relayed: the path finder must look"
         );
         assert_eq!(p.last_direct_rx(t.epoch()), None);
-        {
-            let mut path = p.path();
+        p.with_path(|path| {
             let now = Instant::now();
             let mut probes = Vec::new();
             path.tick(now, None, &mut probes);
             path.on_pong(now, probes[0].tx, Some(addr)).unwrap();
             let c = path.confirm_probe(now, addr);
             path.on_pong(now, c.tx, Some(addr)).unwrap();
-            p.publish_route(&path);
-        }
+        });
         assert_eq!(p.route().route, Route::Direct(addr));
         assert!(p.heard_direct(addr, 5));
         assert_eq!(
@@ -530,10 +584,10 @@ mod tests {
 
     #[test]
     fn peer_indices_are_random_not_sequential() {
-        let t = PeerTable::new(key(1).0);
+        let t = PeerTable::new(key(1).0, Instant::now());
         let mut indices = Vec::new();
         for n in 2..66u8 {
-            t.apply(record(n, &format!("100.64.0.{n}"), 1), None);
+            t.apply(Instant::now(), record(n, &format!("100.64.0.{n}"), 1), None);
             indices.push(t.by_key(&key(n).1).unwrap().index);
         }
         assert!(
@@ -556,14 +610,18 @@ mod tests {
 
     #[test]
     fn low_order_keys_never_become_peers() {
-        let t = PeerTable::new(key(1).0);
+        let t = PeerTable::new(key(1).0, Instant::now());
         for (i, p) in a2a_proto::keys::LOW_ORDER_POINTS.into_iter().enumerate() {
             for top in [0u8, 0x80] {
                 let mut k = p;
                 k[31] |= top;
                 let mut r = record(2, &format!("100.64.0.{}", i + 2), 1);
                 r.node_key = NodeKey(k);
-                assert_eq!(t.apply(r, None), Applied::LowOrderKey, "{k:02x?}");
+                assert_eq!(
+                    t.apply(Instant::now(), r, None),
+                    Applied::LowOrderKey,
+                    "{k:02x?}"
+                );
             }
         }
         assert_eq!(t.len(), 0);
@@ -571,9 +629,9 @@ mod tests {
 
     #[test]
     fn removal_and_distinct_indices() {
-        let t = PeerTable::new(key(1).0);
-        t.apply(record(2, "100.64.0.2", 1), None);
-        t.apply(record(3, "100.64.0.3", 1), None);
+        let t = PeerTable::new(key(1).0, Instant::now());
+        t.apply(Instant::now(), record(2, "100.64.0.2", 1), None);
+        t.apply(Instant::now(), record(3, "100.64.0.3", 1), None);
         let a = t.by_key(&key(2).1).unwrap().index;
         let b = t.by_key(&key(3).1).unwrap().index;
         assert_ne!(a, b);

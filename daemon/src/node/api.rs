@@ -9,7 +9,8 @@ use a2a_proto::api::{parse_request, read_line, ApiRequest, ApiResponse, MAX_API_
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::daemon::Daemon;
+use crate::io::Platform;
+use crate::node::commands::{CommandError, Daemon};
 
 /// Binds the socket, refusing to steal it from a running daemon.
 pub async fn bind(path: &Path) -> Result<UnixListener, String> {
@@ -34,7 +35,7 @@ pub async fn bind(path: &Path) -> Result<UnixListener, String> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+pub async fn serve<P: Platform>(listener: UnixListener, daemon: Arc<Daemon<P>>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -46,7 +47,7 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     }
 }
 
-async fn handle(stream: UnixStream, daemon: &Daemon) -> io::Result<()> {
+async fn handle<P: Platform>(stream: UnixStream, daemon: &Daemon<P>) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     read_line(read, MAX_API_LINE, &mut line).await?;
@@ -60,8 +61,11 @@ async fn handle(stream: UnixStream, daemon: &Daemon) -> io::Result<()> {
     write.shutdown().await
 }
 
-async fn dispatch(req: ApiRequest, daemon: &Daemon) -> ApiResponse {
-    let error = |message| ApiResponse::Error { message };
+/// Answers one request: what the socket does per line (in-process tests call it directly).
+pub async fn dispatch<P: Platform>(req: ApiRequest, daemon: &Daemon<P>) -> ApiResponse {
+    let error = |e: CommandError| ApiResponse::Error {
+        message: e.to_string(),
+    };
     match req {
         ApiRequest::Up { token, name } => match daemon.up(&token, name).await {
             Ok((ip, name)) => ApiResponse::Up { ip, name },

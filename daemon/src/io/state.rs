@@ -5,25 +5,14 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use a2a_proto::keyfile::{self, with_path};
-use a2a_proto::membership::{Invited, Signed};
-use serde::{Deserialize, Serialize};
+use a2a_proto::membership::Signed;
+use serde::Serialize;
 
-/// Membership kept across restarts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Membership {
-    /// The join token, or the invite code the node was admitted with (then `invited` is set).
-    pub token: String,
-    /// The member certificate and network of a node admitted by invite.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub invited: Option<Invited>,
-    pub name: String,
-    pub ip: Ipv4Addr,
-}
+pub use crate::core::membership::Membership;
 
 #[derive(Clone)]
 pub struct StateDir {

@@ -1,6 +1,7 @@
 //! This node's standing in its network: the credential it registers with (swapped when the
 //! network rotates its secret), the invites it made and honours, and the node keys removed from
-//! the network. Free of I/O except [`MemberState::persist`], which writes the state directory.
+//! the network. Free of I/O: what must be saved is handed back to the caller ([`Membership`],
+//! the revocation list), which writes the state directory.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -12,7 +13,20 @@ use a2a_proto::membership::{Revocation, Signed};
 use a2a_proto::sync::lock;
 use a2a_proto::{Credential, NodeKey};
 
-use crate::state::{Membership, StateDir};
+use a2a_proto::membership::Invited;
+use serde::{Deserialize, Serialize};
+
+/// Membership kept across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// The join token, or the invite code the node was admitted with (then `invited` is set).
+    pub token: String,
+    /// The member certificate and network of a node admitted by invite.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invited: Option<Invited>,
+    pub name: String,
+    pub ip: Ipv4Addr,
+}
 
 /// Most invites one node keeps open at once (the coordinator's cap too).
 pub const MAX_OPEN_INVITES: usize = 64;
@@ -169,15 +183,15 @@ pub struct MemberState {
     join_text: Mutex<String>,
     invites: Mutex<InviteBook>,
     revoked: Mutex<RevokedList>,
-    state: StateDir,
 }
 
 impl MemberState {
-    /// Starts with `credential` and the revocations saved for its network.
-    pub fn new(credential: Credential, join_text: String, state: StateDir) -> MemberState {
+    /// Starts with `credential` and the revocations saved for its network (others are
+    /// ignored).
+    pub fn new(credential: Credential, join_text: String, saved: Vec<Signed>) -> MemberState {
         let network = credential.network_id();
         let mut revoked = RevokedList::default();
-        for signed in state.revocations() {
+        for signed in saved {
             if let Ok(r) = Revocation::open(&signed, &network) {
                 revoked.add(&r, signed);
             }
@@ -187,7 +201,6 @@ impl MemberState {
             join_text: Mutex::new(join_text),
             invites: Mutex::new(InviteBook::default()),
             revoked: Mutex::new(revoked),
-            state,
         }
     }
 
@@ -195,15 +208,13 @@ impl MemberState {
         a2a_proto::sync::read(&self.credential).clone()
     }
 
-    /// Moves to a new network's credential: revocations and invites of the old one are void.
+    /// Moves to a new network's credential: revocations and invites of the old one are void
+    /// (the caller saves the new membership and the empty revocation list).
     pub fn replace_credential(&self, credential: Arc<Credential>, join_text: String) {
         *a2a_proto::sync::write(&self.credential) = credential;
         *lock(&self.join_text) = join_text;
         *lock(&self.invites) = InviteBook::default();
         *lock(&self.revoked) = RevokedList::default();
-        if let Err(e) = self.state.save_revocations(&[]) {
-            tracing::warn!("cannot clear the saved revocations: {e}");
-        }
     }
 
     pub fn invites(&self) -> MutexGuard<'_, InviteBook> {
@@ -214,16 +225,10 @@ impl MemberState {
         lock(&self.revoked).contains(key)
     }
 
-    /// Adds a verified revocation and saves the list; false if it was known.
-    pub fn revoke(&self, r: &Revocation, signed: Signed) -> bool {
+    /// Adds a verified revocation: the list to save, or `None` if it was known.
+    pub fn revoke(&self, r: &Revocation, signed: Signed) -> Option<Vec<Signed>> {
         let mut list = lock(&self.revoked);
-        if !list.add(r, signed) {
-            return false;
-        }
-        if let Err(e) = self.state.save_revocations(&list.signed()) {
-            tracing::warn!("cannot save the revocation list: {e}");
-        }
-        true
+        list.add(r, signed).then(|| list.signed())
     }
 
     pub fn revocations(&self) -> Vec<Signed> {
@@ -234,19 +239,18 @@ impl MemberState {
         lock(&self.join_text).clone()
     }
 
-    /// Saves the membership for the current credential (after a rotation moved it).
-    pub fn persist(&self, name: String, ip: Ipv4Addr) -> std::io::Result<()> {
-        let join_text = self.join_text();
+    /// The membership to save for the current credential, as `name` at `ip`.
+    pub fn membership(&self, name: String, ip: Ipv4Addr) -> Membership {
         let invited = match &*self.credential() {
             Credential::Invited { invited, .. } => Some(invited.clone()),
             Credential::Secret { .. } => None,
         };
-        self.state.save_membership(&Membership {
-            token: join_text,
+        Membership {
+            token: self.join_text(),
             invited,
             name,
             ip,
-        })
+        }
     }
 }
 

@@ -16,14 +16,15 @@ use a2a_proto::{Credential, JoinToken, NetworkId, NetworkKey, NodeKey};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use tokio::sync::{oneshot, Mutex};
 
-use crate::control::Registration;
-use crate::dataplane::{ControlOut, DataPlane};
-use crate::membership::{MemberState, MAX_INVITE_TTL_MS};
-use crate::path::Route;
-use crate::pathfinder::PathEvent;
-use crate::peers::Peer;
-use crate::session::{DeviceConfig, Session};
-use crate::state::{Membership, StateDir};
+use crate::core::control::Registration;
+use crate::core::membership::{MemberState, Membership, MAX_INVITE_TTL_MS};
+use crate::core::path::Route;
+use crate::core::peers::Peer;
+use crate::io::state::StateDir;
+use crate::io::{Platform, Underlay};
+use crate::node::session::{DeviceConfig, Joining, Session};
+use crate::tasks::dataplane::DataPlane;
+use crate::tasks::events::{ControlOut, PathEvent};
 
 /// The network a saved membership is for.
 fn saved_network(m: &Membership) -> Option<NetworkId> {
@@ -35,20 +36,77 @@ fn saved_network(m: &Membership) -> Option<NetworkId> {
     }
 }
 
+/// Why a command failed: the variants callers tell apart, and every other failure with its
+/// message. Each says what went wrong and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandError {
+    /// The node is in no network.
+    NotJoined,
+    /// The command needs the coordinator, which is not reachable now; why it needs it.
+    NotConnected(&'static str),
+    /// No peer has that name, address or key.
+    NoSuchPeer(String),
+    /// A node admitted by invite cannot do this (it lacks the network secret).
+    NoSecret(&'static str),
+    /// The coordinator refused this node, for a reason retrying does not fix.
+    Refused(String),
+    /// Anything else (bad input, I/O), with its message.
+    Failed(String),
+}
+
+impl std::fmt::Display for CommandError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommandError::NotJoined => {
+                write!(
+                    f,
+                    "this node has not joined a network: run `a2actl up --join TOKEN`"
+                )
+            }
+            CommandError::NotConnected(why) => write!(
+                f,
+                "not connected to the coordinator right now (see `a2actl status`); {why}"
+            ),
+            CommandError::NoSuchPeer(t) => write!(
+                f,
+                "no peer named or addressed {t:?}: see `a2actl status` for the peers"
+            ),
+            CommandError::NoSecret(what) => write!(
+                f,
+                "this node joined by invite and does not hold the network secret, so it cannot \
+                 {what}; run the command on a node that joined with the token"
+            ),
+            CommandError::Refused(m) => {
+                write!(f, "the coordinator refused to register this node: {m}")
+            }
+            CommandError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for CommandError {}
+
+impl From<String> for CommandError {
+    fn from(m: String) -> Self {
+        CommandError::Failed(m)
+    }
+}
+
 /// How long `a2actl up` waits for the coordinator to accept the node.
 const UP_TIMEOUT: Duration = Duration::from_secs(20);
-/// A WireGuard session older than this is gone (REJECT_AFTER_TIME).
-const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+/// WireGuard keys older than this are gone (REJECT_AFTER_TIME).
+const KEYS_LIFETIME: Duration = Duration::from_secs(180);
 
-pub struct Daemon {
+pub struct Daemon<P: Platform> {
+    platform: P,
     device: DeviceConfig,
     state: StateDir,
     node_private: [u8; 32],
-    session: Mutex<Option<Session>>,
+    session: Mutex<Option<Session<P>>>,
 }
 
-impl Daemon {
-    pub fn new(device: DeviceConfig, state: StateDir) -> Result<Self, String> {
+impl<P: Platform> Daemon<P> {
+    pub fn new(platform: P, device: DeviceConfig, state: StateDir) -> Result<Self, String> {
         let node_private = state.node_key().map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
                 format!(
@@ -60,6 +118,7 @@ impl Daemon {
             }
         })?;
         Ok(Daemon {
+            platform,
             device,
             state,
             node_private,
@@ -72,7 +131,7 @@ impl Daemon {
     }
 
     /// At start: rejoin the saved network, if any, without waiting for the coordinator.
-    pub async fn resume(&self) -> Result<(), String> {
+    pub async fn resume(&self) -> Result<(), CommandError> {
         let Some(m) = self.state.membership().map_err(|e| e.to_string())? else {
             tracing::info!("not joined to a network; waiting for `a2actl up --join TOKEN`");
             return Ok(());
@@ -84,13 +143,16 @@ impl Daemon {
             ),
         };
         let session = Session::start(
+            &self.platform,
             &self.device,
-            self.node_private,
-            credential,
-            m.token.clone(),
             self.state.clone(),
-            m.name.clone(),
-            m.ip,
+            Joining {
+                node_private: self.node_private,
+                credential,
+                join_text: m.token.clone(),
+                name: m.name.clone(),
+                ip: m.ip,
+            },
         )
         .await?;
         *self.session.lock().await = Some(session);
@@ -102,12 +164,17 @@ impl Daemon {
         &self,
         token_text: &str,
         name: Option<String>,
-    ) -> Result<(String, String), String> {
+    ) -> Result<(String, String), CommandError> {
         // An invite code is redeemed first (its inviter must be online); a failure here leaves
         // the current network, if any, untouched.
         let credential = if InviteCode::is_invite(token_text) {
             let code = InviteCode::parse(token_text).map_err(|e| e.to_string())?;
-            let invited = crate::control::redeem_invite(&code, &self.node_private).await?;
+            let invited = crate::tasks::control::redeem_invite(
+                &self.platform.connector(),
+                &code,
+                &self.node_private,
+            )
+            .await?;
             Credential::from_invited(invited, &self.node_private)?
         } else {
             Credential::from_token(JoinToken::parse(token_text).map_err(|e| e.to_string())?)
@@ -148,13 +215,16 @@ impl Daemon {
         }
         let result = async {
             let session = Session::start(
+                &self.platform,
                 &self.device,
-                self.node_private,
-                credential,
-                token_text.trim().to_string(),
                 self.state.clone(),
-                name.clone(),
-                ip,
+                Joining {
+                    node_private: self.node_private,
+                    credential,
+                    join_text: token_text.trim().to_string(),
+                    name: name.clone(),
+                    ip,
+                },
             )
             .await?;
             match wait_registered(&session).await {
@@ -168,9 +238,8 @@ impl Daemon {
         .await;
         match result {
             Ok((session, ip)) => {
-                session
-                    .member
-                    .persist(name.clone(), ip)
+                self.state
+                    .save_membership(&session.member.membership(name.clone(), ip))
                     .map_err(|e| e.to_string())?;
                 *slot = Some(session);
                 Ok((ip.to_string(), name))
@@ -186,7 +255,7 @@ impl Daemon {
         }
     }
 
-    pub async fn down(&self) -> Result<bool, String> {
+    pub async fn down(&self) -> Result<bool, CommandError> {
         let session = self.session.lock().await.take();
         let was_up = session.is_some();
         if let Some(s) = session {
@@ -205,10 +274,10 @@ impl Daemon {
         }
     }
 
-    pub async fn ip(&self) -> Result<String, String> {
+    pub async fn ip(&self) -> Result<String, CommandError> {
         match self.session.lock().await.as_ref() {
             Some(s) => Ok(s.current_ip().to_string()),
-            None => Err("this node has not joined a network: run `a2actl up --join TOKEN`".into()),
+            None => Err(CommandError::NotJoined),
         }
     }
 
@@ -228,7 +297,7 @@ impl Daemon {
             .map(|p| {
                 let info = p.info();
                 let (since, tx, rx, _, _) = p.tunn().stats();
-                let live = since.is_some_and(|d| d < SESSION_LIFETIME);
+                let live = since.is_some_and(|d| d < KEYS_LIFETIME);
                 let (path, endpoint) = describe_route(&s.dataplane, &p);
                 PeerStatus {
                     name: info.name,
@@ -236,7 +305,9 @@ impl Daemon {
                     public_key: p.key.to_base64(),
                     path: if live { path } else { "none" }.into(),
                     endpoint,
-                    rtt_ms: p.path().rtt().map(|d| d.as_secs_f64() * 1000.0),
+                    rtt_ms: p
+                        .with_path(|path| path.rtt())
+                        .map(|d| d.as_secs_f64() * 1000.0),
                     last_handshake_s: since.map(|d| d.as_secs()),
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
@@ -269,7 +340,7 @@ impl Daemon {
 }
 
 /// A peer's path kind and the endpoint it uses: its address, or the coordinator's.
-fn describe_route(dp: &DataPlane, p: &Peer) -> (&'static str, Option<String>) {
+fn describe_route<P: Platform>(dp: &DataPlane<P>, p: &Peer) -> (&'static str, Option<String>) {
     match p.route().route {
         Route::Direct(a) => ("direct", Some(a.to_string())),
         Route::Relay => match dp.relay.load().as_ref() {
@@ -282,25 +353,21 @@ fn describe_route(dp: &DataPlane, p: &Peer) -> (&'static str, Option<String>) {
 /// How long `a2actl ping` waits for each answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-impl Daemon {
-    async fn dataplane(&self) -> Result<Arc<DataPlane>, String> {
+impl<P: Platform> Daemon<P> {
+    async fn dataplane(&self) -> Result<Arc<DataPlane<P>>, CommandError> {
         match self.session.lock().await.as_ref() {
             Some(s) => Ok(s.dataplane.clone()),
-            None => Err("this node has not joined a network: run `a2actl up --join TOKEN`".into()),
+            None => Err(CommandError::NotJoined),
         }
     }
 
     /// One disco probe to `target` (a peer's name or overlay IP) over its current path.
-    pub async fn ping(&self, target: &str) -> Result<PingResult, String> {
+    pub async fn ping(&self, target: &str) -> Result<PingResult, CommandError> {
         let dp = self.dataplane().await?;
         let peer = dp
             .peers
-            .all()
-            .into_iter()
-            .find(|p| p.info().name == target || p.ip().to_string() == target)
-            .ok_or_else(|| {
-                format!("no peer named or addressed {target:?}: see `a2actl status` for the peers")
-            })?;
+            .find(target)
+            .ok_or_else(|| CommandError::NoSuchPeer(target.to_string()))?;
         let (tx, rx) = oneshot::channel();
         dp.path_events
             .send(PathEvent::UserPing(peer.key, tx))
@@ -325,13 +392,11 @@ impl Daemon {
     }
 
     /// Probes the coordinator's two UDP ports from the WireGuard socket.
-    pub async fn netcheck(&self) -> Result<NetcheckReport, String> {
+    pub async fn netcheck(&self) -> Result<NetcheckReport, CommandError> {
         let dp = self.dataplane().await?;
-        let link = dp.relay.load_full().ok_or_else(|| {
-            "not registered with the coordinator right now (see `a2actl status`); netcheck \
-             probes the coordinator this node is registered with"
-                .to_string()
-        })?;
+        let link = dp.relay.load_full().ok_or(CommandError::NotConnected(
+            "netcheck probes the coordinator this node is registered with",
+        ))?;
         let coordinator = link.coordinator;
         let mut alt = coordinator;
         alt.set_port(coordinator.port().wrapping_add(1));
@@ -346,10 +411,11 @@ impl Daemon {
             (Some(_), Some(_)) => "endpoint-dependent",
             _ => "unknown",
         };
-        let local = match crate::netconf::NetConf::new() {
-            Ok(nc) => nc.local_ipv4(None).await.unwrap_or_default(),
-            Err(_) => Vec::new(),
+        let underlay = match self.session.lock().await.as_ref() {
+            Some(s) => s.underlay.clone(),
+            None => return Err(CommandError::NotJoined),
         };
+        let local = underlay.local_ipv4().await;
         Ok(NetcheckReport {
             coordinator: coordinator.to_string(),
             udp: main.is_some(),
@@ -369,21 +435,17 @@ impl Daemon {
 }
 
 /// Waits until the coordinator has accepted the session's registration.
-async fn wait_registered(s: &Session) -> Result<std::net::Ipv4Addr, String> {
+async fn wait_registered<P: Platform>(s: &Session<P>) -> Result<std::net::Ipv4Addr, CommandError> {
     let mut rx = s.registration.clone();
     let wait = async {
         loop {
             match &*rx.borrow_and_update() {
                 Registration::Registered { ip } => return Ok(*ip),
-                Registration::Refused(m) => {
-                    return Err(format!(
-                        "the coordinator refused to register this node: {m}"
-                    ))
-                }
+                Registration::Refused(m) => return Err(CommandError::Refused(m.clone())),
                 _ => {}
             }
             if rx.changed().await.is_err() {
-                return Err("the control client stopped".to_string());
+                return Err(CommandError::Failed("the control client stopped".into()));
             }
         }
     };
@@ -394,11 +456,11 @@ async fn wait_registered(s: &Session) -> Result<std::net::Ipv4Addr, String> {
                 Registration::Unreachable(m) => m.clone(),
                 _ => "no answer".into(),
             };
-            Err(format!(
+            Err(CommandError::Failed(format!(
                 "could not register with the coordinator within {}s ({why}); check that \
                  a2a-coordinator runs at the token's endpoint and that its TCP and UDP port are reachable",
                 UP_TIMEOUT.as_secs()
-            ))
+            )))
         }
     }
 }
@@ -410,10 +472,19 @@ fn default_name() -> String {
 
 /// Membership commands: invite, kick, rotate. Each needs the network secret, so only a node
 /// that joined with the token can run them.
-impl Daemon {
+impl<P: Platform> Daemon<P> {
+    #[allow(clippy::type_complexity)]
     async fn member(
         &self,
-    ) -> Result<(Arc<DataPlane>, Arc<MemberState>, String, std::net::Ipv4Addr), String> {
+    ) -> Result<
+        (
+            Arc<DataPlane<P>>,
+            Arc<MemberState>,
+            String,
+            std::net::Ipv4Addr,
+        ),
+        CommandError,
+    > {
         match self.session.lock().await.as_ref() {
             Some(s) => Ok((
                 s.dataplane.clone(),
@@ -421,51 +492,47 @@ impl Daemon {
                 s.name.clone(),
                 s.current_ip(),
             )),
-            None => Err("this node has not joined a network: run `a2actl up --join TOKEN`".into()),
+            None => Err(CommandError::NotJoined),
         }
     }
 
-    fn network_key(credential: &Credential, what: &str) -> Result<NetworkKey, String> {
+    fn network_key(
+        credential: &Credential,
+        what: &'static str,
+    ) -> Result<NetworkKey, CommandError> {
         match credential {
             Credential::Secret { token, .. } => Ok(NetworkKey::derive(&token.network_secret)),
-            Credential::Invited { .. } => Err(format!(
-                "this node joined by invite and does not hold the network secret, so it cannot \
-                 {what}; run the command on a node that joined with the token"
-            )),
+            Credential::Invited { .. } => Err(CommandError::NoSecret(what)),
         }
     }
 
     /// Sends a control message now; an error if the node is not connected.
-    async fn send_control(dp: &DataPlane, msg: ControlOut) -> Result<(), String> {
-        let link = dp.relay.load_full().ok_or_else(|| {
-            "not connected to the coordinator right now (see `a2actl status`); try again when \
-             it is"
-                .to_string()
-        })?;
-        link.control
-            .send(msg)
-            .await
-            .map_err(|_| "the control connection just closed; try again".to_string())
+    async fn send_control(dp: &DataPlane<P>, msg: ControlOut) -> Result<(), CommandError> {
+        let link = dp
+            .relay
+            .load_full()
+            .ok_or(CommandError::NotConnected("try again when it is"))?;
+        link.control.send(msg).await.map_err(|_| {
+            CommandError::NotConnected("the control connection just closed; try again")
+        })
     }
 
     /// A new invite code good for `uses` joins within `ttl_s` seconds.
-    pub async fn invite(&self, uses: u32, ttl_s: u64) -> Result<String, String> {
+    pub async fn invite(&self, uses: u32, ttl_s: u64) -> Result<String, CommandError> {
         let (dp, member, _, _) = self.member().await?;
         let credential = member.credential();
         Self::network_key(&credential, "invite")?;
         let ttl_ms = ttl_s.saturating_mul(1000);
         if ttl_ms == 0 || ttl_ms > MAX_INVITE_TTL_MS {
-            return Err(format!(
+            return Err(CommandError::Failed(format!(
                 "--ttl must be between 1s and {}d",
                 MAX_INVITE_TTL_MS / 86_400_000
-            ));
+            )));
         }
         if dp.relay.load().is_none() {
-            return Err(
-                "not connected to the coordinator right now (see `a2actl status`); an \
-                        invite needs it to reach this node"
-                    .into(),
-            );
+            return Err(CommandError::NotConnected(
+                "an invite needs it to reach this node",
+            ));
         }
         let code = InviteCode {
             secret: rand::random(),
@@ -483,25 +550,19 @@ impl Daemon {
 
     /// Removes a peer: signs a revocation, drops the peer here, and has the coordinator tell
     /// every member (it also refuses the node from now on).
-    pub async fn kick(&self, target: &str) -> Result<(String, String, bool), String> {
+    pub async fn kick(&self, target: &str) -> Result<(String, String, bool), CommandError> {
         let (dp, member, _, _) = self.member().await?;
         let credential = member.credential();
         let key = Self::network_key(&credential, "kick a peer")?;
         if target == self.node_key().to_base64() {
-            return Err("this is this node itself; use `a2actl down` to leave".into());
+            return Err(CommandError::Failed(
+                "this is this node itself; use `a2actl down` to leave".into(),
+            ));
         }
         let peer = dp
             .peers
-            .all()
-            .into_iter()
-            .find(|p| {
-                p.info().name == target
-                    || p.ip().to_string() == target
-                    || p.key.to_base64() == target
-            })
-            .ok_or_else(|| {
-                format!("no peer named or addressed {target:?}: see `a2actl status` for the peers")
-            })?;
+            .find(target)
+            .ok_or_else(|| CommandError::NoSuchPeer(target.to_string()))?;
         let info = peer.info();
         let revocation = Revocation {
             network: key.id(),
@@ -509,7 +570,11 @@ impl Daemon {
             issued_ms: now_ms(),
         };
         let signed = Signed::sign(&revocation, &key, REVOKE_CONTEXT);
-        member.revoke(&revocation, signed.clone());
+        if let Some(list) = member.revoke(&revocation, signed.clone()) {
+            if let Err(e) = self.state.save_revocations(&list) {
+                tracing::warn!("cannot save the revocation list: {e}");
+            }
+        }
         dp.peers.remove(&peer.key);
         // If the coordinator is unreachable, the revocation is sent when this node registers.
         if let Err(e) = Self::send_control(
@@ -527,7 +592,7 @@ impl Daemon {
     /// Moves the network to a new secret. Every peer in the table (removed ones are not) is
     /// carried: holders of the old secret get the new one, invited nodes a new certificate,
     /// each sealed to its node key. Returns the new token and the names carried.
-    pub async fn rotate(&self) -> Result<(String, Vec<String>), String> {
+    pub async fn rotate(&self) -> Result<(String, Vec<String>), CommandError> {
         let (dp, member, name, ip) = self.member().await?;
         let credential = member.credential();
         let old_key = Self::network_key(&credential, "rotate the network secret")?;
@@ -535,11 +600,9 @@ impl Daemon {
             unreachable!("network_key checked the credential")
         };
         if dp.relay.load().is_none() {
-            return Err(
-                "not connected to the coordinator right now (see `a2actl status`); the \
-                        other members learn of the rotation through it"
-                    .into(),
-            );
+            return Err(CommandError::NotConnected(
+                "the other members learn of the rotation through it",
+            ));
         }
         let new_token = JoinToken {
             network_secret: rand::random(),
@@ -574,8 +637,11 @@ impl Daemon {
         Self::send_control(&dp, ControlOut::Msg(ClientMsg::Rotate { notice: signed })).await?;
         let text = new_token.encode();
         member.replace_credential(Arc::new(Credential::from_token(new_token)), text.clone());
-        member
-            .persist(name, ip)
+        if let Err(e) = self.state.save_revocations(&[]) {
+            tracing::warn!("cannot clear the saved revocations: {e}");
+        }
+        self.state
+            .save_membership(&member.membership(name, ip))
             .map_err(|e| format!("rotated, but cannot save the new token: {e}"))?;
         // The connection ends after the notice is written; the node registers anew.
         let _ = Self::send_control(&dp, ControlOut::Moved).await;

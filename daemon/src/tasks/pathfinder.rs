@@ -1,9 +1,8 @@
-//! The path finder task: drives every peer's [`PathState`](crate::path::PathState) — sends the
+//! The path finder task: drives every peer's [`PathState`](crate::core::path::PathState) — sends the
 //! disco probes it asks for, answers the peer's probes, feeds it pongs and sightings, and
 //! publishes its route to the packet path. All decisions are in `path.rs`; this is the I/O.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,9 +11,14 @@ use a2a_proto::udp::RELAY_HEADER_LEN;
 use a2a_proto::NodeKey;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::dataplane::{ControlOut, Counters, DataPlane, Via};
-use crate::path::{Probe, Route};
-use crate::peers::Peer;
+use crate::core::counters::Counters;
+use crate::core::limit::PerSecond;
+use crate::core::path::{Probe, Route};
+use crate::core::peers::{Peer, Via};
+use crate::io::Platform;
+use crate::tasks::dataplane::DataPlane;
+use crate::tasks::events::{ControlOut, PathEvent, UserPong};
+use crate::tasks::now;
 
 const TICK: Duration = Duration::from_millis(250);
 /// Disco datagrams accepted per second for one claimed peer from one source (address, or relay
@@ -22,39 +26,19 @@ const TICK: Duration = Duration::from_millis(250);
 /// peer does not starve that peer's genuine probes.
 const DISCO_PER_SECOND: u32 = 50;
 
-/// The answer to a user's ping: round-trip time and the path it took.
-#[derive(Debug, Clone, Copy)]
-pub struct UserPong {
-    pub rtt: Duration,
-    pub route: Route,
-}
-
-pub enum PathEvent {
-    /// A disco datagram and how it came.
-    Disco(Vec<u8>, Via),
-    /// Authenticated WireGuard data came from this peer at an address that is not its path.
-    SeenAt(NodeKey, SocketAddr),
-    /// The coordinator says this peer is probing us.
-    Punch(NodeKey),
-    /// This peer is new or published new candidates.
-    Candidates(NodeKey),
-    /// `a2actl ping`.
-    UserPing(NodeKey, oneshot::Sender<UserPong>),
-}
-
-pub struct PathFinder {
-    dp: Arc<DataPlane>,
+pub struct PathFinder<P: Platform> {
+    dp: Arc<DataPlane<P>>,
     user_pings: HashMap<TxId, (Route, oneshot::Sender<UserPong>)>,
     /// Disco datagrams per (claimed peer, source) in the current second.
-    budget: HashMap<(NodeKey, Via), u32>,
+    budget: PerSecond<(NodeKey, Via)>,
 }
 
-impl PathFinder {
-    pub fn new(dp: Arc<DataPlane>) -> Self {
+impl<P: Platform> PathFinder<P> {
+    pub fn new(dp: Arc<DataPlane<P>>) -> Self {
         PathFinder {
             dp,
             user_pings: HashMap::new(),
-            budget: HashMap::new(),
+            budget: PerSecond::new(DISCO_PER_SECOND),
         }
     }
 
@@ -66,7 +50,7 @@ impl PathFinder {
                 _ = tick.tick() => {
                     ticks += 1;
                     if ticks.is_multiple_of(4) {
-                        self.budget.clear();
+                        self.budget.reset();
                         self.user_pings.retain(|_, (_, tx)| !tx.is_closed());
                     }
                     self.tick().await;
@@ -80,7 +64,7 @@ impl PathFinder {
     }
 
     async fn tick(&mut self) {
-        let now = Instant::now();
+        let now = now();
         for peer in self.dp.peers.all() {
             self.tick_peer(now, &peer).await;
         }
@@ -90,13 +74,11 @@ impl PathFinder {
         let epoch = self.dp.peers.epoch();
         {
             let mut probes = Vec::new();
-            let (punch, before, after) = {
-                let mut path = peer.path();
+            let (punch, before, after) = peer.with_path(|path| {
                 let before = path.route();
                 let punch = path.tick(now, peer.last_direct_rx(epoch), &mut probes);
-                peer.publish_route(&path);
                 (punch, before, path.route())
-            };
+            });
             if before != after {
                 Counters::bump(&self.dp.counters.path_fallbacks);
                 tracing::info!(
@@ -130,12 +112,12 @@ impl PathFinder {
     }
 
     async fn handle(&mut self, ev: PathEvent) {
-        let now = Instant::now();
+        let now = now();
         match ev {
             PathEvent::Disco(d, via) => self.disco(now, &d, via).await,
             PathEvent::SeenAt(key, from) => {
                 if let Some(peer) = self.dp.peers.by_key(&key) {
-                    let probe = peer.path().seen_at(now, from);
+                    let probe = peer.with_path(|p| p.seen_at(now, from));
                     if let Some(p) = probe {
                         self.send_ping(&peer, p).await;
                     }
@@ -143,7 +125,7 @@ impl PathFinder {
             }
             PathEvent::Punch(key) => {
                 if let Some(peer) = self.dp.peers.by_key(&key) {
-                    peer.path().punch_requested(now);
+                    peer.with_path(|p| p.punch_requested(now));
                     self.tick_peer(now, &peer).await;
                 }
             }
@@ -154,10 +136,8 @@ impl PathFinder {
             }
             PathEvent::UserPing(key, reply) => {
                 if let Some(peer) = self.dp.peers.by_key(&key) {
-                    let (probe, route) = {
-                        let mut path = peer.path();
-                        (path.user_probe(now), path.route())
-                    };
+                    let (probe, route) =
+                        peer.with_path(|path| (path.user_probe(now), path.route()));
                     self.user_pings.insert(probe.tx, (route, reply));
                     self.send_ping(&peer, probe).await;
                 }
@@ -171,9 +151,7 @@ impl PathFinder {
             Counters::bump(&counters.disco_unknown_sender);
             return;
         };
-        let used = self.budget.entry((peer.key, via)).or_insert(0);
-        *used += 1;
-        if *used > DISCO_PER_SECOND {
+        if !self.budget.allow((peer.key, via)) {
             Counters::bump(&counters.disco_rate_limited);
             return;
         }
@@ -193,7 +171,7 @@ impl PathFinder {
                 self.send_disco(&peer, via, &DiscoMsg::Pong { tx, observed })
                     .await;
                 if let Via::Direct(from) = via {
-                    let probe = peer.path().seen_at(now, from);
+                    let probe = peer.with_path(|p| p.seen_at(now, from));
                     if let Some(p) = probe {
                         self.send_ping(&peer, p).await;
                     }
@@ -204,15 +182,13 @@ impl PathFinder {
                     Via::Direct(a) => Some(a),
                     Via::Relay(_) => None,
                 };
-                let (seen, confirm) = {
-                    let mut path = peer.path();
+                let (seen, confirm) = peer.with_path(|path| {
                     let seen = path.on_pong(now, tx, from);
                     let confirm = seen
                         .and_then(|s| s.confirm)
                         .map(|a| path.confirm_probe(now, a));
-                    peer.publish_route(&path);
                     (seen, confirm)
-                };
+                });
                 let Some(seen) = seen else {
                     Counters::bump(&counters.disco_stale_pong);
                     return;

@@ -1,0 +1,1219 @@
+//! The node's side of the control protocol, without I/O (the mirror of the coordinator's
+//! `registry.rs`). The driver (`tasks::control`) owns the connection; it tells the [`Client`]
+//! what happened — a connection's Noise handshake completed ([`Client::connected`]), a message
+//! arrived ([`Client::handle`]), a timer fired ([`Client::handle_timeout`], when
+//! [`Client::poll_timeout`] says), the underlay's addresses changed ([`Client::addresses`]), the
+//! connection ended ([`Client::ended`]) — and carries out the [`Action`]s it gets back, in order.
+//!
+//! Every decision is here: record verification (whatever the coordinator hands over that does
+//! not verify is dropped and counted), the initial-peers countdown that lets `a2actl up`
+//! return, heartbeats and the silence that declares the coordinator gone, republishing when the
+//! candidates change, answering redemptions of this node's invites, following a rotation, and
+//! what to do after a connection ends (back-off, another overlay address, or stop).
+//!
+//! Error contract: nothing here fails; bad input is counted and dropped, and a reason to stop
+//! comes back as [`Action::End`].
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use a2a_proto::control::{ClientMsg, RefuseReason, ServerMsg};
+use a2a_proto::invite::{InviteAnswer, InviteId, InviteProof};
+use a2a_proto::keys::{CoordinatorKey, RelaySecret, SignerId};
+use a2a_proto::membership::{issue_cert, Carry, Invited, MemberCert, Revocation, RotationNotice};
+use a2a_proto::overlay::derive_ip;
+use a2a_proto::record::{RecordError, VerifiedRecord, MAX_CANDIDATES};
+use a2a_proto::{Credential, JoinToken, NetworkKey, NodeKey, NodeRecord, SignedRecord};
+
+use crate::core::counters::Counters;
+use crate::core::membership::{MemberState, Membership};
+use crate::core::peers::{Applied, PeerTable};
+
+/// Reconnect back-off bounds.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(4);
+/// Silence from the coordinator, in heartbeats, after which the connection is presumed dead.
+pub const SILENT_HEARTBEATS: u32 = 3;
+/// How long the coordinator may take to answer a registration.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Overlay addresses tried when the derived one is taken.
+pub const MAX_ADDRESS_ATTEMPTS: u32 = 16;
+/// Handshakes closed in a row before the token's coordinator key is declared wrong.
+pub const MAX_CLOSED_HANDSHAKES: u32 = 3;
+
+/// The clock, both ways: `at` for timers, `unix_ms` for what is signed (records, certificates).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub at: Instant,
+    pub unix_ms: u64,
+}
+
+/// How the registration stands, for `a2actl up` and `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    Connecting,
+    Registered {
+        ip: Ipv4Addr,
+    },
+    /// The coordinator refused this node for a reason retrying cannot fix.
+    Refused(String),
+    /// The coordinator cannot be reached right now (retrying).
+    Unreachable(String),
+}
+
+/// Why one control connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Leave was requested: stop for good.
+    Left,
+    /// Refused permanently.
+    Refused(String),
+    /// Our address is taken: derive another and reconnect at once.
+    AddressInUse,
+    /// Connection lost or failed: retry after a back-off.
+    Lost(String),
+    /// The coordinator closed the connection during the Noise handshake: what a coordinator
+    /// does when the token pins another key. Retried a few times, then a refusal.
+    ClosedInHandshake(String),
+    /// The network rotated its secret and this node came along: register again at once.
+    Moved,
+}
+
+/// What the driver must do, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Send(ClientMsg),
+    /// Bind this node's relay id over UDP (a probe carrying the secret) before going on: the
+    /// first relayed handshake must not meet an unbound address.
+    BindRelay {
+        relay_id: u32,
+        secret: RelaySecret,
+    },
+    /// A new peer: send it a WireGuard handshake initiation now.
+    Initiate(NodeKey),
+    /// The peer is new or published new candidates: the path finder looks at it.
+    Candidates(NodeKey),
+    /// The coordinator says this peer is probing us: probe it back now.
+    Punch(NodeKey),
+    /// The registration stands (the members already in the network are in the peer table).
+    Status(Registration),
+    SaveRevocations(Vec<a2a_proto::membership::Signed>),
+    SaveMembership(Membership),
+    End(End),
+}
+
+/// What to do after a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Connect again after this wait.
+    Retry(Duration),
+    /// Move the overlay interface to this address, then connect again at once.
+    MoveAddress(Ipv4Addr),
+    /// Stop for good; the status to show.
+    Stop(Option<Registration>),
+}
+
+/// The current connection.
+struct Conn {
+    /// The credential of this whole connection (a rotation ends it and starts another).
+    cred: Arc<Credential>,
+    /// The underlay addresses it started with; when they change, the connection starts over.
+    locals: Vec<SocketAddr>,
+    published: Vec<SocketAddr>,
+    registered: bool,
+    /// `PeerUp`s still to come before `up` may return.
+    initial_peers: u32,
+    heartbeat_every: Duration,
+    next_timer: Instant,
+    last_heard: Instant,
+}
+
+/// The control client's state over its whole run, across connections.
+pub struct Client {
+    member: Arc<MemberState>,
+    peers: Arc<PeerTable>,
+    counters: Arc<Counters>,
+    node_private: [u8; 32],
+    node_key: NodeKey,
+    name: String,
+    ip: Ipv4Addr,
+    /// The last record's issue time: each new record is strictly newer.
+    last_issued: u64,
+    backoff: Duration,
+    address_attempt: u32,
+    closed_handshakes: u32,
+    conn: Option<Conn>,
+}
+
+impl Client {
+    pub fn new(
+        member: Arc<MemberState>,
+        peers: Arc<PeerTable>,
+        counters: Arc<Counters>,
+        node_private: [u8; 32],
+        name: String,
+        ip: Ipv4Addr,
+    ) -> Client {
+        Client {
+            node_key: peers.own_key(),
+            member,
+            peers,
+            counters,
+            node_private,
+            name,
+            ip,
+            last_issued: 0,
+            backoff: BACKOFF_MIN,
+            address_attempt: 0,
+            closed_handshakes: 0,
+            conn: None,
+        }
+    }
+
+    /// The credential to connect with now.
+    pub fn credential(&self) -> Arc<Credential> {
+        self.member.credential()
+    }
+
+    /// The current overlay address.
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
+    /// A connection's Noise handshake completed (`handshake_hash` binds the proof to it);
+    /// `reflexive` is the address the coordinator saw our UDP socket at, if it answered, and
+    /// `locals` this host's addresses with our port. Returns the registration to send.
+    pub fn connected(
+        &mut self,
+        now: Now,
+        handshake_hash: &[u8],
+        reflexive: Option<SocketAddr>,
+        locals: Vec<SocketAddr>,
+    ) -> ClientMsg {
+        let cred = self.member.credential();
+        let published = candidates_from(reflexive, &locals);
+        let record = self.record(now, &cred, published.clone());
+        let msg = ClientMsg::Register {
+            network: cred.network_id(),
+            proof: cred.register_proof(handshake_hash),
+            record,
+        };
+        self.conn = Some(Conn {
+            cred,
+            locals,
+            published,
+            registered: false,
+            initial_peers: 0,
+            heartbeat_every: REGISTER_TIMEOUT,
+            next_timer: now.at + REGISTER_TIMEOUT,
+            last_heard: now.at,
+        });
+        msg
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) is due; `None` without a connection.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.conn.as_ref().map(|c| c.next_timer)
+    }
+
+    /// The timer [`poll_timeout`](Self::poll_timeout) named fired.
+    pub fn handle_timeout(&mut self, now: Now) -> Vec<Action> {
+        let Some(c) = self.conn.as_mut() else {
+            return vec![];
+        };
+        if now.at < c.next_timer {
+            return vec![];
+        }
+        if !c.registered {
+            return vec![Action::End(End::Lost(
+                "the coordinator did not answer the registration".into(),
+            ))];
+        }
+        let mut out = Vec::new();
+        c.next_timer = now.at + c.heartbeat_every;
+        if c.initial_peers > 0 {
+            // Some promised records never came (dropped as forged, say): `up` waits no longer.
+            c.initial_peers = 0;
+            out.push(Action::Status(Registration::Registered { ip: self.ip }));
+        }
+        if now.at.saturating_duration_since(c.last_heard) > c.heartbeat_every * SILENT_HEARTBEATS {
+            out.push(Action::End(End::Lost(
+                "coordinator stopped answering".into(),
+            )));
+            return out;
+        }
+        out.push(Action::Send(ClientMsg::Heartbeat));
+        out
+    }
+
+    /// The reflexive or local addresses may have changed (the relay bind re-learns them):
+    /// republishes the record when the candidates did; starts over when the local addresses
+    /// did (the connection is bound to one that may be gone).
+    pub fn addresses(
+        &mut self,
+        now: Now,
+        reflexive: Option<SocketAddr>,
+        locals: &[SocketAddr],
+    ) -> Vec<Action> {
+        let Some(c) = self.conn.as_ref() else {
+            return vec![];
+        };
+        if locals != c.locals.as_slice() {
+            return vec![Action::End(End::Lost("underlay addresses changed".into()))];
+        }
+        let candidates = candidates_from(reflexive, locals);
+        if candidates == c.published || !c.registered {
+            return vec![];
+        }
+        let cred = c.cred.clone();
+        let record = self.record(now, &cred, candidates.clone());
+        if let Some(c) = self.conn.as_mut() {
+            c.published = candidates;
+        }
+        vec![Action::Send(ClientMsg::Update { record })]
+    }
+
+    /// One message from the coordinator.
+    pub fn handle(&mut self, now: Now, msg: ServerMsg) -> Vec<Action> {
+        let Some(c) = self.conn.as_mut() else {
+            return vec![];
+        };
+        c.last_heard = now.at;
+        if !c.registered {
+            return self.first_reply(now, msg);
+        }
+        let cred = c.cred.clone();
+        let mut out = Vec::new();
+        let peer_up = matches!(msg, ServerMsg::PeerUp { .. });
+        self.message(now, &cred, msg, &mut out);
+        if let Some(c) = self.conn.as_mut() {
+            if peer_up && c.initial_peers > 0 {
+                c.initial_peers -= 1;
+                if c.initial_peers == 0 {
+                    out.push(Action::Status(Registration::Registered { ip: self.ip }));
+                }
+            }
+        }
+        out
+    }
+
+    fn first_reply(&mut self, now: Now, msg: ServerMsg) -> Vec<Action> {
+        let (heartbeat_s, relay_id, relay_secret, peers) = match msg {
+            ServerMsg::Registered {
+                heartbeat_s,
+                relay_id,
+                relay_secret,
+                peers,
+            } => (heartbeat_s.clamp(1, 300), relay_id, relay_secret, peers),
+            ServerMsg::Refused { reason, message } => {
+                return vec![Action::End(refused(reason, message))]
+            }
+            _ => {
+                return vec![Action::End(End::Lost(
+                    "unexpected first reply from coordinator".into(),
+                ))]
+            }
+        };
+        let secret = relay_secret;
+        let Some(c) = self.conn.as_mut() else {
+            return vec![];
+        };
+        c.registered = true;
+        c.initial_peers = peers;
+        c.heartbeat_every = Duration::from_secs(heartbeat_s.into());
+        c.next_timer = now.at + c.heartbeat_every;
+        self.backoff = BACKOFF_MIN;
+        self.address_attempt = 0;
+        let mut out = vec![Action::BindRelay { relay_id, secret }];
+        if peers == 0 {
+            out.push(Action::Status(Registration::Registered { ip: self.ip }));
+        }
+        // What this member knows about membership, for the coordinator to hold again (it may
+        // have restarted): the revocations it has seen and the invites it honours.
+        out.extend(
+            self.member
+                .revocations()
+                .into_iter()
+                .map(|revocation| Action::Send(ClientMsg::Revoke { revocation })),
+        );
+        out.extend(
+            self.member
+                .invites()
+                .ids()
+                .into_iter()
+                .map(|id| Action::Send(ClientMsg::InviteOpen { id })),
+        );
+        out
+    }
+
+    fn message(&mut self, now: Now, cred: &Credential, msg: ServerMsg, out: &mut Vec<Action>) {
+        let network = cred.network_id();
+        match msg {
+            ServerMsg::PeerUp { record, relay_id } => {
+                self.peer_up(now, cred, record, relay_id, out)
+            }
+            ServerMsg::Punch { from } => out.push(Action::Punch(from)),
+            ServerMsg::PeerDown { node_key } => {
+                if let Some(peer) = self.peers.by_key(&node_key) {
+                    tracing::info!("peer {} ({}) left", peer.info().name, peer.ip());
+                }
+                self.peers.remove(&node_key);
+            }
+            ServerMsg::RedeemRequest {
+                ticket,
+                invite,
+                node_key,
+                signing_key,
+                proof,
+            } => {
+                out.push(Action::Send(self.answer_redemption(
+                    now,
+                    cred,
+                    ticket,
+                    invite,
+                    node_key,
+                    signing_key,
+                    &proof,
+                )));
+                if self.member.invites().ids().iter().all(|id| *id != invite) {
+                    out.push(Action::Send(ClientMsg::InviteClose { id: invite }));
+                }
+            }
+            ServerMsg::Revoked { revocation } => {
+                let Ok(r) = Revocation::open(&revocation, &network) else {
+                    Counters::bump(&self.counters.membership_bad_signature);
+                    return;
+                };
+                if r.node_key == self.node_key {
+                    out.push(Action::End(End::Refused(
+                        "this node was removed from the network (a2actl kick); ask a member for a \
+                         new invite"
+                            .into(),
+                    )));
+                    return;
+                }
+                if let Some(list) = self.member.revoke(&r, revocation) {
+                    if let Some(peer) = self.peers.by_key(&r.node_key) {
+                        tracing::info!("peer {} ({}) was removed", peer.info().name, peer.ip());
+                    }
+                    out.push(Action::SaveRevocations(list));
+                }
+                self.peers.remove(&r.node_key);
+            }
+            ServerMsg::Moved { notice } => self.follow_rotation(cred, &notice, out),
+            ServerMsg::Refused { reason, message } => {
+                out.push(Action::End(refused(reason, message)))
+            }
+            ServerMsg::Registered { .. }
+            | ServerMsg::HeartbeatAck
+            | ServerMsg::InviteAdmitted { .. } => {}
+        }
+    }
+
+    /// A member's record: applied only when it verifies (the coordinator cannot forge members),
+    /// else dropped and counted by kind.
+    fn peer_up(
+        &mut self,
+        now: Now,
+        cred: &Credential,
+        record: SignedRecord,
+        relay_id: u32,
+        out: &mut Vec<Action>,
+    ) {
+        let c = &self.counters;
+        let verified = match record.verify(&cred.network_id()) {
+            Ok(v) => v,
+            Err(e) => {
+                Counters::bump(match e {
+                    RecordError::Unsigned => &c.records_unsigned,
+                    RecordError::BadSignature => &c.records_bad_signature,
+                    RecordError::Foreign => &c.records_foreign,
+                    _ => &c.records_malformed,
+                });
+                tracing::debug!("dropped a peer record: {e}");
+                return;
+            }
+        };
+        let VerifiedRecord { record, cert } = verified;
+        if !cred.prefix().contains(&record.ip) {
+            Counters::bump(&c.records_malformed);
+            return;
+        }
+        if self.member.is_revoked(&record.node_key) {
+            Counters::bump(&c.records_revoked);
+            return;
+        }
+        let key = record.node_key;
+        let applied = self.peers.apply(now.at, record, cert);
+        let peer = self.peers.by_key(&key);
+        if let Some(p) = &peer {
+            p.set_relay_id(relay_id);
+        }
+        match applied {
+            Applied::Added | Applied::Updated => {
+                if let Some(peer) = peer {
+                    if applied == Applied::Added {
+                        tracing::info!("peer {} ({}) joined", peer.info().name, peer.ip());
+                        out.push(Action::Initiate(key));
+                    }
+                    out.push(Action::Candidates(key));
+                }
+            }
+            Applied::IsSelf => {}
+            Applied::Stale => Counters::bump(&c.records_stale),
+            Applied::AddressConflict => Counters::bump(&c.records_address_conflict),
+            Applied::LowOrderKey => Counters::bump(&c.records_malformed),
+        }
+    }
+
+    /// Decides a redemption of one of our invites: a certificate sealed to the redeemer, or a
+    /// denial.
+    #[allow(clippy::too_many_arguments)]
+    fn answer_redemption(
+        &self,
+        now: Now,
+        cred: &Credential,
+        ticket: u32,
+        invite: InviteId,
+        node_key: NodeKey,
+        signing_key: SignerId,
+        proof: &InviteProof,
+    ) -> ClientMsg {
+        let deny = |message: &str| ClientMsg::InviteDeny {
+            ticket,
+            message: message.into(),
+        };
+        let Some(network_key) = cred.network_key() else {
+            return deny("the inviter no longer holds the network secret");
+        };
+        if self.member.is_revoked(&node_key) {
+            return deny("this node key was removed from the network");
+        }
+        let decided =
+            self.member
+                .invites()
+                .redeem(&invite, &node_key, &signing_key, proof, now.unix_ms);
+        match decided {
+            Ok((code, _used_up)) => {
+                Counters::bump(&self.counters.invites_redeemed);
+                let cert = issue_cert(network_key, node_key, signing_key, invite, now.unix_ms);
+                let answer = InviteAnswer::Admitted {
+                    network: network_key.id(),
+                    prefix: cred.prefix(),
+                    cert,
+                };
+                ClientMsg::InviteAdmit {
+                    ticket,
+                    sealed: code.seal_answer(&node_key, &answer),
+                }
+            }
+            Err(denial) => {
+                Counters::bump(&self.counters.invites_denied);
+                deny(denial.message())
+            }
+        }
+    }
+
+    /// A rotation notice: move to the new network if it carries this node, otherwise stop (the
+    /// node was left behind, i.e. removed).
+    fn follow_rotation(
+        &mut self,
+        cred: &Credential,
+        notice: &a2a_proto::membership::Signed,
+        out: &mut Vec<Action>,
+    ) {
+        let Ok(n) = RotationNotice::open(notice, &cred.network_id()) else {
+            Counters::bump(&self.counters.membership_bad_signature);
+            return;
+        };
+        let own = x25519_dalek::StaticSecret::from(self.node_private);
+        let moved = match n.carry_for(&own) {
+            None => {
+                out.push(Action::End(End::Refused(
+                    "the network rotated its secret without this node: it was removed; ask a \
+                     member for a new invite or token"
+                        .into(),
+                )));
+                return;
+            }
+            Some(Carry::Secret { secret }) => Some(secret.0)
+                .filter(|s| NetworkKey::derive(s).id() == n.new_network)
+                .map(|network_secret| {
+                    let token = JoinToken {
+                        coordinator_key: cred.coordinator_key(),
+                        network_secret,
+                        prefix: cred.prefix(),
+                        endpoints: cred.endpoints().to_vec(),
+                    };
+                    let text = token.encode();
+                    (Credential::from_token(token), text)
+                }),
+            Some(Carry::Cert { cert }) => MemberCert::open(&cert, &n.new_network)
+                .ok()
+                .and_then(|_| {
+                    let invited = Invited {
+                        coordinator_key: CoordinatorKey(cred.coordinator_key()),
+                        endpoints: cred.endpoints().to_vec(),
+                        prefix: cred.prefix(),
+                        network: n.new_network,
+                        cert,
+                    };
+                    Credential::from_invited(invited, &self.node_private).ok()
+                })
+                .map(|c| (c, self.member.join_text())),
+        };
+        let Some((new_cred, text)) = moved else {
+            Counters::bump(&self.counters.membership_bad_signature);
+            return;
+        };
+        // Peers the rotation did not carry stay behind: drop them now.
+        let carried: HashSet<NodeKey> = n
+            .carried
+            .iter()
+            .map(|c| c.node_key)
+            .chain([n.rotator])
+            .collect();
+        for p in self.peers.all() {
+            if !carried.contains(&p.key) {
+                self.peers.remove(&p.key);
+            }
+        }
+        self.member.replace_credential(Arc::new(new_cred), text);
+        out.push(Action::SaveMembership(
+            self.member.membership(self.name.clone(), self.ip),
+        ));
+        out.push(Action::SaveRevocations(Vec::new()));
+        out.push(Action::End(End::Moved));
+    }
+
+    /// The connection ended: what to do next.
+    pub fn ended(&mut self, end: End) -> Next {
+        self.conn = None;
+        let end = match end {
+            End::ClosedInHandshake(why) => {
+                self.closed_handshakes += 1;
+                if self.closed_handshakes >= MAX_CLOSED_HANDSHAKES {
+                    End::Refused(format!(
+                        "{why}: the join token's coordinator key does not match this \
+                         coordinator (is the token from another coordinator, or was its state \
+                         directory replaced?); get a new token"
+                    ))
+                } else {
+                    End::Lost(why)
+                }
+            }
+            other => {
+                self.closed_handshakes = 0;
+                other
+            }
+        };
+        match end {
+            End::Left => Next::Stop(None),
+            End::Moved => {
+                tracing::info!("the network rotated its secret; registering in the new one");
+                self.backoff = BACKOFF_MIN;
+                Next::Retry(Duration::ZERO)
+            }
+            End::Refused(msg) => {
+                tracing::error!("coordinator refused this node: {msg}");
+                Next::Stop(Some(Registration::Refused(msg)))
+            }
+            End::AddressInUse => {
+                self.address_attempt += 1;
+                if self.address_attempt >= MAX_ADDRESS_ATTEMPTS {
+                    return Next::Stop(Some(Registration::Refused(
+                        "no free overlay address found in the network prefix".into(),
+                    )));
+                }
+                let prefix = self.member.credential().prefix();
+                self.ip = derive_ip(prefix, &self.node_key, self.address_attempt);
+                tracing::info!(
+                    "overlay address taken by another node; moving to {}",
+                    self.ip
+                );
+                Next::MoveAddress(self.ip)
+            }
+            End::Lost(why) => {
+                let wait = self.backoff;
+                tracing::info!("control connection: {why}; retrying in {wait:?}");
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                Next::Retry(wait)
+            }
+            End::ClosedInHandshake(_) => unreachable!("mapped above"),
+        }
+    }
+
+    fn record(&mut self, now: Now, cred: &Credential, candidates: Vec<SocketAddr>) -> SignedRecord {
+        let issued_ms = now.unix_ms.max(self.last_issued + 1);
+        self.last_issued = issued_ms;
+        cred.sign_record(&NodeRecord {
+            network: cred.network_id(),
+            node_key: self.node_key,
+            name: self.name.clone(),
+            ip: self.ip,
+            candidates,
+            issued_ms,
+        })
+    }
+}
+
+/// The candidates a node publishes: its reflexive address first, then its local ones.
+pub fn candidates_from(reflexive: Option<SocketAddr>, locals: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut c: Vec<SocketAddr> = reflexive.into_iter().collect();
+    for a in locals {
+        if !c.contains(a) {
+            c.push(*a);
+        }
+    }
+    c.truncate(MAX_CANDIDATES);
+    c
+}
+
+fn refused(reason: RefuseReason, message: String) -> End {
+    match reason {
+        RefuseReason::AddressInUse => End::AddressInUse,
+        RefuseReason::BadProof
+        | RefuseReason::BadRecord
+        | RefuseReason::Revoked
+        | RefuseReason::InviteRefused => End::Refused(message),
+        RefuseReason::Protocol => End::Lost(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use a2a_proto::invite::InviteCode;
+    use a2a_proto::keys::{REVOKE_CONTEXT, ROTATE_CONTEXT};
+    use a2a_proto::membership::Signed;
+    use boringtun::x25519::{PublicKey, StaticSecret};
+
+    const SECRET: [u8; 32] = [7; 32];
+
+    fn token(secret: [u8; 32]) -> JoinToken {
+        JoinToken {
+            coordinator_key: [9; 32],
+            network_secret: secret,
+            prefix: "100.64.0.0/10".parse().unwrap(),
+            endpoints: vec!["192.0.2.1:7600".into()],
+        }
+    }
+
+    fn key_of(private: [u8; 32]) -> NodeKey {
+        NodeKey(PublicKey::from(&StaticSecret::from(private)).to_bytes())
+    }
+
+    struct World {
+        client: Client,
+        peers: Arc<PeerTable>,
+        counters: Arc<Counters>,
+        member: Arc<MemberState>,
+        t0: Instant,
+    }
+
+    fn world() -> World {
+        let t0 = Instant::now();
+        let cred = Credential::from_token(token(SECRET));
+        let member = Arc::new(MemberState::new(cred, token(SECRET).encode(), vec![]));
+        let private = [1; 32];
+        let peers = Arc::new(PeerTable::new(StaticSecret::from(private), t0));
+        let counters = Arc::new(Counters::default());
+        let client = Client::new(
+            member.clone(),
+            peers.clone(),
+            counters.clone(),
+            private,
+            "self".into(),
+            "100.64.0.1".parse().unwrap(),
+        );
+        World {
+            client,
+            peers,
+            counters,
+            member,
+            t0,
+        }
+    }
+
+    fn at(w: &World, ms: u64) -> Now {
+        Now {
+            at: w.t0 + Duration::from_millis(ms),
+            unix_ms: 1_000_000 + ms,
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn registered(peers: u32) -> ServerMsg {
+        ServerMsg::Registered {
+            heartbeat_s: 10,
+            relay_id: 5,
+            relay_secret: RelaySecret([3u8; 16]),
+            peers,
+        }
+    }
+
+    /// A member's record signed with the network key (`secret`), as a real member signs it.
+    fn peer_record(n: u8, secret: [u8; 32], issued_ms: u64) -> SignedRecord {
+        let cred = Credential::from_token(token(secret));
+        cred.sign_record(&NodeRecord {
+            network: cred.network_id(),
+            node_key: key_of([n; 32]),
+            name: format!("peer{n}"),
+            ip: format!("100.64.0.{n}").parse().unwrap(),
+            candidates: vec![addr("192.0.2.50:51820")],
+            issued_ms,
+        })
+    }
+
+    fn peer_up(n: u8) -> ServerMsg {
+        ServerMsg::PeerUp {
+            record: peer_record(n, SECRET, 10),
+            relay_id: u32::from(n),
+        }
+    }
+
+    /// Connects and registers with `peers` members to come.
+    fn register(w: &mut World, peers: u32) -> Vec<Action> {
+        let msg = w
+            .client
+            .connected(at(w, 0), b"hash", Some(addr("198.51.100.1:4000")), vec![]);
+        assert!(matches!(msg, ClientMsg::Register { .. }), "{msg:?}");
+        w.client.handle(at(w, 5), registered(peers))
+    }
+
+    fn status_registered(actions: &[Action]) -> bool {
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Status(Registration::Registered { .. })))
+    }
+
+    #[test]
+    fn the_registration_proves_membership_and_publishes_a_signed_record() {
+        let mut w = world();
+        let msg = w.client.connected(
+            at(&w, 0),
+            b"hash",
+            Some(addr("198.51.100.1:4000")),
+            vec![addr("10.0.0.2:51820")],
+        );
+        let ClientMsg::Register {
+            network,
+            proof,
+            record,
+        } = msg
+        else {
+            panic!("not a registration");
+        };
+        let cred = w.member.credential();
+        assert_eq!(network, cred.network_id());
+        assert_eq!(proof, cred.register_proof(b"hash"));
+        let v = record.verify(&network).unwrap();
+        assert_eq!(v.record.node_key, w.peers.own_key());
+        assert_eq!(
+            v.record.candidates,
+            vec![addr("198.51.100.1:4000"), addr("10.0.0.2:51820")],
+            "reflexive first, then local"
+        );
+    }
+
+    #[test]
+    fn up_returns_once_the_members_already_there_are_in_the_peer_table() {
+        let mut w = world();
+        let actions = register(&mut w, 2);
+        assert_eq!(
+            actions[0],
+            Action::BindRelay {
+                relay_id: 5,
+                secret: RelaySecret([3; 16])
+            },
+            "the relay is bound before any peer is handled"
+        );
+        assert!(
+            !status_registered(&actions),
+            "two members are still to come"
+        );
+        let a = w.client.handle(at(&w, 6), peer_up(2));
+        assert_eq!(
+            a,
+            vec![
+                Action::Initiate(key_of([2; 32])),
+                Action::Candidates(key_of([2; 32]))
+            ]
+        );
+        let a = w.client.handle(at(&w, 7), peer_up(3));
+        assert!(status_registered(&a));
+        assert_eq!(w.peers.len(), 2);
+        assert_eq!(w.peers.by_key(&key_of([3; 32])).unwrap().relay_id(), 3);
+        // A newer record updates; the same one again is stale.
+        let newer = ServerMsg::PeerUp {
+            record: peer_record(3, SECRET, 11),
+            relay_id: 3,
+        };
+        assert_eq!(
+            w.client.handle(at(&w, 8), newer),
+            vec![Action::Candidates(key_of([3; 32]))]
+        );
+        assert!(w.client.handle(at(&w, 9), peer_up(3)).is_empty());
+        assert_eq!(Counters::get(&w.counters.records_stale), 1);
+    }
+
+    #[test]
+    fn promised_records_that_never_come_do_not_hold_up_forever() {
+        let mut w = world();
+        register(&mut w, 2);
+        // A forged record counts as one of those promised (it came), and is dropped.
+        let forged = ServerMsg::PeerUp {
+            record: peer_record(2, [8; 32], 10),
+            relay_id: 2,
+        };
+        assert!(!status_registered(&w.client.handle(at(&w, 6), forged)));
+        let due = w.client.poll_timeout().unwrap();
+        assert_eq!(due, at(&w, 5).at + Duration::from_secs(10));
+        let a = w.client.handle_timeout(Now {
+            at: due,
+            unix_ms: 0,
+        });
+        assert!(status_registered(&a), "the first heartbeat ends the wait");
+        assert!(a.contains(&Action::Send(ClientMsg::Heartbeat)));
+    }
+
+    #[test]
+    fn records_that_do_not_verify_are_counted_by_kind_and_never_applied() {
+        let mut w = world();
+        register(&mut w, 0);
+        let mut unsigned = peer_record(2, SECRET, 10);
+        unsigned.sig.clear();
+        let mut tampered = peer_record(3, SECRET, 10);
+        tampered.body = tampered.body.replace("peer3", "peerX");
+        let foreign = peer_record(4, [8; 32], 10);
+        let outside = {
+            let cred = Credential::from_token(token(SECRET));
+            cred.sign_record(&NodeRecord {
+                network: cred.network_id(),
+                node_key: key_of([5; 32]),
+                name: "out".into(),
+                ip: "10.1.2.3".parse().unwrap(),
+                candidates: vec![],
+                issued_ms: 1,
+            })
+        };
+        for record in [unsigned, tampered, foreign, outside] {
+            let a = w.client.handle(
+                at(&w, 6),
+                ServerMsg::PeerUp {
+                    record,
+                    relay_id: 1,
+                },
+            );
+            assert!(a.is_empty(), "{a:?}");
+        }
+        assert!(w.peers.is_empty());
+        let c = &w.counters;
+        assert_eq!(Counters::get(&c.records_unsigned), 1);
+        assert_eq!(Counters::get(&c.records_bad_signature), 1);
+        assert_eq!(Counters::get(&c.records_foreign), 1);
+        assert_eq!(Counters::get(&c.records_malformed), 1);
+    }
+
+    #[test]
+    fn heartbeats_keep_the_connection_and_silence_ends_it() {
+        let mut w = world();
+        register(&mut w, 0);
+        let mut t = w.client.poll_timeout().unwrap();
+        // The coordinator answers the first two heartbeats, then falls silent.
+        for i in 0..2 {
+            let a = w.client.handle_timeout(Now { at: t, unix_ms: 0 });
+            assert_eq!(a, vec![Action::Send(ClientMsg::Heartbeat)], "beat {i}");
+            w.client
+                .handle(Now { at: t, unix_ms: 0 }, ServerMsg::HeartbeatAck);
+            t = w.client.poll_timeout().unwrap();
+        }
+        let mut ended = None;
+        for _ in 0..5 {
+            let a = w.client.handle_timeout(Now { at: t, unix_ms: 0 });
+            if let Some(Action::End(e)) = a.last() {
+                ended = Some(e.clone());
+                break;
+            }
+            t = w.client.poll_timeout().unwrap();
+        }
+        assert_eq!(
+            ended,
+            Some(End::Lost("coordinator stopped answering".into()))
+        );
+        // Early timer calls do nothing.
+        let mut w = world();
+        register(&mut w, 0);
+        assert!(w.client.handle_timeout(at(&w, 6)).is_empty());
+    }
+
+    #[test]
+    fn an_unanswered_registration_ends_the_connection() {
+        let mut w = world();
+        w.client.connected(at(&w, 0), b"h", None, vec![]);
+        let due = w.client.poll_timeout().unwrap();
+        assert_eq!(due, w.t0 + REGISTER_TIMEOUT);
+        assert!(matches!(
+            w.client.handle_timeout(Now {
+                at: due,
+                unix_ms: 0
+            })[..],
+            [Action::End(End::Lost(_))]
+        ));
+        // Refusals and surprises in place of the answer.
+        w.client.connected(at(&w, 0), b"h", None, vec![]);
+        let a = w.client.handle(
+            at(&w, 1),
+            ServerMsg::Refused {
+                reason: RefuseReason::AddressInUse,
+                message: "taken".into(),
+            },
+        );
+        assert_eq!(a, vec![Action::End(End::AddressInUse)]);
+        w.client.connected(at(&w, 0), b"h", None, vec![]);
+        let a = w.client.handle(at(&w, 1), ServerMsg::HeartbeatAck);
+        assert!(matches!(a[..], [Action::End(End::Lost(_))]));
+    }
+
+    #[test]
+    fn new_candidates_are_republished_and_new_local_addresses_start_over() {
+        let mut w = world();
+        let locals = vec![addr("10.0.0.2:51820")];
+        w.client.connected(
+            at(&w, 0),
+            b"h",
+            Some(addr("198.51.100.1:4000")),
+            locals.clone(),
+        );
+        w.client.handle(at(&w, 1), registered(0));
+        assert!(w
+            .client
+            .addresses(at(&w, 2), Some(addr("198.51.100.1:4000")), &locals)
+            .is_empty());
+        let a = w
+            .client
+            .addresses(at(&w, 3), Some(addr("198.51.100.1:4999")), &locals);
+        let [Action::Send(ClientMsg::Update { record })] = &a[..] else {
+            panic!("{a:?}");
+        };
+        let v = record.verify(&w.member.credential().network_id()).unwrap();
+        assert_eq!(v.record.candidates[0], addr("198.51.100.1:4999"));
+        assert!(
+            v.record.issued_ms > 1_000_000,
+            "newer than the registration's"
+        );
+        assert!(w
+            .client
+            .addresses(at(&w, 4), Some(addr("198.51.100.1:4999")), &locals)
+            .is_empty());
+        let a = w
+            .client
+            .addresses(at(&w, 5), None, &[addr("10.0.0.3:51820")]);
+        assert!(matches!(a[..], [Action::End(End::Lost(_))]));
+    }
+
+    #[test]
+    fn a_redemption_of_our_invite_is_decided_here_once() {
+        let mut w = world();
+        register(&mut w, 0);
+        let code = InviteCode {
+            secret: [4; 16],
+            coordinator_key: [9; 32],
+            endpoints: vec!["192.0.2.1:7600".into()],
+        };
+        let id = w
+            .member
+            .invites()
+            .open(code.clone(), 1, 2_000_000, 1_000_000)
+            .unwrap();
+        let redeemer = key_of([6; 32]);
+        let signing = a2a_proto::membership::node_signing_key(&[6; 32]);
+        let signing_key = SignerId::from(signing.verifying_key());
+        let request = |proof: InviteProof| ServerMsg::RedeemRequest {
+            ticket: 77,
+            invite: id,
+            node_key: redeemer,
+            signing_key,
+            proof,
+        };
+        let a = w.client.handle(at(&w, 10), request(InviteProof([0; 32])));
+        assert!(matches!(
+            &a[0],
+            Action::Send(ClientMsg::InviteDeny { ticket: 77, .. })
+        ));
+        let a = w
+            .client
+            .handle(at(&w, 11), request(code.proof(&redeemer, &signing_key)));
+        let Action::Send(ClientMsg::InviteAdmit { ticket: 77, sealed }) = &a[0] else {
+            panic!("{a:?}");
+        };
+        let Some(InviteAnswer::Admitted { network, cert, .. }) =
+            code.open_answer(&redeemer, sealed)
+        else {
+            panic!("the answer is sealed to the redeemer");
+        };
+        assert_eq!(network, w.member.credential().network_id());
+        assert!(MemberCert::open(&cert, &network).is_ok());
+        assert!(
+            a.contains(&Action::Send(ClientMsg::InviteClose { id })),
+            "used up: closed at the coordinator"
+        );
+        let a = w
+            .client
+            .handle(at(&w, 12), request(code.proof(&redeemer, &signing_key)));
+        assert!(matches!(&a[0], Action::Send(ClientMsg::InviteDeny { .. })));
+        assert_eq!(Counters::get(&w.counters.invites_redeemed), 1);
+        assert_eq!(Counters::get(&w.counters.invites_denied), 2);
+    }
+
+    #[test]
+    fn revocations_remove_peers_are_saved_and_a_forged_one_changes_nothing() {
+        let mut w = world();
+        register(&mut w, 0);
+        w.client.handle(at(&w, 6), peer_up(2));
+        let network_key = NetworkKey::derive(&SECRET);
+        let revoke = |k: NodeKey, key: &NetworkKey| ServerMsg::Revoked {
+            revocation: Signed::sign(
+                &Revocation {
+                    network: network_key.id(),
+                    node_key: k,
+                    issued_ms: 5,
+                },
+                key,
+                REVOKE_CONTEXT,
+            ),
+        };
+        let forged = revoke(key_of([2; 32]), &NetworkKey::derive(&[8; 32]));
+        assert!(w.client.handle(at(&w, 7), forged).is_empty());
+        assert_eq!(Counters::get(&w.counters.membership_bad_signature), 1);
+        assert_eq!(w.peers.len(), 1);
+        let a = w
+            .client
+            .handle(at(&w, 8), revoke(key_of([2; 32]), &network_key));
+        assert!(matches!(&a[..], [Action::SaveRevocations(l)] if l.len() == 1));
+        assert!(w.peers.is_empty());
+        assert!(
+            w.client.handle(at(&w, 9), peer_up(2)).is_empty(),
+            "a revoked member's record is refused"
+        );
+        assert_eq!(Counters::get(&w.counters.records_revoked), 1);
+        let own = w.peers.own_key();
+        let a = w.client.handle(at(&w, 10), revoke(own, &network_key));
+        assert!(matches!(a[..], [Action::End(End::Refused(_))]));
+    }
+
+    #[test]
+    fn a_rotation_that_carries_this_node_moves_it_and_one_that_does_not_stops_it() {
+        let mut w = world();
+        register(&mut w, 0);
+        w.client.handle(at(&w, 6), peer_up(2));
+        w.client.handle(at(&w, 6), peer_up(3));
+        let old = NetworkKey::derive(&SECRET);
+        let new_secret = [5u8; 32];
+        let new = NetworkKey::derive(&new_secret);
+        let rotator = StaticSecret::from([2; 32]);
+        let notice = |carry_me: bool| {
+            let mut carried = Vec::new();
+            if carry_me {
+                let carry = Carry::Secret {
+                    secret: a2a_proto::keys::NetworkSecret(new_secret),
+                };
+                carried.push(RotationNotice::seal(
+                    &rotator,
+                    w.peers.own_key(),
+                    &new.id(),
+                    &carry,
+                ));
+            }
+            ServerMsg::Moved {
+                notice: Signed::sign(
+                    &RotationNotice {
+                        old_network: old.id(),
+                        new_network: new.id(),
+                        rotator: key_of([2; 32]),
+                        issued_ms: 9,
+                        carried,
+                    },
+                    &old,
+                    ROTATE_CONTEXT,
+                ),
+            }
+        };
+        let left_behind = notice(false);
+        let carried = notice(true);
+        let a = w.client.handle(at(&w, 7), carried);
+        assert!(matches!(&a[0], Action::SaveMembership(m) if m.token != token(SECRET).encode()));
+        assert_eq!(a[1], Action::SaveRevocations(vec![]));
+        assert_eq!(a[2], Action::End(End::Moved));
+        assert_eq!(w.member.credential().network_id(), new.id());
+        assert!(
+            w.peers.by_key(&key_of([2; 32])).is_some(),
+            "the rotator stays"
+        );
+        assert!(
+            w.peers.by_key(&key_of([3; 32])).is_none(),
+            "not carried: dropped"
+        );
+        assert_eq!(w.client.ended(End::Moved), Next::Retry(Duration::ZERO));
+
+        let mut w2 = world();
+        register(&mut w2, 0);
+        let a = w2.client.handle(at(&w2, 7), left_behind);
+        assert!(matches!(a[..], [Action::End(End::Refused(_))]));
+    }
+
+    #[test]
+    fn after_a_connection_ends_back_off_move_address_or_stop() {
+        let mut w = world();
+        let waits: Vec<_> = (0..5)
+            .map(|_| w.client.ended(End::Lost("x".into())))
+            .collect();
+        assert_eq!(
+            waits,
+            [500, 1000, 2000, 4000, 4000]
+                .map(|ms| Next::Retry(Duration::from_millis(ms)))
+                .to_vec()
+        );
+        register(&mut w, 0);
+        assert_eq!(
+            w.client.ended(End::Lost("x".into())),
+            Next::Retry(BACKOFF_MIN),
+            "a registration resets the back-off"
+        );
+        let first = w.client.ip();
+        let Next::MoveAddress(ip) = w.client.ended(End::AddressInUse) else {
+            panic!("expected a new address");
+        };
+        assert_ne!(ip, first);
+        assert_eq!(w.client.ip(), ip);
+        for _ in 2..MAX_ADDRESS_ATTEMPTS {
+            assert!(matches!(
+                w.client.ended(End::AddressInUse),
+                Next::MoveAddress(_)
+            ));
+        }
+        assert!(matches!(
+            w.client.ended(End::AddressInUse),
+            Next::Stop(Some(Registration::Refused(_)))
+        ));
+        let mut w = world();
+        for _ in 1..MAX_CLOSED_HANDSHAKES {
+            assert!(matches!(
+                w.client.ended(End::ClosedInHandshake("closed".into())),
+                Next::Retry(_)
+            ));
+        }
+        let Next::Stop(Some(Registration::Refused(why))) =
+            w.client.ended(End::ClosedInHandshake("closed".into()))
+        else {
+            panic!("three closed handshakes are a wrong key");
+        };
+        assert!(why.contains("get a new token"), "{why}");
+        assert_eq!(w.client.ended(End::Left), Next::Stop(None));
+    }
+}

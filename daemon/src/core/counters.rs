@@ -1,0 +1,102 @@
+//! Counts of dropped input and notable events, shown by `a2actl status`. The struct and its
+//! snapshot come from one list, so a counter cannot be added to one and forgotten in the other.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// Every counter of the node; each is bumped with [`Counters::bump`].
+        #[derive(Default)]
+        pub struct Counters {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            /// Every counter by name, in the order of the list.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    udp_garbage,
+    udp_unknown_peer,
+    udp_a2a_malformed,
+    wg_rejected,
+    /// Handshake initiations whose timestamp is not newer than the last one accepted from that
+    /// peer: replays (boringtun refuses them), counted apart from `wg_rejected`.
+    wg_handshake_replays,
+    wg_cookies_sent,
+    /// Cookie replies from peers accepted: our handshake met a peer under load, and the next
+    /// one will carry the cookie's MAC2.
+    wg_cookies_received,
+    /// Handshake messages with a valid cookie dropped while under load, their source being over
+    /// its share (`HANDSHAKES_PER_SOURCE` a second).
+    wg_handshake_rate_limited,
+    inner_source_mismatch,
+    tun_no_route,
+    tun_not_ipv4,
+    no_endpoint,
+    send_errors,
+    records_unsigned,
+    records_bad_signature,
+    records_foreign,
+    records_malformed,
+    records_stale,
+    records_revoked,
+    records_address_conflict,
+    membership_bad_signature,
+    invites_redeemed,
+    invites_denied,
+    relay_not_from_coordinator,
+    relay_queue_full,
+    disco_unknown_sender,
+    disco_bad,
+    disco_rate_limited,
+    disco_stale_pong,
+    path_upgrades,
+    path_fallbacks,
+    /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
+    fast_tun_offload,
+    fast_udp_gso,
+    fast_udp_gro,
+}
+
+impl Counters {
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets a 0/1 counter (the `fast_*` ones).
+    pub fn set(c: &AtomicU64, on: bool) {
+        c.store(on.into(), Ordering::Relaxed);
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshot_names_every_counter_once_in_order() {
+        let c = Counters::default();
+        Counters::bump(&c.udp_garbage);
+        Counters::bump(&c.udp_garbage);
+        Counters::set(&c.fast_udp_gro, true);
+        let snap = c.snapshot();
+        assert_eq!(snap[0], ("udp_garbage", 2));
+        assert_eq!(snap.last(), Some(&("fast_udp_gro", 1)));
+        let mut names: Vec<_> = snap.iter().map(|(n, _)| *n).collect();
+        let len = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), len);
+        assert_eq!(len, 34);
+    }
+}

@@ -1,0 +1,12 @@
+//! The I/O-free core: decisions that take `now` and return what to do. Path selection, the
+//! peer table and WireGuard routing, the control protocol, membership, the GSO batch, budgets
+//! and counters. Nothing here opens a socket, reads a file or reads the clock.
+
+pub mod batch;
+pub mod control;
+pub mod counters;
+pub mod limit;
+pub mod membership;
+pub mod path;
+pub mod peers;
+pub mod wg;

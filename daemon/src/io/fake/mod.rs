@@ -1,0 +1,1 @@
+//! In-memory fakes of the I/O contracts, for fast tests without root or sockets.

@@ -1,0 +1,292 @@
+//! The real I/O: a tokio UDP socket with UDP GSO/GRO, a tun-rs TUN device with offload
+//! (virtio-net header, GSO split on read, GRO coalescing on write), netlink, TCP.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::io::Interest;
+use tokio::net::{TcpStream, UdpSocket};
+use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
+
+use super::netconf::NetConf;
+use super::udpbatch;
+use super::{
+    Connector, FastPaths, Platform, Received, SessionIo, TunDevice, TunReader, TunWriter,
+    UdpTransport, Underlay,
+};
+use crate::core::wg::OVERLAY_MTU;
+
+/// Largest datagram or packet handled.
+const BUF_LEN: usize = 65536;
+
+/// The host's kernel: what `a2ad` runs on.
+pub struct Kernel;
+
+impl Platform for Kernel {
+    type Udp = KernelUdp;
+    type Tun = KernelTun;
+    type Underlay = KernelUnderlay;
+    type Connector = TcpConnector;
+
+    async fn open(
+        &self,
+        interface: &str,
+        udp_port: u16,
+        ip: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<SessionIo<Self>, String> {
+        let socket = UdpSocket::bind(("0.0.0.0", udp_port)).await.map_err(|e| {
+            format!(
+                "cannot bind UDP port {udp_port}: {e} (is another a2ad or WireGuard using it? \
+                 start a2ad with --port)"
+            )
+        })?;
+        let fast = allowed("A2A_TUN_OFFLOAD");
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(interface)
+                .mtu(OVERLAY_MTU)
+                .offload(offload)
+                .build_async()
+        };
+        let tun = match build(fast) {
+            Ok(t) => t,
+            Err(e) if fast => {
+                tracing::warn!("TUN offload unavailable ({e}); using one packet per read/write");
+                build(false).map_err(|e| tun_error(interface, e))?
+            }
+            Err(e) => return Err(tun_error(interface, e)),
+        };
+        let tun_offload = tun.tcp_gso();
+        let fd = socket.as_raw_fd();
+        let udp_gso = allowed("A2A_UDP_GSO") && udpbatch::gso_supported(fd);
+        let udp_gro = allowed("A2A_UDP_GRO") && udpbatch::enable_gro(fd);
+        tracing::info!(
+            "data path: TUN offload {}, UDP GSO {}, UDP GRO {}",
+            on_off(tun_offload),
+            on_off(udp_gso),
+            on_off(udp_gro)
+        );
+        let netconf = NetConf::new().map_err(|e| format!("cannot open netlink: {e}"))?;
+        let tun_index = netconf
+            .link_index(interface)
+            .await
+            .map_err(|e| e.to_string())?;
+        let underlay = KernelUnderlay {
+            netconf,
+            tun_index,
+            interface: interface.to_string(),
+        };
+        underlay.set_overlay_address(ip, prefix_len).await?;
+        Ok(SessionIo {
+            udp: KernelUdp {
+                socket,
+                gso: AtomicBool::new(udp_gso),
+            },
+            tun: KernelTun(Arc::new(tun)),
+            underlay,
+            fast: FastPaths {
+                tun_offload,
+                udp_gso,
+                udp_gro,
+            },
+        })
+    }
+
+    fn connector(&self) -> TcpConnector {
+        TcpConnector
+    }
+}
+
+/// The offloads (TUN virtio-net header, UDP GSO/GRO) are used unless `A2A_OFFLOAD=0`, or the
+/// one named (`A2A_TUN_OFFLOAD`, `A2A_UDP_GSO`, `A2A_UDP_GRO`) is `0`.
+fn allowed(name: &str) -> bool {
+    let off = |k: &str| std::env::var(k).is_ok_and(|v| v == "0");
+    !off("A2A_OFFLOAD") && !off(name)
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+fn tun_error(interface: &str, e: io::Error) -> String {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return format!(
+            "cannot create TUN device {interface}: /dev/net/tun does not exist; load the tun \
+             module (`modprobe tun`) or, in a container, pass the device through (--device /dev/net/tun)"
+        );
+    }
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => format!(
+            "cannot create TUN device {interface}: permission denied; a2ad needs root or CAP_NET_ADMIN"
+        ),
+        Some(libc::EBUSY) => format!(
+            "cannot create TUN device {interface}: it is in use by another program; start a2ad with --interface"
+        ),
+        _ => format!("cannot create TUN device {interface}: {e}"),
+    }
+}
+
+/// The UDP socket, with UDP GRO on receive and UDP GSO on send where the kernel has them.
+pub struct KernelUdp {
+    socket: UdpSocket,
+    /// Cleared for good when the kernel or the outgoing device refuses segmentation.
+    gso: AtomicBool,
+}
+
+impl UdpTransport for KernelUdp {
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<Received>> {
+        let fd = self.socket.as_raw_fd();
+        match self
+            .socket
+            .try_io(Interest::READABLE, || udpbatch::recv_segments(fd, buf))
+        {
+            Ok((len, from, segment)) => Ok(Some(Received { len, segment, from })),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn readable(&self) {
+        let _ = self.socket.readable().await;
+    }
+
+    async fn send(&self, data: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
+        if data.len() <= segment {
+            return self.socket.send_to(data, to).await.map(drop);
+        }
+        if self.gso.load(Ordering::Relaxed) {
+            let fd = self.socket.as_raw_fd();
+            let sent = self
+                .socket
+                .async_io(Interest::WRITABLE, || {
+                    udpbatch::send_segments(fd, data, segment as u16, to)
+                })
+                .await;
+            match sent {
+                Ok(_) => return Ok(()),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
+                    // The kernel or the outgoing device cannot segment: stop trying.
+                    tracing::warn!("UDP GSO send failed ({e}); sending one datagram per call");
+                    self.gso.store(false, Ordering::Relaxed);
+                }
+                // Any other failure (EMSGSIZE when the route's MTU is below the segment size,
+                // which GSO cannot fragment; a firewall's EPERM): send the datagrams one by
+                // one, so each fares as it would have without GSO (fragmented, or counted).
+                Err(_) => {}
+            }
+        }
+        let mut result = Ok(());
+        for d in data.chunks(segment) {
+            if let Err(e) = self.socket.send_to(d, to).await {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    fn max_segments(&self) -> usize {
+        if self.gso.load(Ordering::Relaxed) {
+            udpbatch::MAX_SEGMENTS
+        } else {
+            1
+        }
+    }
+}
+
+/// The TUN device (tun-rs), shared by its reading and writing halves.
+pub struct KernelTun(Arc<AsyncDevice>);
+
+impl TunDevice for KernelTun {
+    type Reader = KernelTunReader;
+    type Writer = KernelTunWriter;
+
+    fn reader(&self) -> KernelTunReader {
+        KernelTunReader {
+            dev: self.0.clone(),
+            original: vec![0u8; VIRTIO_NET_HDR_LEN + BUF_LEN],
+        }
+    }
+
+    fn writer(&self) -> KernelTunWriter {
+        KernelTunWriter {
+            dev: self.0.clone(),
+            gro: GROTable::default(),
+        }
+    }
+}
+
+pub struct KernelTunReader {
+    dev: Arc<AsyncDevice>,
+    /// What one read returns before it is split: a super-packet with its virtio-net header.
+    original: Vec<u8>,
+}
+
+impl TunReader for KernelTunReader {
+    async fn read(&mut self, bufs: &mut [Vec<u8>], sizes: &mut [usize]) -> io::Result<usize> {
+        self.dev
+            .recv_multiple(&mut self.original, bufs, sizes, 0)
+            .await
+    }
+}
+
+pub struct KernelTunWriter {
+    dev: Arc<AsyncDevice>,
+    gro: GROTable,
+}
+
+impl TunWriter for KernelTunWriter {
+    async fn write(&mut self, bufs: &mut [Vec<u8>], offset: usize) -> io::Result<()> {
+        self.dev
+            .send_multiple(&mut self.gro, bufs, offset)
+            .await
+            .map(drop)
+    }
+}
+
+/// Netlink, for the overlay interface's address and the host's addresses.
+pub struct KernelUnderlay {
+    netconf: NetConf,
+    tun_index: u32,
+    interface: String,
+}
+
+impl Underlay for KernelUnderlay {
+    async fn local_ipv4(&self) -> Vec<Ipv4Addr> {
+        self.netconf
+            .local_ipv4(Some(self.tun_index))
+            .await
+            .unwrap_or_default()
+    }
+
+    async fn set_overlay_address(&self, ip: Ipv4Addr, prefix_len: u8) -> Result<(), String> {
+        self.netconf
+            .configure(self.tun_index, ip, prefix_len)
+            .await
+            .map_err(|e| format!("cannot configure {}: {e}", self.interface))
+    }
+}
+
+/// TCP to the coordinator, with Nagle off (the control channel's messages are small).
+pub struct TcpConnector;
+
+impl Connector for TcpConnector {
+    type Stream = TcpStream;
+
+    async fn resolve(&self, endpoint: &str) -> io::Result<Vec<SocketAddr>> {
+        Ok(tokio::net::lookup_host(endpoint).await?.collect())
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let s = TcpStream::connect(addr).await?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+}

@@ -1,0 +1,147 @@
+//! The I/O contracts of a node, narrow as wireguard-go's `conn.Bind` and `tun.Device`: a UDP
+//! transport (batched receive with the segment size, batched send with a segment size), a TUN
+//! device (batched read of packets, batched write), the underlay's addresses, and the stream the
+//! control channel runs over. A [`Platform`] opens one of each for a session.
+//!
+//! The real implementations ([`kernel`]: tokio sockets with UDP GSO/GRO, tun-rs with offload,
+//! netlink) and in-memory fakes ([`fake`]: a channel TUN and a switched network with loss,
+//! latency, reordering and NAT) sit side by side; the packet path is generic over them, so the
+//! real one pays no dynamic dispatch.
+
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub mod fake;
+pub mod kernel;
+pub mod netconf;
+pub mod state;
+pub mod udpbatch;
+
+/// Datagrams received in one call: `len` bytes at the start of the caller's buffer, in
+/// datagrams of `segment` bytes each (the last may be shorter; one datagram: `segment == len`),
+/// all from `from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub len: usize,
+    pub segment: usize,
+    pub from: SocketAddr,
+}
+
+/// The node's one UDP socket.
+pub trait UdpTransport: Send + Sync + 'static {
+    /// Receives without waiting: `Ok(None)` when nothing is queued. An `Err` is about one
+    /// datagram (an ICMP error from an earlier send, say); the next call may succeed.
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<Received>>;
+
+    /// Resolves when [`try_recv`](Self::try_recv) may have something.
+    fn readable(&self) -> impl Future<Output = ()> + Send;
+
+    /// Sends `data` to `to` as datagrams of `segment` bytes (the last may be shorter) in one
+    /// call: at most [`max_segments`](Self::max_segments) of them. `segment == data.len()` is
+    /// one datagram. A transport that cannot segment after all sends them one by one itself.
+    fn send(
+        &self,
+        data: &[u8],
+        segment: usize,
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// The most datagrams one [`send`](Self::send) takes (1 without GSO); may drop to 1 when
+    /// the kernel refuses segmentation.
+    fn max_segments(&self) -> usize;
+}
+
+/// The overlay's TUN device. Each loop that reads or writes it takes its own half, which owns
+/// that loop's scratch space (an offload read's super-packet, a write's coalescing table).
+pub trait TunDevice: Send + Sync + 'static {
+    type Reader: TunReader;
+    type Writer: TunWriter;
+    fn reader(&self) -> Self::Reader;
+    fn writer(&self) -> Self::Writer;
+}
+
+pub trait TunReader: Send + 'static {
+    /// Waits for packets: one, or the segments of a GSO super-packet, each at
+    /// `bufs[i][..sizes[i]]`; returns how many.
+    fn read(
+        &mut self,
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+pub trait TunWriter: Send + 'static {
+    /// Writes the packets `bufs[i][offset..]` (the room before `offset` is the device's, for a
+    /// virtio-net header), coalescing what it can.
+    fn write(
+        &mut self,
+        bufs: &mut [Vec<u8>],
+        offset: usize,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// The host's network as the node sees it: its own addresses and the overlay interface's one.
+pub trait Underlay: Send + Sync + 'static {
+    /// This host's IPv4 addresses (loopback, link-local and the overlay interface's left out).
+    fn local_ipv4(&self) -> impl Future<Output = Vec<Ipv4Addr>> + Send;
+
+    /// Gives the overlay interface `ip/prefix_len` (instead of its address before) and brings
+    /// it up.
+    fn set_overlay_address(
+        &self,
+        ip: Ipv4Addr,
+        prefix_len: u8,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Opens the control channel's byte stream to a coordinator.
+pub trait Connector: Send + Sync + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// The addresses an endpoint (`host:port`) names.
+    fn resolve(&self, endpoint: &str) -> impl Future<Output = io::Result<Vec<SocketAddr>>> + Send;
+
+    fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+/// Which fast paths a session's I/O has (shown as the `fast_*` counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FastPaths {
+    pub tun_offload: bool,
+    pub udp_gso: bool,
+    pub udp_gro: bool,
+}
+
+/// The I/O of one session.
+pub struct SessionIo<P: Platform> {
+    pub udp: P::Udp,
+    pub tun: P::Tun,
+    pub underlay: P::Underlay,
+    pub fast: FastPaths,
+}
+
+/// What a session needs from the host: the real kernel, or an in-memory fake.
+pub trait Platform: Send + Sync + 'static {
+    type Udp: UdpTransport;
+    type Tun: TunDevice;
+    type Underlay: Underlay;
+    type Connector: Connector;
+
+    /// Opens the UDP socket on `udp_port` and the TUN device `interface`, addressed
+    /// `ip/prefix_len`. Errors say what failed and what to do; on error nothing is left open.
+    fn open(
+        &self,
+        interface: &str,
+        udp_port: u16,
+        ip: Ipv4Addr,
+        prefix_len: u8,
+    ) -> impl Future<Output = Result<SessionIo<Self>, String>> + Send
+    where
+        Self: Sized;
+
+    /// How this host reaches coordinators.
+    fn connector(&self) -> Self::Connector;
+}

@@ -1,0 +1,183 @@
+//! One membership at run time: the session's I/O (TUN device, UDP socket, underlay), the
+//! packet-path loops, the path finder and the control client, started together and stopped
+//! together.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use a2a_proto::{Credential, NetworkId};
+use arc_swap::ArcSwapOption;
+use boringtun::x25519::StaticSecret;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::core::control::{Client, Registration};
+use crate::core::counters::Counters;
+use crate::core::membership::MemberState;
+use crate::core::peers::PeerTable;
+use crate::io::state::StateDir;
+use crate::io::{Platform, UdpTransport};
+use crate::tasks::control::ControlTask;
+use crate::tasks::dataplane::DataPlane;
+use crate::tasks::now;
+use crate::tasks::pathfinder::PathFinder;
+use crate::tasks::prober::Prober;
+
+/// Disco datagrams and path events queued for the path finder (more are dropped and counted).
+const PATH_EVENT_QUEUE: usize = 1024;
+
+/// What `a2ad` was started with.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub interface: String,
+    pub udp_port: u16,
+}
+
+pub struct Session<P: Platform> {
+    /// The credential (swapped when the network rotates), invites and revocations.
+    pub member: Arc<MemberState>,
+    pub name: String,
+    pub interface: String,
+    pub ip: watch::Receiver<Ipv4Addr>,
+    pub registration: watch::Receiver<Registration>,
+    pub peers: Arc<PeerTable>,
+    pub counters: Arc<Counters>,
+    pub dataplane: Arc<DataPlane<P>>,
+    pub underlay: Arc<P::Underlay>,
+    leave: watch::Sender<bool>,
+    control: JoinHandle<()>,
+    loops: Vec<JoinHandle<()>>,
+}
+
+/// Who and where a session is.
+pub struct Joining {
+    pub node_private: [u8; 32],
+    pub credential: Credential,
+    pub join_text: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+}
+
+impl<P: Platform> Session<P> {
+    /// Opens the session's I/O and starts the loops. Errors say what failed and what to do; on
+    /// error nothing is left behind.
+    pub async fn start(
+        platform: &P,
+        device: &DeviceConfig,
+        state: StateDir,
+        joining: Joining,
+    ) -> Result<Session<P>, String> {
+        let Joining {
+            node_private,
+            credential,
+            join_text,
+            name,
+            ip,
+        } = joining;
+        let prefix_len = credential.prefix().prefix_len();
+        let io = platform
+            .open(&device.interface, device.udp_port, ip, prefix_len)
+            .await?;
+        let member = Arc::new(MemberState::new(credential, join_text, state.revocations()));
+        let peers = Arc::new(PeerTable::new(StaticSecret::from(node_private), now()));
+        let counters = Arc::new(Counters::default());
+        Counters::set(&counters.fast_tun_offload, io.fast.tun_offload);
+        Counters::set(
+            &counters.fast_udp_gso,
+            io.fast.udp_gso && io.udp.max_segments() > 1,
+        );
+        Counters::set(&counters.fast_udp_gro, io.fast.udp_gro);
+        let (path_tx, path_rx) = mpsc::channel(PATH_EVENT_QUEUE);
+        let dataplane = Arc::new(DataPlane {
+            tun: io.tun,
+            udp: io.udp,
+            peers: peers.clone(),
+            counters: counters.clone(),
+            relay: ArcSwapOption::empty(),
+            prober: Prober::default(),
+            path_events: path_tx,
+        });
+        let loops = vec![
+            tokio::spawn(dataplane.clone().tun_to_udp()),
+            tokio::spawn(dataplane.clone().udp_to_tun()),
+            tokio::spawn(dataplane.clone().timers()),
+            tokio::spawn(PathFinder::new(dataplane.clone()).run(path_rx)),
+        ];
+        let underlay = Arc::new(io.underlay);
+        let (status_tx, status_rx) = watch::channel(Registration::Connecting);
+        let (ip_tx, ip_rx) = watch::channel(ip);
+        let (leave_tx, leave_rx) = watch::channel(false);
+        let task = ControlTask {
+            client: Client::new(
+                member.clone(),
+                peers.clone(),
+                counters.clone(),
+                node_private,
+                name.clone(),
+                ip,
+            ),
+            connector: platform.connector(),
+            underlay: underlay.clone(),
+            udp_port: device.udp_port,
+            dataplane: dataplane.clone(),
+            node_private,
+            state,
+            status: status_tx,
+            ip: ip_tx,
+        };
+        let control = tokio::spawn(task.run(leave_rx));
+        tracing::info!(
+            "interface {} up as {ip}, WireGuard on UDP port {}",
+            device.interface,
+            device.udp_port
+        );
+        Ok(Session {
+            member,
+            name,
+            interface: device.interface.clone(),
+            ip: ip_rx,
+            registration: status_rx,
+            peers,
+            counters,
+            dataplane,
+            underlay,
+            leave: leave_tx,
+            control,
+            loops,
+        })
+    }
+
+    /// Stops everything. With `leave`, first tells the coordinator this node leaves, so the
+    /// other members drop it at once. Dropping the TUN device removes the interface.
+    pub async fn stop(self, leave: bool) {
+        let mut control = self.control;
+        let mut finished = false;
+        if leave {
+            let _ = self.leave.send(true);
+            finished = tokio::time::timeout(std::time::Duration::from_secs(2), &mut control)
+                .await
+                .is_ok();
+        }
+        // Every task holding the device or socket must be gone before they can be reused.
+        if !finished {
+            control.abort();
+            let _ = control.await;
+        }
+        for l in &self.loops {
+            l.abort();
+        }
+        for l in self.loops {
+            let _ = l.await;
+        }
+        self.peers.clear();
+    }
+
+    /// The network this session is in now.
+    pub fn network_id(&self) -> NetworkId {
+        self.member.credential().network_id()
+    }
+
+    pub fn current_ip(&self) -> Ipv4Addr {
+        *self.ip.borrow()
+    }
+}

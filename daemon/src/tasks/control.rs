@@ -1,0 +1,479 @@
+//! The coordinator client's driver: connects over the Noise control channel, and carries out
+//! what the I/O-free [`Client`](crate::core::control::Client) decides — registration,
+//! heartbeats, peer records, invites, revocations, rotation, reconnecting — on real or fake I/O.
+//!
+//! While registered it also keeps the relay link: a UDP bind every [`BIND_EVERY`] (which also
+//! re-learns the reflexive address, so a roaming node republishes its candidates), relay frames
+//! over the connection when UDP binds go unanswered, and punch requests to and from peers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use a2a_proto::control::{ClientMsg, ServerMsg};
+use a2a_proto::invite::{InviteAnswer, InviteCode};
+use a2a_proto::keys::{CoordinatorKey, RelaySecret, SignerId};
+use a2a_proto::membership::{node_signing_key, Invited};
+use a2a_proto::noise_channel::{
+    handshake_initiator, FrameReader, FrameWriter, HandshakeError, Incoming,
+};
+use a2a_proto::{Credential, NodeKey};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, watch};
+
+use crate::core::control::{Action, Client, End, Next, Registration};
+use crate::io::state::StateDir;
+use crate::io::{Connector, Platform, Underlay};
+use crate::tasks::dataplane::DataPlane;
+use crate::tasks::events::{ControlOut, PathEvent, RelayLink};
+use crate::tasks::{clock, AbortOnDrop};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the coordinator to echo our UDP endpoint.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often the relay bind is refreshed (and the reflexive and local addresses re-checked).
+const BIND_EVERY: Duration = Duration::from_secs(5);
+/// Frames queued from the packet path for the control connection.
+const CONTROL_QUEUE: usize = 4096;
+
+type Stream<P> = <<P as Platform>::Connector as Connector>::Stream;
+type Writer<P> = FrameWriter<WriteHalf<Stream<P>>>;
+
+pub struct ControlTask<P: Platform> {
+    pub client: Client,
+    pub connector: P::Connector,
+    pub underlay: Arc<P::Underlay>,
+    pub udp_port: u16,
+    pub dataplane: Arc<DataPlane<P>>,
+    pub node_private: [u8; 32],
+    pub state: StateDir,
+    pub status: watch::Sender<Registration>,
+    /// The current overlay address; changes only when the coordinator reports a conflict.
+    pub ip: watch::Sender<std::net::Ipv4Addr>,
+}
+
+impl<P: Platform> ControlTask<P> {
+    /// Runs until `leave` fires (then tells the coordinator) or a permanent refusal.
+    pub async fn run(mut self, mut leave: watch::Receiver<bool>) {
+        loop {
+            let end = if *leave.borrow() {
+                End::Left
+            } else {
+                self.connection(&mut leave).await
+            };
+            self.dataplane.relay.store(None);
+            if let End::Lost(why) | End::ClosedInHandshake(why) = &end {
+                if !matches!(*self.status.borrow(), Registration::Refused(_)) {
+                    let _ = self.status.send(Registration::Unreachable(why.clone()));
+                }
+            }
+            match self.client.ended(end) {
+                Next::Stop(status) => {
+                    if let Some(s) = status {
+                        let _ = self.status.send(s);
+                    }
+                    return;
+                }
+                Next::MoveAddress(ip) => {
+                    let prefix = self.client.credential().prefix();
+                    if let Err(e) = self
+                        .underlay
+                        .set_overlay_address(ip, prefix.prefix_len())
+                        .await
+                    {
+                        tracing::error!("{e}");
+                    }
+                    let _ = self.ip.send(ip);
+                }
+                Next::Retry(wait) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = leave.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn locals(&self) -> Vec<SocketAddr> {
+        local_addresses(&*self.underlay, self.udp_port).await
+    }
+
+    /// One control connection, from connecting to its end.
+    async fn connection(&mut self, leave: &mut watch::Receiver<bool>) -> End {
+        let cred = self.client.credential();
+        let (stream, coordinator) = match connect_any(&self.connector, cred.endpoints()).await {
+            Ok(x) => x,
+            Err(e) => return End::Lost(e),
+        };
+        let mut stream = stream;
+        // UDP discovery runs during the handshake: without UDP it costs no extra time.
+        let coordinator_key = cred.coordinator_key();
+        let dp = self.dataplane.clone();
+        let (handshake, reflexive) = tokio::join!(
+            handshake_initiator(&mut stream, &self.node_private, &coordinator_key),
+            async {
+                dp.prober
+                    .probe(&dp.udp, coordinator, None, 2, PROBE_TIMEOUT)
+                    .await
+                    .map(|a| a.observed)
+            }
+        );
+        let est = match handshake {
+            Ok(e) => e,
+            Err(e @ HandshakeError::Refused) => return End::Refused(e.to_string()),
+            Err(HandshakeError::Closed) => {
+                return End::ClosedInHandshake(format!(
+                    "coordinator {coordinator} closed the connection during the handshake"
+                ))
+            }
+            Err(e) => return End::Lost(format!("handshake with coordinator failed: {e}")),
+        };
+        let locals = self.locals().await;
+        let register =
+            self.client
+                .connected(clock(), &est.handshake_hash, reflexive, locals.clone());
+        let (r, w) = tokio::io::split(stream);
+        let (reader, mut writer) = est.split(r, w);
+        if let Err(e) = writer.send(&register).await {
+            return End::Lost(format!("sending registration failed: {e}"));
+        }
+
+        // Reading is not cancellation-safe (a frame read half-way would be lost), so one task
+        // owns the reader: it hands relay data straight to the packet path and messages here.
+        let (msgs_tx, mut msgs) = mpsc::channel::<std::io::Result<ServerMsg>>(256);
+        let _reader = AbortOnDrop(tokio::spawn(read_loop::<P>(
+            reader,
+            self.dataplane.clone(),
+            msgs_tx,
+        )));
+        let (control_tx, mut control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let mut link = Link {
+            coordinator,
+            reflexive,
+            control: control_tx,
+            binder: None,
+        };
+        let (addrs_tx, mut addrs_rx) = watch::channel((reflexive, locals));
+
+        loop {
+            let deadline = self
+                .client
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std);
+            let actions = tokio::select! {
+                msg = msgs.recv() => match msg {
+                    Some(Ok(msg)) => self.client.handle(clock(), msg),
+                    Some(Err(e)) => return End::Lost(format!("coordinator connection lost: {e}")),
+                    None => return End::Lost("coordinator connection lost".into()),
+                },
+                out = control_rx.recv() => {
+                    let sent = match out {
+                        Some(ControlOut::Relay(id, payload)) => writer.send_relay(id, &payload).await,
+                        Some(ControlOut::Punch(to)) => writer.send(&ClientMsg::Punch { to }).await,
+                        Some(ControlOut::Msg(m)) => writer.send(&m).await,
+                        Some(ControlOut::Moved) => return End::Moved,
+                        None => Ok(()),
+                    };
+                    if let Err(e) = sent {
+                        return End::Lost(format!("coordinator connection lost: {e}"));
+                    }
+                    continue;
+                }
+                _ = sleep_until(deadline) => self.client.handle_timeout(clock()),
+                changed = addrs_rx.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let (reflexive, locals) = addrs_rx.borrow_and_update().clone();
+                    self.client.addresses(clock(), reflexive, &locals)
+                }
+                _ = leave.changed() => {
+                    leave_gracefully(&mut writer, &mut msgs).await;
+                    return End::Left;
+                }
+            };
+            if let Some(end) = self
+                .carry_out(actions, &mut writer, &mut link, &addrs_tx)
+                .await
+            {
+                return end;
+            }
+        }
+    }
+
+    /// Carries out the client's actions in order; `Some` ends the connection.
+    async fn carry_out(
+        &self,
+        actions: Vec<Action>,
+        writer: &mut Writer<P>,
+        link: &mut Link,
+        addrs: &watch::Sender<(Option<SocketAddr>, Vec<SocketAddr>)>,
+    ) -> Option<End> {
+        let dp = &self.dataplane;
+        for action in actions {
+            match action {
+                Action::Send(m) => {
+                    if let Err(e) = writer.send(&m).await {
+                        return Some(End::Lost(format!("coordinator connection lost: {e}")));
+                    }
+                }
+                Action::BindRelay { relay_id, secret } => {
+                    // Skipped when UDP already failed: relay over the connection.
+                    let udp_ok = match link.reflexive {
+                        Some(_) => dp
+                            .prober
+                            .probe(
+                                &dp.udp,
+                                link.coordinator,
+                                Some((relay_id, secret)),
+                                2,
+                                PROBE_TIMEOUT,
+                            )
+                            .await
+                            .is_some(),
+                        None => false,
+                    };
+                    let relay = Arc::new(RelayLink {
+                        coordinator: link.coordinator,
+                        udp_ok: AtomicBool::new(udp_ok),
+                        control: link.control.clone(),
+                    });
+                    dp.relay.store(Some(relay.clone()));
+                    link.binder = Some(AbortOnDrop(tokio::spawn(bind_loop(
+                        dp.clone(),
+                        self.underlay.clone(),
+                        self.udp_port,
+                        relay,
+                        (relay_id, secret),
+                        addrs.clone(),
+                    ))));
+                }
+                Action::Initiate(key) => {
+                    if let Some(peer) = dp.peers.by_key(&key) {
+                        dp.initiate(&peer).await;
+                    }
+                }
+                Action::Candidates(key) => {
+                    let _ = dp.path_events.try_send(PathEvent::Candidates(key));
+                }
+                Action::Punch(key) => {
+                    let _ = dp.path_events.try_send(PathEvent::Punch(key));
+                }
+                Action::Status(s) => {
+                    if let Registration::Registered { ip } = &s {
+                        tracing::info!("registered with the coordinator as {ip}");
+                    }
+                    let _ = self.status.send(s);
+                }
+                Action::SaveRevocations(list) => {
+                    if let Err(e) = self.state.save_revocations(&list) {
+                        tracing::warn!("cannot save the revocation list: {e}");
+                    }
+                }
+                Action::SaveMembership(m) => {
+                    if let Err(e) = self.state.save_membership(&m) {
+                        tracing::warn!("moved to the rotated network, but cannot save it: {e}");
+                    }
+                }
+                Action::End(end) => return Some(end),
+            }
+        }
+        None
+    }
+}
+
+/// The relay side of one connection.
+struct Link {
+    coordinator: SocketAddr,
+    reflexive: Option<SocketAddr>,
+    control: mpsc::Sender<ControlOut>,
+    binder: Option<AbortOnDrop>,
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Redeems an invite code at its coordinator: proves the code for this node's key, and opens
+/// the inviter's sealed answer (the member certificate) into a credential to register with.
+pub async fn redeem_invite<C: Connector>(
+    connector: &C,
+    code: &InviteCode,
+    node_private: &[u8; 32],
+) -> Result<Invited, String> {
+    let (mut stream, coordinator) = connect_any(connector, &code.endpoints).await?;
+    let est = handshake_initiator(&mut stream, node_private, &code.coordinator_key)
+        .await
+        .map_err(|e| format!("handshake with coordinator {coordinator} failed: {e}"))?;
+    let node_key = NodeKey(
+        boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(*node_private))
+            .to_bytes(),
+    );
+    let signing_key = SignerId::from(node_signing_key(node_private).verifying_key());
+    let (r, w) = tokio::io::split(stream);
+    let (mut reader, mut writer) = est.split(r, w);
+    writer
+        .send(&ClientMsg::Redeem {
+            invite: code.id(),
+            proof: code.proof(&node_key, &signing_key),
+            signing_key,
+        })
+        .await
+        .map_err(|e| format!("coordinator connection lost: {e}"))?;
+    let answer = tokio::time::timeout(Duration::from_secs(15), reader.recv::<ServerMsg>())
+        .await
+        .map_err(|_| "no answer to the invite within 15 s".to_string())?
+        .map_err(|e| format!("coordinator closed the connection: {e}"))?;
+    let sealed = match answer {
+        ServerMsg::InviteAdmitted { sealed } => sealed,
+        ServerMsg::Refused { message, .. } => return Err(format!("invite refused: {message}")),
+        _ => return Err("unexpected answer from the coordinator".into()),
+    };
+    let Some(InviteAnswer::Admitted {
+        network,
+        prefix,
+        cert,
+    }) = code.open_answer(&node_key, &sealed)
+    else {
+        return Err(
+            "the answer to the invite is not sealed with this invite: refusing it (a forged \
+             coordinator?)"
+                .into(),
+        );
+    };
+    let invited = Invited {
+        coordinator_key: CoordinatorKey(code.coordinator_key),
+        endpoints: code.endpoints.clone(),
+        prefix,
+        network,
+        cert,
+    };
+    // Checks that the certificate is for this node and this network.
+    Credential::from_invited(invited.clone(), node_private)?;
+    Ok(invited)
+}
+
+/// Connects to the first coordinator endpoint that answers.
+async fn connect_any<C: Connector>(
+    connector: &C,
+    endpoints: &[String],
+) -> Result<(C::Stream, SocketAddr), String> {
+    let mut last = String::from("no endpoint");
+    for endpoint in endpoints {
+        let addrs = match connector.resolve(endpoint).await {
+            Ok(a) => a,
+            Err(e) => {
+                last = format!("cannot resolve {endpoint}: {e}");
+                continue;
+            }
+        };
+        for addr in addrs {
+            match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(addr)).await {
+                Ok(Ok(s)) => return Ok((s, addr)),
+                Ok(Err(e)) => last = format!("cannot connect to coordinator {addr}: {e}"),
+                Err(_) => last = format!("coordinator {addr} did not answer"),
+            }
+        }
+    }
+    Err(last)
+}
+
+/// This node's local addresses with the WireGuard port.
+async fn local_addresses<U: Underlay>(underlay: &U, port: u16) -> Vec<SocketAddr> {
+    let mut v: Vec<SocketAddr> = underlay
+        .local_ipv4()
+        .await
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip.into(), port))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Refreshes the UDP relay bind every [`BIND_EVERY`]; reports the reflexive address (as the
+/// bind's answer shows it) and local addresses whenever they change.
+async fn bind_loop<P: Platform>(
+    dp: Arc<DataPlane<P>>,
+    underlay: Arc<P::Underlay>,
+    port: u16,
+    link: Arc<RelayLink>,
+    relay: (u32, RelaySecret),
+    addrs: watch::Sender<(Option<SocketAddr>, Vec<SocketAddr>)>,
+) {
+    let mut every = tokio::time::interval(BIND_EVERY);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let answer = dp
+            .prober
+            .probe(&dp.udp, link.coordinator, Some(relay), 2, PROBE_TIMEOUT)
+            .await;
+        let was = link.udp_ok.swap(answer.is_some(), Ordering::Relaxed);
+        if was != answer.is_some() {
+            tracing::info!(
+                "relay over {}",
+                if answer.is_some() {
+                    "UDP"
+                } else {
+                    "the control connection (UDP to the coordinator gets no answer)"
+                }
+            );
+        }
+        let locals = local_addresses(&*underlay, port).await;
+        let reflexive = answer.map(|a| a.observed).or(addrs.borrow().0);
+        addrs.send_if_modified(|cur| {
+            let new = (reflexive, locals);
+            if *cur != new {
+                *cur = new;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+async fn leave_gracefully<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    msgs: &mut mpsc::Receiver<std::io::Result<ServerMsg>>,
+) {
+    let _ = writer.send(&ClientMsg::Leave).await;
+    let _ = writer.shutdown().await;
+    // Wait briefly for the coordinator to close, so the leave is processed before we vanish.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Some(Ok(_)) = msgs.recv().await {}
+    })
+    .await;
+}
+
+/// Owns the connection's reading half: relay data goes to the packet path, messages (and the
+/// error that ends the stream) to the connection.
+async fn read_loop<P: Platform>(
+    mut reader: FrameReader<ReadHalf<Stream<P>>>,
+    dp: Arc<DataPlane<P>>,
+    msgs: mpsc::Sender<std::io::Result<ServerMsg>>,
+) {
+    let mut buf = dp.tun_batch(1);
+    loop {
+        match reader.recv_frame::<ServerMsg>().await {
+            Ok(Incoming::Relay(src, payload)) => {
+                dp.receive_relayed_tcp(src, &payload, &mut buf).await
+            }
+            Ok(Incoming::Msg(m)) => {
+                if msgs.send(Ok(m)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = msgs.send(Err(e.into())).await;
+                return;
+            }
+        }
+    }
+}

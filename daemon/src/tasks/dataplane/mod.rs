@@ -1,0 +1,125 @@
+//! The packet path, split by direction as wireguard-go's send.go/receive.go/timers.go:
+//! [`transmit`] (TUN→UDP, encrypt), [`receive`] (UDP→TUN, decrypt) and [`timers`] (WireGuard's
+//! timer tick). Buffers are allocated once per loop; peers are found in a lock-free snapshot
+//! and only the one peer's tunnel is locked, never across an `.await`.
+//!
+//! A peer's packets go where its path state says: to its direct address, or through the
+//! coordinator's relay (over UDP when the relay bind works, else over the control connection).
+//! Whatever arrives is answered the way it came. Generic over the [`Platform`]'s I/O (static
+//! dispatch: the real sockets pay no indirection).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use a2a_proto::udp::{write_relay_header, RELAY_HEADER_LEN};
+use arc_swap::ArcSwapOption;
+use tokio::sync::mpsc;
+
+use crate::core::counters::Counters;
+use crate::core::path::Route;
+use crate::core::peers::{Peer, PeerTable, Via};
+use crate::core::wg::{action, Action};
+use crate::io::{Platform, UdpTransport};
+use crate::tasks::events::{ControlOut, PathEvent, RelayLink};
+use crate::tasks::prober::Prober;
+
+pub mod receive;
+pub mod timers;
+pub mod transmit;
+
+pub use receive::TunBatch;
+
+/// Largest datagram or packet handled.
+const BUF_LEN: usize = 65536;
+/// One packet read from the TUN device (at most the MTU; segments of a GSO read are MTU-sized).
+const TUN_PACKET_LEN: usize = 4096;
+
+pub struct DataPlane<P: Platform> {
+    pub udp: P::Udp,
+    pub tun: P::Tun,
+    pub peers: Arc<PeerTable>,
+    pub counters: Arc<Counters>,
+    /// Set while registered with the coordinator.
+    pub relay: ArcSwapOption<RelayLink>,
+    pub prober: Prober,
+    pub path_events: mpsc::Sender<PathEvent>,
+}
+
+impl<P: Platform> DataPlane<P> {
+    /// Sends a handshake initiation to a new peer now, so the first packet does not wait.
+    pub async fn initiate(&self, peer: &Peer) {
+        let mut out = [0u8; 256];
+        let act = {
+            let mut t = peer.tunn();
+            let start = out[RELAY_HEADER_LEN..].as_ptr();
+            action(
+                start,
+                t.format_handshake_initiation(&mut out[RELAY_HEADER_LEN..], false),
+            )
+        };
+        if let Action::SendToNetwork(r) = act {
+            self.send_to_peer(peer, &mut out, r.len()).await;
+        }
+    }
+
+    /// Sends `buf[RELAY_HEADER_LEN..RELAY_HEADER_LEN + len]` to the peer along its route; the
+    /// first bytes of `buf` are room for a relay header.
+    pub async fn send_to_peer(&self, peer: &Peer, buf: &mut [u8], len: usize) {
+        let route = peer.route();
+        match route.route {
+            Route::Direct(addr) => self.send_udp(&buf[RELAY_HEADER_LEN..][..len], addr).await,
+            Route::Relay => {
+                let id = peer.relay_id();
+                if id != 0 && self.send_relayed(id, buf, len).await {
+                    return;
+                }
+                match route.fallback {
+                    Some(addr) => self.send_udp(&buf[RELAY_HEADER_LEN..][..len], addr).await,
+                    None => Counters::bump(&self.counters.no_endpoint),
+                }
+            }
+        }
+    }
+
+    /// Sends through the relay to relay id `id`; false if there is no relay right now.
+    async fn send_relayed(&self, id: u32, buf: &mut [u8], len: usize) -> bool {
+        let guard = self.relay.load();
+        let Some(link) = guard.as_ref() else {
+            return false;
+        };
+        if link.udp_ok.load(Ordering::Relaxed) {
+            write_relay_header(buf, id);
+            self.send_udp(&buf[..RELAY_HEADER_LEN + len], link.coordinator)
+                .await;
+        } else {
+            let payload = buf[RELAY_HEADER_LEN..][..len].to_vec();
+            if link
+                .control
+                .try_send(ControlOut::Relay(id, payload))
+                .is_err()
+            {
+                Counters::bump(&self.counters.relay_queue_full);
+            }
+        }
+        true
+    }
+
+    /// Sends one datagram, counting a failure.
+    pub async fn send_udp(&self, datagram: &[u8], addr: std::net::SocketAddr) {
+        if self.udp.send(datagram, datagram.len(), addr).await.is_err() {
+            Counters::bump(&self.counters.send_errors);
+        }
+    }
+
+    /// Answers a datagram the way it came: `buf` as in [`send_to_peer`](Self::send_to_peer).
+    pub async fn reply(&self, via: Via, buf: &mut [u8], len: usize) {
+        match via {
+            Via::Direct(addr) => self.send_udp(&buf[RELAY_HEADER_LEN..][..len], addr).await,
+            Via::Relay(id) => {
+                if !self.send_relayed(id, buf, len).await {
+                    Counters::bump(&self.counters.no_endpoint);
+                }
+            }
+        }
+    }
+}

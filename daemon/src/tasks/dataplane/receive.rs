@@ -1,0 +1,293 @@
+//! UDP→TUN: receive datagrams (with UDP GRO, several per call), demultiplex, decrypt, check the
+//! inner source, and write the packets to the TUN device in batches (with offload, coalesced
+//! into TCP/UDP super-packets) once the socket has nothing more queued.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use a2a_proto::addr::canonical;
+use a2a_proto::udp::{
+    classify, is_disco, parse_relay_data, A2aDatagram, DatagramKind, RELAY_HEADER_LEN,
+};
+use tun_rs::IDEAL_BATCH_SIZE;
+
+use super::{DataPlane, BUF_LEN, TUN_PACKET_LEN};
+use crate::core::counters::Counters;
+use crate::core::peers::{Peer, Routed, Via};
+use crate::core::wg::{action, is_cookie_reply, Action};
+use crate::io::{Platform, TunDevice, TunWriter, UdpTransport};
+use crate::tasks::events::PathEvent;
+
+/// Room in front of every packet written to the TUN device: the virtio-net header when offload
+/// is on, or a relay header when a decapsulation answers through the relay.
+const HEAD: usize = 16;
+/// Plaintext room for a decapsulation that is not data (handshake replies, keepalives).
+const MIN_DECAP_OUT: usize = 256;
+
+/// Decrypted packets waiting to be written to the TUN device: `bufs[..n]`, each packet at
+/// `HEAD` (the room before it holds the virtio-net header with offload). Buffers are allocated
+/// once with room for a coalesced super-packet, and reused.
+pub struct TunBatch<W> {
+    bufs: Vec<Vec<u8>>,
+    n: usize,
+    writer: W,
+}
+
+impl<W: TunWriter> TunBatch<W> {
+    pub fn new(capacity: usize, writer: W) -> Self {
+        let bufs = (0..capacity.max(1))
+            .map(|_| {
+                let mut b = Vec::with_capacity(HEAD + BUF_LEN);
+                b.resize(HEAD + TUN_PACKET_LEN, 0);
+                b
+            })
+            .collect();
+        TunBatch { bufs, n: 0, writer }
+    }
+
+    fn is_full(&self) -> bool {
+        self.n == self.bufs.len()
+    }
+
+    /// The next free buffer, at least `len` bytes long (it grows within its capacity).
+    fn slot(&mut self, len: usize) -> &mut Vec<u8> {
+        let b = &mut self.bufs[self.n];
+        if b.len() < len {
+            b.resize(len, 0);
+        }
+        b
+    }
+}
+
+type Batch<P> = TunBatch<<<P as crate::io::Platform>::Tun as TunDevice>::Writer>;
+
+impl<P: Platform> DataPlane<P> {
+    /// A batch of `capacity` packets writing to this data plane's TUN device.
+    pub fn tun_batch(&self, capacity: usize) -> Batch<P> {
+        TunBatch::new(capacity, self.tun.writer())
+    }
+
+    pub async fn udp_to_tun(self: Arc<Self>) {
+        let mut datagram = vec![0u8; BUF_LEN];
+        let mut rx = self.tun_batch(IDEAL_BATCH_SIZE);
+        loop {
+            let got = match self.udp.try_recv(&mut datagram) {
+                Ok(Some(got)) => got,
+                Ok(None) => {
+                    self.flush_rx(&mut rx).await;
+                    self.udp.readable().await;
+                    continue;
+                }
+                Err(_) => continue, // ICMP errors from earlier sends surface here
+            };
+            let src = canonical(got.from);
+            for d in datagram[..got.len].chunks(got.segment.max(1)) {
+                self.receive(d, Via::Direct(src), src.ip(), &mut rx).await;
+                if rx.is_full() {
+                    self.flush_rx(&mut rx).await;
+                }
+            }
+        }
+    }
+
+    /// Writes the decrypted packets gathered in `rx` to the TUN device.
+    pub async fn flush_rx(&self, rx: &mut Batch<P>) {
+        if rx.n == 0 {
+            return;
+        }
+        let n = rx.n;
+        rx.n = 0;
+        if let Err(e) = rx.writer.write(&mut rx.bufs[..n], HEAD).await {
+            tracing::debug!("writing to the TUN device failed: {e}");
+            Counters::bump(&self.counters.send_errors);
+        }
+    }
+
+    /// Handles one datagram that came `via` (`src_ip`: the underlay source, for WireGuard's
+    /// rate limiter).
+    async fn receive(&self, d: &[u8], via: Via, src_ip: IpAddr, out: &mut Batch<P>) {
+        match classify(d) {
+            DatagramKind::Unknown => Counters::bump(&self.counters.udp_garbage),
+            DatagramKind::WireGuard => self.receive_wireguard(d, via, src_ip, out).await,
+            DatagramKind::A2a if is_disco(d) => {
+                if self
+                    .path_events
+                    .try_send(PathEvent::Disco(d.to_vec(), via))
+                    .is_err()
+                {
+                    Counters::bump(&self.counters.disco_rate_limited);
+                }
+            }
+            DatagramKind::A2a => {
+                let Via::Direct(from) = via else {
+                    Counters::bump(&self.counters.udp_a2a_malformed);
+                    return;
+                };
+                if let Some((id, payload)) = parse_relay_data(d) {
+                    let from_relay = self
+                        .relay
+                        .load()
+                        .as_ref()
+                        .is_some_and(|l| l.coordinator == from);
+                    if !from_relay {
+                        Counters::bump(&self.counters.relay_not_from_coordinator);
+                        return;
+                    }
+                    Box::pin(self.receive(payload, Via::Relay(id), from.ip(), out)).await;
+                    return;
+                }
+                match A2aDatagram::decode(d) {
+                    Some(A2aDatagram::EndpointReply { nonce, observed }) => {
+                        self.prober.answered(nonce, from, observed)
+                    }
+                    _ => Counters::bump(&self.counters.udp_a2a_malformed),
+                }
+            }
+        }
+    }
+
+    /// Relay data that came over the control connection (written to the TUN device at once).
+    pub async fn receive_relayed_tcp(&self, src_id: u32, payload: &[u8], out: &mut Batch<P>) {
+        let ip = self
+            .relay
+            .load()
+            .as_ref()
+            .map(|l| l.coordinator.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        if classify(payload) == DatagramKind::WireGuard || is_disco(payload) {
+            self.receive(payload, Via::Relay(src_id), ip, out).await;
+            self.flush_rx(out).await;
+        } else {
+            Counters::bump(&self.counters.udp_garbage);
+        }
+    }
+
+    async fn receive_wireguard(&self, d: &[u8], via: Via, src_ip: IpAddr, out: &mut Batch<P>) {
+        let mut cookie = [0u8; RELAY_HEADER_LEN + 64];
+        let peer = match self.peers.route_wireguard(
+            d,
+            src_ip,
+            via.source(),
+            &mut cookie[RELAY_HEADER_LEN..],
+        ) {
+            Routed::Peer(p) => p,
+            Routed::Cookie(len) => {
+                Counters::bump(&self.counters.wg_cookies_sent);
+                self.reply(via, &mut cookie, len).await;
+                return;
+            }
+            Routed::RateLimited => {
+                Counters::bump(&self.counters.wg_handshake_rate_limited);
+                return;
+            }
+            Routed::Rejected => {
+                Counters::bump(&self.counters.wg_rejected);
+                return;
+            }
+            Routed::UnknownPeer => {
+                Counters::bump(&self.counters.udp_unknown_peer);
+                return;
+            }
+        };
+        self.decapsulate(&peer, d, via, src_ip, out).await;
+    }
+
+    /// Notes that `peer` reached us directly from `from`.
+    fn seen_direct(&self, peer: &Peer, from: SocketAddr) {
+        let now_ms = self.peers.ms_since_epoch(crate::tasks::now());
+        if !peer.heard_direct(from, now_ms) && peer.report_seen_elsewhere(now_ms) {
+            let _ = self.path_events.try_send(PathEvent::SeenAt(peer.key, from));
+        }
+    }
+
+    /// Decrypts into the next free buffer of `rx` (kept there for the next flush when it is a
+    /// packet for the TUN device).
+    async fn decapsulate(
+        &self,
+        peer: &Peer,
+        d: &[u8],
+        via: Via,
+        src_ip: IpAddr,
+        rx: &mut Batch<P>,
+    ) {
+        if rx.is_full() {
+            self.flush_rx(rx).await;
+        }
+        let slot = rx.n;
+        let buf = rx.slot(HEAD + d.len().max(MIN_DECAP_OUT));
+        let act = {
+            let mut t = peer.tunn();
+            let start = buf[HEAD..].as_ptr();
+            action(start, t.decapsulate(Some(src_ip), d, &mut buf[HEAD..]))
+        };
+        let direct = via.direct();
+        match act {
+            Action::Rejected => {
+                Counters::bump(&self.counters.wg_rejected);
+                return;
+            }
+            Action::ReplayedHandshake => {
+                Counters::bump(&self.counters.wg_handshake_replays);
+                return;
+            }
+            Action::WriteToTunnel(r, inner_src) => {
+                if inner_src != peer.ip() {
+                    // A member may only send from its own overlay address.
+                    Counters::bump(&self.counters.inner_source_mismatch);
+                    return;
+                }
+                if let Some(a) = direct {
+                    self.seen_direct(peer, a);
+                }
+                if r.start != 0 {
+                    buf.copy_within(HEAD + r.start..HEAD + r.end, HEAD);
+                }
+                buf.truncate(HEAD + r.len());
+                rx.n = slot + 1;
+                return;
+            }
+            Action::DropV6 => {
+                Counters::bump(&self.counters.tun_not_ipv4);
+                return;
+            }
+            Action::Nothing => {
+                if is_cookie_reply(d) {
+                    // Not data: it tells nothing about the peer's path.
+                    Counters::bump(&self.counters.wg_cookies_received);
+                } else if let Some(a) = direct {
+                    self.seen_direct(peer, a);
+                }
+                return;
+            }
+            Action::SendToNetwork(r) => {
+                let len = r.len();
+                if r.start != 0 {
+                    buf.copy_within(HEAD + r.start..HEAD + r.end, HEAD);
+                }
+                self.reply(via, &mut buf[HEAD - RELAY_HEADER_LEN..], len)
+                    .await;
+            }
+        }
+        // A completed handshake may release queued packets: flush until Done (rare: the buffer
+        // is grown to the largest packet once here).
+        let buf = rx.slot(HEAD + BUF_LEN);
+        loop {
+            let act = {
+                let mut t = peer.tunn();
+                let start = buf[HEAD..].as_ptr();
+                action(start, t.decapsulate(None, &[], &mut buf[HEAD..]))
+            };
+            match act {
+                Action::SendToNetwork(r) => {
+                    let len = r.len();
+                    if r.start != 0 {
+                        buf.copy_within(HEAD + r.start..HEAD + r.end, HEAD);
+                    }
+                    self.send_to_peer(peer, &mut buf[HEAD - RELAY_HEADER_LEN..], len)
+                        .await
+                }
+                _ => break,
+            }
+        }
+    }
+}

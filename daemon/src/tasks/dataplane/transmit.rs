@@ -1,0 +1,130 @@
+//! TUN→UDP: read packets (with offload, a GSO super-packet split into segments), find the peer
+//! owning each destination, encrypt, and send. Datagrams for one direct address are gathered
+//! into one UDP GSO send (what may join is [`GsoBatch`]'s decision); relayed ones go one by one.
+//! A lone packet goes out at once: the batch is flushed at the end of every read.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use a2a_proto::udp::RELAY_HEADER_LEN;
+use tun_rs::IDEAL_BATCH_SIZE;
+
+use super::{DataPlane, TUN_PACKET_LEN};
+use crate::core::batch::{GsoBatch, Pushed};
+use crate::core::counters::Counters;
+use crate::core::path::Route;
+use crate::core::peers::Peer;
+use crate::core::wg::{action, ipv4_destination, pad_plaintext, Action, WG_DATA_OVERHEAD};
+use crate::io::udpbatch::MAX_GSO_BYTES;
+use crate::io::{Platform, TunDevice, TunReader, UdpTransport};
+
+impl<P: Platform> DataPlane<P> {
+    pub async fn tun_to_udp(self: Arc<Self>) {
+        let mut reader = self.tun.reader();
+        let mut packets = vec![vec![0u8; TUN_PACKET_LEN]; IDEAL_BATCH_SIZE];
+        let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+        let mut tx = GsoBatch::new(
+            self.udp.max_segments(),
+            MAX_GSO_BYTES,
+            TUN_PACKET_LEN + WG_DATA_OVERHEAD,
+        );
+        let mut single = vec![0u8; RELAY_HEADER_LEN + TUN_PACKET_LEN + 64];
+        loop {
+            let n = match reader.read(&mut packets, &mut sizes).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!("reading the TUN device failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // The peer of the previous packet and its route, reused while the destination repeats.
+            let mut last: Option<(Ipv4Addr, Arc<Peer>, Route)> = None;
+            for (packet, &size) in packets.iter_mut().zip(&sizes[..n]) {
+                let packet = pad_plaintext(packet, size);
+                let Some(dst) = ipv4_destination(packet) else {
+                    Counters::bump(&self.counters.tun_not_ipv4);
+                    continue;
+                };
+                if last.as_ref().is_none_or(|(ip, ..)| *ip != dst) {
+                    let Some(peer) = self.peers.by_ip(dst) else {
+                        Counters::bump(&self.counters.tun_no_route);
+                        continue;
+                    };
+                    let route = peer.route().route;
+                    last = Some((dst, peer, route));
+                }
+                let Some((_, peer, route)) = last.as_ref() else {
+                    continue;
+                };
+                match *route {
+                    Route::Direct(addr) => self.encrypt_batched(peer, packet, addr, &mut tx).await,
+                    Route::Relay => {
+                        self.flush_tx(&mut tx).await;
+                        let act = {
+                            let mut t = peer.tunn();
+                            let start = single[RELAY_HEADER_LEN..].as_ptr();
+                            action(
+                                start,
+                                t.encapsulate(packet, &mut single[RELAY_HEADER_LEN..]),
+                            )
+                        };
+                        if let Action::SendToNetwork(r) = act {
+                            self.send_to_peer(peer, &mut single, r.len()).await;
+                        }
+                    }
+                }
+            }
+            self.flush_tx(&mut tx).await;
+        }
+    }
+
+    /// Encrypts `packet` for `peer` into the send batch for `addr`, sending what the batch held
+    /// first when the new datagram cannot join it.
+    async fn encrypt_batched(
+        &self,
+        peer: &Peer,
+        packet: &[u8],
+        addr: SocketAddr,
+        tx: &mut GsoBatch,
+    ) {
+        if !tx.fits(addr, packet.len() + WG_DATA_OVERHEAD) {
+            self.flush_tx(tx).await;
+        }
+        let act = {
+            let mut t = peer.tunn();
+            let spare = tx.spare();
+            let start = spare.as_ptr();
+            action(start, t.encapsulate(packet, spare))
+        };
+        let Action::SendToNetwork(r) = act else {
+            return;
+        };
+        if tx.push(addr, r.start, r.len()) == Pushed::SendEarlierFirst {
+            self.flush_tx(tx).await;
+            tx.carry_over();
+        }
+    }
+
+    /// Sends the batch: one UDP GSO call when it holds several datagrams.
+    async fn flush_tx(&self, tx: &mut GsoBatch) {
+        let ready = tx.ready();
+        if ready.count > 0 {
+            if self
+                .udp
+                .send(ready.data, ready.segment, ready.addr)
+                .await
+                .is_err()
+            {
+                Counters::bump(&self.counters.send_errors);
+            }
+            if ready.count > 1 && self.udp.max_segments() == 1 {
+                // The transport gave up segmentation.
+                Counters::set(&self.counters.fast_udp_gso, false);
+                tx.set_max_segments(1);
+            }
+        }
+        tx.clear();
+    }
+}

@@ -1,0 +1,231 @@
+//! A coordinator in its namespace ([`Coordinator`], started with [`CoordOpts`]).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::process::{describe_status, tail, Proc};
+use crate::timing::{wait_for, wait_until};
+use crate::topology::{Lab, Ns};
+
+/// The overlay prefix a coordinator uses when it is given no `--prefix`.
+pub const DEFAULT_PREFIX: &str = "100.64.0.0/10";
+/// The port coordinators listen on (TCP and UDP).
+pub const COORDINATOR_PORT: u16 = 7600;
+
+/// How to start a coordinator.
+#[derive(Debug, Clone, Default)]
+pub struct CoordOpts {
+    /// `--prefix`.
+    pub prefix: Option<String>,
+    /// Listen on `0.0.0.0` and pass the wan address as `--endpoint`.
+    pub wildcard_listen: bool,
+    /// Run the forging coordinator (`a2a-forging-coordinator`, the real server with a hook that
+    /// injects forged members) instead of `a2a-coordinator`.
+    pub forging: bool,
+    /// `--stats-interval SECS` (hidden): print the counters line this often (default 60 s);
+    /// [`Coordinator::counters`] reads the latest.
+    pub stats_interval: Option<u32>,
+}
+
+/// A coordinator process in its namespace.
+pub struct Coordinator {
+    pub ns: Ns,
+    /// The wan address it serves on (TCP and UDP).
+    pub addr: SocketAddrV4,
+    pub state_dir: PathBuf,
+    /// The token printed at the first start.
+    pub token: String,
+    pub opts: CoordOpts,
+    proc: Mutex<Option<Proc>>,
+}
+
+impl Coordinator {
+    fn args(&self) -> Vec<String> {
+        let bins = self.ns.bins();
+        // At its most verbose level, so the zero-log checks read everything it can print.
+        let binary = if self.opts.forging {
+            bins.dir
+                .join("a2a-forging-coordinator")
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            bins.coordinator.clone()
+        };
+        let mut args = vec!["env".into(), "A2A_LOG=trace".into(), binary];
+        if self.opts.wildcard_listen {
+            args.push("--listen".into());
+            args.push(format!("0.0.0.0:{COORDINATOR_PORT}"));
+            args.push("--endpoint".into());
+            args.push(self.addr.to_string());
+        } else {
+            args.push("--listen".into());
+            args.push(self.addr.to_string());
+        }
+        args.push("--state-dir".into());
+        args.push(self.state_dir.to_string_lossy().into_owned());
+        if let Some(p) = &self.opts.prefix {
+            args.push("--prefix".into());
+            args.push(p.clone());
+        }
+        if let Some(secs) = self.opts.stats_interval {
+            args.push("--stats-interval".into());
+            args.push(secs.to_string());
+        }
+        args
+    }
+
+    /// The counters of the latest counters line the coordinator printed (`name=value` pairs of
+    /// its `live members=...` line), or `None` before the first one.
+    pub fn counters(&self) -> Option<BTreeMap<String, u64>> {
+        let log = self.proc().stderr_text();
+        let line = log.lines().rev().find(|l| l.contains("live members="))?;
+        let start = line.find("live members=")?;
+        Some(
+            line[start + "live ".len()..]
+                .split_whitespace()
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    Some((k.to_string(), v.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    /// Waits for a counters line printed after this call (needs `stats_interval`) and returns
+    /// its counters.
+    #[track_caller]
+    pub fn fresh_counters(&self) -> BTreeMap<String, u64> {
+        let lines = |p: &Proc| {
+            p.stderr_text()
+                .lines()
+                .filter(|l| l.contains("live members="))
+                .count()
+        };
+        let proc = self.proc();
+        let before = lines(&proc);
+        wait_until(
+            Duration::from_secs(30),
+            "a new counters line from the coordinator (is stats_interval set?)",
+            || lines(&proc) > before,
+        );
+        self.counters().expect("a counters line")
+    }
+
+    /// Starts the process and returns the token it prints.
+    fn start(&self) -> String {
+        let mut slot = self.proc.lock().unwrap();
+        if let Some(p) = slot.as_ref() {
+            assert!(!p.is_running(), "the coordinator is already running");
+        }
+        let args = self.args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = self.ns.spawn("coordinator", &args);
+        let token = wait_for(
+            Duration::from_secs(20),
+            "the coordinator's `join token:` line",
+            || {
+                if let Some(st) = proc.exit_status() {
+                    panic!(
+                        "a2a-coordinator exited ({}) before printing its token\n--- stderr ---\n{}",
+                        describe_status(st),
+                        tail(&proc.stderr_text(), 60)
+                    );
+                }
+                let stdout = proc.stdout_text();
+                for line in stdout.lines() {
+                    if let Some(t) = line.strip_prefix("join token: ") {
+                        let t = t.trim();
+                        assert!(
+                            t.starts_with("a2a1"),
+                            "the coordinator's token does not start with a2a1: {line:?}"
+                        );
+                        return Ok(t.to_string());
+                    }
+                }
+                Err(format!("stdout so far: {stdout:?}"))
+            },
+        );
+        *slot = Some(proc);
+        token
+    }
+
+    pub fn proc(&self) -> Proc {
+        self.proc
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("coordinator started")
+    }
+
+    #[track_caller]
+    pub fn assert_running(&self) {
+        self.proc().assert_running();
+    }
+
+    /// SIGKILL.
+    pub fn kill(&self) {
+        self.proc().kill();
+    }
+
+    /// Starts it again (same state directory and address) after [`kill`](Self::kill); returns
+    /// the token it prints.
+    pub fn restart(&self) -> String {
+        self.start()
+    }
+
+    /// `a2a-coordinator token --state-dir DIR --endpoint ADDR [--prefix P]`: a token for another
+    /// new network.
+    pub fn new_token(&self) -> String {
+        self.token_for(&[self.addr.to_string()])
+    }
+
+    /// `a2a-coordinator token` with the given `--endpoint`s (and the coordinator's `--prefix`).
+    pub fn token_for(&self, endpoints: &[String]) -> String {
+        let state = self.state_dir.to_string_lossy().into_owned();
+        let bins = self.ns.bins();
+        let mut args = vec![bins.coordinator.as_str(), "token", "--state-dir", &state];
+        for e in endpoints {
+            args.push("--endpoint");
+            args.push(e);
+        }
+        if let Some(p) = &self.opts.prefix {
+            args.push("--prefix");
+            args.push(p);
+        }
+        let out = self.ns.exec(&args).expect_ok();
+        let lines: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert!(
+            lines.len() == 1 && lines[0].trim().starts_with("a2a1"),
+            "`a2a-coordinator token` should print exactly one token line: {out}"
+        );
+        lines[0].trim().to_string()
+    }
+}
+
+impl Lab {
+    /// Starts a coordinator in a new namespace `coord` and waits for its join token.
+    pub fn coordinator(&self, opts: CoordOpts) -> Coordinator {
+        let ns = self.add_ns("coord");
+        let ip = ns.wan_ip.expect("wan address");
+        let state_dir = self.dir().join("coord-state");
+        fs::create_dir_all(&state_dir).expect("create coordinator state dir");
+        let coord = Coordinator {
+            addr: SocketAddrV4::new(ip, COORDINATOR_PORT),
+            state_dir,
+            token: String::new(),
+            opts,
+            proc: Mutex::new(None),
+            ns,
+        };
+        let token = coord.start();
+        Coordinator { token, ..coord }
+    }
+}

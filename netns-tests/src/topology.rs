@@ -1,0 +1,671 @@
+//! The topology of a lab: the wan bridge, namespaces attached to it ([`Ns`]), NAT routers
+//! ([`Router`], [`Nat`]), and their creation and removal.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use crate::process::{
+    command_in, require_tools, run_to_completion, tail, truncate, Bins, Output, Proc,
+};
+use crate::timing::{in_ci, report};
+
+pub(crate) const NETNS_DIR: &str = "/var/run/netns";
+const BRIDGE: &str = "br0";
+/// Default time limit of a command run with [`Ns::exec`].
+const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+static STALE_CLEANUP: Once = Once::new();
+
+// ------------------------------------------------------------------------------------------
+// The lab
+// ------------------------------------------------------------------------------------------
+
+struct LabInner {
+    name: String,
+    test: String,
+    dir: PathBuf,
+    bins: Bins,
+    /// `x` of the lab's wan subnet `10.x.0.0/24`.
+    subnet: u8,
+    started: Instant,
+    namespaces: Mutex<Vec<String>>,
+    procs: Mutex<Vec<Proc>>,
+    seq: AtomicU32,
+    next_host: AtomicU32,
+}
+
+impl LabInner {
+    fn next_seq(&self) -> u32 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn log_command(&self, out: &Output) {
+        let t = self.started.elapsed().as_secs_f64();
+        let status = if out.timed_out {
+            "timed out".to_string()
+        } else {
+            format!("{:?}", out.code)
+        };
+        let mut line = format!(
+            "[{t:8.3}s] {} -> {status} in {} ms\n",
+            out.cmd,
+            out.elapsed.as_millis()
+        );
+        for (tag, text) in [("out", &out.stdout), ("err", &out.stderr)] {
+            let text = truncate(text.trim_end(), 600);
+            if !text.is_empty() {
+                for l in text.lines() {
+                    line.push_str(&format!("           {tag}| {l}\n"));
+                }
+            }
+        }
+        if let Ok(mut f) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("commands.log"))
+        {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+
+    /// Runs a command (in `ns`, via `ip netns exec`, or on the host) to completion.
+    fn run(&self, ns: Option<&str>, args: &[&str], timeout: Duration) -> Output {
+        let n = self.next_seq();
+        let out = run_to_completion(&self.dir.join("cmd"), n, ns, args, timeout);
+        self.log_command(&out);
+        out
+    }
+
+    /// Starts a long-running process with stdout and stderr in `<dir>/logs/<label>.{stdout,stderr}`.
+    fn spawn(&self, ns: Option<&str>, label: &str, args: &[&str]) -> Proc {
+        let n = self.next_seq();
+        let log_dir = self.dir.join("logs");
+        fs::create_dir_all(&log_dir).expect("create log dir");
+        let label = format!("{label}.{n}");
+        let stdout = log_dir.join(format!("{label}.stdout"));
+        let stderr = log_dir.join(format!("{label}.stderr"));
+        let mut command = command_in(ns, args);
+        command
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).expect("create log file"))
+            .stderr(File::create(&stderr).expect("create log file"));
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", args.join(" ")));
+        let proc = Proc::new(label.clone(), child, stdout, stderr);
+        self.log_command(&Output {
+            cmd: format!(
+                "[{}] {} &  (background, pid {}, logs/{label}.*)",
+                ns.unwrap_or("host"),
+                args.join(" "),
+                proc.pid()
+            ),
+            code: None,
+            timed_out: false,
+            stdout: String::new(),
+            stderr: String::new(),
+            elapsed: Duration::ZERO,
+        });
+        self.procs.lock().unwrap().push(proc.clone());
+        proc
+    }
+
+    /// Host command that must succeed (lab plumbing).
+    fn host(&self, args: &[&str]) {
+        self.run(None, args, EXEC_TIMEOUT).expect_ok();
+    }
+
+    fn create_ns(&self, role: &str) -> String {
+        let name = format!("{}-{role}", self.name);
+        self.host(&["ip", "netns", "add", &name]);
+        self.namespaces.lock().unwrap().push(name.clone());
+        self.host(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        name
+    }
+}
+/// One isolated network topology; see the crate documentation.
+pub struct Lab {
+    inner: Arc<LabInner>,
+    hub: String,
+}
+
+impl Lab {
+    /// Creates a lab with its wan segment. Returns `None` (test skipped) without root, unless
+    /// `CI=true`, where it panics.
+    pub fn new(test: &str) -> Option<Lab> {
+        let pid = std::process::id();
+        let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("a2a-{pid}-{n}");
+        let skip = |why: &str| -> Option<Lab> {
+            if in_ci() {
+                panic!(
+                    "the end-to-end tests need root and network namespaces ({why}); \
+                     CI=true, so this is a failure, not a skip: run them as root"
+                );
+            }
+            report(format!("{test}: skipped: needs root ({why})"));
+            None
+        };
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return skip("not running as root");
+        }
+        // Everything that can panic comes before the first namespace exists.
+        let bins = Bins::locate();
+        // What every lab uses: `ip` (checked below), HTTP servers and clients, ping.
+        require_tools(&[
+            ("curl", "curl"),
+            ("python3", "python3"),
+            ("ping", "iputils-ping"),
+        ]);
+        STALE_CLEANUP.call_once(cleanup_stale_namespaces);
+        let probe = Command::new("ip")
+            .args(["netns", "add", &format!("{name}-hub")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output();
+        match probe {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                let why = format!(
+                    "`ip netns add` failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                return skip(&why);
+            }
+            Err(e) => return skip(&format!("cannot run `ip` (install iproute2): {e}")),
+        }
+
+        let dir = std::env::temp_dir()
+            .join("a2a-netns")
+            .join(format!("{name}-{test}"));
+        let _ = fs::remove_dir_all(&dir);
+        if let Err(e) = fs::create_dir_all(&dir) {
+            delete_namespace(&format!("{name}-hub"));
+            panic!("cannot create the lab directory {}: {e}", dir.display());
+        }
+        let subnet = 16 + ((pid.wrapping_mul(7919).wrapping_add(n * 13)) % 200) as u8;
+        let inner = Arc::new(LabInner {
+            name: name.clone(),
+            test: test.to_string(),
+            dir,
+            bins,
+            subnet,
+            started: Instant::now(),
+            namespaces: Mutex::new(vec![format!("{name}-hub")]),
+            procs: Mutex::new(Vec::new()),
+            seq: AtomicU32::new(0),
+            next_host: AtomicU32::new(2),
+        });
+        let hub = format!("{name}-hub");
+        let lab = Lab { inner, hub };
+        // From here on, a panic drops `lab`, which removes what was created.
+        let h = lab.hub.as_str();
+        lab.inner.host(&["ip", "-n", h, "link", "set", "lo", "up"]);
+        lab.inner.host(&[
+            "ip",
+            "-n",
+            h,
+            "link",
+            "add",
+            BRIDGE,
+            "type",
+            "bridge",
+            "forward_delay",
+            "0",
+        ]);
+        lab.inner
+            .host(&["ip", "-n", h, "link", "set", BRIDGE, "up"]);
+        Some(lab)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The directory holding the lab's logs and state directories.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn bins(&self) -> &Bins {
+        &self.inner.bins
+    }
+
+    /// The wan subnet, `10.x.0.0/24`.
+    pub fn wan_subnet(&self) -> String {
+        format!("10.{}.0.0/24", self.inner.subnet)
+    }
+
+    /// A new namespace attached to the wan bridge, with an address of the wan subnet on `eth0`.
+    /// `role` must be unique in the lab (it names the namespace).
+    pub fn add_ns(&self, role: &str) -> Ns {
+        let inner = &self.inner;
+        let name = inner.create_ns(role);
+        let host = inner.next_host.fetch_add(1, Ordering::Relaxed);
+        assert!(host < 255, "too many namespaces in one lab");
+        let ip = Ipv4Addr::new(10, inner.subnet, 0, host as u8);
+        // The veth pair is created inside the hub and the node namespace directly, so its names
+        // only need to be unique there; still, the hub side carries the lab counter and the host
+        // number (<= 15 characters).
+        let hub_side = format!("v{}h{host}", inner.name.rsplit('-').next().unwrap_or("0"));
+        let hub_side = truncate(&hub_side, 15).to_string();
+        inner.host(&[
+            "ip", "-n", &self.hub, "link", "add", &hub_side, "type", "veth", "peer", "name",
+            "eth0", "netns", &name,
+        ]);
+        inner.host(&[
+            "ip", "-n", &self.hub, "link", "set", &hub_side, "master", BRIDGE, "up",
+        ]);
+        inner.host(&[
+            "ip",
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        inner.host(&["ip", "-n", &name, "link", "set", "eth0", "up"]);
+        Ns {
+            name,
+            role: role.to_string(),
+            wan_ip: Some(ip),
+            lab: inner.clone(),
+        }
+    }
+
+    /// A router on the wan doing `nat` for a LAN of its own (`192.168.<k>.0/24`); see [`Nat`].
+    /// Like a home router's firewall it drops unsolicited traffic from the wan, to itself as
+    /// well as to the LAN; dropped before conntrack confirms it, such a packet leaves no entry
+    /// that would clash with (and so renumber) the mapping of a LAN node punching out.
+    pub fn router(&self, role: &str, nat: Nat) -> Router {
+        require_tools(&[("nft", "nftables"), ("sysctl", "procps")]);
+        let ns = self.add_ns(role);
+        let k = self.inner.next_host.fetch_add(1, Ordering::Relaxed);
+        let lan = Ipv4Addr::new(192, 168, k as u8, 1);
+        let n = ns.name.as_str();
+        let inner = &self.inner;
+        inner.host(&[
+            "ip",
+            "netns",
+            "exec",
+            n,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        inner.host(&[
+            "ip",
+            "-n",
+            n,
+            "link",
+            "add",
+            "lan0",
+            "type",
+            "bridge",
+            "forward_delay",
+            "0",
+        ]);
+        inner.host(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{lan}/24"),
+            "dev",
+            "lan0",
+        ]);
+        inner.host(&["ip", "-n", n, "link", "set", "lan0", "up"]);
+        let masquerade = match nat {
+            Nat::Easy | Nat::NoUdp => "masquerade persistent",
+            Nat::Hard => "masquerade random,fully-random",
+        };
+        let no_udp = match nat {
+            Nat::NoUdp => "oifname \"eth0\" meta l4proto udp drop",
+            _ => "",
+        };
+        let rules = format!(
+            "table ip a2a_nat {{\n\
+               chain postrouting {{ type nat hook postrouting priority srcnat; oifname \"eth0\" {masquerade}; }}\n\
+             }}\n\
+             table inet a2a_fw {{\n\
+               chain input {{ type filter hook input priority filter; policy accept;\n\
+                 iifname \"eth0\" ct state established,related accept\n\
+                 iifname \"eth0\" drop\n\
+               }}\n\
+               chain forward {{ type filter hook forward priority filter; policy accept;\n\
+                 iifname \"eth0\" ct state established,related accept\n\
+                 iifname \"eth0\" drop\n\
+                 {no_udp}\n\
+               }}\n\
+             }}\n"
+        );
+        let file = self.inner.dir.join(format!("{role}.nft"));
+        fs::write(&file, rules).expect("write nftables rules");
+        ns.exec(&["nft", "-f", &file.to_string_lossy()]).expect_ok();
+        Router {
+            ns,
+            nat,
+            lan,
+            next_host: AtomicU32::new(2),
+        }
+    }
+
+    /// A new namespace on `router`'s LAN (`eth0`, the next address of the LAN, default route via
+    /// the router). `role` must be unique in the lab (it names the namespace).
+    pub fn add_ns_behind(&self, router: &Router, role: &str) -> Ns {
+        let inner = &self.inner;
+        let ns_name = inner.create_ns(role);
+        let h = router.next_host.fetch_add(1, Ordering::Relaxed);
+        assert!(h < 255, "too many namespaces behind one router");
+        let o = router.lan.octets();
+        let ip = Ipv4Addr::new(o[0], o[1], o[2], h as u8);
+        let r = router.ns.name.as_str();
+        let side = format!("lan{h}");
+        inner.host(&[
+            "ip", "-n", r, "link", "add", &side, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns_name,
+        ]);
+        inner.host(&["ip", "-n", r, "link", "set", &side, "master", "lan0", "up"]);
+        inner.host(&[
+            "ip",
+            "-n",
+            &ns_name,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        inner.host(&["ip", "-n", &ns_name, "link", "set", "eth0", "up"]);
+        inner.host(&[
+            "ip",
+            "-n",
+            &ns_name,
+            "route",
+            "add",
+            "default",
+            "via",
+            &router.lan.to_string(),
+        ]);
+        Ns {
+            name: ns_name,
+            role: role.to_string(),
+            wan_ip: None,
+            lab: inner.clone(),
+        }
+    }
+
+    /// Prints the tail of every process log and of the command log to stderr.
+    pub fn print_logs(&self) {
+        let inner = &self.inner;
+        let mut text = format!(
+            "\n===== a2a lab {} ({}) logs, kept in {} =====\n",
+            inner.name,
+            inner.test,
+            inner.dir.display()
+        );
+        let procs = a2a_proto::sync::lock(&inner.procs).clone();
+        for p in &procs {
+            for (kind, path) in [("stdout", p.stdout_path()), ("stderr", p.stderr_path())] {
+                let content = fs::read_to_string(path).unwrap_or_default();
+                if content.trim().is_empty() {
+                    continue;
+                }
+                text.push_str(&format!(
+                    "----- {} {kind} (pid {}) -----\n{}",
+                    p.label(),
+                    p.pid(),
+                    tail(&content, 150)
+                ));
+            }
+        }
+        let commands = fs::read_to_string(inner.dir.join("commands.log")).unwrap_or_default();
+        text.push_str(&format!(
+            "----- commands (tail) -----\n{}===== end of lab {} logs =====\n",
+            tail(&commands, 120),
+            inner.name
+        ));
+        // Through eprint!, so libtest shows it with the failure.
+        eprint!("{text}");
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        if failed {
+            self.print_logs();
+        }
+        let inner = &self.inner;
+        let procs: Vec<Proc> = std::mem::take(&mut *a2a_proto::sync::lock(&inner.procs));
+        for p in &procs {
+            p.kill();
+        }
+        let namespaces: Vec<String> =
+            std::mem::take(&mut *a2a_proto::sync::lock(&inner.namespaces));
+        for ns in namespaces.iter().rev() {
+            delete_namespace(ns);
+        }
+        let keep = failed || std::env::var_os("A2A_KEEP_LOGS").is_some();
+        if !keep {
+            let _ = fs::remove_dir_all(&inner.dir);
+        } else if !failed {
+            report(format!(
+                "logs of {} kept in {}",
+                inner.test,
+                inner.dir.display()
+            ));
+        }
+    }
+}
+
+/// Kills whatever still runs in `ns` and deletes it. Never panics.
+fn delete_namespace(ns: &str) {
+    if let Ok(out) = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .stderr(Stdio::null())
+        .output()
+    {
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<libc::pid_t>().ok())
+        {
+            // SAFETY: kill(2); these pids live in a namespace this process created.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+    let _ = Command::new("ip")
+        .args(["netns", "del", ns])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Deletes namespaces `a2a-<pid>-...` left behind by test processes that no longer exist
+/// (killed before their labs were dropped).
+fn cleanup_stale_namespaces() {
+    let Ok(entries) = fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let mut parts = name.split('-');
+        if parts.next() != Some("a2a") {
+            continue;
+        }
+        let Some(pid) = parts.next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            delete_namespace(&name);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Namespaces
+// ------------------------------------------------------------------------------------------
+
+/// A network namespace of a lab.
+#[derive(Clone)]
+pub struct Ns {
+    pub name: String,
+    pub role: String,
+    /// The address on the wan segment.
+    pub wan_ip: Option<Ipv4Addr>,
+    lab: Arc<LabInner>,
+}
+
+impl fmt::Debug for Ns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Ns({})", self.name)
+    }
+}
+
+/// How a [`Router`] treats its LAN's traffic to the wan (nftables in the router's namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// `masquerade persistent`: one mapping per inside socket, whatever the destination
+    /// (endpoint-independent mapping), inbound only for established flows. Hole punching works.
+    Easy,
+    /// `masquerade random,fully-random`: a new mapping per destination. Punching fails.
+    Hard,
+    /// Easy NAT, and all outbound UDP dropped: only TCP reaches the coordinator.
+    NoUdp,
+}
+
+/// A NAT router between the wan and a LAN of nodes.
+#[derive(Debug)]
+pub struct Router {
+    pub ns: Ns,
+    pub nat: Nat,
+    /// The router's LAN address (the nodes' gateway).
+    pub lan: Ipv4Addr,
+    next_host: AtomicU32,
+}
+
+impl Router {
+    pub fn wan_ip(&self) -> Ipv4Addr {
+        self.ns.wan_ip.expect("a router has a wan address")
+    }
+
+    /// Drops UDP forwarded from this router's LAN to `to` (a wan address), until
+    /// [`unblock_udp`](Self::unblock_udp).
+    pub fn block_udp_to(&self, to: Ipv4Addr) {
+        let to = to.to_string();
+        let n = &self.ns;
+        let _ = n.exec(&["nft", "delete", "table", "inet", "a2a_block"]);
+        n.exec(&["nft", "add", "table", "inet", "a2a_block"])
+            .expect_ok();
+        n.exec(&[
+            "nft",
+            "add chain inet a2a_block forward { type filter hook forward priority -10; }",
+        ])
+        .expect_ok();
+        n.exec(&[
+            "nft",
+            "add",
+            "rule",
+            "inet",
+            "a2a_block",
+            "forward",
+            "ip",
+            "daddr",
+            &to,
+            "meta",
+            "l4proto",
+            "udp",
+            "drop",
+        ])
+        .expect_ok();
+    }
+
+    pub fn unblock_udp(&self) {
+        self.ns
+            .exec(&["nft", "delete", "table", "inet", "a2a_block"])
+            .expect_ok();
+    }
+
+    /// Sets the conntrack UDP timeouts (seconds) of this router: NAT mappings of idle flows
+    /// expire after that long.
+    pub fn set_udp_mapping_timeout(&self, secs: u32) {
+        for key in [
+            "nf_conntrack_udp_timeout",
+            "nf_conntrack_udp_timeout_stream",
+        ] {
+            self.ns
+                .exec(&["sysctl", "-qw", &format!("net.netfilter.{key}={secs}")])
+                .expect_ok();
+        }
+    }
+}
+
+impl Ns {
+    /// Runs a command in the namespace (time limit 30 s).
+    pub fn exec(&self, args: &[&str]) -> Output {
+        self.exec_timeout(args, EXEC_TIMEOUT)
+    }
+
+    pub fn exec_timeout(&self, args: &[&str], timeout: Duration) -> Output {
+        self.lab.run(Some(&self.name), args, timeout)
+    }
+
+    /// Starts a background process in the namespace.
+    pub fn spawn(&self, label: &str, args: &[&str]) -> Proc {
+        self.lab
+            .spawn(Some(&self.name), &format!("{}-{label}", self.role), args)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it creates live here.
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = Path::new(NETNS_DIR).join(&self.name);
+        let handle = std::thread::spawn(move || {
+            let file =
+                File::open(&path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+            // SAFETY: setns(2) on a valid namespace fd; it only affects this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                panic!("setns({}): {}", path.display(), io::Error::last_os_error());
+            }
+            f()
+        });
+        handle
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// The directory of the lab this namespace belongs to.
+    pub(crate) fn lab_dir(&self) -> &Path {
+        &self.lab.dir
+    }
+
+    /// The name of the lab this namespace belongs to.
+    pub(crate) fn lab_name(&self) -> &str {
+        &self.lab.name
+    }
+
+    /// The binaries under test.
+    pub(crate) fn bins(&self) -> &Bins {
+        &self.lab.bins
+    }
+
+    /// Whether a network interface exists in the namespace.
+    pub fn has_link(&self, name: &str) -> bool {
+        self.exec(&["ip", "link", "show", "dev", name]).success()
+    }
+}
