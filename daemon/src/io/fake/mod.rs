@@ -232,4 +232,62 @@ mod tests {
         let (_, peer): (_, SocketAddr) = listener.accept().await.unwrap();
         assert_eq!(peer.ip().to_string(), "10.0.0.1");
     }
+
+    /// The daemon's session runs on the fakes: it binds, opens the device, sets the address,
+    /// reads what the test injects, keeps retrying a coordinator that refuses, and gives the
+    /// port back when stopped.
+    #[tokio::test(start_paused = true)]
+    async fn a_session_runs_and_stops_on_the_fakes() {
+        use crate::core::counters::Counters;
+        use crate::node::session::{DeviceConfig, Joining, Session};
+
+        let net = FakeNet::new();
+        net.host("198.51.100.1".parse().unwrap()); // up, but nothing listens
+        let token = a2a_proto::JoinToken::new_network(
+            [7; 32],
+            vec!["198.51.100.1:7000".into()],
+            "100.64.0.0/10".parse().unwrap(),
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("a2a-fake-session-{}", std::process::id()));
+        let platform = FakePlatform::new(net.host("10.0.0.1".parse().unwrap()));
+        let device = DeviceConfig {
+            interface: "a2a0".into(),
+            udp_port: 51820,
+        };
+        let ip: Ipv4Addr = "100.64.0.7".parse().unwrap();
+        let session = Session::start(
+            &platform,
+            &device,
+            crate::io::state::StateDir::new(&dir),
+            Joining {
+                node_private: [9; 32],
+                credential: a2a_proto::Credential::from_token(token),
+                join_text: String::new(),
+                name: "n1".into(),
+                ip,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(platform.overlay(), Some((ip, 10)));
+        assert!(
+            platform.host().bind_udp(51820).is_err(),
+            "the session holds it"
+        );
+
+        // An IPv4 packet to an overlay address nobody has.
+        let mut packet = vec![0u8; 20];
+        packet[0] = 0x45;
+        packet[3] = 20;
+        packet[12..16].copy_from_slice(&ip.octets());
+        packet[16..20].copy_from_slice(&[100, 64, 0, 9]);
+        platform.tun().unwrap().inject(packet);
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        assert_eq!(Counters::get(&session.counters.tun_no_route), 1);
+
+        session.stop(false).await;
+        assert!(platform.host().bind_udp(51820).is_ok(), "given back");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
