@@ -10,7 +10,7 @@
 //! 65507 bytes arrives whole), ICMP (an undeliverable datagram vanishes and no error ever comes
 //! back on the socket), IPv6, bandwidth and queueing delay (only the receive queue's length is
 //! bounded), nested NATs, port forwarding, and loss or latency on byte streams (they are
-//! instantaneous and lossless, as TCP hides loss; see [`tcp`]).
+//! instantaneous and lossless, as TCP hides loss; see [`FakeStream`]).
 
 use std::cmp::{Ordering as CmpOrdering, Reverse};
 use std::collections::{BinaryHeap, HashMap, HashSet};

@@ -8,7 +8,7 @@
 //! public port, never expires, and nothing can connect in).
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,6 @@ use tokio::sync::mpsc;
 
 use super::{v4, FakeNet, Host, Realm, PUBLIC};
 use crate::io::Connector;
-use std::net::SocketAddrV4;
 
 /// How long a connection attempt whose SYNs are dropped waits before `TimedOut` (Linux's with
 /// its default six SYN retries).
