@@ -9,6 +9,8 @@
 //!   (the second is sent as soon as the first is answered): one lucky packet does not switch.
 //! - A direct path is pinged every [`HEARTBEAT`] (which also holds NAT mappings open) and is
 //!   dropped for the relay when neither a pong nor data came from it for [`DIRECT_TIMEOUT`].
+//!   Once a heartbeat goes unanswered, it is pinged every [`RETRY_GAP`] until it answers or
+//!   times out, so a lost datagram or two on a lossy link is not a dead path.
 //! - A direct path lost within [`FLAP_WINDOW`] of being chosen doubles the wait before the next
 //!   upgrade round (up to [`MAX_UPGRADE_WAIT`]): a flaky path is not chosen again and again.
 //! - Only a pong answering a ping still outstanding *to the address it came from* counts, so a
@@ -25,6 +27,8 @@ pub const UPGRADE_EVERY: Duration = Duration::from_secs(5);
 pub const MAX_UPGRADE_WAIT: Duration = Duration::from_secs(40);
 pub const FLAP_WINDOW: Duration = Duration::from_secs(30);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a direct path whose last heartbeat went unanswered is pinged again.
+pub const RETRY_GAP: Duration = Duration::from_millis(500);
 pub const CONFIRM_PONGS: u32 = 2;
 /// Addresses a peer was seen at but did not publish (its mapping towards us), kept for probing.
 const MAX_LEARNED: usize = 4;
@@ -193,7 +197,10 @@ impl PathState {
             if now.saturating_duration_since(d.last_heard) > DIRECT_TIMEOUT {
                 self.lose_direct(now, d);
             } else {
-                if now.saturating_duration_since(d.last_ping) >= HEARTBEAT {
+                // Unanswered since the last heartbeat: ping again sooner.
+                let silent = now.saturating_duration_since(d.last_heard) >= HEARTBEAT + RETRY_GAP;
+                let gap = if silent { RETRY_GAP } else { HEARTBEAT };
+                if now.saturating_duration_since(d.last_ping) >= gap {
                     d.last_ping = now;
                     probes.push(self.new_probe(now, Some(d.addr), false));
                 }
@@ -399,6 +406,41 @@ mod tests {
         let c = p.confirm_probe(t0, addr);
         assert!(p.on_pong(t0, c.tx, Some(addr)).unwrap().upgraded);
         p
+    }
+
+    #[test]
+    fn an_unanswered_heartbeat_is_retried_soon_and_one_answer_keeps_the_path() {
+        let t0 = Instant::now();
+        let addr = a("203.0.113.5:40000");
+        let mut p = direct_at(t0, addr);
+        let step = Duration::from_millis(250);
+        let mut now = t0;
+        let mut sent = Vec::new();
+        // Every ping is lost until 4 s: the heartbeat at 2 s, then retries every RETRY_GAP.
+        while now < t0 + Duration::from_secs(4) {
+            now += step;
+            let mut probes = Vec::new();
+            p.tick(now, None, &mut probes);
+            sent.extend(probes.iter().map(|_| now - t0));
+        }
+        assert_eq!(
+            sent,
+            [2000, 2500, 3000, 3500, 4000]
+                .map(Duration::from_millis)
+                .to_vec(),
+            "a heartbeat, then retries"
+        );
+        // The retry at 4 s is answered: still direct, and back to the heartbeat's pace.
+        let mut probes = Vec::new();
+        now += step;
+        p.tick(now, None, &mut probes);
+        assert!(probes.is_empty());
+        let retry = p.user_probe(now); // stands for the retry's tx, answered at 4.25 s
+        p.on_pong(now, retry.tx, Some(addr)).unwrap();
+        assert_eq!(p.route(), Route::Direct(addr));
+        let mut probes = Vec::new();
+        p.tick(now + step, None, &mut probes);
+        assert!(probes.is_empty(), "answered: no retry");
     }
 
     #[test]

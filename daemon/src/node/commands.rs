@@ -126,6 +126,11 @@ impl<P: Platform> Daemon<P> {
         })
     }
 
+    /// What the daemon runs on (in tests, the fake host it can impair).
+    pub fn platform(&self) -> &P {
+        &self.platform
+    }
+
     fn node_key(&self) -> NodeKey {
         NodeKey(PublicKey::from(&StaticSecret::from(self.node_private)).to_bytes())
     }

@@ -511,6 +511,12 @@ impl Nat {
         self.net.lock().nats[self.index].hairpin = hairpin;
     }
 
+    /// Forgets every UDP mapping, as a rebooted router does: the hosts behind it reach the
+    /// outside from new public ports (they roam, as seen from outside).
+    pub fn flush(&self) {
+        self.net.lock().nats[self.index].flush();
+    }
+
     /// Mappings alive now.
     pub fn mappings(&self) -> usize {
         self.net.lock().nats[self.index].mapping_count(Instant::now())

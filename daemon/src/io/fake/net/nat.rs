@@ -107,6 +107,12 @@ impl NatState {
         self.mappings.len()
     }
 
+    /// Forgets every UDP mapping (a router reboot, or a NAT that renumbers): the next datagram
+    /// out gets a new public port.
+    pub(super) fn flush(&mut self) {
+        self.mappings.clear();
+    }
+
     /// A public port for a TCP connection (TCP is not filtered or expired).
     pub(super) fn tcp_port(&mut self) -> u16 {
         self.free_port()

@@ -1,0 +1,720 @@
+//! Whole daemons in one process, without root and without sockets: real `a2a_daemon` nodes
+//! (real boringtun, real control client, real path finder) on the fake network and fake TUN
+//! devices of `io::fake`, registered with the real coordinator library (`a2a_coordinator`'s
+//! `Server`, its control streams and UDP port wired to the fake network), on tokio's paused
+//! clock: a test that waits 30 s of the daemons' time takes milliseconds. boringtun's own
+//! timers follow the real clock (see the README's "The daemon in layers"); nothing here waits
+//! for them.
+//!
+//! The netns tests (`netns-tests/`) remain the end-to-end proof on real kernels; these check
+//! the daemon's behaviour piece by piece, fast.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use a2a_coordinator::server::{DatagramSink, Server, UdpPort};
+use a2a_daemon::io::fake::net::{Direction, NatKind};
+use a2a_daemon::io::fake::{FakeNet, FakePlatform, FakeUdp, Host, TunHandle};
+use a2a_daemon::io::state::StateDir;
+use a2a_daemon::io::UdpTransport;
+use a2a_daemon::node::commands::{CommandError, Daemon};
+use a2a_daemon::node::session::DeviceConfig;
+use a2a_proto::api::{PeerStatus, Status};
+use a2a_proto::udp::MAX_A2A_DATAGRAM;
+use a2a_proto::JoinToken;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+const HUB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const HUB_PORT: u16 = 7600;
+const NODE_PORT: u16 = 51820;
+
+// ------------------------------------------------------------------------------------------
+// The coordinator on the fake network
+// ------------------------------------------------------------------------------------------
+
+/// Relay data the coordinator sends outside its UDP loop, queued for the loop's socket.
+struct ChannelSink(mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>);
+
+impl DatagramSink for ChannelSink {
+    fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) -> bool {
+        self.0.send((to, datagram.to_vec())).is_ok()
+    }
+}
+
+/// The real coordinator library serving the fake network at `HUB_IP`: control streams from a
+/// fake listener, its two UDP ports from fake sockets. Dropping it (or `stop`) ends every task,
+/// which closes every control stream as a killed process would.
+struct Hub {
+    server: Arc<Server>,
+    host: Host,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Hub {
+    fn start(host: &Host, key: [u8; 32]) -> Hub {
+        let server = Server::new(key);
+        let main = Arc::new(host.bind_udp(HUB_PORT).expect("hub UDP port"));
+        let alt = Arc::new(host.bind_udp(HUB_PORT + 1).expect("hub UDP alt port"));
+        let listener = host.listen_tcp(HUB_PORT).expect("hub TCP port");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        server.set_datagram_sink(Arc::new(ChannelSink(tx)));
+        let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let mut t = tasks.lock().unwrap();
+        let (s, conns) = (server.clone(), tasks.clone());
+        t.push(tokio::spawn(async move {
+            while let Ok((stream, peer)) = listener.accept().await {
+                let conn = tokio::spawn(s.clone().serve_control(stream, peer));
+                conns.lock().unwrap().push(conn);
+            }
+        }));
+        for (udp, port) in [(main.clone(), UdpPort::Main), (alt, UdpPort::Alt)] {
+            t.push(tokio::spawn(serve_udp(server.clone(), udp, port)));
+        }
+        t.push(tokio::spawn(async move {
+            while let Some((to, d)) = rx.recv().await {
+                let _ = main.send(&d, d.len(), to).await;
+            }
+        }));
+        drop(t);
+        Hub {
+            server,
+            host: host.clone(),
+            tasks,
+        }
+    }
+
+    /// As `kill -9`: every task ends and every control stream is cut.
+    fn stop(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+        self.host.cut_streams();
+    }
+
+    fn counters(&self) -> String {
+        self.server.stats_line()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn serve_udp(server: Arc<Server>, udp: Arc<FakeUdp>, port: UdpPort) {
+    let mut buf = vec![0u8; 65536];
+    let mut reply = [0u8; MAX_A2A_DATAGRAM];
+    loop {
+        udp.readable().await;
+        while let Ok(Some(got)) = udp.try_recv(&mut buf) {
+            for d in buf[..got.len].chunks_mut(got.segment.max(1)) {
+                if let Some((to, out)) = server.handle_datagram(got.from, port, d, &mut reply) {
+                    let _ = udp.send(out, out.len(), to).await;
+                }
+            }
+        }
+    }
+}
+
+fn coordinator_key() -> ([u8; 32], [u8; 32]) {
+    let private: [u8; 32] = rand::random();
+    let public = PublicKey::from(&StaticSecret::from(private)).to_bytes();
+    (private, public)
+}
+
+fn token(coordinator_public: [u8; 32]) -> String {
+    JoinToken {
+        coordinator_key: coordinator_public,
+        network_secret: rand::random(),
+        prefix: "100.64.0.0/10".parse().unwrap(),
+        endpoints: vec![format!("{HUB_IP}:{HUB_PORT}")],
+    }
+    .encode()
+}
+
+// ------------------------------------------------------------------------------------------
+// Nodes
+// ------------------------------------------------------------------------------------------
+
+static DIRS: AtomicU32 = AtomicU32::new(0);
+
+/// A state directory of its own, removed when the node is dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let n = DIRS.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("a2a-inproc-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Node {
+    name: String,
+    daemon: Daemon<FakePlatform>,
+    ip: Ipv4Addr,
+    _dir: TempDir,
+}
+
+impl Node {
+    /// A daemon on `host` that joins with `token` as `name`.
+    async fn join(host: &Host, name: &str, token: &str) -> Node {
+        let dir = TempDir::new();
+        let device = DeviceConfig {
+            interface: "a2a0".into(),
+            udp_port: NODE_PORT,
+        };
+        let daemon = Daemon::new(
+            FakePlatform::new(host.clone()),
+            device,
+            StateDir::new(&dir.0),
+        )
+        .unwrap();
+        let (ip, _) = daemon
+            .up(token, Some(name.into()))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: up failed: {e}"));
+        Node {
+            name: name.into(),
+            daemon,
+            ip: ip.parse().unwrap(),
+            _dir: dir,
+        }
+    }
+
+    fn tun(&self) -> TunHandle {
+        self.daemon.platform().tun().expect("a session is open")
+    }
+
+    async fn status(&self) -> Status {
+        self.daemon.status().await
+    }
+
+    async fn peer(&self, other: &Node) -> Option<PeerStatus> {
+        self.status()
+            .await
+            .peers
+            .into_iter()
+            .find(|p| p.name == other.name)
+    }
+
+    async fn path_to(&self, other: &Node) -> String {
+        self.peer(other)
+            .await
+            .map(|p| p.path)
+            .unwrap_or_else(|| "absent".into())
+    }
+
+    async fn counter(&self, name: &str) -> u64 {
+        *self
+            .status()
+            .await
+            .counters
+            .get(name)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    /// Sends `payload` in a UDP packet from this node's overlay address to `to`'s.
+    fn send(&self, to: &Node, payload: &[u8]) {
+        self.tun().inject(ipv4_udp(self.ip, to.ip, payload));
+    }
+}
+
+/// Waits (on the daemons' clock) until `cond` holds, checking every 50 ms.
+async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The next packet `node`'s TUN device gets whose UDP payload is `payload`, within `within`
+/// (other packets, such as keepalives' absence or earlier probes, are skipped).
+async fn receive(node: &Node, payload: &[u8], within: Duration) -> Option<Vec<u8>> {
+    let tun = node.tun();
+    tokio::time::timeout(within, async {
+        loop {
+            let p = tun.recv().await?;
+            if p.len() >= 28 && &p[28..] == payload {
+                return Some(p);
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Sends from `a` to `b` until one arrives (the first may wait for a handshake).
+async fn reaches(a: &Node, b: &Node, payload: &[u8]) -> bool {
+    for _ in 0..20 {
+        a.send(b, payload);
+        if receive(b, payload, Duration::from_millis(500))
+            .await
+            .is_some()
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// An IPv4/UDP packet with a correct header checksum.
+fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + 8 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let mut sum: u32 = p[..20]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p[20..22].copy_from_slice(&4000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&4000u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    p
+}
+
+/// A network with a coordinator and its token.
+struct World {
+    net: FakeNet,
+    hub_host: Host,
+    hub: Hub,
+    key: [u8; 32],
+    token: String,
+}
+
+fn world() -> World {
+    let net = FakeNet::with_seed(7);
+    let hub_host = net.host(HUB_IP);
+    let (key, public) = coordinator_key();
+    let hub = Hub::start(&hub_host, key);
+    World {
+        net,
+        hub_host,
+        hub,
+        key,
+        token: token(public),
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Tests
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn up_returns_with_the_peers_already_there_and_packets_cross() {
+    let w = world();
+    let a = Node::join(
+        &w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
+        "alpha",
+        &w.token,
+    )
+    .await;
+    let b = Node::join(
+        &w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
+        "bravo",
+        &w.token,
+    )
+    .await;
+    assert!(
+        b.peer(&a).await.is_some(),
+        "up returns once alpha is in bravo's table"
+    );
+    assert!(reaches(&b, &a, b"hello alpha").await);
+    assert!(reaches(&a, &b, b"hello bravo").await);
+    let st = a.status().await;
+    assert!(st.self_.unwrap().registered);
+    assert_ne!(a.ip, b.ip);
+}
+
+#[tokio::test(start_paused = true)]
+async fn traffic_starts_on_the_relay_and_moves_to_the_direct_path() {
+    let w = world();
+    let (ha, hb) = (
+        w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
+        w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
+    );
+    // No direct path at first: the handshake and the data go through the relay.
+    w.net.block_udp(&ha, &hb, Direction::BothWays);
+    let a = Node::join(&ha, "alpha", &w.token).await;
+    let b = Node::join(&hb, "bravo", &w.token).await;
+    assert!(reaches(&a, &b, b"over the relay").await);
+    assert_eq!(a.path_to(&b).await, "relay");
+    assert!(
+        w.hub.counters().contains("relayed_udp="),
+        "{}",
+        w.hub.counters()
+    );
+    assert!(
+        !w.hub.counters().contains(" relayed_udp=0 "),
+        "{}",
+        w.hub.counters()
+    );
+    // The direct path opens: the next upgrade round finds it.
+    w.net.unblock_udp(&ha, &hb, Direction::BothWays);
+    wait_until(Duration::from_secs(15), "a direct path", || async {
+        a.path_to(&b).await == "direct" && b.path_to(&a).await == "direct"
+    })
+    .await;
+    assert!(a.counter("path_upgrades").await >= 1);
+    assert!(reaches(&a, &b, b"direct now").await);
+    let endpoint = a.peer(&b).await.unwrap().endpoint.unwrap();
+    assert_eq!(endpoint, format!("{}:{NODE_PORT}", hb.ip()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_direct_path_falls_back_to_the_relay_and_traffic_goes_on() {
+    let w = world();
+    let (ha, hb) = (
+        w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
+        w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
+    );
+    let a = Node::join(&ha, "alpha", &w.token).await;
+    let b = Node::join(&hb, "bravo", &w.token).await;
+    wait_until(Duration::from_secs(15), "a direct path", || async {
+        a.path_to(&b).await == "direct"
+    })
+    .await;
+    assert!(reaches(&a, &b, b"direct").await);
+    w.net.block_udp(&ha, &hb, Direction::BothWays);
+    wait_until(Duration::from_secs(15), "the fallback", || async {
+        a.path_to(&b).await == "relay" && b.path_to(&a).await == "relay"
+    })
+    .await;
+    assert!(a.counter("path_fallbacks").await >= 1);
+    assert!(reaches(&a, &b, b"relayed again").await);
+    assert!(reaches(&b, &a, b"and back").await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_easy_nats_punch_through_and_two_hard_ones_stay_relayed() {
+    let w = world();
+    let easy1 = w.net.nat(Ipv4Addr::new(192, 0, 2, 1), NatKind::Easy);
+    let easy2 = w.net.nat(Ipv4Addr::new(192, 0, 2, 2), NatKind::Easy);
+    let hard1 = w.net.nat(Ipv4Addr::new(192, 0, 2, 3), NatKind::Hard);
+    let hard2 = w.net.nat(Ipv4Addr::new(192, 0, 2, 4), NatKind::Hard);
+    let lan = Ipv4Addr::new(10, 0, 0, 2);
+    let a = Node::join(&easy1.host(lan), "easy-a", &w.token).await;
+    let b = Node::join(&easy2.host(lan), "easy-b", &w.token).await;
+    let c = Node::join(&hard1.host(lan), "hard-c", &w.token).await;
+    let d = Node::join(&hard2.host(lan), "hard-d", &w.token).await;
+    wait_until(Duration::from_secs(20), "easy-easy direct", || async {
+        a.path_to(&b).await == "direct" && b.path_to(&a).await == "direct"
+    })
+    .await;
+    let endpoint = a.peer(&b).await.unwrap().endpoint.unwrap();
+    assert!(
+        endpoint.starts_with("192.0.2.2:"),
+        "easy-b's NAT's public address: {endpoint}"
+    );
+    assert!(reaches(&c, &d, b"hard to hard").await);
+    // Several upgrade rounds later, still relayed (two symmetric NATs cannot punch).
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(c.path_to(&d).await, "relay");
+    assert!(reaches(&d, &c, b"still relayed").await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_whose_public_address_changes_is_reached_directly_at_the_new_one() {
+    let w = world();
+    let nat = w.net.nat(Ipv4Addr::new(192, 0, 2, 1), NatKind::Easy);
+    let a = Node::join(&nat.host(Ipv4Addr::new(10, 0, 0, 2)), "roamer", &w.token).await;
+    let b = Node::join(
+        &w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
+        "bravo",
+        &w.token,
+    )
+    .await;
+    wait_until(Duration::from_secs(15), "a direct path", || async {
+        b.path_to(&a).await == "direct"
+    })
+    .await;
+    let before = b.peer(&a).await.unwrap().endpoint.unwrap();
+    // The roamer's router forgets its mappings: it now leaves from another public port.
+    nat.flush();
+    assert!(reaches(&a, &b, b"from a new port").await);
+    assert!(reaches(&b, &a, b"answered there").await);
+    wait_until(
+        Duration::from_secs(20),
+        "direct at the new address",
+        || async {
+            let p = b.peer(&a).await.unwrap();
+            p.path == "direct" && p.endpoint.as_deref() != Some(before.as_str())
+        },
+    )
+    .await;
+    let after = b.peer(&a).await.unwrap().endpoint.unwrap();
+    assert!(after.starts_with("192.0.2.1:"), "{after}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_packet_from_another_members_address_is_dropped_and_counted() {
+    let w = world();
+    let a = Node::join(
+        &w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
+        "alpha",
+        &w.token,
+    )
+    .await;
+    let b = Node::join(
+        &w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
+        "bravo",
+        &w.token,
+    )
+    .await;
+    let c = Node::join(
+        &w.net.host(Ipv4Addr::new(198, 51, 100, 3)),
+        "charlie",
+        &w.token,
+    )
+    .await;
+    assert!(reaches(&a, &b, b"genuine").await);
+    // alpha forges charlie's address as the source of a packet to bravo.
+    a.tun().inject(ipv4_udp(c.ip, b.ip, b"forged source"));
+    assert!(receive(&b, b"forged source", Duration::from_secs(2))
+        .await
+        .is_none());
+    assert_eq!(b.counter("inner_source_mismatch").await, 1);
+    assert!(reaches(&a, &b, b"genuine again").await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bursts_cross_intact_and_in_order_across_gso_batch_boundaries() {
+    for (max_segments, gro) in [(64, true), (64, false), (1, true), (3, true)] {
+        let w = world();
+        let (ha, hb) = (
+            w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
+            w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
+        );
+        let mut options = ha.udp_options();
+        options.max_segments = max_segments;
+        ha.set_udp_options(options);
+        let mut options = hb.udp_options();
+        options.gro = gro;
+        hb.set_udp_options(options);
+        let a = Node::join(&ha, "alpha", &w.token).await;
+        let b = Node::join(&hb, "bravo", &w.token).await;
+        wait_until(Duration::from_secs(15), "a direct path", || async {
+            a.path_to(&b).await == "direct"
+        })
+        .await;
+        assert!(reaches(&a, &b, b"warm").await);
+        // Runs of equal sizes broken by shorter and longer packets: each change of size, and
+        // every 64th datagram, ends a GSO batch.
+        let sizes: Vec<usize> = (0..300)
+            .map(|i| match i % 50 {
+                17 => 200,
+                33 => 1380,
+                40..=44 => 64,
+                _ => 1000,
+            })
+            .collect();
+        let tun = a.tun();
+        for (i, &n) in sizes.iter().enumerate() {
+            let mut payload = vec![(i % 251) as u8; n];
+            payload[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            tun.inject(ipv4_udp(a.ip, b.ip, &payload));
+        }
+        let rx = b.tun();
+        for (i, &n) in sizes.iter().enumerate() {
+            let p = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("packet {i} of 300 missing ({max_segments}, {gro})"))
+                .unwrap();
+            let payload = &p[28..];
+            assert_eq!(payload.len(), n, "packet {i}");
+            assert_eq!(
+                u32::from_be_bytes(payload[..4].try_into().unwrap()),
+                i as u32
+            );
+            assert!(
+                payload[4..].iter().all(|&x| x == (i % 251) as u8),
+                "packet {i}"
+            );
+        }
+        assert_eq!(a.counter("send_errors").await, 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_udp_to_the_coordinator_the_relay_runs_over_the_control_connection() {
+    let w = world();
+    let (ha, hb) = (
+        w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
+        w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
+    );
+    // alpha reaches the coordinator over TCP only, and bravo not at all over UDP directly.
+    w.net.block_udp(&ha, &w.hub_host, Direction::BothWays);
+    w.net.block_udp(&ha, &hb, Direction::BothWays);
+    let a = Node::join(&ha, "alpha", &w.token).await;
+    let b = Node::join(&hb, "bravo", &w.token).await;
+    assert!(reaches(&a, &b, b"framed over TCP").await);
+    assert!(reaches(&b, &a, b"and back over UDP then TCP").await);
+    assert_eq!(a.path_to(&b).await, "relay");
+    let report = a.daemon.netcheck().await.unwrap();
+    assert_eq!(report.relay, "tcp");
+    assert!(!report.udp);
+    let stats = w.hub.counters();
+    assert!(!stats.contains(" relayed_tcp=0 "), "{stats}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn tunnels_outlive_a_coordinator_restart_and_the_new_one_admits_new_members() {
+    let mut w = world();
+    let a = Node::join(
+        &w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
+        "alpha",
+        &w.token,
+    )
+    .await;
+    let b = Node::join(
+        &w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
+        "bravo",
+        &w.token,
+    )
+    .await;
+    wait_until(Duration::from_secs(15), "a direct path", || async {
+        a.path_to(&b).await == "direct"
+    })
+    .await;
+    w.hub.stop();
+    // The coordinator is gone: members keep each other, the tunnel carries on.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        b.peer(&a).await.is_some(),
+        "a dead coordinator removes nobody"
+    );
+    assert!(reaches(&a, &b, b"while the hub is down").await);
+    assert!(!a.status().await.self_.unwrap().registered);
+    // It comes back empty (memory only), with the same key: both re-register by themselves.
+    drop(std::mem::replace(
+        &mut w.hub,
+        Hub::start(&w.hub_host, w.key),
+    ));
+    wait_until(Duration::from_secs(20), "both registered again", || async {
+        a.status().await.self_.unwrap().registered && b.status().await.self_.unwrap().registered
+    })
+    .await;
+    let c = Node::join(
+        &w.net.host(Ipv4Addr::new(198, 51, 100, 3)),
+        "charlie",
+        &w.token,
+    )
+    .await;
+    assert!(c.peer(&a).await.is_some() && c.peer(&b).await.is_some());
+    wait_until(
+        Duration::from_secs(5),
+        "old members list charlie",
+        || async { a.peer(&c).await.is_some() && b.peer(&c).await.is_some() },
+    )
+    .await;
+    assert!(reaches(&c, &a, b"new member").await);
+    assert!(reaches(&b, &c, b"old member").await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_kicked_member_is_dropped_by_everyone_and_reaches_nobody() {
+    let w = world();
+    let a = Node::join(
+        &w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
+        "alpha",
+        &w.token,
+    )
+    .await;
+    let b = Node::join(
+        &w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
+        "bravo",
+        &w.token,
+    )
+    .await;
+    let c = Node::join(
+        &w.net.host(Ipv4Addr::new(198, 51, 100, 3)),
+        "charlie",
+        &w.token,
+    )
+    .await;
+    assert!(reaches(&c, &a, b"before").await);
+    let (name, _, holds_secret) = a.daemon.kick("charlie").await.unwrap();
+    assert_eq!(name, "charlie");
+    assert!(holds_secret);
+    wait_until(
+        Duration::from_secs(5),
+        "charlie dropped everywhere",
+        || async { a.peer(&c).await.is_none() && b.peer(&c).await.is_none() },
+    )
+    .await;
+    wait_until(Duration::from_secs(5), "charlie told", || async {
+        c.status().await.self_.unwrap().refused.is_some()
+    })
+    .await;
+    c.send(&a, b"after");
+    assert!(receive(&a, b"after", Duration::from_secs(3))
+        .await
+        .is_none());
+    assert!(
+        matches!(
+            a.daemon.kick("charlie").await,
+            Err(CommandError::NoSuchPeer(_))
+        ),
+        "already gone"
+    );
+    assert!(reaches(&a, &b, b"the others go on").await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_behind_a_lossy_slow_link_still_gets_a_direct_path_and_keeps_it() {
+    use a2a_daemon::io::fake::net::Impairment;
+    let w = world();
+    let (ha, hb) = (
+        w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
+        w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
+    );
+    let mut lossy = Impairment::latency(Duration::from_millis(20), Duration::from_millis(5));
+    lossy.loss_percent = 3.0;
+    ha.set_impairment(lossy);
+    let a = Node::join(&ha, "alpha", &w.token).await;
+    let b = Node::join(&hb, "bravo", &w.token).await;
+    wait_until(Duration::from_secs(15), "a direct path", || async {
+        a.path_to(&b).await == "direct"
+    })
+    .await;
+    // A lost probe or two is not a dead path: a minute later, still direct, no fallback.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(a.path_to(&b).await, "direct");
+    assert_eq!(a.counter("path_fallbacks").await, 0);
+    assert!(reaches(&a, &b, b"through the loss").await);
+}
