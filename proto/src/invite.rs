@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::keys::{base64_newtype, secret_newtype, NetworkId, NodeKey, SignerId};
-use crate::membership::Signed;
 use crate::sealed::Sealed;
+use crate::signed::Signed;
 use crate::token::{base32, encode_checked, encoded_len, validate_endpoint, MAX_ENDPOINTS};
 
 /// The printable prefix of every invite code.

@@ -138,7 +138,7 @@ pub mod empty_is_none {
 }
 
 /// The public half of a node's own record-signing key (Ed25519, see
-/// [`crate::membership::node_signing_key`]): what a member certificate vouches for, as the
+/// `cert::node_signing_key`): what a member certificate vouches for, as the
 /// [`NetworkId`] is the public half of the network key. Always a valid Ed25519 point (checked
 /// when made); kept compressed, 32 bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

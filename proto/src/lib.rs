@@ -5,6 +5,7 @@
 
 pub mod addr;
 pub mod api;
+pub mod cert;
 pub mod control;
 pub mod disco;
 pub mod invite;
@@ -16,6 +17,7 @@ pub mod overlay;
 pub mod process;
 pub mod record;
 pub mod sealed;
+pub mod signed;
 pub mod sync;
 pub mod time;
 pub mod token;

@@ -15,136 +15,26 @@
 
 use chacha20poly1305::aead::KeyInit;
 use chacha20poly1305::XChaCha20Poly1305;
-use data_encoding::BASE64;
 use ed25519_dalek::SigningKey;
 use hkdf::Hkdf;
 use ipnet::Ipv4Net;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::invite::InviteId;
+pub use crate::cert::{issue_cert, node_signing_key, MemberCert};
 use crate::keys::{
     CoordinatorKey, NetworkId, NetworkKey, NetworkSecret, NodeKey, Signature, SignerId,
-    CERT_CONTEXT, REGISTER_CONTEXT, REVOKE_CONTEXT, ROTATE_CONTEXT,
+    REGISTER_CONTEXT, REVOKE_CONTEXT, ROTATE_CONTEXT,
 };
-use crate::record::{NodeRecord, RecordError, SignedRecord};
+use crate::record::{NodeRecord, SignedRecord};
 use crate::sealed::Sealed;
+use crate::signed::RecordError;
+pub use crate::signed::{Signed, MAX_SIGNED_LEN};
 use crate::token::JoinToken;
 
-/// Largest signed statement accepted (a rotation notice for [`MAX_CARRIED`] members).
-pub const MAX_SIGNED_LEN: usize = 256 * 1024;
 /// Most members one rotation notice carries to the new network.
 pub const MAX_CARRIED: usize = 1024;
-
-/// A JSON body and the network key's signature over it (base64).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Signed {
-    pub body: String,
-    pub sig: String,
-}
-
-impl Signed {
-    pub fn sign<T: Serialize>(value: &T, key: &NetworkKey, context: &[u8]) -> Signed {
-        let body = serde_json::to_string(value).expect("a statement always serialises");
-        let sig = key.sign(context, body.as_bytes());
-        Signed {
-            body,
-            sig: BASE64.encode(&sig),
-        }
-    }
-
-    /// Checks the signature under `network`, then parses the body.
-    pub fn open<T: DeserializeOwned>(
-        &self,
-        network: &NetworkId,
-        context: &[u8],
-    ) -> Result<T, RecordError> {
-        let sig = signature_bytes(&self.body, &self.sig, MAX_SIGNED_LEN)?;
-        if !network.verify(context, self.body.as_bytes(), &sig) {
-            return Err(RecordError::BadSignature);
-        }
-        serde_json::from_str(&self.body).map_err(|e| RecordError::Malformed(e.to_string()))
-    }
-}
-
-/// The checks every signed statement gets before its signature is tried: the body within
-/// `max_body`, a signature present, base64 of at most 128 characters. Returns the signature.
-pub(crate) fn signature_bytes(
-    body: &str,
-    sig: &str,
-    max_body: usize,
-) -> Result<Vec<u8>, RecordError> {
-    if body.len() > max_body || sig.len() > 128 {
-        return Err(RecordError::TooLarge);
-    }
-    if sig.is_empty() {
-        return Err(RecordError::Unsigned);
-    }
-    BASE64
-        .decode(sig.as_bytes())
-        .map_err(|_| RecordError::BadSignature)
-}
-
-/// The Ed25519 key a node signs its own records with when it was admitted by invite, derived
-/// from its X25519 node private key (so it needs no extra file and survives restarts).
-pub fn node_signing_key(node_private: &[u8; 32]) -> SigningKey {
-    let mut seed = [0u8; 32];
-    Hkdf::<Sha256>::new(Some(b"a2a node signing key v1"), node_private)
-        .expand(b"ed25519 seed", &mut seed)
-        .expect("32 bytes is a valid HKDF-SHA256 output length");
-    SigningKey::from_bytes(&seed)
-}
-
-/// The network key's word that a node key belongs to the network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemberCert {
-    pub network: NetworkId,
-    pub node_key: NodeKey,
-    /// The node's signing key, see [`node_signing_key`].
-    pub signing_key: SignerId,
-    /// The invite it was admitted with, for `status`.
-    pub invite: InviteId,
-    pub issued_ms: u64,
-}
-
-impl MemberCert {
-    /// Verifies a certificate for `network`.
-    pub fn open(signed: &Signed, network: &NetworkId) -> Result<MemberCert, RecordError> {
-        let cert: MemberCert = signed.open(network, CERT_CONTEXT)?;
-        if cert.network != *network {
-            return Err(RecordError::Foreign);
-        }
-        Ok(cert)
-    }
-
-    /// Checks a signature made by the certified node's signing key.
-    pub fn verify_node_signature(&self, context: &[u8], message: &[u8], sig: &[u8]) -> bool {
-        self.signing_key.verify(context, message, sig)
-    }
-}
-
-/// Issues a certificate for `node_key` (whose signing key is `signing_key`).
-pub fn issue_cert(
-    key: &NetworkKey,
-    node_key: NodeKey,
-    signing_key: SignerId,
-    invite: InviteId,
-    issued_ms: u64,
-) -> Signed {
-    Signed::sign(
-        &MemberCert {
-            network: key.id(),
-            node_key,
-            signing_key,
-            invite,
-            issued_ms,
-        },
-        key,
-        CERT_CONTEXT,
-    )
-}
 
 /// "This node key is no longer a member" (`a2actl kick`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -362,6 +252,8 @@ impl Credential {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::invite::InviteId;
+    use crate::keys::CERT_CONTEXT;
 
     const INVITE: InviteId = InviteId([0xab; 16]);
 

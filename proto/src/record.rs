@@ -10,8 +10,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use data_encoding::BASE64;
 use serde::{Deserialize, Serialize};
 
+use crate::cert::MemberCert;
 use crate::keys::{NetworkId, NetworkKey, NodeKey, RECORD_CONTEXT};
-use crate::membership::{signature_bytes, MemberCert, Signed};
+pub use crate::signed::RecordError;
+use crate::signed::{signature_bytes, Signed};
 
 /// Longest node name accepted.
 pub const MAX_NAME_LEN: usize = 63;
@@ -52,23 +54,6 @@ pub struct VerifiedRecord {
     pub record: NodeRecord,
     /// The certificate of a node admitted by invite; `None` for a holder of the network secret.
     pub cert: Option<MemberCert>,
-}
-
-/// Why a signed record was dropped.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RecordError {
-    #[error("record is larger than {MAX_RECORD_LEN} bytes")]
-    TooLarge,
-    #[error("record carries no signature")]
-    Unsigned,
-    #[error("record is for another network")]
-    Foreign,
-    #[error("record signature does not verify under this network's key")]
-    BadSignature,
-    #[error("record body is malformed: {0}")]
-    Malformed(String),
-    #[error("record is invalid: {0}")]
-    Invalid(String),
 }
 
 /// Checks a node name: 1 to 63 of `a-z 0-9 -`, not starting or ending with `-`.

@@ -9,7 +9,7 @@
 //! | 02 | endpoint reply | coordinator → node | nonce 8, family 4/6, address, port |
 //! | 03 | relay bind | node → coordinator | nonce 8, relay id 4, relay secret 16 |
 //! | 05 | relay data | both | peer's relay id 4, then a WireGuard or disco datagram |
-//! | 10 | disco | node → node (direct or inside relay data) | see [`crate::disco`] |
+//! | 10 | disco | node → node (direct or inside relay data) | see the `disco` module |
 //!
 //! Relay data carries the *destination's* id from node to coordinator and the *source's* id
 //! from coordinator to node; its 6-byte header keeps a full-size WireGuard packet (1452 bytes
@@ -121,7 +121,7 @@ pub fn parse_relay_data(d: &[u8]) -> Option<(u32, &[u8])> {
     }
 }
 
-/// True for a disco datagram (authenticated node-to-node probe), parsed by [`crate::disco`].
+/// True for a disco datagram (authenticated node-to-node probe), parsed by the `disco` module.
 pub fn is_disco(d: &[u8]) -> bool {
     matches!(d, [A2A_MAGIC, KIND_DISCO, ..])
 }
