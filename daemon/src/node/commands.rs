@@ -131,6 +131,24 @@ impl<P: Platform> Daemon<P> {
         &self.platform
     }
 
+    /// Opens a session on this daemon's platform, device and state directory.
+    async fn start_session(
+        &self,
+        credential: Credential,
+        join_text: String,
+        name: String,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<Session<P>, String> {
+        let joining = Joining {
+            node_private: self.node_private,
+            credential,
+            join_text,
+            name,
+            ip,
+        };
+        Session::start(&self.platform, &self.device, self.state.clone(), joining).await
+    }
+
     fn node_key(&self) -> NodeKey {
         NodeKey(PublicKey::from(&StaticSecret::from(self.node_private)).to_bytes())
     }
@@ -147,19 +165,9 @@ impl<P: Platform> Daemon<P> {
                 JoinToken::parse(&m.token).map_err(|e| format!("saved {e}"))?,
             ),
         };
-        let session = Session::start(
-            &self.platform,
-            &self.device,
-            self.state.clone(),
-            Joining {
-                node_private: self.node_private,
-                credential,
-                join_text: m.token.clone(),
-                name: m.name.clone(),
-                ip: m.ip,
-            },
-        )
-        .await?;
+        let session = self
+            .start_session(credential, m.token.clone(), m.name.clone(), m.ip)
+            .await?;
         *self.session.lock().await = Some(session);
         tracing::info!("rejoined the saved network as {} ({})", m.name, m.ip);
         Ok(())
@@ -219,19 +227,9 @@ impl<P: Platform> Daemon<P> {
             p.stop(true).await;
         }
         let result = async {
-            let session = Session::start(
-                &self.platform,
-                &self.device,
-                self.state.clone(),
-                Joining {
-                    node_private: self.node_private,
-                    credential,
-                    join_text: token_text.trim().to_string(),
-                    name: name.clone(),
-                    ip,
-                },
-            )
-            .await?;
+            let session = self
+                .start_session(credential, token_text.trim().to_string(), name.clone(), ip)
+                .await?;
             match wait_registered(&session).await {
                 Ok(ip) => Ok((session, ip)),
                 Err(e) => {
