@@ -4,7 +4,7 @@
 use a2a_daemon::io::kernel::Kernel;
 use a2a_daemon::io::state::StateDir;
 use a2a_daemon::node::session::DeviceConfig;
-use a2a_daemon::node::{api, commands::Daemon};
+use a2a_daemon::node::{api, commands::Daemon, metrics};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +28,10 @@ struct Args {
     /// UDP port for WireGuard traffic.
     #[arg(long, env = "A2A_PORT", default_value_t = 51820)]
     port: u16,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default). Bind it to loopback or
+    /// a private address: the metrics name this node's peers.
+    #[arg(long, env = "A2A_METRICS", value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// Write the man page a2ad.8 into DIR and exit (used by packaging/build-deb).
     #[arg(long, value_name = "DIR", hide = true)]
     generate_man: Option<PathBuf>,
@@ -127,6 +131,26 @@ async fn run(args: Args) -> Result<(), String> {
         udp_port: args.port,
     };
     let daemon = Arc::new(Daemon::new(Kernel, device, StateDir::new(&state_dir))?);
+    // Bound before anything starts, so a taken port fails the start with nothing half done.
+    let metrics_listener = match args.metrics {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                format!(
+                    "cannot serve metrics on {addr}: {e} (is the port in use? pick another \
+                     --metrics ADDR)"
+                )
+            })?;
+            if metrics::is_exposed(addr) {
+                tracing::warn!(
+                    "metrics on {addr} are reachable beyond this host's private networks and \
+                     name this node's peers; bind them to 127.0.0.1 or a private address"
+                );
+            }
+            tracing::info!("metrics at http://{addr}/metrics");
+            Some(l)
+        }
+        None => None,
+    };
     let listener = api::bind(&socket).await?;
     tracing::info!(
         "a2ad {} listening on {}",
@@ -138,9 +162,13 @@ async fn run(args: Args) -> Result<(), String> {
         tracing::error!("could not rejoin the saved network: {e}");
     }
     let api_task = tokio::spawn(api::serve(listener, daemon.clone()));
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, daemon.clone())));
     a2a_proto::process::shutdown_signal().await;
     tracing::info!("shutting down (membership stays saved)");
     api_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     daemon.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     Ok(())

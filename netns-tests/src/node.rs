@@ -42,14 +42,20 @@ impl Node {
 
     /// Starts a2ad (`--state-dir` only) and waits until `a2actl status` answers.
     pub fn start_daemon(&self) -> Proc {
+        self.start_daemon_with(&[])
+    }
+
+    /// Starts a2ad with `--state-dir` and `extra` arguments, and waits until `a2actl status`
+    /// answers.
+    pub fn start_daemon_with(&self, extra: &[&str]) -> Proc {
         let mut slot = self.daemon.lock().unwrap();
         if let Some(p) = slot.as_ref() {
             assert!(!p.is_running(), "a2ad is already running in {}", self.name);
         }
         let state = self.state_dir.to_string_lossy().into_owned();
-        let proc = self
-            .ns
-            .spawn("a2ad", &[&self.ns.bins().daemon, "--state-dir", &state]);
+        let mut args = vec![self.ns.bins().daemon.as_str(), "--state-dir", &state];
+        args.extend_from_slice(extra);
+        let proc = self.ns.spawn("a2ad", &args);
         wait_for(
             Duration::from_secs(15),
             &format!("a2ad in {} to answer `a2actl status`", self.name),

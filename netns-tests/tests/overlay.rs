@@ -938,3 +938,75 @@ fn mtu_fits_and_nothing_vanishes() {
         "TCP over a 1280-byte underlay carried almost nothing"
     );
 }
+
+/// `a2ad --metrics`: Prometheus text with the counters and each peer by name, on the address
+/// given (loopback of the node's namespace); anything but a GET of /metrics is refused.
+#[test]
+fn metrics_name_each_peer_and_its_path() {
+    let Some(lab) = Lab::new("metrics") else {
+        return;
+    };
+    require_tool("curl", "curl");
+    let coord = lab.coordinator(CoordOpts::default());
+    let alpha = lab.node_without_daemon("alpha");
+    alpha.start_daemon_with(&["--metrics", "127.0.0.1:9100"]);
+    let bravo = lab.node("bravo");
+    for n in [&alpha, &bravo] {
+        n.serve_http();
+        join(n, &coord.token, DEFAULT_PREFIX);
+    }
+    http_all_pairs(&[&alpha, &bravo]);
+    let scrape = |args: &[&str]| {
+        let mut full = vec!["curl", "-sS", "--max-time", "5"];
+        full.extend_from_slice(args);
+        alpha.ns.exec(&full)
+    };
+    let out = scrape(&["-f", "http://127.0.0.1:9100/metrics"]);
+    assert!(out.success(), "{out}");
+    let text = out.stdout.clone();
+    for want in [
+        "a2a_registered 1",
+        "a2a_peers 1",
+        "a2a_udp_garbage_total 0",
+        "a2a_peer_rx_bytes_total{peer=\"bravo\"}",
+        "a2a_peer_path{peer=\"bravo\",path=",
+    ] {
+        assert!(text.contains(want), "{want} missing in:\n{text}");
+    }
+    let path = bravo_path_line(&text);
+    report(format!("metrics: {path}"));
+    let out = scrape(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "http://127.0.0.1:9100/metrics",
+    ]);
+    assert_eq!(out.stdout.trim(), "405", "{out}");
+    let out = scrape(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://127.0.0.1:9100/",
+    ]);
+    assert_eq!(out.stdout.trim(), "404", "{out}");
+    // Not reachable from the other node: it listens on alpha's loopback only.
+    let out = bravo.ns.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "2",
+        &format!("http://{}:9100/metrics", alpha.wan_ip()),
+    ]);
+    assert!(!out.success(), "metrics reachable from another host: {out}");
+}
+
+fn bravo_path_line(text: &str) -> String {
+    text.lines()
+        .filter(|l| l.starts_with("a2a_peer_path{peer=\"bravo\"") && l.ends_with(" 1"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
