@@ -5,6 +5,7 @@
 //! ([`server::Server::serve_control`], [`server::Server::handle_datagram`]).
 
 pub mod batch;
+pub mod channel;
 pub mod limits;
 pub mod registry;
 pub mod relay;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use a2a_proto::addr::canonical;
 use a2a_proto::control::{ClientMsg, ServerMsg};
-use a2a_proto::noise_channel::{handshake_responder, FrameError, FrameWriter, Incoming};
+use a2a_proto::noise_channel::{handshake_responder, FrameError};
 use a2a_proto::sync::{lock, read, write};
 use a2a_proto::udp::{
     classify, parse_relay_data, write_relay_header, A2aDatagram, DatagramKind, MAX_A2A_DATAGRAM,
@@ -25,9 +25,9 @@ use a2a_proto::udp::{
 use a2a_proto::{NetworkId, NodeKey, SignedRecord};
 use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
 
 use crate::batch::{Batcher, Run, MAX_SEGMENTS};
+use crate::channel::{relay_frame, Frame, Outbox as ConnOutbox, Reader, Refused};
 use crate::limits::{Admission, Drops, Limits, OverLimit, Seat};
 use crate::registry::ConnId;
 use crate::relay::{Dest, RelayDrop, RelayTable};
@@ -39,8 +39,6 @@ pub const HEARTBEAT: Duration = Duration::from_secs(10);
 pub const REGISTRATION_TTL: Duration = Duration::from_secs(35);
 /// How often the counters line is printed unless told otherwise.
 pub const STATS_EVERY: Duration = Duration::from_secs(60);
-/// Messages queued for one slow connection before it is dropped.
-const OUTBOX_DEPTH: usize = 4096;
 
 /// Counts of what happened, printed as numbers only.
 #[derive(Default)]
@@ -145,13 +143,8 @@ pub enum Injected {
     },
 }
 
-/// What a connection's writer task sends: a message, or relay data from a relay id.
-enum Outgoing {
-    Msg(ServerMsg),
-    Relay(u32, Vec<u8>),
-}
-
-type ConnTx = mpsc::Sender<Outgoing>;
+/// How a connection is written to: its shared, coalescing outbox (see [`crate::channel`]).
+type ConnTx = Arc<ConnOutbox>;
 
 /// Which of the coordinator's UDP ports a datagram came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,8 +228,9 @@ impl Hub {
     fn carry_out(&mut self, server: &Server, out: Outbox) -> Next {
         for (conn, msg) in out.send {
             if let Some(tx) = self.outboxes.get(&conn) {
-                if tx.try_send(Outgoing::Msg(msg)).is_err() {
-                    // Too slow or gone: dropping its sender closes the connection's writer.
+                if tx.send_msg(&msg).is_err() {
+                    // Too slow or gone: its writer flushes what is queued, then it ends.
+                    tx.close();
                     self.outboxes.remove(&conn);
                 }
             }
@@ -263,7 +257,9 @@ impl Hub {
         }
         for conn in out.close {
             // Its writer flushes what is queued, then the connection ends.
-            self.outboxes.remove(&conn);
+            if let Some(tx) = self.outboxes.remove(&conn) {
+                tx.close();
+            }
         }
         for c in out.counts {
             server.count(c);
@@ -286,10 +282,14 @@ impl Hub {
             else {
                 continue;
             };
-            let _ = tx.try_send(match injected {
-                Injected::Msg(m) => Outgoing::Msg(m),
-                Injected::Relay { from, datagram } => Outgoing::Relay(from, datagram),
-            });
+            let _ = match injected {
+                Injected::Msg(m) => tx.send_msg(&m),
+                Injected::Relay { from, datagram } => {
+                    let mut d = vec![0u8; RELAY_HEADER_LEN];
+                    d.extend_from_slice(&datagram);
+                    tx.send_relay(relay_frame(&mut d, from))
+                }
+            };
         }
     }
 }
@@ -586,13 +586,14 @@ impl Server {
         let conn_key = NodeKey(established.remote_static);
         let hash = established.handshake_hash.clone();
         let (read, write) = tokio::io::split(stream);
-        let (mut reader, writer) = established.split(read, write);
+        let state = Arc::new(established.state);
+        let mut reader = Reader::new(read, state.clone());
+        let tx = ConnOutbox::new(state);
+        let writer_task = tokio::spawn(tx.clone().drive(write));
         let conn: ConnId = self.new_conn_id();
-        let (tx, rx) = mpsc::channel(OUTBOX_DEPTH);
-        let writer_task = tokio::spawn(write_loop(writer, rx));
         {
             let mut hub = self.hub();
-            hub.outboxes.insert(conn, tx);
+            hub.outboxes.insert(conn, tx.clone());
             hub.board.open(conn, conn_key, hash);
         }
 
@@ -601,7 +602,7 @@ impl Server {
         let mut read_until = Some((deadline, true));
         let mut registered = false;
         loop {
-            let read = reader.recv_frame::<ClientMsg>();
+            let read = reader.next();
             let frame = match read_until {
                 None => read.await,
                 Some((until, counts)) => match tokio::time::timeout_at(until, read).await {
@@ -615,12 +616,12 @@ impl Server {
                 },
             };
             let msg = match frame {
-                Ok(Incoming::Msg(m)) => m,
-                Ok(Incoming::Relay(dst, payload)) if registered => {
-                    self.relay_from_conn(conn, dst, payload);
+                Ok(Frame::Msg(m)) => m,
+                Ok(Frame::Relay { dst, datagram }) if registered => {
+                    self.relay_from_conn(conn, dst, datagram);
                     continue;
                 }
-                Ok(Incoming::Relay(..)) => {
+                Ok(Frame::Relay { .. }) => {
                     Counters::bump(&self.counters.tcp_bad_message);
                     break;
                 }
@@ -673,36 +674,40 @@ impl Server {
             hub.outboxes.remove(&conn);
             hub.carry_out(&self, out);
         }
-        // The writer ends once every sender is gone and the queue is flushed.
+        tx.close();
+        // The writer ends once the queue is flushed.
         let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
     }
 
-    /// Relay data that came over connection `conn`'s control channel.
-    fn relay_from_conn(&self, conn: ConnId, dst: u32, payload: Vec<u8>) {
+    /// Relay data that came over connection `conn`'s control channel, in `datagram` (laid
+    /// out as a UDP relay datagram by the reader): sent from those bytes as a datagram, or
+    /// encrypted from them into the destination's outbox.
+    fn relay_from_conn(&self, conn: ConnId, dst: u32, datagram: &mut [u8]) {
         let dest = self.relay().route_conn(Instant::now(), conn, dst);
         match dest {
             Ok(Dest::Udp(addr)) => {
-                let mut d = vec![0u8; RELAY_HEADER_LEN + payload.len()];
-                write_relay_header(&mut d, conn);
-                d[RELAY_HEADER_LEN..].copy_from_slice(&payload);
+                write_relay_header(datagram, conn);
                 if let Some(udp) = self.udp.get() {
-                    if udp.send_datagram(addr, &d) {
+                    if udp.send_datagram(addr, datagram) {
                         Counters::bump(&self.counters.relayed_tcp);
                     } else {
                         Counters::bump(&self.counters.relay_queue_full);
                     }
                 }
             }
-            Ok(Dest::Conn(tx)) => self.forward_over_conn(&tx, conn, payload),
+            Ok(Dest::Conn(tx)) => self.forward_over_conn(&tx, conn, datagram),
             Err(why) => self.counters.dropped(why),
         }
     }
 
-    fn forward_over_conn(&self, tx: &ConnTx, src: u32, payload: Vec<u8>) {
-        if tx.try_send(Outgoing::Relay(src, payload)).is_ok() {
-            Counters::bump(&self.counters.relayed_tcp);
-        } else {
-            Counters::bump(&self.counters.relay_queue_full);
+    /// Queues relay data from slot `src` (`datagram`, laid out as a UDP relay datagram) on a
+    /// control connection.
+    fn forward_over_conn(&self, tx: &ConnTx, src: u32, datagram: &mut [u8]) {
+        match tx.send_relay(relay_frame(datagram, src)) {
+            Ok(()) => Counters::bump(&self.counters.relayed_tcp),
+            Err(Refused::Full | Refused::Closed | Refused::TooLarge) => {
+                Counters::bump(&self.counters.relay_queue_full)
+            }
         }
     }
 
@@ -834,8 +839,7 @@ impl Server {
                 Route::Udp(addr)
             }
             Ok((src_id, Dest::Conn(tx))) => {
-                let payload = datagram[RELAY_HEADER_LEN..].to_vec();
-                self.forward_over_conn(&tx, src_id, payload);
+                self.forward_over_conn(&tx, src_id, datagram);
                 Route::Done
             }
             Err(why) => {
@@ -962,22 +966,6 @@ impl Server {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut writer: FrameWriter<W>,
-    mut rx: mpsc::Receiver<Outgoing>,
-) {
-    while let Some(out) = rx.recv().await {
-        let sent = match out {
-            Outgoing::Msg(msg) => writer.send(&msg).await,
-            Outgoing::Relay(src, payload) => writer.send_relay(src, &payload).await,
-        };
-        if sent.is_err() {
-            return;
-        }
-    }
-    let _ = writer.shutdown().await;
-}
-
 /// Closes `stream` with a RST when it is dropped. A node reads that as "busy, try again" and
 /// backs off; an orderly close during the handshake means "this coordinator does not hold the
 /// token's key" to it, which it gives up on after a few tries.
@@ -1010,7 +998,7 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
 mod tests {
     use super::*;
     use a2a_proto::keys::{RelaySecret, Signature, REGISTER_CONTEXT};
-    use a2a_proto::noise_channel::{handshake_initiator, FrameReader, FrameWriter};
+    use a2a_proto::noise_channel::{handshake_initiator, FrameReader, FrameWriter, Incoming};
     use a2a_proto::{NetworkKey, NodeRecord};
     use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
     use x25519_dalek::{PublicKey, StaticSecret};
