@@ -226,15 +226,7 @@ impl Hub {
     /// Carries out `out` (queues, closes, relay slots, counters) but what concerns the
     /// connection handled alone, which is returned.
     fn carry_out(&mut self, server: &Server, out: Outbox) -> Next {
-        for (conn, msg) in out.send {
-            if let Some(tx) = self.outboxes.get(&conn) {
-                if tx.send_msg(&msg).is_err() {
-                    // Too slow or gone: its writer flushes what is queued, then it ends.
-                    tx.close();
-                    self.outboxes.remove(&conn);
-                }
-            }
-        }
+        // Relay slots first: a node told it is registered may bind its slot at once.
         for change in out.relay {
             match change {
                 RelayChange::Open {
@@ -253,6 +245,15 @@ impl Hub {
                     }
                 }
                 RelayChange::Close(conn) => server.relay_mut().remove(conn),
+            }
+        }
+        for (conn, msg) in out.send {
+            if let Some(tx) = self.outboxes.get(&conn) {
+                if tx.send_msg(&msg).is_err() {
+                    // Too slow or gone: its writer flushes what is queued, then it ends.
+                    tx.close();
+                    self.outboxes.remove(&conn);
+                }
             }
         }
         for conn in out.close {
