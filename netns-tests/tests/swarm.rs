@@ -1,6 +1,6 @@
 //! A swarm on one coordinator: networks of simulated nodes (`src/bin/a2a-swarm.rs`: each a real
 //! Noise control connection, a signed registration, a UDP relay bind, heartbeats) from one
-//! namespace spread over [`SOURCES`] addresses, held for a while: 20 networks of 100 for 20 s
+//! namespace spread over several addresses, held for a while: 20 networks of 100 for 20 s
 //! when built with optimisations (`cargo test --release`), 10 of 50 otherwise (unoptimised
 //! X25519 and Ed25519 cost milliseconds per operation, on both sides); `A2A_SWARM_NETWORKS`,
 //! `A2A_SWARM_NODES_PER_NETWORK`, `A2A_SWARM_HOLD` and `A2A_SWARM_CONNECT_RATE` (new
@@ -28,8 +28,11 @@ fn setting(name: &str, optimised: u64, debug: u64) -> u64 {
             optimised
         })
 }
-/// Source addresses of the swarm (the coordinator's limits count per address).
-const SOURCES: u8 = 8;
+/// Source addresses of the swarm (the coordinator's limits count per address: at most 1 024
+/// connections each): at least 8, one per 400 nodes beyond that.
+fn sources(nodes: usize) -> u8 {
+    nodes.div_ceil(400).clamp(8, 50) as u8
+}
 
 /// Resident memory of process `pid`, in KB.
 fn rss_kb(pid: u32) -> u64 {
@@ -71,7 +74,8 @@ fn a_swarm_of_nodes_registers_and_every_record_verifies() {
     });
     let ns = lab.add_ns("swarm");
     let o = ns.wan_ip.expect("a wan address").octets();
-    for i in 1..SOURCES {
+    let sources = sources(networks * per_network);
+    for i in 1..sources {
         let extra = format!("{}.{}.{}.{}/24", o[0], o[1], o[2], 200 + i);
         ns.exec(&["ip", "addr", "add", &extra, "dev", "eth0"])
             .expect_ok();
@@ -156,7 +160,7 @@ fn a_swarm_of_nodes_registers_and_every_record_verifies() {
         .map(|s| s.2.saturating_sub(cpu_before).as_secs_f64())
         .unwrap_or(0.0);
     report(format!(
-            "swarm: {n} nodes ({networks} networks of {per_network}) from {SOURCES} addresses: joined in \
+            "swarm: {n} nodes ({networks} networks of {per_network}) from {sources} addresses: joined in \
              {joined_s:.1} s; join latency p50 {} ms, p99 {} ms, max {} ms; coordinator RSS \
              {rss_before} KB before, {rss_held} KB held ({:.1} KB per node), {rss_peak} KB at \
              peak; coordinator CPU {join_cpu:.1} s during the joins, {idle_cpu:.1} % of a core \

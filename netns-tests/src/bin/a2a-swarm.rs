@@ -368,6 +368,8 @@ fn io_kind(e: &io::Error) -> &'static str {
         io::ErrorKind::TimedOut => "timed_out",
         io::ErrorKind::UnexpectedEof => "closed",
         io::ErrorKind::AddrNotAvailable => "no_local_port",
+        io::ErrorKind::InvalidData => "malformed_frame",
+        io::ErrorKind::BrokenPipe => "broken_pipe",
         _ => "io",
     }
 }
@@ -456,53 +458,71 @@ async fn session(
         .await
         .map_err(io)?;
     bind(&udp, args.coordinator, relay_id, &secret, swarm).await;
-    let mut peers: HashMap<NodeKey, ()> = HashMap::new();
-    let mut seen_initial = 0u32;
-    let mut beat = tokio::time::interval(Duration::from_secs(heartbeat as u64));
-    beat.tick().await;
-    let mut stop_check = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tokio::select! {
-            frame = rx.recv() => {
-                let frame = frame.map_err(|e| {
-                    if swarm.stop.load(Ordering::Relaxed) { Failure::Other("closed_at_stop") } else { io(e) }
-                })?;
-                match frame {
-                    Incoming::Msg(ServerMsg::PeerUp { record, .. }) => {
-                        let Some(key) = swarm.verify(node.net, &record) else { continue };
-                        if peers.insert(key, ()).is_none() {
-                            swarm.peers_known[me].store(peers.len() as u64, Ordering::Relaxed);
-                        }
-                        if seen_initial < initial {
-                            seen_initial += 1;
-                        } else if let Some(&learnt) = swarm.index.get(&key) {
-                            swarm.learnt.lock().unwrap().push((node.index, learnt, swarm.micros()));
-                        }
-                    }
-                    Incoming::Msg(ServerMsg::PeerDown { node_key }) => {
-                        if !swarm.stop.load(Ordering::Relaxed) {
-                            swarm.error("peer_down");
-                        }
-                        if peers.remove(&node_key).is_some() {
-                            swarm.peers_known[me].store(peers.len() as u64, Ordering::Relaxed);
-                        }
-                    }
-                    Incoming::Msg(ServerMsg::HeartbeatAck) | Incoming::Msg(ServerMsg::Punch { .. }) => {}
-                    Incoming::Msg(_) => swarm.error("unexpected_message"),
-                    Incoming::Relay(..) => swarm.error("unexpected_relay"),
-                }
-            }
-            _ = beat.tick() => {
-                tx.send(&ClientMsg::Heartbeat).await.map_err(io)?;
-                bind(&udp, args.coordinator, relay_id, &secret, swarm).await;
-            }
-            _ = stop_check.tick() => {
+    // Reading and writing run side by side, neither ever cancelled mid-frame (a read dropped
+    // half-way would lose the stream's framing).
+    let read = async {
+        let mut peers: HashMap<NodeKey, ()> = HashMap::new();
+        let mut seen_initial = 0u32;
+        loop {
+            let frame = rx.recv().await.map_err(|e| {
                 if swarm.stop.load(Ordering::Relaxed) {
-                    let _ = tx.send(&ClientMsg::Leave).await;
-                    return Ok(());
+                    Failure::Other("closed_at_stop")
+                } else {
+                    io(e)
+                }
+            })?;
+            match frame {
+                Incoming::Msg(ServerMsg::PeerUp { record, .. }) => {
+                    let Some(key) = swarm.verify(node.net, &record) else {
+                        continue;
+                    };
+                    if peers.insert(key, ()).is_none() {
+                        swarm.peers_known[me].store(peers.len() as u64, Ordering::Relaxed);
+                    }
+                    if seen_initial < initial {
+                        seen_initial += 1;
+                    } else if let Some(&learnt) = swarm.index.get(&key) {
+                        let at = swarm.micros();
+                        swarm.learnt.lock().unwrap().push((node.index, learnt, at));
+                    }
+                }
+                Incoming::Msg(ServerMsg::PeerDown { node_key }) => {
+                    if !swarm.stop.load(Ordering::Relaxed) {
+                        swarm.error("peer_down");
+                    }
+                    if peers.remove(&node_key).is_some() {
+                        swarm.peers_known[me].store(peers.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                Incoming::Msg(ServerMsg::HeartbeatAck) | Incoming::Msg(ServerMsg::Punch { .. }) => {
+                }
+                Incoming::Msg(_) => swarm.error("unexpected_message"),
+                Incoming::Relay(..) => swarm.error("unexpected_relay"),
+            }
+        }
+    };
+    let write = async {
+        let mut beat = tokio::time::interval(Duration::from_secs(heartbeat as u64));
+        beat.tick().await;
+        let mut stop_check = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = beat.tick() => {
+                    tx.send(&ClientMsg::Heartbeat).await.map_err(io)?;
+                    bind(&udp, args.coordinator, relay_id, &secret, swarm).await;
+                }
+                _ = stop_check.tick() => {
+                    if swarm.stop.load(Ordering::Relaxed) {
+                        let _ = tx.send(&ClientMsg::Leave).await;
+                        return Ok(());
+                    }
                 }
             }
         }
+    };
+    tokio::select! {
+        r = read => r,
+        r = write => r,
     }
 }
 
