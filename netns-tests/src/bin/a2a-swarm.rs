@@ -8,7 +8,7 @@
 //!
 //! Makes M networks of its own (a random network secret each) and runs K nodes in each, all in
 //! this one process: each node has its own key, its own Noise control connection (TCP) and a
-//! UDP socket of its own, registers with a record signed by its network's key, binds its relay
+//! UDP port of its own (its socket opened for each bind only, so a node holds one descriptor), registers with a record signed by its network's key, binds its relay
 //! slot over UDP (and again with each heartbeat), heartbeats as the coordinator asks, and
 //! verifies every peer record it receives. Connections are spread over every non-loopback IPv4
 //! address of the namespace, at most N new connections per second from each (default 40,
@@ -50,6 +50,8 @@ struct Args {
     connect_rate: f64,
     join_timeout: Duration,
     prefix: Ipv4Net,
+    /// How many source addresses the nodes are spread over (set once they are known).
+    sources: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -105,6 +107,7 @@ fn parse_args() -> Result<Args, String> {
         connect_rate,
         join_timeout: Duration::from_secs(join_timeout),
         prefix,
+        sources: 1,
     })
 }
 
@@ -182,7 +185,7 @@ struct NodeId {
 }
 
 fn main() {
-    let args = match parse_args() {
+    let mut args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("a2a-swarm: {e}");
@@ -195,7 +198,12 @@ fn main() {
         eprintln!("a2a-swarm: no non-loopback IPv4 address in this namespace");
         std::process::exit(2);
     }
+    args.sources = sources.len();
     let total = args.networks * args.per_network;
+    if total / sources.len() > 20_000 {
+        eprintln!("a2a-swarm: more than 20 000 nodes per address");
+        std::process::exit(2);
+    }
     let networks: Vec<NetworkKey> = (0..args.networks)
         .map(|_| NetworkKey::derive(&rand::random::<[u8; 32]>()))
         .collect();
@@ -336,6 +344,11 @@ fn report(
     .to_string()
 }
 
+/// Node `index`'s UDP port on its source: distinct among the nodes sharing the source.
+fn udp_port(index: u32, args: &Args) -> u16 {
+    10_000 + (index as usize / args.sources) as u16
+}
+
 /// One node: connects (retrying a few times after a refusal or failure), registers, then lives
 /// until the swarm stops.
 async fn node_main(args: &Args, source: Ipv4Addr, node: NodeId, swarm: &Swarm) {
@@ -370,6 +383,7 @@ fn io_kind(e: &io::Error) -> &'static str {
         io::ErrorKind::AddrNotAvailable => "no_local_port",
         io::ErrorKind::InvalidData => "malformed_frame",
         io::ErrorKind::BrokenPipe => "broken_pipe",
+        _ if e.raw_os_error() == Some(libc::EMFILE) => "out_of_descriptors",
         _ => "io",
     }
 }
@@ -454,10 +468,10 @@ async fn session(
     {
         swarm.registered.fetch_add(1, Ordering::Relaxed);
     }
-    let udp = UdpSocket::bind(SocketAddr::new(IpAddr::V4(source), 0))
-        .await
-        .map_err(io)?;
-    bind(&udp, args.coordinator, relay_id, &secret, swarm).await;
+    // The node's UDP address: a fixed port of its own on its source (below the ephemeral
+    // range), its socket opened only for each bind, so that a node holds one descriptor.
+    let udp_addr = SocketAddr::new(IpAddr::V4(source), udp_port(node.index, args));
+    bind(udp_addr, args.coordinator, relay_id, &secret, swarm).await;
     // Reading and writing run side by side, neither ever cancelled mid-frame (a read dropped
     // half-way would lose the stream's framing).
     let read = async {
@@ -509,7 +523,7 @@ async fn session(
             tokio::select! {
                 _ = beat.tick() => {
                     tx.send(&ClientMsg::Heartbeat).await.map_err(io)?;
-                    bind(&udp, args.coordinator, relay_id, &secret, swarm).await;
+                    bind(udp_addr, args.coordinator, relay_id, &secret, swarm).await;
                 }
                 _ = stop_check.tick() => {
                     if swarm.stop.load(Ordering::Relaxed) {
@@ -527,7 +541,16 @@ async fn session(
 }
 
 /// A UDP relay bind, answered (with an endpoint reply) within three seconds, or counted.
-async fn bind(udp: &UdpSocket, to: SocketAddr, relay_id: u32, secret: &RelaySecret, swarm: &Swarm) {
+async fn bind(
+    from: SocketAddr,
+    to: SocketAddr,
+    relay_id: u32,
+    secret: &RelaySecret,
+    swarm: &Swarm,
+) {
+    let Ok(udp) = UdpSocket::bind(from).await else {
+        return swarm.error("bind_no_socket");
+    };
     let nonce: [u8; 8] = rand::random();
     let mut d = [0u8; MAX_A2A_DATAGRAM];
     let len = A2aDatagram::RelayBind {
@@ -634,15 +657,27 @@ fn local_ipv4() -> Vec<Ipv4Addr> {
     out
 }
 
-/// Every node holds two descriptors: lift the soft limit to the hard one.
+/// Every node holds two descriptors: lift the limit to the kernel's `nr_open` where allowed
+/// (root), else the soft limit to the hard one.
 fn raise_fd_limit() {
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit with a valid rlimit.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: nr_open.max(lim.rlim_max),
+            rlim_max: nr_open.max(lim.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
