@@ -751,6 +751,12 @@ impl Server {
                     routes.push(self.route_datagram(&table, now, src, port, d));
                 }
             }
+            let forwarded = routes.iter().filter(|r| matches!(r, Route::Udp(_))).count();
+            if forwarded > 0 {
+                self.counters
+                    .relayed_udp
+                    .fetch_add(forwarded as u64, Ordering::Relaxed);
+            }
             let mut at = 0;
             for route in &routes {
                 let bytes = at..(at + segment).min(n);
@@ -834,9 +840,10 @@ impl Server {
         };
         match table.route_udp(now, src, dst) {
             Ok((src_id, Dest::Udp(addr))) => {
-                // Same datagram, header now naming the source.
+                // Same datagram, header now naming the source. (Counted by the caller, once
+                // per batch: one shared counter bumped per datagram from every core would
+                // bounce its cache line between them.)
                 write_relay_header(datagram, src_id);
-                Counters::bump(&self.counters.relayed_udp);
                 Route::Udp(addr)
             }
             Ok((src_id, Dest::Conn(tx))) => {
@@ -866,7 +873,10 @@ impl Server {
         let src = canonical(from);
         let route = self.route_datagram(&self.relay(), Instant::now(), src, port, datagram);
         match route {
-            Route::Udp(to) => Some((to, &*datagram)),
+            Route::Udp(to) => {
+                Counters::bump(&self.counters.relayed_udp);
+                Some((to, &*datagram))
+            }
             Route::Done => None,
             Route::Control => self.handle_control(src, port, datagram, reply),
         }
