@@ -383,7 +383,12 @@ fn io_kind(e: &io::Error) -> &'static str {
         io::ErrorKind::AddrNotAvailable => "no_local_port",
         io::ErrorKind::InvalidData => "malformed_frame",
         io::ErrorKind::BrokenPipe => "broken_pipe",
+        io::ErrorKind::ConnectionAborted => "aborted",
+        io::ErrorKind::AddrInUse => "addr_in_use",
+        io::ErrorKind::NotConnected => "not_connected",
         _ if e.raw_os_error() == Some(libc::EMFILE) => "out_of_descriptors",
+        _ if e.raw_os_error() == Some(libc::EHOSTUNREACH) => "host_unreachable",
+        _ if e.raw_os_error() == Some(libc::ETIMEDOUT) => "timed_out",
         _ => "io",
     }
 }
