@@ -4,8 +4,11 @@
 //! coordinator with a forging hook, for instance) or serve it without sockets
 //! ([`server::Server::serve_control`], [`server::Server::handle_datagram`]).
 
+pub mod batch;
+pub mod channel;
 pub mod limits;
 pub mod registry;
 pub mod relay;
 pub mod server;
 pub mod switchboard;
+pub mod udpbatch;

@@ -15,8 +15,8 @@
 //! - [`Limits::message_budget`]: control messages on one registered connection are paced to a
 //!   token bucket; the reader waits (TCP back-pressure) instead of dropping them.
 //! - [`Admission::udp`]: probes, binds and other non-relay datagrams are answered within a token
-//!   bucket per source; the rest are dropped. (Relay data has its own per-sender bucket in
-//!   the `relay` module.)
+//!   bucket per source; the rest are dropped. (Relay data has its own per-sender bucket in the
+//!   relay table, `relay.rs`, which uses this module's [`TokenBucket`].)
 //!
 //! State is kept per source only while it has connections or was seen within
 //! [`Limits::source_idle`], and for at most [`Limits::max_sources`] sources; beyond that (a flood

@@ -78,6 +78,14 @@ struct ServeArgs {
     #[arg(long, value_name = "SECS", hide = true, default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     stats_interval: u64,
+    /// UDP sockets on the port (SO_REUSEPORT), one relay loop each; 0: one per core.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "A2A_COORDINATOR_UDP_SOCKETS",
+        default_value_t = 0
+    )]
+    udp_sockets: usize,
     #[command(flatten)]
     common: Common,
 }
@@ -205,8 +213,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let tcp = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(|e| format!("cannot listen on TCP {}: {e}", args.listen))?;
-        let udp = tokio::net::UdpSocket::bind(args.listen)
-            .await
+        let loops = match args.udp_sockets {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let udp = server::bind_udp(args.listen, loops)
             .map_err(|e| format!("cannot listen on UDP {}: {e}", args.listen))?;
         // The mapping-check port: a second UDP destination, so `a2actl netcheck` can tell an
         // endpoint-independent NAT mapping from one that changes per destination.
@@ -220,8 +231,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             }
         };
         tracing::info!(
-            "serving control and TCP relay on {0}, discovery and UDP relay on UDP {0}",
-            args.listen
+            "serving control and TCP relay on {0}, discovery and UDP relay on UDP {0} ({1} \
+             socket{2})",
+            args.listen,
+            udp.len(),
+            if udp.len() == 1 { "" } else { "s" }
         );
         // The coordinator's own public key (not a node's): what `a2a-coordinator token
         // --coordinator-key` needs to make a token on another machine.
@@ -244,7 +258,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let stats_every = std::time::Duration::from_secs(args.stats_interval);
         let server = server::Server::with_limits(private, limits, stats_every);
         tokio::select! {
-            r = server.clone().run(tcp, udp, udp_alt) => r.map_err(|e| format!("listening socket failed: {e}")),
+            r = server.clone().run_group(tcp, udp, udp_alt, server::Offload::from_env()) => r.map_err(|e| format!("listening socket failed: {e}")),
             _ = a2a_proto::process::shutdown_signal() => {
                 tracing::info!(
                     "shutting down; all registrations were in memory only; {}",

@@ -7,12 +7,20 @@
 //! forwarded only between two slots of the same network, over UDP to a destination bound in the
 //! last [`UDP_BIND_TTL`], else over the destination's control connection. The table holds what
 //! forwarding needs and nothing else: no counts per pair, no history.
+//!
+//! Shared by several UDP receive loops (one per core) behind a read-write lock: routing and a
+//! bind refreshed from the address it already holds take `&self` (each slot's changing part,
+//! its bucket and binding, sits behind a lock of its own, which in practice only the loop that
+//! receives that node's flow takes), so the loops never wait for one another; only a
+//! registration, a close and a bind from a new address take the table for writing.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use a2a_proto::keys::RelaySecret;
+use a2a_proto::sync::lock;
 use a2a_proto::NetworkId;
 
 use crate::limits::{Rate, TokenBucket};
@@ -55,13 +63,19 @@ struct Slot<H> {
     network: NetworkId,
     secret: RelaySecret,
     handle: H,
+    /// What changes while the slot lives; its own lock, so routing needs the table for
+    /// reading only.
+    live: Mutex<Live>,
+}
+
+struct Live {
     udp: Option<(SocketAddr, Instant)>,
     bucket: TokenBucket,
 }
 
 impl<H: Clone> Slot<H> {
     fn dest(&self, now: Instant) -> Dest<H> {
-        match self.udp {
+        match lock(&self.live).udp {
             Some((addr, at)) if now.saturating_duration_since(at) < UDP_BIND_TTL => Dest::Udp(addr),
             _ => Dest::Conn(self.handle.clone()),
         }
@@ -92,15 +106,17 @@ impl<H: Clone> RelayTable<H> {
                 network,
                 secret,
                 handle: h,
-                udp: None,
-                bucket: TokenBucket::new(RELAY_RATE, now),
+                live: Mutex::new(Live {
+                    udp: None,
+                    bucket: TokenBucket::new(RELAY_RATE, now),
+                }),
             },
         );
     }
 
     pub fn remove(&mut self, id: u32) {
         if let Some(slot) = self.slots.remove(&id) {
-            if let Some((addr, _)) = slot.udp {
+            if let Some((addr, _)) = lock(&slot.live).udp {
                 if self.by_addr.get(&addr) == Some(&id) {
                     self.by_addr.remove(&addr);
                 }
@@ -116,6 +132,32 @@ impl<H: Clone> RelayTable<H> {
         self.slots.is_empty()
     }
 
+    /// A UDP bind from `src` to the address the slot already holds, refreshed without writing
+    /// the table: `Ok(true)` if done, `Ok(false)` if it needs [`RelayTable::bind`] (a new
+    /// address), an error if the id or secret is wrong.
+    pub fn refresh(
+        &self,
+        now: Instant,
+        id: u32,
+        secret: &RelaySecret,
+        src: SocketAddr,
+    ) -> Result<bool, RelayDrop> {
+        let slot = self.slots.get(&id).ok_or(RelayDrop::BadBind)?;
+        // Constant time (`RelaySecret`'s `==`).
+        if slot.secret != *secret {
+            return Err(RelayDrop::BadBind);
+        }
+        if self.by_addr.get(&src) != Some(&id) {
+            return Ok(false);
+        }
+        let mut live = lock(&slot.live);
+        if live.udp.map(|(a, _)| a) != Some(src) {
+            return Ok(false);
+        }
+        live.udp = Some((src, now));
+        Ok(true)
+    }
+
     /// A UDP bind from `src`: with the right secret, `src` becomes the slot's UDP address.
     pub fn bind(
         &mut self,
@@ -129,18 +171,19 @@ impl<H: Clone> RelayTable<H> {
         if slot.secret != *secret {
             return Err(RelayDrop::BadBind);
         }
-        if let Some((old, _)) = slot.udp {
+        let live = slot.live.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some((old, _)) = live.udp {
             if old != src && self.by_addr.get(&old) == Some(&id) {
                 self.by_addr.remove(&old);
             }
         }
-        slot.udp = Some((src, now));
+        live.udp = Some((src, now));
         // An address re-bound by another slot (a node restarted behind the same NAT mapping)
         // now belongs to the newest binder.
         if let Some(prev) = self.by_addr.insert(src, id) {
             if prev != id {
                 if let Some(p) = self.slots.get_mut(&prev) {
-                    p.udp = None;
+                    p.live.get_mut().unwrap_or_else(|p| p.into_inner()).udp = None;
                 }
             }
         }
@@ -150,7 +193,7 @@ impl<H: Clone> RelayTable<H> {
     /// A relay datagram for `dst` arriving over UDP from `src`: the sender's id and where to
     /// send it.
     pub fn route_udp(
-        &mut self,
+        &self,
         now: Instant,
         src: SocketAddr,
         dst: u32,
@@ -160,22 +203,14 @@ impl<H: Clone> RelayTable<H> {
     }
 
     /// A relay datagram for `dst` arriving over the control connection of slot `src_id`.
-    pub fn route_conn(
-        &mut self,
-        now: Instant,
-        src_id: u32,
-        dst: u32,
-    ) -> Result<Dest<H>, RelayDrop> {
+    pub fn route_conn(&self, now: Instant, src_id: u32, dst: u32) -> Result<Dest<H>, RelayDrop> {
         self.route_slot(now, src_id, dst)
     }
 
-    fn route_slot(&mut self, now: Instant, src_id: u32, dst: u32) -> Result<Dest<H>, RelayDrop> {
-        let src = self
-            .slots
-            .get_mut(&src_id)
-            .ok_or(RelayDrop::UnknownSource)?;
+    fn route_slot(&self, now: Instant, src_id: u32, dst: u32) -> Result<Dest<H>, RelayDrop> {
+        let src = self.slots.get(&src_id).ok_or(RelayDrop::UnknownSource)?;
         let network = src.network;
-        if !src.bucket.take(now) {
+        if !lock(&src.live).bucket.take(now) {
             return Err(RelayDrop::RateLimited);
         }
         let dst = self.slots.get(&dst).ok_or(RelayDrop::UnknownDestination)?;
@@ -264,9 +299,37 @@ mod tests {
     }
 
     #[test]
-    fn nothing_crosses_networks_or_reaches_unknown_ids() {
+    fn a_bind_from_the_bound_address_refreshes_without_writing_the_table() {
         let now = Instant::now();
         let mut t = table(now);
+        let a1 = addr("192.0.2.1:5000");
+        assert_eq!(t.refresh(now, 1, &RelaySecret([1; 16]), a1), Ok(false));
+        assert_eq!(
+            t.refresh(now, 1, &RelaySecret([9; 16]), a1),
+            Err(RelayDrop::BadBind)
+        );
+        t.bind(now, 1, &RelaySecret([1; 16]), a1).unwrap();
+        t.bind(now, 2, &RelaySecret([2; 16]), addr("192.0.2.2:6000"))
+            .unwrap();
+        // Near the end of its life the binding is refreshed and reaches the node for longer.
+        let later = now + UDP_BIND_TTL - Duration::from_secs(1);
+        assert_eq!(
+            t.refresh(later, 2, &RelaySecret([2; 16]), addr("192.0.2.2:6000")),
+            Ok(true)
+        );
+        let after = now + UDP_BIND_TTL + Duration::from_secs(1);
+        assert_eq!(
+            t.route_conn(after, 1, 2),
+            Ok(Dest::Udp(addr("192.0.2.2:6000")))
+        );
+        // Another address, or one another slot holds, needs a full bind.
+        assert_eq!(t.refresh(now, 2, &RelaySecret([2; 16]), a1), Ok(false));
+    }
+
+    #[test]
+    fn nothing_crosses_networks_or_reaches_unknown_ids() {
+        let now = Instant::now();
+        let t = table(now);
         assert_eq!(t.route_conn(now, 1, 3), Err(RelayDrop::ForeignNetwork));
         assert_eq!(t.route_conn(now, 3, 1), Err(RelayDrop::ForeignNetwork));
         assert_eq!(t.route_conn(now, 1, 99), Err(RelayDrop::UnknownDestination));
@@ -276,7 +339,7 @@ mod tests {
     #[test]
     fn a_flooding_sender_is_limited_without_limiting_others() {
         let now = Instant::now();
-        let mut t = table(now);
+        let t = table(now);
         let mut passed = 0;
         for _ in 0..(RELAY_BURST as usize + 1000) {
             if t.route_conn(now, 1, 2).is_ok() {

@@ -9,35 +9,36 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use a2a_proto::addr::canonical;
 use a2a_proto::control::{ClientMsg, ServerMsg};
-use a2a_proto::noise_channel::{handshake_responder, FrameError, FrameWriter, Incoming};
-use a2a_proto::sync::lock;
+use a2a_proto::noise_channel::{handshake_responder, FrameError};
+use a2a_proto::sync::{lock, read, write};
 use a2a_proto::udp::{
     classify, parse_relay_data, write_relay_header, A2aDatagram, DatagramKind, MAX_A2A_DATAGRAM,
     RELAY_HEADER_LEN,
 };
 use a2a_proto::{NetworkId, NodeKey, SignedRecord};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
 
+use crate::batch::{Batcher, Run, MAX_SEGMENTS};
+use crate::channel::{relay_frame, Frame, Outbox as ConnOutbox, Reader, Refused};
 use crate::limits::{Admission, Drops, Limits, OverLimit, Seat};
 use crate::registry::ConnId;
 use crate::relay::{Dest, RelayDrop, RelayTable};
 use crate::switchboard::{Count, Outbox, RelayChange, Switchboard};
+use crate::udpbatch;
 
 /// How often nodes heartbeat, and how long a silent registration lives.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 pub const REGISTRATION_TTL: Duration = Duration::from_secs(35);
 /// How often the counters line is printed unless told otherwise.
 pub const STATS_EVERY: Duration = Duration::from_secs(60);
-/// Messages queued for one slow connection before it is dropped.
-const OUTBOX_DEPTH: usize = 4096;
 
 /// Counts of what happened, printed as numbers only.
 #[derive(Default)]
@@ -50,6 +51,8 @@ pub struct Counters {
     pub registrations_refused: AtomicU64,
     pub udp_endpoint_probes: AtomicU64,
     pub udp_dropped: AtomicU64,
+    /// Sends the kernel refused (a full buffer is waited out, so: no route, a firewall).
+    pub udp_send_failed: AtomicU64,
     pub relay_binds: AtomicU64,
     pub relay_bad_binds: AtomicU64,
     pub relayed_udp: AtomicU64,
@@ -75,6 +78,7 @@ impl Counters {
         format!(
             "tcp_accepted={} tcp_refused_over_cap={} tcp_bad_handshake={} tcp_bad_message={} \
              registrations={} registrations_refused={} udp_endpoint_probes={} udp_dropped={} \
+             udp_send_failed={} \
              relay_binds={} relay_bad_binds={} relayed_udp={} relayed_tcp={} \
              relay_unknown_source={} relay_unknown_destination={} relay_foreign_network={} \
              relay_rate_limited={} relay_queue_full={} punches={} redemptions={} \
@@ -87,6 +91,7 @@ impl Counters {
             g(&self.registrations_refused),
             g(&self.udp_endpoint_probes),
             g(&self.udp_dropped),
+            g(&self.udp_send_failed),
             g(&self.relay_binds),
             g(&self.relay_bad_binds),
             g(&self.relayed_udp),
@@ -138,13 +143,8 @@ pub enum Injected {
     },
 }
 
-/// What a connection's writer task sends: a message, or relay data from a relay id.
-enum Outgoing {
-    Msg(ServerMsg),
-    Relay(u32, Vec<u8>),
-}
-
-type ConnTx = mpsc::Sender<Outgoing>;
+/// How a connection is written to: its shared, coalescing outbox (see [`crate::channel`]).
+type ConnTx = Arc<ConnOutbox>;
 
 /// Which of the coordinator's UDP ports a datagram came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +153,47 @@ pub enum UdpPort {
     Main,
     /// The mapping-check port (the next one): endpoint probes only.
     Alt,
+}
+
+/// Which UDP offloads the loops use where the kernel has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offload {
+    /// UDP_GRO: receive several datagrams of one sender per call.
+    pub gro: bool,
+    /// UDP_SEGMENT: send several datagrams to one address per call.
+    pub gso: bool,
+}
+
+impl Offload {
+    /// Both, unless `A2A_OFFLOAD=0`, or `A2A_UDP_GRO=0` / `A2A_UDP_GSO=0` for one (the
+    /// daemon's switches).
+    pub fn from_env() -> Self {
+        let off = |k: &str| std::env::var(k).is_ok_and(|v| v == "0");
+        Offload {
+            gro: !off("A2A_OFFLOAD") && !off("A2A_UDP_GRO"),
+            gso: !off("A2A_OFFLOAD") && !off("A2A_UDP_GSO"),
+        }
+    }
+}
+
+/// What became of one received datagram on the UDP loop's first pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Relay data to send on to this address (its header rewritten in place).
+    Udp(SocketAddr),
+    /// Queued on a control connection, or dropped and counted.
+    Done,
+    /// Not relay data: a probe or bind, for [`Server::handle_control`].
+    Control,
+}
+
+/// Binds the main UDP port as `n` sockets with SO_REUSEPORT (one plain socket for 1), ready
+/// for [`Server::run_group`].
+pub fn bind_udp(addr: SocketAddr, n: usize) -> io::Result<Vec<UdpSocket>> {
+    udpbatch::bind_group(addr, n)?
+        .into_iter()
+        .map(UdpSocket::from_std)
+        .collect()
 }
 
 /// Where the coordinator sends datagrams it makes outside the UDP loop (relay data that came
@@ -185,14 +226,7 @@ impl Hub {
     /// Carries out `out` (queues, closes, relay slots, counters) but what concerns the
     /// connection handled alone, which is returned.
     fn carry_out(&mut self, server: &Server, out: Outbox) -> Next {
-        for (conn, msg) in out.send {
-            if let Some(tx) = self.outboxes.get(&conn) {
-                if tx.try_send(Outgoing::Msg(msg)).is_err() {
-                    // Too slow or gone: dropping its sender closes the connection's writer.
-                    self.outboxes.remove(&conn);
-                }
-            }
-        }
+        // Relay slots first: a node told it is registered may bind its slot at once.
         for change in out.relay {
             match change {
                 RelayChange::Open {
@@ -201,17 +235,32 @@ impl Hub {
                     secret,
                 } => {
                     if let Some(tx) = self.outboxes.get(&conn) {
-                        server
-                            .relay()
-                            .insert(Instant::now(), conn, network, secret, tx.clone());
+                        server.relay_mut().insert(
+                            Instant::now(),
+                            conn,
+                            network,
+                            secret,
+                            tx.clone(),
+                        );
                     }
                 }
-                RelayChange::Close(conn) => server.relay().remove(conn),
+                RelayChange::Close(conn) => server.relay_mut().remove(conn),
+            }
+        }
+        for (conn, msg) in out.send {
+            if let Some(tx) = self.outboxes.get(&conn) {
+                if tx.send_msg(&msg).is_err() {
+                    // Too slow or gone: its writer flushes what is queued, then it ends.
+                    tx.close();
+                    self.outboxes.remove(&conn);
+                }
             }
         }
         for conn in out.close {
             // Its writer flushes what is queued, then the connection ends.
-            self.outboxes.remove(&conn);
+            if let Some(tx) = self.outboxes.remove(&conn) {
+                tx.close();
+            }
         }
         for c in out.counts {
             server.count(c);
@@ -234,18 +283,23 @@ impl Hub {
             else {
                 continue;
             };
-            let _ = tx.try_send(match injected {
-                Injected::Msg(m) => Outgoing::Msg(m),
-                Injected::Relay { from, datagram } => Outgoing::Relay(from, datagram),
-            });
+            let _ = match injected {
+                Injected::Msg(m) => tx.send_msg(&m),
+                Injected::Relay { from, datagram } => {
+                    let mut d = vec![0u8; RELAY_HEADER_LEN];
+                    d.extend_from_slice(&datagram);
+                    tx.send_relay(relay_frame(&mut d, from))
+                }
+            };
         }
     }
 }
 
 pub struct Server {
     hub: Mutex<Hub>,
-    /// Kept apart from the hub so relayed packets never wait for registrations.
-    relay: Mutex<RelayTable<ConnTx>>,
+    /// Kept apart from the hub so relayed packets never wait for registrations; read by every
+    /// UDP loop at once (see [`crate::relay`]).
+    relay: RwLock<RelayTable<ConnTx>>,
     /// For relaying what arrives over TCP to nodes bound over UDP (the main UDP socket).
     udp: std::sync::OnceLock<Arc<dyn DatagramSink>>,
     private_key: [u8; 32],
@@ -299,7 +353,7 @@ impl Server {
                 ),
                 outboxes: HashMap::new(),
             }),
-            relay: Mutex::new(RelayTable::default()),
+            relay: RwLock::new(RelayTable::default()),
             udp: std::sync::OnceLock::new(),
             private_key,
             counters: Counters::default(),
@@ -332,8 +386,12 @@ impl Server {
         lock(&self.hub)
     }
 
-    fn relay(&self) -> std::sync::MutexGuard<'_, RelayTable<ConnTx>> {
-        lock(&self.relay)
+    fn relay(&self) -> std::sync::RwLockReadGuard<'_, RelayTable<ConnTx>> {
+        read(&self.relay)
+    }
+
+    fn relay_mut(&self) -> std::sync::RwLockWriteGuard<'_, RelayTable<ConnTx>> {
+        write(&self.relay)
     }
 
     fn count(&self, c: Count) {
@@ -367,24 +425,48 @@ impl Server {
         }
     }
 
-    /// Serves until an I/O error on a listening socket.
+    /// Serves until an I/O error on a listening socket, with one UDP socket on the main port.
     pub async fn run(
         self: Arc<Self>,
         tcp: TcpListener,
         udp: UdpSocket,
         udp_alt: Option<UdpSocket>,
     ) -> io::Result<()> {
-        let udp = Arc::new(udp);
-        self.set_datagram_sink(udp.clone());
+        self.run_group(tcp, vec![udp], udp_alt, Offload::from_env())
+            .await
+    }
+
+    /// Serves until an I/O error on a listening socket. `udp`: the main port's sockets (bound
+    /// with SO_REUSEPORT when more than one, see [`udpbatch::bind_group`]), one receive loop
+    /// each; the first also carries what is relayed from control connections to UDP.
+    pub async fn run_group(
+        self: Arc<Self>,
+        tcp: TcpListener,
+        udp: Vec<UdpSocket>,
+        udp_alt: Option<UdpSocket>,
+        offload: Offload,
+    ) -> io::Result<()> {
         let mut tasks = vec![
-            tokio::spawn(self.clone().serve_udp(udp, UdpPort::Main)),
             tokio::spawn(self.clone().expire_loop()),
             tokio::spawn(self.clone().stats_loop()),
         ];
+        for (i, socket) in udp.into_iter().enumerate() {
+            let socket = Arc::new(socket);
+            if i == 0 {
+                self.set_datagram_sink(socket.clone());
+            }
+            tasks.push(tokio::spawn(self.clone().serve_udp(
+                socket,
+                UdpPort::Main,
+                offload,
+            )));
+        }
         if let Some(alt) = udp_alt {
-            tasks.push(tokio::spawn(
-                self.clone().serve_udp(Arc::new(alt), UdpPort::Alt),
-            ));
+            tasks.push(tokio::spawn(self.clone().serve_udp(
+                Arc::new(alt),
+                UdpPort::Alt,
+                offload,
+            )));
         }
         let res = self.accept_loop(tcp).await;
         for t in tasks {
@@ -505,13 +587,14 @@ impl Server {
         let conn_key = NodeKey(established.remote_static);
         let hash = established.handshake_hash.clone();
         let (read, write) = tokio::io::split(stream);
-        let (mut reader, writer) = established.split(read, write);
+        let state = Arc::new(established.state);
+        let mut reader = Reader::new(read, state.clone());
+        let tx = ConnOutbox::new(state);
+        let writer_task = tokio::spawn(tx.clone().drive(write));
         let conn: ConnId = self.new_conn_id();
-        let (tx, rx) = mpsc::channel(OUTBOX_DEPTH);
-        let writer_task = tokio::spawn(write_loop(writer, rx));
         {
             let mut hub = self.hub();
-            hub.outboxes.insert(conn, tx);
+            hub.outboxes.insert(conn, tx.clone());
             hub.board.open(conn, conn_key, hash);
         }
 
@@ -520,7 +603,7 @@ impl Server {
         let mut read_until = Some((deadline, true));
         let mut registered = false;
         loop {
-            let read = reader.recv_frame::<ClientMsg>();
+            let read = reader.next();
             let frame = match read_until {
                 None => read.await,
                 Some((until, counts)) => match tokio::time::timeout_at(until, read).await {
@@ -534,12 +617,12 @@ impl Server {
                 },
             };
             let msg = match frame {
-                Ok(Incoming::Msg(m)) => m,
-                Ok(Incoming::Relay(dst, payload)) if registered => {
-                    self.relay_from_conn(conn, dst, payload);
+                Ok(Frame::Msg(m)) => m,
+                Ok(Frame::Relay { dst, datagram }) if registered => {
+                    self.relay_from_conn(conn, dst, datagram);
                     continue;
                 }
-                Ok(Incoming::Relay(..)) => {
+                Ok(Frame::Relay { .. }) => {
                     Counters::bump(&self.counters.tcp_bad_message);
                     break;
                 }
@@ -592,55 +675,184 @@ impl Server {
             hub.outboxes.remove(&conn);
             hub.carry_out(&self, out);
         }
-        // The writer ends once every sender is gone and the queue is flushed.
+        tx.close();
+        // The writer ends once the queue is flushed.
         let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
     }
 
-    /// Relay data that came over connection `conn`'s control channel.
-    fn relay_from_conn(&self, conn: ConnId, dst: u32, payload: Vec<u8>) {
+    /// Relay data that came over connection `conn`'s control channel, in `datagram` (laid
+    /// out as a UDP relay datagram by the reader): sent from those bytes as a datagram, or
+    /// encrypted from them into the destination's outbox.
+    fn relay_from_conn(&self, conn: ConnId, dst: u32, datagram: &mut [u8]) {
         let dest = self.relay().route_conn(Instant::now(), conn, dst);
         match dest {
             Ok(Dest::Udp(addr)) => {
-                let mut d = vec![0u8; RELAY_HEADER_LEN + payload.len()];
-                write_relay_header(&mut d, conn);
-                d[RELAY_HEADER_LEN..].copy_from_slice(&payload);
+                write_relay_header(datagram, conn);
                 if let Some(udp) = self.udp.get() {
-                    if udp.send_datagram(addr, &d) {
+                    if udp.send_datagram(addr, datagram) {
                         Counters::bump(&self.counters.relayed_tcp);
                     } else {
                         Counters::bump(&self.counters.relay_queue_full);
                     }
                 }
             }
-            Ok(Dest::Conn(tx)) => self.forward_over_conn(&tx, conn, payload),
+            Ok(Dest::Conn(tx)) => self.forward_over_conn(&tx, conn, datagram),
             Err(why) => self.counters.dropped(why),
         }
     }
 
-    fn forward_over_conn(&self, tx: &ConnTx, src: u32, payload: Vec<u8>) {
-        if tx.try_send(Outgoing::Relay(src, payload)).is_ok() {
-            Counters::bump(&self.counters.relayed_tcp);
-        } else {
-            Counters::bump(&self.counters.relay_queue_full);
+    /// Queues relay data from slot `src` (`datagram`, laid out as a UDP relay datagram) on a
+    /// control connection.
+    fn forward_over_conn(&self, tx: &ConnTx, src: u32, datagram: &mut [u8]) {
+        match tx.send_relay(relay_frame(datagram, src)) {
+            Ok(()) => Counters::bump(&self.counters.relayed_tcp),
+            Err(Refused::Full | Refused::Closed | Refused::TooLarge) => {
+                Counters::bump(&self.counters.relay_queue_full)
+            }
         }
     }
 
-    /// One UDP socket's loop: each datagram handled, and what that returns sent.
-    async fn serve_udp(self: Arc<Self>, udp: Arc<UdpSocket>, port: UdpPort) {
+    /// One UDP socket's loop: a batch received (several datagrams of one sender with UDP GRO),
+    /// each datagram routed under one read of the relay table, then the runs for one address
+    /// sent with UDP GSO straight from the receive buffer, and the rest handled one by one.
+    /// Buffers are the loop's own and reused: nothing is allocated per datagram.
+    async fn serve_udp(self: Arc<Self>, udp: Arc<UdpSocket>, port: UdpPort, offload: Offload) {
+        let fd = udp.as_raw_fd();
+        if offload.gro {
+            udpbatch::enable_gro(fd);
+        }
+        let gso = AtomicBool::new(offload.gso && udpbatch::gso_supported(fd));
         let mut buf = vec![0u8; 65536];
         let mut reply = [0u8; MAX_A2A_DATAGRAM];
+        let mut routes: Vec<Route> = Vec::with_capacity(MAX_SEGMENTS);
+        let mut batcher = Batcher::new(if gso.load(Ordering::Relaxed) {
+            MAX_SEGMENTS
+        } else {
+            1
+        });
         loop {
-            let (n, src) = match udp.recv_from(&mut buf).await {
+            let received = udp
+                .async_io(Interest::READABLE, || udpbatch::recv_segments(fd, &mut buf))
+                .await;
+            let (n, from, segment) = match received {
                 Ok(x) => x,
                 Err(_) => {
-                    // ICMP errors surface here on Linux; nothing to do but go on.
+                    // ICMP errors surface here on Linux, and truncated datagrams: go on.
                     Counters::bump(&self.counters.udp_dropped);
                     continue;
                 }
             };
-            if let Some((to, datagram)) = self.handle_datagram(src, port, &mut buf[..n], &mut reply)
+            let src = canonical(from);
+            routes.clear();
             {
-                let _ = udp.send_to(datagram, to).await;
+                let table = self.relay();
+                let now = Instant::now();
+                for d in buf[..n].chunks_mut(segment) {
+                    routes.push(self.route_datagram(&table, now, src, port, d));
+                }
+            }
+            let forwarded = routes.iter().filter(|r| matches!(r, Route::Udp(_))).count();
+            if forwarded > 0 {
+                self.counters
+                    .relayed_udp
+                    .fetch_add(forwarded as u64, Ordering::Relaxed);
+            }
+            let mut at = 0;
+            for route in &routes {
+                let bytes = at..(at + segment).min(n);
+                at = bytes.end;
+                let ended = match route {
+                    Route::Udp(to) => batcher.push(*to, bytes.clone()),
+                    _ => batcher.cut(),
+                };
+                if let Some(run) = ended {
+                    self.send_run(&udp, &buf, run, &gso, &mut batcher).await;
+                }
+                if *route == Route::Control {
+                    if let Some((to, d)) = self.handle_control(src, port, &buf[bytes], &mut reply) {
+                        if udp.send_to(d, to).await.is_err() {
+                            Counters::bump(&self.counters.udp_send_failed);
+                        }
+                    }
+                }
+            }
+            if let Some(run) = batcher.cut() {
+                self.send_run(&udp, &buf, run, &gso, &mut batcher).await;
+            }
+        }
+    }
+
+    /// Sends the datagrams of `run` (in `buf`): one UDP GSO send when there are several and
+    /// GSO works, else one call each. EIO or EINVAL (the kernel or the outgoing device cannot
+    /// segment) turns GSO off for this socket for good; any other refusal (EMSGSIZE below the
+    /// route's MTU, a firewall's EPERM) sends the run one datagram at a time, so each fares as
+    /// it would have without GSO.
+    async fn send_run(
+        &self,
+        udp: &UdpSocket,
+        buf: &[u8],
+        run: Run,
+        gso: &AtomicBool,
+        batcher: &mut Batcher,
+    ) {
+        let data = &buf[run.bytes.clone()];
+        if run.count() > 1 && gso.load(Ordering::Relaxed) {
+            let fd = udp.as_raw_fd();
+            let sent = udp
+                .async_io(Interest::WRITABLE, || {
+                    udpbatch::send_segments(fd, data, run.segment as u16, run.to)
+                })
+                .await;
+            match sent {
+                Ok(_) => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
+                    tracing::warn!("UDP GSO send refused ({e}); relaying one datagram per call");
+                    gso.store(false, Ordering::Relaxed);
+                    batcher.set_max_segments(1);
+                }
+                Err(_) => {}
+            }
+        }
+        for d in data.chunks(run.segment.max(1)) {
+            if udp.send_to(d, run.to).await.is_err() {
+                Counters::bump(&self.counters.udp_send_failed);
+            }
+        }
+    }
+
+    /// Relay data on the main port, routed with `table` (read once per received batch): its
+    /// header rewritten in place to name the source when it leaves over UDP, or queued on the
+    /// destination's control connection, or dropped and counted. Anything else is
+    /// [`Route::Control`], for [`Server::handle_control`].
+    fn route_datagram(
+        &self,
+        table: &RelayTable<ConnTx>,
+        now: Instant,
+        src: SocketAddr,
+        port: UdpPort,
+        datagram: &mut [u8],
+    ) -> Route {
+        if port != UdpPort::Main {
+            return Route::Control;
+        }
+        let Some((dst, _)) = parse_relay_data(datagram) else {
+            return Route::Control;
+        };
+        match table.route_udp(now, src, dst) {
+            Ok((src_id, Dest::Udp(addr))) => {
+                // Same datagram, header now naming the source. (Counted by the caller, once
+                // per batch: one shared counter bumped per datagram from every core would
+                // bounce its cache line between them.)
+                write_relay_header(datagram, src_id);
+                Route::Udp(addr)
+            }
+            Ok((src_id, Dest::Conn(tx))) => {
+                self.forward_over_conn(&tx, src_id, datagram);
+                Route::Done
+            }
+            Err(why) => {
+                self.counters.dropped(why);
+                Route::Done
             }
         }
     }
@@ -649,7 +861,8 @@ impl Server {
     /// relay data on the main port only. Returns the datagram to send and where: relay data
     /// rewritten in place in `datagram` (its header now naming the source), or an endpoint
     /// reply written into `reply`. Relay data for a node reached over its control connection
-    /// is queued there, and `None` returned. No allocation on the UDP relay path.
+    /// is queued there, and `None` returned. No allocation on the UDP relay path. (The UDP
+    /// loops do the same a batch at a time.)
     pub fn handle_datagram<'a>(
         &self,
         from: SocketAddr,
@@ -658,28 +871,26 @@ impl Server {
         reply: &'a mut [u8; MAX_A2A_DATAGRAM],
     ) -> Option<(SocketAddr, &'a [u8])> {
         let src = canonical(from);
-        if port == UdpPort::Main {
-            if let Some((dst, _)) = parse_relay_data(datagram) {
-                let routed = self.relay().route_udp(Instant::now(), src, dst);
-                return match routed {
-                    Ok((src_id, Dest::Udp(addr))) => {
-                        // Same datagram, header now naming the source.
-                        write_relay_header(datagram, src_id);
-                        Counters::bump(&self.counters.relayed_udp);
-                        Some((addr, &*datagram))
-                    }
-                    Ok((src_id, Dest::Conn(tx))) => {
-                        let payload = datagram[RELAY_HEADER_LEN..].to_vec();
-                        self.forward_over_conn(&tx, src_id, payload);
-                        None
-                    }
-                    Err(why) => {
-                        self.counters.dropped(why);
-                        None
-                    }
-                };
+        let route = self.route_datagram(&self.relay(), Instant::now(), src, port, datagram);
+        match route {
+            Route::Udp(to) => {
+                Counters::bump(&self.counters.relayed_udp);
+                Some((to, &*datagram))
             }
+            Route::Done => None,
+            Route::Control => self.handle_control(src, port, datagram, reply),
         }
+    }
+
+    /// A datagram that is not relay data, from `src` (canonical): an endpoint probe answered
+    /// (into `reply`), a bind carried out and answered, or a drop counted.
+    fn handle_control<'a>(
+        &self,
+        src: SocketAddr,
+        port: UdpPort,
+        datagram: &[u8],
+        reply: &'a mut [u8; MAX_A2A_DATAGRAM],
+    ) -> Option<(SocketAddr, &'a [u8])> {
         if !self.admission().udp(Instant::now(), src.ip()) {
             Drops::bump(&self.limited.udp_rate_limited);
             return None;
@@ -694,7 +905,14 @@ impl Server {
                     secret,
                 }),
             ) if port == UdpPort::Main => {
-                let bound = self.relay().bind(Instant::now(), relay_id, &secret, src);
+                let now = Instant::now();
+                // A refresh from the bound address needs the table for reading only.
+                let refreshed = self.relay().refresh(now, relay_id, &secret, src);
+                let bound = match refreshed {
+                    Ok(true) => Ok(()),
+                    Ok(false) => self.relay_mut().bind(now, relay_id, &secret, src),
+                    Err(why) => Err(why),
+                };
                 match bound {
                     Ok(()) => Counters::bump(&self.counters.relay_binds),
                     Err(why) => {
@@ -759,22 +977,6 @@ impl Server {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut writer: FrameWriter<W>,
-    mut rx: mpsc::Receiver<Outgoing>,
-) {
-    while let Some(out) = rx.recv().await {
-        let sent = match out {
-            Outgoing::Msg(msg) => writer.send(&msg).await,
-            Outgoing::Relay(src, payload) => writer.send_relay(src, &payload).await,
-        };
-        if sent.is_err() {
-            return;
-        }
-    }
-    let _ = writer.shutdown().await;
-}
-
 /// Closes `stream` with a RST when it is dropped. A node reads that as "busy, try again" and
 /// backs off; an orderly close during the handshake means "this coordinator does not hold the
 /// token's key" to it, which it gives up on after a few tries.
@@ -807,7 +1009,7 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
 mod tests {
     use super::*;
     use a2a_proto::keys::{RelaySecret, Signature, REGISTER_CONTEXT};
-    use a2a_proto::noise_channel::{handshake_initiator, FrameReader, FrameWriter};
+    use a2a_proto::noise_channel::{handshake_initiator, FrameReader, FrameWriter, Incoming};
     use a2a_proto::{NetworkKey, NodeRecord};
     use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
     use x25519_dalek::{PublicKey, StaticSecret};
@@ -939,5 +1141,94 @@ mod tests {
         );
         assert_eq!(server.counters.registrations.load(Ordering::Relaxed), 2);
         assert_eq!(server.counters.relayed_tcp.load(Ordering::Relaxed), 2);
+    }
+
+    /// Two nodes bound over real UDP to a group of two sockets: a burst from one, sent with
+    /// UDP GSO, reaches the other whole and in order, each datagram's header naming the
+    /// sender, through the batched loops.
+    #[tokio::test]
+    async fn a_burst_is_relayed_whole_and_in_order_through_the_batched_loops() {
+        let server = Server::new([1; 32]);
+        let k = NetworkKey::derive(&[9; 32]);
+        let (_a, a_id, a_secret) = member(&server, &k, 2).await;
+        let (_b, b_id, b_secret) = member(&server, &k, 3).await;
+        let group = bind_udp("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let hub = group[0].local_addr().unwrap();
+        let on = Offload {
+            gro: true,
+            gso: true,
+        };
+        for socket in group {
+            tokio::spawn(
+                server
+                    .clone()
+                    .serve_udp(Arc::new(socket), UdpPort::Main, on),
+            );
+        }
+        let node = move |id: u32, secret: RelaySecret| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut d = [0u8; MAX_A2A_DATAGRAM];
+            let len = A2aDatagram::RelayBind {
+                nonce: [1; 8],
+                relay_id: id,
+                secret,
+            }
+            .encode(&mut d);
+            s.send_to(&d[..len], hub).unwrap();
+            let (n, _) = s.recv_from(&mut d).unwrap();
+            assert!(matches!(
+                A2aDatagram::decode(&d[..n]),
+                Some(A2aDatagram::EndpointReply { .. })
+            ));
+            s
+        };
+        let a = tokio::task::spawn_blocking(move || node(a_id, a_secret));
+        let b = tokio::task::spawn_blocking(move || node(b_id, b_secret));
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        const SEG: usize = 1000;
+        const COUNT: usize = 200;
+        let mut burst = vec![0u8; SEG * COUNT];
+        for (i, d) in burst.chunks_mut(SEG).enumerate() {
+            write_relay_header(d, b_id);
+            d[RELAY_HEADER_LEN..RELAY_HEADER_LEN + 4].copy_from_slice(&[4, 0, 0, 0]);
+            d[RELAY_HEADER_LEN + 4..RELAY_HEADER_LEN + 8]
+                .copy_from_slice(&(i as u32).to_be_bytes());
+        }
+        let receiver = tokio::task::spawn_blocking(move || {
+            let mut got = Vec::new();
+            let mut d = vec![0u8; 65536];
+            while got.len() < COUNT {
+                let (n, from) = b.recv_from(&mut d).expect("the whole burst arrives");
+                assert_eq!(from, hub);
+                assert_eq!(n, SEG);
+                let (src, payload) = parse_relay_data(&d[..n]).unwrap();
+                assert_eq!(src, a_id);
+                got.push(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+            }
+            got
+        });
+        tokio::task::spawn_blocking(move || {
+            let fd = a.as_raw_fd();
+            for chunk in burst.chunks(SEG * 20) {
+                if udpbatch::gso_supported(fd) {
+                    udpbatch::send_segments(fd, chunk, SEG as u16, hub).unwrap();
+                } else {
+                    for d in chunk.chunks(SEG) {
+                        a.send_to(d, hub).unwrap();
+                    }
+                }
+                // Paced, so that no socket buffer overflows on a busy machine.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+        .await
+        .unwrap();
+        let got = receiver.await.unwrap();
+        assert_eq!(got, (0..COUNT as u32).collect::<Vec<_>>());
+        assert_eq!(
+            server.counters.relayed_udp.load(Ordering::Relaxed),
+            COUNT as u64
+        );
     }
 }

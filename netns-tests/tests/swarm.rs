@@ -1,0 +1,218 @@
+//! A swarm on one coordinator: networks of simulated nodes (`src/bin/a2a-swarm.rs`: each a real
+//! Noise control connection, a signed registration, a UDP relay bind, heartbeats) from one
+//! namespace spread over several addresses, held for a while: 20 networks of 100 for 20 s when
+//! built with optimisations (`cargo test --release`), 10 of 30 at 2 new connections per second
+//! per address otherwise (unoptimised X25519 and Ed25519 cost milliseconds per operation on
+//! both sides). `A2A_SWARM_NETWORKS`, `A2A_SWARM_NODES_PER_NETWORK`, `A2A_SWARM_HOLD` and
+//! `A2A_SWARM_CONNECT_RATE` (new connections per second per address) override them, up to 100
+//! networks of 100 by hand.
+//!
+//! Every node registers, every record it receives verifies and names a member, every peer list
+//! is complete at the end of the hold, binds are answered (at least as many as nodes), and no
+//! message or frame is out of place. What a loaded machine makes a node retry (a connection
+//! reset or timed out, a registration past its deadline) is reported, not asserted.
+//!
+//! The figures are printed, never asserted: the coordinator's RSS before, at its peak and per
+//! node, the join latency p50/p99 (a node's registration until every member registered before
+//! it lists it) and the coordinator's CPU during the joins and while the swarm idles.
+//!
+//! Needs root; see the crate documentation of `a2a_netns_tests`.
+
+use std::time::{Duration, Instant};
+
+use a2a_netns_tests::{report, CoordOpts, Lab};
+
+/// A size from the environment, or the default for this build.
+fn setting(name: &str, optimised: u64, debug: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if cfg!(debug_assertions) {
+            debug
+        } else {
+            optimised
+        })
+}
+/// Source addresses of the swarm (the coordinator's limits count per address: at most 1 024
+/// connections each): at least 8, one per 400 nodes beyond that.
+fn sources(nodes: usize) -> u8 {
+    nodes.div_ceil(400).clamp(8, 50) as u8
+}
+
+/// Resident memory of process `pid`, in KB.
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) process `pid` has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / hz)
+}
+
+#[test]
+fn a_swarm_of_nodes_registers_and_every_record_verifies() {
+    let Some(lab) = Lab::new("swarm") else {
+        return;
+    };
+    let networks = setting("A2A_SWARM_NETWORKS", 20, 10) as usize;
+    let per_network = setting("A2A_SWARM_NODES_PER_NETWORK", 100, 30) as usize;
+    let hold = setting("A2A_SWARM_HOLD", 20, 20);
+    let rate = setting("A2A_SWARM_CONNECT_RATE", 40, 2);
+    let coord = lab.coordinator(CoordOpts {
+        stats_interval: Some(5),
+        ..Default::default()
+    });
+    let ns = lab.add_ns("swarm");
+    let o = ns.wan_ip.expect("a wan address").octets();
+    let sources = sources(networks * per_network);
+    for i in 1..sources {
+        let extra = format!("{}.{}.{}.{}/24", o[0], o[1], o[2], 200 + i);
+        ns.exec(&["ip", "addr", "add", &extra, "dev", "eth0"])
+            .expect_ok();
+    }
+    let token = a2a_proto::JoinToken::parse(&coord.token).expect("the coordinator's token");
+    let key = data_encoding::BASE64.encode(&token.coordinator_key);
+    let pid = coord.proc().pid();
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_before = rss_kb(pid);
+    let cpu_before = cpu_time(pid);
+    let began = Instant::now();
+    let swarm = ns.spawn(
+        "a2a-swarm",
+        &[
+            env!("CARGO_BIN_EXE_a2a-swarm"),
+            "--coordinator",
+            &coord.addr.to_string(),
+            "--coordinator-key",
+            &key,
+            "--networks",
+            &networks.to_string(),
+            "--nodes-per-network",
+            &per_network.to_string(),
+            "--hold",
+            &hold.to_string(),
+            "--connect-rate",
+            &rate.to_string(),
+            "--join-timeout",
+            "240",
+        ],
+    );
+    // (seconds since the start, RSS KB, CPU) every half second until the swarm ends.
+    let mut samples = Vec::new();
+    while swarm.is_running() {
+        assert!(
+            began.elapsed() < Duration::from_secs(240 + hold + 60),
+            "the swarm did not end"
+        );
+        coord.assert_running();
+        samples.push((began.elapsed().as_secs_f64(), rss_kb(pid), cpu_time(pid)));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = swarm.stdout_text();
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| {
+            panic!(
+                "the swarm printed no report: {out:?} {}",
+                swarm.stderr_text()
+            )
+        });
+    let r: serde_json::Value = serde_json::from_str(line).expect("a JSON report");
+    let n = (networks * per_network) as u64;
+    let num = |k: &str| r[k].as_u64().unwrap_or(0);
+    let joined_s = r["joined_s"].as_f64().unwrap_or(0.0);
+    // Steady state: from two seconds after the joins until a second before the hold ends.
+    let window = |from: f64, to: f64| {
+        let inside: Vec<_> = samples
+            .iter()
+            .filter(|s| s.0 >= from && s.0 <= to)
+            .collect();
+        match (inside.first(), inside.last()) {
+            (Some(a), Some(b)) if b.0 > a.0 => {
+                100.0 * b.2.saturating_sub(a.2).as_secs_f64() / (b.0 - a.0)
+            }
+            _ => 0.0,
+        }
+    };
+    let idle_cpu = window(joined_s + 2.0, joined_s + hold as f64 - 1.0);
+    let rss_peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    let rss_held = samples
+        .iter()
+        .filter(|s| s.0 >= joined_s + 2.0 && s.0 <= joined_s + hold as f64 - 1.0)
+        .map(|s| s.1)
+        .max()
+        .unwrap_or(rss_peak);
+    let join_cpu = samples
+        .iter()
+        .rfind(|s| s.0 <= joined_s)
+        .map(|s| s.2.saturating_sub(cpu_before).as_secs_f64())
+        .unwrap_or(0.0);
+    report(format!(
+            "swarm: {n} nodes ({networks} networks of {per_network}) from {sources} addresses: joined in \
+             {joined_s:.1} s; join latency p50 {} ms, p99 {} ms, max {} ms; coordinator RSS \
+             {rss_before} KB before, {rss_held} KB held ({:.1} KB per node), {rss_peak} KB at \
+             peak; coordinator CPU {join_cpu:.1} s during the joins, {idle_cpu:.1} % of a core \
+             while the swarm idles; {} records received",
+            r["join_ms"]["p50"],
+            r["join_ms"]["p99"],
+            r["join_ms"]["max"],
+            rss_held.saturating_sub(rss_before) as f64 / n as f64,
+            num("records_received"),
+    ));
+    assert_eq!(num("registered"), n, "every node registers: {line}");
+    assert_eq!(
+        num("peer_lists_complete"),
+        n,
+        "every peer list completes: {line}"
+    );
+    assert!(
+        num("records_received") >= n * (per_network as u64 - 1),
+        "every member's record reaches every other: {line}"
+    );
+    assert_eq!(
+        num("records_verified"),
+        num("records_received"),
+        "every record verifies: {line}"
+    );
+    assert!(
+        num("binds_answered") >= n,
+        "at least as many binds answered as nodes: {line}"
+    );
+    // What would be wrong whatever the machine's load: a record that does not verify or is no
+    // member's, a message or frame out of place, a node that never got in. Connections reset,
+    // timed out or closed at the registration deadline on a loaded machine (and the binds and
+    // peer departures that go with them) are retried by the node and only reported.
+    let errors = r["errors"].as_object().cloned().unwrap_or_default();
+    let wrong: Vec<_> = errors
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("record_")
+                || k.starts_with("unexpected_")
+                || *k == "malformed_frame"
+                || *k == "gave_up"
+        })
+        .collect();
+    assert!(wrong.is_empty(), "nothing fails: {line}");
+    if !errors.is_empty() {
+        report(format!(
+            "swarm: retried after load-related failures: {errors:?}"
+        ));
+    }
+}
