@@ -26,6 +26,76 @@ static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 static STALE_CLEANUP: Once = Once::new();
 
 // ------------------------------------------------------------------------------------------
+// The kernel's neighbour table
+// ------------------------------------------------------------------------------------------
+
+/// Where the host's ARP table limits are (they exist in the initial namespace only).
+const NEIGH_SYSCTL: &str = "/proc/sys/net/ipv4/neigh/default";
+/// Room left in the ARP table for everything else on the machine (Linux's default limit).
+const NEIGH_HEADROOM: u64 = 1024;
+/// The limits found before a lab raised them, and how many labs of this process need the
+/// raised ones.
+static NEIGH_RAISED: Mutex<Option<(u64, u64, usize)>> = Mutex::new(None);
+
+fn neigh_limit(name: &str) -> Option<u64> {
+    fs::read_to_string(format!("{NEIGH_SYSCTL}/{name}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn set_neigh_limit(name: &str, value: u64) {
+    if let Err(e) = fs::write(format!("{NEIGH_SYSCTL}/{name}"), value.to_string()) {
+        report(format!("cannot set {NEIGH_SYSCTL}/{name} to {value}: {e}"));
+    }
+}
+
+/// Makes room in the kernel's ARP table for `hosts` namespaces on one bridge that all talk to
+/// each other (each holding an entry for every other: `hosts`²). All namespaces share one
+/// table, whose hard limit (`gc_thresh3`, 1024 by default) a 50-node lab exceeds: the kernel
+/// then refuses new entries ("neighbor table overflow") and every datagram to a neighbour
+/// without one is dropped, so nodes past the limit never reach each other directly (924 of 2450
+/// paths in the first swarm test). Raises `gc_thresh2` and `gc_thresh3` only when needed, and
+/// sets `holds` when it did (the lab must then call [`release_neighbours`] when it ends).
+fn reserve_neighbours(hosts: u64, holds: &std::sync::atomic::AtomicBool) {
+    let need = hosts * hosts + NEIGH_HEADROOM;
+    let mut raised = a2a_proto::sync::lock(&NEIGH_RAISED);
+    let (Some(soft), Some(hard)) = (neigh_limit("gc_thresh2"), neigh_limit("gc_thresh3")) else {
+        return;
+    };
+    if hard >= need {
+        return;
+    }
+    let need = need.next_multiple_of(1024);
+    set_neigh_limit("gc_thresh3", need);
+    set_neigh_limit("gc_thresh2", soft.max(need / 2));
+    let first = !holds.swap(true, Ordering::Relaxed);
+    match raised.as_mut() {
+        Some((_, _, holders)) if first => *holders += 1,
+        Some(_) => {}
+        None => *raised = Some((soft, hard, 1)),
+    }
+    report(format!(
+        "raised the kernel's ARP table limit (gc_thresh3) from {hard} to {need} for {hosts} \
+         namespaces; restored when the lab ends"
+    ));
+}
+
+/// A lab that raised the ARP table limits is done with them: the last one restores them.
+fn release_neighbours() {
+    let mut raised = a2a_proto::sync::lock(&NEIGH_RAISED);
+    if let Some((soft, hard, holders)) = raised.as_mut() {
+        *holders -= 1;
+        if *holders == 0 {
+            set_neigh_limit("gc_thresh2", *soft);
+            set_neigh_limit("gc_thresh3", *hard);
+            *raised = None;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
 // The lab
 // ------------------------------------------------------------------------------------------
 
@@ -41,6 +111,8 @@ struct LabInner {
     procs: Mutex<Vec<Proc>>,
     seq: AtomicU32,
     next_host: AtomicU32,
+    /// This lab raised the kernel's ARP table limits ([`reserve_neighbours`]).
+    raised_neighbours: std::sync::atomic::AtomicBool,
 }
 
 impl LabInner {
@@ -205,6 +277,7 @@ impl Lab {
             procs: Mutex::new(Vec::new()),
             seq: AtomicU32::new(0),
             next_host: AtomicU32::new(2),
+            raised_neighbours: Default::default(),
         });
         let hub = format!("{name}-hub");
         let lab = Lab { inner, hub };
@@ -253,6 +326,7 @@ impl Lab {
         let name = inner.create_ns(role);
         let host = inner.next_host.fetch_add(1, Ordering::Relaxed);
         assert!(host < 255, "too many namespaces in one lab");
+        reserve_neighbours(host.into(), &inner.raised_neighbours);
         let ip = Ipv4Addr::new(10, inner.subnet, 0, host as u8);
         // The veth pair is created inside the hub and the node namespace directly, so its names
         // only need to be unique there; still, the hub side carries the lab counter and the host
@@ -458,6 +532,9 @@ impl Drop for Lab {
             std::mem::take(&mut *a2a_proto::sync::lock(&inner.namespaces));
         for ns in namespaces.iter().rev() {
             delete_namespace(ns);
+        }
+        if inner.raised_neighbours.load(Ordering::Relaxed) {
+            release_neighbours();
         }
         let keep = failed || std::env::var_os("A2A_KEEP_LOGS").is_some();
         if !keep {

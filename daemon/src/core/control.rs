@@ -36,8 +36,10 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// Silence from the coordinator, in heartbeats, after which the connection is presumed dead.
 pub const SILENT_HEARTBEATS: u32 = 3;
-/// How long the coordinator may take to answer a registration.
-pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the coordinator may take to answer a registration: as long as three default
+/// heartbeats, since a coordinator that is slow under load (a swarm joining at once) is better
+/// waited for than met with a retry.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Overlay addresses tried when the derived one is taken.
 pub const MAX_ADDRESS_ATTEMPTS: u32 = 16;
 /// Handshakes closed in a row before the token's coordinator key is declared wrong.

@@ -35,6 +35,8 @@ const MAX_LEARNED: usize = 4;
 const MAX_PENDING: usize = 64;
 /// The same address is not probed again sooner than this because of received traffic.
 const REPROBE_GAP: Duration = Duration::from_secs(1);
+/// Addresses remembered with the time they were last probed because of received traffic.
+const MAX_SIGHTED: usize = 8;
 
 /// Where the peer's packets go now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +88,8 @@ pub struct PathState {
     /// The last direct address, used when there is no relay either.
     last_direct: Option<SocketAddr>,
     pending: Vec<Pending>,
+    /// When each address was last probed because the peer was seen there ([`Self::seen_at`]).
+    sighted: Vec<(SocketAddr, Instant)>,
     confirming: Option<(SocketAddr, u32)>,
     next_round: Instant,
     last_round: Option<Instant>,
@@ -103,6 +107,7 @@ impl PathState {
             direct: None,
             last_direct: None,
             pending: Vec::new(),
+            sighted: Vec::new(),
             confirming: None,
             next_round: now,
             last_round: None,
@@ -163,12 +168,6 @@ impl PathState {
             user,
         });
         Probe { addr, tx }
-    }
-
-    fn probed_recently(&self, now: Instant, addr: SocketAddr) -> bool {
-        self.pending
-            .iter()
-            .any(|p| p.addr == Some(addr) && now.saturating_duration_since(p.sent) < REPROBE_GAP)
     }
 
     /// A user's probe over the current path.
@@ -303,6 +302,13 @@ impl PathState {
 
     /// The peer reached us from `from` (an authenticated ping, or WireGuard data not from the
     /// direct address): returns a probe to send there if it could be a (better) path.
+    ///
+    /// Probed at once even when a round just probed `from`: the peer reaching us means it knows
+    /// us now, and the round's probe may have arrived before it did (a peer drops probes from
+    /// nodes it does not know yet, as every peer of a node that just joined does until the
+    /// coordinator's news of it arrives). Waiting for the next round would cost
+    /// [`UPGRADE_EVERY`]; this costs one round trip. Whatever the peer (or a replay of its
+    /// traffic) sends, `from` is probed for this at most once per [`REPROBE_GAP`].
     pub fn seen_at(&mut self, now: Instant, from: SocketAddr) -> Option<Probe> {
         if self.direct.is_some_and(|d| d.addr == from) {
             return None;
@@ -313,8 +319,18 @@ impl PathState {
             }
             self.learned.push(from);
         }
-        if self.direct.is_some() || self.probed_recently(now, from) {
+        if self.direct.is_some() {
             return None;
+        }
+        match self.sighted.iter_mut().find(|(a, _)| *a == from) {
+            Some((_, t)) if now.saturating_duration_since(*t) < REPROBE_GAP => return None,
+            Some((_, t)) => *t = now,
+            None => {
+                if self.sighted.len() >= MAX_SIGHTED {
+                    self.sighted.remove(0);
+                }
+                self.sighted.push((from, now));
+            }
         }
         Some(self.new_probe(now, Some(from), false))
     }
@@ -507,6 +523,37 @@ mod tests {
             }
         }
         assert_eq!(p.route(), Route::Direct(roamed));
+    }
+
+    #[test]
+    fn a_ping_from_the_peer_right_after_a_round_is_answered_with_a_probe_at_once() {
+        // Our round reached the peer before it knew us (it dropped the probe); its own probe
+        // then reaches us: probe back now, not at the next round, and upgrade in one round trip.
+        let t0 = Instant::now();
+        let addr = a("203.0.113.5:40000");
+        let mut p = PathState::new(t0, vec![addr]);
+        let mut round = Vec::new();
+        p.tick(t0, None, &mut round);
+        assert_eq!(round.len(), 1, "the round's probe, lost");
+        let t1 = t0 + Duration::from_millis(300);
+        let probe = p.seen_at(t1, addr).expect("probed again at once");
+        assert_eq!(probe.addr, Some(addr));
+        let seen = p.on_pong(t1 + Duration::from_millis(1), probe.tx, Some(addr));
+        let c = p.confirm_probe(t1, seen.unwrap().confirm.unwrap());
+        assert!(p.on_pong(t1, c.tx, Some(addr)).unwrap().upgraded);
+        assert_eq!(p.route(), Route::Direct(addr));
+        // However often the peer's traffic (or a replay of it) arrives, at most one such probe
+        // per address per REPROBE_GAP.
+        let mut p = PathState::new(t0, vec![addr]);
+        p.tick(t0, None, &mut Vec::new());
+        let sent = (0..100)
+            .filter_map(|i| p.seen_at(t0 + Duration::from_millis(10 * i), addr))
+            .count();
+        assert_eq!(sent, 1, "one probe in the first second");
+        assert!(
+            p.seen_at(t0 + REPROBE_GAP, addr).is_some(),
+            "and one in the next"
+        );
     }
 
     #[test]
