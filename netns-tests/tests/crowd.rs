@@ -1,4 +1,4 @@
-//! At swarm size: many nodes as open hosts on one bridge, all joining at once, every directed
+//! At swarm size (issue 12): many nodes as open hosts on one bridge, all joining at once, every directed
 //! path direct within 15 s. Needs root; see the crate documentation of `a2a_netns_tests`.
 //!
 //! Kept light for a 2-core machine: one a2ad per node and nothing else in its namespace (no
@@ -63,8 +63,12 @@ fn nonzero(sums: &BTreeMap<String, u64>) -> String {
 }
 
 #[test]
+#[ignore = "not yet in CI: it needs release binaries (debug daemons cannot keep 50 joins on 2 cores \
+            within `up`'s 20 s), and it passes in 10.7-11.5 s of its 15 s because the last paths \
+            wait for boringtun's 5 s handshake retries after cookie replies; run it with \
+            A2A_BIN_DIR=target/release cargo test -p a2a-netns-tests --test crowd -- --ignored"]
 fn fifty_open_nodes_joining_at_once_all_go_direct_within_15_s() {
-    let Some(lab) = Lab::new("swarm") else {
+    let Some(lab) = Lab::new("crowd") else {
         return;
     };
     require_tool("ip", "iproute2");
@@ -81,7 +85,7 @@ fn fifty_open_nodes_joining_at_once_all_go_direct_within_15_s() {
     });
     let joined = t0.elapsed();
     report(format!(
-        "swarm: {NODES} nodes joined in {:.1} s",
+        "crowd: {NODES} nodes joined in {:.1} s",
         joined.as_secs_f64()
     ));
 
@@ -96,10 +100,10 @@ fn fifty_open_nodes_joining_at_once_all_go_direct_within_15_s() {
         let direct: usize = counts.iter().map(|c| c.1).sum();
         let t = t0.elapsed().as_secs_f64();
         report(format!(
-            "swarm: t={t:.1}s {direct}/{want} directed paths direct: {kinds:?}"
+            "crowd: t={t:.1}s {direct}/{want} directed paths direct: {kinds:?}"
         ));
         if direct == want {
-            report(format!("swarm: counters {}", nonzero(&sums)));
+            report(format!("crowd: counters {}", nonzero(&sums)));
             break;
         }
         if Instant::now() >= deadline {
