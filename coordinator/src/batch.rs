@@ -12,10 +12,7 @@
 use std::net::SocketAddr;
 use std::ops::Range;
 
-/// Most segments in one UDP GSO send (the kernel's UDP_MAX_SEGMENTS is 64 on older kernels).
-pub const MAX_SEGMENTS: usize = 64;
-/// Most bytes in one UDP GSO send (an IPv4 datagram's payload limit, with room for headers).
-pub const MAX_GSO_BYTES: usize = 65000;
+pub use a2a_udpbatch::{MAX_GSO_BYTES, MAX_SEGMENTS};
 
 /// Consecutive datagrams of one buffer for one address: one send.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,4 +11,3 @@ pub mod registry;
 pub mod relay;
 pub mod server;
 pub mod switchboard;
-pub mod udpbatch;

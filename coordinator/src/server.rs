@@ -32,7 +32,7 @@ use crate::limits::{Admission, Drops, Limits, OverLimit, Seat};
 use crate::registry::ConnId;
 use crate::relay::{Dest, RelayDrop, RelayTable};
 use crate::switchboard::{Count, Outbox, RelayChange, Switchboard};
-use crate::udpbatch;
+use a2a_udpbatch as udpbatch;
 
 /// How often nodes heartbeat, and how long a silent registration lives.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);

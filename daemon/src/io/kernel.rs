@@ -12,12 +12,12 @@ use tokio::net::{TcpStream, UdpSocket};
 use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::netconf::NetConf;
-use super::udpbatch;
 use super::{
     Connector, FastPaths, Platform, Received, SessionIo, TunDevice, TunReader, TunWriter,
     UdpTransport, Underlay,
 };
 use crate::core::wg::OVERLAY_MTU;
+use a2a_udpbatch as udpbatch;
 
 /// Largest datagram or packet handled.
 const BUF_LEN: usize = 65536;

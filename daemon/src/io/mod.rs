@@ -18,7 +18,6 @@ pub mod fake;
 pub mod kernel;
 pub mod netconf;
 pub mod state;
-pub mod udpbatch;
 
 /// Datagrams received in one call: `len` bytes at the start of the caller's buffer, in
 /// datagrams of `segment` bytes each (the last may be shorter; one datagram: `segment == len`),

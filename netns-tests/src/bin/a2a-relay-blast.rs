@@ -19,12 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use a2a_coordinator::udpbatch;
 use a2a_proto::control::{ClientMsg, ServerMsg};
 use a2a_proto::keys::{RelaySecret, Signature, REGISTER_CONTEXT};
 use a2a_proto::noise_channel::{handshake_initiator, FrameReader, FrameWriter};
 use a2a_proto::udp::{write_relay_header, A2aDatagram, MAX_A2A_DATAGRAM, RELAY_HEADER_LEN};
 use a2a_proto::{NetworkKey, NodeKey, NodeRecord};
+use a2a_udpbatch as udpbatch;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 

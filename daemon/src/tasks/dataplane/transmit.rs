@@ -16,8 +16,8 @@ use crate::core::counters::Counters;
 use crate::core::path::Route;
 use crate::core::peers::Peer;
 use crate::core::wg::{action, ipv4_destination, pad_plaintext, Action, WG_DATA_OVERHEAD};
-use crate::io::udpbatch::MAX_GSO_BYTES;
 use crate::io::{Platform, TunDevice, TunReader, UdpTransport};
+use a2a_udpbatch::MAX_GSO_BYTES;
 
 impl<P: Platform> DataPlane<P> {
     pub async fn tun_to_udp(self: Arc<Self>) {

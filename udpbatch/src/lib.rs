@@ -1,16 +1,18 @@
-//! UDP batching on Linux for the relay: one `sendmsg` carries many equal-sized datagrams to one
-//! address (UDP_SEGMENT, "UDP GSO"), one `recvmsg` returns many datagrams of one sender coalesced
-//! by the kernel (UDP_GRO), and several sockets share the port (SO_REUSEPORT) so that each core
-//! has a receive loop of its own. Both offloads are probed at start-up; without them every
-//! datagram is its own call.
-//!
-//! The system calls are the daemon's (`daemon/src/io/udpbatch.rs`), copied: the two crates share
-//! only wire types, and these few lines do not justify a crate of their own.
+//! UDP batching on Linux, for a2ad's data plane and the coordinator's relay: one `sendmsg`
+//! carries many equal-sized datagrams to one address (UDP_SEGMENT, "UDP GSO"), one `recvmsg`
+//! returns many datagrams of one sender coalesced by the kernel (UDP_GRO), and several sockets
+//! share a port (SO_REUSEPORT) so that each core has a receive loop of its own. Both offloads
+//! are probed at start-up; without them every datagram is its own call.
 
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{FromRawFd, RawFd};
+
+/// Most segments in one UDP GSO send (the kernel's UDP_MAX_SEGMENTS is 64 on older kernels).
+pub const MAX_SEGMENTS: usize = 64;
+/// Most bytes in one UDP GSO send (an IPv4 datagram's payload limit, with room for headers).
+pub const MAX_GSO_BYTES: usize = 65000;
 
 fn set_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: `value` lives across the call and its size is passed.
