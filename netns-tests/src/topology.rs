@@ -64,7 +64,8 @@ fn reserve_neighbours(hosts: u64, holds: &std::sync::atomic::AtomicBool) {
     let (Some(soft), Some(hard)) = (neigh_limit("gc_thresh2"), neigh_limit("gc_thresh3")) else {
         return;
     };
-    if hard >= need {
+    // A small lab fits in the default table beside everything else: leave the host alone.
+    if hosts * hosts <= hard / 2 || hard >= need {
         return;
     }
     let need = need.next_multiple_of(1024);
