@@ -21,18 +21,8 @@ use common::*;
 #[tokio::test(start_paused = true)]
 async fn up_returns_with_the_peers_already_there_and_packets_cross() {
     let w = world();
-    let a = Node::join(
-        &w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
-        "alpha",
-        &w.token,
-    )
-    .await;
-    let b = Node::join(
-        &w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
-        "bravo",
-        &w.token,
-    )
-    .await;
+    let a = w.join(1, "alpha").await;
+    let b = w.join(2, "bravo").await;
     assert!(
         b.peer(&a).await.is_some(),
         "up returns once alpha is in bravo's table"
@@ -47,10 +37,7 @@ async fn up_returns_with_the_peers_already_there_and_packets_cross() {
 #[tokio::test(start_paused = true)]
 async fn traffic_starts_on_the_relay_and_moves_to_the_direct_path() {
     let w = world();
-    let (ha, hb) = (
-        w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
-        w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
-    );
+    let (ha, hb) = (w.public(1), w.public(2));
     // No direct path at first: the handshake and the data go through the relay.
     w.net.block_udp(&ha, &hb, Direction::BothWays);
     let a = Node::join(&ha, "alpha", &w.token).await;
@@ -82,16 +69,10 @@ async fn traffic_starts_on_the_relay_and_moves_to_the_direct_path() {
 #[tokio::test(start_paused = true)]
 async fn a_silent_direct_path_falls_back_to_the_relay_and_traffic_goes_on() {
     let w = world();
-    let (ha, hb) = (
-        w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
-        w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
-    );
+    let (ha, hb) = (w.public(1), w.public(2));
     let a = Node::join(&ha, "alpha", &w.token).await;
     let b = Node::join(&hb, "bravo", &w.token).await;
-    wait_until(Duration::from_secs(15), "a direct path", || async {
-        a.path_to(&b).await == "direct"
-    })
-    .await;
+    wait_direct(&a, &b, Duration::from_secs(15)).await;
     assert!(reaches(&a, &b, b"direct").await);
     w.net.block_udp(&ha, &hb, Direction::BothWays);
     wait_until(Duration::from_secs(15), "the fallback", || async {
@@ -136,12 +117,7 @@ async fn a_node_whose_public_address_changes_is_reached_directly_at_the_new_one(
     let w = world();
     let nat = w.net.nat(Ipv4Addr::new(192, 0, 2, 1), NatKind::Easy);
     let a = Node::join(&nat.host(Ipv4Addr::new(10, 0, 0, 2)), "roamer", &w.token).await;
-    let b = Node::join(
-        &w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
-        "bravo",
-        &w.token,
-    )
-    .await;
+    let b = w.join(2, "bravo").await;
     wait_until(Duration::from_secs(15), "a direct path", || async {
         b.path_to(&a).await == "direct"
     })
@@ -167,24 +143,9 @@ async fn a_node_whose_public_address_changes_is_reached_directly_at_the_new_one(
 #[tokio::test(start_paused = true)]
 async fn a_packet_from_another_members_address_is_dropped_and_counted() {
     let w = world();
-    let a = Node::join(
-        &w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
-        "alpha",
-        &w.token,
-    )
-    .await;
-    let b = Node::join(
-        &w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
-        "bravo",
-        &w.token,
-    )
-    .await;
-    let c = Node::join(
-        &w.net.host(Ipv4Addr::new(198, 51, 100, 3)),
-        "charlie",
-        &w.token,
-    )
-    .await;
+    let a = w.join(1, "alpha").await;
+    let b = w.join(2, "bravo").await;
+    let c = w.join(3, "charlie").await;
     assert!(reaches(&a, &b, b"genuine").await);
     // alpha forges charlie's address as the source of a packet to bravo.
     a.tun().inject(ipv4_udp(c.ip, b.ip, b"forged source"));
@@ -199,10 +160,7 @@ async fn a_packet_from_another_members_address_is_dropped_and_counted() {
 async fn bursts_cross_intact_and_in_order_across_gso_batch_boundaries() {
     for (max_segments, gro) in [(64, true), (64, false), (1, true), (3, true)] {
         let w = world();
-        let (ha, hb) = (
-            w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
-            w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
-        );
+        let (ha, hb) = (w.public(1), w.public(2));
         let mut options = ha.udp_options();
         options.max_segments = max_segments;
         ha.set_udp_options(options);
@@ -211,10 +169,7 @@ async fn bursts_cross_intact_and_in_order_across_gso_batch_boundaries() {
         hb.set_udp_options(options);
         let a = Node::join(&ha, "alpha", &w.token).await;
         let b = Node::join(&hb, "bravo", &w.token).await;
-        wait_until(Duration::from_secs(15), "a direct path", || async {
-            a.path_to(&b).await == "direct"
-        })
-        .await;
+        wait_direct(&a, &b, Duration::from_secs(15)).await;
         assert!(reaches(&a, &b, b"warm").await);
         // Runs of equal sizes broken by shorter and longer packets: each change of size, and
         // every 64th datagram, ends a GSO batch.
@@ -256,10 +211,7 @@ async fn bursts_cross_intact_and_in_order_across_gso_batch_boundaries() {
 #[tokio::test(start_paused = true)]
 async fn without_udp_to_the_coordinator_the_relay_runs_over_the_control_connection() {
     let w = world();
-    let (ha, hb) = (
-        w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
-        w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
-    );
+    let (ha, hb) = (w.public(1), w.public(2));
     // alpha reaches the coordinator over TCP only, and bravo not at all over UDP directly.
     w.net.block_udp(&ha, &w.hub_host, Direction::BothWays);
     w.net.block_udp(&ha, &hb, Direction::BothWays);
@@ -278,22 +230,9 @@ async fn without_udp_to_the_coordinator_the_relay_runs_over_the_control_connecti
 #[tokio::test(start_paused = true)]
 async fn tunnels_outlive_a_coordinator_restart_and_the_new_one_admits_new_members() {
     let mut w = world();
-    let a = Node::join(
-        &w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
-        "alpha",
-        &w.token,
-    )
-    .await;
-    let b = Node::join(
-        &w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
-        "bravo",
-        &w.token,
-    )
-    .await;
-    wait_until(Duration::from_secs(15), "a direct path", || async {
-        a.path_to(&b).await == "direct"
-    })
-    .await;
+    let a = w.join(1, "alpha").await;
+    let b = w.join(2, "bravo").await;
+    wait_direct(&a, &b, Duration::from_secs(15)).await;
     w.hub.stop();
     // The coordinator is gone: members keep each other, the tunnel carries on.
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -312,12 +251,7 @@ async fn tunnels_outlive_a_coordinator_restart_and_the_new_one_admits_new_member
         a.status().await.self_.unwrap().registered && b.status().await.self_.unwrap().registered
     })
     .await;
-    let c = Node::join(
-        &w.net.host(Ipv4Addr::new(198, 51, 100, 3)),
-        "charlie",
-        &w.token,
-    )
-    .await;
+    let c = w.join(3, "charlie").await;
     assert!(c.peer(&a).await.is_some() && c.peer(&b).await.is_some());
     wait_until(
         Duration::from_secs(5),
@@ -332,24 +266,9 @@ async fn tunnels_outlive_a_coordinator_restart_and_the_new_one_admits_new_member
 #[tokio::test(start_paused = true)]
 async fn a_kicked_member_is_dropped_by_everyone_and_reaches_nobody() {
     let w = world();
-    let a = Node::join(
-        &w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
-        "alpha",
-        &w.token,
-    )
-    .await;
-    let b = Node::join(
-        &w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
-        "bravo",
-        &w.token,
-    )
-    .await;
-    let c = Node::join(
-        &w.net.host(Ipv4Addr::new(198, 51, 100, 3)),
-        "charlie",
-        &w.token,
-    )
-    .await;
+    let a = w.join(1, "alpha").await;
+    let b = w.join(2, "bravo").await;
+    let c = w.join(3, "charlie").await;
     assert!(reaches(&c, &a, b"before").await);
     let (name, _, holds_secret) = a.daemon.kick("charlie").await.unwrap();
     assert_eq!(name, "charlie");
@@ -382,19 +301,13 @@ async fn a_kicked_member_is_dropped_by_everyone_and_reaches_nobody() {
 async fn a_node_behind_a_lossy_slow_link_still_gets_a_direct_path_and_keeps_it() {
     use a2a_daemon::io::fake::net::Impairment;
     let w = world();
-    let (ha, hb) = (
-        w.net.host(Ipv4Addr::new(198, 51, 100, 1)),
-        w.net.host(Ipv4Addr::new(198, 51, 100, 2)),
-    );
+    let (ha, hb) = (w.public(1), w.public(2));
     let mut lossy = Impairment::latency(Duration::from_millis(20), Duration::from_millis(5));
     lossy.loss_percent = 3.0;
     ha.set_impairment(lossy);
     let a = Node::join(&ha, "alpha", &w.token).await;
     let b = Node::join(&hb, "bravo", &w.token).await;
-    wait_until(Duration::from_secs(15), "a direct path", || async {
-        a.path_to(&b).await == "direct"
-    })
-    .await;
+    wait_direct(&a, &b, Duration::from_secs(15)).await;
     // A lost probe or two is not a dead path: a minute later, still direct, no fallback.
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(a.path_to(&b).await, "direct");

@@ -44,7 +44,7 @@ pub use capture::Capture;
 pub use checks::{assert_private_files, in_prefix};
 pub use coordinator::{CoordOpts, Coordinator, COORDINATOR_PORT, DEFAULT_PREFIX};
 pub use node::{Node, NODE_PORT, OVERLAY_TIMEOUT};
-pub use process::{require_tool, require_tools, run_host, Bins, Output, Proc};
+pub use process::{cpu_time, require_tool, require_tools, run_host, Bins, Output, Proc};
 pub use services::{HttpServer, HTTP_PORT, IPERF_PORT};
 pub use status::{PeerStatus, SelfStatus, Status};
 pub use timing::{in_ci, poll, report, wait_for, wait_until};

@@ -26,7 +26,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use a2a_netns_tests::{
-    report, require_tools, wait_for, CoordOpts, Coordinator, Lab, Node, Proc, OVERLAY_TIMEOUT,
+    cpu_time, report, require_tools, wait_for, CoordOpts, Coordinator, Lab, Node, Proc,
+    OVERLAY_TIMEOUT,
 };
 
 /// New TCP connections per second of each TCP kind (hold, half, full): 3000 a second in all.
@@ -119,21 +120,6 @@ fn flood_counts(stdout: &str) -> (f64, BTreeMap<String, u64>) {
         }
     }
     (t, counts)
-}
-
-/// CPU time (user + system) process `pid` has used so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at the state, field 3.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Duration::from_secs_f64(ticks as f64 / hz)
 }
 
 fn get(m: &BTreeMap<String, u64>, k: &str) -> u64 {

@@ -20,7 +20,7 @@
 
 use std::time::{Duration, Instant};
 
-use a2a_netns_tests::{report, CoordOpts, Lab};
+use a2a_netns_tests::{cpu_time, report, CoordOpts, Lab};
 
 /// A size from the environment, or the default for this build.
 fn setting(name: &str, optimised: u64, debug: u64) -> u64 {
@@ -48,20 +48,6 @@ fn rss_kb(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// CPU time (user + system) process `pid` has used so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Duration::from_secs_f64(ticks as f64 / hz)
 }
 
 #[test]

@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use a2a_netns_tests::{
-    report, require_tool, wait_until, CoordOpts, Lab, Node, Ns, NODE_PORT, OVERLAY_TIMEOUT,
+    cpu_time, report, require_tool, wait_until, CoordOpts, Lab, Node, Ns, NODE_PORT,
+    OVERLAY_TIMEOUT,
 };
 use a2a_wg_forge as wg_forge;
 
@@ -23,17 +24,6 @@ const PATH_TIMEOUT: Duration = Duration::from_secs(25);
 const MTU: usize = 1420;
 
 /// CPU time (user + system) a process has used, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses): utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
-}
-
 /// Seconds since `n`'s last WireGuard handshake with peer `peer` (None: no session).
 fn handshake_age(n: &Node, peer: &str) -> Option<u64> {
     n.status()
@@ -481,7 +471,7 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
     // The flood, from a host with a real address that knows bravo's public key.
     let evil = lab.add_ns("evil");
     let bravo_wan = SocketAddr::new(bravo.wan_ip().into(), NODE_PORT);
-    let cpu_before = cpu_seconds(bravo.daemon().pid());
+    let cpu_before = cpu_time(bravo.daemon().pid());
     let bravo_key = public_key(&bravo);
     let flood = Flood::start(&evil, bravo_wan, bravo_key, false);
     let flood_started = Instant::now();
@@ -520,7 +510,7 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
     alpha.wait_http(&bravo, Duration::from_secs(15));
     let age_during = handshake_age(&bravo, "alpha").unwrap();
     let flood_secs = flood_started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(bravo.daemon().pid()) - cpu_before;
+    let cpu = (cpu_time(bravo.daemon().pid()) - cpu_before).as_secs_f64();
     let (sent, cookies_back, _) = flood.stop();
     let cookies_sent = bravo.counter("wg_cookies_sent") - cookies_before;
     report(format!(
@@ -553,14 +543,14 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
     // bravo lets 20 a second through per source (boringtun alone would let them all through).
     let unknown_before = bravo.counter("udp_unknown_peer");
     let limited_before = bravo.counter("wg_handshake_rate_limited");
-    let cpu_before = cpu_seconds(bravo.daemon().pid());
+    let cpu_before = cpu_time(bravo.daemon().pid());
     let flood = Flood::start(&evil, bravo_wan, bravo_key, true);
     let flood_started = Instant::now();
     std::thread::sleep(Duration::from_secs(5));
     alpha.wait_http(&bravo, Duration::from_secs(15));
     bravo.wait_http(&alpha, Duration::from_secs(15));
     let flood_secs = flood_started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(bravo.daemon().pid()) - cpu_before;
+    let cpu = (cpu_time(bravo.daemon().pid()) - cpu_before).as_secs_f64();
     let (sent, cookies_back, with_cookie) = flood.stop();
     let attempted = bravo.counter("udp_unknown_peer") - unknown_before;
     let limited = bravo.counter("wg_handshake_rate_limited") - limited_before;

@@ -310,6 +310,26 @@ pub struct World {
     pub token: String,
 }
 
+impl World {
+    /// The public host 198.51.100.`n`.
+    pub fn public(&self, n: u8) -> Host {
+        self.net.host(Ipv4Addr::new(198, 51, 100, n))
+    }
+
+    /// A node on the public host 198.51.100.`n`, joined as `name`.
+    pub async fn join(&self, n: u8, name: &str) -> Node {
+        Node::join(&self.public(n), name, &self.token).await
+    }
+}
+
+/// Waits until `a`'s path to `b` is direct.
+pub async fn wait_direct(a: &Node, b: &Node, within: Duration) {
+    wait_until(within, "a direct path", || async {
+        a.path_to(b).await == "direct"
+    })
+    .await;
+}
+
 pub fn world() -> World {
     let net = FakeNet::with_seed(7);
     let hub_host = net.host(HUB_IP);
