@@ -364,9 +364,102 @@ impl Lab {
     /// Like a home router's firewall it drops unsolicited traffic from the wan, to itself as
     /// well as to the LAN; dropped before conntrack confirms it, such a packet leaves no entry
     /// that would clash with (and so renumber) the mapping of a LAN node punching out.
+    ///
+    /// A [`Nat::EasyNoFirewall`] router has no firewall, and reaches the wan through an ISP's
+    /// router of its own ([`Lab::add_ns_via_isp`]): between two customers' routers on the
+    /// internet there is always at least one router of their ISPs.
     pub fn router(&self, role: &str, nat: Nat) -> Router {
         require_tools(&[("nft", "nftables"), ("sysctl", "procps")]);
+        let ns = match nat {
+            Nat::EasyNoFirewall => self.add_ns_via_isp(role),
+            _ => self.add_ns(role),
+        };
+        self.make_router(ns, nat)
+    }
+
+    /// A router like [`Lab::router`], but on the wan segment itself whatever its kind: two of
+    /// them are neighbours, as two cloud VMs of one subnet or two Docker hosts of one LAN.
+    pub fn router_on_segment(&self, role: &str, nat: Nat) -> Router {
+        require_tools(&[("nft", "nftables"), ("sysctl", "procps")]);
         let ns = self.add_ns(role);
+        self.make_router(ns, nat)
+    }
+
+    /// A router whose wan side is on `outer`'s LAN: a home router behind a carrier-grade NAT
+    /// (double NAT). Its LAN is a `192.168.<k>.0/24` of its own.
+    pub fn router_behind(&self, outer: &Router, role: &str, nat: Nat) -> Router {
+        require_tools(&[("nft", "nftables"), ("sysctl", "procps")]);
+        let mut ns = self.add_ns_behind(outer, role);
+        ns.wan_ip = Some(self.lan_ip_of(&ns));
+        self.make_router(ns, nat)
+    }
+
+    fn lan_ip_of(&self, ns: &Ns) -> Ipv4Addr {
+        let out = ns.exec(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+        out.stdout
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no IPv4 address on {}'s eth0: {}", ns.name, out.stdout))
+    }
+
+    /// A namespace with an address of the wan subnet that reaches the wan through a router of
+    /// its own (`isp-<role>`, a plain forwarder on the wan bridge answering ARP for it): a
+    /// packet between it and any other wan host crosses one more router, which decrements its
+    /// TTL. `role` must be unique in the lab.
+    pub fn add_ns_via_isp(&self, role: &str) -> Ns {
+        let isp = self.add_ns(&format!("isp-{role}"));
+        let isp_ip = isp.wan_ip.expect("a wan address");
+        let inner = &self.inner;
+        let name = inner.create_ns(role);
+        let host = inner.next_host.fetch_add(1, Ordering::Relaxed);
+        assert!(host < 255, "too many namespaces in one lab");
+        reserve_neighbours(host.into(), &inner.raised_neighbours);
+        let ip = Ipv4Addr::new(10, inner.subnet, 0, host as u8);
+        let (i, n) = (isp.name.as_str(), name.as_str());
+        inner.host(&[
+            "ip", "-n", i, "link", "add", "down0", "type", "veth", "peer", "name", "eth0", "netns",
+            n,
+        ]);
+        inner.host(&["ip", "-n", i, "link", "set", "down0", "up"]);
+        inner.host(&[
+            "ip",
+            "-n",
+            i,
+            "route",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            "down0",
+        ]);
+        for key in ["net.ipv4.ip_forward=1", "net.ipv4.conf.eth0.proxy_arp=1"] {
+            inner.host(&["ip", "netns", "exec", i, "sysctl", "-qw", key]);
+        }
+        inner.host(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            "eth0",
+        ]);
+        inner.host(&["ip", "-n", n, "link", "set", "eth0", "up"]);
+        let isp_ip = isp_ip.to_string();
+        inner.host(&["ip", "-n", n, "route", "add", &isp_ip, "dev", "eth0"]);
+        inner.host(&["ip", "-n", n, "route", "add", "default", "via", &isp_ip]);
+        Ns {
+            name,
+            role: role.to_string(),
+            wan_ip: Some(ip),
+            lab: inner.clone(),
+        }
+    }
+
+    fn make_router(&self, ns: Ns, nat: Nat) -> Router {
         let k = self.inner.next_host.fetch_add(1, Ordering::Relaxed);
         let lan = Ipv4Addr::new(192, 168, k as u8, 1);
         let n = ns.name.as_str();
@@ -405,17 +498,22 @@ impl Lab {
         inner.host(&["ip", "-n", n, "link", "set", "lan0", "up"]);
         let masquerade = match nat {
             Nat::Easy | Nat::NoUdp => "masquerade persistent",
+            Nat::EasyNoFirewall => "masquerade",
             Nat::Hard => "masquerade random,fully-random",
         };
         let no_udp = match nat {
             Nat::NoUdp => "oifname \"eth0\" meta l4proto udp drop",
             _ => "",
         };
-        let rules = format!(
+        let firewall = nat != Nat::EasyNoFirewall;
+        let mut rules = format!(
             "table ip a2a_nat {{\n\
                chain postrouting {{ type nat hook postrouting priority srcnat; oifname \"eth0\" {masquerade}; }}\n\
-             }}\n\
-             table inet a2a_fw {{\n\
+             }}\n"
+        );
+        if firewall {
+            rules += &format!(
+                "table inet a2a_fw {{\n\
                chain input {{ type filter hook input priority filter; policy accept;\n\
                  iifname \"eth0\" ct state established,related accept\n\
                  iifname \"eth0\" drop\n\
@@ -426,8 +524,9 @@ impl Lab {
                  {no_udp}\n\
                }}\n\
              }}\n"
-        );
-        let file = self.inner.dir.join(format!("{role}.nft"));
+            );
+        }
+        let file = self.inner.dir.join(format!("{}.nft", ns.role));
         fs::write(&file, rules).expect("write nftables rules");
         ns.exec(&["nft", "-f", &file.to_string_lossy()]).expect_ok();
         Router {
@@ -623,6 +722,13 @@ pub enum Nat {
     Easy,
     /// `masquerade random,fully-random`: a new mapping per destination. Punching fails.
     Hard,
+    /// Plain `masquerade` and no firewall at all (input and forward accept), like a cloud VM
+    /// used as a NAT gateway, a Docker host or many small routers: an unsolicited datagram to
+    /// the router's own address is delivered to its own stack (no listener: an ICMP error
+    /// goes back), and conntrack keeps an entry for it whose reply tuple then renumbers the
+    /// mapping of a LAN node that punches towards the same address and port. Reaches the wan
+    /// through an ISP router of its own ([`Lab::router`]).
+    EasyNoFirewall,
     /// Easy NAT, and all outbound UDP dropped: only TCP reaches the coordinator.
     NoUdp,
 }

@@ -550,3 +550,146 @@ fn forged_relay_frames_and_probes_move_nothing() {
     charlie.up_ok(&coord.token);
     charlie.wait_http(&alpha, OVERLAY_TIMEOUT);
 }
+
+/// Brings `nodes` up one after the other (on a thread of its own) while watching the paths of
+/// `pairs` (both directions): for each, how long after the later of its two `up`s it first
+/// showed `direct`. Watches until every pair is direct or `timeout` after the last `up`.
+fn join_and_time_direct(
+    nodes: &[Node],
+    token: &str,
+    pairs: &[(&str, &str)],
+    timeout: Duration,
+) -> BTreeMap<(String, String), Option<Duration>> {
+    let by_name: BTreeMap<&str, &Node> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let ups = std::sync::Mutex::new(BTreeMap::<String, Instant>::new());
+    let mut seen: BTreeMap<(String, String), Option<Duration>> = BTreeMap::new();
+    for (a, b) in pairs {
+        seen.insert((a.to_string(), b.to_string()), None);
+        seen.insert((b.to_string(), a.to_string()), None);
+    }
+    std::thread::scope(|s| {
+        let joiner = s.spawn(|| {
+            for n in nodes {
+                n.up_ok(token);
+                ups.lock().unwrap().insert(n.name.clone(), Instant::now());
+            }
+        });
+        let mut all_up: Option<Instant> = None;
+        loop {
+            if all_up.is_none() && joiner.is_finished() {
+                all_up = Some(Instant::now());
+            }
+            if all_up.is_some_and(|t| t.elapsed() > timeout) || seen.values().all(Option::is_some) {
+                break;
+            }
+            let ups = ups.lock().unwrap().clone();
+            for ((a, b), t) in seen.iter_mut().filter(|(_, t)| t.is_none()) {
+                let (Some(ua), Some(ub)) = (ups.get(a), ups.get(b)) else {
+                    continue;
+                };
+                if let Ok((path, _)) = by_name[a.as_str()].path_to(b) {
+                    if path == "direct" {
+                        *t = Some(ua.max(ub).elapsed());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    seen
+}
+
+/// Routers that are plain Linux boxes with `masquerade` and no firewall (a cloud VM as a NAT
+/// gateway, a Docker host), with every existing kind, and a home router behind a carrier-grade
+/// NAT: pairs that can be direct go direct within 10 s of joining, and stay so. Two such
+/// routers that are neighbours on one segment cannot be punched (see the README): they relay,
+/// steadily.
+#[test]
+fn routers_without_a_firewall_and_double_nat_go_direct() {
+    let Some(lab) = Lab::new("nofw_nat") else {
+        return;
+    };
+    require_tools(&[("nft", "nftables"), ("sysctl", "procps")]);
+    let coord = lab.coordinator(CoordOpts::default());
+    let nofw1 = lab.router("rtr-nofw1", Nat::EasyNoFirewall);
+    let nofw2 = lab.router("rtr-nofw2", Nat::EasyNoFirewall);
+    let easy = lab.router("rtr-easy", Nat::Easy);
+    let hard = lab.router("rtr-hard", Nat::Hard);
+    let cgn = lab.router("rtr-cgn", Nat::EasyNoFirewall);
+    let home = lab.router_behind(&cgn, "rtr-home", Nat::Easy);
+    let seg1 = lab.router_on_segment("rtr-seg1", Nat::EasyNoFirewall);
+    let seg2 = lab.router_on_segment("rtr-seg2", Nat::EasyNoFirewall);
+    let nodes = vec![
+        lab.node("open"),
+        lab.node_behind(&easy, "easy"),
+        lab.node_behind(&nofw1, "nofw-a"),
+        lab.node_behind(&nofw2, "nofw-b"),
+        lab.node_behind(&hard, "hard"),
+        lab.node_behind(&home, "dnat"),
+        lab.node_behind(&seg1, "seg-a"),
+        lab.node_behind(&seg2, "seg-b"),
+    ];
+    let by_name: BTreeMap<&str, &Node> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    for n in &nodes {
+        n.serve_http();
+    }
+    let direct = [
+        ("nofw-a", "nofw-b"),
+        ("nofw-a", "open"),
+        ("nofw-a", "easy"),
+        ("nofw-b", "open"),
+        ("nofw-b", "easy"),
+        ("dnat", "open"),
+        ("dnat", "easy"),
+        ("dnat", "nofw-a"),
+        ("seg-a", "open"),
+        ("seg-a", "nofw-a"),
+    ];
+    // Reported, not required: a hard NAT against the others, and an unfirewalled router
+    // against a neighbouring firewalled one (direct only when the unfirewalled side's round
+    // comes first; see the README).
+    let maybe = [("nofw-a", "hard"), ("dnat", "hard"), ("seg-a", "easy")];
+    let all: Vec<(&str, &str)> = direct.iter().chain(maybe.iter()).copied().collect();
+    let times = join_and_time_direct(&nodes, &coord.token, &all, Duration::from_secs(15));
+    for ((a, b), t) in &times {
+        report(format!(
+            "nofw_nat: {a} -> {b}: {}",
+            t.map_or("not direct".to_string(), |t| format!(
+                "direct {} ms after the later `up`",
+                t.as_millis()
+            ))
+        ));
+    }
+    for (a, b) in direct {
+        for (x, y) in [(a, b), (b, a)] {
+            let t = times[&(x.to_string(), y.to_string())];
+            assert!(
+                t.is_some_and(|t| t <= Duration::from_secs(10)),
+                "{x} -> {y} should be direct within 10 s of joining: {t:?}"
+            );
+        }
+    }
+    // They stay direct; the neighbours stay relayed (no flapping); HTTP works everywhere.
+    let fallbacks: u64 = nodes.iter().map(|n| n.counter("path_fallbacks")).sum();
+    std::thread::sleep(Duration::from_secs(6));
+    for (a, b) in direct {
+        for (x, y) in [(a, b), (b, a)] {
+            let (path, ep) = by_name[x].path_to(y).unwrap();
+            assert_eq!(path, "direct", "{x} -> {y} fell back ({ep:?})");
+        }
+        by_name[a].wait_http(by_name[b], OVERLAY_TIMEOUT);
+    }
+    for (x, y) in [("seg-a", "seg-b"), ("seg-b", "seg-a")] {
+        let (path, _) = by_name[x].path_to(y).unwrap();
+        report(format!(
+            "nofw_nat: {x} -> {y} (neighbouring routers): {path}"
+        ));
+        by_name[x].wait_http(by_name[y], OVERLAY_TIMEOUT);
+    }
+    let after: u64 = nodes.iter().map(|n| n.counter("path_fallbacks")).sum();
+    assert_eq!(after, fallbacks, "a direct path fell back");
+    for n in &nodes {
+        n.assert_daemon_running();
+    }
+    coord.assert_running();
+}

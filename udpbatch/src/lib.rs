@@ -146,6 +146,49 @@ pub fn send_segments(fd: RawFd, buf: &[u8], segment: u16, addr: SocketAddr) -> i
     }
 }
 
+/// Sends one datagram `buf` to `addr` with the IP TTL (IPv6: hop limit) `ttl` instead of the
+/// socket's, as a control message, so other sends on the socket keep theirs. An IPv4
+/// destination (also one written as IPv4-mapped IPv6 on a dual-stack socket) takes `IP_TTL`,
+/// an IPv6 one `IPV6_HOPLIMIT`. Non-blocking: WouldBlock when the socket buffer is full.
+pub fn send_with_ttl(fd: RawFd, buf: &[u8], addr: SocketAddr, ttl: u8) -> io::Result<usize> {
+    let v4 = match addr {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
+    };
+    let (level, kind) = if v4 {
+        (libc::IPPROTO_IP, libc::IP_TTL)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT)
+    };
+    let (mut name, name_len) = to_sockaddr(addr);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let mut control = CmsgBuf([0; 64]);
+    // SAFETY: as in `send_segments`; the one cmsg (CMSG_SPACE(4) <= 64) lies within `control`.
+    unsafe {
+        let mut msg: libc::msghdr = zeroed();
+        msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
+        msg.msg_namelen = name_len;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, ttl.into());
+        let n = libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT);
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
 /// Receives into `buf`: (bytes, sender, segment size). With UDP_GRO the bytes may be several
 /// datagrams of `segment` bytes each (the last may be shorter); else `segment` is the length.
 /// Non-blocking: WouldBlock when nothing is queued.
@@ -292,5 +335,43 @@ mod tests {
             }
         }
         assert_eq!(got, payload);
+    }
+
+    /// The TTL of one datagram is the one asked for; the socket's own is left alone.
+    #[test]
+    fn a_datagram_carries_its_own_ttl() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_int(rx.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVTTL, 1).unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let to = rx.local_addr().unwrap();
+        let ttl_of_next = || -> i32 {
+            let mut peek = [0u8; 1];
+            rx.peek_from(&mut peek).unwrap();
+            let mut buf = [0u8; 64];
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+                iov_len: buf.len(),
+            };
+            let mut control = CmsgBuf([0; 64]);
+            // SAFETY: as in recv_segments.
+            unsafe {
+                let mut msg: libc::msghdr = zeroed();
+                msg.msg_iov = &mut iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = control.0.as_mut_ptr() as *mut libc::c_void;
+                msg.msg_controllen = control.0.len() as _;
+                assert!(libc::recvmsg(rx.as_raw_fd(), &mut msg, 0) > 0);
+                let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                assert!(!cmsg.is_null(), "no TTL control message");
+                assert_eq!((*cmsg).cmsg_type, libc::IP_TTL);
+                std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int)
+            }
+        };
+        assert_eq!(send_with_ttl(tx.as_raw_fd(), b"low", to, 2).unwrap(), 3);
+        assert_eq!(ttl_of_next(), 2);
+        tx.send_to(b"default", to).unwrap();
+        assert_eq!(ttl_of_next(), 64, "the socket's TTL is unchanged");
     }
 }

@@ -3,8 +3,16 @@
 //! probe answers and received data, and carries out the probes it asks for.
 //!
 //! - Traffic starts on the relay; every candidate address is probed at once and again every
-//!   [`UPGRADE_EVERY`] while the peer is relayed (each round also asks the coordinator to make the
-//!   peer probe back, which opens both NATs).
+//!   [`UPGRADE_EVERY`] while the peer is relayed, and each round asks the coordinator to make the
+//!   peer probe back (a punch).
+//! - A round's probes carry the node's *round TTL* (see [`round_ttl`]): enough to leave its own
+//!   NATs, opening their mappings towards the peer, and to reach hosts on its own links, but
+//!   too little to reach the peer's router. Only a punch from the peer (sent after the peer's
+//!   own round opened its NAT towards us) or the peer's own traffic reaching us makes us probe
+//!   with the full TTL. A NAT router without a firewall delivers an unsolicited datagram to its
+//!   own stack, and conntrack then holds an entry whose reply tuple makes the router give its
+//!   node's later packets towards us another port, for as long as we keep sending: probes that
+//!   arrive only once the peer's mapping exists never make such an entry.
 //! - A candidate becomes the direct path after [`CONFIRM_PONGS`] answered probes in a row
 //!   (the second is sent as soon as the first is answered): one lucky packet does not switch.
 //! - A direct path is pinged every [`HEARTBEAT`] (which also holds NAT mappings open) and is
@@ -45,11 +53,33 @@ pub enum Route {
     Relay,
 }
 
-/// A probe the caller must send: a disco ping with `tx` to `addr` (`None`: through the relay).
+/// A probe the caller must send: a disco ping with `tx` to `addr` (`None`: through the relay),
+/// with the IP TTL `ttl` (`None`: the socket's own).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Probe {
     pub addr: Option<SocketAddr>,
     pub tx: TxId,
+    pub ttl: Option<u8>,
+}
+
+/// The TTL of a node's upgrade rounds, from what it knows of its own network: `None` (the
+/// full TTL) when it does not know its reflexive address (no coordinator to punch through);
+/// 1 for an open host (its reflexive address is one of its own: no NAT to open, and its
+/// round still reaches the hosts on its links); else `hops - 1` to the coordinator, between
+/// 2 and 3: past a NAT router (2) or a home router and a carrier's NAT (3), and short of the
+/// peer's router, which is at least two routers further on the internet. The coordinator's
+/// distance tells the two cases apart in a lab where the coordinator is one router beyond
+/// the NATs; `hops: None` (not measured) takes 2.
+pub fn round_ttl(
+    reflexive: Option<SocketAddr>,
+    locals: &[SocketAddr],
+    hops: Option<u8>,
+) -> Option<u8> {
+    let r = reflexive?;
+    if locals.iter().any(|l| l.ip() == r.ip()) {
+        return Some(1);
+    }
+    Some(hops.map_or(2, |h| h.saturating_sub(1).clamp(2, 3)))
 }
 
 /// What an accepted pong meant.
@@ -92,9 +122,8 @@ pub struct PathState {
     sighted: Vec<(SocketAddr, Instant)>,
     confirming: Option<(SocketAddr, u32)>,
     next_round: Instant,
-    last_round: Option<Instant>,
-    /// The next round answers the peer's punch: it must not ask for one back.
-    answering_punch: bool,
+    /// When a punch from the peer was last answered with probes.
+    last_punch: Option<Instant>,
     upgrade_wait: Duration,
     rtt: Option<Duration>,
 }
@@ -110,8 +139,7 @@ impl PathState {
             sighted: Vec::new(),
             confirming: None,
             next_round: now,
-            last_round: None,
-            answering_punch: false,
+            last_punch: None,
             upgrade_wait: UPGRADE_EVERY,
             rtt: None,
         }
@@ -143,20 +171,41 @@ impl PathState {
         }
     }
 
-    /// The peer is probing us (signalled by the coordinator): probe it back now if relayed,
-    /// without asking it to probe back in turn (that would never end), and not more than once
-    /// per [`REPROBE_GAP`].
-    pub fn punch_requested(&mut self, now: Instant) {
+    /// The peer's round opened its NATs towards us and asks us to probe back (signalled by the
+    /// coordinator): probe every address of it now with the full TTL, if relayed, without
+    /// asking it to probe back in turn (that would never end), and not more than once per
+    /// [`REPROBE_GAP`]. The round schedule is left alone.
+    pub fn punch_requested(&mut self, now: Instant, probes: &mut Vec<Probe>) {
         let recent = self
-            .last_round
+            .last_punch
             .is_some_and(|t| now.saturating_duration_since(t) < REPROBE_GAP);
-        if self.direct.is_none() && !recent && now < self.next_round {
-            self.next_round = now;
-            self.answering_punch = true;
+        if self.direct.is_some() || recent {
+            return;
+        }
+        self.last_punch = Some(now);
+        for addr in self.targets() {
+            probes.push(self.new_probe(now, Some(addr), false, None));
         }
     }
 
-    fn new_probe(&mut self, now: Instant, addr: Option<SocketAddr>, user: bool) -> Probe {
+    /// The published candidates and the learned addresses.
+    fn targets(&self) -> Vec<SocketAddr> {
+        let mut targets = self.candidates.clone();
+        for a in &self.learned {
+            if !targets.contains(a) {
+                targets.push(*a);
+            }
+        }
+        targets
+    }
+
+    fn new_probe(
+        &mut self,
+        now: Instant,
+        addr: Option<SocketAddr>,
+        user: bool,
+        ttl: Option<u8>,
+    ) -> Probe {
         if self.pending.len() >= MAX_PENDING {
             self.pending.remove(0);
         }
@@ -167,22 +216,24 @@ impl PathState {
             sent: now,
             user,
         });
-        Probe { addr, tx }
+        Probe { addr, tx, ttl }
     }
 
     /// A user's probe over the current path.
     pub fn user_probe(&mut self, now: Instant) -> Probe {
         let addr = self.direct.map(|d| d.addr);
-        self.new_probe(now, addr, true)
+        self.new_probe(now, addr, true, None)
     }
 
-    /// Advances the clock. `last_rx`: when data last came from the direct address. Pushes the
-    /// probes to send into `probes`; returns true if the coordinator should ask the peer to
-    /// probe back (an upgrade round started).
+    /// Advances the clock. `last_rx`: when data last came from the direct address;
+    /// `round_ttl`: the TTL of an upgrade round's probes ([`round_ttl`]). Pushes the probes to
+    /// send into `probes`; returns true if the coordinator should ask the peer to probe back
+    /// (an upgrade round started).
     pub fn tick(
         &mut self,
         now: Instant,
         last_rx: Option<Instant>,
+        round_ttl: Option<u8>,
         probes: &mut Vec<Probe>,
     ) -> bool {
         self.pending
@@ -201,7 +252,7 @@ impl PathState {
                 let gap = if silent { RETRY_GAP } else { HEARTBEAT };
                 if now.saturating_duration_since(d.last_ping) >= gap {
                     d.last_ping = now;
-                    probes.push(self.new_probe(now, Some(d.addr), false));
+                    probes.push(self.new_probe(now, Some(d.addr), false, None));
                 }
                 self.direct = Some(d);
                 return false;
@@ -211,18 +262,10 @@ impl PathState {
             return false;
         }
         self.next_round = now + self.upgrade_wait;
-        self.last_round = Some(now);
-        let ask_for_punch = !std::mem::take(&mut self.answering_punch);
-        let mut targets = self.candidates.clone();
-        for a in &self.learned {
-            if !targets.contains(a) {
-                targets.push(*a);
-            }
+        for addr in self.targets() {
+            probes.push(self.new_probe(now, Some(addr), false, round_ttl));
         }
-        for addr in targets {
-            probes.push(self.new_probe(now, Some(addr), false));
-        }
-        ask_for_punch
+        true
     }
 
     fn lose_direct(&mut self, now: Instant, d: Direct) {
@@ -297,7 +340,7 @@ impl PathState {
 
     /// The confirming probe for [`PongSeen::confirm`].
     pub fn confirm_probe(&mut self, now: Instant, addr: SocketAddr) -> Probe {
-        self.new_probe(now, Some(addr), false)
+        self.new_probe(now, Some(addr), false, None)
     }
 
     /// The peer reached us from `from` (an authenticated ping, or WireGuard data not from the
@@ -332,7 +375,7 @@ impl PathState {
                 self.sighted.push((from, now));
             }
         }
-        Some(self.new_probe(now, Some(from), false))
+        Some(self.new_probe(now, Some(from), false, None))
     }
 }
 
@@ -367,7 +410,7 @@ mod tests {
         assert_eq!(p.route(), Route::Relay);
         let mut probes = Vec::new();
         assert!(
-            p.tick(t0, None, &mut probes),
+            p.tick(t0, None, None, &mut probes),
             "first round asks for a punch"
         );
         assert_eq!(probes.len(), 2);
@@ -395,7 +438,7 @@ mod tests {
         let evil = a("198.51.100.66:666");
         let mut p = PathState::new(t0, vec![good]);
         let mut probes = Vec::new();
-        p.tick(t0, None, &mut probes);
+        p.tick(t0, None, None, &mut probes);
         let tx = probes[0].tx;
         assert!(
             p.on_pong(t0, tx, Some(evil)).is_none(),
@@ -407,9 +450,9 @@ mod tests {
         assert!(p.on_pong(t0, tx, Some(good)).is_none(), "replayed");
         // Pongs to expired pings count for nothing.
         let mut probes = Vec::new();
-        p.tick(t0 + UPGRADE_EVERY, None, &mut probes);
+        p.tick(t0 + UPGRADE_EVERY, None, None, &mut probes);
         let late = t0 + UPGRADE_EVERY + PING_TIMEOUT + Duration::from_millis(1);
-        p.tick(late, None, &mut Vec::new());
+        p.tick(late, None, None, &mut Vec::new());
         assert!(p.on_pong(late, probes[0].tx, Some(good)).is_none());
         assert_eq!(p.route(), Route::Relay);
     }
@@ -417,7 +460,7 @@ mod tests {
     fn direct_at(t0: Instant, addr: SocketAddr) -> PathState {
         let mut p = PathState::new(t0, vec![addr]);
         let mut probes = Vec::new();
-        p.tick(t0, None, &mut probes);
+        p.tick(t0, None, None, &mut probes);
         p.on_pong(t0, probes[0].tx, Some(addr)).unwrap();
         let c = p.confirm_probe(t0, addr);
         assert!(p.on_pong(t0, c.tx, Some(addr)).unwrap().upgraded);
@@ -436,7 +479,7 @@ mod tests {
         while now < t0 + Duration::from_secs(4) {
             now += step;
             let mut probes = Vec::new();
-            p.tick(now, None, &mut probes);
+            p.tick(now, None, None, &mut probes);
             sent.extend(probes.iter().map(|_| now - t0));
         }
         assert_eq!(
@@ -449,13 +492,13 @@ mod tests {
         // The retry at 4 s is answered: still direct, and back to the heartbeat's pace.
         let mut probes = Vec::new();
         now += step;
-        p.tick(now, None, &mut probes);
+        p.tick(now, None, None, &mut probes);
         assert!(probes.is_empty());
         let retry = p.user_probe(now); // stands for the retry's tx, answered at 4.25 s
         p.on_pong(now, retry.tx, Some(addr)).unwrap();
         assert_eq!(p.route(), Route::Direct(addr));
         let mut probes = Vec::new();
-        p.tick(now + step, None, &mut probes);
+        p.tick(now + step, None, None, &mut probes);
         assert!(probes.is_empty(), "answered: no retry");
     }
 
@@ -469,18 +512,23 @@ mod tests {
         for _ in 0..10 {
             now += HEARTBEAT;
             let mut probes = Vec::new();
-            assert!(!p.tick(now, None, &mut probes));
+            assert!(!p.tick(now, None, None, &mut probes));
             assert_eq!(probes.len(), 1, "one heartbeat");
             answer(&mut p, now, &probes, addr);
             assert_eq!(p.route(), Route::Direct(addr));
         }
         // Data from the path also counts as hearing from it.
         let quiet = now + DIRECT_TIMEOUT;
-        p.tick(quiet, Some(quiet - Duration::from_secs(1)), &mut Vec::new());
+        p.tick(
+            quiet,
+            Some(quiet - Duration::from_secs(1)),
+            None,
+            &mut Vec::new(),
+        );
         assert_eq!(p.route(), Route::Direct(addr));
         // Silence beyond the timeout: relay, and the address is kept as a fallback.
         let dead = quiet + DIRECT_TIMEOUT;
-        p.tick(dead, None, &mut Vec::new());
+        p.tick(dead, None, None, &mut Vec::new());
         assert_eq!(p.route(), Route::Relay);
         assert_eq!(p.fallback(), Some(addr));
     }
@@ -491,13 +539,13 @@ mod tests {
         let addr = a("203.0.113.5:40000");
         let mut p = direct_at(t0, addr);
         let lost = t0 + DIRECT_TIMEOUT + Duration::from_millis(1);
-        p.tick(lost, None, &mut Vec::new());
+        p.tick(lost, None, None, &mut Vec::new());
         assert_eq!(p.route(), Route::Relay);
         // Lost soon after being chosen: the next round waits twice as long.
         let mut probes = Vec::new();
-        assert!(!p.tick(lost + UPGRADE_EVERY, None, &mut probes));
+        assert!(!p.tick(lost + UPGRADE_EVERY, None, None, &mut probes));
         assert!(probes.is_empty());
-        assert!(p.tick(lost + UPGRADE_EVERY * 2, None, &mut probes));
+        assert!(p.tick(lost + UPGRADE_EVERY * 2, None, None, &mut probes));
         assert_eq!(probes.len(), 1);
     }
 
@@ -511,7 +559,7 @@ mod tests {
         assert!(p.seen_at(t0, roamed).is_none(), "not again at once");
         // Later rounds include the learned address.
         let mut probes = Vec::new();
-        p.tick(t0 + UPGRADE_EVERY, None, &mut probes);
+        p.tick(t0 + UPGRADE_EVERY, None, None, &mut probes);
         assert!(probes.iter().any(|pr| pr.addr == Some(roamed)));
         // The peer is reachable there: it becomes the path.
         for pr in probes {
@@ -533,7 +581,7 @@ mod tests {
         let addr = a("203.0.113.5:40000");
         let mut p = PathState::new(t0, vec![addr]);
         let mut round = Vec::new();
-        p.tick(t0, None, &mut round);
+        p.tick(t0, None, None, &mut round);
         assert_eq!(round.len(), 1, "the round's probe, lost");
         let t1 = t0 + Duration::from_millis(300);
         let probe = p.seen_at(t1, addr).expect("probed again at once");
@@ -545,7 +593,7 @@ mod tests {
         // However often the peer's traffic (or a replay of it) arrives, at most one such probe
         // per address per REPROBE_GAP.
         let mut p = PathState::new(t0, vec![addr]);
-        p.tick(t0, None, &mut Vec::new());
+        p.tick(t0, None, None, &mut Vec::new());
         let sent = (0..100)
             .filter_map(|i| p.seen_at(t0 + Duration::from_millis(10 * i), addr))
             .count();
@@ -557,29 +605,98 @@ mod tests {
     }
 
     #[test]
-    fn a_punch_is_answered_with_probes_but_not_with_a_punch() {
+    fn a_punch_is_answered_with_full_probes_but_not_with_a_punch() {
         let t0 = Instant::now();
         let addr = a("203.0.113.5:40000");
         let mut p = PathState::new(t0, vec![addr]);
         assert!(
-            p.tick(t0, None, &mut Vec::new()),
+            p.tick(t0, None, Some(2), &mut Vec::new()),
             "a scheduled round asks for a punch"
         );
-        // Right after a round, a punch is not answered again.
-        let t1 = t0 + Duration::from_millis(500);
-        p.punch_requested(t1);
+        // The peer's punch, even right after our round: full-TTL probes at once, no punch back,
+        // the schedule unchanged.
+        let t1 = t0 + Duration::from_millis(300);
         let mut probes = Vec::new();
-        assert!(!p.tick(t1, None, &mut probes));
+        p.punch_requested(t1, &mut probes);
+        assert_eq!(probes.len(), 1);
+        assert_eq!(probes[0].ttl, None, "the full TTL");
+        let mut probes = Vec::new();
+        assert!(!p.tick(t1, None, Some(2), &mut probes), "no punch back");
         assert!(probes.is_empty());
-        // Later it is: probes go out, and no punch goes back.
-        let t2 = t0 + Duration::from_secs(2);
-        p.punch_requested(t2);
+        // At most once per REPROBE_GAP, however often punches come.
         let mut probes = Vec::new();
-        assert!(!p.tick(t2, None, &mut probes), "no punch back");
+        for i in 0..10 {
+            p.punch_requested(t1 + Duration::from_millis(50 * i), &mut probes);
+        }
+        assert!(probes.is_empty());
+        p.punch_requested(t1 + REPROBE_GAP, &mut probes);
         assert_eq!(probes.len(), 1);
         // The next scheduled round asks again.
         let mut probes = Vec::new();
-        assert!(p.tick(t2 + UPGRADE_EVERY, None, &mut probes));
+        assert!(p.tick(t0 + UPGRADE_EVERY, None, Some(2), &mut probes));
+        // Direct: punches are not answered.
+        let mut d = direct_at(t0, addr);
+        let mut probes = Vec::new();
+        d.punch_requested(t0 + REPROBE_GAP * 3, &mut probes);
+        assert!(probes.is_empty());
+    }
+
+    #[test]
+    fn rounds_carry_the_round_ttl_and_answers_the_full_one() {
+        let t0 = Instant::now();
+        let addr = a("203.0.113.5:40000");
+        let mut p = PathState::new(t0, vec![addr]);
+        let mut probes = Vec::new();
+        p.tick(t0, None, Some(2), &mut probes);
+        assert_eq!(probes[0].ttl, Some(2));
+        // A short-TTL probe that is answered (a host on our own link) counts like any.
+        let seen = p.on_pong(t0, probes[0].tx, Some(addr)).unwrap();
+        let c = p.confirm_probe(t0, seen.confirm.unwrap());
+        assert_eq!(c.ttl, None, "confirmations go all the way");
+        // What the peer's own traffic makes us send goes all the way too.
+        let mut p = PathState::new(t0, vec![addr]);
+        assert_eq!(p.seen_at(t0, addr).unwrap().ttl, None);
+        // Without a coordinator to punch through, rounds use the full TTL.
+        let mut probes = Vec::new();
+        p.tick(t0 + UPGRADE_EVERY, None, None, &mut probes);
+        assert_eq!(probes[0].ttl, None);
+    }
+
+    #[test]
+    fn the_round_ttl_opens_the_nats_and_stops_short_of_the_peer() {
+        let lan = a("192.168.1.5:51820");
+        let public = a("203.0.113.9:51820");
+        assert_eq!(round_ttl(None, &[lan], Some(3)), None, "no coordinator");
+        assert_eq!(
+            round_ttl(Some(public), &[public], Some(1)),
+            Some(1),
+            "an open host"
+        );
+        assert_eq!(
+            round_ttl(Some(public), &[lan], None),
+            Some(2),
+            "not measured"
+        );
+        assert_eq!(
+            round_ttl(Some(public), &[lan], Some(2)),
+            Some(2),
+            "NAT, then the coordinator"
+        );
+        assert_eq!(
+            round_ttl(Some(public), &[lan], Some(3)),
+            Some(2),
+            "NAT, ISP, coordinator"
+        );
+        assert_eq!(
+            round_ttl(Some(public), &[lan], Some(4)),
+            Some(3),
+            "double NAT"
+        );
+        assert_eq!(
+            round_ttl(Some(public), &[lan], Some(15)),
+            Some(3),
+            "across the internet"
+        );
     }
 
     #[test]

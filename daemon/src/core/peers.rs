@@ -564,7 +564,7 @@ mod tests {
         p.with_path(|path| {
             let now = Instant::now();
             let mut probes = Vec::new();
-            path.tick(now, None, &mut probes);
+            path.tick(now, None, None, &mut probes);
             path.on_pong(now, probes[0].tx, Some(addr)).unwrap();
             let c = path.confirm_probe(now, addr);
             path.on_pong(now, c.tx, Some(addr)).unwrap();

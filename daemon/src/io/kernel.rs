@@ -192,6 +192,16 @@ impl UdpTransport for KernelUdp {
         result
     }
 
+    async fn send_ttl(&self, data: &[u8], to: SocketAddr, ttl: u8) -> io::Result<()> {
+        let fd = self.socket.as_raw_fd();
+        self.socket
+            .async_io(Interest::WRITABLE, || {
+                udpbatch::send_with_ttl(fd, data, to, ttl)
+            })
+            .await
+            .map(drop)
+    }
+
     fn max_segments(&self) -> usize {
         if self.gso.load(Ordering::Relaxed) {
             udpbatch::MAX_SEGMENTS

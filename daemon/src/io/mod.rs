@@ -48,6 +48,14 @@ pub trait UdpTransport: Send + Sync + 'static {
         to: SocketAddr,
     ) -> impl Future<Output = io::Result<()>> + Send;
 
+    /// Sends one datagram with the IP TTL (IPv6: hop limit) `ttl` instead of the socket's.
+    fn send_ttl(
+        &self,
+        data: &[u8],
+        to: SocketAddr,
+        ttl: u8,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
     /// The most datagrams one [`send`](Self::send) takes (1 without GSO); may drop to 1 when
     /// the kernel refuses segmentation.
     fn max_segments(&self) -> usize;

@@ -96,6 +96,7 @@ impl<P: Platform> Session<P> {
             relay: ArcSwapOption::empty(),
             prober: Prober::default(),
             path_events: path_tx,
+            round_ttl: Default::default(),
         });
         let loops = vec![
             tokio::spawn(dataplane.clone().tun_to_udp()),

@@ -23,6 +23,7 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 
 use crate::core::control::{Action, Client, End, Next, Registration};
+use crate::core::path::round_ttl;
 use crate::io::state::StateDir;
 use crate::io::{Connector, Platform, Underlay};
 use crate::tasks::dataplane::DataPlane;
@@ -32,6 +33,9 @@ use crate::tasks::{clock, AbortOnDrop};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the coordinator to echo our UDP endpoint.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// The farthest a coordinator is measured ([`Prober::hops`]): beyond, the round TTL is the
+/// same anyway.
+const MAX_HOPS: u8 = 8;
 /// How often the relay bind is refreshed (and the reflexive and local addresses re-checked).
 const BIND_EVERY: Duration = Duration::from_secs(5);
 /// Frames queued from the packet path for the control connection.
@@ -111,14 +115,16 @@ impl<P: Platform> ControlTask<P> {
         // UDP discovery runs during the handshake: without UDP it costs no extra time.
         let coordinator_key = cred.coordinator_key();
         let dp = self.dataplane.clone();
-        let (handshake, reflexive) = tokio::join!(
+        let (handshake, reflexive, hops) = tokio::join!(
             handshake_initiator(&mut stream, &self.node_private, &coordinator_key),
             async {
                 dp.prober
                     .probe(&dp.udp, coordinator, None, 2, PROBE_TIMEOUT)
                     .await
                     .map(|a| a.observed)
-            }
+            },
+            dp.prober
+                .hops(&dp.udp, coordinator, MAX_HOPS, PROBE_TIMEOUT)
         );
         let est = match handshake {
             Ok(e) => e,
@@ -131,6 +137,7 @@ impl<P: Platform> ControlTask<P> {
             Err(e) => return End::Lost(format!("handshake with coordinator failed: {e}")),
         };
         let locals = self.locals().await;
+        self.set_round_ttl(reflexive, &locals, hops);
         let register =
             self.client
                 .connected(clock(), &est.handshake_hash, reflexive, locals.clone());
@@ -187,6 +194,7 @@ impl<P: Platform> ControlTask<P> {
                         continue;
                     }
                     let (reflexive, locals) = addrs_rx.borrow_and_update().clone();
+                    self.set_round_ttl(reflexive, &locals, hops);
                     self.client.addresses(clock(), reflexive, &locals)
                 }
                 _ = leave.changed() => {
@@ -200,6 +208,25 @@ impl<P: Platform> ControlTask<P> {
             {
                 return end;
             }
+        }
+    }
+
+    /// Sets the TTL of the path finder's upgrade rounds from what this connection learnt.
+    fn set_round_ttl(
+        &self,
+        reflexive: Option<SocketAddr>,
+        locals: &[SocketAddr],
+        hops: Option<u8>,
+    ) {
+        let ttl = round_ttl(reflexive, locals, hops);
+        let was = self
+            .dataplane
+            .round_ttl
+            .swap(ttl.unwrap_or(0), Ordering::Relaxed);
+        if was != ttl.unwrap_or(0) {
+            tracing::debug!(
+                "upgrade rounds probe with TTL {ttl:?} (coordinator {hops:?} hops away)"
+            );
         }
     }
 

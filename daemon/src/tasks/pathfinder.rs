@@ -72,11 +72,17 @@ impl<P: Platform> PathFinder<P> {
 
     async fn tick_peer(&self, now: Instant, peer: &Peer) {
         let epoch = self.dp.peers.epoch();
+        // Short-TTL rounds only while a punch can follow them.
+        let round_ttl = if self.dp.relay.load().is_some() {
+            self.dp.round_ttl()
+        } else {
+            None
+        };
         {
             let mut probes = Vec::new();
             let (punch, before, after) = peer.with_path(|path| {
                 let before = path.route();
-                let punch = path.tick(now, peer.last_direct_rx(epoch), &mut probes);
+                let punch = path.tick(now, peer.last_direct_rx(epoch), round_ttl, &mut probes);
                 (punch, before, path.route())
             });
             if before != after {
@@ -99,16 +105,23 @@ impl<P: Platform> PathFinder<P> {
 
     async fn send_ping(&self, peer: &Peer, probe: Probe) {
         let via = probe.addr.map_or(Via::Relay(peer.relay_id()), Via::Direct);
-        self.send_disco(peer, via, &DiscoMsg::Ping { tx: probe.tx })
+        self.send_disco(peer, via, &DiscoMsg::Ping { tx: probe.tx }, probe.ttl)
             .await;
     }
 
-    async fn send_disco(&self, peer: &Peer, via: Via, msg: &DiscoMsg) {
+    async fn send_disco(&self, peer: &Peer, via: Via, msg: &DiscoMsg, ttl: Option<u8>) {
         let mut sealed = [0u8; MAX_DISCO_LEN];
         let n = peer.disco.seal(&self.dp.peers.own_key(), msg, &mut sealed);
         let mut buf = [0u8; RELAY_HEADER_LEN + MAX_DISCO_LEN];
         buf[RELAY_HEADER_LEN..][..n].copy_from_slice(&sealed[..n]);
-        self.dp.reply(via, &mut buf, n).await;
+        match (via, ttl) {
+            (Via::Direct(addr), Some(ttl)) => {
+                self.dp
+                    .send_udp_ttl(&buf[RELAY_HEADER_LEN..][..n], addr, ttl)
+                    .await
+            }
+            _ => self.dp.reply(via, &mut buf, n).await,
+        }
     }
 
     async fn handle(&mut self, ev: PathEvent) {
@@ -125,8 +138,11 @@ impl<P: Platform> PathFinder<P> {
             }
             PathEvent::Punch(key) => {
                 if let Some(peer) = self.dp.peers.by_key(&key) {
-                    peer.with_path(|p| p.punch_requested(now));
-                    self.tick_peer(now, &peer).await;
+                    let mut probes = Vec::new();
+                    peer.with_path(|p| p.punch_requested(now, &mut probes));
+                    for p in probes {
+                        self.send_ping(&peer, p).await;
+                    }
                 }
             }
             PathEvent::Candidates(key) => {
@@ -168,7 +184,7 @@ impl<P: Platform> PathFinder<P> {
                         None => return,
                     },
                 };
-                self.send_disco(&peer, via, &DiscoMsg::Pong { tx, observed })
+                self.send_disco(&peer, via, &DiscoMsg::Pong { tx, observed }, None)
                     .await;
                 if let Via::Direct(from) = via {
                     let probe = peer.with_path(|p| p.seen_at(now, from));

@@ -15,6 +15,8 @@ use crate::tasks::now;
 
 /// Outstanding probes at most (a flood of replies cannot grow the table).
 const MAX_WAITING: usize = 64;
+/// How long [`Prober::hops`] waits for further answers after the first, at least.
+const GRACE: Duration = Duration::from_millis(20);
 
 /// A probe's answer: the address the coordinator saw and the round-trip time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,5 +87,49 @@ impl Prober {
             }
         }
         None
+    }
+
+    /// How many routers away `to` is, from this socket: endpoint probes with TTL 1 to `max`
+    /// go out at once; the smallest TTL that `to` answers within `timeout` (after the first
+    /// answer, a little longer for the others). `None`: none answered.
+    pub async fn hops(
+        &self,
+        udp: &impl UdpTransport,
+        to: SocketAddr,
+        max: u8,
+        timeout: Duration,
+    ) -> Option<u8> {
+        let mut waiting = Vec::new();
+        for ttl in 1..=max {
+            let nonce: [u8; 8] = rand::random();
+            let mut buf = [0u8; MAX_A2A_DATAGRAM];
+            let len = A2aDatagram::EndpointProbe { nonce }.encode(&mut buf);
+            let (tx, rx) = oneshot::channel();
+            a2a_proto::sync::lock(&self.waiting).insert(nonce, (to, now(), tx));
+            let _ = udp.send_ttl(&buf[..len], to, ttl).await;
+            waiting.push((ttl, nonce, rx));
+        }
+        let start = tokio::time::Instant::now();
+        let mut first: Option<tokio::time::Instant> = None;
+        let mut answered: Option<u8> = None;
+        loop {
+            for (ttl, _, rx) in waiting.iter_mut() {
+                if let Ok(a) = rx.try_recv() {
+                    answered = Some(answered.map_or(*ttl, |h| h.min(*ttl)));
+                    // The rest were sent at the same moment: they are due about now.
+                    first.get_or_insert(tokio::time::Instant::now() + a.rtt.max(GRACE));
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if first.is_some_and(|t| now >= t) || now >= start + timeout {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut w = a2a_proto::sync::lock(&self.waiting);
+        for (_, nonce, _) in &waiting {
+            w.remove(nonce);
+        }
+        answered
     }
 }

@@ -8,7 +8,7 @@
 //! Whatever arrives is answered the way it came. Generic over the [`Platform`]'s I/O (static
 //! dispatch: the real sockets pay no indirection).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use a2a_proto::udp::{write_relay_header, RELAY_HEADER_LEN};
@@ -43,6 +43,9 @@ pub struct DataPlane<P: Platform> {
     pub relay: ArcSwapOption<RelayLink>,
     pub prober: Prober,
     pub path_events: mpsc::Sender<PathEvent>,
+    /// The TTL of upgrade rounds' probes (`core::path::round_ttl`; 0: the full TTL), set by
+    /// the control task from what each connection learns.
+    pub round_ttl: AtomicU8,
 }
 
 impl<P: Platform> DataPlane<P> {
@@ -102,6 +105,18 @@ impl<P: Platform> DataPlane<P> {
             }
         }
         true
+    }
+
+    /// The TTL of upgrade rounds' probes (`None`: the full TTL).
+    pub fn round_ttl(&self) -> Option<u8> {
+        Some(self.round_ttl.load(Ordering::Relaxed)).filter(|t| *t > 0)
+    }
+
+    /// Sends one datagram with the IP TTL `ttl`, counting a failure.
+    pub async fn send_udp_ttl(&self, datagram: &[u8], addr: std::net::SocketAddr, ttl: u8) {
+        if self.udp.send_ttl(datagram, addr, ttl).await.is_err() {
+            Counters::bump(&self.counters.send_errors);
+        }
     }
 
     /// Sends one datagram, counting a failure.

@@ -71,6 +71,8 @@ pub struct NetStats {
     pub nat_filtered: u64,
     /// The receiving socket's queue held [`RECV_QUEUE`] datagrams.
     pub queue_full: u64,
+    /// A datagram with a TTL of its own died on the way ([`UdpTransport::send_ttl`]).
+    pub ttl_expired: u64,
 }
 
 /// Impairments of a host's traffic ([`Host::set_impairment`]) or of a link between two hosts
@@ -264,6 +266,33 @@ impl State {
         Ok((to, (PUBLIC, dst), from))
     }
 
+    /// Sends one datagram with a TTL of its own. The fake network has no routers between its
+    /// networks but the NATs, so it stands for the internet's: such a datagram reaches the
+    /// hosts of the sender's own network (its LAN; for a public host, the other public hosts)
+    /// as any does; leaving a NAT (TTL 2 or more) it opens the mapping, then dies at the first
+    /// router beyond, short of any other NAT or host.
+    fn send_limited(
+        &mut self,
+        host: HostId,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        data: &[u8],
+        ttl: u8,
+        now: Instant,
+    ) -> Option<Arc<SocketQueue>> {
+        let realm = self.hosts[host].realm;
+        if self.host_by_addr.contains_key(&(realm, *dst.ip())) && ttl >= 1 {
+            return self.send_one(host, src, dst, data, now);
+        }
+        if ttl >= 2 {
+            if let Some(n) = self.nat_of(realm) {
+                n.outbound(src, dst, now);
+            }
+        }
+        self.count(Reason::TtlExpired);
+        None
+    }
+
     /// When a datagram from `a` to `b` sent `now` arrives, or `None` when it is lost.
     fn fate(&mut self, a: HostId, b: HostId, now: Instant) -> Option<Instant> {
         let link = self.links.get(&(a.min(b), a.max(b))).copied();
@@ -343,6 +372,7 @@ impl State {
             Reason::NoListener => s.no_listener += 1,
             Reason::NatFiltered => s.nat_filtered += 1,
             Reason::QueueFull => s.queue_full += 1,
+            Reason::TtlExpired => s.ttl_expired += 1,
         }
     }
 }
@@ -354,6 +384,7 @@ enum Reason {
     NoListener,
     NatFiltered,
     QueueFull,
+    TtlExpired,
 }
 
 impl Default for FakeNet {
@@ -800,6 +831,23 @@ impl UdpTransport for FakeUdp {
             }
         }
         for q in woken {
+            q.notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    async fn send_ttl(&self, data: &[u8], to: SocketAddr, ttl: u8) -> io::Result<()> {
+        tokio::task::consume_budget().await;
+        let to = v4(to)?;
+        if data.len() > MAX_DATAGRAM {
+            return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+        }
+        let now = Instant::now();
+        let woken = self
+            .net
+            .lock()
+            .send_limited(self.host, self.key.1, to, data, ttl, now);
+        if let Some(q) = woken {
             q.notify.notify_waiters();
         }
         Ok(())
