@@ -235,6 +235,27 @@ pub fn recv_segments(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr
     }
 }
 
+/// The receive and send buffer a UDP socket asks for, as wireguard-go's: a burst (fifty nodes'
+/// handshakes reaching the coordinator at once, a GRO batch the reader has not taken yet)
+/// waits there instead of being dropped; the default (`net.core.rmem_default`, about 208 KiB)
+/// holds some 270 small datagrams.
+pub const SOCKET_BUFFER: usize = 7 << 20;
+
+/// Asks for [`SOCKET_BUFFER`] bytes of receive and send buffer: beyond `net.core.rmem_max` /
+/// `wmem_max` when the process may (`SO_RCVBUFFORCE`, CAP_NET_ADMIN), else as much as they
+/// allow. Never fails: a smaller buffer only drops more of a burst.
+pub fn set_buffers(fd: RawFd) {
+    let size = SOCKET_BUFFER as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if set_int(fd, libc::SOL_SOCKET, force, size).is_err() {
+            let _ = set_int(fd, libc::SOL_SOCKET, plain, size);
+        }
+    }
+}
+
 /// Binds `n` UDP sockets to `addr`, all with SO_REUSEPORT, non-blocking: the kernel spreads
 /// senders over them by a hash of the 4-tuple, so one flow always reaches the same socket
 /// (and its datagrams keep their order). With `n` = 1, one plain socket.
@@ -262,6 +283,7 @@ pub fn bind_group(mut addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::Ud
         if n > 1 {
             set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
         }
+        set_buffers(fd);
         let (name, len) = to_sockaddr(addr);
         // SAFETY: `name` holds a sockaddr of `len` bytes.
         let rc = unsafe { libc::bind(fd, &name as *const _ as *const libc::sockaddr, len) };

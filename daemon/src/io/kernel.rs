@@ -62,6 +62,7 @@ impl Platform for Kernel {
         };
         let tun_offload = tun.tcp_gso();
         let fd = socket.as_raw_fd();
+        udpbatch::set_buffers(fd);
         let udp_gso = allowed("A2A_UDP_GSO") && udpbatch::gso_supported(fd);
         let udp_gro = allowed("A2A_UDP_GRO") && udpbatch::enable_gro(fd);
         tracing::info!(
