@@ -28,8 +28,14 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 /// handshake. A peer that hears our keepalive every 10 s never sees such a silence.
 pub const PERSISTENT_KEEPALIVE_S: u16 = 10;
 /// Handshake messages a second before cookies are demanded (shared by all peers; boringtun
-/// counts a peer's message twice, once when it is routed and once in the peer's tunnel).
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// counts a peer's message twice, once when it is routed and once in the peer's tunnel, so
+/// 500 messages). A join storm is legitimate load: fifty nodes joining at once send each node
+/// an initiation and a response per peer, about 200 counts in the second they arrive, and at
+/// 100 (the first choice) a quarter of the paths then waited for boringtun's 5 s retry. With
+/// the dependencies' crypto a handshake costs about 0.1 ms, so 1 000 a second is a tenth of a
+/// core before cookies (and then [`HANDSHAKES_PER_SOURCE`]) hold a flood back; wireguard-go
+/// and the kernel module only count queued handshakes (128) before they are under load.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 1000;
 /// Handshake messages a second let through from one source (address, or relay id) while the
 /// node is under load, however valid their cookie: a flooder that answers cookies is held to
 /// this, as WireGuard's kernel module and wireguard-go hold it (boringtun does not).
@@ -77,6 +83,9 @@ pub struct Peer {
     direct_rx_ms: AtomicU64,
     /// When the path finder was last told of data from another address (ms since the epoch).
     seen_elsewhere_ms: AtomicU64,
+    /// When a handshake was last sent again at once because of a cookie reply (ms since the
+    /// epoch).
+    cookie_retry_ms: AtomicU64,
 }
 
 impl Peer {
@@ -144,6 +153,17 @@ impl Peer {
             && self
                 .seen_elsewhere_ms
                 .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Whether a cookie reply from this peer should make us send our handshake again now,
+    /// with the cookie, instead of at boringtun's retry 5 s later: at most once a second.
+    pub fn retry_after_cookie(&self, now_ms: u64) -> bool {
+        let last = self.cookie_retry_ms.load(Ordering::Relaxed);
+        (last == 0 || now_ms.saturating_sub(last) >= 1000)
+            && self
+                .cookie_retry_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
     }
 
@@ -455,6 +475,7 @@ impl PeerTable {
             path: Mutex::new(path),
             direct_rx_ms: AtomicU64::new(0),
             seen_elsewhere_ms: AtomicU64::new(0),
+            cookie_retry_ms: AtomicU64::new(0),
             info: Mutex::new(info),
         });
         self.rebuild(|by_key| {

@@ -87,7 +87,7 @@ mod tests {
     use a2a_proto::NodeKey;
     use boringtun::noise::Tunn;
 
-    use crate::core::peers::{PeerTable, Routed, Source};
+    use crate::core::peers::{PeerTable, Routed, Source, HANDSHAKE_RATE_LIMIT};
 
     use boringtun::x25519::{PublicKey, StaticSecret};
 
@@ -388,9 +388,12 @@ mod tests {
         // Initiations with a valid MAC1 from keys nobody knows, until cookies are demanded.
         let mut cookie = [0u8; 64];
         let mut cookies = 0;
-        for n in 0..150u8 {
-            let init = forged_initiation(&r_pub, &[n; 32], &[n; 32]);
-            let from = IpAddr::V4(Ipv4Addr::new(10, 9, 9, n));
+        for n in 0..(HANDSHAKE_RATE_LIMIT as u16 + 50) {
+            let [hi, lo] = n.to_be_bytes();
+            let mut key = [lo; 32];
+            key[0] = hi;
+            let init = forged_initiation(&r_pub, &key, &key);
+            let from = IpAddr::V4(Ipv4Addr::new(10, 9, hi, lo));
             match t.route_wireguard(&init, from, Source::Addr(from), &mut cookie) {
                 Routed::Cookie(len) => {
                     assert_eq!(len, 64);

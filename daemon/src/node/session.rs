@@ -94,6 +94,7 @@ impl<P: Platform> Session<P> {
             peers: peers.clone(),
             counters: counters.clone(),
             relay: ArcSwapOption::empty(),
+            coordinator: ArcSwapOption::empty(),
             prober: Prober::default(),
             path_events: path_tx,
             round_ttl: Default::default(),

@@ -67,6 +67,7 @@ impl<P: Platform> ControlTask<P> {
                 self.connection(&mut leave).await
             };
             self.dataplane.relay.store(None);
+            self.dataplane.coordinator.store(None);
             if let End::Lost(why) | End::ClosedInHandshake(why) = &end {
                 if !matches!(*self.status.borrow(), Registration::Refused(_)) {
                     let _ = self.status.send(Registration::Unreachable(why.clone()));
@@ -112,6 +113,9 @@ impl<P: Platform> ControlTask<P> {
             Err(e) => return End::Lost(e),
         };
         let mut stream = stream;
+        self.dataplane
+            .coordinator
+            .store(Some(Arc::new(coordinator)));
         // UDP discovery runs during the handshake: without UDP it costs no extra time.
         let coordinator_key = cred.coordinator_key();
         let dp = self.dataplane.clone();

@@ -41,6 +41,10 @@ pub struct DataPlane<P: Platform> {
     pub counters: Arc<Counters>,
     /// Set while registered with the coordinator.
     pub relay: ArcSwapOption<RelayLink>,
+    /// The coordinator's address while connected to it: relay data is accepted from there
+    /// from the start, before the relay bind completes and [`relay`](Self::relay) is set (the
+    /// peers of a node that just registered relay their handshakes to it at once).
+    pub coordinator: ArcSwapOption<std::net::SocketAddr>,
     pub prober: Prober,
     pub path_events: mpsc::Sender<PathEvent>,
     /// The TTL of upgrade rounds' probes (`core::path::round_ttl`; 0: the full TTL), set by
@@ -51,13 +55,19 @@ pub struct DataPlane<P: Platform> {
 impl<P: Platform> DataPlane<P> {
     /// Sends a handshake initiation to a new peer now, so the first packet does not wait.
     pub async fn initiate(&self, peer: &Peer) {
+        self.send_initiation(peer, false).await
+    }
+
+    /// Sends a handshake initiation now; `again`: even while one is under way (a cookie reply
+    /// answered it: the new one carries the cookie).
+    pub async fn send_initiation(&self, peer: &Peer, again: bool) {
         let mut out = [0u8; 256];
         let act = {
             let mut t = peer.tunn();
             let start = out[RELAY_HEADER_LEN..].as_ptr();
             action(
                 start,
-                t.format_handshake_initiation(&mut out[RELAY_HEADER_LEN..], false),
+                t.format_handshake_initiation(&mut out[RELAY_HEADER_LEN..], again),
             )
         };
         if let Action::SendToNetwork(r) = act {

@@ -125,10 +125,10 @@ impl<P: Platform> DataPlane<P> {
                 };
                 if let Some((id, payload)) = parse_relay_data(d) {
                     let from_relay = self
-                        .relay
+                        .coordinator
                         .load()
-                        .as_ref()
-                        .is_some_and(|l| l.coordinator == from);
+                        .as_deref()
+                        .is_some_and(|c| *c == from);
                     if !from_relay {
                         Counters::bump(&self.counters.relay_not_from_coordinator);
                         return;
@@ -252,8 +252,15 @@ impl<P: Platform> DataPlane<P> {
             }
             Action::Nothing => {
                 if is_cookie_reply(d) {
-                    // Not data: it tells nothing about the peer's path.
+                    // Not data: it tells nothing about the peer's path. The peer is under load
+                    // and wants our handshake again with the cookie: sent now, not at
+                    // boringtun's retry 5 s later (at most once a second per peer; the peer
+                    // then limits handshakes per source, not by cookies).
                     Counters::bump(&self.counters.wg_cookies_received);
+                    let now_ms = self.peers.ms_since_epoch(crate::tasks::now());
+                    if peer.retry_after_cookie(now_ms) {
+                        self.send_initiation(peer, true).await;
+                    }
                 } else if let Some(a) = direct {
                     self.seen_direct(peer, a);
                 }
