@@ -800,6 +800,26 @@ impl Router {
 }
 
 impl Ns {
+    /// UDP datagrams the kernel dropped in this namespace because a socket's receive buffer
+    /// was full (`RcvbufErrors` in `/proc/net/snmp`): what a loaded machine loses before the
+    /// program sees it.
+    pub fn udp_rcvbuf_errors(&self) -> u64 {
+        let snmp = self.exec(&["cat", "/proc/net/snmp"]).expect_ok().stdout;
+        let udp: Vec<Vec<&str>> = snmp
+            .lines()
+            .filter(|l| l.starts_with("Udp:"))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let [names, values] = &udp[..] else {
+            panic!("no Udp lines in /proc/net/snmp: {snmp}");
+        };
+        let i = names
+            .iter()
+            .position(|n| *n == "RcvbufErrors")
+            .expect("RcvbufErrors in /proc/net/snmp");
+        values[i].parse().expect("a number")
+    }
+
     /// Runs a command in the namespace (time limit 30 s).
     pub fn exec(&self, args: &[&str]) -> Output {
         self.exec_timeout(args, EXEC_TIMEOUT)

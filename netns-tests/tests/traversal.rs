@@ -425,23 +425,8 @@ fn send_all(target: std::net::SocketAddr, datagrams: Vec<Vec<u8>>) -> usize {
     sent
 }
 
-/// UDP datagrams the kernel dropped in the node's namespace because a socket's receive buffer
-/// was full (`RcvbufErrors` in `/proc/net/snmp`): what a loaded machine loses before a2ad sees it.
 fn udp_rcvbuf_errors(n: &Node) -> u64 {
-    let snmp = n.ns.exec(&["cat", "/proc/net/snmp"]).expect_ok().stdout;
-    let udp: Vec<Vec<&str>> = snmp
-        .lines()
-        .filter(|l| l.starts_with("Udp:"))
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    let [names, values] = &udp[..] else {
-        panic!("no Udp lines in /proc/net/snmp: {snmp}");
-    };
-    let i = names
-        .iter()
-        .position(|n| *n == "RcvbufErrors")
-        .expect("RcvbufErrors in /proc/net/snmp");
-    values[i].parse().expect("a number")
+    n.ns.udp_rcvbuf_errors()
 }
 
 #[test]

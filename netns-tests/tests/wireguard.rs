@@ -359,11 +359,12 @@ fn replayed_initiations_and_data_change_nothing() {
 // Handshake flood and cookies
 // ------------------------------------------------------------------------------------------
 
-/// Initiations sent every 2 ms by [`Flood`]: about 2000 a second, twenty times the rate at
-/// which a node starts demanding cookies (100 a second), and little enough for a debug build
-/// of a2ad on a shared 2-core machine to keep up with, so that what is tested is the cookie
-/// mechanism and not CPU exhaustion.
-const FLOOD_BURST: usize = 4;
+/// Initiations sent every 2 ms by [`Flood`]: about 6000 a second, six times the rate at
+/// which a node starts demanding cookies (1000 counts a second, two per initiation), and
+/// little enough for a debug build of a2ad (optimised dependencies) on a shared 2-core
+/// machine to keep up with, so that what is tested is the cookie mechanism and not CPU
+/// exhaustion.
+const FLOOD_BURST: usize = 12;
 
 /// Floods `target` from `ns` with MAC1-valid initiations ([`FLOOD_BURST`] every 2 ms) until
 /// stopped; counts the cookie replies that come back to the flooder's (real) address. With
@@ -487,7 +488,7 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
 
     // A new member handshakes with bravo during the flood: its initiation (or its response
     // to bravo's) draws a cookie reply, and the retry carrying the cookie's MAC2 passes. The
-    // limiter lets the first 100 handshake messages of each second through without a cookie;
+    // limiter lets the first 500 handshake messages of each second through without a cookie;
     // should charlie's handshake fall among them, charlie leaves and joins again (a new
     // handshake), a few times at most.
     let charlie = lab.node("charlie");
@@ -569,9 +570,14 @@ fn a_handshake_flood_draws_cookies_and_costs_no_session() {
         limited > with_cookie / 2,
         "initiations with a valid cookie were not limited per source"
     );
+    // What the limits allow: the first 1 000 handshake messages of each second (a2ad's
+    // HANDSHAKE_RATE_LIMIT) and then 20 a second from this source (HANDSHAKES_PER_SOURCE),
+    // with a second's slack for the resets' timing.
+    let allowed = (1000.0 + 20.0) * (flood_secs + 1.0);
     assert!(
-        attempted < sent / 4,
-        "bravo did a handshake's Diffie-Hellman for {attempted} of {sent} flood initiations"
+        (attempted as f64) <= allowed && attempted < sent / 2,
+        "bravo did a handshake's Diffie-Hellman for {attempted} of {sent} flood initiations \
+         (the limits allow about {allowed:.0})"
     );
     assert!(handshake_age(&bravo, "alpha").unwrap() >= age_during);
 
