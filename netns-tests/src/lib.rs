@@ -23,7 +23,8 @@
 //! - [`garbage`]: hostile bytes;
 //! - `topology`: [`Lab`], namespaces ([`Ns`]), NAT routers ([`Router`], [`Nat`]);
 //! - `impair`: lossy, slow wan links ([`Impairment`], [`Lab::router_impaired`]) with the
-//!   `a2a-impair` forwarder;
+//!   `a2a-impair` forwarder (the one exception to the order: a [`Router`] holds its
+//!   [`ImpairedWan`], and `Lab::add_ns_behind` asks whether it has one);
 //! - `services`: programs run in a namespace (HTTP server, curl, ping, iperf3);
 //! - `capture`: tcpdump ([`Capture`]);
 //! - `status`: `a2actl status --json` ([`Status`]);
