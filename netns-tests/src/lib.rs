@@ -22,6 +22,9 @@
 //!   [`run_host`]), background processes ([`Proc`]), [`require_tool`] and [`require_tools`];
 //! - [`garbage`]: hostile bytes;
 //! - `topology`: [`Lab`], namespaces ([`Ns`]), NAT routers ([`Router`], [`Nat`]);
+//! - `impair`: lossy, slow wan links ([`Impairment`], [`Lab::router_impaired`]) with the
+//!   `a2a-impair` forwarder (the one exception to the order: a [`Router`] holds its
+//!   [`ImpairedWan`], and `Lab::add_ns_behind` asks whether it has one);
 //! - `services`: programs run in a namespace (HTTP server, curl, ping, iperf3);
 //! - `capture`: tcpdump ([`Capture`]);
 //! - `status`: `a2actl status --json` ([`Status`]);
@@ -33,6 +36,7 @@ mod capture;
 mod checks;
 mod coordinator;
 pub mod garbage;
+mod impair;
 mod node;
 mod process;
 mod services;
@@ -43,6 +47,7 @@ mod topology;
 pub use capture::Capture;
 pub use checks::{assert_private_files, in_prefix};
 pub use coordinator::{CoordOpts, Coordinator, COORDINATOR_PORT, DEFAULT_PREFIX};
+pub use impair::{ForwarderCounters, ImpairedWan, Impairment, PingStats, WireLoss};
 pub use node::{Node, NODE_PORT, OVERLAY_TIMEOUT};
 pub use process::{cpu_time, require_tool, require_tools, run_host, Bins, Output, Proc};
 pub use services::{HttpServer, HTTP_PORT, IPERF_PORT};

@@ -9,16 +9,17 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::impair::ImpairedWan;
 use crate::process::{
     command_in, require_tools, run_to_completion, tail, truncate, Bins, Output, Proc,
 };
 use crate::timing::{in_ci, report};
 
 pub(crate) const NETNS_DIR: &str = "/var/run/netns";
-const BRIDGE: &str = "br0";
+pub(crate) const BRIDGE: &str = "br0";
 /// Default time limit of a command run with [`Ns::exec`].
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -100,10 +101,10 @@ fn release_neighbours() {
 // The lab
 // ------------------------------------------------------------------------------------------
 
-struct LabInner {
+pub(crate) struct LabInner {
     name: String,
     test: String,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     bins: Bins,
     /// `x` of the lab's wan subnet `10.x.0.0/24`.
     subnet: u8,
@@ -193,22 +194,29 @@ impl LabInner {
     }
 
     /// Host command that must succeed (lab plumbing).
-    fn host(&self, args: &[&str]) {
+    pub(crate) fn host(&self, args: &[&str]) {
         self.run(None, args, EXEC_TIMEOUT).expect_ok();
     }
 
-    fn create_ns(&self, role: &str) -> String {
+    pub(crate) fn create_ns(&self, role: &str) -> String {
         let name = format!("{}-{role}", self.name);
         self.host(&["ip", "netns", "add", &name]);
         self.namespaces.lock().unwrap().push(name.clone());
         self.host(&["ip", "-n", &name, "link", "set", "lo", "up"]);
         name
     }
+
+    /// The name of the wan bridge's port towards the namespace with wan address `10.x.0.host`
+    /// (<= 15 characters; it only needs to be unique in the hub, but carries the lab counter).
+    pub(crate) fn hub_port(&self, host: u32) -> String {
+        let port = format!("v{}h{host}", self.name.rsplit('-').next().unwrap_or("0"));
+        truncate(&port, 15).to_string()
+    }
 }
 /// One isolated network topology; see the crate documentation.
 pub struct Lab {
-    inner: Arc<LabInner>,
-    hub: String,
+    pub(crate) inner: Arc<LabInner>,
+    pub(crate) hub: String,
 }
 
 impl Lab {
@@ -329,11 +337,8 @@ impl Lab {
         assert!(host < 255, "too many namespaces in one lab");
         reserve_neighbours(host.into(), &inner.raised_neighbours);
         let ip = Ipv4Addr::new(10, inner.subnet, 0, host as u8);
-        // The veth pair is created inside the hub and the node namespace directly, so its names
-        // only need to be unique there; still, the hub side carries the lab counter and the host
-        // number (<= 15 characters).
-        let hub_side = format!("v{}h{host}", inner.name.rsplit('-').next().unwrap_or("0"));
-        let hub_side = truncate(&hub_side, 15).to_string();
+        // The veth pair is created inside the hub and the node namespace directly.
+        let hub_side = inner.hub_port(host);
         inner.host(&[
             "ip", "-n", &self.hub, "link", "add", &hub_side, "type", "veth", "peer", "name",
             "eth0", "netns", &name,
@@ -534,6 +539,7 @@ impl Lab {
             nat,
             lan,
             next_host: AtomicU32::new(2),
+            impaired: OnceLock::new(),
         }
     }
 
@@ -563,6 +569,19 @@ impl Lab {
             "dev",
             "eth0",
         ]);
+        if router.impaired.get().is_some() {
+            // Wire-sized frames onto an impaired wire (see `impair.rs`).
+            inner.host(&[
+                "ip",
+                "-n",
+                &ns_name,
+                "link",
+                "set",
+                "eth0",
+                "gso_max_segs",
+                "1",
+            ]);
+        }
         inner.host(&["ip", "-n", &ns_name, "link", "set", "eth0", "up"]);
         inner.host(&[
             "ip",
@@ -705,7 +724,7 @@ pub struct Ns {
     pub role: String,
     /// The address on the wan segment.
     pub wan_ip: Option<Ipv4Addr>,
-    lab: Arc<LabInner>,
+    pub(crate) lab: Arc<LabInner>,
 }
 
 impl fmt::Debug for Ns {
@@ -741,6 +760,8 @@ pub struct Router {
     /// The router's LAN address (the nodes' gateway).
     pub lan: Ipv4Addr,
     next_host: AtomicU32,
+    /// Its wan link's impairment ([`Lab::router_impaired`]).
+    pub(crate) impaired: OnceLock<ImpairedWan>,
 }
 
 impl Router {
