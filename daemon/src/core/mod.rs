@@ -9,4 +9,5 @@ pub mod limit;
 pub mod membership;
 pub mod path;
 pub mod peers;
+pub mod portmap;
 pub mod wg;
