@@ -26,8 +26,25 @@ pub fn netcheck_text(r: &NetcheckReport) -> String {
         }
         _ => "unknown (needs answers from both coordinator ports)",
     };
+    let pm = &r.portmap;
+    let answered = if pm.answered.is_empty() {
+        "none".to_string()
+    } else {
+        pm.answered.join(", ")
+    };
+    let portmap = match (&pm.mapped, &pm.protocol) {
+        (Some(m), Some(p)) => format!(
+            "{m} by {p}{}",
+            if pm.published {
+                ", published"
+            } else {
+                ", not published (not the reflexive address)"
+            }
+        ),
+        _ => pm.state.clone(),
+    };
     format!(
-        "coordinator:   {}\nudp:           {}\nreflexive:     {}\nsecond port:   {}\nmapping:       {mapping}\nrelay:         {}\ncoordinator rtt: {}\nlocal:         {}\n",
+        "coordinator:   {}\nudp:           {}\nreflexive:     {}\nsecond port:   {}\nmapping:       {mapping}\nrelay:         {}\ncoordinator rtt: {}\nlocal:         {}\nport mapping:  {portmap} (gateway {}; answered: {answered})\n",
         r.coordinator,
         if r.udp { "yes" } else { "no (UDP to the coordinator gets no answer)" },
         opt(&r.reflexive),
@@ -41,6 +58,7 @@ pub fn netcheck_text(r: &NetcheckReport) -> String {
             .map(|ms| format!("{ms:.2} ms"))
             .unwrap_or_else(|| "-".into()),
         if r.local.is_empty() { "-".into() } else { r.local.join(", ") },
+        pm.gateway.as_deref().unwrap_or("-"),
     )
 }
 

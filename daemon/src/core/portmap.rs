@@ -651,7 +651,7 @@ pub fn parse(b: &[u8]) -> Result<Response, Bad> {
 }
 
 fn parse_pcp(b: &[u8]) -> Result<Response, Bad> {
-    if b.len() < 24 || b.len() % 4 != 0 {
+    if b.len() < 24 || !b.len().is_multiple_of(4) {
         return Err(Bad::Malformed("PCP message of a bad length"));
     }
     if b[1] & PCP_RESPONSE == 0 {
