@@ -40,6 +40,12 @@ impl Router {
     /// Its DNAT rules go in a table of its own, `inet a2a_upnp`; the router's forward filter
     /// (which drops unsolicited wan traffic) accepts what they DNAT. Waits until it listens.
     pub fn start_miniupnpd(&self) -> MiniUpnpd {
+        self.start_miniupnpd_with(true)
+    }
+
+    /// [`start_miniupnpd`](Self::start_miniupnpd), with NAT-PMP and PCP off when `natpmp` is
+    /// false (UPnP IGD only).
+    pub fn start_miniupnpd_with(&self, natpmp: bool) -> MiniUpnpd {
         require_tools(&[("miniupnpd", "miniupnpd-nftables"), ("nft", "nftables")]);
         let ns = &self.ns;
         let dir = ns.lab_dir();
@@ -64,7 +70,7 @@ impl Router {
             "ext_ifname=eth0\n\
              listening_ip=lan0\n\
              http_port=0\n\
-             enable_natpmp=yes\n\
+             enable_natpmp={natpmp}\n\
              enable_upnp=yes\n\
              secure_mode=yes\n\
              system_uptime=no\n\
@@ -76,7 +82,8 @@ impl Router {
              upnp_nat_chain=prerouting_miniupnpd\n\
              upnp_nat_postrouting_chain=postrouting_miniupnpd\n\
              allow 1024-65535 {lan} 1024-65535\n\
-             deny 0-65535 0.0.0.0/0 0-65535\n"
+             deny 0-65535 0.0.0.0/0 0-65535\n",
+            natpmp = if natpmp { "yes" } else { "no" },
         );
         let conf_path = dir.join(format!("{}-miniupnpd.conf", ns.role));
         fs::write(&conf_path, conf).expect("write miniupnpd.conf");
@@ -103,7 +110,12 @@ impl Router {
                 if log.contains("Port forwarding is impossible") {
                     panic!("miniupnpd refuses to map ports (a private wan address?):\n{log}");
                 }
-                if log.contains("Listening for NAT-PMP/PCP traffic") {
+                let ready = if natpmp {
+                    "Listening for NAT-PMP/PCP traffic"
+                } else {
+                    "HTTP listening on port"
+                };
+                if log.contains(ready) {
                     Ok(())
                 } else {
                     Err(log)

@@ -111,11 +111,22 @@ fn a_hard_nat_with_port_mapping_goes_direct_and_the_mapping_is_deleted() {
         "the mapping netcheck reports is the one miniupnpd holds ({held:?}): {pm}"
     );
     assert_eq!(pm["protocol"], "pcp", "{pm}");
-    let protocols = answered(&pm);
-    assert!(
-        protocols.contains(&"pcp".to_string()) && protocols.contains(&"nat-pmp".to_string()),
-        "miniupnpd speaks PCP and NAT-PMP: {pm}"
+    // (The SSDP answer may come a moment after PCP's.)
+    let pm_all = wait_for(
+        Duration::from_secs(5),
+        "netcheck to report the three protocols",
+        || {
+            let pm = portmap(&a);
+            let mut got = answered(&pm);
+            got.sort();
+            if got == ["nat-pmp", "pcp", "upnp"] {
+                Ok(pm)
+            } else {
+                Err(pm.to_string())
+            }
+        },
     );
+    assert_eq!(pm_all["protocol"], "pcp", "PCP is preferred: {pm_all}");
     assert_eq!(a.counter("portmap_bad"), 0);
     assert_eq!(a.counter("portmap_mismatch"), 0);
 
@@ -240,5 +251,68 @@ fn a_port_mapping_server_that_lies_or_answers_garbage_changes_only_a_counter() {
     for n in [&x, &y, &open] {
         n.assert_daemon_running();
     }
+    coord.assert_running();
+}
+
+#[test]
+fn a_upnp_only_router_maps_the_port_too() {
+    let Some(lab) = Lab::with_public_wan("portmap_upnp") else {
+        return;
+    };
+    let coord = lab.coordinator(CoordOpts::default());
+    let mapped = lab.router("rtr-igd", Nat::Hard);
+    let upnp = mapped.start_miniupnpd_with(false);
+    let hard = lab.router("rtr-hard", Nat::Hard);
+    let a = lab.node_behind(&mapped, "igd");
+    let b = lab.node_behind(&hard, "hard-b");
+    for n in [&a, &b] {
+        n.serve_http();
+    }
+    let t_up = Instant::now();
+    a.up_ok(&coord.token);
+    let pm = wait_for(
+        PORTMAP_TIMEOUT,
+        "igd's port mapping to be published",
+        || {
+            let pm = portmap(&a);
+            if pm["published"] == true {
+                Ok(pm)
+            } else {
+                Err(pm.to_string())
+            }
+        },
+    );
+    report(format!(
+        "portmap_upnp: mapping published {} ms after `a2actl up`: {pm}",
+        t_up.elapsed().as_millis()
+    ));
+    assert_eq!(pm["protocol"], "upnp", "{pm}");
+    assert_eq!(answered(&pm), ["upnp"], "only UPnP is on: {pm}");
+    let held = wait_mappings(&upnp, 1, "miniupnpd to hold the node's UPnP mapping");
+    assert_eq!(
+        pm["mapped"],
+        format!("{}:{}", mapped.wan_ip(), held[0].0),
+        "{held:?}"
+    );
+    assert_eq!(a.counter("portmap_bad"), 0);
+
+    let t0 = Instant::now();
+    b.up_ok(&coord.token);
+    b.wait_http(&a, OVERLAY_TIMEOUT);
+    b.wait_path("igd", "direct", PATH_TIMEOUT);
+    a.wait_path("hard-b", "direct", PATH_TIMEOUT);
+    report(format!(
+        "portmap_upnp: hard-b <-> igd direct {} ms after hard-b's `a2actl up`",
+        t0.elapsed().as_millis()
+    ));
+    a.ctl(&["down"]).expect_ok();
+    wait_mappings(&upnp, 0, "the UPnP mapping to be gone after `a2actl down`");
+    a.up_ok(&coord.token);
+    wait_portmap_state(&a, "mapped");
+    wait_mappings(&upnp, 1, "miniupnpd to hold the UPnP mapping again");
+    a.stop_daemon(libc::SIGTERM);
+    wait_mappings(&upnp, 0, "the UPnP mapping to be gone after a2ad stopped");
+    upnp.proc.assert_running();
+    b.assert_daemon_running();
     coord.assert_running();
 }

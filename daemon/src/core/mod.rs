@@ -10,4 +10,5 @@ pub mod membership;
 pub mod path;
 pub mod peers;
 pub mod portmap;
+pub mod upnp;
 pub mod wg;

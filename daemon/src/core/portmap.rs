@@ -1,24 +1,30 @@
 //! Port mapping with the home router: PCP (RFC 6887, the MAP opcode) and NAT-PMP (RFC 6886),
-//! both on the gateway's UDP port 5351. [`PortMapper`] is the I/O-free client: it takes `now`
-//! and the gateway's answers and returns the requests to send, and holds the current mapping
-//! of the node's WireGuard port. The codecs ([`pcp_map_request`], [`natpmp_map_request`],
-//! [`parse`]) are below it.
+//! both on the gateway's UDP port 5351, and UPnP IGD (SSDP, then HTTP and SOAP; codecs in
+//! [`upnp`](crate::core::upnp)). [`PortMapper`] is the I/O-free client: it takes `now` and the
+//! gateway's answers and returns the requests to send, and holds the current mapping of the
+//! node's WireGuard port. The PCP and NAT-PMP codecs ([`pcp_map_request`],
+//! [`natpmp_map_request`], [`parse`]) are below it.
 //!
-//! What it does: when it learns a gateway it sends a PCP MAP request and a NAT-PMP external
-//! address request together (four times, 250 ms, 500 ms and 1 s apart); a PCP answer maps the
-//! port at once, a NAT-PMP-only router gets a NAT-PMP map request once it told its external
-//! address. When nothing answers it waits [`PROBE_AGAIN`] before it asks again (a router
-//! without a server is not hammered). A mapping is renewed at half its lifetime and deleted
-//! (lifetime 0) on [`stop`](PortMapper::stop). What is *published* is decided by
-//! [`publishable`](PortMapper::publishable): only a mapping whose external address equals the
-//! reflexive address the coordinator sees, so a router that lies changes nothing but a counter.
+//! What it does: when it learns a gateway it sends a PCP MAP request, a NAT-PMP external
+//! address request and an SSDP search together (four times, 250 ms, 500 ms and 1 s apart); a
+//! PCP answer maps the port at once, a NAT-PMP-only router gets a NAT-PMP map request once it
+//! told its external address, and a router that only answered the SSDP search is asked over
+//! UPnP (description, GetExternalIPAddress, AddPortMapping). When nothing answers it waits
+//! [`PROBE_AGAIN`] before it asks again (a router without a server is not hammered). A mapping
+//! is renewed at half its lifetime and deleted on [`stop`](PortMapper::stop). What is
+//! *published* is decided by [`publishable`](PortMapper::publishable): only a mapping whose
+//! external address equals the reflexive address the coordinator sees, so a router that lies
+//! changes nothing but a counter.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
+use crate::core::upnp::{self, Service, Url};
+
 /// The PCP and NAT-PMP server port on the gateway.
 pub const PORT: u16 = 5351;
-/// The largest PCP message (RFC 6887 §7): receive buffers need no more.
+/// The largest PCP message (RFC 6887 §7): receive buffers need no more (an SSDP answer is
+/// smaller too).
 pub const MAX_MESSAGE: usize = 1100;
 /// The lifetime asked for, in seconds (the server may grant less).
 pub const REQUEST_LIFETIME: u32 = 7200;
@@ -34,6 +40,8 @@ const RETRY_GAPS: [Duration; 4] = [
 pub const PROBE_AGAIN: Duration = Duration::from_secs(300);
 /// Mappings are renewed no more often than this, whatever lifetime the server grants.
 const MIN_RENEW: Duration = Duration::from_secs(10);
+/// How long the UPnP exchanges (description, external address, mapping) may take together.
+const UPNP_DEADLINE: Duration = Duration::from_secs(10);
 /// Lifetimes granted beyond a day are taken as a day.
 const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 
@@ -47,11 +55,14 @@ const NATPMP_RESPONSE: u8 = 0x80;
 /// The result code "unsupported version" (the same in both protocols).
 const UNSUPPORTED_VERSION: u16 = 1;
 const IPPROTO_UDP: u8 = 17;
+/// UPnP's ConflictInMappingEntry: another host holds that external port.
+const UPNP_CONFLICT: u32 = 718;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Pcp,
     NatPmp,
+    Upnp,
 }
 
 impl Protocol {
@@ -59,6 +70,7 @@ impl Protocol {
         match self {
             Protocol::Pcp => "pcp",
             Protocol::NatPmp => "nat-pmp",
+            Protocol::Upnp => "upnp",
         }
     }
 }
@@ -72,19 +84,32 @@ pub struct Mapping {
     pub granted: Instant,
 }
 
-/// A request for the gateway (always to its [`PORT`]).
+/// How a [`Request`] travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// One datagram from the port mapper's socket.
+    Udp,
+    /// One HTTP exchange over a new TCP connection; the answer (or its absence) goes to
+    /// [`PortMapper::handle_http`].
+    Http,
+}
+
+/// A request for the gateway (PCP, NAT-PMP: its [`PORT`]; UPnP: the SSDP group, then the
+/// gateway's HTTP server).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub protocol: Protocol,
+    pub to: SocketAddr,
+    pub via: Via,
     pub bytes: Vec<u8>,
 }
 
 /// Why an answer was dropped (the driver counts it as `portmap_bad`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bad {
-    /// Not from the gateway's port 5351.
+    /// Not from the gateway.
     NotFromGateway,
-    /// Not a PCP or NAT-PMP message this client can read (garbage, truncated).
+    /// Not a PCP, NAT-PMP, SSDP or UPnP message this client can read (garbage, truncated).
     Malformed(&'static str),
     /// Well formed, but it answers nothing this client asked (another nonce, port or opcode).
     Unexpected(&'static str),
@@ -94,18 +119,27 @@ pub enum Bad {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     pub gateway: Option<Ipv4Addr>,
-    /// The protocols whose server answered (`pcp`, `nat-pmp`).
+    /// The protocols whose server answered (`pcp`, `nat-pmp`, `upnp`).
     pub answered: Vec<&'static str>,
     pub mapping: Option<Mapping>,
     /// `no gateway`, `probing`, `mapped`, `none answered`, `refused` or `stopped`.
     pub state: &'static str,
 }
 
+/// The UPnP exchange an HTTP answer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HttpStep {
+    Describe,
+    ExternalIp,
+    Add(u16),
+    Delete,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// No gateway known.
     Idle,
-    /// Asking with PCP MAP and NAT-PMP's external address request.
+    /// Asking with PCP MAP, NAT-PMP's external address request and an SSDP search.
     Probing {
         sent: usize,
         next: Instant,
@@ -114,6 +148,10 @@ enum Phase {
     NatPmpMapping {
         sent: usize,
         next: Instant,
+    },
+    /// Only UPnP can map: asking it over HTTP (given up at `deadline`).
+    Upnp {
+        deadline: Instant,
     },
     /// A mapping is held; renewing from `renew_at` (`sent` requests of this renewal so far).
     Mapped {
@@ -134,15 +172,26 @@ enum Phase {
 pub struct PortMapper {
     internal_port: u16,
     nonce: [u8; 12],
-    /// The gateway, and this host's address towards it (PCP's client address).
+    /// The gateway, and this host's address towards it (PCP's client address, UPnP's
+    /// internal client).
     gateway: Option<(Ipv4Addr, Ipv4Addr)>,
     phase: Phase,
     mapping: Option<Mapping>,
     natpmp_external: Option<Ipv4Addr>,
     pcp_answered: bool,
     natpmp_answered: bool,
-    /// PCP answered with an error or is not spoken: NAT-PMP is used.
+    upnp_answered: bool,
+    /// PCP answered with an error or is not spoken: NAT-PMP or UPnP is used.
     pcp_refused: bool,
+    /// This probe already tried NAT-PMP's or UPnP's mapping.
+    natpmp_tried: bool,
+    upnp_tried: bool,
+    /// The description URL from the SSDP answer, the service it names, and its address.
+    upnp_location: Option<Url>,
+    upnp_service: Option<Service>,
+    upnp_external: Option<Ipv4Addr>,
+    /// The HTTP exchange under way, if any.
+    http_pending: Option<HttpStep>,
     /// The mismatch of the current mapping was already reported.
     mismatch_reported: bool,
 }
@@ -159,7 +208,14 @@ impl PortMapper {
             natpmp_external: None,
             pcp_answered: false,
             natpmp_answered: false,
+            upnp_answered: false,
             pcp_refused: false,
+            natpmp_tried: false,
+            upnp_tried: false,
+            upnp_location: None,
+            upnp_service: None,
+            upnp_external: None,
+            http_pending: None,
             mismatch_reported: false,
         }
     }
@@ -187,7 +243,29 @@ impl PortMapper {
         self.start_probe(now)
     }
 
+    /// The gateway's PCP / NAT-PMP port.
+    fn server(&self) -> SocketAddr {
+        SocketAddr::from((self.gateway().unwrap_or(Ipv4Addr::UNSPECIFIED), PORT))
+    }
+
+    fn client_ip(&self) -> Ipv4Addr {
+        self.gateway
+            .map(|(_, l)| l)
+            .unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
+
+    fn udp(&self, protocol: Protocol, bytes: Vec<u8>) -> Request {
+        Request {
+            protocol,
+            to: self.server(),
+            via: Via::Udp,
+            bytes,
+        }
+    }
+
     fn start_probe(&mut self, now: Instant) -> Vec<Request> {
+        self.natpmp_tried = false;
+        self.upnp_tried = false;
         self.phase = Phase::Probing {
             sent: 1,
             next: now + RETRY_GAPS[0],
@@ -200,39 +278,82 @@ impl PortMapper {
         if !self.pcp_refused {
             v.push(self.pcp_request(REQUEST_LIFETIME));
         }
+        v.push(self.udp(Protocol::NatPmp, natpmp_address_request().to_vec()));
         v.push(Request {
-            protocol: Protocol::NatPmp,
-            bytes: natpmp_address_request().to_vec(),
+            protocol: Protocol::Upnp,
+            to: SocketAddr::V4(upnp::SSDP),
+            via: Via::Udp,
+            bytes: upnp::search(),
         });
         v
     }
 
     fn pcp_request(&self, lifetime: u32) -> Request {
-        let client = self
-            .gateway
-            .map(|(_, l)| l)
-            .unwrap_or(Ipv4Addr::UNSPECIFIED);
         let suggested = self.mapping.map(|m| m.external);
-        Request {
-            protocol: Protocol::Pcp,
-            bytes: pcp_map_request(client, self.nonce, self.internal_port, suggested, lifetime)
-                .to_vec(),
-        }
+        let bytes = pcp_map_request(
+            self.client_ip(),
+            self.nonce,
+            self.internal_port,
+            suggested,
+            lifetime,
+        );
+        self.udp(Protocol::Pcp, bytes.to_vec())
     }
 
     fn natpmp_request(&self, lifetime: u32) -> Request {
         let suggested = self.mapping.map(|m| m.external.port()).unwrap_or(0);
-        Request {
-            protocol: Protocol::NatPmp,
-            bytes: natpmp_map_request(self.internal_port, suggested, lifetime).to_vec(),
+        let bytes = natpmp_map_request(self.internal_port, suggested, lifetime);
+        self.udp(Protocol::NatPmp, bytes.to_vec())
+    }
+
+    fn http(&mut self, step: HttpStep, to: SocketAddrV4, bytes: Vec<u8>) -> Vec<Request> {
+        self.http_pending = Some(step);
+        vec![Request {
+            protocol: Protocol::Upnp,
+            to: SocketAddr::V4(to),
+            via: Via::Http,
+            bytes,
+        }]
+    }
+
+    /// The UPnP request for `step` (none without the service or address it needs).
+    fn upnp_request(&mut self, step: HttpStep) -> Vec<Request> {
+        match (step, self.upnp_service.clone()) {
+            (HttpStep::Describe, _) => match self.upnp_location.clone() {
+                Some(url) => self.http(step, url.addr, upnp::get(&url)),
+                None => vec![],
+            },
+            (HttpStep::ExternalIp, Some(s)) => {
+                self.http(step, s.control.addr, upnp::get_external_ip(&s))
+            }
+            (HttpStep::Add(port), Some(s)) => {
+                let bytes = upnp::add_port_mapping(
+                    &s,
+                    port,
+                    self.client_ip(),
+                    self.internal_port,
+                    REQUEST_LIFETIME,
+                );
+                self.http(step, s.control.addr, bytes)
+            }
+            (HttpStep::Delete, Some(s)) => match self.mapping {
+                Some(m) => {
+                    let bytes = upnp::delete_port_mapping(&s, m.external.port());
+                    self.http(step, s.control.addr, bytes)
+                }
+                None => vec![],
+            },
+            (_, None) => vec![],
         }
     }
 
-    /// The request that renews (or deletes, with lifetime 0) the current mapping.
-    fn mapping_request(&self, protocol: Protocol, lifetime: u32) -> Request {
-        match protocol {
-            Protocol::Pcp => self.pcp_request(lifetime),
-            Protocol::NatPmp => self.natpmp_request(lifetime),
+    /// The request that renews the current mapping (none while a UPnP exchange runs).
+    fn renewal(&mut self, m: Mapping) -> Vec<Request> {
+        match m.protocol {
+            Protocol::Pcp => vec![self.pcp_request(REQUEST_LIFETIME)],
+            Protocol::NatPmp => vec![self.natpmp_request(REQUEST_LIFETIME)],
+            Protocol::Upnp if self.http_pending.is_some() => vec![],
+            Protocol::Upnp => self.upnp_request(HttpStep::Add(m.external.port())),
         }
     }
 
@@ -240,6 +361,7 @@ impl PortMapper {
         match self.phase {
             Phase::Idle | Phase::Stopped => None,
             Phase::Probing { next, .. } | Phase::NatPmpMapping { next, .. } => Some(next),
+            Phase::Upnp { deadline } => Some(deadline),
             Phase::Mapped {
                 renew_at,
                 expires,
@@ -254,13 +376,17 @@ impl PortMapper {
         match self.phase {
             Phase::Idle | Phase::Stopped => vec![],
             Phase::Probing { sent, next } if now >= next => {
-                if self.natpmp_external.is_some() && (self.pcp_refused || !self.pcp_answered) {
+                let pcp_out = self.pcp_refused || !self.pcp_answered;
+                if pcp_out && self.natpmp_external.is_some() {
                     // NAT-PMP told its address and PCP gave nothing: map with NAT-PMP.
                     return self.start_natpmp(now);
                 }
+                if pcp_out && !self.natpmp_answered && self.upnp_location.is_some() {
+                    // Only UPnP answered.
+                    return self.start_upnp(now);
+                }
                 if sent >= RETRY_GAPS.len() {
-                    self.give_up(now);
-                    return vec![];
+                    return self.fall_back(now);
                 }
                 self.phase = Phase::Probing {
                     sent: sent + 1,
@@ -270,14 +396,18 @@ impl PortMapper {
             }
             Phase::NatPmpMapping { sent, next } if now >= next => {
                 if sent >= RETRY_GAPS.len() {
-                    self.give_up(now);
-                    return vec![];
+                    return self.fall_back(now);
                 }
                 self.phase = Phase::NatPmpMapping {
                     sent: sent + 1,
                     next: now + RETRY_GAPS[sent],
                 };
                 vec![self.natpmp_request(REQUEST_LIFETIME)]
+            }
+            Phase::Upnp { deadline } if now >= deadline => {
+                self.http_pending = None;
+                self.give_up(now);
+                vec![]
             }
             Phase::Mapped { expires, .. } if now >= expires => {
                 // Renewals went unanswered: the mapping is gone; ask afresh.
@@ -311,7 +441,7 @@ impl PortMapper {
                     sent: sent + 1,
                     next: Some(now + RETRY_GAPS[sent]),
                 };
-                vec![self.mapping_request(m.protocol, REQUEST_LIFETIME)]
+                self.renewal(m)
             }
             Phase::Waiting { until, .. } if now >= until => self.start_probe(now),
             _ => vec![],
@@ -319,6 +449,7 @@ impl PortMapper {
     }
 
     fn start_natpmp(&mut self, now: Instant) -> Vec<Request> {
+        self.natpmp_tried = true;
         self.phase = Phase::NatPmpMapping {
             sent: 1,
             next: now + RETRY_GAPS[0],
@@ -326,10 +457,37 @@ impl PortMapper {
         vec![self.natpmp_request(REQUEST_LIFETIME)]
     }
 
+    fn start_upnp(&mut self, now: Instant) -> Vec<Request> {
+        self.upnp_tried = true;
+        self.phase = Phase::Upnp {
+            deadline: now + UPNP_DEADLINE,
+        };
+        let step = if self.upnp_service.is_some() {
+            HttpStep::ExternalIp
+        } else {
+            HttpStep::Describe
+        };
+        self.upnp_request(step)
+    }
+
+    /// PCP will not map: NAT-PMP if it told its address, else UPnP if it answered the search,
+    /// else wait.
+    fn fall_back(&mut self, now: Instant) -> Vec<Request> {
+        if self.natpmp_external.is_some() && !self.natpmp_tried {
+            return self.start_natpmp(now);
+        }
+        if self.upnp_location.is_some() && !self.upnp_tried {
+            return self.start_upnp(now);
+        }
+        self.give_up(now);
+        vec![]
+    }
+
     fn give_up(&mut self, now: Instant) {
+        self.http_pending = None;
         self.phase = Phase::Waiting {
             until: now + PROBE_AGAIN,
-            refused: self.pcp_answered || self.natpmp_answered,
+            refused: self.pcp_answered || self.natpmp_answered || self.upnp_answered,
         };
     }
 
@@ -352,7 +510,17 @@ impl PortMapper {
         };
     }
 
-    /// A datagram that came to the mapping socket from `from`. `Err`: dropped (count it).
+    /// The protocol of the mapping held or being asked for, if one is settled on.
+    fn settled(&self) -> Option<Protocol> {
+        match self.phase {
+            Phase::NatPmpMapping { .. } => Some(Protocol::NatPmp),
+            Phase::Upnp { .. } => Some(Protocol::Upnp),
+            _ => self.mapping.map(|m| m.protocol),
+        }
+    }
+
+    /// A datagram that came to the port mapper's socket from `from`. `Err`: dropped (count
+    /// it).
     pub fn handle_response(
         &mut self,
         now: Instant,
@@ -362,8 +530,16 @@ impl PortMapper {
         let Some((gateway, _)) = self.gateway else {
             return Err(Bad::NotFromGateway);
         };
-        if from != SocketAddr::from((gateway, PORT)) {
+        if from.ip() != IpAddr::V4(gateway) {
             return Err(Bad::NotFromGateway);
+        }
+        if from.port() != PORT {
+            // An SSDP answer (from the gateway's port 1900, or another of its ports).
+            let url = upnp::parse_search_answer(data, gateway)
+                .ok_or(Bad::Malformed("not an SSDP answer naming the gateway"))?;
+            self.upnp_answered = true;
+            self.upnp_location = Some(url);
+            return Ok(vec![]);
         }
         let asking = matches!(
             self.phase,
@@ -378,14 +554,13 @@ impl PortMapper {
                     return Err(Bad::Unexpected("PCP answer for another port"));
                 }
                 self.pcp_answered = true;
-                if !asking {
+                let mine = self.settled().is_none_or(|p| p == Protocol::Pcp);
+                if !asking || !mine {
                     return Ok(vec![]);
                 }
                 if r.result != 0 {
                     self.pcp_refused = true;
-                    if matches!(self.phase, Phase::Mapped { .. })
-                        && self.mapping.map(|m| m.protocol) == Some(Protocol::Pcp)
-                    {
+                    if self.mapping.is_some() {
                         // The renewal was refused: the mapping is gone.
                         self.mapping = None;
                         return Ok(self.start_probe(now));
@@ -440,12 +615,14 @@ impl PortMapper {
                     return Err(Bad::Unexpected("NAT-PMP answer for another port"));
                 }
                 self.natpmp_answered = true;
-                if !asking {
+                let mine = self.settled().is_none_or(|p| p == Protocol::NatPmp);
+                if !asking || !mine {
+                    // Another protocol mapped the port; this answer only shows it is spoken.
                     return Ok(vec![]);
                 }
                 if result != 0 {
                     if matches!(self.phase, Phase::NatPmpMapping { .. }) {
-                        self.give_up(now);
+                        return Ok(self.fall_back(now));
                     }
                     return Ok(vec![]);
                 }
@@ -457,10 +634,6 @@ impl PortMapper {
                 if external_port == 0 || lifetime == 0 {
                     return Err(Bad::Malformed("NAT-PMP mapping without port or lifetime"));
                 }
-                if self.mapping.is_some_and(|m| m.protocol == Protocol::Pcp) {
-                    // PCP already mapped the port; NAT-PMP's answer only shows it is spoken.
-                    return Ok(vec![]);
-                }
                 self.mapped(
                     now,
                     Protocol::NatPmp,
@@ -469,6 +642,100 @@ impl PortMapper {
                 );
                 Ok(vec![])
             }
+        }
+    }
+
+    /// The answer to the HTTP request sent last (`None`: no connection, no answer in time, or
+    /// cut off at [`upnp::MAX_HTTP`]). `Err`: dropped as garbage (count it).
+    pub fn handle_http(
+        &mut self,
+        now: Instant,
+        answer: Option<&[u8]>,
+    ) -> Result<Vec<Request>, Bad> {
+        let Some(step) = self.http_pending.take() else {
+            return Ok(vec![]);
+        };
+        let mapping_up = matches!(self.phase, Phase::Upnp { .. });
+        let renewing = matches!(self.phase, Phase::Mapped { .. })
+            && self.mapping.is_some_and(|m| m.protocol == Protocol::Upnp);
+        if step == HttpStep::Delete || !(mapping_up || renewing) {
+            return Ok(vec![]);
+        }
+        let Some(answer) = answer else {
+            if mapping_up {
+                self.give_up(now);
+            }
+            return Ok(vec![]);
+        };
+        let result = self.upnp_step(now, step, answer);
+        if result.is_err() && mapping_up {
+            self.give_up(now);
+        }
+        result
+    }
+
+    fn upnp_step(
+        &mut self,
+        now: Instant,
+        step: HttpStep,
+        answer: &[u8],
+    ) -> Result<Vec<Request>, Bad> {
+        let gateway = self.gateway().ok_or(Bad::NotFromGateway)?;
+        match step {
+            HttpStep::Describe => {
+                let base = self
+                    .upnp_location
+                    .clone()
+                    .ok_or(Bad::Unexpected("a description nobody asked for"))?;
+                let (code, body) =
+                    upnp::parse_http(answer).ok_or(Bad::Malformed("UPnP description not HTTP"))?;
+                if code != 200 {
+                    return Err(Bad::Unexpected("no UPnP description there"));
+                }
+                let service = upnp::parse_description(body, gateway, &base)
+                    .ok_or(Bad::Malformed("UPnP description without a WAN connection"))?;
+                self.upnp_service = Some(service);
+                Ok(self.upnp_request(HttpStep::ExternalIp))
+            }
+            HttpStep::ExternalIp => {
+                let body = upnp::parse_soap(answer)
+                    .ok_or(Bad::Malformed("UPnP answer not HTTP"))?
+                    .map_err(|_| Bad::Unexpected("UPnP GetExternalIPAddress refused"))?;
+                let ip = upnp::parse_external_ip(body)
+                    .filter(|ip| !ip.is_unspecified())
+                    .ok_or(Bad::Malformed("UPnP external address missing"))?;
+                self.upnp_external = Some(ip);
+                Ok(self.upnp_request(HttpStep::Add(self.internal_port)))
+            }
+            HttpStep::Add(port) => {
+                match upnp::parse_soap(answer).ok_or(Bad::Malformed("UPnP answer not HTTP"))? {
+                    Ok(_) => {
+                        let ip = self
+                            .upnp_external
+                            .ok_or(Bad::Unexpected("no UPnP external address"))?;
+                        self.mapped(
+                            now,
+                            Protocol::Upnp,
+                            SocketAddrV4::new(ip, port),
+                            REQUEST_LIFETIME,
+                        );
+                        Ok(vec![])
+                    }
+                    Err(UPNP_CONFLICT) if port == self.internal_port && self.mapping.is_none() => {
+                        // Another host holds that port: try one other, chosen by the nonce.
+                        let other =
+                            1024 + u16::from_be_bytes([self.nonce[0], self.nonce[1]]) % 64_000;
+                        Ok(self.upnp_request(HttpStep::Add(other)))
+                    }
+                    Err(_) => {
+                        if matches!(self.phase, Phase::Upnp { .. }) {
+                            self.give_up(now);
+                        }
+                        Ok(vec![])
+                    }
+                }
+            }
+            HttpStep::Delete => Ok(vec![]),
         }
     }
 
@@ -493,33 +760,23 @@ impl PortMapper {
 
     /// Stops: the requests that delete the mapping (none when there is none).
     pub fn stop(&mut self) -> Vec<Request> {
-        let out = match self.mapping.take() {
-            Some(m) => vec![self.mapping_request_for_delete(m)],
+        let out = match self.mapping.map(|m| m.protocol) {
+            Some(Protocol::Pcp) => {
+                let bytes =
+                    pcp_map_request(self.client_ip(), self.nonce, self.internal_port, None, 0);
+                vec![self.udp(Protocol::Pcp, bytes.to_vec())]
+            }
+            // RFC 6886 §3.4: delete with suggested external port 0 and lifetime 0.
+            Some(Protocol::NatPmp) => vec![self.udp(
+                Protocol::NatPmp,
+                natpmp_map_request(self.internal_port, 0, 0).to_vec(),
+            )],
+            Some(Protocol::Upnp) => self.upnp_request(HttpStep::Delete),
             None => vec![],
         };
+        self.mapping = None;
         self.phase = Phase::Stopped;
         out
-    }
-
-    fn mapping_request_for_delete(&self, m: Mapping) -> Request {
-        match m.protocol {
-            Protocol::Pcp => {
-                let client = self
-                    .gateway
-                    .map(|(_, l)| l)
-                    .unwrap_or(Ipv4Addr::UNSPECIFIED);
-                Request {
-                    protocol: Protocol::Pcp,
-                    bytes: pcp_map_request(client, self.nonce, self.internal_port, None, 0)
-                        .to_vec(),
-                }
-            }
-            Protocol::NatPmp => Request {
-                protocol: Protocol::NatPmp,
-                // RFC 6886 §3.4: delete with suggested external port 0 and lifetime 0.
-                bytes: natpmp_map_request(self.internal_port, 0, 0).to_vec(),
-            },
-        }
     }
 
     pub fn report(&self) -> Report {
@@ -530,9 +787,12 @@ impl PortMapper {
         if self.natpmp_answered {
             answered.push(Protocol::NatPmp.name());
         }
+        if self.upnp_answered {
+            answered.push(Protocol::Upnp.name());
+        }
         let state = match self.phase {
             Phase::Idle => "no gateway",
-            Phase::Probing { .. } | Phase::NatPmpMapping { .. } => "probing",
+            Phase::Probing { .. } | Phase::NatPmpMapping { .. } | Phase::Upnp { .. } => "probing",
             Phase::Mapped { .. } => "mapped",
             Phase::Waiting { refused: false, .. } => "none answered",
             Phase::Waiting { refused: true, .. } => "refused",
@@ -795,9 +1055,12 @@ mod tests {
     fn a_pcp_answer_maps_the_port_and_is_renewed_at_half_its_lifetime() {
         let t0 = Instant::now();
         let (mut m, out) = started(t0);
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 3);
         assert_eq!(out[0].protocol, Protocol::Pcp);
         assert_eq!(out[1].protocol, Protocol::NatPmp);
+        assert_eq!(out[2].protocol, Protocol::Upnp);
+        assert_eq!(out[2].to, SocketAddr::V4(upnp::SSDP));
+        assert!(out.iter().all(|r| r.via == Via::Udp));
         m.handle_response(t0, gw(), &pcp_answer(NONCE, 0, EXT, 40000, 120))
             .unwrap();
         let mapping = m.mapping().unwrap();
@@ -860,11 +1123,11 @@ mod tests {
             t = next;
             sends += m.handle_timeout(t).len();
         }
-        assert_eq!(sends, 8, "four rounds of PCP and NAT-PMP");
+        assert_eq!(sends, 12, "four rounds of PCP, NAT-PMP and SSDP");
         assert_eq!(m.report().state, "none answered");
         assert!(m.report().answered.is_empty());
         assert_eq!(m.poll_timeout(), Some(t + PROBE_AGAIN));
-        assert_eq!(m.handle_timeout(t + PROBE_AGAIN).len(), 2);
+        assert_eq!(m.handle_timeout(t + PROBE_AGAIN).len(), 3);
     }
 
     #[test]
@@ -958,17 +1221,101 @@ mod tests {
         assert!(m.set_gateway(t0, None).is_empty());
         assert_eq!(m.report().state, "no gateway");
         assert_eq!(m.poll_timeout(), None);
-        assert_eq!(m.set_gateway(t0, Some((GW, ME))).len(), 2);
+        assert_eq!(m.set_gateway(t0, Some((GW, ME))).len(), 3);
         assert!(m.set_gateway(t0, Some((GW, ME))).is_empty());
         m.handle_response(t0, gw(), &pcp_answer(NONCE, 0, EXT, 40000, 120))
             .unwrap();
         let other = Ipv4Addr::new(10, 9, 9, 1);
-        assert_eq!(m.set_gateway(t0, Some((other, ME))).len(), 2);
+        assert_eq!(m.set_gateway(t0, Some((other, ME))).len(), 3);
         assert!(m.mapping().is_none());
         // The old gateway's answers are now foreign.
         assert_eq!(
             m.handle_response(t0, gw(), &pcp_answer(NONCE, 0, EXT, 40000, 120)),
             Err(Bad::NotFromGateway)
         );
+    }
+
+    fn http_ok(body: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    const DESCRIPTION: &str = "<root><service><serviceType>\
+        urn:schemas-upnp-org:service:WANIPConnection:1</serviceType>\
+        <controlURL>/ctl/IPConn</controlURL></service></root>";
+
+    fn ssdp_answer() -> Vec<u8> {
+        b"HTTP/1.1 200 OK\r\nLOCATION: http://192.168.1.1:5000/rootDesc.xml\r\n\r\n".to_vec()
+    }
+
+    #[test]
+    fn a_upnp_only_router_is_mapped_over_http_renewed_and_deleted() {
+        let t0 = Instant::now();
+        let (mut m, _) = started(t0);
+        let ssdp_from = SocketAddr::from((GW, 1900));
+        m.handle_response(t0, ssdp_from, &ssdp_answer()).unwrap();
+        assert_eq!(m.report().answered, vec!["upnp"]);
+        // PCP and NAT-PMP stay silent: at the next tick UPnP is asked.
+        let out = m.handle_timeout(t0 + Duration::from_millis(250));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].via, Via::Http);
+        assert_eq!(out[0].to, SocketAddr::from((GW, 5000)));
+        assert!(out[0].bytes.starts_with(b"GET /rootDesc.xml HTTP/1.1\r\n"));
+        let out = m.handle_http(t0, Some(&http_ok(DESCRIPTION))).unwrap();
+        assert!(String::from_utf8_lossy(&out[0].bytes).contains("#GetExternalIPAddress"));
+        let ext = "<NewExternalIPAddress>44.0.0.7</NewExternalIPAddress>";
+        let out = m.handle_http(t0, Some(&http_ok(ext))).unwrap();
+        let add = String::from_utf8_lossy(&out[0].bytes).into_owned();
+        assert!(add.contains("#AddPortMapping"));
+        assert!(add.contains("<NewInternalClient>192.168.1.2</NewInternalClient>"));
+        assert!(add.contains(&format!("<NewExternalPort>{PORT_IN}</NewExternalPort>")));
+        assert!(m.handle_http(t0, Some(&http_ok(""))).unwrap().is_empty());
+        let mapping = m.mapping().unwrap();
+        assert_eq!(mapping.protocol, Protocol::Upnp);
+        assert_eq!(mapping.external, SocketAddrV4::new(EXT, PORT_IN));
+        assert_eq!(m.report().state, "mapped");
+        // Renewed at half the lease, one request at a time.
+        let half = t0 + Duration::from_secs(3600);
+        let renew = m.handle_timeout(half);
+        assert_eq!(renew.len(), 1);
+        assert!(String::from_utf8_lossy(&renew[0].bytes).contains("#AddPortMapping"));
+        assert!(m
+            .handle_timeout(half + Duration::from_millis(250))
+            .is_empty());
+        m.handle_http(half, Some(&http_ok(""))).unwrap();
+        assert_eq!(m.poll_timeout(), Some(half + Duration::from_secs(3600)));
+        let del = m.stop();
+        assert_eq!(del.len(), 1);
+        assert!(String::from_utf8_lossy(&del[0].bytes).contains("#DeletePortMapping"));
+    }
+
+    #[test]
+    fn upnp_garbage_or_silence_gives_up_and_foreign_ssdp_answers_are_dropped() {
+        let t0 = Instant::now();
+        let (mut m, _) = started(t0);
+        let stranger = SocketAddr::from((Ipv4Addr::new(192, 168, 1, 66), 1900));
+        assert_eq!(
+            m.handle_response(t0, stranger, &ssdp_answer()),
+            Err(Bad::NotFromGateway)
+        );
+        let pointing_away = b"HTTP/1.1 200 OK\r\nLOCATION: http://192.168.1.66:5000/d.xml\r\n\r\n";
+        assert!(m
+            .handle_response(t0, SocketAddr::from((GW, 1900)), pointing_away)
+            .is_err());
+        m.handle_response(t0, SocketAddr::from((GW, 1900)), &ssdp_answer())
+            .unwrap();
+        m.handle_timeout(t0 + Duration::from_millis(250));
+        assert!(m.handle_http(t0, Some(b"\x00garbage")).is_err());
+        assert_eq!(m.report().state, "refused");
+        assert!(m.mapping().is_none());
+        // Next time, no answer at all: given up as well.
+        let later = t0 + PROBE_AGAIN;
+        m.handle_timeout(later);
+        m.handle_timeout(later + Duration::from_millis(250));
+        assert!(m.handle_http(later, None).unwrap().is_empty());
+        assert_eq!(m.report().state, "refused");
     }
 }

@@ -187,7 +187,8 @@ impl<P: Platform> Session<P> {
             control.abort();
             let _ = control.await;
         }
-        if tokio::time::timeout(std::time::Duration::from_secs(1), &mut portmapper)
+        // (At most one HTTP exchange with a UPnP router, 2 s.)
+        if tokio::time::timeout(std::time::Duration::from_millis(2500), &mut portmapper)
             .await
             .is_err()
         {

@@ -1,26 +1,35 @@
 //! The port-mapping driver: carries out what the I/O-free
 //! [`PortMapper`](crate::core::portmap::PortMapper) decides, on its own ephemeral UDP socket
-//! connected to the default gateway's port 5351 (so only the gateway's answers arrive). It
-//! re-reads the default gateway every [`GATEWAY_EVERY`] and starts over when it changed, hands
-//! the control client a mapping to publish only when it sits at the reflexive address the
-//! coordinator sees, and deletes the mapping when the session stops.
+//! (PCP and NAT-PMP to the default gateway's port 5351, the SSDP search to its multicast
+//! group) and, for UPnP, one HTTP exchange at a time over TCP, each bounded in size
+//! ([`upnp::MAX_HTTP`]) and time ([`HTTP_TIMEOUT`]). It re-reads the default gateway every
+//! [`GATEWAY_EVERY`] and starts over when it changed, hands the control client a mapping to
+//! publish only when it sits at the reflexive address the coordinator sees, and deletes the
+//! mapping when the session stops.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
 
 use crate::core::counters::Counters;
-use crate::core::portmap::{PortMapper, Report, Request, MAX_MESSAGE, PORT};
+use crate::core::portmap::{PortMapper, Report, Request, Via, MAX_MESSAGE, PORT};
+use crate::core::upnp;
 use crate::io::Underlay;
 use crate::tasks::now;
 
 /// How often the default gateway is looked up again.
 const GATEWAY_EVERY: Duration = Duration::from_secs(30);
-/// How long a stopping session waits for the gateway to confirm the delete.
+/// How long a stopping session waits for the gateway to confirm a PCP or NAT-PMP delete.
 const DELETE_WAIT: Duration = Duration::from_millis(500);
+/// The longest one UPnP HTTP exchange (connect, request, answer) may take.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the port mapper shares with the control client and the commands.
 pub struct PortMapLink {
@@ -56,25 +65,33 @@ pub struct PortMapTask<U: Underlay> {
     pub counters: Arc<Counters>,
 }
 
-/// A socket connected to the gateway's port-mapping port, and the address it sends from.
+/// The port mapper's socket, and the address this host reaches the gateway from (learnt by
+/// connecting a second socket, which sends nothing).
 async fn open(gateway: Ipv4Addr) -> std::io::Result<(UdpSocket, Ipv4Addr)> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
-    socket.connect((gateway, PORT)).await?;
-    let local = match socket.local_addr()?.ip() {
+    let route = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
+    route.connect((gateway, PORT)).await?;
+    let local = match route.local_addr()?.ip() {
         IpAddr::V4(ip) => ip,
         IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     };
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
     Ok((socket, local))
 }
 
-async fn send_all(socket: &Option<UdpSocket>, out: Vec<Request>) {
-    let Some(s) = socket else { return };
+/// Sends the datagrams; queues the HTTP requests.
+async fn send_all(socket: &Option<UdpSocket>, http: &mut VecDeque<Request>, out: Vec<Request>) {
     for r in out {
-        if let Err(e) = s.send(&r.bytes).await {
-            tracing::debug!(
-                "port mapping: cannot send a {} request: {e}",
-                r.protocol.name()
-            );
+        match r.via {
+            Via::Http => http.push_back(r),
+            Via::Udp => {
+                let Some(s) = socket else { continue };
+                if let Err(e) = s.send_to(&r.bytes, r.to).await {
+                    tracing::debug!(
+                        "port mapping: cannot send a {} request: {e}",
+                        r.protocol.name()
+                    );
+                }
+            }
         }
     }
 }
@@ -82,6 +99,33 @@ async fn send_all(socket: &Option<UdpSocket>, out: Vec<Request>) {
 async fn recv(socket: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
     match socket {
         Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+type Exchange = Pin<Box<dyn Future<Output = Option<Vec<u8>>> + Send>>;
+
+/// One HTTP exchange: connect, send, read until the server closes, at most
+/// [`upnp::MAX_HTTP`] bytes within [`HTTP_TIMEOUT`]; what arrived by then (`None`: nothing).
+fn exchange(r: Request) -> Exchange {
+    Box::pin(async move {
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(HTTP_TIMEOUT, async {
+            let mut s = TcpStream::connect(r.to).await?;
+            s.write_all(&r.bytes).await?;
+            (&mut s)
+                .take(upnp::MAX_HTTP as u64)
+                .read_to_end(&mut answer)
+                .await
+        })
+        .await;
+        (!answer.is_empty()).then_some(answer)
+    })
+}
+
+async fn finish(http: &mut Option<Exchange>) -> Option<Vec<u8>> {
+    match http {
+        Some(f) => f.await,
         None => std::future::pending().await,
     }
 }
@@ -94,10 +138,13 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
 }
 
 impl<U: Underlay> PortMapTask<U> {
-    /// Runs until `stop` fires, then deletes the mapping (waiting at most [`DELETE_WAIT`]).
+    /// Runs until `stop` fires, then deletes the mapping (waiting at most [`DELETE_WAIT`], or
+    /// one HTTP exchange for UPnP).
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut mapper = PortMapper::new(self.udp_port, rand::random());
         let mut socket: Option<UdpSocket> = None;
+        let mut queue: VecDeque<Request> = VecDeque::new();
+        let mut http: Option<Exchange> = None;
         let mut reflexive = self.link.reflexive.subscribe();
         let mut gateway_every = tokio::time::interval(GATEWAY_EVERY);
         // One byte more than any PCP message, so an oversized one is seen as such.
@@ -108,6 +155,8 @@ impl<U: Underlay> PortMapTask<U> {
                     let gateway = self.underlay.gateway_ipv4().await;
                     if gateway != mapper.gateway() {
                         socket = None;
+                        queue.clear();
+                        http = None;
                         let found = match gateway {
                             Some(g) => match open(g).await {
                                 Ok((s, local)) => {
@@ -122,7 +171,7 @@ impl<U: Underlay> PortMapTask<U> {
                             None => None,
                         };
                         let out = mapper.set_gateway(now(), found);
-                        send_all(&socket, out).await;
+                        send_all(&socket, &mut queue, out).await;
                     }
                 }
                 r = recv(&socket, &mut buf) => {
@@ -130,7 +179,7 @@ impl<U: Underlay> PortMapTask<U> {
                     // retries and the back-off deal with it.
                     if let Ok((n, from)) = r {
                         match mapper.handle_response(now(), from, &buf[..n]) {
-                            Ok(out) => send_all(&socket, out).await,
+                            Ok(out) => send_all(&socket, &mut queue, out).await,
                             Err(why) => {
                                 Counters::bump(&self.counters.portmap_bad);
                                 tracing::debug!("port mapping: dropped an answer: {why:?}");
@@ -138,9 +187,19 @@ impl<U: Underlay> PortMapTask<U> {
                         }
                     }
                 }
+                answer = finish(&mut http) => {
+                    http = None;
+                    match mapper.handle_http(now(), answer.as_deref()) {
+                        Ok(out) => send_all(&socket, &mut queue, out).await,
+                        Err(why) => {
+                            Counters::bump(&self.counters.portmap_bad);
+                            tracing::debug!("port mapping: dropped a UPnP answer: {why:?}");
+                        }
+                    }
+                }
                 _ = sleep_until(mapper.poll_timeout()) => {
                     let out = mapper.handle_timeout(now());
-                    send_all(&socket, out).await;
+                    send_all(&socket, &mut queue, out).await;
                 }
                 changed = reflexive.changed() => {
                     if changed.is_err() {
@@ -151,6 +210,9 @@ impl<U: Underlay> PortMapTask<U> {
                     self.delete(&mut mapper, &socket, &mut buf).await;
                     return;
                 }
+            }
+            if http.is_none() {
+                http = queue.pop_front().map(exchange);
             }
             let (publish, mismatch) = mapper.publishable(*reflexive.borrow());
             if mismatch {
@@ -189,23 +251,34 @@ impl<U: Underlay> PortMapTask<U> {
         if out.is_empty() {
             return;
         }
-        // Sent twice (a lost datagram would leave the mapping until it expires); the first
-        // answer ends the wait.
-        send_all(socket, out.clone()).await;
-        let answered = tokio::time::timeout(DELETE_WAIT, async {
-            tokio::select! {
-                r = recv(socket, buf) => r.is_ok(),
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                    send_all(socket, out).await;
-                    recv(socket, buf).await.is_ok()
-                }
+        let answered = if out.iter().any(|r| r.via == Via::Http) {
+            // UPnP: one exchange, with its own time limit.
+            let mut answered = false;
+            for r in out {
+                answered |= exchange(r).await.is_some();
             }
-        })
-        .await
-        .unwrap_or(false);
+            answered
+        } else {
+            // Sent twice (a lost datagram would leave the mapping until it expires); the
+            // first answer ends the wait.
+            let mut none = VecDeque::new();
+            send_all(socket, &mut none, out.clone()).await;
+            tokio::time::timeout(DELETE_WAIT, async {
+                tokio::select! {
+                    r = recv(socket, buf) => r.is_ok(),
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                        send_all(socket, &mut none, out).await;
+                        recv(socket, buf).await.is_ok()
+                    }
+                }
+            })
+            .await
+            .unwrap_or(false)
+        };
         if let Some(m) = had {
             tracing::info!(
-                "deleted the router's port mapping {}{}",
+                "deleted the router's {} port mapping {}{}",
+                m.protocol.name(),
                 m.external,
                 if answered { "" } else { " (unconfirmed)" }
             );
