@@ -144,6 +144,40 @@ mod tests {
     use a2a_proto::api::{PeerStatus, SelfStatus};
 
     #[test]
+    fn netcheck_says_which_port_mapping_protocols_answered() {
+        let mut r = NetcheckReport {
+            coordinator: "192.0.2.1:7600".into(),
+            udp: true,
+            reflexive: Some("198.51.100.7:40001".into()),
+            reflexive_alt: None,
+            mapping: "endpoint-dependent".into(),
+            relay: "udp".into(),
+            coordinator_rtt_ms: Some(0.4),
+            local: vec!["192.168.1.2".into()],
+            portmap: a2a_proto::api::PortmapReport {
+                gateway: Some("192.168.1.1".into()),
+                answered: vec!["pcp".into(), "nat-pmp".into()],
+                mapped: Some("198.51.100.7:51820".into()),
+                protocol: Some("pcp".into()),
+                published: true,
+                state: "mapped".into(),
+            },
+        };
+        let text = netcheck_text(&r);
+        assert!(
+            text.contains("port mapping:  198.51.100.7:51820 by pcp, published (gateway 192.168.1.1; answered: pcp, nat-pmp)"),
+            "{text}"
+        );
+        r.portmap = a2a_proto::api::PortmapReport {
+            gateway: Some("192.168.1.1".into()),
+            state: "none answered".into(),
+            ..Default::default()
+        };
+        assert!(netcheck_text(&r)
+            .contains("port mapping:  none answered (gateway 192.168.1.1; answered: none)"));
+    }
+
+    #[test]
     fn table_lists_self_and_peers() {
         let st = Status {
             self_: Some(SelfStatus {
