@@ -159,6 +159,7 @@ mod tests {
                 answered: vec!["pcp".into(), "nat-pmp".into()],
                 mapped: Some("198.51.100.7:51820".into()),
                 protocol: Some("pcp".into()),
+                lifetime_s: Some(7200),
                 published: true,
                 state: "mapped".into(),
             },

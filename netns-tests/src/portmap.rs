@@ -40,12 +40,12 @@ impl Router {
     /// Its DNAT rules go in a table of its own, `inet a2a_upnp`; the router's forward filter
     /// (which drops unsolicited wan traffic) accepts what they DNAT. Waits until it listens.
     pub fn start_miniupnpd(&self) -> MiniUpnpd {
-        self.start_miniupnpd_with(true)
+        self.start_miniupnpd_with(true, 86_400)
     }
 
     /// [`start_miniupnpd`](Self::start_miniupnpd), with NAT-PMP and PCP off when `natpmp` is
-    /// false (UPnP IGD only).
-    pub fn start_miniupnpd_with(&self, natpmp: bool) -> MiniUpnpd {
+    /// false (UPnP IGD only), and PCP / NAT-PMP lifetimes cut to `max_lifetime` seconds.
+    pub fn start_miniupnpd_with(&self, natpmp: bool, max_lifetime: u32) -> MiniUpnpd {
         require_tools(&[("miniupnpd", "miniupnpd-nftables"), ("nft", "nftables")]);
         let ns = &self.ns;
         let dir = ns.lab_dir();
@@ -74,8 +74,8 @@ impl Router {
              enable_upnp=yes\n\
              secure_mode=yes\n\
              system_uptime=no\n\
-             min_lifetime=120\n\
-             max_lifetime=86400\n\
+             min_lifetime={min_lifetime}\n\
+             max_lifetime={max_lifetime}\n\
              upnp_table_name=a2a_upnp\n\
              upnp_nat_table_name=a2a_upnp\n\
              upnp_forward_chain=miniupnpd\n\
@@ -84,6 +84,7 @@ impl Router {
              allow 1024-65535 {lan} 1024-65535\n\
              deny 0-65535 0.0.0.0/0 0-65535\n",
             natpmp = if natpmp { "yes" } else { "no" },
+            min_lifetime = (max_lifetime / 2).min(120),
         );
         let conf_path = dir.join(format!("{}-miniupnpd.conf", ns.role));
         fs::write(&conf_path, conf).expect("write miniupnpd.conf");

@@ -261,7 +261,7 @@ fn a_upnp_only_router_maps_the_port_too() {
     };
     let coord = lab.coordinator(CoordOpts::default());
     let mapped = lab.router("rtr-igd", Nat::Hard);
-    let upnp = mapped.start_miniupnpd_with(false);
+    let upnp = mapped.start_miniupnpd_with(false, 86_400);
     let hard = lab.router("rtr-hard", Nat::Hard);
     let a = lab.node_behind(&mapped, "igd");
     let b = lab.node_behind(&hard, "hard-b");
@@ -315,4 +315,38 @@ fn a_upnp_only_router_maps_the_port_too() {
     upnp.proc.assert_running();
     b.assert_daemon_running();
     coord.assert_running();
+}
+
+#[test]
+fn a_short_lifetime_is_renewed_before_it_expires() {
+    let Some(lab) = Lab::with_public_wan("portmap_renew") else {
+        return;
+    };
+    let coord = lab.coordinator(CoordOpts::default());
+    let mapped = lab.router("rtr-short", Nat::Hard);
+    // PCP grants 20 s: renewed every 10 s, and miniupnpd removes it once it expires.
+    let upnp = mapped.start_miniupnpd_with(true, 20);
+    let a = lab.node_behind(&mapped, "short");
+    a.up_ok(&coord.token);
+    let pm = wait_portmap_state(&a, "mapped");
+    assert_eq!(pm["lifetime_s"], 20, "miniupnpd cut the lifetime: {pm}");
+    let first = wait_mappings(&upnp, 1, "miniupnpd to hold the mapping");
+    // Past two lifetimes: still there, the same one, still published.
+    std::thread::sleep(Duration::from_secs(45));
+    let later = wait_mappings(&upnp, 1, "the mapping to be held after 45 s");
+    assert_eq!(first, later, "renewed in place");
+    let pm = portmap(&a);
+    assert_eq!(pm["state"], "mapped", "{pm}");
+    assert_eq!(pm["published"], true, "{pm}");
+    // And without renewals it does go away: stop the daemon's mapper by killing a2ad.
+    a.stop_daemon(libc::SIGKILL);
+    wait_for(
+        Duration::from_secs(45),
+        "miniupnpd to expire the mapping nobody renews",
+        || match upnp.udp_mappings().len() {
+            0 => Ok(()),
+            n => Err(format!("{n} left")),
+        },
+    );
+    upnp.proc.assert_running();
 }

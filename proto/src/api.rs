@@ -147,6 +147,9 @@ pub struct PortmapReport {
     pub mapped: Option<String>,
     /// The protocol of that mapping.
     pub protocol: Option<String>,
+    /// The lifetime the router granted it, in seconds (renewed at half).
+    #[serde(default)]
+    pub lifetime_s: Option<u64>,
     /// Whether the mapping is published as a candidate (only when it is at the reflexive
     /// address the coordinator sees).
     pub published: bool,

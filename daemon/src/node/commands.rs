@@ -425,6 +425,7 @@ impl<P: Platform> Daemon<P> {
                 answered: r.answered.iter().map(|p| p.to_string()).collect(),
                 mapped: r.mapping.map(|m| m.external.to_string()),
                 protocol: r.mapping.map(|m| m.protocol.name().to_string()),
+                lifetime_s: r.mapping.map(|m| m.lifetime.as_secs()),
                 published: published.is_some(),
                 state: r.state.into(),
             },
