@@ -26,8 +26,25 @@ pub fn netcheck_text(r: &NetcheckReport) -> String {
         }
         _ => "unknown (needs answers from both coordinator ports)",
     };
+    let pm = &r.portmap;
+    let answered = if pm.answered.is_empty() {
+        "none".to_string()
+    } else {
+        pm.answered.join(", ")
+    };
+    let portmap = match (&pm.mapped, &pm.protocol) {
+        (Some(m), Some(p)) => format!(
+            "{m} by {p}{}",
+            if pm.published {
+                ", published"
+            } else {
+                ", not published (not the reflexive address)"
+            }
+        ),
+        _ => pm.state.clone(),
+    };
     format!(
-        "coordinator:   {}\nudp:           {}\nreflexive:     {}\nsecond port:   {}\nmapping:       {mapping}\nrelay:         {}\ncoordinator rtt: {}\nlocal:         {}\n",
+        "coordinator:   {}\nudp:           {}\nreflexive:     {}\nsecond port:   {}\nmapping:       {mapping}\nrelay:         {}\ncoordinator rtt: {}\nlocal:         {}\nport mapping:  {portmap} (gateway {}; answered: {answered})\n",
         r.coordinator,
         if r.udp { "yes" } else { "no (UDP to the coordinator gets no answer)" },
         opt(&r.reflexive),
@@ -41,6 +58,7 @@ pub fn netcheck_text(r: &NetcheckReport) -> String {
             .map(|ms| format!("{ms:.2} ms"))
             .unwrap_or_else(|| "-".into()),
         if r.local.is_empty() { "-".into() } else { r.local.join(", ") },
+        pm.gateway.as_deref().unwrap_or("-"),
     )
 }
 
@@ -124,6 +142,41 @@ fn bytes(n: u64) -> String {
 mod tests {
     use super::*;
     use a2a_proto::api::{PeerStatus, SelfStatus};
+
+    #[test]
+    fn netcheck_says_which_port_mapping_protocols_answered() {
+        let mut r = NetcheckReport {
+            coordinator: "192.0.2.1:7600".into(),
+            udp: true,
+            reflexive: Some("198.51.100.7:40001".into()),
+            reflexive_alt: None,
+            mapping: "endpoint-dependent".into(),
+            relay: "udp".into(),
+            coordinator_rtt_ms: Some(0.4),
+            local: vec!["192.168.1.2".into()],
+            portmap: a2a_proto::api::PortmapReport {
+                gateway: Some("192.168.1.1".into()),
+                answered: vec!["pcp".into(), "nat-pmp".into()],
+                mapped: Some("198.51.100.7:51820".into()),
+                protocol: Some("pcp".into()),
+                lifetime_s: Some(7200),
+                published: true,
+                state: "mapped".into(),
+            },
+        };
+        let text = netcheck_text(&r);
+        assert!(
+            text.contains("port mapping:  198.51.100.7:51820 by pcp, published (gateway 192.168.1.1; answered: pcp, nat-pmp)"),
+            "{text}"
+        );
+        r.portmap = a2a_proto::api::PortmapReport {
+            gateway: Some("192.168.1.1".into()),
+            state: "none answered".into(),
+            ..Default::default()
+        };
+        assert!(netcheck_text(&r)
+            .contains("port mapping:  none answered (gateway 192.168.1.1; answered: none)"));
+    }
 
     #[test]
     fn table_lists_self_and_peers() {

@@ -30,7 +30,9 @@
 //! - `status`: `a2actl status --json` ([`Status`]);
 //! - `checks`: [`in_prefix`], [`assert_private_files`];
 //! - `coordinator`: [`Coordinator`], [`CoordOpts`] (and [`Lab::coordinator`]);
-//! - `node`: [`Node`] (and [`Lab::node`], [`Lab::node_behind`]).
+//! - `node`: [`Node`] (and [`Lab::node`], [`Lab::node_behind`]);
+//! - `portmap`: port-mapping servers on a router: miniupnpd ([`MiniUpnpd`]) and a hostile one
+//!   ([`FakePortMapper`]).
 
 mod capture;
 mod checks;
@@ -38,6 +40,7 @@ mod coordinator;
 pub mod garbage;
 mod impair;
 mod node;
+mod portmap;
 mod process;
 mod services;
 mod status;
@@ -49,6 +52,7 @@ pub use checks::{assert_private_files, in_prefix};
 pub use coordinator::{CoordOpts, Coordinator, COORDINATOR_PORT, DEFAULT_PREFIX};
 pub use impair::{ForwarderCounters, ImpairedWan, Impairment, PingStats, WireLoss};
 pub use node::{Node, NODE_PORT, OVERLAY_TIMEOUT};
+pub use portmap::{FakePortMapper, Lie, MiniUpnpd, PORTMAP_PORT};
 pub use process::{cpu_time, require_tool, require_tools, run_host, Bins, Output, Proc};
 pub use services::{HttpServer, HTTP_PORT, IPERF_PORT};
 pub use status::{PeerStatus, SelfStatus, Status};

@@ -106,7 +106,9 @@ pub(crate) struct LabInner {
     test: String,
     pub(crate) dir: PathBuf,
     bins: Bins,
-    /// `x` of the lab's wan subnet `10.x.0.0/24`.
+    /// `w` and `x` of the lab's wan subnet `w.x.0.0/24` (`w` is 10 unless the lab was made
+    /// with [`Lab::with_public_wan`]).
+    wan_first: u8,
     subnet: u8,
     started: Instant,
     namespaces: Mutex<Vec<String>>,
@@ -223,6 +225,17 @@ impl Lab {
     /// Creates a lab with its wan segment. Returns `None` (test skipped) without root, unless
     /// `CI=true`, where it panics.
     pub fn new(test: &str) -> Option<Lab> {
+        Lab::create(test, 10)
+    }
+
+    /// Like [`new`](Self::new), with the wan subnet in a public range (`44.x.0.0/24`) instead
+    /// of `10.x.0.0/24`: for routers whose software refuses a private external address
+    /// (miniupnpd maps no port on a router whose wan address is private).
+    pub fn with_public_wan(test: &str) -> Option<Lab> {
+        Lab::create(test, 44)
+    }
+
+    fn create(test: &str, wan_first: u8) -> Option<Lab> {
         let pid = std::process::id();
         let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("a2a-{pid}-{n}");
@@ -280,6 +293,7 @@ impl Lab {
             test: test.to_string(),
             dir,
             bins,
+            wan_first,
             subnet,
             started: Instant::now(),
             namespaces: Mutex::new(vec![format!("{name}-hub")]),
@@ -323,9 +337,9 @@ impl Lab {
         &self.inner.bins
     }
 
-    /// The wan subnet, `10.x.0.0/24`.
+    /// The wan subnet, `10.x.0.0/24` (or `44.x.0.0/24`: [`with_public_wan`](Self::with_public_wan)).
     pub fn wan_subnet(&self) -> String {
-        format!("10.{}.0.0/24", self.inner.subnet)
+        format!("{}.{}.0.0/24", self.inner.wan_first, self.inner.subnet)
     }
 
     /// A new namespace attached to the wan bridge, with an address of the wan subnet on `eth0`.
@@ -336,7 +350,7 @@ impl Lab {
         let host = inner.next_host.fetch_add(1, Ordering::Relaxed);
         assert!(host < 255, "too many namespaces in one lab");
         reserve_neighbours(host.into(), &inner.raised_neighbours);
-        let ip = Ipv4Addr::new(10, inner.subnet, 0, host as u8);
+        let ip = Ipv4Addr::new(inner.wan_first, inner.subnet, 0, host as u8);
         // The veth pair is created inside the hub and the node namespace directly.
         let hub_side = inner.hub_port(host);
         inner.host(&[
@@ -422,7 +436,7 @@ impl Lab {
         let host = inner.next_host.fetch_add(1, Ordering::Relaxed);
         assert!(host < 255, "too many namespaces in one lab");
         reserve_neighbours(host.into(), &inner.raised_neighbours);
-        let ip = Ipv4Addr::new(10, inner.subnet, 0, host as u8);
+        let ip = Ipv4Addr::new(inner.wan_first, inner.subnet, 0, host as u8);
         let (i, n) = (isp.name.as_str(), name.as_str());
         inner.host(&[
             "ip", "-n", i, "link", "add", "down0", "type", "veth", "peer", "name", "eth0", "netns",

@@ -131,6 +131,31 @@ pub struct NetcheckReport {
     pub coordinator_rtt_ms: Option<f64>,
     /// This node's local addresses published as candidates.
     pub local: Vec<String>,
+    /// The router's port mapping (PCP, NAT-PMP) of the WireGuard port.
+    #[serde(default)]
+    pub portmap: PortmapReport,
+}
+
+/// What `a2actl netcheck` says about port mapping.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortmapReport {
+    /// The default gateway asked (on UDP 5351).
+    pub gateway: Option<String>,
+    /// The protocols whose server answered: `pcp`, `nat-pmp`.
+    pub answered: Vec<String>,
+    /// The external address the router mapped the WireGuard port to.
+    pub mapped: Option<String>,
+    /// The protocol of that mapping.
+    pub protocol: Option<String>,
+    /// The lifetime the router granted it, in seconds (renewed at half).
+    #[serde(default)]
+    pub lifetime_s: Option<u64>,
+    /// Whether the mapping is published as a candidate (only when it is at the reflexive
+    /// address the coordinator sees).
+    pub published: bool,
+    /// `no gateway`, `probing`, `mapped`, `none answered`, `refused`, `stopped`, or `off`
+    /// (no port mapper runs).
+    pub state: String,
 }
 
 /// What `a2actl status --json` prints. Field names are a contract: keep them.

@@ -123,6 +123,8 @@ struct Conn {
     cred: Arc<Credential>,
     /// The underlay addresses it started with; when they change, the connection starts over.
     locals: Vec<SocketAddr>,
+    /// The reflexive address last reported.
+    reflexive: Option<SocketAddr>,
     published: Vec<SocketAddr>,
     registered: bool,
     /// `PeerUp`s still to come before `up` may return.
@@ -146,6 +148,8 @@ pub struct Client {
     backoff: Duration,
     address_attempt: u32,
     closed_handshakes: u32,
+    /// The router's port mapping of the WireGuard port, when it may be published.
+    mapped: Option<SocketAddr>,
     conn: Option<Conn>,
 }
 
@@ -170,6 +174,7 @@ impl Client {
             backoff: BACKOFF_MIN,
             address_attempt: 0,
             closed_handshakes: 0,
+            mapped: None,
             conn: None,
         }
     }
@@ -195,7 +200,7 @@ impl Client {
         locals: Vec<SocketAddr>,
     ) -> ClientMsg {
         let cred = self.member.credential();
-        let published = candidates_from(reflexive, &locals);
+        let published = candidates_from(reflexive, self.mapped, &locals);
         let record = self.record(now, &cred, published.clone());
         let msg = ClientMsg::Register {
             network: cred.network_id(),
@@ -205,6 +210,7 @@ impl Client {
         self.conn = Some(Conn {
             cred,
             locals,
+            reflexive,
             published,
             registered: false,
             initial_peers: 0,
@@ -265,16 +271,32 @@ impl Client {
         if locals != c.locals.as_slice() {
             return vec![Action::End(End::Lost("underlay addresses changed".into()))];
         }
-        let candidates = candidates_from(reflexive, locals);
+        if let Some(c) = self.conn.as_mut() {
+            c.reflexive = reflexive;
+        }
+        self.republish(now).into_iter().collect()
+    }
+
+    /// The router's port mapping to publish (after the caller checked it is at the reflexive
+    /// address), or `None`; republishes when the candidates change.
+    pub fn mapped(&mut self, now: Now, mapped: Option<SocketAddr>) -> Vec<Action> {
+        self.mapped = mapped;
+        self.republish(now).into_iter().collect()
+    }
+
+    /// A new record when the candidates differ from the published ones (once registered).
+    fn republish(&mut self, now: Now) -> Option<Action> {
+        let c = self.conn.as_ref()?;
+        let candidates = candidates_from(c.reflexive, self.mapped, &c.locals);
         if candidates == c.published || !c.registered {
-            return vec![];
+            return None;
         }
         let cred = c.cred.clone();
         let record = self.record(now, &cred, candidates.clone());
         if let Some(c) = self.conn.as_mut() {
             c.published = candidates;
         }
-        vec![Action::Send(ClientMsg::Update { record })]
+        Some(Action::Send(ClientMsg::Update { record }))
     }
 
     /// One message from the coordinator.
@@ -347,6 +369,8 @@ impl Client {
                 .into_iter()
                 .map(|id| Action::Send(ClientMsg::InviteOpen { id })),
         );
+        // A mapping learnt while registering is published now.
+        out.extend(self.republish(now));
         out
     }
 
@@ -661,10 +685,15 @@ impl Client {
     }
 }
 
-/// The candidates a node publishes: its reflexive address first, then its local ones.
-pub fn candidates_from(reflexive: Option<SocketAddr>, locals: &[SocketAddr]) -> Vec<SocketAddr> {
+/// The candidates a node publishes: its reflexive address first, then its router's port
+/// mapping, then its local ones.
+pub fn candidates_from(
+    reflexive: Option<SocketAddr>,
+    mapped: Option<SocketAddr>,
+    locals: &[SocketAddr],
+) -> Vec<SocketAddr> {
     let mut c: Vec<SocketAddr> = reflexive.into_iter().collect();
-    for a in locals {
+    for a in mapped.iter().chain(locals) {
         if !c.contains(a) {
             c.push(*a);
         }
@@ -1017,6 +1046,50 @@ mod tests {
             .client
             .addresses(at(&w, 5), None, &[addr("10.0.0.3:51820")]);
         assert!(matches!(a[..], [Action::End(End::Lost(_))]));
+    }
+
+    #[test]
+    fn a_port_mapping_is_published_after_the_reflexive_address_and_withdrawn() {
+        let mut w = world();
+        let locals = vec![addr("10.0.0.2:51820")];
+        let reflexive = Some(addr("198.51.100.1:4000"));
+        w.client
+            .connected(at(&w, 0), b"h", reflexive, locals.clone());
+        // Learnt while registering: nothing sent yet, published with the registration.
+        assert!(w
+            .client
+            .mapped(at(&w, 1), Some(addr("198.51.100.1:40000")))
+            .is_empty());
+        let a = w.client.handle(at(&w, 2), registered(0));
+        let update = a
+            .iter()
+            .find_map(|a| match a {
+                Action::Send(ClientMsg::Update { record }) => Some(record),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no update after registering: {a:?}"));
+        let v = update.verify(&w.member.credential().network_id()).unwrap();
+        assert_eq!(
+            v.record.candidates,
+            vec![
+                addr("198.51.100.1:4000"),
+                addr("198.51.100.1:40000"),
+                addr("10.0.0.2:51820")
+            ]
+        );
+        assert!(w
+            .client
+            .mapped(at(&w, 3), Some(addr("198.51.100.1:40000")))
+            .is_empty());
+        let a = w.client.mapped(at(&w, 4), None);
+        let [Action::Send(ClientMsg::Update { record })] = &a[..] else {
+            panic!("{a:?}");
+        };
+        let v = record.verify(&w.member.credential().network_id()).unwrap();
+        assert_eq!(
+            v.record.candidates,
+            vec![addr("198.51.100.1:4000"), addr("10.0.0.2:51820")]
+        );
     }
 
     #[test]

@@ -58,6 +58,12 @@ counters! {
     disco_stale_pong,
     path_upgrades,
     path_fallbacks,
+    /// Answers on the port-mapping socket dropped: garbage, truncated, not from the gateway,
+    /// or answering nothing asked.
+    portmap_bad,
+    /// Mappings whose external address is not the reflexive address the coordinator sees (a
+    /// router that lies, or a NAT beyond it): not published.
+    portmap_mismatch,
     /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
     fast_tun_offload,
     fast_udp_gso,
@@ -97,6 +103,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 34);
+        assert_eq!(len, 36);
     }
 }

@@ -9,4 +9,6 @@ pub mod limit;
 pub mod membership;
 pub mod path;
 pub mod peers;
+pub mod portmap;
+pub mod upnp;
 pub mod wg;

@@ -283,6 +283,32 @@ impl Underlay for KernelUnderlay {
             .await
             .map_err(|e| format!("cannot configure {}: {e}", self.interface))
     }
+
+    async fn gateway_ipv4(&self) -> Option<Ipv4Addr> {
+        // Bounded: the routing table of a host, read once.
+        let table = tokio::fs::read_to_string("/proc/net/route").await.ok()?;
+        default_gateway(&table)
+    }
+}
+
+/// The gateway of the first IPv4 default route in `/proc/net/route` (its hex fields are the
+/// address's network-order bytes read as a native-endian number).
+pub fn default_gateway(table: &str) -> Option<Ipv4Addr> {
+    const RTF_UP: u32 = 0x1;
+    const RTF_GATEWAY: u32 = 0x2;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 || f[1] != "00000000" || f[7] != "00000000" {
+            return None;
+        }
+        let flags = u32::from_str_radix(f[3], 16).ok()?;
+        if flags & (RTF_UP | RTF_GATEWAY) != RTF_UP | RTF_GATEWAY {
+            return None;
+        }
+        let gw = u32::from_str_radix(f[2], 16).ok()?;
+        let ip = Ipv4Addr::from(gw.to_ne_bytes());
+        (!ip.is_unspecified()).then_some(ip)
+    })
 }
 
 /// TCP to the coordinator, with Nagle off (the control channel's messages are small).
@@ -299,5 +325,23 @@ impl Connector for TcpConnector {
         let s = TcpStream::connect(addr).await?;
         let _ = s.set_nodelay(true);
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_gateway_is_read_from_the_route_table() {
+        let table =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                     eth0\t0002A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                     eth0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        if cfg!(target_endian = "little") {
+            assert_eq!(default_gateway(table), Some(Ipv4Addr::new(192, 168, 2, 1)));
+        }
+        assert_eq!(default_gateway("Iface\tDestination\n"), None);
+        assert_eq!(default_gateway("garbage\nx y z\n"), None);
     }
 }

@@ -102,6 +102,12 @@ pub trait Underlay: Send + Sync + 'static {
         ip: Ipv4Addr,
         prefix_len: u8,
     ) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// The IPv4 default gateway (where a port-mapping server would be), if there is one. The
+    /// fakes have none.
+    fn gateway_ipv4(&self) -> impl Future<Output = Option<Ipv4Addr>> + Send {
+        async { None }
+    }
 }
 
 /// Opens the control channel's byte stream to a coordinator.

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use a2a_proto::api::{NetcheckReport, PeerStatus, PingResult, SelfStatus, Status};
+use a2a_proto::api::{NetcheckReport, PeerStatus, PingResult, PortmapReport, SelfStatus, Status};
 use a2a_proto::control::ClientMsg;
 use a2a_proto::invite::InviteCode;
 use a2a_proto::keys::{NetworkSecret, REVOKE_CONTEXT, ROTATE_CONTEXT};
@@ -414,9 +414,25 @@ impl<P: Platform> Daemon<P> {
             (Some(_), Some(_)) => "endpoint-dependent",
             _ => "unknown",
         };
-        let underlay = match self.session.lock().await.as_ref() {
-            Some(s) => s.underlay.clone(),
+        let (underlay, portmap) = match self.session.lock().await.as_ref() {
+            Some(s) => (s.underlay.clone(), s.portmap.clone()),
             None => return Err(CommandError::NotJoined),
+        };
+        let published = *portmap.published.borrow();
+        let portmap = match portmap.report() {
+            Some(r) => PortmapReport {
+                gateway: r.gateway.map(|g| g.to_string()),
+                answered: r.answered.iter().map(|p| p.to_string()).collect(),
+                mapped: r.mapping.map(|m| m.external.to_string()),
+                protocol: r.mapping.map(|m| m.protocol.name().to_string()),
+                lifetime_s: r.mapping.map(|m| m.lifetime.as_secs()),
+                published: published.is_some(),
+                state: r.state.into(),
+            },
+            None => PortmapReport {
+                state: "off".into(),
+                ..Default::default()
+            },
         };
         let local = underlay.local_ipv4().await;
         Ok(NetcheckReport {
@@ -433,6 +449,7 @@ impl<P: Platform> Daemon<P> {
             .into(),
             coordinator_rtt_ms: main.map(|a| a.rtt.as_secs_f64() * 1000.0),
             local: local.iter().map(|ip| ip.to_string()).collect(),
+            portmap,
         })
     }
 }

@@ -21,6 +21,7 @@ use crate::tasks::control::ControlTask;
 use crate::tasks::dataplane::DataPlane;
 use crate::tasks::now;
 use crate::tasks::pathfinder::PathFinder;
+use crate::tasks::portmap::{PortMapLink, PortMapTask};
 use crate::tasks::prober::Prober;
 
 /// Disco datagrams and path events queued for the path finder (more are dropped and counted).
@@ -44,8 +45,13 @@ pub struct Session<P: Platform> {
     pub counters: Arc<Counters>,
     pub dataplane: Arc<DataPlane<P>>,
     pub underlay: Arc<P::Underlay>,
+    /// The router's port mapping of the WireGuard port.
+    pub portmap: Arc<PortMapLink>,
     leave: watch::Sender<bool>,
     control: JoinHandle<()>,
+    /// Fired when the session stops: the port mapper deletes its mapping.
+    portmap_stop: watch::Sender<bool>,
+    portmapper: JoinHandle<()>,
     loops: Vec<JoinHandle<()>>,
 }
 
@@ -109,6 +115,17 @@ impl<P: Platform> Session<P> {
         let (status_tx, status_rx) = watch::channel(Registration::Connecting);
         let (ip_tx, ip_rx) = watch::channel(ip);
         let (leave_tx, leave_rx) = watch::channel(false);
+        let portmap = Arc::new(PortMapLink::default());
+        let (portmap_stop, portmap_stop_rx) = watch::channel(false);
+        let portmapper = tokio::spawn(
+            PortMapTask {
+                underlay: underlay.clone(),
+                udp_port: device.udp_port,
+                link: portmap.clone(),
+                counters: counters.clone(),
+            }
+            .run(portmap_stop_rx),
+        );
         let task = ControlTask {
             client: Client::new(
                 member.clone(),
@@ -126,6 +143,7 @@ impl<P: Platform> Session<P> {
             state,
             status: status_tx,
             ip: ip_tx,
+            portmap: portmap.clone(),
         };
         let control = tokio::spawn(task.run(leave_rx));
         tracing::info!(
@@ -143,8 +161,11 @@ impl<P: Platform> Session<P> {
             counters,
             dataplane,
             underlay,
+            portmap,
             leave: leave_tx,
             control,
+            portmap_stop,
+            portmapper,
             loops,
         })
     }
@@ -152,6 +173,9 @@ impl<P: Platform> Session<P> {
     /// Stops everything. With `leave`, first tells the coordinator this node leaves, so the
     /// other members drop it at once. Dropping the TUN device removes the interface.
     pub async fn stop(self, leave: bool) {
+        // The router's mapping is deleted while the coordinator hears of the leave.
+        let _ = self.portmap_stop.send(true);
+        let mut portmapper = self.portmapper;
         let mut control = self.control;
         let mut finished = false;
         if leave {
@@ -164,6 +188,13 @@ impl<P: Platform> Session<P> {
         if !finished {
             control.abort();
             let _ = control.await;
+        }
+        // (At most one HTTP exchange with a UPnP router, 2 s.)
+        if tokio::time::timeout(std::time::Duration::from_millis(2500), &mut portmapper)
+            .await
+            .is_err()
+        {
+            portmapper.abort();
         }
         for l in &self.loops {
             l.abort();

@@ -28,6 +28,7 @@ use crate::io::state::StateDir;
 use crate::io::{Connector, Platform, Underlay};
 use crate::tasks::dataplane::DataPlane;
 use crate::tasks::events::{ControlOut, PathEvent, RelayLink};
+use crate::tasks::portmap::PortMapLink;
 use crate::tasks::{clock, AbortOnDrop};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,6 +56,9 @@ pub struct ControlTask<P: Platform> {
     pub status: watch::Sender<Registration>,
     /// The current overlay address; changes only when the coordinator reports a conflict.
     pub ip: watch::Sender<std::net::Ipv4Addr>,
+    /// The router's port mapping: this task reports the reflexive address, and publishes the
+    /// mapping the port mapper found at it.
+    pub portmap: Arc<PortMapLink>,
 }
 
 impl<P: Platform> ControlTask<P> {
@@ -142,6 +146,9 @@ impl<P: Platform> ControlTask<P> {
         };
         let locals = self.locals().await;
         self.set_round_ttl(reflexive, &locals, hops);
+        self.portmap.reflexive.send_replace(reflexive);
+        let mut mapped = self.portmap.published.subscribe();
+        self.client.mapped(clock(), *mapped.borrow_and_update());
         let register =
             self.client
                 .connected(clock(), &est.handshake_hash, reflexive, locals.clone());
@@ -199,7 +206,19 @@ impl<P: Platform> ControlTask<P> {
                     }
                     let (reflexive, locals) = addrs_rx.borrow_and_update().clone();
                     self.set_round_ttl(reflexive, &locals, hops);
+                    self.portmap.reflexive.send_if_modified(|r| {
+                        let changed = *r != reflexive;
+                        *r = reflexive;
+                        changed
+                    });
                     self.client.addresses(clock(), reflexive, &locals)
+                }
+                changed = mapped.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let m = *mapped.borrow_and_update();
+                    self.client.mapped(clock(), m)
                 }
                 _ = leave.changed() => {
                     leave_gracefully(&mut writer, &mut msgs).await;

@@ -11,6 +11,7 @@ pub mod control;
 pub mod dataplane;
 pub mod events;
 pub mod pathfinder;
+pub mod portmap;
 pub mod prober;
 
 /// The tasks' clock: tokio's (paused in tests), as a std `Instant` for the core's types.
