@@ -53,6 +53,10 @@ counters! {
     relay_not_from_coordinator,
     relay_queue_full,
     disco_unknown_sender,
+    /// Probes not sent: the peer published an address no probe should go to (unspecified,
+    /// loopback, link-local, multicast or broadcast, port 0, the coordinator's, or one of this
+    /// node's own).
+    candidates_ignored,
     disco_bad,
     disco_rate_limited,
     disco_stale_pong,

@@ -62,6 +62,29 @@ pub struct Probe {
     pub ttl: Option<u8>,
 }
 
+/// Whether a probe may go to `addr`, a candidate a peer published (or an address it was seen
+/// at): not an address nobody can be reached at (unspecified, port 0, loopback, link-local,
+/// multicast, IPv4 broadcast), not the coordinator's, and not one of this node's own
+/// (`own`: its local and reflexive addresses). A peer's record could otherwise aim our probes
+/// at the coordinator, at ourselves or at a whole link.
+pub fn probe_worthy(addr: SocketAddr, own: &[SocketAddr], coordinator: Option<SocketAddr>) -> bool {
+    let canonical = a2a_proto::addr::canonical(addr);
+    let ip = canonical.ip();
+    let reachable = addr.port() != 0
+        && !ip.is_unspecified()
+        && !ip.is_loopback()
+        && !ip.is_multicast()
+        && match ip {
+            std::net::IpAddr::V4(v4) => !v4.is_link_local() && !v4.is_broadcast(),
+            std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+        };
+    reachable
+        && coordinator.map(a2a_proto::addr::canonical) != Some(canonical)
+        && !own
+            .iter()
+            .any(|o| a2a_proto::addr::canonical(*o) == canonical)
+}
+
 /// The TTL of a node's upgrade rounds, from what it knows of its own network: `None` (the
 /// full TTL) when it does not know its reflexive address (no coordinator to punch through);
 /// 1 for an open host (its reflexive address is one of its own: no NAT to open, and its
@@ -660,6 +683,39 @@ mod tests {
         let mut probes = Vec::new();
         p.tick(t0 + UPGRADE_EVERY, None, None, &mut probes);
         assert_eq!(probes[0].ttl, None);
+    }
+
+    #[test]
+    fn no_probe_goes_to_nowhere_the_coordinator_or_ourselves() {
+        let own = [a("192.168.1.5:51820"), a("203.0.113.9:40000")];
+        let coord = Some(a("198.51.100.7:7600"));
+        for bad in [
+            "0.0.0.0:51820",
+            "203.0.113.5:0",
+            "127.0.0.1:51820",
+            "169.254.3.4:51820",
+            "224.0.0.1:51820",
+            "255.255.255.255:51820",
+            "[::]:51820",
+            "[::1]:51820",
+            "[fe80::1]:51820",
+            "[ff02::1]:51820",
+            "198.51.100.7:7600",
+            "[::ffff:198.51.100.7]:7600",
+            "192.168.1.5:51820",
+            "203.0.113.9:40000",
+        ] {
+            assert!(!probe_worthy(a(bad), &own, coord), "{bad} was probed");
+        }
+        for good in [
+            "192.168.1.6:51820",
+            "203.0.113.9:40001",
+            "198.51.100.7:51820",
+            "[2001:db8::5]:51820",
+            "[fd00::5]:51820",
+        ] {
+            assert!(probe_worthy(a(good), &own, coord), "{good} was not probed");
+        }
     }
 
     #[test]

@@ -104,6 +104,7 @@ impl<P: Platform> Session<P> {
             prober: Prober::default(),
             path_events: path_tx,
             round_ttl: Default::default(),
+            own_addrs: Default::default(),
         });
         let loops = vec![
             tokio::spawn(dataplane.clone().tun_to_udp()),

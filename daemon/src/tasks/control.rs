@@ -241,6 +241,12 @@ impl<P: Platform> ControlTask<P> {
         locals: &[SocketAddr],
         hops: Option<u8>,
     ) {
+        let mut own: Vec<SocketAddr> = reflexive
+            .into_iter()
+            .chain(locals.iter().copied())
+            .collect();
+        own.dedup();
+        self.dataplane.own_addrs.store(Arc::new(own));
         let ttl = round_ttl(reflexive, locals, hops);
         let was = self
             .dataplane

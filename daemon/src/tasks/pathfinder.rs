@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::core::counters::Counters;
 use crate::core::limit::PerSecond;
-use crate::core::path::{Probe, Route};
+use crate::core::path::{probe_worthy, Probe, Route};
 use crate::core::peers::{Peer, Via};
 use crate::io::Platform;
 use crate::tasks::dataplane::DataPlane;
@@ -104,6 +104,13 @@ impl<P: Platform> PathFinder<P> {
     }
 
     async fn send_ping(&self, peer: &Peer, probe: Probe) {
+        if let Some(addr) = probe.addr {
+            let coordinator = self.dp.coordinator.load().as_deref().copied();
+            if !probe_worthy(addr, &self.dp.own_addrs.load(), coordinator) {
+                Counters::bump(&self.dp.counters.candidates_ignored);
+                return;
+            }
+        }
         let via = probe.addr.map_or(Via::Relay(peer.relay_id()), Via::Direct);
         self.send_disco(peer, via, &DiscoMsg::Ping { tx: probe.tx }, probe.ttl)
             .await;

@@ -50,6 +50,8 @@ pub struct DataPlane<P: Platform> {
     /// The TTL of upgrade rounds' probes (`core::path::round_ttl`; 0: the full TTL), set by
     /// the control task from what each connection learns.
     pub round_ttl: AtomicU8,
+    /// This node's own addresses (local and reflexive), which no probe goes to.
+    pub own_addrs: arc_swap::ArcSwap<Vec<std::net::SocketAddr>>,
 }
 
 impl<P: Platform> DataPlane<P> {
