@@ -678,3 +678,48 @@ fn routers_without_a_firewall_and_double_nat_go_direct() {
     }
     coord.assert_running();
 }
+
+/// On one segment (open hosts on the wan, two nodes on one LAN) the path is direct before the
+/// first packet an agent sends: `a2actl status` right after `a2actl up` shows it.
+#[test]
+fn on_one_segment_paths_are_direct_when_up_returns() {
+    let Some(lab) = Lab::new("segment_up") else {
+        return;
+    };
+    let coord = lab.coordinator(CoordOpts::default());
+    let home = lab.router("rtr-home", Nat::Easy);
+    let open: Vec<Node> = (1..=3).map(|i| lab.node(&format!("open-{i}"))).collect();
+    let lan: Vec<Node> = ["lan-a", "lan-b"]
+        .iter()
+        .map(|n| lab.node_behind(&home, n))
+        .collect();
+    for group in [&open, &lan] {
+        for (i, n) in group.iter().enumerate() {
+            let t0 = Instant::now();
+            n.up_ok(&coord.token);
+            let took = t0.elapsed();
+            let st = n.status();
+            for m in &group[..i] {
+                let p = st
+                    .peer(&m.name)
+                    .unwrap_or_else(|| panic!("{} lists no {}", n.name, m.name));
+                assert_eq!(
+                    p.path,
+                    "direct",
+                    "{} -> {} right after `up` ({} ms): {:?}",
+                    n.name,
+                    m.name,
+                    took.as_millis(),
+                    p.endpoint
+                );
+            }
+            report(format!(
+                "segment_up: {}: `up` took {} ms, {} peer(s) on its segment direct when it returned",
+                n.name,
+                took.as_millis(),
+                i
+            ));
+        }
+    }
+    coord.assert_running();
+}
