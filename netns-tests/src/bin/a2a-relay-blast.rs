@@ -8,7 +8,7 @@
 //!
 //! Both register (real Noise handshakes and signed records) and bind their relay slots over
 //! UDP; then A sends relay data for B at N datagrams a second (default 60 000, under the
-//! coordinator's per-sender bucket of 80 000) of BYTES bytes (default 1400), 32 at a time with
+//! coordinator's per-sender bucket of 250 000) of BYTES bytes (default 1400), 32 at a time with
 //! UDP GSO where the kernel has it, for S seconds (default 5), while B receives with UDP GRO and
 //! checks their order. Prints one JSON object: datagrams sent and received, received Mbit/s,
 //! datagrams out of order.
