@@ -24,40 +24,9 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::process::{require_tools, Proc};
+use crate::process::require_tools;
 use crate::timing::wait_for;
-use crate::topology::{Lab, Nat, Ns, Router, BRIDGE};
-
-/// What a router's wan link does to every frame, in each direction.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Impairment {
-    /// Added to every frame in each direction.
-    pub delay: Duration,
-    /// Uniform spread around `delay` (at most `delay`).
-    pub jitter: Duration,
-    /// Percentage of frames dropped in each direction (nftables in the router).
-    pub loss_pct: u32,
-}
-
-impl Impairment {
-    /// Issue 12's lossy, slow link, per router: between two such routers a round trip of
-    /// 40 ms (four crossings of 10 ms), 20 ms ± 5 ms each way (two crossings of ± 2.5 ms), and
-    /// 3 % loss on each router's wan in each direction.
-    pub const LOSSY_WAN: Impairment = Impairment {
-        delay: Duration::from_millis(10),
-        jitter: Duration::from_micros(2500),
-        loss_pct: 3,
-    };
-}
-
-/// The impairment of a router's wan link: the forwarder's namespace and process.
-#[derive(Debug)]
-pub struct ImpairedWan {
-    pub impairment: Impairment,
-    /// The namespace between the router and the wan bridge.
-    pub ns: Ns,
-    pub forwarder: Proc,
-}
+use crate::topology::{ImpairedWan, Impairment, Lab, Nat, Ns, Router, BRIDGE};
 
 /// What the forwarder did in one direction (its JSON on SIGTERM).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

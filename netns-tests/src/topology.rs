@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::impair::ImpairedWan;
 use crate::process::{
     command_in, require_tools, run_to_completion, tail, truncate, Bins, Output, Proc,
 };
@@ -907,4 +906,39 @@ impl Ns {
     pub fn has_link(&self, name: &str) -> bool {
         self.exec(&["ip", "link", "show", "dev", name]).success()
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// What an impaired wan link is (set up and read by `impair.rs`)
+// ------------------------------------------------------------------------------------------
+
+/// What a router's wan link does to every frame, in each direction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Impairment {
+    /// Added to every frame in each direction.
+    pub delay: Duration,
+    /// Uniform spread around `delay` (at most `delay`).
+    pub jitter: Duration,
+    /// Percentage of frames dropped in each direction (nftables in the router).
+    pub loss_pct: u32,
+}
+
+impl Impairment {
+    /// Issue 12's lossy, slow link, per router: between two such routers a round trip of
+    /// 40 ms (four crossings of 10 ms), 20 ms ± 5 ms each way (two crossings of ± 2.5 ms), and
+    /// 3 % loss on each router's wan in each direction.
+    pub const LOSSY_WAN: Impairment = Impairment {
+        delay: Duration::from_millis(10),
+        jitter: Duration::from_micros(2500),
+        loss_pct: 3,
+    };
+}
+
+/// The impairment of a router's wan link: the forwarder's namespace and process.
+#[derive(Debug)]
+pub struct ImpairedWan {
+    pub impairment: Impairment,
+    /// The namespace between the router and the wan bridge.
+    pub ns: Ns,
+    pub forwarder: Proc,
 }
