@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod channel;
 pub mod limits;
+pub mod metrics;
 pub mod registry;
 pub mod relay;
 pub mod server;

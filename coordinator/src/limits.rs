@@ -425,21 +425,47 @@ impl Drops {
         }
     }
 
-    /// `name=value` pairs for the counters line.
-    pub fn summary(&self) -> String {
+    /// Every count: its name, what it counts, its value (the counters line and the metrics
+    /// are made from this one list).
+    pub fn values(&self) -> Vec<(&'static str, &'static str, u64)> {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        format!(
-            "tcp_refused_pending_cap={} tcp_refused_source_cap={} tcp_refused_source_pending={} \
-             tcp_refused_source_rate={} tcp_register_deadline={} ctl_msgs_throttled={} \
-             udp_rate_limited={}",
-            g(&self.tcp_refused_pending_cap),
-            g(&self.tcp_refused_source_cap),
-            g(&self.tcp_refused_source_pending),
-            g(&self.tcp_refused_source_rate),
-            g(&self.tcp_register_deadline),
-            g(&self.ctl_msgs_throttled),
-            g(&self.udp_rate_limited),
-        )
+        vec![
+            (
+                "tcp_refused_pending_cap",
+                "TCP connections refused: too many unregistered connections",
+                g(&self.tcp_refused_pending_cap),
+            ),
+            (
+                "tcp_refused_source_cap",
+                "TCP connections refused: too many from one source",
+                g(&self.tcp_refused_source_cap),
+            ),
+            (
+                "tcp_refused_source_pending",
+                "TCP connections refused: too many unregistered from one source",
+                g(&self.tcp_refused_source_pending),
+            ),
+            (
+                "tcp_refused_source_rate",
+                "TCP connections refused: their source opened them too fast",
+                g(&self.tcp_refused_source_rate),
+            ),
+            (
+                "tcp_register_deadline",
+                "Connections closed for not registering in time",
+                g(&self.tcp_register_deadline),
+            ),
+            (
+                "ctl_msgs_throttled",
+                "Control messages delayed to keep a connection within its message rate",
+                g(&self.ctl_msgs_throttled),
+            ),
+            (
+                "udp_rate_limited",
+                "Non-relay UDP datagrams dropped over their source's rate",
+                g(&self.udp_rate_limited),
+            ),
+        ]
     }
 }
 

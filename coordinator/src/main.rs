@@ -3,7 +3,7 @@
 //! It keeps everything in memory and writes no file but its own identity key.
 
 use a2a_coordinator::limits::Limits;
-use a2a_coordinator::server;
+use a2a_coordinator::{metrics, server};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -86,6 +86,10 @@ struct ServeArgs {
         default_value_t = 0
     )]
     udp_sockets: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default): counts and gauges
+    /// only, never a node's key, name or address. Bind it to loopback or a private address.
+    #[arg(long, env = "A2A_METRICS", value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     #[command(flatten)]
     common: Common,
 }
@@ -219,6 +223,22 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         };
         let udp = server::bind_udp(args.listen, loops)
             .map_err(|e| format!("cannot listen on UDP {}: {e}", args.listen))?;
+        // Bound before serving starts, so a taken port fails the start with nothing half done.
+        let metrics_listener = match args.metrics {
+            Some(addr) => {
+                let l = a2a_proto::scrape::bind(addr).await?;
+                if a2a_proto::scrape::is_exposed(addr) {
+                    tracing::warn!(
+                        "metrics on {addr} are reachable beyond this host's private networks: \
+                         anyone there can read the hub's load; bind them to 127.0.0.1 or a \
+                         private address, or firewall the port"
+                    );
+                }
+                tracing::info!("metrics at http://{addr}/metrics");
+                Some(l)
+            }
+            None => None,
+        };
         // The mapping-check port: a second UDP destination, so `a2actl netcheck` can tell an
         // endpoint-independent NAT mapping from one that changes per destination.
         let mut alt_addr = args.listen;
@@ -257,6 +277,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         );
         let stats_every = std::time::Duration::from_secs(args.stats_interval);
         let server = server::Server::with_limits(private, limits, stats_every);
+        // Ends with the runtime.
+        if let Some(l) = metrics_listener {
+            tokio::spawn(metrics::serve(l, server.clone()));
+        }
         tokio::select! {
             r = server.clone().run_group(tcp, udp, udp_alt, server::Offload::from_env()) => r.map_err(|e| format!("listening socket failed: {e}")),
             _ = a2a_proto::process::shutdown_signal() => {

@@ -134,6 +134,15 @@ impl<H: Clone> RelayTable<H> {
         self.slots.is_empty()
     }
 
+    /// Slots reached over UDP at `now` (bound, and refreshed in the last [`UDP_BIND_TTL`]): a
+    /// count for the metrics, one pass over the table.
+    pub fn udp_bound(&self, now: Instant) -> usize {
+        self.slots
+            .values()
+            .filter(|s| matches!(s.dest(now), Dest::Udp(_)))
+            .count()
+    }
+
     /// A UDP bind from `src` to the address the slot already holds, refreshed without writing
     /// the table: `Ok(true)` if done, `Ok(false)` if it needs [`RelayTable::bind`] (a new
     /// address), an error if the id or secret is wrong.
@@ -251,10 +260,12 @@ mod tests {
             t.route_udp(now, addr("192.0.2.1:5000"), 2),
             Err(RelayDrop::UnknownSource)
         );
+        assert_eq!(t.udp_bound(now), 0);
         t.bind(now, 1, &RelaySecret([1; 16]), addr("192.0.2.1:5000"))
             .unwrap();
         t.bind(now, 2, &RelaySecret([2; 16]), addr("192.0.2.2:6000"))
             .unwrap();
+        assert_eq!(t.udp_bound(now), 2);
         assert_eq!(
             t.route_udp(now, addr("192.0.2.1:5000"), 2),
             Ok((1, Dest::Udp(addr("192.0.2.2:6000"))))
@@ -262,6 +273,7 @@ mod tests {
         // A binding not refreshed falls back to the control connection.
         let later = now + UDP_BIND_TTL + Duration::from_secs(1);
         assert_eq!(t.route_conn(later, 1, 2), Ok(Dest::Conn("conn2")));
+        assert_eq!(t.udp_bound(later), 0);
     }
 
     #[test]

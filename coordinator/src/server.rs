@@ -56,7 +56,15 @@ pub struct Counters {
     pub relay_binds: AtomicU64,
     pub relay_bad_binds: AtomicU64,
     pub relayed_udp: AtomicU64,
+    /// Bytes of the datagrams counted in `relayed_udp` (relay header included).
+    pub relayed_udp_bytes: AtomicU64,
     pub relayed_tcp: AtomicU64,
+    /// Bytes of the datagrams counted in `relayed_tcp` (relay header included).
+    pub relayed_tcp_bytes: AtomicU64,
+    /// Runs of relayed datagrams to one address sent in one UDP GSO call, and the datagrams
+    /// in them.
+    pub relay_gso_sends: AtomicU64,
+    pub relay_gso_datagrams: AtomicU64,
     pub relay_unknown_source: AtomicU64,
     pub relay_unknown_destination: AtomicU64,
     pub relay_foreign_network: AtomicU64,
@@ -73,39 +81,139 @@ impl Counters {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn summary(&self) -> String {
+    fn add(c: &AtomicU64, n: usize) {
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Every counter: its name, what it counts, its value (the counters line and the metrics
+    /// are made from this one list).
+    pub fn values(&self) -> Vec<(&'static str, &'static str, u64)> {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        format!(
-            "tcp_accepted={} tcp_refused_over_cap={} tcp_bad_handshake={} tcp_bad_message={} \
-             registrations={} registrations_refused={} udp_endpoint_probes={} udp_dropped={} \
-             udp_send_failed={} \
-             relay_binds={} relay_bad_binds={} relayed_udp={} relayed_tcp={} \
-             relay_unknown_source={} relay_unknown_destination={} relay_foreign_network={} \
-             relay_rate_limited={} relay_queue_full={} punches={} redemptions={} \
-             redemptions_refused={} revocations={}",
-            g(&self.tcp_accepted),
-            g(&self.tcp_refused_over_cap),
-            g(&self.tcp_bad_handshake),
-            g(&self.tcp_bad_message),
-            g(&self.registrations),
-            g(&self.registrations_refused),
-            g(&self.udp_endpoint_probes),
-            g(&self.udp_dropped),
-            g(&self.udp_send_failed),
-            g(&self.relay_binds),
-            g(&self.relay_bad_binds),
-            g(&self.relayed_udp),
-            g(&self.relayed_tcp),
-            g(&self.relay_unknown_source),
-            g(&self.relay_unknown_destination),
-            g(&self.relay_foreign_network),
-            g(&self.relay_rate_limited),
-            g(&self.relay_queue_full),
-            g(&self.punches),
-            g(&self.redemptions),
-            g(&self.redemptions_refused),
-            g(&self.revocations),
-        )
+        vec![
+            (
+                "tcp_accepted",
+                "TCP connections admitted",
+                g(&self.tcp_accepted),
+            ),
+            (
+                "tcp_refused_over_cap",
+                "TCP connections refused: the coordinator was at its connection cap",
+                g(&self.tcp_refused_over_cap),
+            ),
+            (
+                "tcp_bad_handshake",
+                "TCP connections whose Noise handshake failed",
+                g(&self.tcp_bad_handshake),
+            ),
+            (
+                "tcp_bad_message",
+                "Control messages malformed, out of order or refused",
+                g(&self.tcp_bad_message),
+            ),
+            (
+                "registrations",
+                "Registrations accepted",
+                g(&self.registrations),
+            ),
+            (
+                "registrations_refused",
+                "Registrations refused",
+                g(&self.registrations_refused),
+            ),
+            (
+                "udp_endpoint_probes",
+                "Endpoint probes and relay binds answered with the address seen",
+                g(&self.udp_endpoint_probes),
+            ),
+            (
+                "udp_dropped",
+                "UDP datagrams dropped as not a2a's, malformed, or unreadable",
+                g(&self.udp_dropped),
+            ),
+            (
+                "udp_send_failed",
+                "UDP sends the kernel refused (no route, a firewall)",
+                g(&self.udp_send_failed),
+            ),
+            (
+                "relay_binds",
+                "UDP relay binds accepted",
+                g(&self.relay_binds),
+            ),
+            (
+                "relay_bad_binds",
+                "UDP relay binds with an unknown id or the wrong secret",
+                g(&self.relay_bad_binds),
+            ),
+            (
+                "relayed_udp",
+                "Datagrams relayed from UDP to UDP",
+                g(&self.relayed_udp),
+            ),
+            (
+                "relayed_udp_bytes",
+                "Bytes of the datagrams relayed from UDP to UDP (relay header included)",
+                g(&self.relayed_udp_bytes),
+            ),
+            (
+                "relayed_tcp",
+                "Datagrams relayed from or to a control connection (TCP)",
+                g(&self.relayed_tcp),
+            ),
+            (
+                "relayed_tcp_bytes",
+                "Bytes of the datagrams relayed from or to a control connection (relay header \
+                 included)",
+                g(&self.relayed_tcp_bytes),
+            ),
+            (
+                "relay_gso_sends",
+                "Runs of relayed datagrams to one address sent in one UDP GSO call",
+                g(&self.relay_gso_sends),
+            ),
+            (
+                "relay_gso_datagrams",
+                "Relayed datagrams sent in those GSO calls",
+                g(&self.relay_gso_datagrams),
+            ),
+            (
+                "relay_unknown_source",
+                "Relay datagrams dropped: from an address no relay slot is bound to",
+                g(&self.relay_unknown_source),
+            ),
+            (
+                "relay_unknown_destination",
+                "Relay datagrams dropped: to a relay id nobody holds",
+                g(&self.relay_unknown_destination),
+            ),
+            (
+                "relay_foreign_network",
+                "Relay datagrams dropped: source and destination in different networks",
+                g(&self.relay_foreign_network),
+            ),
+            (
+                "relay_rate_limited",
+                "Relay datagrams dropped: the sender was over its relay rate",
+                g(&self.relay_rate_limited),
+            ),
+            (
+                "relay_queue_full",
+                "Relay datagrams dropped: the destination's connection queue was full or closed",
+                g(&self.relay_queue_full),
+            ),
+            ("punches", "Hole-punch requests passed on", g(&self.punches)),
+            (
+                "redemptions",
+                "Invite redemptions passed on",
+                g(&self.redemptions),
+            ),
+            (
+                "redemptions_refused",
+                "Invite redemptions refused",
+                g(&self.redemptions_refused),
+            ),
+            ("revocations", "Revocations passed on", g(&self.revocations)),
+        ]
     }
 
     fn dropped(&self, why: RelayDrop) {
@@ -117,6 +225,25 @@ impl Counters {
             RelayDrop::BadBind => &self.relay_bad_binds,
         });
     }
+}
+
+/// One reading of the coordinator ([`Server::snapshot`]): (name, what it is, value) for every
+/// gauge and counter; numbers under fixed names, nothing else.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// What is live now (members, networks, connections, relay slots, UDP sockets).
+    pub gauges: Vec<(&'static str, &'static str, u64)>,
+    /// What happened since the start.
+    pub counters: Vec<(&'static str, &'static str, u64)>,
+}
+
+/// `name=value` pairs, space-separated, for the counters line.
+pub fn pairs(values: &[(&'static str, &'static str, u64)]) -> String {
+    values
+        .iter()
+        .map(|(name, _, v)| format!("{name}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A hook for tests only: a test binary (the forging coordinator in `netns-tests`) wraps the
@@ -312,6 +439,8 @@ pub struct Server {
     /// What the limits dropped, by reason.
     pub limited: Drops,
     stats_every: Duration,
+    /// UDP sockets in the main port's group (set by [`Server::run_group`]).
+    udp_sockets: std::sync::atomic::AtomicUsize,
 }
 
 /// An admitted connection's seat in the accounting, given back when the task ends.
@@ -363,6 +492,7 @@ impl Server {
             limits,
             limited: Drops::default(),
             stats_every,
+            udp_sockets: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -446,6 +576,7 @@ impl Server {
         udp_alt: Option<UdpSocket>,
         offload: Offload,
     ) -> io::Result<()> {
+        self.udp_sockets.store(udp.len(), Ordering::Relaxed);
         let mut tasks = vec![
             tokio::spawn(self.clone().expire_loop()),
             tokio::spawn(self.clone().stats_loop()),
@@ -691,6 +822,7 @@ impl Server {
                 if let Some(udp) = self.udp.get() {
                     if udp.send_datagram(addr, datagram) {
                         Counters::bump(&self.counters.relayed_tcp);
+                        Counters::add(&self.counters.relayed_tcp_bytes, datagram.len());
                     } else {
                         Counters::bump(&self.counters.relay_queue_full);
                     }
@@ -704,8 +836,12 @@ impl Server {
     /// Queues relay data from slot `src` (`datagram`, laid out as a UDP relay datagram) on a
     /// control connection.
     fn forward_over_conn(&self, tx: &ConnTx, src: u32, datagram: &mut [u8]) {
+        let len = datagram.len();
         match tx.send_relay(relay_frame(datagram, src)) {
-            Ok(()) => Counters::bump(&self.counters.relayed_tcp),
+            Ok(()) => {
+                Counters::bump(&self.counters.relayed_tcp);
+                Counters::add(&self.counters.relayed_tcp_bytes, len);
+            }
             Err(Refused::Full | Refused::Closed | Refused::TooLarge) => {
                 Counters::bump(&self.counters.relay_queue_full)
             }
@@ -751,16 +887,16 @@ impl Server {
                     routes.push(self.route_datagram(&table, now, src, port, d));
                 }
             }
-            let forwarded = routes.iter().filter(|r| matches!(r, Route::Udp(_))).count();
-            if forwarded > 0 {
-                self.counters
-                    .relayed_udp
-                    .fetch_add(forwarded as u64, Ordering::Relaxed);
-            }
+            let mut forwarded = 0;
+            let mut forwarded_bytes = 0;
             let mut at = 0;
             for route in &routes {
                 let bytes = at..(at + segment).min(n);
                 at = bytes.end;
+                if matches!(route, Route::Udp(_)) {
+                    forwarded += 1;
+                    forwarded_bytes += bytes.len();
+                }
                 let ended = match route {
                     Route::Udp(to) => batcher.push(*to, bytes.clone()),
                     _ => batcher.cut(),
@@ -778,6 +914,10 @@ impl Server {
             }
             if let Some(run) = batcher.cut() {
                 self.send_run(&udp, &buf, run, &gso, &mut batcher).await;
+            }
+            if forwarded > 0 {
+                Counters::add(&self.counters.relayed_udp, forwarded);
+                Counters::add(&self.counters.relayed_udp_bytes, forwarded_bytes);
             }
         }
     }
@@ -804,7 +944,11 @@ impl Server {
                 })
                 .await;
             match sent {
-                Ok(_) => return,
+                Ok(_) => {
+                    Counters::bump(&self.counters.relay_gso_sends);
+                    Counters::add(&self.counters.relay_gso_datagrams, run.count());
+                    return;
+                }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
                     tracing::warn!("UDP GSO send refused ({e}); relaying one datagram per call");
                     gso.store(false, Ordering::Relaxed);
@@ -875,6 +1019,7 @@ impl Server {
         match route {
             Route::Udp(to) => {
                 Counters::bump(&self.counters.relayed_udp);
+                Counters::add(&self.counters.relayed_udp_bytes, datagram.len());
                 Some((to, &*datagram))
             }
             Route::Done => None,
@@ -955,25 +1100,73 @@ impl Server {
         }
     }
 
-    /// The coordinator's only report: how many members, networks and relay slots are live, and
-    /// the counters. Numbers only, never an identifier.
-    pub fn stats_line(&self) -> String {
+    /// What the coordinator reports, in numbers only, never an identifier: how many members,
+    /// networks, connections, relay slots and UDP sockets are live, and every counter.
+    pub fn snapshot(&self) -> Snapshot {
         let (members, networks) = {
             let hub = self.hub();
             let r = hub.board.registry();
             (r.member_count(), r.network_count())
         };
-        let slots = self.relay().len();
+        let (slots, bound) = {
+            let relay = self.relay();
+            (relay.len(), relay.udp_bound(Instant::now()))
+        };
         let (open, pending) = {
             let a = self.admission();
             (a.open(), a.pending())
         };
-        format!(
-            "live members={members} networks={networks} relay_slots={slots} \
-             connections={open} unregistered={pending} {} {}",
-            self.counters.summary(),
-            self.limited.summary()
-        )
+        let sockets = self.udp_sockets.load(Ordering::Relaxed);
+        let gauge = |n: usize| n as u64;
+        let mut counters = self.counters.values();
+        counters.extend(self.limited.values());
+        Snapshot {
+            gauges: vec![
+                (
+                    "members",
+                    "Live registrations, over all networks",
+                    gauge(members),
+                ),
+                (
+                    "networks",
+                    "Networks with at least one live member",
+                    gauge(networks),
+                ),
+                (
+                    "relay_slots",
+                    "Relay slots (one per registered connection)",
+                    gauge(slots),
+                ),
+                (
+                    "connections",
+                    "Open TCP control connections, registered or not",
+                    gauge(open),
+                ),
+                (
+                    "unregistered",
+                    "Open TCP connections not registered yet",
+                    gauge(pending),
+                ),
+                (
+                    "relay_udp_bindings",
+                    "Relay slots reached over UDP (a bind refreshed in the last 15 s)",
+                    gauge(bound),
+                ),
+                (
+                    "udp_sockets",
+                    "UDP sockets on the main port (SO_REUSEPORT group), one relay loop each",
+                    gauge(sockets),
+                ),
+            ],
+            counters,
+        }
+    }
+
+    /// The coordinator's only report, printed every `stats_every` and at shutdown: the
+    /// [`Server::snapshot`] as `name=value` pairs.
+    pub fn stats_line(&self) -> String {
+        let s = self.snapshot();
+        format!("live {} {}", pairs(&s.gauges), pairs(&s.counters))
     }
 }
 

@@ -134,13 +134,8 @@ async fn run(args: Args) -> Result<(), String> {
     // Bound before anything starts, so a taken port fails the start with nothing half done.
     let metrics_listener = match args.metrics {
         Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                format!(
-                    "cannot serve metrics on {addr}: {e} (is the port in use? pick another \
-                     --metrics ADDR)"
-                )
-            })?;
-            if metrics::is_exposed(addr) {
+            let l = a2a_proto::scrape::bind(addr).await?;
+            if a2a_proto::scrape::is_exposed(addr) {
                 tracing::warn!(
                     "metrics on {addr} are reachable beyond this host's private networks and \
                      name this node's peers; bind them to 127.0.0.1 or a private address"

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::process::{describe_status, tail, Proc};
+use crate::process::{describe_status, require_tool, tail, Proc};
 use crate::timing::{wait_for, wait_until};
 use crate::topology::{Lab, Ns};
 
@@ -29,6 +29,9 @@ pub struct CoordOpts {
     /// `--stats-interval SECS` (hidden): print the counters line this often (default 60 s);
     /// [`Coordinator::counters`] reads the latest.
     pub stats_interval: Option<u32>,
+    /// `--metrics ADDR`: serve Prometheus metrics there (in the coordinator's namespace);
+    /// [`Coordinator::scrape`] reads them.
+    pub metrics: Option<String>,
 }
 
 /// A coordinator process in its namespace.
@@ -75,6 +78,10 @@ impl Coordinator {
             args.push("--stats-interval".into());
             args.push(secs.to_string());
         }
+        if let Some(addr) = &self.opts.metrics {
+            args.push("--metrics".into());
+            args.push(addr.clone());
+        }
         args
     }
 
@@ -113,6 +120,18 @@ impl Coordinator {
             || lines(&proc) > before,
         );
         self.counters().expect("a counters line")
+    }
+
+    /// `GET /metrics` from the address given as [`CoordOpts::metrics`], from the coordinator's
+    /// own namespace: the Prometheus text.
+    #[track_caller]
+    pub fn scrape(&self) -> String {
+        let addr = self
+            .opts
+            .metrics
+            .as_deref()
+            .expect("the coordinator was started with CoordOpts::metrics");
+        scrape_metrics(&self.ns, addr)
     }
 
     /// Starts the process and returns the token it prints.
@@ -208,6 +227,24 @@ impl Coordinator {
         );
         lines[0].trim().to_string()
     }
+}
+
+/// `GET http://ADDR/metrics` with curl in `ns`; panics unless it answers 200.
+#[track_caller]
+pub fn scrape_metrics(ns: &Ns, addr: &str) -> String {
+    require_tool("curl", "curl");
+    let url = format!("http://{addr}/metrics");
+    let out = ns.exec(&["curl", "-sSf", "--max-time", "5", &url]);
+    assert!(out.success(), "scraping {url} failed: {out}");
+    out.stdout
+}
+
+/// The value of the unlabelled sample `name` in Prometheus text (`None` when it is missing).
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok())?
+    })
 }
 
 impl Lab {

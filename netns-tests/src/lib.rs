@@ -29,7 +29,8 @@
 //! - `capture`: tcpdump ([`Capture`]);
 //! - `status`: `a2actl status --json` ([`Status`]);
 //! - `checks`: [`in_prefix`], [`assert_private_files`];
-//! - `coordinator`: [`Coordinator`], [`CoordOpts`] (and [`Lab::coordinator`]);
+//! - `coordinator`: [`Coordinator`], [`CoordOpts`] (and [`Lab::coordinator`]), its metrics
+//!   ([`scrape_metrics`], [`metric`]);
 //! - `node`: [`Node`] (and [`Lab::node`], [`Lab::node_behind`]);
 //! - `portmap`: port-mapping servers on a router: miniupnpd ([`MiniUpnpd`]) and a hostile one
 //!   ([`FakePortMapper`]).
@@ -49,7 +50,9 @@ mod topology;
 
 pub use capture::Capture;
 pub use checks::{assert_private_files, in_prefix};
-pub use coordinator::{CoordOpts, Coordinator, COORDINATOR_PORT, DEFAULT_PREFIX};
+pub use coordinator::{
+    metric, scrape_metrics, CoordOpts, Coordinator, COORDINATOR_PORT, DEFAULT_PREFIX,
+};
 pub use impair::{ForwarderCounters, PingStats, WireLoss};
 pub use node::{Node, NODE_PORT, OVERLAY_TIMEOUT};
 pub use portmap::{FakePortMapper, Lie, MiniUpnpd, PORTMAP_PORT};

@@ -20,7 +20,11 @@
 
 use std::time::{Duration, Instant};
 
-use a2a_netns_tests::{cpu_time, report, CoordOpts, Lab};
+use a2a_netns_tests::{cpu_time, metric, report, require_tool, CoordOpts, Lab};
+
+/// Where the coordinator serves its metrics: loopback of its namespace.
+const METRICS_PORT: u16 = 9300;
+const METRICS: &str = "127.0.0.1:9300";
 
 /// A size from the environment, or the default for this build.
 fn setting(name: &str, optimised: u64, debug: u64) -> u64 {
@@ -59,8 +63,10 @@ fn a_swarm_of_nodes_registers_and_every_record_verifies() {
     let per_network = setting("A2A_SWARM_NODES_PER_NETWORK", 100, 30) as usize;
     let hold = setting("A2A_SWARM_HOLD", 20, 20);
     let rate = setting("A2A_SWARM_CONNECT_RATE", 40, 2);
+    require_tool("curl", "curl");
     let coord = lab.coordinator(CoordOpts {
         stats_interval: Some(5),
+        metrics: Some(METRICS.into()),
         ..Default::default()
     });
     let ns = lab.add_ns("swarm");
@@ -98,9 +104,26 @@ fn a_swarm_of_nodes_registers_and_every_record_verifies() {
             "240",
         ],
     );
-    // (seconds since the start, RSS KB, CPU) every half second until the swarm ends.
+    // (seconds since the start, RSS KB, CPU) every half second until the swarm ends; the
+    // coordinator's metrics every other second (the most members and UDP bindings seen).
     let mut samples = Vec::new();
+    let (mut most_members, mut most_bound, mut networks_then) = (0, 0, 0);
+    let mut last_scrape = String::new();
     while swarm.is_running() {
+        if samples.len() % 4 == 0 {
+            last_scrape = coord.scrape();
+            let members = metric(&last_scrape, "a2a_coordinator_members").unwrap_or_else(|| {
+                panic!("no a2a_coordinator_members in the scrape:\n{last_scrape}")
+            });
+            if members >= most_members {
+                most_members = members;
+                networks_then =
+                    metric(&last_scrape, "a2a_coordinator_networks").unwrap_or_default();
+            }
+            most_bound = most_bound.max(
+                metric(&last_scrape, "a2a_coordinator_relay_udp_bindings").unwrap_or_default(),
+            );
+        }
         assert!(
             began.elapsed() < Duration::from_secs(240 + hold + 60),
             "the swarm did not end"
@@ -163,6 +186,33 @@ fn a_swarm_of_nodes_registers_and_every_record_verifies() {
             num("records_received"),
     ));
     assert_eq!(num("registered"), n, "every node registers: {line}");
+    // The metrics saw the swarm whole, and answer on loopback only.
+    report(format!(
+        "swarm: metrics: at most {most_members} members in {networks_then} networks, \
+         {most_bound} relay slots bound over UDP"
+    ));
+    assert_eq!(
+        (most_members, networks_then),
+        (n, networks as u64),
+        "the coordinator's metrics should count every member of every network during the \
+         hold; last scrape:\n{last_scrape}"
+    );
+    assert!(
+        most_bound >= 1
+            && metric(&last_scrape, "a2a_coordinator_registrations_total").is_some_and(|r| r >= n),
+        "the metrics should count the swarm's UDP bindings and registrations:\n{last_scrape}"
+    );
+    let from_elsewhere = ns.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "2",
+        &format!("http://{}:{}/metrics", coord.addr.ip(), METRICS_PORT),
+    ]);
+    assert!(
+        !from_elsewhere.success(),
+        "the coordinator's loopback metrics are reachable from another host: {from_elsewhere}"
+    );
     assert_eq!(
         num("peer_lists_complete"),
         n,

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use a2a_netns_tests::{
-    garbage, report, require_tools, wait_for, wait_until, Capture, Lab, Nat, Node, Ns, Proc,
-    Router, COORDINATOR_PORT, OVERLAY_TIMEOUT,
+    garbage, metric, report, require_tools, scrape_metrics, wait_for, wait_until, Capture, Lab,
+    Nat, Node, Ns, Proc, Router, COORDINATOR_PORT, OVERLAY_TIMEOUT,
 };
 use data_encoding::{
     BASE32_NOPAD, BASE64, BASE64URL, BASE64URL_NOPAD, BASE64_NOPAD, HEXLOWER, HEXUPPER,
@@ -95,8 +95,13 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 // The coordinator under strace
 // ------------------------------------------------------------------------------------------
 
+/// Where the traced coordinator serves its metrics (loopback of its namespace): the scrapes
+/// are searched for identifiers like its output.
+const METRICS: &str = "127.0.0.1:9300";
+
 /// The real `a2a-coordinator`, started by `strace -f` (its file system calls, appended to one
-/// trace file over every run) at its most verbose log level (`A2A_LOG=trace`).
+/// trace file over every run) at its most verbose log level (`A2A_LOG=trace`), serving its
+/// metrics at [`METRICS`].
 struct TracedCoordinator {
     ns: Ns,
     addr: SocketAddrV4,
@@ -159,6 +164,8 @@ impl TracedCoordinator {
                 &listen,
                 "--state-dir",
                 &state,
+                "--metrics",
+                METRICS,
             ],
         );
         let token = wait_for(
@@ -180,6 +187,11 @@ impl TracedCoordinator {
         );
         self.runs.push(proc);
         token
+    }
+
+    /// Its metrics now, scraped with curl in its namespace.
+    fn scrape(&self) -> String {
+        scrape_metrics(&self.ns, METRICS)
     }
 
     fn strace_proc(&self) -> &Proc {
@@ -1016,12 +1028,42 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
     let payload = lab.dir().join("canary-payload");
     fs::write(&payload, format!("{canary}\n").repeat(CANARY_REPEAT)).unwrap();
     let payload_len = fs::metadata(&payload).unwrap().len() as usize;
+    // The metrics are scraped between the transfers (and later after the departures and in
+    // the last run): each scrape is searched for identifiers too, and the relay counters must
+    // move by at least the payload over each relay, or the scrape is not the real thing.
+    let mut scrapes = vec![coord.scrape()];
     transfer(&lab, &ea, &eb, &payload);
+    scrapes.push(coord.scrape());
     let tun_cap = Capture::start(&ha.ns, "a2a0", lab.dir().join("hard-a-a2a0.pcap"));
     transfer(&lab, &ha, &hb, &payload);
+    scrapes.push(coord.scrape());
     tun_cap.wait_for(canary.as_bytes());
     let (tun_pcap, tun_summary) = tun_cap.finish();
     transfer(&lab, &nu, &ha, &payload);
+    scrapes.push(coord.scrape());
+    let moved = |name: &str, from: usize, to: usize| {
+        let value = |i: usize| {
+            metric(&scrapes[i], name)
+                .unwrap_or_else(|| panic!("no {name} in scrape {i}:\n{}", scrapes[i]))
+        };
+        value(to).saturating_sub(value(from))
+    };
+    let udp_bytes = moved("a2a_coordinator_relayed_udp_bytes_total", 1, 2);
+    let tcp_bytes = moved("a2a_coordinator_relayed_tcp_bytes_total", 2, 3);
+    report(format!(
+        "zero_log: metrics: the {payload_len}-byte transfers moved the relay counters by \
+         {} datagrams / {udp_bytes} bytes over UDP (hard-a -> hard-b), {} datagrams / \
+         {tcp_bytes} bytes over TCP (noudp -> hard-a)",
+        moved("a2a_coordinator_relayed_udp_total", 1, 2),
+        moved("a2a_coordinator_relayed_tcp_total", 2, 3),
+    ));
+    assert!(
+        udp_bytes >= payload_len as u64 && tcp_bytes >= payload_len as u64,
+        "the metrics should count the {payload_len}-byte transfers relayed over UDP and TCP: \
+         {udp_bytes} and {tcp_bytes} bytes\n--- before ---\n{}\n--- after ---\n{}",
+        scrapes[1],
+        scrapes[3]
+    );
     for (a, b) in [(&ha, &hb), (&nu, &ha)] {
         assert_eq!(
             a.path_to(&b.name).unwrap().0,
@@ -1113,6 +1155,7 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
         n.wait_peers(&others, OVERLAY_TIMEOUT);
     }
     invitee.stop_daemon(libc::SIGTERM);
+    scrapes.push(coord.scrape());
 
     // The first run stops cleanly: its last line counts what it did, in numbers only (the
     // relayed transfers, the plaintext datagrams it dropped), and names nobody.
@@ -1199,6 +1242,13 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
     hb.wait_http(&fresh, OVERLAY_TIMEOUT);
     needles.extend(node_needles(&fresh, None));
     coord.assert_state_dir_holds_only_the_key();
+    let last = coord.scrape();
+    assert_eq!(
+        metric(&last, "a2a_coordinator_members"),
+        Some(survivors.len() as u64 + 1),
+        "the last run's metrics should count its live members:\n{last}"
+    );
+    scrapes.push(last);
 
     // Stop it cleanly and read what it did and said.
     coord.signal_and_wait(libc::SIGTERM);
@@ -1245,6 +1295,22 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
     assert!(
         leaks.is_empty(),
         "the coordinator printed node identifiers: {leaks:?}\n--- its output ---\n{output}"
+    );
+    let scraped = scrapes.join("");
+    let leaks: Vec<String> = needles
+        .iter()
+        .filter(|n| occurs(&scraped, n))
+        .map(|n| format!("{} ({:?})", n.what, n.text))
+        .collect();
+    report(format!(
+        "zero_log: metrics: {} scrapes, {} bytes, searched for the same {} forms",
+        scrapes.len(),
+        scraped.len(),
+        needles.len()
+    ));
+    assert!(
+        leaks.is_empty(),
+        "the coordinator's metrics hold node identifiers: {leaks:?}\n--- the scrapes ---\n{scraped}"
     );
 }
 

@@ -16,6 +16,7 @@ pub mod noise_channel;
 pub mod overlay;
 pub mod process;
 pub mod record;
+pub mod scrape;
 pub mod sealed;
 pub mod signed;
 pub mod sync;

@@ -2,33 +2,22 @@
 //! `a2actl status`, whether the node is registered, and per peer, by name (a node may know its
 //! peers), the path kind, the path's RTT, bytes each way and the age of the WireGuard keys.
 //! The text is rendered by the Prometheus project's `prometheus-client` from a status snapshot
-//! taken at each scrape; a small HTTP/1.1 responder serves it at `/metrics`.
-//!
-//! What a scrape may cost is bounded: [`MAX_SCRAPERS`] connections at once (more are closed at
-//! once), a request head of at most [`MAX_REQUEST`] bytes read within [`REQUEST_TIMEOUT`].
+//! taken at each scrape; the bounded HTTP/1.1 responder shared with the coordinator
+//! ([`a2a_proto::scrape`]) serves it at `/metrics`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use a2a_proto::api::Status;
+use a2a_proto::scrape;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::io::Platform;
 use crate::node::commands::Daemon;
-
-/// Scrapes served at once; a connection beyond them is closed unanswered.
-pub const MAX_SCRAPERS: usize = 8;
-/// Longest request head read.
-pub const MAX_REQUEST: usize = 8 * 1024;
-/// How long a scraper has to send its request.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Labels = Vec<(String, String)>;
 
@@ -100,110 +89,14 @@ pub fn render(status: &Status) -> String {
     text
 }
 
-/// Serves `/metrics` on `listener` until the task is dropped.
+/// Serves `/metrics` on `listener` until the task is dropped (the bounded responder of
+/// [`a2a_proto::scrape`]), a status snapshot rendered at each scrape.
 pub async fn serve<P: Platform>(listener: TcpListener, daemon: Arc<Daemon<P>>) {
-    let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue; // too many at once: closed unanswered
-        };
+    scrape::serve(listener, move || {
         let daemon = daemon.clone();
-        tokio::spawn(async move {
-            let _ = answer(stream, &daemon).await;
-            drop(permit);
-        });
-    }
-}
-
-/// What a request head asks for.
-#[derive(Debug, PartialEq, Eq)]
-enum Asked {
-    Metrics,
-    NotFound,
-    BadMethod,
-    Malformed,
-}
-
-fn parse_head(head: &[u8]) -> Asked {
-    let Some(line) = head.split(|&b| b == b'\n').next() else {
-        return Asked::Malformed;
-    };
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.trim_end().split(' ');
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(method), Some(target), Some(version), None) if version.starts_with("HTTP/1.") => {
-            match (method, target.split('?').next()) {
-                ("GET", Some("/metrics")) => Asked::Metrics,
-                ("GET", _) => Asked::NotFound,
-                _ => Asked::BadMethod,
-            }
-        }
-        _ => Asked::Malformed,
-    }
-}
-
-/// Answers one scrape on `stream`.
-pub async fn answer<S, P>(mut stream: S, daemon: &Daemon<P>) -> std::io::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    P: Platform,
-{
-    let mut head = Vec::with_capacity(512);
-    let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        Ok::<_, std::io::Error>(())
+        async move { render(&daemon.status().await) }
     })
-    .await;
-    let asked = match read {
-        Ok(Ok(())) => parse_head(&head),
-        Ok(Err(e)) => return Err(e),
-        Err(_) => Asked::Malformed,
-    };
-    let (status, kind, body) = match asked {
-        Asked::Metrics => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(&daemon.status().await),
-        ),
-        Asked::NotFound => (
-            "404 Not Found",
-            "text/plain",
-            "a2ad serves its metrics at /metrics\n".into(),
-        ),
-        Asked::BadMethod => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
-        Asked::Malformed => ("400 Bad Request", "text/plain", "bad request\n".into()),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-/// Whether metrics bound at `addr` would be reachable from beyond this host and its private
-/// networks (the caller warns: peer names and traffic figures are not for the internet).
-pub fn is_exposed(addr: std::net::SocketAddr) -> bool {
-    match addr.ip() {
-        std::net::IpAddr::V4(ip) => {
-            // 100.64.0.0/10 (carrier-grade NAT space, and a2a's default overlay) is private too.
-            let cgnat = ip.octets()[0] == 100 && ip.octets()[1] & 0xc0 == 64;
-            !(ip.is_loopback() || ip.is_private() || ip.is_link_local() || cgnat)
-        }
-        std::net::IpAddr::V6(ip) => {
-            !(ip.is_loopback() || ip.is_unique_local() || ip.is_unicast_link_local())
-        }
-    }
+    .await
 }
 
 #[cfg(test)]
@@ -267,38 +160,5 @@ mod tests {
             counters: Default::default(),
         });
         assert!(empty.contains("a2a_registered 0"), "{empty}");
-    }
-
-    #[test]
-    fn only_a_get_of_metrics_is_answered_with_them() {
-        assert_eq!(
-            parse_head(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Asked::Metrics
-        );
-        assert_eq!(
-            parse_head(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
-            Asked::Metrics
-        );
-        assert_eq!(parse_head(b"GET / HTTP/1.1\r\n\r\n"), Asked::NotFound);
-        assert_eq!(
-            parse_head(b"POST /metrics HTTP/1.1\r\n\r\n"),
-            Asked::BadMethod
-        );
-        assert_eq!(parse_head(b"\x16\x03\x01garbage"), Asked::Malformed);
-        assert_eq!(parse_head(b""), Asked::Malformed);
-        assert_eq!(
-            parse_head(b"GET /metrics SPDY/3 extra\r\n"),
-            Asked::Malformed
-        );
-    }
-
-    #[test]
-    fn public_addresses_are_flagged() {
-        assert!(!is_exposed("127.0.0.1:9100".parse().unwrap()));
-        assert!(!is_exposed("10.1.2.3:9100".parse().unwrap()));
-        assert!(!is_exposed("100.64.0.1:9100".parse().unwrap()));
-        assert!(!is_exposed("[::1]:9100".parse().unwrap()));
-        assert!(is_exposed("0.0.0.0:9100".parse().unwrap()));
-        assert!(is_exposed("198.51.100.7:9100".parse().unwrap()));
     }
 }
