@@ -12,12 +12,34 @@
 use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::histogram::HistogramSnapshot;
 use crate::server::{Server, Snapshot};
+
+/// A histogram already counted ([`crate::histogram::Histogram`]), for the encoder.
+#[derive(Debug)]
+struct Counted(HistogramSnapshot);
+
+impl TypedMetric for Counted {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Counted {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let h = &self.0;
+        encoder.encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &h.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
 
 /// The metrics text for one snapshot.
 pub fn render(snapshot: &Snapshot) -> String {
@@ -32,6 +54,12 @@ pub fn render(snapshot: &Snapshot) -> String {
         c.inc_by(*value);
         registry.register(*name, *help, c);
     }
+    registry.register_with_unit(
+        "handshake",
+        "Noise handshakes of accepted control connections, from the accept to the handshake's end",
+        prometheus_client::registry::Unit::Seconds,
+        Counted(snapshot.handshakes.clone()),
+    );
     let mut text = String::new();
     encode(&mut text, &registry).expect("writing to a String does not fail");
     text
@@ -59,9 +87,21 @@ mod tests {
                 ("relayed_udp", "Datagrams relayed", 7),
                 ("relayed_udp_bytes", "Bytes relayed", 7000),
             ],
+            handshakes: {
+                let h = crate::histogram::Histogram::default();
+                h.observe(std::time::Duration::from_millis(3));
+                h.observe(std::time::Duration::from_millis(30));
+                h.snapshot()
+            },
         };
         let text = render(&snapshot);
         for line in [
+            "# TYPE a2a_coordinator_handshake_seconds histogram",
+            "a2a_coordinator_handshake_seconds_bucket{le=\"0.001\"} 0",
+            "a2a_coordinator_handshake_seconds_bucket{le=\"0.005\"} 1",
+            "a2a_coordinator_handshake_seconds_bucket{le=\"0.05\"} 2",
+            "a2a_coordinator_handshake_seconds_bucket{le=\"+Inf\"} 2",
+            "a2a_coordinator_handshake_seconds_count 2",
             "# HELP a2a_coordinator_members Live registrations.",
             "# TYPE a2a_coordinator_members gauge",
             "a2a_coordinator_members 3",
@@ -119,13 +159,21 @@ mod tests {
             );
         }
         for l in text.lines().filter(|l| !l.starts_with('#')) {
-            assert!(
-                !l.contains('{'),
-                "a labelled sample (labels could carry identifiers): {l}"
-            );
             let (name, value) = l.split_once(' ').expect("name value");
+            // The one label is a histogram bucket's bound (`le`), a number the code chose.
+            let name = match name.split_once('{') {
+                Some((n, labels)) => {
+                    let bound = labels
+                        .strip_prefix("le=\"")
+                        .and_then(|b| b.strip_suffix("\"}"))
+                        .unwrap_or_else(|| panic!("a label that could carry identifiers: {l}"));
+                    assert!(bound == "+Inf" || bound.parse::<f64>().is_ok(), "{l}");
+                    n
+                }
+                None => name,
+            };
             assert!(name.starts_with("a2a_coordinator_"), "{l}");
-            assert!(value.parse::<u64>().is_ok(), "{l}");
+            assert!(value.parse::<f64>().is_ok(), "{l}");
         }
     }
 }

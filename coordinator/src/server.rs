@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use a2a_proto::addr::canonical;
 use a2a_proto::control::{ClientMsg, ServerMsg};
 use a2a_proto::noise_channel::{handshake_responder, FrameError};
+
+use crate::histogram::{Histogram, HistogramSnapshot};
 use a2a_proto::sync::{lock, read, write};
 use a2a_proto::udp::{
     classify, parse_relay_data, write_relay_header, A2aDatagram, DatagramKind, MAX_A2A_DATAGRAM,
@@ -229,12 +231,14 @@ impl Counters {
 
 /// One reading of the coordinator ([`Server::snapshot`]): (name, what it is, value) for every
 /// gauge and counter; numbers under fixed names, nothing else.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     /// What is live now (members, networks, connections, relay slots, UDP sockets).
     pub gauges: Vec<(&'static str, &'static str, u64)>,
     /// What happened since the start.
     pub counters: Vec<(&'static str, &'static str, u64)>,
+    /// How long accepted connections' Noise handshakes took, from the accept.
+    pub handshakes: HistogramSnapshot,
 }
 
 /// `name=value` pairs, space-separated, for the counters line.
@@ -431,6 +435,8 @@ pub struct Server {
     udp: std::sync::OnceLock<Arc<dyn DatagramSink>>,
     private_key: [u8; 32],
     pub counters: Counters,
+    /// Noise handshake latencies (aggregate, for the metrics).
+    pub handshakes: Histogram,
     tamper: std::sync::OnceLock<Arc<dyn Tamper>>,
     next_conn: std::sync::atomic::AtomicU32,
     /// Per-source and global connection accounting (see [`crate::limits`]).
@@ -486,6 +492,7 @@ impl Server {
             udp: std::sync::OnceLock::new(),
             private_key,
             counters: Counters::default(),
+            handshakes: Histogram::default(),
             tamper: std::sync::OnceLock::new(),
             next_conn: std::sync::atomic::AtomicU32::new(1),
             admission: Mutex::new(Admission::new(limits.clone(), Instant::now())),
@@ -700,9 +707,13 @@ impl Server {
     {
         // The handshake and the registration together get one deadline (slow-loris).
         let deadline = tokio::time::Instant::now() + self.limits.register_deadline;
+        let started = tokio::time::Instant::now();
         let handshake = handshake_responder(&mut stream, &self.private_key);
         let established = match tokio::time::timeout_at(deadline, handshake).await {
-            Ok(Ok(e)) => e,
+            Ok(Ok(e)) => {
+                self.handshakes.observe(started.elapsed());
+                e
+            }
             Ok(Err(_)) => {
                 Counters::bump(&self.counters.tcp_bad_handshake);
                 return;
@@ -1159,6 +1170,7 @@ impl Server {
                 ),
             ],
             counters,
+            handshakes: self.handshakes.snapshot(),
         }
     }
 
