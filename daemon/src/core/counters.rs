@@ -107,6 +107,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 36);
+        assert_eq!(len, 37);
     }
 }

@@ -72,12 +72,14 @@ impl<P: Platform> PathFinder<P> {
 
     async fn tick_peer(&self, now: Instant, peer: &Peer) {
         let epoch = self.dp.peers.epoch();
-        // Short-TTL rounds only while a punch can follow them.
-        let round_ttl = if self.dp.relay.load().is_some() {
-            self.dp.round_ttl()
-        } else {
-            None
-        };
+        // Short-TTL rounds only while a punch can follow them. While registering (connected,
+        // the relay not bound yet) a relayed peer's round waits: its punch goes through the
+        // relay link, and a full-TTL round would reach the peer's NAT before the peer opened it.
+        let relay = self.dp.relay.load().is_some();
+        if !relay && self.dp.coordinator.load().is_some() && peer.route().route == Route::Relay {
+            return;
+        }
+        let round_ttl = if relay { self.dp.round_ttl() } else { None };
         {
             let mut probes = Vec::new();
             let (punch, before, after) = peer.with_path(|path| {
