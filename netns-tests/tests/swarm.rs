@@ -342,7 +342,6 @@ fn an_a2ad_with_a_thousand_peers_lists_them_all() {
     let coord = lab.coordinator(CoordOpts::default());
     let token = coord.new_token();
     let node = lab.node("big");
-    node.start_daemon();
     node.up_ok(&token);
     let ns = lab.add_ns("swarm");
     let sources = add_sources(&ns, peers);
