@@ -221,6 +221,8 @@ struct Misbehaved {
     /// (ms); those that ended sooner.
     silent_dropped: AtomicU64,
     silent_ended_early: AtomicU64,
+    /// The oldest silent registration still open at the stop (ms).
+    silent_open_max_ms: AtomicU64,
     silent_held_min_ms: AtomicU64,
     silent_held_max_ms: AtomicU64,
     vanish_sent: AtomicU64,
@@ -563,6 +565,7 @@ fn report(
                 "registrations": m.silent_registrations.load(Ordering::Relaxed),
                 "dropped_at_deadline": m.silent_dropped.load(Ordering::Relaxed),
                 "ended_early": m.silent_ended_early.load(Ordering::Relaxed),
+                "open_at_stop_ms_max": m.silent_open_max_ms.load(Ordering::Relaxed),
                 "held_ms_min": if held_min == u64::MAX { 0 } else { held_min },
                 "held_ms_max": m.silent_held_max_ms.load(Ordering::Relaxed),
             },
@@ -684,6 +687,9 @@ async fn misbehave(args: &Args, source: Ipv4Addr, kind: Kind, node: NodeId, swar
                     _ = stopped(swarm) => false,
                 };
                 let held = since.elapsed().as_millis() as u64;
+                if !ended {
+                    m.silent_open_max_ms.fetch_max(held, Ordering::Relaxed);
+                }
                 if ended && !swarm.stop.load(Ordering::Relaxed) && held < SILENT_DEADLINE_MS {
                     // A restart, or a drop before the deadline (which would be the coordinator's
                     // fault: reported, the caller judges).
