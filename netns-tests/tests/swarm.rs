@@ -48,9 +48,15 @@ fn setting(name: &str, optimised: u64, debug: u64) -> u64 {
         })
 }
 /// Source addresses of the swarm (the coordinator's limits count per address: at most 1 024
-/// connections each): at least 8, one per 400 nodes beyond that.
+/// connections each): at least 8, one per 400 nodes beyond that; `A2A_SWARM_SOURCES` (up to
+/// 50) by hand.
 fn sources(nodes: usize) -> u8 {
-    nodes.div_ceil(400).clamp(8, 50) as u8
+    let auto = nodes.div_ceil(400).clamp(8, 50);
+    std::env::var("A2A_SWARM_SOURCES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(auto)
+        .clamp(1, 50) as u8
 }
 
 /// When the coordinator was killed, or 0.
