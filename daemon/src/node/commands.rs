@@ -231,10 +231,7 @@ impl<P: Platform> Daemon<P> {
                 .start_session(credential, token_text.trim().to_string(), name.clone(), ip)
                 .await?;
             match wait_registered(&session).await {
-                Ok(ip) => {
-                    settle_paths(&session).await;
-                    Ok((session, ip))
-                }
+                Ok(ip) => Ok((session, ip)),
                 Err(e) => {
                     session.stop(false).await;
                     Err(e)
@@ -454,40 +451,6 @@ impl<P: Platform> Daemon<P> {
             local: local.iter().map(|ip| ip.to_string()).collect(),
             portmap,
         })
-    }
-}
-
-/// How long `up` waits, after registering, for the first round of path finding: it returns
-/// when every peer is direct, or when [`SETTLE_QUIET`] passed without a new direct path, and
-/// after [`SETTLE_AT_MOST`] in any case.
-const SETTLE_AT_MOST: Duration = Duration::from_secs(1);
-const SETTLE_QUIET: Duration = Duration::from_millis(300);
-
-/// Waits for the paths a new session finds at once (peers on the node's LAN, open hosts,
-/// easy NATs): an agent that starts talking when `up` returns finds them direct, and
-/// `a2actl status` right after `up` shows what the node will use.
-async fn settle_paths<P: Platform>(s: &Session<P>) {
-    let start = tokio::time::Instant::now();
-    let mut last_change = start;
-    let mut direct = 0;
-    loop {
-        let peers = s.dataplane.peers.all();
-        let now_direct = peers
-            .iter()
-            .filter(|p| matches!(p.route().route, Route::Direct(_)))
-            .count();
-        if now_direct > direct {
-            direct = now_direct;
-            last_change = tokio::time::Instant::now();
-        }
-        let now = tokio::time::Instant::now();
-        if direct == peers.len()
-            || now - last_change >= SETTLE_QUIET
-            || now - start >= SETTLE_AT_MOST
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
