@@ -1,0 +1,60 @@
+//! The IPv6 underlay: a dual-stack lab (the wan and the routers' LANs carry IPv6, routed, no
+//! NAT66, behind the routers' stateful firewalls), nodes that punch over IPv6 when IPv4 NATs
+//! are hard, and IPv6-only nodes. Needs root; see the crate documentation of `a2a_netns_tests`.
+
+use a2a_netns_tests::{Lab, Nat, Ns};
+
+/// One ICMPv6 echo from `from` to `to` (one second to answer).
+fn ping6(from: &Ns, to: std::net::Ipv6Addr) -> bool {
+    from.exec(&["ping", "-6", "-n", "-c", "1", "-W", "1", &to.to_string()])
+        .success()
+}
+
+/// The lab itself: IPv6 is routed between the wan and the LANs both ways for what a LAN host
+/// started, and unsolicited inbound is dropped at the router, as home routers do; IPv4 is
+/// unchanged (masqueraded).
+#[test]
+fn dual_stack_lab_routes_ipv6_and_drops_unsolicited_inbound() {
+    let Some(lab) = Lab::new_dual_stack("ipv6_lab") else {
+        return;
+    };
+    // A wan host added before the routers and one after: both must get routes to the LANs.
+    let early = lab.add_ns("early");
+    let ra = lab.router("rtr-a", Nat::Hard);
+    let rb = lab.router("rtr-b", Nat::Easy);
+    let late = lab.add_ns("late");
+    let a = lab.add_ns_behind(&ra, "a");
+    let b = lab.add_ns_behind(&rb, "b");
+    let v6only = lab.add_ns_v6_only("v6only");
+    let ip6 = |n: &Ns| n.wan_ip6.expect("an IPv6 address");
+    assert!(v6only.wan_ip.is_none());
+    for n in [&early, &late, &a, &b, &v6only] {
+        let addr = ip6(n).to_string();
+        assert!(addr.starts_with("2001:db8:"), "{n:?} has {addr}");
+    }
+
+    // Outbound from a LAN to the wan works (and its answer comes back through the firewall).
+    for wan in [&early, &late, &v6only] {
+        assert!(ping6(&a, ip6(wan)), "a cannot reach {wan:?} over IPv6");
+        assert!(ping6(&b, ip6(wan)), "b cannot reach {wan:?} over IPv6");
+    }
+    // Unsolicited inbound from the wan, or from another LAN, is dropped at the router.
+    for from in [&early, &late, &v6only, &b] {
+        assert!(
+            !ping6(from, ip6(&a)),
+            "{from:?} reached a's LAN unsolicited"
+        );
+    }
+    assert!(!ping6(&a, ip6(&b)), "a reached b's LAN unsolicited");
+    // The wan hosts reach each other.
+    assert!(ping6(&early, ip6(&late)));
+    assert!(ping6(&v6only, ip6(&early)));
+
+    // IPv4 as before: the LAN reaches the wan, the IPv6-only host has no IPv4.
+    let early4 = early.wan_ip.unwrap().to_string();
+    a.exec(&["ping", "-4", "-n", "-c", "1", "-W", "1", &early4])
+        .expect_ok();
+    assert!(!v6only
+        .exec(&["ping", "-4", "-n", "-c", "1", "-W", "1", &early4])
+        .success());
+}
