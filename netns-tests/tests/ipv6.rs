@@ -2,7 +2,11 @@
 //! NAT66, behind the routers' stateful firewalls), nodes that punch over IPv6 when IPv4 NATs
 //! are hard, and IPv6-only nodes. Needs root; see the crate documentation of `a2a_netns_tests`.
 
-use a2a_netns_tests::{Lab, Nat, Ns};
+use std::time::{Duration, Instant};
+
+use a2a_netns_tests::{
+    report, require_tools, wait_for, CoordOpts, Lab, Nat, Node, Ns, NODE_PORT, OVERLAY_TIMEOUT,
+};
 
 /// One ICMPv6 echo from `from` to `to` (one second to answer).
 fn ping6(from: &Ns, to: std::net::Ipv6Addr) -> bool {
@@ -57,4 +61,60 @@ fn dual_stack_lab_routes_ipv6_and_drops_unsolicited_inbound() {
     assert!(!v6only
         .exec(&["ping", "-4", "-n", "-c", "1", "-W", "1", &early4])
         .success());
+}
+
+/// Two nodes behind hard IPv4 NATs (a new mapping per destination: a pair of those relays over
+/// IPv4) that both have IPv6 get a direct IPv6 path: no NAT66, and each one's probes open its own
+/// router's stateful firewall for the other's. Within 10 s of both having joined.
+#[test]
+fn hard_nat_pair_with_ipv6_goes_direct_over_ipv6() {
+    let Some(lab) = Lab::new_dual_stack("ipv6_hard_pair") else {
+        return;
+    };
+    require_tools(&[("nft", "nftables"), ("sysctl", "procps")]);
+    let coord = lab.coordinator(CoordOpts::default());
+    let ra = lab.router("rtr-a", Nat::Hard);
+    let rb = lab.router("rtr-b", Nat::Hard);
+    let a = lab.node_behind(&ra, "hard-a");
+    let b = lab.node_behind(&rb, "hard-b");
+    a.serve_http();
+    b.serve_http();
+    a.up_ok(&coord.token);
+    b.up_ok(&coord.token);
+    let joined = Instant::now();
+    let want = |n: &Node| format!("[{}]:{NODE_PORT}", n.ns.wan_ip6.unwrap());
+    for (x, y) in [(&a, &b), (&b, &a)] {
+        let expect = want(y);
+        wait_for(
+            Duration::from_secs(10).saturating_sub(joined.elapsed()),
+            &format!("{}'s path to {} to be direct at {expect}", x.name, y.name),
+            || match x.path_to(&y.name)? {
+                (p, Some(e)) if p == "direct" && e == expect => Ok(()),
+                (p, e) => Err(format!("path is {p} via {e:?}")),
+            },
+        );
+    }
+    report(format!(
+        "ipv6_hard_pair: both directions direct over IPv6 {} ms after the second join",
+        joined.elapsed().as_millis()
+    ));
+    a.wait_http(&b, OVERLAY_TIMEOUT);
+    b.wait_http(&a, OVERLAY_TIMEOUT);
+    // Each publishes its global IPv6 address, never its link-local one.
+    for x in [&a, &b] {
+        let nc = x.netcheck();
+        let local: Vec<String> = nc["local"]
+            .as_array()
+            .unwrap_or_else(|| panic!("netcheck has no local list: {nc}"))
+            .iter()
+            .map(|v| v.as_str().unwrap_or_default().to_string())
+            .collect();
+        let own = x.ns.wan_ip6.unwrap().to_string();
+        assert!(local.contains(&own), "{} publishes {local:?}", x.name);
+        assert!(
+            !local.iter().any(|c| c.starts_with("fe80")),
+            "{} publishes a link-local address: {local:?}",
+            x.name
+        );
+    }
 }

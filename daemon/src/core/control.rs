@@ -200,6 +200,7 @@ impl Client {
         locals: Vec<SocketAddr>,
     ) -> ClientMsg {
         let cred = self.member.credential();
+        self.peers.set_locals(now.at, &locals);
         let published = candidates_from(reflexive, self.mapped, &locals);
         let record = self.record(now, &cred, published.clone());
         let msg = ClientMsg::Register {
@@ -472,6 +473,11 @@ impl Client {
             return;
         }
         let key = record.node_key;
+        let unreachable = crate::core::family::unreachable_count(&record.candidates);
+        if unreachable > 0 {
+            c.candidates_unreachable
+                .fetch_add(unreachable as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         let applied = self.peers.apply(now.at, record, cert);
         let peer = self.peers.by_key(&key);
         if let Some(p) = &peer {

@@ -60,6 +60,9 @@ counters! {
     disco_bad,
     disco_rate_limited,
     disco_stale_pong,
+    /// Candidates in peers' records nobody can be reached at (link-local, multicast,
+    /// unspecified, loopback, broadcast, port 0): never probed.
+    candidates_unreachable,
     path_upgrades,
     path_fallbacks,
     /// Answers on the port-mapping socket dropped: garbage, truncated, not from the gateway,
@@ -107,6 +110,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 36);
+        assert_eq!(len, 37);
     }
 }

@@ -437,7 +437,19 @@ impl<P: Platform> Daemon<P> {
                 ..Default::default()
             },
         };
-        let local = underlay.local_ipv4().await;
+        let mut local: Vec<std::net::IpAddr> = underlay
+            .local_ipv4()
+            .await
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        local.extend(
+            underlay
+                .local_ipv6()
+                .await
+                .into_iter()
+                .map(std::net::IpAddr::V6),
+        );
         Ok(NetcheckReport {
             coordinator: coordinator.to_string(),
             udp: main.is_some(),

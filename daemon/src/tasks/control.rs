@@ -447,6 +447,13 @@ async fn local_addresses<U: Underlay>(underlay: &U, port: u16) -> Vec<SocketAddr
         .into_iter()
         .map(|ip| SocketAddr::new(ip.into(), port))
         .collect();
+    v.extend(
+        underlay
+            .local_ipv6()
+            .await
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip.into(), port)),
+    );
     v.sort();
     v.dedup();
     v
