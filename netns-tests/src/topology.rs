@@ -397,7 +397,7 @@ impl Lab {
     /// A new namespace attached to the wan bridge, with an address of the wan subnet on `eth0`.
     /// `role` must be unique in the lab (it names the namespace).
     pub fn add_ns(&self, role: &str) -> Ns {
-        self.add_wan_ns(role, true)
+        self.add_wan_ns(role, true, self.inner.ipv6())
     }
 
     /// A new namespace on the wan with only an IPv6 address (a dual-stack lab only): an
@@ -407,10 +407,15 @@ impl Lab {
             self.inner.ipv6(),
             "an IPv6-only namespace needs Lab::new_dual_stack"
         );
-        self.add_wan_ns(role, false)
+        self.add_wan_ns(role, false, true)
     }
 
-    fn add_wan_ns(&self, role: &str, v4: bool) -> Ns {
+    /// A new namespace on the wan with only an IPv4 address, in a dual-stack lab too.
+    pub fn add_ns_v4_only(&self, role: &str) -> Ns {
+        self.add_wan_ns(role, true, false)
+    }
+
+    fn add_wan_ns(&self, role: &str, v4: bool, v6: bool) -> Ns {
         let inner = &self.inner;
         let name = inner.create_ns(role);
         let host = inner.next_host.fetch_add(1, Ordering::Relaxed);
@@ -439,7 +444,7 @@ impl Lab {
             ]);
         }
         inner.host(&["ip", "-n", &name, "link", "set", "eth0", "up"]);
-        let wan_ip6 = inner.ipv6().then(|| inner.wan6(host));
+        let wan_ip6 = v6.then(|| inner.wan6(host));
         if let Some(ip6) = wan_ip6 {
             inner.host(&[
                 "ip",

@@ -118,3 +118,72 @@ fn hard_nat_pair_with_ipv6_goes_direct_over_ipv6() {
         );
     }
 }
+
+/// A coordinator listening dual-stack (`--listen [::]:PORT`, one port for both families, TCP
+/// and UDP) with a token carrying an IPv4 and an IPv6 endpoint. An IPv6-only node joins with
+/// it, goes direct over IPv6 to a dual-stack node and reaches an IPv4-only node through the
+/// relay (the coordinator relaying between an IPv6 and an IPv4 node); HTTP works every way.
+#[test]
+fn ipv6_only_node_goes_direct_over_ipv6_and_relays_to_ipv4_only() {
+    let Some(lab) = Lab::new_dual_stack("ipv6_only") else {
+        return;
+    };
+    let coord = lab.coordinator(CoordOpts {
+        dual_stack: true,
+        ..CoordOpts::default()
+    });
+    let dual = lab.node("dual");
+    let v4only = lab.node_v4_only("v4only");
+    let v6only = lab.node_v6_only("v6only");
+    let nodes = [&dual, &v4only, &v6only];
+    for n in nodes {
+        n.serve_http();
+        n.up_ok(&coord.token);
+    }
+    for a in nodes {
+        for b in nodes {
+            if a.name != b.name {
+                a.wait_http(b, OVERLAY_TIMEOUT);
+            }
+        }
+    }
+    let at6 = |n: &Node| format!("[{}]:{NODE_PORT}", n.ns.wan_ip6.unwrap());
+    let at4 = |n: &Node| format!("{}:{NODE_PORT}", n.wan_ip());
+    let direct_at = |x: &Node, y: &Node, want: String| {
+        wait_for(
+            Duration::from_secs(10),
+            &format!("{}'s path to {} to be direct at {want}", x.name, y.name),
+            || match x.path_to(&y.name)? {
+                (p, Some(e)) if p == "direct" && e == want => Ok(()),
+                (p, e) => Err(format!("path is {p} via {e:?}")),
+            },
+        );
+    };
+    direct_at(&v6only, &dual, at6(&dual));
+    direct_at(&dual, &v6only, at6(&v6only));
+    direct_at(&v4only, &dual, at4(&dual));
+    direct_at(&dual, &v4only, at4(&v4only));
+    // Nothing direct between the families: relayed, by a coordinator seen over IPv6 by one and
+    // over IPv4 by the other.
+    std::thread::sleep(Duration::from_secs(6));
+    let coord6 = format!("[{}]:{}", coord.ns.wan_ip6.unwrap(), coord.addr.port());
+    for (x, y, via) in [
+        (&v6only, &v4only, coord6.clone()),
+        (&v4only, &v6only, coord.addr.to_string()),
+    ] {
+        let (path, ep) = x.path_to(&y.name).unwrap();
+        assert_eq!(
+            (path.as_str(), ep.as_deref()),
+            ("relay", Some(via.as_str())),
+            "{} -> {}",
+            x.name,
+            y.name
+        );
+    }
+    v6only.fetch_from(&v4only, 5).unwrap();
+    v4only.fetch_from(&v6only, 5).unwrap();
+    // Over UDP, not the control connection's fallback.
+    let nc = v6only.netcheck();
+    assert_eq!(nc["relay"], "udp", "{nc}");
+    assert_eq!(nc["coordinator"], coord6.as_str(), "{nc}");
+}

@@ -285,7 +285,8 @@ pub fn bind_dual_stack(port: u16) -> io::Result<std::net::UdpSocket> {
 
 /// Binds `n` UDP sockets to `addr`, all with SO_REUSEPORT, non-blocking: the kernel spreads
 /// senders over them by a hash of the 4-tuple, so one flow always reaches the same socket
-/// (and its datagrams keep their order). With `n` = 1, one plain socket.
+/// (and its datagrams keep their order). With `n` = 1, one plain socket. `[::]:port` serves
+/// IPv4 as well (IPV6_V6ONLY off).
 /// Port 0: the first socket's ephemeral port for all.
 pub fn bind_group(mut addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::UdpSocket>> {
     let mut out: Vec<std::net::UdpSocket> = Vec::with_capacity(n.max(1));
@@ -311,6 +312,12 @@ pub fn bind_group(mut addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::Ud
             set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
         }
         set_buffers(fd);
+        if let SocketAddr::V6(a) = addr {
+            if a.ip().is_unspecified() {
+                // `[::]` serves IPv4 too (as IPv4-mapped), whatever the host's default.
+                set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+            }
+        }
         let (name, len) = to_sockaddr(addr);
         // SAFETY: `name` holds a sockaddr of `len` bytes.
         let rc = unsafe { libc::bind(fd, &name as *const _ as *const libc::sockaddr, len) };
@@ -372,6 +379,15 @@ mod tests {
                 assert_eq!(&buf[..n], want);
             }
         }
+        // A plain IPv4 destination works on the dual-stack socket too.
+        dual.send_to(b"plain", v4.local_addr().unwrap()).unwrap();
+        v4.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let n = v4.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"plain");
+        let group = bind_group("[::]:0".parse().unwrap(), 2).unwrap();
+        let gport = group[0].local_addr().unwrap().port();
+        v4.send_to(b"g", ("127.0.0.1", gport)).unwrap();
         if let Ok(v6) = std::net::UdpSocket::bind("[::1]:0") {
             v6.send_to(b"six", ("::1", port)).unwrap();
             let (n, from) = dual.recv_from(&mut buf).unwrap();
