@@ -103,6 +103,7 @@ fn hard_nat_pair_with_ipv6_goes_direct_over_ipv6() {
     // Each publishes its global IPv6 address, never its link-local one.
     for x in [&a, &b] {
         let nc = x.netcheck();
+        assert_eq!(nc["ipv6"], "no endpoint", "an IPv4-only token: {nc}");
         let local: Vec<String> = nc["local"]
             .as_array()
             .unwrap_or_else(|| panic!("netcheck has no local list: {nc}"))
@@ -186,4 +187,124 @@ fn ipv6_only_node_goes_direct_over_ipv6_and_relays_to_ipv4_only() {
     let nc = v6only.netcheck();
     assert_eq!(nc["relay"], "udp", "{nc}");
     assert_eq!(nc["coordinator"], coord6.as_str(), "{nc}");
+    // netcheck's IPv6 reachability: asked over IPv6 whichever family the connection took.
+    for n in [&v6only, &dual] {
+        let nc = n.netcheck();
+        assert_eq!(nc["ipv6"], "reachable", "{}: {nc}", n.name);
+        assert_eq!(nc["reflexive6"], at6(n).as_str(), "{}: {nc}", n.name);
+    }
+    let nc = v4only.netcheck();
+    assert_eq!(nc["ipv6"], "no address", "{nc}");
+    assert!(nc["reflexive6"].is_null(), "{nc}");
+}
+
+/// The median RTT of `count` `a2actl ping` probes from `a` to `b`, each of which must have
+/// gone direct over `family` (`IPv4` or `IPv6`, as the ping line says).
+#[track_caller]
+fn median_probe_rtt(a: &Node, b: &Node, family: &str, count: u32) -> f64 {
+    let out = a
+        .ctl(&["ping", "-c", &count.to_string(), &b.name])
+        .expect_ok();
+    let mut rtts: Vec<f64> = Vec::new();
+    for line in out.stdout.lines() {
+        assert!(
+            line.contains(" via direct ") && line.contains(&format!(" over {family} in ")),
+            "{} -> {}: a probe not direct over {family}: {line:?}",
+            a.name,
+            b.name
+        );
+        let rtt: Option<f64> = line
+            .strip_suffix(" ms")
+            .and_then(|r| r.rsplit(' ').next())
+            .and_then(|v| v.parse().ok());
+        rtts.extend(rtt);
+    }
+    assert!(!rtts.is_empty(), "no probe answered: {out}");
+    rtts.sort_by(f64::total_cmp);
+    rtts[rtts.len() / 2]
+}
+
+/// ICMP over the overlay (20 echoes, 50 ms apart): ping's summary line.
+fn icmp_summary(a: &Node, b: &Node) -> String {
+    let out = a.ns.exec(&[
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        "20",
+        "-i",
+        "0.05",
+        &b.overlay_ip().to_string(),
+    ]);
+    out.stdout.lines().last().unwrap_or_default().to_string()
+}
+
+/// Two open dual-stack hosts: both families answer at the same RTT, so the path is IPv6 (and
+/// `a2actl ping` says so per probe); with UDP over IPv6 blocked the pair finds the IPv4 path.
+/// RTT and iperf3 over each, between the same two hosts (printed; no timing asserted).
+#[test]
+fn dual_stack_pair_prefers_ipv6_and_falls_back_to_ipv4() {
+    let Some(lab) = Lab::new_dual_stack("ipv6_prefer") else {
+        return;
+    };
+    require_tools(&[("iperf3", "iperf3"), ("nft", "nftables")]);
+    let coord = lab.coordinator(CoordOpts {
+        dual_stack: true,
+        ..CoordOpts::default()
+    });
+    let a = lab.node("alpha");
+    let b = lab.node("bravo");
+    for n in [&a, &b] {
+        n.serve_http();
+        n.up_ok(&coord.token);
+    }
+    let at6 = |n: &Node| format!("[{}]:{NODE_PORT}", n.ns.wan_ip6.unwrap());
+    let at4 = |n: &Node| format!("{}:{NODE_PORT}", n.wan_ip());
+    let direct_at = |x: &Node, y: &Node, want: String, timeout: Duration| {
+        wait_for(
+            timeout,
+            &format!("{}'s path to {} to be direct at {want}", x.name, y.name),
+            || match x.path_to(&y.name)? {
+                (p, Some(e)) if p == "direct" && e == want => Ok(()),
+                (p, e) => Err(format!("path is {p} via {e:?}")),
+            },
+        );
+    };
+    direct_at(&a, &b, at6(&b), Duration::from_secs(10));
+    direct_at(&b, &a, at6(&a), Duration::from_secs(10));
+    a.wait_http(&b, OVERLAY_TIMEOUT);
+    let measure = |family: &str| {
+        let probe = median_probe_rtt(&a, &b, family, 5);
+        let icmp = icmp_summary(&a, &b);
+        let server = b.ns.iperf3_server();
+        let mbit =
+            a.ns.iperf3_client(b.overlay_ip(), 3)
+                .unwrap_or_else(|e| panic!("iperf3 over {family}: {e}"));
+        server.kill();
+        report(format!(
+            "ipv6_prefer: direct over {family}: a2actl ping median {probe:.3} ms; ICMP {icmp}; \
+             iperf3 TCP 3 s {mbit:.0} Mbit/s"
+        ));
+    };
+    measure("IPv6");
+
+    // UDP over IPv6 to bravo dropped: the pair falls back and finds IPv4.
+    let rules = format!(
+        "table inet a2a_v6block {{\n chain input {{\n  type filter hook input priority -10;\n  \
+         meta nfproto ipv6 udp dport {NODE_PORT} drop\n }}\n}}\n"
+    );
+    let file = lab.dir().join("v6block.nft");
+    std::fs::write(&file, rules).unwrap();
+    b.ns.exec(&["nft", "-f", &file.to_string_lossy()])
+        .expect_ok();
+    let t0 = Instant::now();
+    direct_at(&a, &b, at4(&b), Duration::from_secs(25));
+    direct_at(&b, &a, at4(&a), Duration::from_secs(25));
+    report(format!(
+        "ipv6_prefer: direct over IPv4 {} ms after UDP over IPv6 was blocked",
+        t0.elapsed().as_millis()
+    ));
+    a.wait_http(&b, OVERLAY_TIMEOUT);
+    b.wait_http(&a, OVERLAY_TIMEOUT);
+    measure("IPv4");
 }

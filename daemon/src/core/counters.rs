@@ -71,6 +71,9 @@ counters! {
     /// Mappings whose external address is not the reflexive address the coordinator sees (a
     /// router that lies, or a NAT beyond it): not published.
     portmap_mismatch,
+    /// A direct path moved to another address that answered clearly better (lower RTT, or
+    /// IPv6 at equal RTT).
+    path_moves,
     /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
     fast_tun_offload,
     fast_udp_gso,
@@ -110,6 +113,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 37);
+        assert_eq!(len, 38);
     }
 }

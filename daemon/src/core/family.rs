@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use a2a_proto::addr::canonical;
 
 /// True for a unique-local IPv6 address (`fc00::/7`).
-fn is_ula(ip: &Ipv6Addr) -> bool {
+pub fn is_ula(ip: &Ipv6Addr) -> bool {
     ip.segments()[0] & 0xfe00 == 0xfc00
 }
 
