@@ -79,14 +79,19 @@ impl Default for Reach {
 }
 
 impl Reach {
-    /// From this host's own addresses (as published: any port).
-    pub fn from_locals(locals: &[SocketAddr]) -> Self {
+    /// From this host's own addresses (as published: any port) and its reflexive address.
+    /// Knowing neither (no address found, UDP to the coordinator blocked), the default: a host
+    /// whose only address is on a link left out of `locals` (PPPoE, say) still probes.
+    pub fn from_addresses(reflexive: Option<SocketAddr>, locals: &[SocketAddr]) -> Self {
+        if reflexive.is_none() && locals.is_empty() {
+            return Reach::default();
+        }
         let mut r = Reach {
             v4: false,
             v6_global: false,
             ula_sites: Vec::new(),
         };
-        for a in locals {
+        for a in reflexive.iter().chain(locals) {
             match canonical(*a).ip() {
                 IpAddr::V4(_) => r.v4 = true,
                 IpAddr::V6(ip) if is_ula(&ip) => {
@@ -182,12 +187,15 @@ mod tests {
         ];
         assert_eq!(unreachable_count(&cands), 2);
         // Dual-stack with a ULA of site fd00:1:2::/48.
-        let dual = Reach::from_locals(&[
-            a("10.0.0.2:51820"),
-            a("[2001:db8:2::9]:51820"),
-            a("[fd00:1:2:7::9]:51820"),
-            a("[fe80::9]:51820"),
-        ]);
+        let dual = Reach::from_addresses(
+            None,
+            &[
+                a("10.0.0.2:51820"),
+                a("[2001:db8:2::9]:51820"),
+                a("[fd00:1:2:7::9]:51820"),
+                a("[fe80::9]:51820"),
+            ],
+        );
         assert_eq!(
             dual.usable(&cands),
             vec![
@@ -197,9 +205,18 @@ mod tests {
             ]
         );
         // IPv6-only: no IPv4 candidate; a link-local does not make a host IPv6-capable.
-        let v6 = Reach::from_locals(&[a("[2001:db8:2::9]:51820")]);
+        let v6 = Reach::from_addresses(None, &[a("[2001:db8:2::9]:51820")]);
         assert_eq!(v6.usable(&cands), vec![a("[2001:db8:1::5]:51820")]);
-        let v4 = Reach::from_locals(&[a("10.0.0.2:51820"), a("[fe80::9]:51820")]);
+        let v4 = Reach::from_addresses(None, &[a("10.0.0.2:51820"), a("[fe80::9]:51820")]);
         assert_eq!(v4.usable(&cands), vec![a("198.51.100.7:4000")]);
+        // IPv4 known only from the reflexive address (the local one on a link left out).
+        let ppp = Reach::from_addresses(Some(a("203.0.113.9:4000")), &[]);
+        assert_eq!(ppp.usable(&cands), vec![a("198.51.100.7:4000")]);
+        // Nothing known: IPv4 and global IPv6 probed, no ULA.
+        let unknown = Reach::from_addresses(None, &[]);
+        assert_eq!(
+            unknown.usable(&cands),
+            vec![a("198.51.100.7:4000"), a("[2001:db8:1::5]:51820")]
+        );
     }
 }

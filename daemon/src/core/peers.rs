@@ -282,10 +282,15 @@ impl PeerTable {
         }
     }
 
-    /// This host's addresses are `locals`: from now on each peer's path probes those of its
-    /// candidates they reach ([`Reach`]), the peers known already included.
-    pub fn set_locals(&self, now: Instant, locals: &[SocketAddr]) {
-        let reach = Reach::from_locals(locals);
+    /// This host's addresses are `locals` and `reflexive`: from now on each peer's path probes
+    /// those of its candidates they reach ([`Reach`]), the peers known already included.
+    pub fn set_addresses(
+        &self,
+        now: Instant,
+        reflexive: Option<SocketAddr>,
+        locals: &[SocketAddr],
+    ) {
+        let reach = Reach::from_addresses(reflexive, locals);
         {
             let mut cur = lock(&self.reach);
             if *cur == reach {
