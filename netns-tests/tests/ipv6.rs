@@ -183,6 +183,33 @@ fn ipv6_only_node_goes_direct_over_ipv6_and_relays_to_ipv4_only() {
     }
     v6only.fetch_from(&v4only, 5).unwrap();
     v4only.fetch_from(&v6only, 5).unwrap();
+    // Bulk TCP both ways through the relay: full-size WireGuard packets in relay frames are 6
+    // bytes too many for a 1500-byte IPv6 path and are fragmented by the sender (a GSO send of
+    // them gets EMSGSIZE and goes one by one); neither the node nor the coordinator turns UDP
+    // GSO off for it.
+    require_tools(&[("iperf3", "iperf3")]);
+    for (from, to) in [(&v6only, &v4only), (&v4only, &v6only)] {
+        let server = to.ns.iperf3_server();
+        let mbit = from
+            .ns
+            .iperf3_client(to.overlay_ip(), 2)
+            .unwrap_or_else(|e| panic!("iperf3 {} -> {} (relayed): {e}", from.name, to.name));
+        server.kill();
+        report(format!(
+            "ipv6_only: iperf3 TCP 2 s {} -> {} relayed: {mbit:.0} Mbit/s",
+            from.name, to.name
+        ));
+    }
+    let node_log = v6only.daemon().stderr_text();
+    assert!(
+        !node_log.contains("GSO send failed"),
+        "the IPv6-only node turned GSO off:\n{node_log}"
+    );
+    let coord_log = coord.proc().stderr_text();
+    assert!(
+        !coord_log.contains("GSO send refused"),
+        "the coordinator turned GSO off"
+    );
     // Over UDP, not the control connection's fallback.
     let nc = v6only.netcheck();
     assert_eq!(nc["relay"], "udp", "{nc}");
