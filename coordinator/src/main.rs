@@ -159,7 +159,7 @@ fn identity(state_dir: &Path) -> Result<([u8; 32], [u8; 32]), String> {
 fn endpoints(common: &Common, listen: Option<SocketAddr>) -> Result<Vec<String>, String> {
     if !common.endpoints.is_empty() {
         for e in &common.endpoints {
-            a2a_proto::token::validate_endpoint(e).map_err(|m| format!("--endpoint {m}"))?;
+            a2a_proto::token::validate_new_endpoint(e).map_err(|m| format!("--endpoint {m}"))?;
         }
         return Ok(common.endpoints.clone());
     }
