@@ -476,7 +476,7 @@ impl Client {
         let key = record.node_key;
         let unreachable = crate::core::family::unreachable_count(&record.candidates);
         if unreachable > 0 {
-            c.candidates_unreachable
+            c.candidates_ignored
                 .fetch_add(unreachable as u64, std::sync::atomic::Ordering::Relaxed);
         }
         let applied = self.peers.apply(now.at, record, cert);
@@ -865,7 +865,7 @@ mod tests {
         );
         let counted = w
             .counters
-            .candidates_unreachable
+            .candidates_ignored
             .load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(counted, 3, "link-local, multicast, unspecified");
         let peer = w.peers.by_key(&key_of([7; 32])).expect("the peer");

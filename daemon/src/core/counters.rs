@@ -55,14 +55,11 @@ counters! {
     disco_unknown_sender,
     /// Probes not sent: the peer published an address no probe should go to (unspecified,
     /// loopback, link-local, multicast or broadcast, port 0, the coordinator's, or one of this
-    /// node's own).
+    /// node's own); also each such candidate of a record, dropped when the record is applied.
     candidates_ignored,
     disco_bad,
     disco_rate_limited,
     disco_stale_pong,
-    /// Candidates in peers' records nobody can be reached at (link-local, multicast,
-    /// unspecified, loopback, broadcast, port 0): never probed.
-    candidates_unreachable,
     path_upgrades,
     path_fallbacks,
     /// Answers on the port-mapping socket dropped: garbage, truncated, not from the gateway,

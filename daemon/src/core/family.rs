@@ -42,21 +42,13 @@ pub fn publishable_v6(ip: &Ipv6Addr) -> bool {
         && ip.segments()[..6] != [0; 6]
 }
 
-/// True if nobody can be reached at `addr`: never probed, whoever published it.
+/// True if nobody can be reached at `addr` (unspecified, port 0, loopback, link-local,
+/// multicast, broadcast; the path finder's [`probe_worthy`] rule, which also guards every probe
+/// it sends): never probed, whoever published it.
+///
+/// [`probe_worthy`]: crate::core::path::probe_worthy
 pub fn unreachable(addr: SocketAddr) -> bool {
-    if addr.port() == 0 {
-        return true;
-    }
-    match canonical(addr).ip() {
-        IpAddr::V4(ip) => {
-            ip.is_unspecified()
-                || ip.is_multicast()
-                || ip.is_broadcast()
-                || ip.is_loopback()
-                || ip.is_link_local()
-        }
-        IpAddr::V6(ip) => !publishable_v6(&ip),
-    }
+    !crate::core::path::probe_worthy(addr, &[], None)
 }
 
 /// What this host can reach by its own addresses: which families, and which ULA sites.
