@@ -45,7 +45,14 @@ impl Platform for Kernel {
             )
         };
         // One socket for both families; IPv4 only where the host has no IPv6.
-        let (socket, dual) = match udpbatch::bind_dual_stack(udp_port) {
+        // `A2A_UDP_IPV6=0`: an IPv4 socket even where the host has IPv6.
+        let ipv6 = std::env::var("A2A_UDP_IPV6").map_or(true, |v| v != "0");
+        let dual_socket = if ipv6 {
+            udpbatch::bind_dual_stack(udp_port)
+        } else {
+            Err(io::Error::other("A2A_UDP_IPV6=0"))
+        };
+        let (socket, dual) = match dual_socket {
             Ok(s) => (UdpSocket::from_std(s).map_err(in_use)?, true),
             Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => return Err(in_use(e)),
             Err(e) => {
