@@ -66,7 +66,7 @@ struct Common {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// TCP and UDP address to serve on.
+    /// TCP and UDP address to serve on; `[::]:PORT` serves IPv4 and IPv6 on one port.
     #[arg(
         long,
         value_name = "ADDR:PORT",
@@ -163,7 +163,7 @@ fn identity(state_dir: &Path) -> Result<([u8; 32], [u8; 32]), String> {
 fn endpoints(common: &Common, listen: Option<SocketAddr>) -> Result<Vec<String>, String> {
     if !common.endpoints.is_empty() {
         for e in &common.endpoints {
-            a2a_proto::token::validate_endpoint(e).map_err(|m| format!("--endpoint {m}"))?;
+            a2a_proto::token::validate_new_endpoint(e).map_err(|m| format!("--endpoint {m}"))?;
         }
         return Ok(common.endpoints.clone());
     }
@@ -214,8 +214,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let token = new_token(&args.common, Some(args.listen), public)?;
     let rt = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start runtime: {e}"))?;
     rt.block_on(async move {
-        let tcp = tokio::net::TcpListener::bind(args.listen)
-            .await
+        let tcp = server::listen_tcp(args.listen)
             .map_err(|e| format!("cannot listen on TCP {}: {e}", args.listen))?;
         let loops = match args.udp_sockets {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -243,8 +242,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         // endpoint-independent NAT mapping from one that changes per destination.
         let mut alt_addr = args.listen;
         alt_addr.set_port(args.listen.port().wrapping_add(1));
-        let udp_alt = match tokio::net::UdpSocket::bind(alt_addr).await {
-            Ok(s) => Some(s),
+        let udp_alt = match server::bind_udp(alt_addr, 1) {
+            Ok(mut s) => s.pop(),
             Err(e) => {
                 tracing::warn!("no NAT mapping check: cannot listen on UDP {alt_addr}: {e}");
                 None

@@ -320,6 +320,38 @@ enum Route {
 
 /// Binds the main UDP port as `n` sockets with SO_REUSEPORT (one plain socket for 1), ready
 /// for [`Server::run_group`].
+/// The control channel's TCP listener on `addr`; `[::]:port` serves IPv4 too (IPV6_V6ONLY
+/// off, whatever the host's default): IPv4 clients are seen IPv4-mapped, and canonical
+/// ([`canonical`]) from accept on.
+pub fn listen_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(a) => {
+            let s = tokio::net::TcpSocket::new_v6()?;
+            if a.ip().is_unspecified() {
+                let off: libc::c_int = 0;
+                // SAFETY: `off` lives across the call and its size is passed.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::IPPROTO_IPV6,
+                        libc::IPV6_V6ONLY,
+                        &off as *const libc::c_int as *const libc::c_void,
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if rc != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            s
+        }
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 pub fn bind_udp(addr: SocketAddr, n: usize) -> io::Result<Vec<UdpSocket>> {
     udpbatch::bind_group(addr, n)?
         .into_iter()
@@ -648,6 +680,7 @@ impl Server {
                 }
                 Err(e) => return e,
             };
+            let peer = canonical(peer);
             let admitted = self.admission().admit_tcp(Instant::now(), peer.ip());
             let seat = match admitted {
                 Ok(t) => t,

@@ -5,12 +5,21 @@ use a2a_proto::api::{NetcheckReport, PingResult, Status};
 /// One line of `a2actl ping`.
 pub fn ping_line(p: &PingResult) -> String {
     let via = match &p.endpoint {
-        Some(e) => format!("{} {e}", p.path),
+        Some(e) => format!("{} {e}{}", p.path, family(e)),
         None => p.path.clone(),
     };
     match p.rtt_ms {
         Some(ms) => format!("pong from {} ({}) via {via} in {ms:.2} ms", p.name, p.ip),
         None => format!("no answer from {} ({}) via {via} within 2 s", p.name, p.ip),
+    }
+}
+
+/// ` over IPv4` or ` over IPv6`: the family of an underlay endpoint (`host:port`).
+fn family(endpoint: &str) -> &'static str {
+    match endpoint.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.is_ipv6() => " over IPv6",
+        Ok(_) => " over IPv4",
+        Err(_) => "",
     }
 }
 
@@ -44,7 +53,7 @@ pub fn netcheck_text(r: &NetcheckReport) -> String {
         _ => pm.state.clone(),
     };
     format!(
-        "coordinator:   {}\nudp:           {}\nreflexive:     {}\nsecond port:   {}\nmapping:       {mapping}\nrelay:         {}\ncoordinator rtt: {}\nlocal:         {}\nport mapping:  {portmap} (gateway {}; answered: {answered})\n",
+        "coordinator:   {}\nudp:           {}\nreflexive:     {}\nsecond port:   {}\nmapping:       {mapping}\nrelay:         {}\ncoordinator rtt: {}\nlocal:         {}\nport mapping:  {portmap} (gateway {}; answered: {answered})\nipv6:          {}\nreflexive6:    {}\n",
         r.coordinator,
         if r.udp { "yes" } else { "no (UDP to the coordinator gets no answer)" },
         opt(&r.reflexive),
@@ -59,6 +68,15 @@ pub fn netcheck_text(r: &NetcheckReport) -> String {
             .unwrap_or_else(|| "-".into()),
         if r.local.is_empty() { "-".into() } else { r.local.join(", ") },
         pm.gateway.as_deref().unwrap_or("-"),
+        match r.ipv6.as_str() {
+            "reachable" => "reachable (the coordinator answers over IPv6)",
+            "no answer" => "no answer from the coordinator over IPv6 (UDP over IPv6 blocked?)",
+            "no address" => "no global IPv6 address on this host",
+            "no endpoint" => "the token names no IPv6 endpoint of the coordinator",
+            "" => "-",
+            other => other,
+        },
+        opt(&r.reflexive6),
     )
 }
 
@@ -163,8 +181,14 @@ mod tests {
                 published: true,
                 state: "mapped".into(),
             },
+            ipv6: "reachable".into(),
+            reflexive6: Some("[2001:db8::2]:51820".into()),
         };
         let text = netcheck_text(&r);
+        assert!(
+            text.contains("ipv6:          reachable (the coordinator answers over IPv6)\nreflexive6:    [2001:db8::2]:51820\n"),
+            "{text}"
+        );
         assert!(
             text.contains("port mapping:  198.51.100.7:51820 by pcp, published (gateway 192.168.1.1; answered: pcp, nat-pmp)"),
             "{text}"
@@ -213,5 +237,31 @@ mod tests {
             counters: Default::default(),
         };
         assert!(status_table(&none).contains("a2actl up --join"));
+        // An IPv6 endpoint is shown bracketed, as a socket address.
+        let mut v6 = st.clone();
+        v6.peers[0].endpoint = Some("[2001:db8::5]:51820".into());
+        assert!(status_table(&v6).contains("[2001:db8::5]:51820"));
+    }
+
+    #[test]
+    fn ping_lines_name_the_address_family() {
+        let mut p = PingResult {
+            name: "bob".into(),
+            ip: "100.64.0.2".into(),
+            path: "direct".into(),
+            endpoint: Some("[2001:db8::5]:51820".into()),
+            rtt_ms: Some(0.5),
+        };
+        assert_eq!(
+            ping_line(&p),
+            "pong from bob (100.64.0.2) via direct [2001:db8::5]:51820 over IPv6 in 0.50 ms"
+        );
+        p.path = "relay".into();
+        p.endpoint = Some("198.51.100.7:7600".into());
+        p.rtt_ms = None;
+        assert_eq!(
+            ping_line(&p),
+            "no answer from bob (100.64.0.2) via relay 198.51.100.7:7600 over IPv4 within 2 s"
+        );
     }
 }

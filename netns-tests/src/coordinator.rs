@@ -23,6 +23,9 @@ pub struct CoordOpts {
     pub prefix: Option<String>,
     /// Listen on `0.0.0.0` and pass the wan address as `--endpoint`.
     pub wildcard_listen: bool,
+    /// Listen on `[::]` (IPv4 and IPv6 on one port; a dual-stack lab) and pass the wan IPv4
+    /// and IPv6 addresses as `--endpoint A,[B]`.
+    pub dual_stack: bool,
     /// Run the forging coordinator (`a2a-forging-coordinator`, the real server with a hook that
     /// injects forged members) instead of `a2a-coordinator`.
     pub forging: bool,
@@ -59,7 +62,16 @@ impl Coordinator {
             bins.coordinator.clone()
         };
         let mut args = vec!["env".into(), "A2A_LOG=trace".into(), binary];
-        if self.opts.wildcard_listen {
+        if self.opts.dual_stack {
+            let v6 = self
+                .ns
+                .wan_ip6
+                .expect("a dual-stack coordinator needs a dual-stack lab");
+            args.push("--listen".into());
+            args.push(format!("[::]:{COORDINATOR_PORT}"));
+            args.push("--endpoint".into());
+            args.push(format!("{},[{v6}]:{COORDINATOR_PORT}", self.addr));
+        } else if self.opts.wildcard_listen {
             args.push("--listen".into());
             args.push(format!("0.0.0.0:{COORDINATOR_PORT}"));
             args.push("--endpoint".into());

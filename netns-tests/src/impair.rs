@@ -157,6 +157,7 @@ impl Lab {
             name: name.clone(),
             role: format!("{role}-imp"),
             wan_ip: None,
+            wan_ip6: None,
             lab: inner.clone(),
         };
         boxed

@@ -306,6 +306,22 @@ impl Lab {
         node
     }
 
+    /// A node on the wan with only an IPv6 address (a dual-stack lab), a2ad running.
+    pub fn node_v6_only(&self, name: &str) -> Node {
+        let ns = self.add_ns_v6_only(name);
+        let node = self.node_in(ns, name);
+        node.start_daemon();
+        node
+    }
+
+    /// A node on the wan with only an IPv4 address (in a dual-stack lab too), a2ad running.
+    pub fn node_v4_only(&self, name: &str) -> Node {
+        let ns = self.add_ns_v4_only(name);
+        let node = self.node_in(ns, name);
+        node.start_daemon();
+        node
+    }
+
     /// A node namespace with a state directory but no daemon started.
     pub fn node_without_daemon(&self, name: &str) -> Node {
         let ns = self.add_ns(name);

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -116,6 +116,18 @@ pub(crate) struct LabInner {
     next_host: AtomicU32,
     /// This lab raised the kernel's ARP table limits ([`reserve_neighbours`]).
     raised_neighbours: std::sync::atomic::AtomicBool,
+    /// The wan and the routers' LANs carry IPv6 too ([`Lab::new_dual_stack`]).
+    ipv6: std::sync::atomic::AtomicBool,
+    /// IPv6 routing on the wan: every wan namespace with an IPv6 address, and every router
+    /// LAN prefix with the router's wan address, so that a namespace added after a router gets
+    /// routes to its LAN and a router added after a namespace gives it one.
+    v6_routing: Mutex<V6Routing>,
+}
+
+#[derive(Default)]
+struct V6Routing {
+    wan: Vec<String>,
+    lans: Vec<(String, Ipv6Addr)>,
 }
 
 impl LabInner {
@@ -204,6 +216,20 @@ impl LabInner {
         self.host(&["ip", "netns", "add", &name]);
         self.namespaces.lock().unwrap().push(name.clone());
         self.host(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        if self.ipv6() {
+            // No duplicate address detection on the links created in here: addresses are
+            // usable at once (they are unique by construction), not a second or two later.
+            self.host(&[
+                "ip",
+                "netns",
+                "exec",
+                &name,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.accept_dad=0",
+            ]);
+        }
         name
     }
 
@@ -212,6 +238,15 @@ impl LabInner {
     pub(crate) fn hub_port(&self, host: u32) -> String {
         let port = format!("v{}h{host}", self.name.rsplit('-').next().unwrap_or("0"));
         truncate(&port, 15).to_string()
+    }
+
+    fn ipv6(&self) -> bool {
+        self.ipv6.load(Ordering::Relaxed)
+    }
+
+    /// The lab's IPv6 wan prefix `2001:db8:<subnet>::/64`'s address `host`.
+    fn wan6(&self, host: u32) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, self.subnet.into(), 0, 0, 0, 0, host as u16)
     }
 }
 /// One isolated network topology; see the crate documentation.
@@ -300,6 +335,8 @@ impl Lab {
             seq: AtomicU32::new(0),
             next_host: AtomicU32::new(2),
             raised_neighbours: Default::default(),
+            ipv6: Default::default(),
+            v6_routing: Default::default(),
         });
         let hub = format!("{name}-hub");
         let lab = Lab { inner, hub };
@@ -323,6 +360,22 @@ impl Lab {
         Some(lab)
     }
 
+    /// A lab whose wan and router LANs carry IPv6 as well as IPv4: the wan is
+    /// `2001:db8:<x>::/64` (beside `10.x.0.0/24`), router `k`'s LAN `2001:db8:<x>:<k>::/64`,
+    /// routed (no NAT66) via the router's wan address, which every wan namespace has a route
+    /// for. The routers' firewall drops unsolicited inbound IPv6 as it does IPv4 (ICMPv6
+    /// neighbour discovery and the errors a path needs excepted), as home routers do.
+    pub fn new_dual_stack(test: &str) -> Option<Lab> {
+        let lab = Lab::new(test)?;
+        lab.inner.ipv6.store(true, Ordering::Relaxed);
+        Some(lab)
+    }
+
+    /// The wan's IPv6 prefix, `2001:db8:<x>::/64` (a dual-stack lab only).
+    pub fn wan_subnet6(&self) -> String {
+        format!("{}/64", self.inner.wan6(0))
+    }
+
     pub fn name(&self) -> &str {
         &self.inner.name
     }
@@ -344,6 +397,25 @@ impl Lab {
     /// A new namespace attached to the wan bridge, with an address of the wan subnet on `eth0`.
     /// `role` must be unique in the lab (it names the namespace).
     pub fn add_ns(&self, role: &str) -> Ns {
+        self.add_wan_ns(role, true, self.inner.ipv6())
+    }
+
+    /// A new namespace on the wan with only an IPv6 address (a dual-stack lab only): an
+    /// IPv6-only host.
+    pub fn add_ns_v6_only(&self, role: &str) -> Ns {
+        assert!(
+            self.inner.ipv6(),
+            "an IPv6-only namespace needs Lab::new_dual_stack"
+        );
+        self.add_wan_ns(role, false, true)
+    }
+
+    /// A new namespace on the wan with only an IPv4 address, in a dual-stack lab too.
+    pub fn add_ns_v4_only(&self, role: &str) -> Ns {
+        self.add_wan_ns(role, true, false)
+    }
+
+    fn add_wan_ns(&self, role: &str, v4: bool, v6: bool) -> Ns {
         let inner = &self.inner;
         let name = inner.create_ns(role);
         let host = inner.next_host.fetch_add(1, Ordering::Relaxed);
@@ -359,21 +431,53 @@ impl Lab {
         inner.host(&[
             "ip", "-n", &self.hub, "link", "set", &hub_side, "master", BRIDGE, "up",
         ]);
-        inner.host(&[
-            "ip",
-            "-n",
-            &name,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ]);
+        if v4 {
+            inner.host(&[
+                "ip",
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ]);
+        }
         inner.host(&["ip", "-n", &name, "link", "set", "eth0", "up"]);
+        let wan_ip6 = v6.then(|| inner.wan6(host));
+        if let Some(ip6) = wan_ip6 {
+            inner.host(&[
+                "ip",
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            let mut routing = a2a_proto::sync::lock(&inner.v6_routing);
+            for (prefix, via) in &routing.lans {
+                inner.host(&[
+                    "ip",
+                    "-n",
+                    &name,
+                    "-6",
+                    "route",
+                    "add",
+                    prefix,
+                    "via",
+                    &via.to_string(),
+                ]);
+            }
+            routing.wan.push(name.clone());
+        }
         Ns {
             name,
             role: role.to_string(),
-            wan_ip: Some(ip),
+            wan_ip: v4.then_some(ip),
+            wan_ip6,
             lab: inner.clone(),
         }
     }
@@ -409,6 +513,8 @@ impl Lab {
         require_tools(&[("nft", "nftables"), ("sysctl", "procps")]);
         let mut ns = self.add_ns_behind(outer, role);
         ns.wan_ip = Some(self.lan_ip_of(&ns));
+        // Its LAN is IPv4 only, in a dual-stack lab too (the wan has no route to it).
+        ns.wan_ip6 = None;
         self.make_router(ns, nat)
     }
 
@@ -473,6 +579,8 @@ impl Lab {
             name,
             role: role.to_string(),
             wan_ip: Some(ip),
+            // IPv4 only, in a dual-stack lab too.
+            wan_ip6: None,
             lab: inner.clone(),
         }
     }
@@ -514,6 +622,50 @@ impl Lab {
             "lan0",
         ]);
         inner.host(&["ip", "-n", n, "link", "set", "lan0", "up"]);
+        let lan6 = ns.wan_ip6.map(|wan6| {
+            let lan6 = Ipv6Addr::new(0x2001, 0xdb8, inner.subnet.into(), k as u16, 0, 0, 0, 1);
+            inner.host(&[
+                "ip",
+                "netns",
+                "exec",
+                n,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.forwarding=1",
+            ]);
+            inner.host(&[
+                "ip",
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("{lan6}/64"),
+                "dev",
+                "lan0",
+                "nodad",
+            ]);
+            // Every other wan namespace routes the LAN's prefix via this router, now and later.
+            let prefix = format!(
+                "{}/64",
+                Ipv6Addr::from(u128::from(lan6) & !0xffff_ffff_ffff_ffff)
+            );
+            let mut routing = a2a_proto::sync::lock(&inner.v6_routing);
+            for other in routing.wan.iter().filter(|w| **w != ns.name) {
+                inner.host(&[
+                    "ip",
+                    "-n",
+                    other,
+                    "-6",
+                    "route",
+                    "add",
+                    &prefix,
+                    "via",
+                    &wan6.to_string(),
+                ]);
+            }
+            routing.lans.push((prefix, wan6));
+            lan6
+        });
         let masquerade = match nat {
             Nat::Easy | Nat::NoUdp => "masquerade persistent",
             Nat::EasyNoFirewall => "masquerade",
@@ -534,10 +686,12 @@ impl Lab {
                 "table inet a2a_fw {{\n\
                chain input {{ type filter hook input priority filter; policy accept;\n\
                  iifname \"eth0\" ct state established,related accept\n\
+                 iifname \"eth0\" icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert, destination-unreachable, packet-too-big, time-exceeded, parameter-problem }} accept\n\
                  iifname \"eth0\" drop\n\
                }}\n\
                chain forward {{ type filter hook forward priority filter; policy accept;\n\
                  iifname \"eth0\" ct state established,related accept\n\
+                 iifname \"eth0\" icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded, parameter-problem }} accept\n\
                  iifname \"eth0\" drop\n\
                  {no_udp}\n\
                }}\n\
@@ -551,6 +705,7 @@ impl Lab {
             ns,
             nat,
             lan,
+            lan6,
             next_host: AtomicU32::new(2),
             impaired: OnceLock::new(),
         }
@@ -606,10 +761,37 @@ impl Lab {
             "via",
             &router.lan.to_string(),
         ]);
+        let lan_ip6 = router.lan6.map(|gw| {
+            let ip6 = Ipv6Addr::from(u128::from(gw) & !0xffff_ffff_ffff_ffff | u128::from(h));
+            inner.host(&[
+                "ip",
+                "-n",
+                &ns_name,
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            inner.host(&[
+                "ip",
+                "-n",
+                &ns_name,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw.to_string(),
+            ]);
+            ip6
+        });
         Ns {
             name: ns_name,
             role: role.to_string(),
             wan_ip: None,
+            wan_ip6: lan_ip6,
             lab: inner.clone(),
         }
     }
@@ -737,6 +919,9 @@ pub struct Ns {
     pub role: String,
     /// The address on the wan segment.
     pub wan_ip: Option<Ipv4Addr>,
+    /// The global IPv6 address (on the wan, or on a router's LAN: routed, not translated), in a
+    /// dual-stack lab.
+    pub wan_ip6: Option<Ipv6Addr>,
     pub(crate) lab: Arc<LabInner>,
 }
 
@@ -772,6 +957,8 @@ pub struct Router {
     pub nat: Nat,
     /// The router's LAN address (the nodes' gateway).
     pub lan: Ipv4Addr,
+    /// The router's IPv6 LAN address (the nodes' IPv6 gateway), in a dual-stack lab.
+    pub lan6: Option<Ipv6Addr>,
     next_host: AtomicU32,
     /// Its wan link's impairment ([`Lab::router_impaired`]).
     pub(crate) impaired: OnceLock<ImpairedWan>,

@@ -134,6 +134,14 @@ pub struct NetcheckReport {
     /// The router's port mapping (PCP, NAT-PMP) of the WireGuard port.
     #[serde(default)]
     pub portmap: PortmapReport,
+    /// IPv6 reachability: `reachable` (the coordinator answered over IPv6), `no answer`,
+    /// `no address` (no global IPv6 address here) or `no endpoint` (the token names no IPv6
+    /// endpoint of the coordinator).
+    #[serde(default)]
+    pub ipv6: String,
+    /// This node's WireGuard socket as the coordinator sees it over IPv6.
+    #[serde(default)]
+    pub reflexive6: Option<String>,
 }
 
 /// What `a2actl netcheck` says about port mapping.

@@ -114,6 +114,22 @@ pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
     }
 }
 
+/// Checks an endpoint given to be put in a new token or invite (`--endpoint`): as
+/// [`validate_endpoint`], and an IPv6 address must be in brackets (`[2001:db8::7]:7600`):
+/// unbracketed, `2001:db8::7:7600` could be that address without a port. (Decoding does not
+/// refuse what it accepted before.)
+pub fn validate_new_endpoint(endpoint: &str) -> Result<(), String> {
+    validate_endpoint(endpoint)?;
+    let (host, _) = endpoint.rsplit_once(':').unwrap_or_default();
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(format!(
+            "{endpoint:?}: an IPv6 address needs brackets, [ADDRESS]:PORT \
+             (e.g. [2001:db8::7]:7600)"
+        ));
+    }
+    Ok(())
+}
+
 impl JoinToken {
     /// A token for a brand-new network with a fresh random secret.
     pub fn new_network(
@@ -413,10 +429,31 @@ mod tests {
         assert!(validate_endpoint("host").is_err());
         assert!(validate_endpoint(":80").is_err());
         assert!(validate_endpoint("h:0").is_err());
+        assert!(validate_new_endpoint("[2001:db8::7]:7600").is_ok());
+        assert!(validate_new_endpoint("hub.example.org:7600").is_ok());
+        let e = validate_new_endpoint("2001:db8::7:7600").unwrap_err();
+        assert!(e.contains("brackets"), "{e}");
+        assert!(validate_new_endpoint("[2001:db8::7:7600").is_err());
         assert!(validate_prefix("100.64.0.0/10".parse().unwrap()).is_ok());
         assert!(validate_prefix("100.64.0.1/10".parse().unwrap()).is_err());
         assert!(validate_prefix("10.0.0.0/30".parse().unwrap()).is_err());
         assert!(JoinToken::new_network([0; 32], vec![], "10.0.0.0/8".parse().unwrap()).is_err());
+    }
+
+    /// A token may carry an IPv4 and an IPv6 endpoint (the format always held several).
+    #[test]
+    fn a_dual_stack_token_round_trips() {
+        let t = JoinToken::new_network(
+            [7u8; 32],
+            vec!["198.51.100.7:7600".into(), "[2001:db8::7]:7600".into()],
+            "100.64.0.0/10".parse().unwrap(),
+        )
+        .unwrap();
+        let back = JoinToken::parse(&t.encode()).unwrap();
+        assert_eq!(back.endpoints, t.endpoints);
+        let addrs: Vec<std::net::SocketAddr> =
+            back.endpoints.iter().map(|e| e.parse().unwrap()).collect();
+        assert!(addrs[0].is_ipv4() && addrs[1].is_ipv6());
     }
 
     #[test]

@@ -256,9 +256,37 @@ pub fn set_buffers(fd: RawFd) {
     }
 }
 
+/// Binds one UDP socket serving IPv4 and IPv6 on `port` (`[::]:port` with IPV6_V6ONLY off:
+/// IPv4 peers appear as IPv4-mapped IPv6 addresses), non-blocking. Fails where the host has
+/// no IPv6 (EAFNOSUPPORT): the caller falls back to an IPv4 socket.
+pub fn bind_dual_stack(port: u16) -> io::Result<std::net::UdpSocket> {
+    // SAFETY: socket() with constant arguments; the descriptor is owned at once below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nobody else owns.
+    let socket = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
+    set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    let (name, len) = to_sockaddr(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port));
+    // SAFETY: `name` holds a sockaddr of `len` bytes.
+    let rc = unsafe { libc::bind(fd, &name as *const _ as *const libc::sockaddr, len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
 /// Binds `n` UDP sockets to `addr`, all with SO_REUSEPORT, non-blocking: the kernel spreads
 /// senders over them by a hash of the 4-tuple, so one flow always reaches the same socket
-/// (and its datagrams keep their order). With `n` = 1, one plain socket.
+/// (and its datagrams keep their order). With `n` = 1, one plain socket. `[::]:port` serves
+/// IPv4 as well (IPV6_V6ONLY off).
 /// Port 0: the first socket's ephemeral port for all.
 pub fn bind_group(mut addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::UdpSocket>> {
     let mut out: Vec<std::net::UdpSocket> = Vec::with_capacity(n.max(1));
@@ -284,6 +312,12 @@ pub fn bind_group(mut addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::Ud
             set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
         }
         set_buffers(fd);
+        if let SocketAddr::V6(a) = addr {
+            if a.ip().is_unspecified() {
+                // `[::]` serves IPv4 too (as IPv4-mapped), whatever the host's default.
+                set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+            }
+        }
         let (name, len) = to_sockaddr(addr);
         // SAFETY: `name` holds a sockaddr of `len` bytes.
         let rc = unsafe { libc::bind(fd, &name as *const _ as *const libc::sockaddr, len) };
@@ -310,6 +344,55 @@ mod tests {
         assert_eq!(g.len(), 3);
         for s in &g {
             assert_eq!(s.local_addr().unwrap().port(), port);
+        }
+    }
+
+    /// One dual-stack socket takes IPv4 (as IPv4-mapped) and IPv6, and sends to both (GSO
+    /// included, where the kernel has it).
+    #[test]
+    fn a_dual_stack_socket_serves_both_families() {
+        let Ok(dual) = bind_dual_stack(0) else {
+            return; // no IPv6 on this host
+        };
+        let port = dual.local_addr().unwrap().port();
+        let v4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        v4.send_to(b"four", ("127.0.0.1", port)).unwrap();
+        dual.set_nonblocking(false).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = dual.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"four");
+        let mapped = match from {
+            SocketAddr::V6(a) => a,
+            other => panic!("an IPv4 sender on a dual-stack socket: {other}"),
+        };
+        assert_eq!(mapped.ip().to_ipv4_mapped(), Some(Ipv4Addr::LOCALHOST));
+        let to = SocketAddr::V6(mapped);
+        if gso_supported(dual.as_raw_fd()) {
+            assert_eq!(
+                send_segments(dual.as_raw_fd(), b"abcdef", 3, to).unwrap(),
+                6
+            );
+            v4.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
+            for want in [b"abc", b"def"] {
+                let n = v4.recv(&mut buf).unwrap();
+                assert_eq!(&buf[..n], want);
+            }
+        }
+        // A plain IPv4 destination works on the dual-stack socket too.
+        dual.send_to(b"plain", v4.local_addr().unwrap()).unwrap();
+        v4.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let n = v4.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"plain");
+        let group = bind_group("[::]:0".parse().unwrap(), 2).unwrap();
+        let gport = group[0].local_addr().unwrap().port();
+        v4.send_to(b"g", ("127.0.0.1", gport)).unwrap();
+        if let Ok(v6) = std::net::UdpSocket::bind("[::1]:0") {
+            v6.send_to(b"six", ("::1", port)).unwrap();
+            let (n, from) = dual.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"six");
+            assert_eq!(from, v6.local_addr().unwrap());
         }
     }
 

@@ -200,6 +200,7 @@ impl Client {
         locals: Vec<SocketAddr>,
     ) -> ClientMsg {
         let cred = self.member.credential();
+        self.peers.set_addresses(now.at, reflexive, &locals);
         let published = candidates_from(reflexive, self.mapped, &locals);
         let record = self.record(now, &cred, published.clone());
         let msg = ClientMsg::Register {
@@ -271,6 +272,7 @@ impl Client {
         if locals != c.locals.as_slice() {
             return vec![Action::End(End::Lost("underlay addresses changed".into()))];
         }
+        self.peers.set_addresses(now.at, reflexive, locals);
         if let Some(c) = self.conn.as_mut() {
             c.reflexive = reflexive;
         }
@@ -472,6 +474,11 @@ impl Client {
             return;
         }
         let key = record.node_key;
+        let unreachable = crate::core::family::unreachable_count(&record.candidates);
+        if unreachable > 0 {
+            c.candidates_ignored
+                .fetch_add(unreachable as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         let applied = self.peers.apply(now.at, record, cert);
         let peer = self.peers.by_key(&key);
         if let Some(p) = &peer {
@@ -821,6 +828,55 @@ mod tests {
         actions
             .iter()
             .any(|a| matches!(a, Action::Status(Registration::Registered { .. })))
+    }
+
+    #[test]
+    fn unreachable_candidates_are_counted_and_never_probed() {
+        let mut w = world();
+        w.client.connected(
+            at(&w, 0),
+            b"hash",
+            Some(addr("198.51.100.1:4000")),
+            vec![addr("10.0.0.2:51820"), addr("[2001:db8:2::2]:51820")],
+        );
+        w.client.handle(at(&w, 5), registered(1));
+        let cred = Credential::from_token(token(SECRET));
+        let record = cred.sign_record(&NodeRecord {
+            network: cred.network_id(),
+            node_key: key_of([7; 32]),
+            name: "peer7".into(),
+            ip: "100.64.0.7".parse().unwrap(),
+            candidates: vec![
+                addr("[fe80::1]:51820"),
+                addr("[ff02::1]:51820"),
+                addr("192.0.2.50:51820"),
+                addr("[2001:db8:1::5]:51820"),
+                addr("[::]:51820"),
+                addr("[fd00:9::5]:51820"),
+            ],
+            issued_ms: 10,
+        });
+        w.client.handle(
+            at(&w, 6),
+            ServerMsg::PeerUp {
+                record,
+                relay_id: 7,
+            },
+        );
+        let counted = w
+            .counters
+            .candidates_ignored
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(counted, 3, "link-local, multicast, unspecified");
+        let peer = w.peers.by_key(&key_of([7; 32])).expect("the peer");
+        let mut probes = Vec::new();
+        peer.with_path(|p| p.tick(w.t0 + Duration::from_millis(10), None, None, &mut probes));
+        let probed: Vec<SocketAddr> = probes.iter().filter_map(|p| p.addr).collect();
+        assert_eq!(
+            probed,
+            vec![addr("192.0.2.50:51820"), addr("[2001:db8:1::5]:51820")],
+            "no ULA of another site either"
+        );
     }
 
     #[test]

@@ -55,7 +55,7 @@ counters! {
     disco_unknown_sender,
     /// Probes not sent: the peer published an address no probe should go to (unspecified,
     /// loopback, link-local, multicast or broadcast, port 0, the coordinator's, or one of this
-    /// node's own).
+    /// node's own); also each such candidate of a record, dropped when the record is applied.
     candidates_ignored,
     disco_bad,
     disco_rate_limited,
@@ -68,6 +68,9 @@ counters! {
     /// Mappings whose external address is not the reflexive address the coordinator sees (a
     /// router that lies, or a NAT beyond it): not published.
     portmap_mismatch,
+    /// A direct path moved to another address that answered clearly better (lower RTT, or
+    /// IPv6 at equal RTT).
+    path_moves,
     /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
     fast_tun_offload,
     fast_udp_gso,
@@ -107,6 +110,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 37);
+        assert_eq!(len, 38);
     }
 }

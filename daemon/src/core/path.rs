@@ -23,6 +23,11 @@
 //!   upgrade round (up to [`MAX_UPGRADE_WAIT`]): a flaky path is not chosen again and again.
 //! - Only a pong answering a ping still outstanding *to the address it came from* counts, so a
 //!   replayed or spoofed probe cannot move the endpoint.
+//! - Once direct, the peer's other candidates are probed again every [`ALTERNATES_EVERY`] (and
+//!   the answers to the round that found the path still count): the path moves to another
+//!   when that is clearly better ([`clearly_better`]: a lower RTT by a margin, or IPv6 at an
+//!   RTT no worse by that margin than IPv4's) twice in a row. (The IPv6 underlay's part; see
+//!   the functions under "Path preference".)
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -45,6 +50,10 @@ const MAX_PENDING: usize = 64;
 const REPROBE_GAP: Duration = Duration::from_secs(1);
 /// Addresses remembered with the time they were last probed because of received traffic.
 const MAX_SIGHTED: usize = 8;
+/// How often a direct path's alternatives (the other candidates) are probed.
+pub const ALTERNATES_EVERY: Duration = Duration::from_secs(30);
+/// Two RTTs closer than this (or than a tenth of the current path's, if more) are equal.
+pub const RTT_MARGIN: Duration = Duration::from_millis(1);
 
 /// Where the peer's packets go now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +124,8 @@ pub struct PongSeen {
     pub upgraded: bool,
     /// Send one more probe to confirm this address.
     pub confirm: Option<SocketAddr>,
+    /// This pong moved the direct path to `addr`, a clearly better one.
+    pub moved: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -149,6 +160,10 @@ pub struct PathState {
     last_punch: Option<Instant>,
     upgrade_wait: Duration,
     rtt: Option<Duration>,
+    /// A clearly better address than the direct path's, and how many answers in a row said so.
+    better: Option<(SocketAddr, u32)>,
+    /// When a direct path's alternatives are probed next.
+    next_alternates: Instant,
 }
 
 impl PathState {
@@ -165,6 +180,8 @@ impl PathState {
             last_punch: None,
             upgrade_wait: UPGRADE_EVERY,
             rtt: None,
+            better: None,
+            next_alternates: now,
         }
     }
 
@@ -278,6 +295,7 @@ impl PathState {
                     probes.push(self.new_probe(now, Some(d.addr), false, None));
                 }
                 self.direct = Some(d);
+                self.probe_alternates(now, d.addr, round_ttl, probes);
                 return false;
             }
         }
@@ -296,6 +314,7 @@ impl PathState {
         self.last_direct = Some(d.addr);
         self.rtt = None;
         self.confirming = None;
+        self.better = None;
         self.upgrade_wait = if now.saturating_duration_since(d.since) < FLAP_WINDOW {
             (self.upgrade_wait * 2).min(MAX_UPGRADE_WAIT)
         } else {
@@ -323,6 +342,7 @@ impl PathState {
             user: p.user,
             upgraded: false,
             confirm: None,
+            moved: false,
         };
         let Some(addr) = from else {
             if self.direct.is_none() {
@@ -335,7 +355,7 @@ impl PathState {
                 d.last_heard = now;
                 self.rtt = Some(rtt);
             }
-            Some(_) => {}
+            Some(_) => self.alternate_answered(now, addr, rtt, &mut seen),
             None => {
                 let count = match self.confirming {
                     Some((a, n)) if a == addr => n + 1,
@@ -351,6 +371,7 @@ impl PathState {
                     self.last_direct = Some(addr);
                     self.confirming = None;
                     self.rtt = Some(rtt);
+                    self.next_alternates = now + ALTERNATES_EVERY;
                     seen.upgraded = true;
                 } else {
                     self.confirming = Some((addr, count));
@@ -359,6 +380,75 @@ impl PathState {
             }
         }
         Some(seen)
+    }
+
+    // --- Path preference (the IPv6 underlay): several answering candidates ---------------
+
+    /// While direct: every [`ALTERNATES_EVERY`], probes the candidates other than `current`,
+    /// with the round TTL as a round does (so no unsolicited full-TTL datagram reaches a peer's
+    /// router that has no mapping for it; alternatives on this node's own links and networks
+    /// answer, and the answers to the peer's punches of the round that found the path count).
+    fn probe_alternates(
+        &mut self,
+        now: Instant,
+        current: SocketAddr,
+        round_ttl: Option<u8>,
+        probes: &mut Vec<Probe>,
+    ) {
+        if now < self.next_alternates {
+            return;
+        }
+        self.next_alternates = now + ALTERNATES_EVERY;
+        let mut targets: Vec<SocketAddr> = Vec::new();
+        for a in self.candidates.iter().chain(&self.learned) {
+            if *a != current && !targets.contains(a) {
+                targets.push(*a);
+            }
+        }
+        for addr in targets {
+            probes.push(self.new_probe(now, Some(addr), false, round_ttl));
+        }
+    }
+
+    /// While direct, another address answered in `rtt`: when it is clearly better than the
+    /// path ([`clearly_better`]) twice in a row (the second answer is asked for at once), the
+    /// path moves there. Hysteresis: moving back needs the old path to be clearly better in
+    /// turn, which the margin makes exclusive, so two paths of about equal RTT do not flap.
+    fn alternate_answered(
+        &mut self,
+        now: Instant,
+        addr: SocketAddr,
+        rtt: Duration,
+        seen: &mut PongSeen,
+    ) {
+        let (Some(d), Some(current_rtt)) = (self.direct, self.rtt) else {
+            return;
+        };
+        if !clearly_better((addr, rtt), (d.addr, current_rtt)) {
+            if self.better.is_some_and(|(a, _)| a == addr) {
+                self.better = None;
+            }
+            return;
+        }
+        let count = match self.better {
+            Some((a, n)) if a == addr => n + 1,
+            _ => 1,
+        };
+        if count < CONFIRM_PONGS {
+            self.better = Some((addr, count));
+            seen.confirm = Some(addr);
+            return;
+        }
+        self.better = None;
+        self.direct = Some(Direct {
+            addr,
+            last_heard: now,
+            last_ping: now,
+            since: now,
+        });
+        self.last_direct = Some(addr);
+        self.rtt = Some(rtt);
+        seen.moved = true;
     }
 
     /// The confirming probe for [`PongSeen::confirm`].
@@ -400,6 +490,18 @@ impl PathState {
         }
         Some(self.new_probe(now, Some(from), false, None))
     }
+}
+
+/// Whether address `alt`, answering in its RTT, is clearly better than `current`: a lower RTT
+/// by more than the margin ([`RTT_MARGIN`], or a tenth of the current RTT if more), or IPv6
+/// where the current path is IPv4 at an RTT no worse by the margin (at equal RTT IPv6 is
+/// preferred: it crosses no NAT, so no mapping can expire under it).
+pub fn clearly_better(alt: (SocketAddr, Duration), current: (SocketAddr, Duration)) -> bool {
+    let margin = (current.1 / 10).max(RTT_MARGIN);
+    if alt.1 + margin < current.1 {
+        return true;
+    }
+    alt.0.is_ipv6() && !current.0.is_ipv6() && alt.1 <= current.1 + margin
 }
 
 #[cfg(test)]
@@ -753,6 +855,100 @@ mod tests {
             Some(3),
             "across the internet"
         );
+    }
+
+    #[test]
+    fn equal_rtt_prefers_ipv6_and_lower_rtt_wins_by_a_margin() {
+        let ms = Duration::from_millis;
+        let v4 = a("203.0.113.5:40000");
+        let v4b = a("198.51.100.5:40000");
+        let v6 = a("[2001:db8::5]:51820");
+        assert!(clearly_better((v6, ms(10)), (v4, ms(10))), "equal: IPv6");
+        assert!(
+            clearly_better((v6, ms(11)), (v4, ms(10))),
+            "within 10 %: IPv6"
+        );
+        assert!(!clearly_better((v6, ms(12)), (v4, ms(10))), "worse by more");
+        assert!(
+            !clearly_better((v4, ms(10)), (v6, ms(10))),
+            "equal: stay on IPv6"
+        );
+        assert!(
+            !clearly_better((v4, ms(9)), (v6, ms(10))),
+            "within the margin"
+        );
+        assert!(clearly_better((v4, ms(8)), (v6, ms(10))), "clearly lower");
+        assert!(
+            !clearly_better((v4b, ms(10)), (v4, ms(10))),
+            "same family, equal"
+        );
+        // Below 10 ms the margin is 1 ms.
+        assert!(!clearly_better(
+            (v4b, Duration::from_micros(600)),
+            (v4, ms(1))
+        ));
+        assert!(clearly_better((v4b, ms(1)), (v4, ms(3))));
+    }
+
+    #[test]
+    fn a_direct_path_moves_to_a_clearly_better_candidate_and_not_back() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let v4 = a("203.0.113.5:40000");
+        let v6 = a("[2001:db8::5]:51820");
+        let mut p = PathState::new(t0, vec![v4, v6]);
+        let mut round = Vec::new();
+        p.tick(t0, None, None, &mut round);
+        // IPv4 answers first and is confirmed.
+        let t1 = t0 + ms(2);
+        let seen = answer(&mut p, t1, &round, v4);
+        let c = p.confirm_probe(t1, seen[0].confirm.unwrap());
+        assert!(p.on_pong(t1 + ms(2), c.tx, Some(v4)).unwrap().upgraded);
+        assert_eq!(p.route(), Route::Direct(v4));
+        // The round's IPv6 answer arrives, at the same RTT: one more probe to be sure.
+        let seen = answer(&mut p, t0 + ms(2), &round, v6);
+        assert_eq!(seen[0].confirm, Some(v6));
+        assert!(!seen[0].moved);
+        assert_eq!(p.route(), Route::Direct(v4), "one answer does not move it");
+        let c = p.confirm_probe(t1, v6);
+        let seen = p.on_pong(t1 + ms(2), c.tx, Some(v6)).unwrap();
+        assert!(seen.moved);
+        assert_eq!(p.route(), Route::Direct(v6));
+        // 30 s later the other candidate is probed again; at equal RTT the path stays.
+        let mut now = t1;
+        let mut alternates = 0;
+        while now < t1 + ALTERNATES_EVERY + HEARTBEAT {
+            now += ms(250);
+            let mut probes = Vec::new();
+            p.tick(now, None, None, &mut probes);
+            for pr in &probes {
+                if pr.addr == Some(v4) {
+                    alternates += 1;
+                }
+                let seen = p.on_pong(now + ms(2), pr.tx, pr.addr).unwrap();
+                assert!(seen.confirm.is_none() && !seen.moved);
+            }
+        }
+        assert_eq!(alternates, 1, "IPv4 probed once in {ALTERNATES_EVERY:?}");
+        assert_eq!(p.route(), Route::Direct(v6));
+        // IPv4 clearly faster (at once, against 2 ms): moves after two answers in a row.
+        let end = now + ALTERNATES_EVERY + HEARTBEAT;
+        let mut moved = false;
+        while now < end && !moved {
+            now += ms(250);
+            let mut probes = Vec::new();
+            p.tick(now, None, None, &mut probes);
+            for pr in &probes {
+                let rtt = if pr.addr == Some(v4) { ms(0) } else { ms(2) };
+                let seen = p.on_pong(now + rtt, pr.tx, pr.addr).unwrap();
+                if let Some(c) = seen.confirm {
+                    let c = p.confirm_probe(now, c);
+                    moved = p.on_pong(now, c.tx, Some(v4)).unwrap().moved;
+                }
+            }
+        }
+        assert!(moved);
+        assert_eq!(p.route(), Route::Direct(v4));
     }
 
     #[test]

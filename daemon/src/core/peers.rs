@@ -53,6 +53,7 @@ pub struct PeerInfo {
     pub cert: Option<MemberCert>,
 }
 
+use crate::core::family::Reach;
 use crate::core::limit::PerSecond;
 use crate::core::path::{PathState, Route};
 
@@ -259,6 +260,8 @@ pub struct PeerTable {
     /// Under load: handshake messages let through per source since the last reset.
     per_source: Mutex<PerSecond<Source>>,
     epoch: Instant,
+    /// What this host's addresses reach: which of a peer's candidates its path state probes.
+    reach: Mutex<Reach>,
 }
 
 impl PeerTable {
@@ -275,7 +278,35 @@ impl PeerTable {
             per_source: Mutex::new(PerSecond::new(HANDSHAKES_PER_SOURCE)),
             // Back-dated so that "ms since epoch" is never 0 (0 means "never").
             epoch: now - Duration::from_millis(1),
+            reach: Mutex::new(Reach::default()),
         }
+    }
+
+    /// This host's addresses are `locals` and `reflexive`: from now on each peer's path probes
+    /// those of its candidates they reach ([`Reach`]), the peers known already included.
+    pub fn set_addresses(
+        &self,
+        now: Instant,
+        reflexive: Option<SocketAddr>,
+        locals: &[SocketAddr],
+    ) {
+        let reach = Reach::from_addresses(reflexive, locals);
+        {
+            let mut cur = lock(&self.reach);
+            if *cur == reach {
+                return;
+            }
+            *cur = reach.clone();
+        }
+        for peer in self.all() {
+            let candidates = reach.usable(&lock(&peer.info).candidates);
+            peer.with_path(|p| p.set_candidates(now, candidates));
+        }
+    }
+
+    /// The candidates of a peer this host probes.
+    fn usable(&self, candidates: &[SocketAddr]) -> Vec<SocketAddr> {
+        lock(&self.reach).usable(candidates)
     }
 
     pub fn epoch(&self) -> Instant {
@@ -436,7 +467,7 @@ impl PeerTable {
             }
             {
                 let mut path = lock(&peer.path);
-                path.set_candidates(now, info.candidates.clone());
+                path.set_candidates(now, self.usable(&info.candidates));
                 peer.publish_route(&path);
             }
             self.rebuild(|_| {});
@@ -460,7 +491,7 @@ impl PeerTable {
             index,
             Some(self.rate_limiter.clone()),
         );
-        let path = PathState::new(now, info.candidates.clone());
+        let path = PathState::new(now, self.usable(&info.candidates));
         let peer = Arc::new(Peer {
             key: record.node_key,
             index,

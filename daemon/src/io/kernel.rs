@@ -2,7 +2,7 @@
 //! (virtio-net header, GSO split on read, GRO coalescing on write), netlink, TCP.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -38,12 +38,31 @@ impl Platform for Kernel {
         ip: Ipv4Addr,
         prefix_len: u8,
     ) -> Result<SessionIo<Self>, String> {
-        let socket = UdpSocket::bind(("0.0.0.0", udp_port)).await.map_err(|e| {
+        let in_use = |e: io::Error| {
             format!(
                 "cannot bind UDP port {udp_port}: {e} (is another a2ad or WireGuard using it? \
                  start a2ad with --port)"
             )
-        })?;
+        };
+        // One socket for both families; IPv4 only where the host has no IPv6.
+        // `A2A_UDP_IPV6=0`: an IPv4 socket even where the host has IPv6.
+        let ipv6 = std::env::var("A2A_UDP_IPV6").map_or(true, |v| v != "0");
+        let dual_socket = if ipv6 {
+            udpbatch::bind_dual_stack(udp_port)
+        } else {
+            Err(io::Error::other("A2A_UDP_IPV6=0"))
+        };
+        let (socket, dual) = match dual_socket {
+            Ok(s) => (UdpSocket::from_std(s).map_err(in_use)?, true),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => return Err(in_use(e)),
+            Err(e) => {
+                tracing::info!("no IPv6 UDP socket ({e}); serving IPv4 only");
+                let s = UdpSocket::bind(("0.0.0.0", udp_port))
+                    .await
+                    .map_err(in_use)?;
+                (s, false)
+            }
+        };
         let fast = allowed("A2A_TUN_OFFLOAD");
         let build = |offload: bool| {
             tun_rs::DeviceBuilder::new()
@@ -66,7 +85,8 @@ impl Platform for Kernel {
         let udp_gso = allowed("A2A_UDP_GSO") && udpbatch::gso_supported(fd);
         let udp_gro = allowed("A2A_UDP_GRO") && udpbatch::enable_gro(fd);
         tracing::info!(
-            "data path: TUN offload {}, UDP GSO {}, UDP GRO {}",
+            "data path: UDP {}, TUN offload {}, UDP GSO {}, UDP GRO {}",
+            if dual { "IPv4 and IPv6" } else { "IPv4 only" },
             on_off(tun_offload),
             on_off(udp_gso),
             on_off(udp_gro)
@@ -80,11 +100,13 @@ impl Platform for Kernel {
             netconf,
             tun_index,
             interface: interface.to_string(),
+            ipv6: dual,
         };
         underlay.set_overlay_address(ip, prefix_len).await?;
         Ok(SessionIo {
             udp: KernelUdp {
                 socket,
+                dual,
                 gso: AtomicBool::new(udp_gso),
             },
             tun: KernelTun(Arc::new(tun)),
@@ -138,6 +160,8 @@ fn tun_error(interface: &str, e: io::Error) -> String {
 /// The UDP socket, with UDP GRO on receive and UDP GSO on send where the kernel has them.
 pub struct KernelUdp {
     socket: UdpSocket,
+    /// An IPv6 socket serving IPv4 too: IPv4 destinations are sent to as IPv4-mapped.
+    dual: bool,
     /// Cleared for good when the kernel or the outgoing device refuses segmentation.
     gso: AtomicBool,
 }
@@ -160,6 +184,18 @@ impl UdpTransport for KernelUdp {
     }
 
     async fn send(&self, data: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
+        let to = match to {
+            SocketAddr::V4(v4) if self.dual => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            SocketAddr::V6(_) if !self.dual => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "an IPv6 destination on an IPv4-only socket",
+                ))
+            }
+            _ => to,
+        };
         if data.len() <= segment {
             return self.socket.send_to(data, to).await.map(drop);
         }
@@ -267,12 +303,24 @@ pub struct KernelUnderlay {
     netconf: NetConf,
     tun_index: u32,
     interface: String,
+    /// The UDP socket serves IPv6: the host's IPv6 addresses are candidates.
+    ipv6: bool,
 }
 
 impl Underlay for KernelUnderlay {
     async fn local_ipv4(&self) -> Vec<Ipv4Addr> {
         self.netconf
             .local_ipv4(Some(self.tun_index))
+            .await
+            .unwrap_or_default()
+    }
+
+    async fn local_ipv6(&self) -> Vec<Ipv6Addr> {
+        if !self.ipv6 {
+            return Vec::new();
+        }
+        self.netconf
+            .local_ipv6(Some(self.tun_index))
             .await
             .unwrap_or_default()
     }

@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -94,6 +94,12 @@ pub trait TunWriter: Send + 'static {
 pub trait Underlay: Send + Sync + 'static {
     /// This host's IPv4 addresses (loopback, link-local and the overlay interface's left out).
     fn local_ipv4(&self) -> impl Future<Output = Vec<Ipv4Addr>> + Send;
+
+    /// This host's IPv6 addresses a node publishes (global and unique-local; never
+    /// link-local), if its UDP socket serves IPv6; none by default.
+    fn local_ipv6(&self) -> impl Future<Output = Vec<Ipv6Addr>> + Send {
+        async { Vec::new() }
+    }
 
     /// Gives the overlay interface `ip/prefix_len` (instead of its address before) and brings
     /// it up.

@@ -2,7 +2,7 @@
 //! TUN device, link state, and the host's own addresses for endpoint candidates.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
@@ -94,6 +94,46 @@ impl NetConf {
     /// address there reaches a peer only through that other tunnel, and a path found through
     /// it would nest one tunnel inside another.
     pub async fn local_ipv4(&self, exclude_index: Option<u32>) -> io::Result<Vec<Ipv4Addr>> {
+        Ok(self
+            .candidate_addresses(exclude_index)
+            .await?
+            .iter()
+            .filter_map(ipv4_of)
+            .filter(|ip| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified())
+            .collect())
+    }
+
+    /// The host's IPv6 addresses a node publishes ([`publishable_v6`]: global and unique-local,
+    /// never link-local), with the same exclusions as [`local_ipv4`](Self::local_ipv4), and
+    /// none the kernel does not use yet or any more (tentative, failed duplicate detection,
+    /// deprecated).
+    ///
+    /// [`publishable_v6`]: crate::core::family::publishable_v6
+    pub async fn local_ipv6(&self, exclude_index: Option<u32>) -> io::Result<Vec<Ipv6Addr>> {
+        use rtnetlink::packet_route::address::AddressHeaderFlags;
+        let unusable = AddressHeaderFlags::Tentative
+            | AddressHeaderFlags::Dadfailed
+            | AddressHeaderFlags::Deprecated;
+        Ok(self
+            .candidate_addresses(exclude_index)
+            .await?
+            .iter()
+            .filter(|m| !m.header.flags.intersects(unusable))
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
+                    _ => None,
+                })
+            })
+            .filter(crate::core::family::publishable_v6)
+            .collect())
+    }
+
+    /// The addresses of every link but `exclude_index` and point-to-point ones.
+    async fn candidate_addresses(
+        &self,
+        exclude_index: Option<u32>,
+    ) -> io::Result<Vec<AddressMessage>> {
         let tunnels: Vec<u32> = self
             .handle
             .link()
@@ -112,8 +152,7 @@ impl NetConf {
             .iter()
             .filter(|m| Some(m.header.index) != exclude_index)
             .filter(|m| !tunnels.contains(&m.header.index))
-            .filter_map(ipv4_of)
-            .filter(|ip| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified())
+            .cloned()
             .collect())
     }
 }

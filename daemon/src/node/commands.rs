@@ -1,6 +1,7 @@
 //! The daemon's commands (`up`, `down`, `status`, `ip`) over its one optional session, and the
 //! membership kept in the state directory.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use crate::core::membership::{MemberState, Membership, MAX_INVITE_TTL_MS};
 use crate::core::path::Route;
 use crate::core::peers::Peer;
 use crate::io::state::StateDir;
-use crate::io::{Platform, Underlay};
+use crate::io::{Connector, Platform, Underlay};
 use crate::node::session::{DeviceConfig, Joining, Session};
 use crate::tasks::dataplane::DataPlane;
 use crate::tasks::events::{ControlOut, PathEvent};
@@ -394,6 +395,53 @@ impl<P: Platform> Daemon<P> {
         })
     }
 
+    /// IPv6 reachability for netcheck: whether the coordinator answers over IPv6 from the
+    /// WireGuard socket (at the connection's address if that is IPv6, else at the token's first
+    /// IPv6 endpoint), and the address it saw. `no address` without a global IPv6 address,
+    /// `no endpoint` when the token names none, `no answer`, or `reachable`.
+    async fn netcheck_ipv6(
+        &self,
+        dp: &DataPlane<P>,
+        coordinator: SocketAddr,
+        main: Option<crate::tasks::prober::Answer>,
+        local: &[std::net::IpAddr],
+        timeout: Duration,
+    ) -> (&'static str, Option<String>) {
+        let global = local.iter().any(|ip| match ip {
+            std::net::IpAddr::V6(v6) => !crate::core::family::is_ula(v6),
+            _ => false,
+        });
+        if !global {
+            return ("no address", None);
+        }
+        let answer = if coordinator.is_ipv6() {
+            main
+        } else {
+            let endpoints = match self.session.lock().await.as_ref() {
+                Some(s) => s.member.credential().endpoints().to_vec(),
+                None => return ("no endpoint", None),
+            };
+            let connector = self.platform.connector();
+            let mut v6 = None;
+            for e in &endpoints {
+                if let Ok(addrs) = connector.resolve(e).await {
+                    v6 = addrs.into_iter().find(SocketAddr::is_ipv6);
+                    if v6.is_some() {
+                        break;
+                    }
+                }
+            }
+            let Some(c6) = v6 else {
+                return ("no endpoint", None);
+            };
+            dp.prober.probe(&dp.udp, c6, None, 3, timeout).await
+        };
+        match answer {
+            Some(a) => ("reachable", Some(a.observed.to_string())),
+            None => ("no answer", None),
+        }
+    }
+
     /// Probes the coordinator's two UDP ports from the WireGuard socket.
     pub async fn netcheck(&self) -> Result<NetcheckReport, CommandError> {
         let dp = self.dataplane().await?;
@@ -434,8 +482,25 @@ impl<P: Platform> Daemon<P> {
                 ..Default::default()
             },
         };
-        let local = underlay.local_ipv4().await;
+        let mut local: Vec<std::net::IpAddr> = underlay
+            .local_ipv4()
+            .await
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        local.extend(
+            underlay
+                .local_ipv6()
+                .await
+                .into_iter()
+                .map(std::net::IpAddr::V6),
+        );
+        let (ipv6, reflexive6) = self
+            .netcheck_ipv6(&dp, coordinator, main, &local, timeout)
+            .await;
         Ok(NetcheckReport {
+            ipv6: ipv6.into(),
+            reflexive6,
             coordinator: coordinator.to_string(),
             udp: main.is_some(),
             reflexive: main.map(|a| a.observed.to_string()),

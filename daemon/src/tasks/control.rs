@@ -112,10 +112,12 @@ impl<P: Platform> ControlTask<P> {
     /// One control connection, from connecting to its end.
     async fn connection(&mut self, leave: &mut watch::Receiver<bool>) -> End {
         let cred = self.client.credential();
-        let (stream, coordinator) = match connect_any(&self.connector, cred.endpoints()).await {
-            Ok(x) => x,
-            Err(e) => return End::Lost(e),
-        };
+        let prefer_v6 = self.underlay.local_ipv4().await.is_empty();
+        let (stream, coordinator) =
+            match connect_any(&self.connector, cred.endpoints(), prefer_v6).await {
+                Ok(x) => x,
+                Err(e) => return End::Lost(e),
+            };
         let mut stream = stream;
         self.dataplane
             .coordinator
@@ -362,7 +364,8 @@ pub async fn redeem_invite<C: Connector>(
     code: &InviteCode,
     node_private: &[u8; 32],
 ) -> Result<Invited, String> {
-    let (mut stream, coordinator) = connect_any(connector, &code.endpoints).await?;
+    // IPv4 first: on a host without IPv4 that fails at once (no route) and IPv6 is next.
+    let (mut stream, coordinator) = connect_any(connector, &code.endpoints, false).await?;
     let est = handshake_initiator(&mut stream, node_private, &code.coordinator_key)
         .await
         .map_err(|e| format!("handshake with coordinator {coordinator} failed: {e}"))?;
@@ -414,29 +417,40 @@ pub async fn redeem_invite<C: Connector>(
     Ok(invited)
 }
 
-/// Connects to the first coordinator endpoint that answers.
+/// Connects to the first coordinator address that answers: every address the endpoints name,
+/// in their order, but those of the preferred family first ([`coordinator_order`]).
 async fn connect_any<C: Connector>(
     connector: &C,
     endpoints: &[String],
+    prefer_v6: bool,
 ) -> Result<(C::Stream, SocketAddr), String> {
     let mut last = String::from("no endpoint");
+    let mut addrs = Vec::new();
     for endpoint in endpoints {
-        let addrs = match connector.resolve(endpoint).await {
-            Ok(a) => a,
-            Err(e) => {
-                last = format!("cannot resolve {endpoint}: {e}");
-                continue;
-            }
-        };
-        for addr in addrs {
-            match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(addr)).await {
-                Ok(Ok(s)) => return Ok((s, addr)),
-                Ok(Err(e)) => last = format!("cannot connect to coordinator {addr}: {e}"),
-                Err(_) => last = format!("coordinator {addr} did not answer"),
-            }
+        match connector.resolve(endpoint).await {
+            Ok(a) => addrs.extend(a),
+            Err(e) => last = format!("cannot resolve {endpoint}: {e}"),
+        }
+    }
+    for addr in coordinator_order(addrs, prefer_v6) {
+        match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(addr)).await {
+            Ok(Ok(s)) => return Ok((s, addr)),
+            Ok(Err(e)) => last = format!("cannot connect to coordinator {addr}: {e}"),
+            Err(_) => last = format!("coordinator {addr} did not answer"),
         }
     }
     Err(last)
+}
+
+/// The order a node tries a coordinator's addresses in: IPv4 ones first when the host has an
+/// IPv4 address (the coordinator's answer over IPv4 is how the node learns its reflexive IPv4
+/// address, which IPv4-only peers need to punch to it; its IPv6 addresses need no discovery,
+/// there being no NAT66), IPv6 ones first when it has none; each family in the token's order,
+/// and the other family when the first fails.
+fn coordinator_order(mut addrs: Vec<SocketAddr>, prefer_v6: bool) -> Vec<SocketAddr> {
+    addrs.dedup();
+    addrs.sort_by_key(|a| a.is_ipv6() != prefer_v6);
+    addrs
 }
 
 /// This node's local addresses with the WireGuard port.
@@ -447,6 +461,13 @@ async fn local_addresses<U: Underlay>(underlay: &U, port: u16) -> Vec<SocketAddr
         .into_iter()
         .map(|ip| SocketAddr::new(ip.into(), port))
         .collect();
+    v.extend(
+        underlay
+            .local_ipv6()
+            .await
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip.into(), port)),
+    );
     v.sort();
     v.dedup();
     v
@@ -531,5 +552,29 @@ async fn read_loop<P: Platform>(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coordinator_addresses_of_the_preferred_family_come_first() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let token = vec![
+            a("[2001:db8::7]:7600"),
+            a("198.51.100.7:7600"),
+            a("[2001:db8::8]:7600"),
+            a("198.51.100.8:7600"),
+        ];
+        assert_eq!(
+            coordinator_order(token.clone(), false),
+            vec![token[1], token[3], token[0], token[2]]
+        );
+        assert_eq!(
+            coordinator_order(token.clone(), true),
+            vec![token[0], token[2], token[1], token[3]]
+        );
     }
 }

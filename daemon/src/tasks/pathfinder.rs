@@ -227,6 +227,15 @@ impl<P: Platform> PathFinder<P> {
                         seen.rtt.as_secs_f64() * 1000.0
                     );
                 }
+                if seen.moved {
+                    Counters::bump(&counters.path_moves);
+                    tracing::info!(
+                        "peer {}: direct path moved to {} ({:.2} ms)",
+                        peer.info().name,
+                        from.map(|a| a.to_string()).unwrap_or_default(),
+                        seen.rtt.as_secs_f64() * 1000.0
+                    );
+                }
                 if seen.user {
                     if let Some((route, reply)) = self.user_pings.remove(&tx) {
                         let _ = reply.send(UserPong {
