@@ -303,10 +303,13 @@ impl PathState {
             return false;
         }
         self.next_round = now + self.upgrade_wait;
-        for addr in self.targets() {
-            probes.push(self.new_probe(now, Some(addr), false, round_ttl));
+        let targets = self.targets();
+        for addr in &targets {
+            probes.push(self.new_probe(now, Some(*addr), false, round_ttl));
         }
-        true
+        // A punch asks the peer for full-TTL probes, which must find our NATs open: no punch
+        // after a round that opened nothing.
+        !targets.is_empty()
     }
 
     fn lose_direct(&mut self, now: Instant, d: Direct) {

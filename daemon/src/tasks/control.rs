@@ -255,7 +255,7 @@ impl<P: Platform> ControlTask<P> {
             .round_ttl
             .swap(ttl.unwrap_or(0), Ordering::Relaxed);
         if was != ttl.unwrap_or(0) {
-            tracing::debug!(
+            tracing::info!(
                 "upgrade rounds probe with TTL {ttl:?} (coordinator {hops:?} hops away)"
             );
         }

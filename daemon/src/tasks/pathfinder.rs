@@ -94,10 +94,19 @@ impl<P: Platform> PathFinder<P> {
                     peer.info().name
                 );
             }
+            let mut opened = false;
             for p in probes {
-                self.send_ping(peer, p).await;
+                opened |= self.send_ping(peer, p).await && p.addr.is_some();
             }
+            // The peer's answer to a punch goes all the way: only once this round's probes
+            // opened our NATs towards it.
             if punch {
+                tracing::debug!(
+                    "round for {}: TTL {round_ttl:?}, opened {opened}",
+                    peer.info().name
+                );
+            }
+            if punch && opened {
                 if let Some(link) = self.dp.relay.load().as_ref() {
                     let _ = link.control.try_send(ControlOut::Punch(peer.key));
                 }
@@ -105,17 +114,19 @@ impl<P: Platform> PathFinder<P> {
         }
     }
 
-    async fn send_ping(&self, peer: &Peer, probe: Probe) {
+    /// Sends a probe; false if it was not (an address no probe goes to).
+    async fn send_ping(&self, peer: &Peer, probe: Probe) -> bool {
         if let Some(addr) = probe.addr {
             let coordinator = self.dp.coordinator.load().as_deref().copied();
             if !probe_worthy(addr, &self.dp.own_addrs.load(), coordinator) {
                 Counters::bump(&self.dp.counters.candidates_ignored);
-                return;
+                return false;
             }
         }
         let via = probe.addr.map_or(Via::Relay(peer.relay_id()), Via::Direct);
         self.send_disco(peer, via, &DiscoMsg::Ping { tx: probe.tx }, probe.ttl)
             .await;
+        true
     }
 
     async fn send_disco(&self, peer: &Peer, via: Via, msg: &DiscoMsg, ttl: Option<u8>) {
@@ -149,6 +160,11 @@ impl<P: Platform> PathFinder<P> {
                 if let Some(peer) = self.dp.peers.by_key(&key) {
                     let mut probes = Vec::new();
                     peer.with_path(|p| p.punch_requested(now, &mut probes));
+                    tracing::debug!(
+                        "punch from {}: {} full probes",
+                        peer.info().name,
+                        probes.len()
+                    );
                     for p in probes {
                         self.send_ping(&peer, p).await;
                     }

@@ -88,6 +88,14 @@ impl<P: Platform> DataPlane<P> {
                 if id != 0 && self.send_relayed(id, buf, len).await {
                     return;
                 }
+                // Connected but the relay not bound yet (registering): wait for it. A full-TTL
+                // datagram to the peer's address now could reach an unfirewalled NAT before
+                // its node opened it (see `core::path`); the fallback is for when there is no
+                // coordinator at all.
+                if self.coordinator.load().is_some() {
+                    Counters::bump(&self.counters.no_endpoint);
+                    return;
+                }
                 match route.fallback {
                     Some(addr) => self.send_udp(&buf[RELAY_HEADER_LEN..][..len], addr).await,
                     None => Counters::bump(&self.counters.no_endpoint),
