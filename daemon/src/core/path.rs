@@ -154,7 +154,9 @@ pub struct PathState {
     pending: Vec<Pending>,
     /// When each address was last probed because the peer was seen there ([`Self::seen_at`]).
     sighted: Vec<(SocketAddr, Instant)>,
-    confirming: Option<(SocketAddr, u32)>,
+    /// Pongs in a row from each address that answered while relayed (a peer answering at two
+    /// addresses at once, IPv4 and IPv6 or LAN and wan, must not reset the other's count).
+    confirming: Vec<(SocketAddr, u32)>,
     next_round: Instant,
     /// When a punch from the peer was last answered with probes.
     last_punch: Option<Instant>,
@@ -175,7 +177,7 @@ impl PathState {
             last_direct: None,
             pending: Vec::new(),
             sighted: Vec::new(),
-            confirming: None,
+            confirming: Vec::new(),
             next_round: now,
             last_punch: None,
             upgrade_wait: UPGRADE_EVERY,
@@ -316,7 +318,7 @@ impl PathState {
         self.direct = None;
         self.last_direct = Some(d.addr);
         self.rtt = None;
-        self.confirming = None;
+        self.confirming.clear();
         self.better = None;
         self.upgrade_wait = if now.saturating_duration_since(d.since) < FLAP_WINDOW {
             (self.upgrade_wait * 2).min(MAX_UPGRADE_WAIT)
@@ -360,9 +362,18 @@ impl PathState {
             }
             Some(_) => self.alternate_answered(now, addr, rtt, &mut seen),
             None => {
-                let count = match self.confirming {
-                    Some((a, n)) if a == addr => n + 1,
-                    _ => 1,
+                let count = match self.confirming.iter_mut().find(|(a, _)| *a == addr) {
+                    Some((_, n)) => {
+                        *n += 1;
+                        *n
+                    }
+                    None => {
+                        if self.confirming.len() >= MAX_SIGHTED {
+                            self.confirming.remove(0);
+                        }
+                        self.confirming.push((addr, 1));
+                        1
+                    }
                 };
                 if count >= CONFIRM_PONGS {
                     self.direct = Some(Direct {
@@ -372,12 +383,11 @@ impl PathState {
                         since: now,
                     });
                     self.last_direct = Some(addr);
-                    self.confirming = None;
+                    self.confirming.clear();
                     self.rtt = Some(rtt);
                     self.next_alternates = now + ALTERNATES_EVERY;
                     seen.upgraded = true;
                 } else {
-                    self.confirming = Some((addr, count));
                     seen.confirm = Some(addr);
                 }
             }
@@ -557,6 +567,26 @@ mod tests {
         // A late pong from the other candidate does not move the path.
         answer(&mut p, t1, &probes, wan);
         assert_eq!(p.route(), Route::Direct(lan));
+    }
+
+    #[test]
+    fn a_peer_answering_at_two_addresses_at_once_still_upgrades() {
+        // IPv4 and IPv6 (or LAN and wan) answer interleaved: each address keeps its own count.
+        let t0 = Instant::now();
+        let v4 = a("198.51.100.5:51820");
+        let v6 = a("[2001:db8::5]:51820");
+        let mut p = PathState::new(t0, vec![v4, v6]);
+        let mut probes = Vec::new();
+        p.tick(t0, None, None, &mut probes);
+        let mut confirms = Vec::new();
+        for pr in &probes {
+            let seen = p.on_pong(t0, pr.tx, pr.addr).unwrap();
+            confirms.push(p.confirm_probe(t0, seen.confirm.unwrap()));
+        }
+        assert_eq!(p.route(), Route::Relay, "one pong each is not enough");
+        let first = confirms[0];
+        assert!(p.on_pong(t0, first.tx, first.addr).unwrap().upgraded);
+        assert_eq!(p.route(), Route::Direct(v4));
     }
 
     #[test]
