@@ -116,34 +116,7 @@ struct CmsgBuf([u8; 64]);
 /// Sends `buf` to `addr` as datagrams of `segment` bytes (the last may be shorter) in one call.
 /// Non-blocking: WouldBlock when the socket buffer is full.
 pub fn send_segments(fd: RawFd, buf: &[u8], segment: u16, addr: SocketAddr) -> io::Result<usize> {
-    let (mut name, name_len) = to_sockaddr(addr);
-    let mut iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    let mut control = CmsgBuf([0; 64]);
-    // SAFETY: msghdr is plain data; every pointer in it refers to a local that outlives the call,
-    // and the cmsg written lies within `control` (CMSG_SPACE(2) <= 64).
-    unsafe {
-        let mut msg: libc::msghdr = zeroed();
-        msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
-        msg.msg_namelen = name_len;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.0.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_UDP;
-        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment);
-        let n = libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT);
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
+    send_with_cmsg(fd, buf, addr, libc::SOL_UDP, libc::UDP_SEGMENT, segment)
 }
 
 /// Sends one datagram `buf` to `addr` with the IP TTL (IPv6: hop limit) `ttl` instead of the
@@ -160,13 +133,27 @@ pub fn send_with_ttl(fd: RawFd, buf: &[u8], addr: SocketAddr, ttl: u8) -> io::Re
     } else {
         (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT)
     };
+    send_with_cmsg(fd, buf, addr, level, kind, libc::c_int::from(ttl))
+}
+
+/// One `sendmsg` of `buf` to `addr` with one control message (`level`, `kind`, `value`).
+fn send_with_cmsg<T: Copy>(
+    fd: RawFd,
+    buf: &[u8],
+    addr: SocketAddr,
+    level: libc::c_int,
+    kind: libc::c_int,
+    value: T,
+) -> io::Result<usize> {
+    const { assert!(size_of::<T>() <= 8) };
     let (mut name, name_len) = to_sockaddr(addr);
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
     };
     let mut control = CmsgBuf([0; 64]);
-    // SAFETY: as in `send_segments`; the one cmsg (CMSG_SPACE(4) <= 64) lies within `control`.
+    // SAFETY: msghdr is plain data; every pointer in it refers to a local that outlives the call,
+    // and the one cmsg written lies within `control` (CMSG_SPACE(8) <= 64).
     unsafe {
         let mut msg: libc::msghdr = zeroed();
         msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
@@ -174,12 +161,12 @@ pub fn send_with_ttl(fd: RawFd, buf: &[u8], addr: SocketAddr, ttl: u8) -> io::Re
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.0.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as _;
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<T>() as u32) as _;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = level;
         (*cmsg).cmsg_type = kind;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, ttl.into());
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<T>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut T, value);
         let n = libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT);
         if n < 0 {
             Err(io::Error::last_os_error())
