@@ -211,6 +211,18 @@ impl LabInner {
         self.run(None, args, EXEC_TIMEOUT).expect_ok();
     }
 
+    /// The next host number of the wan subnet and its address (the lab's ARP limits raised
+    /// when the namespaces could fill the table).
+    fn next_wan_address(&self) -> (u32, Ipv4Addr) {
+        let host = self.next_host.fetch_add(1, Ordering::Relaxed);
+        assert!(host < 255, "too many namespaces in one lab");
+        reserve_neighbours(host.into(), &self.raised_neighbours);
+        (
+            host,
+            Ipv4Addr::new(self.wan_first, self.subnet, 0, host as u8),
+        )
+    }
+
     pub(crate) fn create_ns(&self, role: &str) -> String {
         let name = format!("{}-{role}", self.name);
         self.host(&["ip", "netns", "add", &name]);
@@ -418,10 +430,7 @@ impl Lab {
     fn add_wan_ns(&self, role: &str, v4: bool, v6: bool) -> Ns {
         let inner = &self.inner;
         let name = inner.create_ns(role);
-        let host = inner.next_host.fetch_add(1, Ordering::Relaxed);
-        assert!(host < 255, "too many namespaces in one lab");
-        reserve_neighbours(host.into(), &inner.raised_neighbours);
-        let ip = Ipv4Addr::new(inner.wan_first, inner.subnet, 0, host as u8);
+        let (host, ip) = inner.next_wan_address();
         // The veth pair is created inside the hub and the node namespace directly.
         let hub_side = inner.hub_port(host);
         inner.host(&[
@@ -538,10 +547,7 @@ impl Lab {
         let isp_ip = isp.wan_ip.expect("a wan address");
         let inner = &self.inner;
         let name = inner.create_ns(role);
-        let host = inner.next_host.fetch_add(1, Ordering::Relaxed);
-        assert!(host < 255, "too many namespaces in one lab");
-        reserve_neighbours(host.into(), &inner.raised_neighbours);
-        let ip = Ipv4Addr::new(inner.wan_first, inner.subnet, 0, host as u8);
+        let (_, ip) = inner.next_wan_address();
         let (i, n) = (isp.name.as_str(), name.as_str());
         inner.host(&[
             "ip", "-n", i, "link", "add", "down0", "type", "veth", "peer", "name", "eth0", "netns",
