@@ -158,9 +158,21 @@ async fn a_packet_from_another_members_address_is_dropped_and_counted() {
 
 #[tokio::test(start_paused = true)]
 async fn bursts_cross_intact_and_in_order_across_gso_batch_boundaries() {
-    for (max_segments, gro) in [(64, true), (64, false), (1, true), (3, true)] {
+    // Direct, and through the relay (relayed datagrams are batched for the coordinator's
+    // address, each behind its relay header).
+    for (max_segments, gro, relayed) in [
+        (64, true, false),
+        (64, false, false),
+        (1, true, false),
+        (3, true, false),
+        (64, true, true),
+        (3, false, true),
+    ] {
         let w = world();
         let (ha, hb) = (w.public(1), w.public(2));
+        if relayed {
+            w.net.block_udp(&ha, &hb, Direction::BothWays);
+        }
         let mut options = ha.udp_options();
         options.max_segments = max_segments;
         ha.set_udp_options(options);
@@ -169,8 +181,12 @@ async fn bursts_cross_intact_and_in_order_across_gso_batch_boundaries() {
         hb.set_udp_options(options);
         let a = Node::join(&ha, "alpha", &w.token).await;
         let b = Node::join(&hb, "bravo", &w.token).await;
-        wait_direct(&a, &b, Duration::from_secs(15)).await;
+        if !relayed {
+            wait_direct(&a, &b, Duration::from_secs(15)).await;
+        }
         assert!(reaches(&a, &b, b"warm").await);
+        let path = if relayed { "relay" } else { "direct" };
+        assert_eq!(a.path_to(&b).await, path);
         // Runs of equal sizes broken by shorter and longer packets: each change of size, and
         // every 64th datagram, ends a GSO batch.
         let sizes: Vec<usize> = (0..300)
@@ -191,7 +207,9 @@ async fn bursts_cross_intact_and_in_order_across_gso_batch_boundaries() {
         for (i, &n) in sizes.iter().enumerate() {
             let p = tokio::time::timeout(Duration::from_secs(5), rx.recv())
                 .await
-                .unwrap_or_else(|_| panic!("packet {i} of 300 missing ({max_segments}, {gro})"))
+                .unwrap_or_else(|_| {
+                    panic!("packet {i} of 300 missing ({max_segments}, {gro}, {path})")
+                })
                 .unwrap();
             let payload = &p[28..];
             assert_eq!(payload.len(), n, "packet {i}");

@@ -104,8 +104,31 @@ impl<P: Platform> DataPlane<P> {
     }
 
     /// Handles one datagram that came `via` (`src_ip`: the underlay source, for WireGuard's
-    /// rate limiter).
+    /// rate limiter): relay data from the coordinator is unwrapped first (not by recursion,
+    /// which would box a future per relayed datagram).
     async fn receive(&self, d: &[u8], via: Via, src_ip: IpAddr, out: &mut Batch<P>) {
+        if let Via::Direct(from) = via {
+            if let Some((id, payload)) = parse_relay_data(d) {
+                let from_relay = self
+                    .coordinator
+                    .load()
+                    .as_deref()
+                    .is_some_and(|c| *c == from);
+                if !from_relay {
+                    Counters::bump(&self.counters.relay_not_from_coordinator);
+                    return;
+                }
+                return self
+                    .receive_unwrapped(payload, Via::Relay(id), src_ip, out)
+                    .await;
+            }
+        }
+        self.receive_unwrapped(d, via, src_ip, out).await
+    }
+
+    /// A datagram that is not (or no longer) in a relay header. Relay data inside relay data
+    /// is malformed.
+    async fn receive_unwrapped(&self, d: &[u8], via: Via, src_ip: IpAddr, out: &mut Batch<P>) {
         match classify(d) {
             DatagramKind::Unknown => Counters::bump(&self.counters.udp_garbage),
             DatagramKind::WireGuard => self.receive_wireguard(d, via, src_ip, out).await,
@@ -123,19 +146,6 @@ impl<P: Platform> DataPlane<P> {
                     Counters::bump(&self.counters.udp_a2a_malformed);
                     return;
                 };
-                if let Some((id, payload)) = parse_relay_data(d) {
-                    let from_relay = self
-                        .coordinator
-                        .load()
-                        .as_deref()
-                        .is_some_and(|c| *c == from);
-                    if !from_relay {
-                        Counters::bump(&self.counters.relay_not_from_coordinator);
-                        return;
-                    }
-                    Box::pin(self.receive(payload, Via::Relay(id), from.ip(), out)).await;
-                    return;
-                }
                 match A2aDatagram::decode(d) {
                     Some(A2aDatagram::EndpointReply { nonce, observed }) => {
                         self.prober.answered(nonce, from, observed)
@@ -155,7 +165,8 @@ impl<P: Platform> DataPlane<P> {
             .map(|l| l.coordinator.ip())
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         if classify(payload) == DatagramKind::WireGuard || is_disco(payload) {
-            self.receive(payload, Via::Relay(src_id), ip, out).await;
+            self.receive_unwrapped(payload, Via::Relay(src_id), ip, out)
+                .await;
             self.flush_rx(out).await;
         } else {
             Counters::bump(&self.counters.udp_garbage);

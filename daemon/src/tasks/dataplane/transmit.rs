@@ -1,13 +1,17 @@
 //! TUN→UDP: read packets (with offload, a GSO super-packet split into segments), find the peer
 //! owning each destination, encrypt, and send. Datagrams for one direct address are gathered
-//! into one UDP GSO send (what may join is [`GsoBatch`]'s decision); relayed ones go one by one.
-//! A lone packet goes out at once: the batch is flushed at the end of every read.
+//! into one UDP GSO send (what may join is [`GsoBatch`]'s decision). Relayed ones over UDP join
+//! the same way, each with its relay header, in one batch for the coordinator's address (its
+//! relay splits the batch by relay id and sends on with GSO again); relayed over the control
+//! connection, one by one. A lone packet goes out at once: the batch is flushed at the end of
+//! every read.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use a2a_proto::udp::RELAY_HEADER_LEN;
+use a2a_proto::udp::{write_relay_header, RELAY_HEADER_LEN};
 use tun_rs::IDEAL_BATCH_SIZE;
 
 use super::{DataPlane, TUN_PACKET_LEN};
@@ -27,7 +31,7 @@ impl<P: Platform> DataPlane<P> {
         let mut tx = GsoBatch::new(
             self.udp.max_segments(),
             MAX_GSO_BYTES,
-            TUN_PACKET_LEN + WG_DATA_OVERHEAD,
+            RELAY_HEADER_LEN + TUN_PACKET_LEN + WG_DATA_OVERHEAD,
         );
         let mut single = vec![0u8; RELAY_HEADER_LEN + TUN_PACKET_LEN + 64];
         loop {
@@ -39,8 +43,9 @@ impl<P: Platform> DataPlane<P> {
                     continue;
                 }
             };
-            // The peer of the previous packet and its route, reused while the destination repeats.
-            let mut last: Option<(Ipv4Addr, Arc<Peer>, Route)> = None;
+            // The peer of the previous packet and where its datagrams go, reused while the
+            // destination repeats.
+            let mut last: Option<(Ipv4Addr, Arc<Peer>, Send)> = None;
             for (packet, &size) in packets.iter_mut().zip(&sizes[..n]) {
                 let packet = pad_plaintext(packet, size);
                 let Some(dst) = ipv4_destination(packet) else {
@@ -52,15 +57,22 @@ impl<P: Platform> DataPlane<P> {
                         Counters::bump(&self.counters.tun_no_route);
                         continue;
                     };
-                    let route = peer.route().route;
-                    last = Some((dst, peer, route));
+                    let send = self.send_for(&peer);
+                    last = Some((dst, peer, send));
                 }
-                let Some((_, peer, route)) = last.as_ref() else {
+                let Some((_, peer, send)) = last.as_ref() else {
                     continue;
                 };
-                match *route {
-                    Route::Direct(addr) => self.encrypt_batched(peer, packet, addr, &mut tx).await,
-                    Route::Relay => {
+                match *send {
+                    Send::Direct(addr) => {
+                        self.encrypt_batched(peer, packet, addr, None, &mut tx)
+                            .await
+                    }
+                    Send::RelayUdp(id, coordinator) => {
+                        self.encrypt_batched(peer, packet, coordinator, Some(id), &mut tx)
+                            .await
+                    }
+                    Send::Other => {
                         self.flush_tx(&mut tx).await;
                         let act = {
                             let mut t = peer.tunn();
@@ -80,28 +92,53 @@ impl<P: Platform> DataPlane<P> {
         }
     }
 
-    /// Encrypts `packet` for `peer` into the send batch for `addr`, sending what the batch held
-    /// first when the new datagram cannot join it.
+    /// Where `peer`'s datagrams go now: direct, through the relay over UDP (batched like direct
+    /// ones), or the other ways [`send_to_peer`](Self::send_to_peer) knows (one by one).
+    fn send_for(&self, peer: &Peer) -> Send {
+        match peer.route().route {
+            Route::Direct(addr) => Send::Direct(addr),
+            Route::Relay => {
+                let id = peer.relay_id();
+                let link = self.relay.load();
+                match link.as_ref() {
+                    Some(l) if id != 0 && l.udp_ok.load(Ordering::Relaxed) => {
+                        Send::RelayUdp(id, l.coordinator)
+                    }
+                    _ => Send::Other,
+                }
+            }
+        }
+    }
+
+    /// Encrypts `packet` for `peer` into the send batch for `addr`, behind a relay header for
+    /// `relay` when it goes through the relay, sending what the batch held first when the new
+    /// datagram cannot join it.
     async fn encrypt_batched(
         &self,
         peer: &Peer,
         packet: &[u8],
         addr: SocketAddr,
+        relay: Option<u32>,
         tx: &mut GsoBatch,
     ) {
-        if !tx.fits(addr, packet.len() + WG_DATA_OVERHEAD) {
+        let head = if relay.is_some() { RELAY_HEADER_LEN } else { 0 };
+        if !tx.fits(addr, head + packet.len() + WG_DATA_OVERHEAD) {
             self.flush_tx(tx).await;
         }
         let act = {
             let mut t = peer.tunn();
-            let spare = tx.spare();
-            let start = spare.as_ptr();
-            action(start, t.encapsulate(packet, spare))
+            let body = &mut tx.spare()[head..];
+            let start = body.as_ptr();
+            action(start, t.encapsulate(packet, body))
         };
         let Action::SendToNetwork(r) = act else {
             return;
         };
-        if tx.push(addr, r.start, r.len()) == Pushed::SendEarlierFirst {
+        // The datagram: the header (if any) right before the encrypted bytes.
+        if let Some(id) = relay {
+            write_relay_header(&mut tx.spare()[r.start..], id);
+        }
+        if tx.push(addr, r.start, head + r.len()) == Pushed::SendEarlierFirst {
             self.flush_tx(tx).await;
             tx.carry_over();
         }
@@ -127,4 +164,14 @@ impl<P: Platform> DataPlane<P> {
         }
         tx.clear();
     }
+}
+
+/// How the transmit loop sends one peer's datagrams.
+#[derive(Clone, Copy)]
+enum Send {
+    Direct(SocketAddr),
+    /// Through the coordinator's relay over UDP: (relay id, the coordinator's address).
+    RelayUdp(u32, SocketAddr),
+    /// Over the control connection, or nowhere yet: one by one through `send_to_peer`.
+    Other,
 }
