@@ -2,10 +2,13 @@
 //! ciphertext`, the wire format of `a2a_proto::noise_channel`), shaped for many idle
 //! connections and for the TCP relay:
 //!
-//! - [`Reader`] reads a frame into buffers that start empty and are given back after a frame
-//!   larger than [`KEEP`], so an idle connection holds at most a few kilobytes. It decrypts one
-//!   byte into its buffer, so that relay data can leave as a UDP relay datagram from the same
-//!   bytes, its 6-byte UDP header written over the 5-byte frame header and the byte before it.
+//! - [`Reader`] reads ahead: [`READ_IDLE`] bytes at a time while frames come one by one, and
+//!   [`READ_BUSY`] at a time once a read fills its buffer (the TCP relay's frames arrive many
+//!   to a segment: one system call for dozens of them). Its buffers are given back once the
+//!   bytes read are used up and the last read was short, so an idle connection holds at most
+//!   a few kilobytes. It decrypts one byte into its plaintext buffer, so that relay data can
+//!   leave as a UDP relay datagram from the same bytes, its 6-byte UDP header written over the
+//!   5-byte frame header and the byte before it.
 //! - [`Outbox`] is a connection's sending side, shared by every task that sends to it: a frame
 //!   is encrypted straight into the pending bytes (from a UDP receive buffer or another
 //!   connection's read buffer: no copy beyond that one and the one into the socket), and the
@@ -32,6 +35,11 @@ pub const RELAY_PENDING: usize = 512 * 1024;
 /// Pending bytes beyond which a connection is too slow for its control messages and is closed.
 pub const MSG_PENDING: usize = 4 * 1024 * 1024;
 const TAG_LEN: usize = 16;
+/// Bytes read at a time while frames come one by one (and what an idle connection's read
+/// buffer holds): a control message or a relayed datagram fits.
+pub const READ_IDLE: usize = 2048;
+/// Bytes read at a time once a read filled the buffer: frames are coming back to back.
+pub const READ_BUSY: usize = 64 * 1024;
 /// Bytes before the relay frame's plaintext in [`Reader`]'s buffer.
 const LEAD: usize = RELAY_HEADER_LEN - 5;
 
@@ -47,12 +55,16 @@ pub enum Frame<'a> {
     },
 }
 
-/// The reading end: frames decrypted into small, reused buffers.
+/// The reading end: frames read ahead and decrypted into small, reused buffers.
 pub struct Reader<R> {
     io: R,
     state: Arc<StatelessTransportState>,
     nonce: u64,
-    cipher: Vec<u8>,
+    /// Bytes read and not yet used: `input[used..]`.
+    input: Vec<u8>,
+    used: usize,
+    /// The last read filled its buffer: more is likely waiting, read [`READ_BUSY`] next.
+    busy: bool,
     plain: Vec<u8>,
 }
 
@@ -62,7 +74,9 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             io,
             state,
             nonce: 0,
-            cipher: Vec::new(),
+            input: Vec::new(),
+            used: 0,
+            busy: false,
             plain: Vec::new(),
         }
     }
@@ -70,21 +84,60 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// The next frame; an error ends the channel (a closed stream, or a frame that does not
     /// decrypt or parse).
     pub async fn next(&mut self) -> Result<Frame<'_>, FrameError> {
-        for b in [&mut self.cipher, &mut self.plain] {
-            if b.capacity() > KEEP {
-                *b = Vec::new();
-            }
+        if self.plain.capacity() > KEEP {
+            self.plain = Vec::new();
         }
-        let len = self.io.read_u16().await? as usize;
-        self.cipher.resize(len, 0);
-        self.io.read_exact(&mut self.cipher).await?;
+        let (start, len) = loop {
+            let ahead = &self.input[self.used..];
+            let need = match ahead {
+                [a, b, rest @ ..] => {
+                    let len = u16::from_be_bytes([*a, *b]) as usize;
+                    if rest.len() >= len {
+                        break (self.used + 2, len);
+                    }
+                    2 + len
+                }
+                _ => 2,
+            };
+            self.read_more(need).await?;
+        };
+        self.used = start + len;
         self.plain.resize(LEAD + len, 0);
         let n = self
             .state
-            .read_message(self.nonce, &self.cipher, &mut self.plain[LEAD..])
+            .read_message(
+                self.nonce,
+                &self.input[start..start + len],
+                &mut self.plain[LEAD..],
+            )
             .map_err(|e| FrameError::Malformed(format!("noise: {e}")))?;
         self.nonce += 1;
         parse(&mut self.plain[..LEAD + n])
+    }
+
+    /// Reads until `need` bytes are ahead: what is left of the used bytes moves to the front
+    /// (part of one frame at most), and the buffer is sized for the read: small when idle,
+    /// large when busy, given back when it is used up after a short read.
+    async fn read_more(&mut self, need: usize) -> Result<(), FrameError> {
+        self.input.drain(..self.used);
+        self.used = 0;
+        if self.input.is_empty() && !self.busy && self.input.capacity() > READ_IDLE {
+            self.input = Vec::new();
+        }
+        while self.input.len() < need {
+            let size = if self.busy { READ_BUSY } else { READ_IDLE };
+            let want = size.max(need);
+            if self.input.capacity() < want {
+                self.input.reserve_exact(want - self.input.len());
+            }
+            let room = self.input.capacity() - self.input.len();
+            let n = self.io.read_buf(&mut self.input).await?;
+            if n == 0 {
+                return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
+            self.busy = n == room;
+        }
+        Ok(())
     }
 
     /// Hands the read half back (to read from elsewhere, for instance).
@@ -323,7 +376,39 @@ mod tests {
             reader.next().await.unwrap(),
             Frame::Msg(ClientMsg::Heartbeat)
         );
-        assert!(reader.cipher.capacity() <= KEEP && reader.plain.capacity() <= KEEP);
+        // Waiting for the next frame, it holds small buffers only.
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(20), reader.next());
+        assert!(waited.await.is_err(), "nothing was sent");
+        assert!(reader.input.capacity() <= READ_IDLE && reader.plain.capacity() <= KEEP);
+    }
+
+    #[tokio::test]
+    async fn frames_back_to_back_are_read_many_at_a_time_and_each_whole() {
+        let (_rx, mut tx, mut reader, _out) = pair().await;
+        // Sizes that straddle every read's end: frames split across reads come out whole.
+        let sizes: Vec<usize> = (0..500).map(|i| 1 + (i * 37) % 1500).collect();
+        for (i, &n) in sizes.iter().enumerate() {
+            tx.queue_relay(i as u32, &vec![i as u8; n]).unwrap();
+        }
+        tx.queue(&ClientMsg::Heartbeat).unwrap();
+        tx.flush().await.unwrap();
+        for (i, &n) in sizes.iter().enumerate() {
+            match reader.next().await.unwrap() {
+                Frame::Relay { dst, datagram } => {
+                    assert_eq!(dst, i as u32);
+                    assert_eq!(datagram.len(), RELAY_HEADER_LEN + n, "frame {i}");
+                    assert!(datagram[RELAY_HEADER_LEN..].iter().all(|&b| b == i as u8));
+                }
+                other => panic!("{other:?}"),
+            }
+            if i == 100 {
+                assert!(reader.busy, "reads of a backlog fill the buffer");
+            }
+        }
+        assert_eq!(
+            reader.next().await.unwrap(),
+            Frame::Msg(ClientMsg::Heartbeat)
+        );
     }
 
     #[tokio::test]

@@ -121,6 +121,15 @@ pub async fn read_frame_max<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Whether `buffered` (bytes read ahead from a channel) holds at least one whole frame, so the
+/// next read returns without waiting on the socket.
+pub fn holds_whole_frame(buffered: &[u8]) -> bool {
+    match buffered {
+        [a, b, rest @ ..] => rest.len() >= u16::from_be_bytes([*a, *b]) as usize,
+        _ => false,
+    }
+}
+
 /// One frame read from the channel once it is established.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming<T> {
@@ -162,7 +171,7 @@ impl Established {
                 io: write,
                 state,
                 nonce: 0,
-                cipher: vec![0; 2 + MAX_FRAME],
+                out: Vec::new(),
                 plain: Vec::new(),
             },
         )
@@ -267,6 +276,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The reading half it reads from.
+    pub fn get_ref(&self) -> &R {
+        &self.io
+    }
+
     /// The next message or relay frame.
     pub async fn recv_frame<T: DeserializeOwned>(&mut self) -> Result<Incoming<T>, FrameError> {
         read_frame(&mut self.io, &mut self.cipher).await?;
@@ -308,25 +322,43 @@ pub fn parse_frame<T: DeserializeOwned>(plain: &[u8]) -> Result<Incoming<T>, Fra
     }
 }
 
-/// Sending half: serialises messages to JSON and encrypts them into frames.
+/// Sending half: serialises messages to JSON and encrypts them into frames. Frames can be
+/// queued ([`queue`](Self::queue), [`queue_relay`](Self::queue_relay)) and written together
+/// with one [`flush`](Self::flush) (the TCP relay's many small frames, one system call);
+/// [`send`](Self::send) and [`send_relay`](Self::send_relay) queue and flush at once.
 pub struct FrameWriter<W> {
     io: W,
     state: Arc<StatelessTransportState>,
     nonce: u64,
-    /// `u16 length | ciphertext`, reused for every frame.
-    cipher: Vec<u8>,
+    /// Queued frames (`u16 length | ciphertext` each), not yet written.
+    out: Vec<u8>,
     plain: Vec<u8>,
 }
 
+/// Bytes of queued frames kept between flushes; a larger buffer is given back.
+const KEEP_QUEUED: usize = 256 * 1024;
+
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> io::Result<()> {
-        self.plain.clear();
-        serde_json::to_writer(&mut self.plain, msg).map_err(io::Error::other)?;
-        self.write_plain().await
+        self.queue(msg)?;
+        self.flush().await
     }
 
     /// Sends relay data for `relay_id`.
     pub async fn send_relay(&mut self, relay_id: u32, payload: &[u8]) -> io::Result<()> {
+        self.queue_relay(relay_id, payload)?;
+        self.flush().await
+    }
+
+    /// Encrypts a message into the queue.
+    pub fn queue<T: Serialize>(&mut self, msg: &T) -> io::Result<()> {
+        self.plain.clear();
+        serde_json::to_writer(&mut self.plain, msg).map_err(io::Error::other)?;
+        self.seal_plain()
+    }
+
+    /// Encrypts relay data for `relay_id` into the queue.
+    pub fn queue_relay(&mut self, relay_id: u32, payload: &[u8]) -> io::Result<()> {
         if payload.is_empty() || payload.len() > MAX_RELAY_PAYLOAD {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -337,24 +369,50 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.plain.push(RELAY_FRAME);
         self.plain.extend_from_slice(&relay_id.to_be_bytes());
         self.plain.extend_from_slice(payload);
-        self.write_plain().await
+        self.seal_plain()
     }
 
-    async fn write_plain(&mut self) -> io::Result<()> {
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Writes every queued frame (one write when the socket takes them all).
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            let written = self.io.write_all(&self.out).await;
+            self.out.clear();
+            if self.out.capacity() > KEEP_QUEUED {
+                self.out = Vec::new();
+            }
+            written?;
+        }
+        self.io.flush().await
+    }
+
+    fn seal_plain(&mut self) -> io::Result<()> {
         if self.plain.len() + TAG_LEN > MAX_FRAME {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "control message too large",
             ));
         }
-        let n = self
+        let at = self.out.len();
+        self.out.resize(at + 2 + self.plain.len() + TAG_LEN, 0);
+        let n = match self
             .state
-            .write_message(self.nonce, &self.plain, &mut self.cipher[2..])
-            .map_err(noise_err)?;
+            .write_message(self.nonce, &self.plain, &mut self.out[at + 2..])
+        {
+            Ok(n) => n,
+            Err(e) => {
+                self.out.truncate(at);
+                return Err(noise_err(e));
+            }
+        };
         self.nonce += 1;
-        self.cipher[..2].copy_from_slice(&(n as u16).to_be_bytes());
-        self.io.write_all(&self.cipher[..2 + n]).await?;
-        self.io.flush().await
+        self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+        self.out.truncate(at + 2 + n);
+        Ok(())
     }
 
     pub async fn shutdown(&mut self) -> io::Result<()> {
@@ -437,6 +495,49 @@ mod tests {
             .await
             .unwrap();
         (client, server.await.unwrap().unwrap())
+    }
+
+    #[tokio::test]
+    async fn queued_frames_go_in_one_write_and_read_back_in_order_through_a_read_ahead() {
+        let (client, server) = states().await;
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (_, w) = tokio::io::split(a);
+        let (_, mut w) = client.split(tokio::io::empty(), w);
+        for i in 0..100u32 {
+            w.queue_relay(i, &[i as u8; 1000]).unwrap();
+        }
+        w.queue(&"last".to_string()).unwrap();
+        assert!(w.queued() > 100 * 1000);
+        w.flush().await.unwrap();
+        assert_eq!(w.queued(), 0);
+        let (r, _) = tokio::io::split(b);
+        let (mut r, _) = server.split(tokio::io::BufReader::new(r), tokio::io::sink());
+        for i in 0..100u32 {
+            assert_eq!(
+                r.recv_frame::<String>().await.unwrap(),
+                Incoming::Relay(i, vec![i as u8; 1000])
+            );
+        }
+        assert_eq!(
+            r.recv_frame::<String>().await.unwrap(),
+            Incoming::Msg("last".to_string())
+        );
+        assert!(!holds_whole_frame(r.get_ref().buffer()));
+    }
+
+    #[test]
+    fn a_whole_frame_is_its_length_prefix_and_that_many_bytes() {
+        assert!(!holds_whole_frame(&[]));
+        assert!(!holds_whole_frame(&[0]));
+        assert!(holds_whole_frame(&[0, 0]));
+        assert!(!holds_whole_frame(&[0, 3, 1, 2]));
+        assert!(holds_whole_frame(&[0, 3, 1, 2, 3]));
+        assert!(holds_whole_frame(&[0, 3, 1, 2, 3, 9]));
+        let mut big = vec![1u8, 0];
+        big.extend(vec![0u8; 255]);
+        assert!(!holds_whole_frame(&big));
+        big.push(0);
+        assert!(holds_whole_frame(&big));
     }
 
     #[tokio::test]

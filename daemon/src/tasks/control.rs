@@ -16,11 +16,12 @@ use a2a_proto::invite::{InviteAnswer, InviteCode};
 use a2a_proto::keys::{CoordinatorKey, RelaySecret, SignerId};
 use a2a_proto::membership::{node_signing_key, Invited};
 use a2a_proto::noise_channel::{
-    handshake_initiator, FrameReader, FrameWriter, HandshakeError, Incoming,
+    handshake_initiator, holds_whole_frame, FrameReader, FrameWriter, HandshakeError, Incoming,
 };
 use a2a_proto::{Credential, NodeKey};
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{BufReader, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
+use tun_rs::IDEAL_BATCH_SIZE;
 
 use crate::core::control::{Action, Client, End, Next, Registration};
 use crate::core::path::round_ttl;
@@ -41,6 +42,10 @@ const MAX_HOPS: u8 = 8;
 const BIND_EVERY: Duration = Duration::from_secs(5);
 /// Frames queued from the packet path for the control connection.
 const CONTROL_QUEUE: usize = 4096;
+/// Read-ahead buffer of the control connection.
+const READ_AHEAD: usize = 64 * 1024;
+/// Queued bytes after which the control connection's writer stops gathering and writes.
+const WRITE_BATCH: usize = 64 * 1024;
 
 type Stream<P> = <<P as Platform>::Connector as Connector>::Stream;
 type Writer<P> = FrameWriter<WriteHalf<Stream<P>>>;
@@ -155,6 +160,8 @@ impl<P: Platform> ControlTask<P> {
             self.client
                 .connected(clock(), &est.handshake_hash, reflexive, locals.clone());
         let (r, w) = tokio::io::split(stream);
+        // Read ahead: the TCP relay's frames come many to a segment.
+        let r = BufReader::with_capacity(READ_AHEAD, r);
         let (reader, mut writer) = est.split(r, w);
         if let Err(e) = writer.send(&register).await {
             return End::Lost(format!("sending registration failed: {e}"));
@@ -189,15 +196,31 @@ impl<P: Platform> ControlTask<P> {
                     None => return End::Lost("coordinator connection lost".into()),
                 },
                 out = control_rx.recv() => {
-                    let sent = match out {
-                        Some(ControlOut::Relay(id, payload)) => writer.send_relay(id, &payload).await,
-                        Some(ControlOut::Punch(to)) => writer.send(&ClientMsg::Punch { to }).await,
-                        Some(ControlOut::Msg(m)) => writer.send(&m).await,
-                        Some(ControlOut::Moved) => return End::Moved,
-                        None => Ok(()),
-                    };
-                    if let Err(e) = sent {
+                    // What else is waiting goes in the same write (relay data comes in runs).
+                    let mut next = out;
+                    let mut moved = false;
+                    while let Some(out) = next.take() {
+                        let queued = match out {
+                            ControlOut::Relay(id, payload) => writer.queue_relay(id, &payload),
+                            ControlOut::Punch(to) => writer.queue(&ClientMsg::Punch { to }),
+                            ControlOut::Msg(m) => writer.queue(&m),
+                            ControlOut::Moved => {
+                                moved = true;
+                                break;
+                            }
+                        };
+                        if let Err(e) = queued {
+                            return End::Lost(format!("coordinator connection lost: {e}"));
+                        }
+                        if writer.queued() < WRITE_BATCH {
+                            next = control_rx.try_recv().ok();
+                        }
+                    }
+                    if let Err(e) = writer.flush().await {
                         return End::Lost(format!("coordinator connection lost: {e}"));
+                    }
+                    if moved {
+                        return End::Moved;
                     }
                     continue;
                 }
@@ -532,15 +555,23 @@ async fn leave_gracefully<W: tokio::io::AsyncWrite + Unpin>(
 /// Owns the connection's reading half: relay data goes to the packet path, messages (and the
 /// error that ends the stream) to the connection.
 async fn read_loop<P: Platform>(
-    mut reader: FrameReader<ReadHalf<Stream<P>>>,
+    mut reader: FrameReader<BufReader<ReadHalf<Stream<P>>>>,
     dp: Arc<DataPlane<P>>,
     msgs: mpsc::Sender<std::io::Result<ServerMsg>>,
 ) {
-    let mut buf = dp.tun_batch(1);
+    // Relayed packets are written to the TUN device in batches: once nothing more is read
+    // ahead (before waiting on the socket), or when the batch is full.
+    let mut buf = dp.tun_batch(IDEAL_BATCH_SIZE);
     loop {
+        if !holds_whole_frame(reader.get_ref().buffer()) {
+            dp.flush_rx(&mut buf).await;
+        }
         match reader.recv_frame::<ServerMsg>().await {
             Ok(Incoming::Relay(src, payload)) => {
-                dp.receive_relayed_tcp(src, &payload, &mut buf).await
+                dp.receive_relayed_tcp(src, &payload, &mut buf).await;
+                if buf.is_full() {
+                    dp.flush_rx(&mut buf).await;
+                }
             }
             Ok(Incoming::Msg(m)) => {
                 if msgs.send(Ok(m)).await.is_err() {

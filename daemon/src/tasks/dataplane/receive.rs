@@ -45,7 +45,7 @@ impl<W: TunWriter> TunBatch<W> {
         TunBatch { bufs, n: 0, writer }
     }
 
-    fn is_full(&self) -> bool {
+    pub fn is_full(&self) -> bool {
         self.n == self.bufs.len()
     }
 
@@ -156,7 +156,7 @@ impl<P: Platform> DataPlane<P> {
         }
     }
 
-    /// Relay data that came over the control connection (written to the TUN device at once).
+    /// Relay data that came over the control connection (into `out`, which the caller flushes).
     pub async fn receive_relayed_tcp(&self, src_id: u32, payload: &[u8], out: &mut Batch<P>) {
         let ip = self
             .relay
@@ -167,7 +167,6 @@ impl<P: Platform> DataPlane<P> {
         if classify(payload) == DatagramKind::WireGuard || is_disco(payload) {
             self.receive_unwrapped(payload, Via::Relay(src_id), ip, out)
                 .await;
-            self.flush_rx(out).await;
         } else {
             Counters::bump(&self.counters.udp_garbage);
         }
