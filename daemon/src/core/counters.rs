@@ -75,6 +75,26 @@ counters! {
     fast_tun_offload,
     fast_udp_gso,
     fast_udp_gro,
+    /// Queries the overlay resolver answered from the zone.
+    dns_answered,
+    /// Queries outside the zone sent to the host's resolvers.
+    dns_forwarded,
+    /// Forwarded queries no upstream answered in time (the client got SERVFAIL).
+    dns_forward_failed,
+    /// Queries to the resolver that are no DNS query (garbage, a response, no question).
+    dns_malformed,
+    /// Queries larger than the resolver reads, or TCP messages cut short.
+    dns_oversized,
+    /// Queries dropped: their source was past its share a second.
+    dns_rate_limited,
+    /// Queries dropped: too many forwards in flight, or too many TCP connections.
+    dns_busy,
+    /// Answers that did not fit in UDP and went out empty with TC.
+    dns_truncated,
+    /// Members left out of the zone now: a name that is no DNS label (a gauge).
+    dns_invalid_names,
+    /// Names left out of the zone now: claimed by two members (a gauge).
+    dns_name_conflicts,
 }
 
 impl Counters {
@@ -110,6 +130,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 38);
+        assert_eq!(len, 48);
     }
 }
