@@ -107,6 +107,11 @@ impl Counters {
         c.store(on.into(), Ordering::Relaxed);
     }
 
+    /// Sets a gauge (the `dns_invalid_names` kind).
+    pub fn store(c: &AtomicU64, v: u64) {
+        c.store(v, Ordering::Relaxed);
+    }
+
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }

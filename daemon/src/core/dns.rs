@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use simple_dns::rdata::{RData, A, AAAA, NS, OPT, SOA};
 use simple_dns::{
-    Name, Packet, PacketFlag, Question, ResourceRecord, CLASS, OPCODE, QCLASS, QTYPE, RCODE, TYPE,
+    Name, Packet, PacketFlag, ResourceRecord, CLASS, OPCODE, QCLASS, QTYPE, RCODE, TYPE,
 };
 
 use crate::core::limit::PerSecond;
@@ -391,6 +391,19 @@ fn finish(mut reply: Packet<'_>, limit: usize) -> Verdict {
     }
 }
 
+/// A SERVFAIL answer to `query` (its id and question, RD as asked): what a client gets when no
+/// upstream answered a forwarded query. `None` for what is no query.
+pub fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    let q = RawQuestion::parse(query)?;
+    let mut out = Vec::with_capacity(12 + q.bytes.len());
+    out.extend_from_slice(&query[0..2]);
+    out.push(0x80 | (query[2] & 0x01)); // QR, RD as asked
+    out.push(0x80 | RCODE::ServerFailure as u8); // RA, SERVFAIL
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(q.bytes);
+    Some(out)
+}
+
 /// The question of a query read by hand, for the queries simple-dns refuses (an unknown type
 /// or class): a query header with one question, its name uncompressed.
 struct RawQuestion<'a> {
@@ -433,6 +446,7 @@ impl<'a> RawQuestion<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use simple_dns::Question;
 
     const DNS: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
     const HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1));
@@ -589,6 +603,18 @@ mod tests {
         assert_eq!(&bytes[0..2], &[0x12, 0x34]);
         assert_eq!(bytes[3] & 0x0f, RCODE::NotImplemented as u8);
         assert_eq!(&bytes[12..], &q[12..]);
+    }
+
+    #[test]
+    fn servfail_keeps_the_id_and_question() {
+        let q = query("example.com", TYPE::A);
+        let s = servfail(&q).unwrap();
+        let p = Packet::parse(&s).unwrap();
+        assert_eq!(p.id(), 0x1234);
+        assert_eq!(p.rcode(), RCODE::ServerFailure);
+        assert!(p.has_flags(PacketFlag::RESPONSE));
+        assert_eq!(p.questions[0].qname.to_string(), "example.com");
+        assert_eq!(servfail(&[1, 2, 3]), None);
     }
 
     #[test]
