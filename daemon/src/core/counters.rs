@@ -71,16 +71,15 @@ counters! {
     /// A direct path moved to another address that answered clearly better (lower RTT, or
     /// IPv6 at equal RTT).
     path_moves,
-    /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
-    fast_tun_offload,
-    fast_udp_gso,
-    fast_udp_gro,
     /// Queries the overlay resolver answered from the zone.
     dns_answered,
     /// Queries outside the zone sent to the host's resolvers.
     dns_forwarded,
     /// Forwarded queries no upstream answered in time (the client got SERVFAIL).
     dns_forward_failed,
+    /// Queries from a peer (through the tunnel) for a name outside the zone: REFUSED, the
+    /// host's resolvers are not the overlay's.
+    dns_forward_refused,
     /// Queries to the resolver that are no DNS query (garbage, a response, no question).
     dns_malformed,
     /// Queries larger than the resolver reads, or TCP messages cut short.
@@ -95,6 +94,10 @@ counters! {
     dns_invalid_names,
     /// Names left out of the zone now: claimed by two members (a gauge).
     dns_name_conflicts,
+    /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
+    fast_tun_offload,
+    fast_udp_gso,
+    fast_udp_gro,
 }
 
 impl Counters {
@@ -135,6 +138,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 48);
+        assert_eq!(len, 49);
     }
 }

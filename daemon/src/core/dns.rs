@@ -394,11 +394,20 @@ fn finish(mut reply: Packet<'_>, limit: usize) -> Verdict {
 /// A SERVFAIL answer to `query` (its id and question, RD as asked): what a client gets when no
 /// upstream answered a forwarded query. `None` for what is no query.
 pub fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    error_answer(query, RCODE::ServerFailure)
+}
+
+/// A REFUSED answer to `query`: a forward the resolver will not make for that source.
+pub fn refused(query: &[u8]) -> Option<Vec<u8>> {
+    error_answer(query, RCODE::Refused)
+}
+
+fn error_answer(query: &[u8], rcode: RCODE) -> Option<Vec<u8>> {
     let q = RawQuestion::parse(query)?;
     let mut out = Vec::with_capacity(12 + q.bytes.len());
     out.extend_from_slice(&query[0..2]);
     out.push(0x80 | (query[2] & 0x01)); // QR, RD as asked
-    out.push(0x80 | RCODE::ServerFailure as u8); // RA, SERVFAIL
+    out.push(0x80 | rcode as u8); // RA, the error
     out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
     out.extend_from_slice(q.bytes);
     Some(out)
@@ -615,6 +624,8 @@ mod tests {
         assert!(p.has_flags(PacketFlag::RESPONSE));
         assert_eq!(p.questions[0].qname.to_string(), "example.com");
         assert_eq!(servfail(&[1, 2, 3]), None);
+        let r = refused(&q).unwrap();
+        assert_eq!(Packet::parse(&r).unwrap().rcode(), RCODE::Refused);
     }
 
     #[test]

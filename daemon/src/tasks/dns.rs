@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::core::counters::Counters;
 use crate::core::dns::{
-    servfail, Dropped, Member, Resolver, Transport, Verdict, Zone, MAX_QUERY_LEN,
+    refused, servfail, Dropped, Member, Resolver, Transport, Verdict, Zone, MAX_QUERY_LEN,
 };
 use crate::core::peers::PeerTable;
 use crate::tasks::now;
@@ -69,6 +69,7 @@ impl DnsTask {
         let resolver = Arc::new(Mutex::new(Resolver::new(Zone::default())));
         let shared = Arc::new(Shared {
             counters: self.counters.clone(),
+            peers: self.peers.clone(),
             upstreams: self.upstreams.clone(),
             resolver: resolver.clone(),
             forwards: Semaphore::new(MAX_FORWARDS),
@@ -116,6 +117,7 @@ impl DnsTask {
 
 struct Shared {
     counters: Arc<Counters>,
+    peers: Arc<PeerTable>,
     upstreams: Vec<SocketAddr>,
     resolver: Arc<Mutex<Resolver>>,
     forwards: Semaphore,
@@ -129,6 +131,23 @@ impl Shared {
                 .expect("resolver lock")
                 .handle(now(), from, query, transport);
         let c = &self.counters;
+        // A member's own a2ad answers its host, so a query from a peer came through the tunnel
+        // on purpose: the zone is the peer's to read, but this host's resolvers are not its to
+        // use (no open forwarder on the overlay).
+        let from_peer = match from {
+            IpAddr::V4(v4) => self.peers.by_ip(v4).is_some(),
+            IpAddr::V6(_) => false,
+        };
+        if verdict == Verdict::Forward && from_peer {
+            Counters::bump(&c.dns_forward_refused);
+            return match refused(query) {
+                Some(bytes) => Verdict::Answer {
+                    bytes,
+                    truncated: false,
+                },
+                None => Verdict::Drop(Dropped::Malformed),
+            };
+        }
         match &verdict {
             Verdict::Answer { truncated, .. } => {
                 Counters::bump(&c.dns_answered);
