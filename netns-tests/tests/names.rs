@@ -538,3 +538,75 @@ fn names_without_resolved_leave_the_hosts_resolver_alone() {
         "a2ad changed the host's resolv.conf at down"
     );
 }
+
+/// Two members claiming one name: neither answers (never the wrong one), the conflict is
+/// counted, and once one of them leaves the name is the other's.
+#[test]
+fn names_claimed_twice_answer_for_neither() {
+    let Some(lab) = Lab::new("names-twins") else {
+        return;
+    };
+    require_tools(&[("dig", "bind9-dnsutils")]);
+    let coord = lab.coordinator(CoordOpts::default());
+    let alice = lab.node("alice");
+    let mut one = lab.node("twin-one");
+    let mut two = lab.node("twin-two");
+    one.name = "twin".into();
+    two.name = "twin".into();
+    for n in [&alice, &one, &two] {
+        n.up_ok(&coord.token);
+    }
+    let ask = |name: &str| {
+        let out = alice.ns.exec_timeout(
+            &[
+                "dig",
+                "+time=2",
+                "+tries=2",
+                "+noall",
+                "+comments",
+                "+answer",
+                "@100.100.100.100",
+                name,
+            ],
+            Duration::from_secs(15),
+        );
+        assert!(out.success(), "{out}");
+        out.stdout
+    };
+    wait_for(OVERLAY_TIMEOUT, "alice to see both twins", || {
+        let st = alice.try_status()?;
+        match st.peers.iter().filter(|p| p.name == "twin").count() {
+            2 => Ok(()),
+            n => Err(format!("{n} twins")),
+        }
+    });
+    wait_for(
+        Duration::from_secs(10),
+        "the conflict to be counted",
+        || match alice.counter("dns_name_conflicts") {
+            1 => Ok(()),
+            n => Err(format!("dns_name_conflicts {n}")),
+        },
+    );
+    let answer = ask("twin.a2a");
+    assert!(answer.contains("status: NXDOMAIN"), "{answer}");
+    for ip in [one.overlay_ip(), two.overlay_ip()] {
+        assert!(!answer.contains(&ip.to_string()), "{answer}");
+    }
+    let out = one.ctl(&["down"]);
+    assert!(out.success(), "{out}");
+    let other = two.overlay_ip().to_string();
+    wait_for(
+        OVERLAY_TIMEOUT,
+        "twin.a2a to be the remaining twin's",
+        || {
+            let a = ask("twin.a2a");
+            if a.contains("status: NOERROR") && a.contains(&other) {
+                Ok(())
+            } else {
+                Err(a)
+            }
+        },
+    );
+    assert_eq!(alice.counter("dns_name_conflicts"), 0);
+}
