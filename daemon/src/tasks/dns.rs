@@ -98,6 +98,8 @@ impl DnsTask {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as u32)
             .unwrap_or(1);
+        // `ip6`: the IPv6 overlay addresses (own and each peer's) go here once members have
+        // them; until then AAAA of a member is NOERROR with no data.
         let own = Member {
             name: self.name.clone(),
             ip: *self.ip.borrow(),
