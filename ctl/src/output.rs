@@ -96,6 +96,9 @@ pub fn status_table(status: &Status) -> String {
             (None, false) => " (coordinator unreachable; tunnels keep working)".into(),
         }
     );
+    if let Some(dns) = &me.dns {
+        out.push_str(&format!("names: NAME.a2a answered at {dns}\n"));
+    }
     if status.peers.is_empty() {
         out.push_str("no peers yet\n");
         return out;
@@ -212,6 +215,7 @@ mod tests {
                 registered: true,
                 refused: None,
                 interface: "a2a0".into(),
+                dns: None,
             }),
             peers: vec![PeerStatus {
                 name: "bob".into(),

@@ -32,6 +32,11 @@ struct Args {
     /// a private address: the metrics name this node's peers.
     #[arg(long, env = "A2A_METRICS", value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Leave the host's resolver alone: do not register the overlay resolver with
+    /// systemd-resolved for `*.a2a` (it still answers at its address, shown by `a2actl status`).
+    /// For hosts that manage DNS otherwise, and for many daemons on one host (tests).
+    #[arg(long, env = "A2A_NO_SYSTEM_DNS")]
+    no_system_dns: bool,
     /// Write the man page a2ad.8 into DIR and exit (used by packaging/build-deb).
     #[arg(long, value_name = "DIR", hide = true)]
     generate_man: Option<PathBuf>,
@@ -129,6 +134,8 @@ async fn run(args: Args) -> Result<(), String> {
     let device = DeviceConfig {
         interface: args.interface,
         udp_port: args.port,
+        serve_dns: true,
+        system_dns: !args.no_system_dns,
     };
     let daemon = Arc::new(Daemon::new(Kernel, device, StateDir::new(&state_dir))?);
     // Bound before anything starts, so a taken port fails the start with nothing half done.

@@ -45,9 +45,18 @@ impl Node {
         self.start_daemon_with(&[])
     }
 
-    /// Starts a2ad with `--state-dir` and `extra` arguments, and waits until `a2actl status`
-    /// answers.
+    /// Starts a2ad with `--state-dir`, `--no-system-dns` (many daemons share the host's
+    /// resolver configuration; the names test points a namespace's resolv.conf at a node's
+    /// resolver itself) and `extra` arguments, and waits until `a2actl status` answers.
     pub fn start_daemon_with(&self, extra: &[&str]) -> Proc {
+        let mut args = vec!["--no-system-dns"];
+        args.extend_from_slice(extra);
+        self.start_daemon_args(&args)
+    }
+
+    /// Starts a2ad with `--state-dir` and exactly `extra` (system DNS integration on unless
+    /// `extra` turns it off), and waits until `a2actl status` answers.
+    pub fn start_daemon_args(&self, extra: &[&str]) -> Proc {
         let mut slot = self.daemon.lock().unwrap();
         if let Some(p) = slot.as_ref() {
             assert!(!p.is_running(), "a2ad is already running in {}", self.name);

@@ -190,6 +190,9 @@ pub struct SelfStatus {
     pub refused: Option<String>,
     #[serde(default)]
     pub interface: String,
+    /// Where this node's a2ad answers DNS for NAME.a2a (UDP and TCP port 53), when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -293,6 +296,7 @@ mod tests {
                 registered: true,
                 refused: None,
                 interface: "a2a0".into(),
+                dns: None,
             }),
             peers: vec![PeerStatus {
                 name: "b".into(),

@@ -71,6 +71,29 @@ counters! {
     /// A direct path moved to another address that answered clearly better (lower RTT, or
     /// IPv6 at equal RTT).
     path_moves,
+    /// Queries the overlay resolver answered from the zone.
+    dns_answered,
+    /// Queries outside the zone sent to the host's resolvers.
+    dns_forwarded,
+    /// Forwarded queries no upstream answered in time (the client got SERVFAIL).
+    dns_forward_failed,
+    /// Queries from a peer (through the tunnel) for a name outside the zone: REFUSED, the
+    /// host's resolvers are not the overlay's.
+    dns_forward_refused,
+    /// Queries to the resolver that are no DNS query (garbage, a response, no question).
+    dns_malformed,
+    /// Queries larger than the resolver reads, or TCP messages cut short.
+    dns_oversized,
+    /// Queries dropped: their source was past its share a second.
+    dns_rate_limited,
+    /// Queries dropped: too many forwards in flight, or too many TCP connections.
+    dns_busy,
+    /// Answers that did not fit in UDP and went out empty with TC.
+    dns_truncated,
+    /// Members left out of the zone now: a name that is no DNS label (a gauge).
+    dns_invalid_names,
+    /// Names left out of the zone now: claimed by two members (a gauge).
+    dns_name_conflicts,
     /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
     fast_tun_offload,
     fast_udp_gso,
@@ -85,6 +108,11 @@ impl Counters {
     /// Sets a 0/1 counter (the `fast_*` ones).
     pub fn set(c: &AtomicU64, on: bool) {
         c.store(on.into(), Ordering::Relaxed);
+    }
+
+    /// Sets a gauge (the `dns_invalid_names` kind).
+    pub fn store(c: &AtomicU64, v: u64) {
+        c.store(v, Ordering::Relaxed);
     }
 
     pub fn get(c: &AtomicU64) -> u64 {
@@ -110,6 +138,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 38);
+        assert_eq!(len, 49);
     }
 }

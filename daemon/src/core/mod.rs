@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod control;
 pub mod counters;
+pub mod dns;
 pub mod family;
 pub mod limit;
 pub mod membership;

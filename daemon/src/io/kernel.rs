@@ -326,8 +326,13 @@ impl Underlay for KernelUnderlay {
     }
 
     async fn set_overlay_address(&self, ip: Ipv4Addr, prefix_len: u8) -> Result<(), String> {
+        // The overlay resolver's address too (its sockets bind there: tasks/dns.rs).
+        let prefix = ipnet::Ipv4Net::new(ip, prefix_len)
+            .map_err(|e| format!("overlay prefix /{prefix_len}: {e}"))?
+            .trunc();
+        let dns = a2a_proto::overlay::dns_ip(prefix);
         self.netconf
-            .configure(self.tun_index, ip, prefix_len)
+            .configure(self.tun_index, ip, prefix_len, Some(dns))
             .await
             .map_err(|e| format!("cannot configure {}: {e}", self.interface))
     }

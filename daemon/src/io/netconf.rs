@@ -53,11 +53,19 @@ impl NetConf {
             .map_err(|e| nl_err("list addresses", e))
     }
 
-    /// Makes `ip/prefix_len` the only IPv4 address of the link (the kernel adds the prefix
-    /// route with it) and sets the link up.
-    pub async fn configure(&self, index: u32, ip: Ipv4Addr, prefix_len: u8) -> io::Result<()> {
+    /// Makes `ip/prefix_len` and `extra/32` (the overlay resolver's address, which every node
+    /// holds for its own host) the only IPv4 addresses of the link (the kernel adds the prefix
+    /// route with the first) and sets the link up.
+    pub async fn configure(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        prefix_len: u8,
+        extra: Option<Ipv4Addr>,
+    ) -> io::Result<()> {
+        let wanted = |a: Ipv4Addr| a == ip || Some(a) == extra;
         for msg in self.addresses().await? {
-            if msg.header.index == index && ipv4_of(&msg).is_some_and(|a| a != ip) {
+            if msg.header.index == index && ipv4_of(&msg).is_some_and(|a| !wanted(a)) {
                 self.handle
                     .address()
                     .del(msg)
@@ -66,18 +74,24 @@ impl NetConf {
                     .map_err(|e| nl_err("remove old overlay address", e))?;
             }
         }
-        let present = self
+        let present: Vec<Ipv4Addr> = self
             .addresses()
             .await?
             .iter()
-            .any(|m| m.header.index == index && ipv4_of(m) == Some(ip));
-        if !present {
-            self.handle
-                .address()
-                .add(index, IpAddr::V4(ip), prefix_len)
-                .execute()
-                .await
-                .map_err(|e| nl_err("add overlay address", e))?;
+            .filter(|m| m.header.index == index)
+            .filter_map(ipv4_of)
+            .collect();
+        let mut add = vec![(ip, prefix_len)];
+        add.extend(extra.map(|e| (e, 32)));
+        for (a, len) in add {
+            if !present.contains(&a) {
+                self.handle
+                    .address()
+                    .add(index, IpAddr::V4(a), len)
+                    .execute()
+                    .await
+                    .map_err(|e| nl_err(&format!("add overlay address {a}/{len}"), e))?;
+            }
         }
         self.handle
             .link()

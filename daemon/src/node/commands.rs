@@ -331,6 +331,7 @@ impl<P: Platform> Daemon<P> {
                 registered,
                 refused,
                 interface: s.interface.clone(),
+                dns: s.dns.map(|ip| ip.to_string()),
             }),
             peers,
             counters: s

@@ -113,6 +113,7 @@ mod tests {
                 registered: true,
                 refused: None,
                 interface: "a2a0".into(),
+                dns: None,
             }),
             peers: vec![PeerStatus {
                 name: "bravo".into(),

@@ -19,6 +19,7 @@ use crate::io::state::StateDir;
 use crate::io::{Platform, UdpTransport};
 use crate::tasks::control::ControlTask;
 use crate::tasks::dataplane::DataPlane;
+use crate::tasks::dns::DnsTask;
 use crate::tasks::now;
 use crate::tasks::pathfinder::PathFinder;
 use crate::tasks::portmap::{PortMapLink, PortMapTask};
@@ -32,6 +33,11 @@ const PATH_EVENT_QUEUE: usize = 1024;
 pub struct DeviceConfig {
     pub interface: String,
     pub udp_port: u16,
+    /// Serve the overlay's names (tasks/dns.rs) on the resolver's address; the fakes do not.
+    pub serve_dns: bool,
+    /// Register that resolver with the host's (systemd-resolved) for `~a2a`; off with
+    /// `a2ad --no-system-dns`.
+    pub system_dns: bool,
 }
 
 pub struct Session<P: Platform> {
@@ -47,6 +53,11 @@ pub struct Session<P: Platform> {
     pub underlay: Arc<P::Underlay>,
     /// The router's port mapping of the WireGuard port.
     pub portmap: Arc<PortMapLink>,
+    /// Where the overlay resolver answers, when it does.
+    pub dns: Option<Ipv4Addr>,
+    dns_task: Option<JoinHandle<()>>,
+    /// Whether the resolver was registered with systemd-resolved (undone at stop).
+    system_dns: bool,
     leave: watch::Sender<bool>,
     control: JoinHandle<()>,
     /// Fired when the session stops: the port mapper deletes its mapping.
@@ -81,6 +92,7 @@ impl<P: Platform> Session<P> {
             ip,
         } = joining;
         let prefix_len = credential.prefix().prefix_len();
+        let dns_ip = a2a_proto::overlay::dns_ip(credential.prefix());
         let io = platform
             .open(&device.interface, device.udp_port, ip, prefix_len)
             .await?;
@@ -147,6 +159,36 @@ impl<P: Platform> Session<P> {
             portmap: portmap.clone(),
         };
         let control = tokio::spawn(task.run(leave_rx));
+        let (mut dns, mut dns_task) = (None, None);
+        if device.serve_dns {
+            match crate::tasks::dns::bind(dns_ip).await {
+                Ok(sockets) => {
+                    let task = DnsTask {
+                        counters: counters.clone(),
+                        peers: peers.clone(),
+                        name: name.clone(),
+                        ip: ip_rx.clone(),
+                        dns_ip,
+                        upstreams: crate::tasks::dns::host_upstreams(dns_ip),
+                    };
+                    if task.upstreams.is_empty() {
+                        tracing::warn!(
+                            "no resolver in /etc/resolv.conf besides a2ad: names outside .a2a \
+                             get SERVFAIL from {dns_ip}"
+                        );
+                    }
+                    dns_task = Some(tokio::spawn(task.run(sockets)));
+                    dns = Some(dns_ip);
+                    tracing::info!(
+                        "overlay names (NAME.a2a) answered at {dns_ip}, UDP and TCP port 53"
+                    );
+                    if device.system_dns {
+                        crate::tasks::dns::system::register(&device.interface, dns_ip).await;
+                    }
+                }
+                Err(e) => tracing::warn!("{e}; the overlay's names are not served"),
+            }
+        }
         tracing::info!(
             "interface {} up as {ip}, WireGuard on UDP port {}",
             device.interface,
@@ -163,6 +205,9 @@ impl<P: Platform> Session<P> {
             dataplane,
             underlay,
             portmap,
+            dns,
+            dns_task,
+            system_dns: device.system_dns,
             leave: leave_tx,
             control,
             portmap_stop,
@@ -196,6 +241,13 @@ impl<P: Platform> Session<P> {
             .is_err()
         {
             portmapper.abort();
+        }
+        if let Some(t) = self.dns_task {
+            t.abort();
+            let _ = t.await;
+            if self.system_dns {
+                crate::tasks::dns::system::revert(&self.interface).await;
+            }
         }
         for l in &self.loops {
             l.abort();

@@ -9,6 +9,7 @@ use crate::core::control::Now;
 
 pub mod control;
 pub mod dataplane;
+pub mod dns;
 pub mod events;
 pub mod pathfinder;
 pub mod portmap;

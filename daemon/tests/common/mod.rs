@@ -170,6 +170,8 @@ impl Node {
         let device = DeviceConfig {
             interface: "a2a0".into(),
             udp_port: NODE_PORT,
+            serve_dns: false,
+            system_dns: false,
         };
         let daemon = Daemon::new(
             FakePlatform::new(host.clone()),

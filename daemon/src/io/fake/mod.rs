@@ -254,6 +254,8 @@ mod tests {
         let device = DeviceConfig {
             interface: "a2a0".into(),
             udp_port: 51820,
+            serve_dns: false,
+            system_dns: false,
         };
         let ip: Ipv4Addr = "100.64.0.7".parse().unwrap();
         let session = Session::start(
