@@ -2,7 +2,7 @@
 //! `curl`, `ping`, iperf3 server and client.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use crate::garbage;
