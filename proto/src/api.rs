@@ -133,13 +133,19 @@ pub struct WhoisMember {
 }
 
 /// Parses what `whois` is asked about: an IP address, optionally with a port (`IP:PORT`, and
-/// `[IPv6]:PORT`); the port says nothing about the member and is dropped. The error says what
-/// is wrong with the text.
+/// `[IPv6]:PORT`); the port says nothing about the member and is dropped, and an IPv4-mapped
+/// IPv6 address (what a dual-stack socket reports for an IPv4 caller) is taken as the IPv4
+/// address. The error says what is wrong with the text.
 pub fn parse_whois_addr(text: &str) -> Result<std::net::IpAddr, String> {
     use std::net::{IpAddr, SocketAddr};
     let text = text.trim();
+    // A dual-stack server socket sees an IPv4 caller as `::ffff:a.b.c.d`.
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    };
     if let Ok(ip) = text.parse::<IpAddr>() {
-        return Ok(ip);
+        return Ok(plain(ip));
     }
     if let Ok(sa) = text.parse::<SocketAddr>() {
         if sa.port() == 0 {
@@ -147,7 +153,7 @@ pub fn parse_whois_addr(text: &str) -> Result<std::net::IpAddr, String> {
                 "{text:?}: port 0 is not a port a caller can have (1 to 65535)"
             ));
         }
-        return Ok(sa.ip());
+        return Ok(plain(sa.ip()));
     }
     // Say which part is wrong: the port, or the address.
     let (host, port) = match text.rsplit_once(':') {
@@ -410,6 +416,8 @@ mod tests {
             (" 100.64.1.2:8080 ", "100.64.1.2"),
             ("fd12:3456:789a:1::2", "fd12:3456:789a:1::2"),
             ("[fd12:3456:789a:1::2]:65535", "fd12:3456:789a:1::2"),
+            ("::ffff:100.64.1.2", "100.64.1.2"),
+            ("[::ffff:100.64.1.2]:8080", "100.64.1.2"),
         ] {
             assert_eq!(parse_whois_addr(text), Ok(ip(want)), "{text}");
         }
