@@ -302,6 +302,67 @@ fn ipv6_overlay_addresses_carry_traffic_whois_names_members_and_forged_sources_a
         );
     }
 
+    // The README's whois example, as printed there, serving on bravo: alpha is greeted by name
+    // over IPv6 and over IPv4 (seen as ::ffff:a.b.c.d); a caller that is no member (bravo
+    // itself over loopback) is refused.
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let example = readme
+        .split("<!-- whois-example -->\n```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("README.md has the whois example after <!-- whois-example -->");
+    let script = lab.dir().join("whois-example.py");
+    fs::write(&script, example).unwrap();
+    let bin_dir = std::path::Path::new(&lab.bins().ctl)
+        .parent()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let path_var = format!("PATH={bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin");
+    let state_var = format!("A2A_STATE_DIR={}", bravo.state_dir.display());
+    let _example = bravo.ns.spawn(
+        "whois-example",
+        &[
+            "env",
+            &path_var,
+            &state_var,
+            "python3",
+            script.to_str().unwrap(),
+        ],
+    );
+    let greet = |from: &Node, url: &str| {
+        let out = from.ns.exec(&[
+            "curl",
+            "-g",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "10",
+            "-w",
+            " %{http_code}",
+            url,
+        ]);
+        if out.success() {
+            Ok(out.stdout)
+        } else {
+            Err(out.to_string())
+        }
+    };
+    for url in [
+        format!("http://[{}]:8080/", ip6[1]),
+        format!("http://{}:8080/", bravo.overlay_ip()),
+    ] {
+        let got = wait_for(
+            OVERLAY_TIMEOUT,
+            &format!("the whois example at {url}"),
+            || greet(alpha, &url),
+        );
+        assert_eq!(got, "hello alpha (token)\n 200", "{url}");
+    }
+    let got = greet(bravo, "http://[::1]:8080/").unwrap();
+    assert_eq!(got, "members only\n 403");
+
     // A forged inner source: alpha sends to bravo from charlie's IPv6 address (given to its own
     // interface, so the kernel sends from it). Alpha's a2ad encrypts it to bravo, which must
     // drop every packet and count it, and answer none. Alpha's own address still works.
