@@ -449,3 +449,141 @@ fn a_state_directory_without_ip6_derives_it_on_load() {
         },
     );
 }
+
+/// `whois` tells an invited member from a token holder, and a rotation (new network id, so a new
+/// /48) moves every member's IPv6 address, on its interface and in its peers' tables, and IPv6
+/// traffic follows.
+#[test]
+fn whois_tells_invited_members_and_rotation_moves_the_ipv6_prefix() {
+    let Some(lab) = Lab::new("overlay6_rotate") else {
+        return;
+    };
+    require_tools(&[("ping", "iputils-ping")]);
+    let coord = lab.coordinator(CoordOpts::default());
+    let nodes: Vec<Node> = ["alpha", "bravo", "charlie"]
+        .iter()
+        .map(|n| lab.node(n))
+        .collect();
+    let (alpha, bravo, charlie) = (&nodes[0], &nodes[1], &nodes[2]);
+    alpha.up_ok(&coord.token);
+    bravo.up_ok(&coord.token);
+    let code = alpha.ctl(&["invite"]).expect_ok().stdout.trim().to_string();
+    charlie.up_ok(&code);
+    for n in &nodes {
+        let others: Vec<&str> = nodes
+            .iter()
+            .filter(|o| o.name != n.name)
+            .map(|o| o.name.as_str())
+            .collect();
+        n.wait_peers(&others, OVERLAY_TIMEOUT);
+    }
+    let old: Vec<Ipv6Addr> = nodes
+        .iter()
+        .map(|n| self_ip6(&n.status(), &n.name))
+        .collect();
+
+    let w = wait_for(
+        OVERLAY_TIMEOUT,
+        "bravo to know charlie's certificate",
+        || {
+            let w = whois(bravo, &old[2].to_string());
+            if w["admitted_by"] == "invite" {
+                Ok(w)
+            } else {
+                Err(format!("{w}"))
+            }
+        },
+    );
+    assert_eq!(w["name"], "charlie", "{w}");
+    let invite = w["invite"].as_str().unwrap_or_default();
+    assert!(
+        invite.len() == 32 && invite.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{w}"
+    );
+    assert!(w["certified_ms"].as_u64().is_some(), "{w}");
+    let w = whois(charlie, &charlie.overlay_ip().to_string());
+    assert_eq!(
+        (&w["admitted_by"], &w["self"]),
+        (&"invite".into(), &true.into()),
+        "{w}"
+    );
+    let w = whois(bravo, &old[0].to_string());
+    assert_eq!(w["admitted_by"], "token", "{w}");
+    assert!(w.get("invite").is_none(), "{w}");
+
+    alpha.ctl(&["token", "rotate"]).expect_ok();
+    let new: Vec<Ipv6Addr> = nodes
+        .iter()
+        .zip(&old)
+        .map(|(n, was)| {
+            wait_for(
+                OVERLAY_TIMEOUT,
+                &format!("{}'s ip6 to move", n.name),
+                || {
+                    let ip6 = self_ip6(&n.try_status()?, &n.name);
+                    if prefix48(ip6) == prefix48(*was) {
+                        return Err(format!("still {ip6}"));
+                    }
+                    // The host part is the key's: it stays.
+                    assert_eq!(ip6.segments()[3..], was.segments()[3..], "{}", n.name);
+                    let iface = n.status().raw["self"]["interface"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                    let addrs =
+                        n.ns.exec(&["ip", "-6", "addr", "show", "dev", &iface])
+                            .expect_ok();
+                    if !addrs.stdout.contains(&format!("inet6 {ip6}/48"))
+                        || addrs.stdout.contains(&was.to_string())
+                    {
+                        return Err(format!("{iface} has not moved to {ip6}: {addrs}"));
+                    }
+                    Ok(ip6)
+                },
+            )
+        })
+        .collect();
+    assert!(
+        new.iter().all(|ip| prefix48(*ip) == prefix48(new[0])),
+        "{new:?}"
+    );
+    for n in &nodes {
+        wait_for(
+            OVERLAY_TIMEOUT,
+            &format!("{}'s peers' new ip6", n.name),
+            || {
+                let st = n.try_status()?;
+                for (o, want) in nodes.iter().zip(&new) {
+                    if o.name == n.name {
+                        continue;
+                    }
+                    let got = st.raw["peers"]
+                        .as_array()
+                        .and_then(|ps| ps.iter().find(|p| p["name"] == o.name.as_str()))
+                        .and_then(|p| p["ip6"].as_str().map(str::to_string));
+                    if got.as_deref() != Some(&want.to_string()) {
+                        return Err(format!(
+                            "{} lists {} at {got:?}, not {want}",
+                            n.name, o.name
+                        ));
+                    }
+                }
+                Ok(())
+            },
+        );
+    }
+    for a in &nodes {
+        for (b, b6) in nodes.iter().zip(&new) {
+            if a.name != b.name {
+                wait_for(
+                    OVERLAY_TIMEOUT,
+                    &format!("ping -6 {} -> {} after the rotation", a.name, b.name),
+                    || match ping6(a, *b6, 3, None)? {
+                        0 => Err("no reply".into()),
+                        _ => Ok(()),
+                    },
+                );
+            }
+        }
+    }
+}
