@@ -65,7 +65,7 @@ enum Command {
     },
     /// Probe a peer (name or overlay IP) over its current path: path, endpoint and RTT of each probe.
     Ping {
-        /// The peer's name or overlay IPv4 address.
+        /// The peer's name or overlay IPv4 or IPv6 address.
         peer: String,
         /// Number of probes, one a second.
         #[arg(short = 'c', long, default_value_t = 4)]
@@ -90,7 +90,7 @@ enum Command {
     /// Remove a peer (name, overlay IP or public key) from the network: every member drops it
     /// and the coordinator refuses it from now on.
     Kick {
-        /// The peer's name, overlay IPv4 address or public key.
+        /// The peer's name, overlay IPv4 or IPv6 address or public key.
         peer: String,
     },
     /// Manage the network secret.

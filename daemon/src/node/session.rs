@@ -154,7 +154,7 @@ impl<P: Platform> Session<P> {
         };
         let control = tokio::spawn(task.run(leave_rx));
         tracing::info!(
-            "interface {} up as {ip}, WireGuard on UDP port {}",
+            "interface {} up as {ip} and {ip6}, WireGuard on UDP port {}",
             device.interface,
             device.udp_port
         );
