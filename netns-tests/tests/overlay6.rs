@@ -246,8 +246,14 @@ fn ipv6_overlay_addresses_carry_traffic_whois_names_members_and_forged_sources_a
         .iperf3_client(IpAddr::V6(ip6[1]), 3)
         .unwrap_or_else(|e| panic!("iperf3 -6 alpha -> bravo over the overlay: {e}"));
     assert!(mbps > 0.0, "iperf3 measured no throughput over IPv6");
+    // The same over IPv4, for comparison (a figure, not an assertion).
+    let mbps4 = alpha
+        .ns
+        .iperf3_client(bravo.overlay_ip(), 3)
+        .unwrap_or_else(|e| panic!("iperf3 alpha -> bravo over the IPv4 overlay: {e}"));
     report(format!(
-        "overlay6: iperf3 TCP alpha -> bravo over the IPv6 overlay: {mbps:.1} Mbit/s"
+        "overlay6: iperf3 TCP alpha -> bravo over the overlay: IPv6 {mbps:.1} Mbit/s, \
+         IPv4 {mbps4:.1} Mbit/s"
     ));
 
     // whois on charlie: alpha by its IPv4 and its IPv6 address (with a port, as a server sees a
