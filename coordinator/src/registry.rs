@@ -4,13 +4,14 @@
 //! answers with the messages to send and to whom. Nothing here is ever written or printed.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use a2a_proto::control::{RefuseReason, ServerMsg};
 use a2a_proto::invite::{InviteId, InviteProof};
 use a2a_proto::keys::{RelaySecret, Signature, SignerId, REGISTER_CONTEXT};
 use a2a_proto::membership::{Revocation, RotationNotice, Signed};
+use a2a_proto::overlay::derive_ip6;
 use a2a_proto::{NetworkId, NodeKey, SignedRecord};
 
 /// Identifies one control connection; also the node's relay id while it is connected.
@@ -39,6 +40,9 @@ pub struct RegisterRequest<'a> {
 struct Member {
     record: SignedRecord,
     ip: Ipv4Addr,
+    /// The IPv6 overlay address, derived from the network id and node key (records do not
+    /// carry it), kept so that a duplicate is refused without hashing every member again.
+    ip6: Ipv6Addr,
     issued_ms: u64,
     conn: ConnId,
     relay_secret: RelaySecret,
@@ -192,6 +196,7 @@ impl Registry {
             Member {
                 record,
                 ip,
+                ip6: derive_ip6(&network, &conn_key),
                 issued_ms,
                 conn,
                 relay_secret,
@@ -245,6 +250,22 @@ impl Registry {
             return Err((
                 RefuseReason::AddressInUse,
                 "overlay address is held by another live node".into(),
+            ));
+        }
+        // The IPv6 address is the key's (80 bits of its hash): another key with the same one
+        // is a hash collision, which no next attempt moves away from; only a new key does.
+        let ip6 = derive_ip6(network, &key);
+        let taken6 = self
+            .networks
+            .get(network)
+            .is_some_and(|members| members.iter().any(|(k, m)| *k != key && m.ip6 == ip6));
+        if taken6 {
+            return Err((
+                RefuseReason::BadRecord,
+                "the IPv6 overlay address derived from this node key is held by another live \
+                 node; give this node a new key (stop a2ad, remove node.key from its state \
+                 directory, join again)"
+                    .into(),
             ));
         }
         Ok((parsed.ip, parsed.issued_ms))
@@ -718,6 +739,32 @@ mod tests {
         assert_eq!(e.0, RefuseReason::AddressInUse);
         r.disconnect(1);
         reg(&mut r, now, 2, &k, &node(2, "100.64.0.1")).unwrap();
+    }
+
+    #[test]
+    fn duplicate_ipv6_address_is_refused() {
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let now = Instant::now();
+        reg(&mut r, now, 1, &k, &node(1, "100.64.0.1")).unwrap();
+        // Distinct keys' addresses differ (80 bits of hash): a collision is made by hand, as
+        // if node 1's key hashed to node 2's address.
+        let two = node(2, "100.64.0.2");
+        let ip6 = derive_ip6(&k.id(), &two.key);
+        assert_ne!(ip6, derive_ip6(&k.id(), &NodeKey([1; 32])));
+        r.networks
+            .get_mut(&k.id())
+            .unwrap()
+            .get_mut(&NodeKey([1; 32]))
+            .unwrap()
+            .ip6 = ip6;
+        let e = reg(&mut r, now, 2, &k, &two).unwrap_err();
+        assert_eq!(e.0, RefuseReason::BadRecord);
+        assert!(e.1.contains("IPv6 overlay address"), "{}", e.1);
+        assert!(e.1.contains("new key"), "{}", e.1);
+        // Among live nodes only.
+        r.disconnect(1);
+        reg(&mut r, now, 2, &k, &two).unwrap();
     }
 
     #[test]

@@ -46,11 +46,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print this node's overlay IPv4 address.
-    Ip,
+    /// Print this node's overlay IPv4 address (with -6, its IPv6 one).
+    Ip {
+        /// Print the IPv6 overlay address instead (in the network's unique-local /48).
+        #[arg(short = '6')]
+        v6: bool,
+    },
+    /// Who holds an overlay address: the member's name, public key, addresses and whether it
+    /// joined with the token or an invite. For servers deciding what a caller may do.
+    Whois {
+        /// An overlay IPv4 or IPv6 address, optionally with a port (as a server sees its
+        /// caller): 100.64.1.2, 100.64.1.2:40000, [fd12:3456:789a:1::2]:40000.
+        #[arg(value_name = "IP[:PORT]")]
+        addr: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Probe a peer (name or overlay IP) over its current path: path, endpoint and RTT of each probe.
     Ping {
-        /// The peer's name or overlay IPv4 address.
+        /// The peer's name or overlay IPv4 or IPv6 address.
         peer: String,
         /// Number of probes, one a second.
         #[arg(short = 'c', long, default_value_t = 4)]
@@ -75,7 +90,7 @@ enum Command {
     /// Remove a peer (name, overlay IP or public key) from the network: every member drops it
     /// and the coordinator refuses it from now on.
     Kick {
-        /// The peer's name, overlay IPv4 address or public key.
+        /// The peer's name, overlay IPv4 or IPv6 address or public key.
         peer: String,
     },
     /// Manage the network secret.
@@ -160,7 +175,12 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Down => ApiRequest::Down,
         Command::Status { .. } => ApiRequest::Status,
-        Command::Ip => ApiRequest::Ip,
+        Command::Ip { .. } => ApiRequest::Ip,
+        Command::Whois { addr, .. } => {
+            // Checked here too, so bad input is named even when a2ad is not running.
+            a2a_proto::api::parse_whois_addr(addr)?;
+            ApiRequest::Whois { addr: addr.clone() }
+        }
         Command::Ping { .. } => unreachable!("handled above"),
         Command::Netcheck { .. } => ApiRequest::Netcheck,
         Command::Invite { uses, ttl } => ApiRequest::Invite {
@@ -186,8 +206,26 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        ApiResponse::Ip { ip } => {
-            println!("{ip}");
+        ApiResponse::Ip { ip, ip6 } => {
+            if matches!(cli.command, Command::Ip { v6: true }) {
+                let ip6 = ip6.ok_or(
+                    "this a2ad reports no IPv6 overlay address: it predates them; upgrade it",
+                )?;
+                println!("{ip6}");
+            } else {
+                println!("{ip}");
+            }
+            Ok(())
+        }
+        ApiResponse::Whois { member } => {
+            if matches!(cli.command, Command::Whois { json: true, .. }) {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&member).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", output::whois_text(&member));
+            }
             Ok(())
         }
         ApiResponse::Netcheck { report } => {

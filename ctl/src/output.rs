@@ -1,6 +1,6 @@
 //! Human-readable output.
 
-use a2a_proto::api::{NetcheckReport, PingResult, Status};
+use a2a_proto::api::{NetcheckReport, PingResult, Status, WhoisMember};
 
 /// One line of `a2actl ping`.
 pub fn ping_line(p: &PingResult) -> String {
@@ -81,6 +81,23 @@ pub fn netcheck_text(r: &NetcheckReport) -> String {
 }
 
 /// `a2actl status` without `--json`.
+/// `a2actl whois` without `--json`.
+pub fn whois_text(m: &WhoisMember) -> String {
+    let admitted = match (m.admitted_by.as_str(), &m.invite) {
+        ("token", _) => "the join token (holds the network secret)".to_string(),
+        ("invite", Some(id)) => format!("invite {id}"),
+        (other, _) => other.to_string(),
+    };
+    format!(
+        "{}{}\npublic key:  {}\nip:          {}\nip6:         {}\nadmitted by: {admitted}\n",
+        m.name,
+        if m.is_self { " (this node)" } else { "" },
+        m.public_key,
+        m.ip,
+        m.ip6,
+    )
+}
+
 pub fn status_table(status: &Status) -> String {
     let Some(me) = &status.self_ else {
         return "not joined to a network: run `a2actl up --join TOKEN`\n".into();
@@ -206,11 +223,40 @@ mod tests {
     }
 
     #[test]
+    fn whois_text_names_the_member_and_how_it_was_admitted() {
+        let mut m = WhoisMember {
+            name: "bob".into(),
+            public_key: "k2".into(),
+            ip: "100.64.0.2".into(),
+            ip6: "fd00:1:2:3::2".into(),
+            admitted_by: "invite".into(),
+            invite: Some("ab".repeat(16)),
+            certified_ms: Some(5),
+            is_self: false,
+        };
+        let t = whois_text(&m);
+        assert!(
+            t.starts_with("bob\npublic key:  k2\nip:          100.64.0.2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!("admitted by: invite {}", "ab".repeat(16))),
+            "{t}"
+        );
+        m.admitted_by = "token".into();
+        m.is_self = true;
+        let t = whois_text(&m);
+        assert!(t.starts_with("bob (this node)\n"), "{t}");
+        assert!(t.contains("admitted by: the join token"), "{t}");
+    }
+
+    #[test]
     fn table_lists_self_and_peers() {
         let st = Status {
             self_: Some(SelfStatus {
                 name: "alice".into(),
                 ip: "100.64.0.1".into(),
+                ip6: "fd00:1:2:3::1".into(),
                 public_key: "k".into(),
                 registered: true,
                 refused: None,
@@ -220,6 +266,7 @@ mod tests {
             peers: vec![PeerStatus {
                 name: "bob".into(),
                 ip: "100.64.0.2".into(),
+                ip6: "fd00:1:2:3::2".into(),
                 public_key: "k2".into(),
                 path: "direct".into(),
                 endpoint: Some("10.0.0.2:51820".into()),

@@ -2,7 +2,7 @@
 //! `curl`, `ping`, iperf3 server and client.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use crate::garbage;
@@ -134,10 +134,10 @@ impl Ns {
 
     /// Runs an iperf3 TCP test of `secs` seconds towards `ip` (retrying until the server is
     /// up); returns the received throughput in Mbit/s.
-    pub fn iperf3_client(&self, ip: Ipv4Addr, secs: u32) -> Result<f64, String> {
+    pub fn iperf3_client(&self, ip: impl Into<IpAddr>, secs: u32) -> Result<f64, String> {
         require_tool("iperf3", "iperf3");
         let port = IPERF_PORT.to_string();
-        let ip = ip.to_string();
+        let ip = ip.into().to_string();
         let t = secs.to_string();
         poll(Duration::from_secs(15), || {
             let out = self.exec_timeout(

@@ -256,8 +256,24 @@ fn names_resolve_through_the_system_resolver_and_follow_the_membership() {
     // An unknown name in the zone: NXDOMAIN (getent fails; dig shows it), not NOERROR.
     assert!(getent(alice, "nosuch.a2a").is_err());
     assert_eq!(dig(alice, &["nosuch.a2a"]), ("NXDOMAIN".to_string(), 0));
-    // AAAA of a name that exists, without IPv6 overlay addresses yet: no data, not NXDOMAIN.
-    assert_eq!(dig(alice, &["bob.a2a", "AAAA"]), ("NOERROR".to_string(), 0));
+    // AAAA: the member's IPv6 overlay address, as its own status says, through glibc too.
+    assert_eq!(dig(alice, &["bob.a2a", "AAAA"]), ("NOERROR".to_string(), 1));
+    let bob_ip6 = bob.status().raw["self"]["ip6"]
+        .as_str()
+        .expect("status --json self.ip6")
+        .to_string();
+    let v6 = alice
+        .ns
+        .exec_timeout(&["getent", "ahostsv6", "bob.a2a"], Duration::from_secs(15));
+    assert!(v6.success(), "{v6}");
+    assert!(
+        v6.stdout
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(bob_ip6.as_str())),
+        "getent ahostsv6 bob.a2a should give {bob_ip6}: {v6}"
+    );
+    // A type the zone has no record of, for a name that exists: no data, not NXDOMAIN.
+    assert_eq!(dig(alice, &["bob.a2a", "TXT"]), ("NOERROR".to_string(), 0));
     // Over TCP too.
     assert_eq!(dig(alice, &["+tcp", "bob.a2a"]), ("NOERROR".to_string(), 1));
     // A name outside the zone goes to the host's resolver (the lab's upstream answers it).

@@ -53,6 +53,11 @@ pub enum ApiRequest {
     },
     /// Move the network to a new secret, carrying every member not removed.
     RotateToken,
+    /// The member that holds an overlay address: `addr` is an IPv4 or IPv6 address, with or
+    /// without a port (`100.64.1.2:40000`, `[fd..::1]:40000`), as a server sees its caller.
+    Whois {
+        addr: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +75,9 @@ pub enum ApiResponse {
     },
     Ip {
         ip: String,
+        /// The IPv6 overlay address (absent from daemons before IPv6 overlay addresses).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ip6: Option<String>,
     },
     Pong {
         pong: PingResult,
@@ -94,9 +102,76 @@ pub enum ApiResponse {
         token: String,
         carried: Vec<String>,
     },
+    Whois {
+        member: WhoisMember,
+    },
     Error {
         message: String,
     },
+}
+
+/// What `a2actl whois --json` prints: the member holding an overlay address, as this node's
+/// membership knows it (from the member's signed record and certificate).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoisMember {
+    pub name: String,
+    pub public_key: String,
+    pub ip: String,
+    pub ip6: String,
+    /// `token` (joined with the join token: holds the network secret, can invite, kick and
+    /// rotate) or `invite` (admitted by an invite: holds a member certificate only).
+    pub admitted_by: String,
+    /// The invite it was admitted with (32 hex digits), for an invited member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invite: Option<String>,
+    /// When its member certificate was issued (ms since the Unix epoch), for an invited member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certified_ms: Option<u64>,
+    /// The address asked about is this node's own.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+}
+
+/// Parses what `whois` is asked about: an IP address, optionally with a port (`IP:PORT`, and
+/// `[IPv6]:PORT`); the port says nothing about the member and is dropped, and an IPv4-mapped
+/// IPv6 address (what a dual-stack socket reports for an IPv4 caller) is taken as the IPv4
+/// address. The error says what is wrong with the text.
+pub fn parse_whois_addr(text: &str) -> Result<std::net::IpAddr, String> {
+    use std::net::{IpAddr, SocketAddr};
+    let text = text.trim();
+    // A dual-stack server socket sees an IPv4 caller as `::ffff:a.b.c.d`.
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    };
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(plain(ip));
+    }
+    if let Ok(sa) = text.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            return Err(format!(
+                "{text:?}: port 0 is not a port a caller can have (1 to 65535)"
+            ));
+        }
+        return Ok(plain(sa.ip()));
+    }
+    // Say which part is wrong: the port, or the address.
+    let (host, port) = match text.rsplit_once(':') {
+        Some((h, p)) if h.starts_with('[') && h.ends_with(']') => (&h[1..h.len() - 1], Some(p)),
+        Some((h, p)) if !h.contains(':') => (h, Some(p)),
+        _ => (text, None),
+    };
+    if let Some(port) = port {
+        if host.parse::<IpAddr>().is_ok() {
+            return Err(format!(
+                "{text:?}: the port {port:?} is not a number from 1 to 65535"
+            ));
+        }
+    }
+    Err(format!(
+        "{text:?} is not an IP address (give an overlay IPv4 or IPv6 address, optionally with \
+         a port: 100.64.1.2, 100.64.1.2:8080, fd12:3456:789a:1::2, [fd12:3456:789a:1::2]:8080)"
+    ))
 }
 
 /// The outcome of one `a2actl ping` probe.
@@ -181,6 +256,9 @@ pub struct Status {
 pub struct SelfStatus {
     pub name: String,
     pub ip: String,
+    /// The IPv6 overlay address (in the network's unique-local /48).
+    #[serde(default)]
+    pub ip6: String,
     pub public_key: String,
     /// Whether the coordinator currently has this node registered.
     #[serde(default)]
@@ -199,6 +277,8 @@ pub struct SelfStatus {
 pub struct PeerStatus {
     pub name: String,
     pub ip: String,
+    #[serde(default)]
+    pub ip6: String,
     pub public_key: String,
     /// `direct`, `relay` or `none`.
     pub path: String,
@@ -292,6 +372,7 @@ mod tests {
             self_: Some(SelfStatus {
                 name: "a".into(),
                 ip: "100.64.0.1".into(),
+                ip6: "fd00:1:2:3::1".into(),
                 public_key: "k".into(),
                 registered: true,
                 refused: None,
@@ -301,6 +382,7 @@ mod tests {
             peers: vec![PeerStatus {
                 name: "b".into(),
                 ip: "100.64.0.2".into(),
+                ip6: "fd00:1:2:3::2".into(),
                 public_key: "k2".into(),
                 path: "direct".into(),
                 endpoint: Some("10.0.0.2:51820".into()),
@@ -312,12 +394,13 @@ mod tests {
             counters: Default::default(),
         };
         let v: serde_json::Value = serde_json::to_value(&st).unwrap();
-        for f in ["name", "ip", "public_key"] {
+        for f in ["name", "ip", "ip6", "public_key"] {
             assert!(v["self"].get(f).is_some(), "{f}");
         }
         for f in [
             "name",
             "ip",
+            "ip6",
             "public_key",
             "path",
             "endpoint",
@@ -327,5 +410,55 @@ mod tests {
         ] {
             assert!(v["peers"][0].get(f).is_some(), "{f}");
         }
+    }
+
+    #[test]
+    fn whois_takes_an_address_with_or_without_a_port_and_says_what_is_wrong() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        for (text, want) in [
+            ("100.64.1.2", "100.64.1.2"),
+            (" 100.64.1.2:8080 ", "100.64.1.2"),
+            ("fd12:3456:789a:1::2", "fd12:3456:789a:1::2"),
+            ("[fd12:3456:789a:1::2]:65535", "fd12:3456:789a:1::2"),
+            ("::ffff:100.64.1.2", "100.64.1.2"),
+            ("[::ffff:100.64.1.2]:8080", "100.64.1.2"),
+        ] {
+            assert_eq!(parse_whois_addr(text), Ok(ip(want)), "{text}");
+        }
+        for (text, says) in [
+            (
+                "100.64.1.2:70000",
+                "port \"70000\" is not a number from 1 to 65535",
+            ),
+            ("[fd12::2]:99999", "port \"99999\""),
+            ("100.64.1.2:http", "port \"http\""),
+            ("100.64.1.2:0", "port 0"),
+            ("planner", "is not an IP address"),
+            ("100.64.1", "is not an IP address"),
+            ("", "is not an IP address"),
+            ("fd12::2:80x", "is not an IP address"),
+        ] {
+            let e = parse_whois_addr(text).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+        // The request and answer have their wire names.
+        let req: ApiRequest =
+            serde_json::from_str(r#"{"cmd":"whois","addr":"100.64.1.2"}"#).unwrap();
+        assert_eq!(
+            req,
+            ApiRequest::Whois {
+                addr: "100.64.1.2".into()
+            }
+        );
+        // An `ip` answer from an older daemon (no ip6) still parses.
+        let old: ApiResponse =
+            serde_json::from_str(r#"{"result":"ip","ip":"100.64.0.1"}"#).unwrap();
+        assert_eq!(
+            old,
+            ApiResponse::Ip {
+                ip: "100.64.0.1".into(),
+                ip6: None
+            }
+        );
     }
 }

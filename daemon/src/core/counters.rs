@@ -35,9 +35,13 @@ counters! {
     /// Handshake messages with a valid cookie dropped while under load, their source being over
     /// its share (`HANDSHAKES_PER_SOURCE` a second).
     wg_handshake_rate_limited,
+    /// Decrypted IPv4 packets whose source is not the sending peer's overlay address.
     inner_source_mismatch,
+    /// The same for IPv6: a source other than the peer's IPv6 overlay address.
+    inner_source_mismatch6,
     tun_no_route,
-    tun_not_ipv4,
+    /// Packets read from the TUN device that are neither IPv4 nor IPv6.
+    tun_not_ip,
     no_endpoint,
     send_errors,
     records_unsigned,
@@ -138,6 +142,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 49);
+        assert_eq!(len, 50);
     }
 }

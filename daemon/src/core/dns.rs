@@ -44,7 +44,7 @@ pub const QUERIES_PER_SOURCE: u32 = 5000;
 pub struct Member {
     pub name: String,
     pub ip: Ipv4Addr,
-    /// The member's IPv6 overlay address, once members have one.
+    /// The member's IPv6 overlay address (`None`: answer AAAA with no data).
     pub ip6: Option<Ipv6Addr>,
 }
 

@@ -4,14 +4,16 @@
 //! the revocation list), which writes the state directory.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use a2a_proto::invite::{InviteCode, InviteId, InviteProof};
 use a2a_proto::keys::SignerId;
 use a2a_proto::membership::{Revocation, Signed};
+use a2a_proto::overlay::derive_ip6;
 use a2a_proto::sync::lock;
-use a2a_proto::{Credential, NodeKey};
+use a2a_proto::token::JoinToken;
+use a2a_proto::{Credential, NetworkId, NodeKey};
 
 use a2a_proto::membership::Invited;
 use serde::{Deserialize, Serialize};
@@ -26,6 +28,28 @@ pub struct Membership {
     pub invited: Option<Invited>,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The IPv6 overlay address, derived from the network id and the node key (so a file
+    /// written before IPv6 addresses, without it, loses nothing: it is derived on load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
+}
+
+impl Membership {
+    /// The network this membership is in (`None` if the saved token does not parse).
+    pub fn network_id(&self) -> Option<NetworkId> {
+        match &self.invited {
+            Some(i) => Some(i.network),
+            None => JoinToken::parse(&self.token)
+                .ok()
+                .map(|t| Credential::from_token(t).network_id()),
+        }
+    }
+
+    /// The IPv6 overlay address of `node` in this membership's network, derived (the saved
+    /// one is a copy for people reading the file).
+    pub fn derived_ip6(&self, node: &NodeKey) -> Option<Ipv6Addr> {
+        self.network_id().map(|n| derive_ip6(&n, node))
+    }
 }
 
 /// Most invites one node keeps open at once (the coordinator's cap too).
@@ -250,6 +274,7 @@ impl MemberState {
             invited,
             name,
             ip,
+            ip6: None,
         }
     }
 }

@@ -6,13 +6,14 @@
 //! new snapshot. No I/O happens here.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use a2a_proto::disco::DiscoKey;
 use a2a_proto::membership::MemberCert;
+use a2a_proto::overlay::derive_ip6;
 use a2a_proto::sync::lock;
 use a2a_proto::{NodeKey, NodeRecord};
 use arc_swap::ArcSwap;
@@ -46,6 +47,8 @@ pub const HANDSHAKES_PER_SOURCE: u32 = 20;
 pub struct PeerInfo {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The IPv6 overlay address, derived from the network id and the peer's key.
+    pub ip6: Ipv6Addr,
     pub candidates: Vec<SocketAddr>,
     pub issued_ms: u64,
     /// The member certificate of a peer admitted by invite; `None` for a holder of the
@@ -73,6 +76,9 @@ pub struct Peer {
     /// The overlay address, also in `info`; kept apart so the receive path checks inner
     /// sources without taking a lock.
     ip: AtomicU32,
+    /// The IPv6 overlay address (high and low halves), for the same check; it changes only
+    /// when the network rotates (its /48 is the network id's).
+    ip6: [AtomicU64; 2],
     info: Mutex<PeerInfo>,
     /// Seals and opens disco probes with this peer.
     pub disco: DiscoKey,
@@ -100,6 +106,27 @@ impl Peer {
 
     pub fn ip(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.ip.load(Ordering::Relaxed))
+    }
+
+    pub fn ip6(&self) -> Ipv6Addr {
+        let hi = u128::from(self.ip6[0].load(Ordering::Relaxed));
+        let lo = u128::from(self.ip6[1].load(Ordering::Relaxed));
+        Ipv6Addr::from((hi << 64) | lo)
+    }
+
+    fn store_ip6(&self, ip6: Ipv6Addr) {
+        let v = u128::from(ip6);
+        self.ip6[0].store((v >> 64) as u64, Ordering::Relaxed);
+        self.ip6[1].store(v as u64, Ordering::Relaxed);
+    }
+
+    /// The inner-source check: whether a packet from this peer may carry `src` as its source
+    /// (its own overlay address of that family, nothing else).
+    pub fn holds(&self, src: IpAddr) -> bool {
+        match src {
+            IpAddr::V4(v4) => v4 == self.ip(),
+            IpAddr::V6(v6) => v6 == self.ip6(),
+        }
     }
 
     pub fn route(&self) -> SendRoute {
@@ -241,6 +268,7 @@ pub enum Source {
 #[derive(Default)]
 struct Snapshot {
     by_ip: HashMap<Ipv4Addr, Arc<Peer>>,
+    by_ip6: HashMap<Ipv6Addr, Arc<Peer>>,
     by_key: HashMap<NodeKey, Arc<Peer>>,
     by_index: HashMap<u32, Arc<Peer>>,
 }
@@ -338,6 +366,18 @@ impl PeerTable {
         self.snapshot.load().by_ip.get(&ip).cloned()
     }
 
+    pub fn by_ip6(&self, ip: Ipv6Addr) -> Option<Arc<Peer>> {
+        self.snapshot.load().by_ip6.get(&ip).cloned()
+    }
+
+    /// The peer holding overlay address `ip`, of either family.
+    pub fn by_addr(&self, ip: IpAddr) -> Option<Arc<Peer>> {
+        match ip {
+            IpAddr::V4(v4) => self.by_ip(v4),
+            IpAddr::V6(v6) => self.by_ip6(v6),
+        }
+    }
+
     pub fn by_key(&self, key: &NodeKey) -> Option<Arc<Peer>> {
         self.snapshot.load().by_key.get(key).cloned()
     }
@@ -401,7 +441,10 @@ impl PeerTable {
     /// The peer a user names: by its name, overlay address or public key (base64).
     pub fn find(&self, target: &str) -> Option<Arc<Peer>> {
         self.all().into_iter().find(|p| {
-            p.info().name == target || p.ip().to_string() == target || p.key.to_base64() == target
+            p.info().name == target
+                || p.ip().to_string() == target
+                || target.parse() == Ok(p.ip6())
+                || p.key.to_base64() == target
         })
     }
 
@@ -424,9 +467,11 @@ impl PeerTable {
         let mut by_key = current.by_key.clone();
         mutate(&mut by_key);
         let by_ip = by_key.values().map(|p| (p.ip(), p.clone())).collect();
+        let by_ip6 = by_key.values().map(|p| (p.ip6(), p.clone())).collect();
         let by_index = by_key.values().map(|p| (p.index, p.clone())).collect();
         self.snapshot.store(Arc::new(Snapshot {
             by_ip,
+            by_ip6,
             by_key,
             by_index,
         }));
@@ -444,14 +489,21 @@ impl PeerTable {
         }
         let _w = lock(&self.writer);
         let snap = self.snapshot.load();
-        if let Some(holder) = snap.by_ip.get(&record.ip) {
-            if holder.key != record.node_key {
-                return Applied::AddressConflict;
-            }
+        // The record verified for its network: the IPv6 address follows from the two.
+        let ip6 = derive_ip6(&record.network, &record.node_key);
+        let v4_holder = snap.by_ip.get(&record.ip);
+        let v6_holder = snap.by_ip6.get(&ip6);
+        if [v4_holder, v6_holder]
+            .into_iter()
+            .flatten()
+            .any(|holder| holder.key != record.node_key)
+        {
+            return Applied::AddressConflict;
         }
         let info = PeerInfo {
             name: record.name,
             ip: record.ip,
+            ip6,
             candidates: record.candidates,
             issued_ms: record.issued_ms,
             cert,
@@ -463,6 +515,7 @@ impl PeerTable {
                     return Applied::Stale;
                 }
                 peer.ip.store(u32::from(info.ip), Ordering::Relaxed);
+                peer.store_ip6(info.ip6);
                 *current = info.clone();
             }
             {
@@ -497,6 +550,10 @@ impl PeerTable {
             index,
             tunn: Mutex::new(tunn),
             ip: AtomicU32::new(u32::from(info.ip)),
+            ip6: [
+                AtomicU64::new((u128::from(info.ip6) >> 64) as u64),
+                AtomicU64::new(u128::from(info.ip6) as u64),
+            ],
             disco: DiscoKey::derive(&self.own_secret, &record.node_key),
             relay_id: AtomicU32::new(0),
             route: Mutex::new(SendRoute {
@@ -548,6 +605,46 @@ mod tests {
             candidates: vec![format!("10.0.0.{n}:51820").parse().unwrap()],
             issued_ms,
         }
+    }
+
+    #[test]
+    fn peers_have_their_derived_ip6_and_the_inner_source_check_takes_only_their_own() {
+        let t = PeerTable::new(key(1).0, Instant::now());
+        let r2 = record(2, "100.64.0.2", 1);
+        let r3 = record(3, "100.64.0.3", 1);
+        let (ip6_2, ip6_3) = (
+            derive_ip6(&r2.network, &r2.node_key),
+            derive_ip6(&r3.network, &r3.node_key),
+        );
+        assert_eq!(t.apply(Instant::now(), r2, None), Applied::Added);
+        assert_eq!(t.apply(Instant::now(), r3, None), Applied::Added);
+        let p2 = t.by_ip6(ip6_2).unwrap();
+        assert_eq!(p2.ip6(), ip6_2);
+        assert_eq!(p2.info().ip6, ip6_2);
+        assert!(Arc::ptr_eq(&p2, &t.by_addr(IpAddr::V6(ip6_2)).unwrap()));
+        assert!(Arc::ptr_eq(
+            &p2,
+            &t.by_addr("100.64.0.2".parse().unwrap()).unwrap()
+        ));
+        assert!(Arc::ptr_eq(&p2, &t.find(&ip6_2.to_string()).unwrap()));
+        // Its own addresses pass; another peer's, or any other, of either family, do not.
+        assert!(p2.holds(IpAddr::V6(ip6_2)));
+        assert!(p2.holds("100.64.0.2".parse().unwrap()));
+        assert!(!p2.holds(IpAddr::V6(ip6_3)));
+        assert!(!p2.holds("100.64.0.3".parse().unwrap()));
+        let mut near = ip6_2.octets();
+        near[15] ^= 1;
+        assert!(!p2.holds(IpAddr::V6(near.into())));
+        assert!(!p2.holds("fe80::1".parse().unwrap()));
+        assert!(!p2.holds("::ffff:100.64.0.2".parse().unwrap()));
+        // An update keeps the address (it is the key's), and the lookups.
+        assert_eq!(
+            t.apply(Instant::now(), record(2, "100.64.0.9", 2), None),
+            Applied::Updated
+        );
+        assert_eq!(t.by_ip6(ip6_2).unwrap().ip6(), ip6_2);
+        assert!(t.remove(&key(2).1));
+        assert!(t.by_ip6(ip6_2).is_none());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The boringtun adapter: one `Tunn` call's result as an owned action the caller carries out,
 //! and the plaintext shaping around it (padding, the destination of a packet). No I/O.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 
 use boringtun::noise::errors::WireGuardError;
@@ -16,9 +16,9 @@ pub const WG_DATA_OVERHEAD: usize = 32 + 16;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     SendToNetwork(Range<usize>),
-    WriteToTunnel(Range<usize>, Ipv4Addr),
-    /// An IPv6 packet: the overlay is IPv4-only for now.
-    DropV6,
+    /// A decrypted IPv4 or IPv6 packet and its inner source address (which the caller checks
+    /// against the sending peer).
+    WriteToTunnel(Range<usize>, IpAddr),
     Nothing,
     Rejected,
     /// A handshake initiation with a timestamp not after the last accepted one: a replay.
@@ -36,8 +36,8 @@ pub fn action(out_start: *const u8, result: TunnResult<'_>) -> Action {
         TunnResult::Err(WireGuardError::WrongTai64nTimestamp) => Action::ReplayedHandshake,
         TunnResult::Err(_) => Action::Rejected,
         TunnResult::WriteToNetwork(p) => Action::SendToNetwork(range(p)),
-        TunnResult::WriteToTunnelV4(p, src) => Action::WriteToTunnel(range(p), src),
-        TunnResult::WriteToTunnelV6(..) => Action::DropV6,
+        TunnResult::WriteToTunnelV4(p, src) => Action::WriteToTunnel(range(p), src.into()),
+        TunnResult::WriteToTunnelV6(p, src) => Action::WriteToTunnel(range(p), src.into()),
     }
 }
 
@@ -60,14 +60,18 @@ pub fn pad_plaintext(buf: &mut [u8], len: usize) -> &[u8] {
     &buf[..padded]
 }
 
-/// Destination of an IPv4 packet read from the TUN device.
-pub fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
-    if packet.len() >= 20 && packet[0] >> 4 == 4 {
-        Some(Ipv4Addr::new(
+/// Destination of an IPv4 or IPv6 packet read from the TUN device; `None` for anything else
+/// (or a header cut short).
+pub fn ip_destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) if packet.len() >= 20 => Some(IpAddr::V4(Ipv4Addr::new(
             packet[16], packet[17], packet[18], packet[19],
-        ))
-    } else {
-        None
+        ))),
+        Some(6) if packet.len() >= 40 => {
+            let dst: [u8; 16] = packet[24..40].try_into().expect("16 bytes");
+            Some(IpAddr::V6(Ipv6Addr::from(dst)))
+        }
+        _ => None,
     }
 }
 
@@ -125,14 +129,20 @@ mod tests {
     }
 
     #[test]
-    fn finds_ipv4_destinations_only() {
-        let mut p = [0u8; 20];
+    fn finds_ipv4_and_ipv6_destinations() {
+        let mut p = [0u8; 40];
         p[0] = 0x45;
         p[16..20].copy_from_slice(&[100, 64, 0, 9]);
-        assert_eq!(ipv4_destination(&p), Some(Ipv4Addr::new(100, 64, 0, 9)));
-        assert_eq!(ipv4_destination(&p[..19]), None);
+        assert_eq!(ip_destination(&p), Some(IpAddr::from([100, 64, 0, 9])));
+        assert_eq!(ip_destination(&p[..19]), None);
         p[0] = 0x60;
-        assert_eq!(ipv4_destination(&p), None);
+        let dst: Ipv6Addr = "fd00:1:2:3::9".parse().unwrap();
+        p[24..40].copy_from_slice(&dst.octets());
+        assert_eq!(ip_destination(&p), Some(IpAddr::V6(dst)));
+        assert_eq!(ip_destination(&p[..39]), None);
+        p[0] = 0x50;
+        assert_eq!(ip_destination(&p), None);
+        assert_eq!(ip_destination(&[]), None);
     }
 
     /// A minimal IPv4/UDP packet from `src` to `dst` carrying `payload`.
@@ -535,7 +545,7 @@ mod tests {
             if let Action::WriteToTunnel(r, src) =
                 action(out_b.as_ptr(), b.decapsulate(None, &d, &mut out_b))
             {
-                assert_eq!(src, Ipv4Addr::new(100, 64, 0, 1));
+                assert_eq!(src, IpAddr::from([100, 64, 0, 1]));
                 delivered = Some(out_b[r].to_vec());
             }
         }
@@ -552,6 +562,46 @@ mod tests {
         assert_eq!(
             action(out_b.as_ptr(), b.decapsulate(None, &data, &mut out_b)),
             Action::Rejected
+        );
+    }
+
+    #[test]
+    fn ipv6_packets_cross_the_tunnel_with_their_inner_source() {
+        let (mut a, mut b) = handshaken_pair();
+        let (src, dst): (Ipv6Addr, Ipv6Addr) = (
+            "fd12:3456:789a:1::1".parse().unwrap(),
+            "fd12:3456:789a:2::2".parse().unwrap(),
+        );
+        // A minimal IPv6/UDP packet (payload length 8 + 5).
+        let mut packet = vec![0u8; 40 + 8 + 5];
+        packet[0] = 0x60;
+        packet[4..6].copy_from_slice(&13u16.to_be_bytes());
+        packet[6] = 17;
+        packet[7] = 64;
+        packet[8..24].copy_from_slice(&src.octets());
+        packet[24..40].copy_from_slice(&dst.octets());
+        packet[44..46].copy_from_slice(&13u16.to_be_bytes());
+        packet[48..].copy_from_slice(b"hello");
+        assert_eq!(ip_destination(&packet), Some(IpAddr::V6(dst)));
+        let (mut out_a, mut out_b) = (vec![0u8; 2048], vec![0u8; 2048]);
+        let mut plain = packet.clone();
+        plain.resize(128, 0);
+        let padded = pad_plaintext(&mut plain, packet.len()).to_vec();
+        let Action::SendToNetwork(r) = action(out_a.as_ptr(), a.encapsulate(&padded, &mut out_a))
+        else {
+            panic!("expected a data packet");
+        };
+        let data = out_a[r].to_vec();
+        let Action::WriteToTunnel(r, inner) =
+            action(out_b.as_ptr(), b.decapsulate(None, &data, &mut out_b))
+        else {
+            panic!("the IPv6 packet was not delivered");
+        };
+        assert_eq!(inner, IpAddr::V6(src));
+        assert_eq!(
+            &out_b[r],
+            &packet[..],
+            "padding trimmed by the payload length"
         );
     }
 }

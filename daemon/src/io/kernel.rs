@@ -337,6 +337,19 @@ impl Underlay for KernelUnderlay {
             .map_err(|e| format!("cannot configure {}: {e}", self.interface))
     }
 
+    async fn set_overlay_address6(&self, ip: Ipv6Addr, prefix_len: u8) -> Result<(), String> {
+        self.netconf
+            .configure6(self.tun_index, ip, prefix_len)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot give {} its IPv6 overlay address {ip}: {e} (is IPv6 disabled? \
+                     sysctl net.ipv6.conf.all.disable_ipv6=0); IPv4 works without it",
+                    self.interface
+                )
+            })
+    }
+
     async fn gateway_ipv4(&self) -> Option<Ipv4Addr> {
         // Bounded: the routing table of a host, read once.
         let table = tokio::fs::read_to_string("/proc/net/route").await.ok()?;

@@ -109,6 +109,18 @@ pub trait Underlay: Send + Sync + 'static {
         prefix_len: u8,
     ) -> impl Future<Output = Result<(), String>> + Send;
 
+    /// Gives the overlay interface the IPv6 overlay address `ip/prefix_len` (instead of any
+    /// other it had but link-local ones); the prefix route comes with it. The fakes ignore it
+    /// (their tunnel carries what the daemon writes, whatever the address).
+    fn set_overlay_address6(
+        &self,
+        ip: Ipv6Addr,
+        prefix_len: u8,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        let _ = (ip, prefix_len);
+        async { Ok(()) }
+    }
+
     /// The IPv4 default gateway (where a port-mapping server would be), if there is one. The
     /// fakes have none.
     fn gateway_ipv4(&self) -> impl Future<Output = Option<Ipv4Addr>> + Send {

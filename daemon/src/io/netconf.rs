@@ -101,6 +101,38 @@ impl NetConf {
             .map_err(|e| nl_err("set the interface up", e))
     }
 
+    /// Makes `ip/prefix_len` the only IPv6 address of the link besides link-local ones (the
+    /// kernel adds the prefix route with it), with no duplicate address detection: the address
+    /// is the node key's, and the link is point-to-point.
+    pub async fn configure6(&self, index: u32, ip: Ipv6Addr, prefix_len: u8) -> io::Result<()> {
+        use rtnetlink::packet_route::address::AddressHeaderFlags;
+        for msg in self.addresses().await? {
+            if msg.header.index == index
+                && ipv6_of(&msg).is_some_and(|a| a != ip && !a.is_unicast_link_local())
+            {
+                self.handle
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| nl_err("remove old IPv6 overlay address", e))?;
+            }
+        }
+        let present = self
+            .addresses()
+            .await?
+            .iter()
+            .any(|m| m.header.index == index && ipv6_of(m) == Some(ip));
+        if !present {
+            let mut req = self.handle.address().add(index, IpAddr::V6(ip), prefix_len);
+            req.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+            req.execute()
+                .await
+                .map_err(|e| nl_err("add IPv6 overlay address", e))?;
+        }
+        Ok(())
+    }
+
     /// The host's IPv4 addresses other than loopback and the overlay interface: the local
     /// candidates a node publishes.
     ///
@@ -174,6 +206,13 @@ impl NetConf {
 fn ipv4_of(msg: &AddressMessage) -> Option<Ipv4Addr> {
     msg.attributes.iter().find_map(|a| match a {
         AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+        _ => None,
+    })
+}
+
+fn ipv6_of(msg: &AddressMessage) -> Option<Ipv6Addr> {
+    msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
         _ => None,
     })
 }

@@ -56,9 +56,14 @@ impl StateDir {
         }
     }
 
-    /// Saves the membership atomically (write to a temporary file, fsync, rename).
+    /// Saves the membership atomically (write to a temporary file, fsync, rename), with the
+    /// IPv6 overlay address derived for this node's key.
     pub fn save_membership(&self, m: &Membership) -> io::Result<()> {
-        self.save_json("network.json", m)
+        let mut m = m.clone();
+        let key = self.node_key()?;
+        let public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(key));
+        m.ip6 = m.derived_ip6(&a2a_proto::NodeKey(public.to_bytes()));
+        self.save_json("network.json", &m)
     }
 
     fn save_json<T: Serialize>(&self, name: &str, value: &T) -> io::Result<()> {
@@ -123,14 +128,22 @@ mod tests {
             invited: None,
             name: "n".into(),
             ip: "100.64.0.1".parse().unwrap(),
+            ip6: None,
         };
         s.save_membership(&m).unwrap();
-        assert_eq!(s.membership().unwrap(), Some(m));
+        assert_eq!(s.membership().unwrap(), Some(m.clone()));
         let mode = fs::metadata(dir.join("network.json"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        // A file from before IPv6 overlay addresses (no `ip6`) still loads.
+        fs::write(
+            dir.join("network.json"),
+            r#"{"token":"a2a1x","name":"n","ip":"100.64.0.1"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.membership().unwrap(), Some(m));
         fs::write(dir.join("network.json"), "{").unwrap();
         assert!(s
             .membership()

@@ -79,7 +79,7 @@ pub async fn dispatch<P: Platform>(req: ApiRequest, daemon: &Daemon<P>) -> ApiRe
             status: daemon.status().await,
         },
         ApiRequest::Ip => match daemon.ip().await {
-            Ok(ip) => ApiResponse::Ip { ip },
+            Ok((ip, ip6)) => ApiResponse::Ip { ip, ip6: Some(ip6) },
             Err(e) => error(e),
         },
         ApiRequest::Ping { peer } => match daemon.ping(&peer).await {
@@ -100,6 +100,10 @@ pub async fn dispatch<P: Platform>(req: ApiRequest, daemon: &Daemon<P>) -> ApiRe
                 ip,
                 holds_secret,
             },
+            Err(e) => error(e),
+        },
+        ApiRequest::Whois { addr } => match daemon.whois(&addr).await {
+            Ok(member) => ApiResponse::Whois { member },
             Err(e) => error(e),
         },
         ApiRequest::RotateToken => match daemon.rotate().await {

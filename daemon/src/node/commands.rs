@@ -5,12 +5,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use a2a_proto::api::{NetcheckReport, PeerStatus, PingResult, PortmapReport, SelfStatus, Status};
+use a2a_proto::api::{
+    parse_whois_addr, NetcheckReport, PeerStatus, PingResult, PortmapReport, SelfStatus, Status,
+    WhoisMember,
+};
 use a2a_proto::control::ClientMsg;
 use a2a_proto::invite::InviteCode;
 use a2a_proto::keys::{NetworkSecret, REVOKE_CONTEXT, ROTATE_CONTEXT};
 use a2a_proto::membership::{issue_cert, Carry, Revocation, RotationNotice, Signed};
-use a2a_proto::overlay::{derive_ip, is_host_in};
+use a2a_proto::overlay::{derive_ip, is_host_in, ula_prefix};
 use a2a_proto::record::{sanitize_name, validate_name};
 use a2a_proto::time::now_ms;
 use a2a_proto::{Credential, JoinToken, NetworkId, NetworkKey, NodeKey};
@@ -278,11 +281,79 @@ impl<P: Platform> Daemon<P> {
         }
     }
 
-    pub async fn ip(&self) -> Result<String, CommandError> {
+    /// This node's overlay addresses: IPv4 and IPv6.
+    pub async fn ip(&self) -> Result<(String, String), CommandError> {
         match self.session.lock().await.as_ref() {
-            Some(s) => Ok(s.current_ip().to_string()),
+            Some(s) => Ok((s.current_ip().to_string(), s.current_ip6().to_string())),
             None => Err(CommandError::NotJoined),
         }
+    }
+
+    /// The member that holds overlay address `addr` (IPv4 or IPv6, a port allowed), as this
+    /// node's membership knows it: this node or a peer whose signed record it holds.
+    pub async fn whois(&self, addr: &str) -> Result<WhoisMember, CommandError> {
+        let ip = parse_whois_addr(addr).map_err(CommandError::Failed)?;
+        let slot = self.session.lock().await;
+        let Some(s) = slot.as_ref() else {
+            return Err(CommandError::NotJoined);
+        };
+        if ip == std::net::IpAddr::V4(s.current_ip()) || ip == std::net::IpAddr::V6(s.current_ip6())
+        {
+            let credential = s.member.credential();
+            let (admitted_by, invite, certified_ms) = match &*credential {
+                Credential::Secret { .. } => ("token", None, None),
+                Credential::Invited { invited, .. } => {
+                    let cert =
+                        a2a_proto::membership::MemberCert::open(&invited.cert, &invited.network)
+                            .ok();
+                    (
+                        "invite",
+                        cert.as_ref().map(|c| c.invite.to_hex()),
+                        cert.map(|c| c.issued_ms),
+                    )
+                }
+            };
+            return Ok(WhoisMember {
+                name: s.name.clone(),
+                public_key: self.node_key().to_base64(),
+                ip: s.current_ip().to_string(),
+                ip6: s.current_ip6().to_string(),
+                admitted_by: admitted_by.into(),
+                invite,
+                certified_ms,
+                is_self: true,
+            });
+        }
+        let Some(peer) = s.peers.by_addr(ip) else {
+            let prefix = s.member.credential().prefix();
+            let prefix6 = ula_prefix(&s.network_id());
+            let inside = match ip {
+                std::net::IpAddr::V4(v4) => prefix.contains(&v4),
+                std::net::IpAddr::V6(v6) => prefix6.contains(&v6),
+            };
+            let hint = if inside {
+                String::new()
+            } else {
+                format!(" (it is outside this network's overlay, {prefix} and {prefix6})")
+            };
+            return Err(CommandError::Failed(format!("no member holds {ip}{hint}")));
+        };
+        let info = peer.info();
+        Ok(WhoisMember {
+            name: info.name,
+            public_key: peer.key.to_base64(),
+            ip: info.ip.to_string(),
+            ip6: info.ip6.to_string(),
+            admitted_by: if info.cert.is_some() {
+                "invite"
+            } else {
+                "token"
+            }
+            .into(),
+            invite: info.cert.as_ref().map(|c| c.invite.to_hex()),
+            certified_ms: info.cert.as_ref().map(|c| c.issued_ms),
+            is_self: false,
+        })
     }
 
     pub async fn status(&self) -> Status {
@@ -306,6 +377,7 @@ impl<P: Platform> Daemon<P> {
                 PeerStatus {
                     name: info.name,
                     ip: info.ip.to_string(),
+                    ip6: info.ip6.to_string(),
                     public_key: p.key.to_base64(),
                     path: if live { path } else { "none" }.into(),
                     endpoint,
@@ -327,6 +399,7 @@ impl<P: Platform> Daemon<P> {
             self_: Some(SelfStatus {
                 name: s.name.clone(),
                 ip: s.current_ip().to_string(),
+                ip6: s.current_ip6().to_string(),
                 public_key: self.node_key().to_base64(),
                 registered,
                 refused,

@@ -109,6 +109,7 @@ mod tests {
             self_: Some(SelfStatus {
                 name: "alpha".into(),
                 ip: "100.64.0.1".into(),
+                ip6: "fd00:1:2:3::1".into(),
                 public_key: "k".into(),
                 registered: true,
                 refused: None,
@@ -118,6 +119,7 @@ mod tests {
             peers: vec![PeerStatus {
                 name: "bravo".into(),
                 ip: "100.64.0.2".into(),
+                ip6: "fd00:1:2:3::2".into(),
                 public_key: "k2".into(),
                 path: "direct".into(),
                 endpoint: Some("192.0.2.2:51820".into()),

@@ -2,9 +2,10 @@
 //! packet-path loops, the path finder and the control client, started together and stopped
 //! together.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
+use a2a_proto::overlay::{derive_ip6, ULA_PREFIX_LEN};
 use a2a_proto::{Credential, NetworkId};
 use arc_swap::ArcSwapOption;
 use boringtun::x25519::StaticSecret;
@@ -16,7 +17,7 @@ use crate::core::counters::Counters;
 use crate::core::membership::MemberState;
 use crate::core::peers::PeerTable;
 use crate::io::state::StateDir;
-use crate::io::{Platform, UdpTransport};
+use crate::io::{Platform, UdpTransport, Underlay};
 use crate::tasks::control::ControlTask;
 use crate::tasks::dataplane::DataPlane;
 use crate::tasks::dns::DnsTask;
@@ -96,6 +97,10 @@ impl<P: Platform> Session<P> {
         let io = platform
             .open(&device.interface, device.udp_port, ip, prefix_len)
             .await?;
+        let ip6 = derive_ip6(&credential.network_id(), &own_key(&node_private));
+        if let Err(e) = io.underlay.set_overlay_address6(ip6, ULA_PREFIX_LEN).await {
+            tracing::warn!("{e}");
+        }
         let member = Arc::new(MemberState::new(credential, join_text, state.revocations()));
         let peers = Arc::new(PeerTable::new(StaticSecret::from(node_private), now()));
         let counters = Arc::new(Counters::default());
@@ -156,6 +161,7 @@ impl<P: Platform> Session<P> {
             state,
             status: status_tx,
             ip: ip_tx,
+            ip6,
             portmap: portmap.clone(),
         };
         let control = tokio::spawn(task.run(leave_rx));
@@ -168,6 +174,12 @@ impl<P: Platform> Session<P> {
                         peers: peers.clone(),
                         name: name.clone(),
                         ip: ip_rx.clone(),
+                        ip6: {
+                            let (member, peers) = (member.clone(), peers.clone());
+                            Box::new(move || {
+                                derive_ip6(&member.credential().network_id(), &peers.own_key())
+                            })
+                        },
                         dns_ip,
                         upstreams: crate::tasks::dns::host_upstreams(dns_ip),
                     };
@@ -190,7 +202,7 @@ impl<P: Platform> Session<P> {
             }
         }
         tracing::info!(
-            "interface {} up as {ip}, WireGuard on UDP port {}",
+            "interface {} up as {ip} and {ip6}, WireGuard on UDP port {}",
             device.interface,
             device.udp_port
         );
@@ -266,4 +278,16 @@ impl<P: Platform> Session<P> {
     pub fn current_ip(&self) -> Ipv4Addr {
         *self.ip.borrow()
     }
+
+    /// This node's IPv6 overlay address in the network it is in now.
+    pub fn current_ip6(&self) -> Ipv6Addr {
+        derive_ip6(&self.network_id(), &self.peers.own_key())
+    }
+}
+
+/// The public key of a node private key.
+pub fn own_key(node_private: &[u8; 32]) -> a2a_proto::NodeKey {
+    a2a_proto::NodeKey(
+        boringtun::x25519::PublicKey::from(&StaticSecret::from(*node_private)).to_bytes(),
+    )
 }

@@ -61,6 +61,8 @@ pub struct ControlTask<P: Platform> {
     pub status: watch::Sender<Registration>,
     /// The current overlay address; changes only when the coordinator reports a conflict.
     pub ip: watch::Sender<std::net::Ipv4Addr>,
+    /// The IPv6 overlay address the interface has: it moves with the network id (rotation).
+    pub ip6: std::net::Ipv6Addr,
     /// The router's port mapping: this task reports the reflexive address, and publishes the
     /// mapping the port mapper found at it.
     pub portmap: Arc<PortMapLink>,
@@ -70,6 +72,7 @@ impl<P: Platform> ControlTask<P> {
     /// Runs until `leave` fires (then tells the coordinator) or a permanent refusal.
     pub async fn run(mut self, mut leave: watch::Receiver<bool>) {
         loop {
+            self.follow_ip6().await;
             let end = if *leave.borrow() {
                 End::Left
             } else {
@@ -107,6 +110,24 @@ impl<P: Platform> ControlTask<P> {
                     }
                 }
             }
+        }
+    }
+
+    /// Moves the interface's IPv6 overlay address when the network id changed (a rotation
+    /// moves the network's /48; peers derive the same new address from their new records).
+    async fn follow_ip6(&mut self) {
+        let own = crate::node::session::own_key(&self.node_private);
+        let ip6 = a2a_proto::overlay::derive_ip6(&self.client.credential().network_id(), &own);
+        if ip6 == self.ip6 {
+            return;
+        }
+        match self
+            .underlay
+            .set_overlay_address6(ip6, a2a_proto::overlay::ULA_PREFIX_LEN)
+            .await
+        {
+            Ok(()) => self.ip6 = ip6,
+            Err(e) => tracing::warn!("{e}"),
         }
     }
 

@@ -4,7 +4,7 @@
 //! integration with systemd-resolved. What to answer is decided in [`crate::core::dns`].
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -58,6 +58,8 @@ pub struct DnsTask {
     /// This node's name and (changing) address: it is in the zone too.
     pub name: String,
     pub ip: watch::Receiver<Ipv4Addr>,
+    /// This node's IPv6 overlay address now (it moves with a token rotation).
+    pub ip6: Box<dyn Fn() -> Ipv6Addr + Send + Sync>,
     pub dns_ip: Ipv4Addr,
     /// The host's own resolvers, where names outside the zone go.
     pub upstreams: Vec<SocketAddr>,
@@ -98,19 +100,17 @@ impl DnsTask {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as u32)
             .unwrap_or(1);
-        // `ip6`: the IPv6 overlay addresses (own and each peer's) go here once members have
-        // them; until then AAAA of a member is NOERROR with no data.
         let own = Member {
             name: self.name.clone(),
             ip: *self.ip.borrow(),
-            ip6: None,
+            ip6: Some((self.ip6)()),
         };
         let peers = self.peers.all().into_iter().map(|p| {
             let info = p.info();
             Member {
                 name: info.name,
                 ip: info.ip,
-                ip6: None,
+                ip6: Some(p.ip6()),
             }
         });
         Zone::build(self.dns_ip, serial, std::iter::once(own).chain(peers))

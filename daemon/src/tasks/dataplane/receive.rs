@@ -241,9 +241,13 @@ impl<P: Platform> DataPlane<P> {
                 return;
             }
             Action::WriteToTunnel(r, inner_src) => {
-                if inner_src != peer.ip() {
-                    // A member may only send from its own overlay address.
-                    Counters::bump(&self.counters.inner_source_mismatch);
+                if !peer.holds(inner_src) {
+                    // A member may only send from its own overlay addresses.
+                    Counters::bump(if inner_src.is_ipv4() {
+                        &self.counters.inner_source_mismatch
+                    } else {
+                        &self.counters.inner_source_mismatch6
+                    });
                     return;
                 }
                 if let Some(a) = direct {
@@ -254,10 +258,6 @@ impl<P: Platform> DataPlane<P> {
                 }
                 buf.truncate(HEAD + r.len());
                 rx.n = slot + 1;
-                return;
-            }
-            Action::DropV6 => {
-                Counters::bump(&self.counters.tun_not_ipv4);
                 return;
             }
             Action::Nothing => {

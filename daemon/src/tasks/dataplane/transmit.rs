@@ -6,7 +6,7 @@
 //! connection, one by one. A lone packet goes out at once: the batch is flushed at the end of
 //! every read.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use crate::core::batch::{GsoBatch, Pushed};
 use crate::core::counters::Counters;
 use crate::core::path::Route;
 use crate::core::peers::Peer;
-use crate::core::wg::{action, ipv4_destination, pad_plaintext, Action, WG_DATA_OVERHEAD};
+use crate::core::wg::{action, ip_destination, pad_plaintext, Action, WG_DATA_OVERHEAD};
 use crate::io::{Platform, TunDevice, TunReader, UdpTransport};
 use a2a_udpbatch::MAX_GSO_BYTES;
 
@@ -45,15 +45,15 @@ impl<P: Platform> DataPlane<P> {
             };
             // The peer of the previous packet and where its datagrams go, reused while the
             // destination repeats.
-            let mut last: Option<(Ipv4Addr, Arc<Peer>, Send)> = None;
+            let mut last: Option<(IpAddr, Arc<Peer>, Send)> = None;
             for (packet, &size) in packets.iter_mut().zip(&sizes[..n]) {
                 let packet = pad_plaintext(packet, size);
-                let Some(dst) = ipv4_destination(packet) else {
-                    Counters::bump(&self.counters.tun_not_ipv4);
+                let Some(dst) = ip_destination(packet) else {
+                    Counters::bump(&self.counters.tun_not_ip);
                     continue;
                 };
                 if last.as_ref().is_none_or(|(ip, ..)| *ip != dst) {
-                    let Some(peer) = self.peers.by_ip(dst) else {
+                    let Some(peer) = self.peers.by_addr(dst) else {
                         Counters::bump(&self.counters.tun_no_route);
                         continue;
                     };
