@@ -23,8 +23,10 @@
 //!   upgrade round (up to [`MAX_UPGRADE_WAIT`]): a flaky path is not chosen again and again.
 //! - Only a pong answering a ping still outstanding *to the address it came from* counts, so a
 //!   replayed or spoofed probe cannot move the endpoint.
-//! - Once direct, the peer's other candidates are probed again every [`ALTERNATES_EVERY`] (and
-//!   the answers to the round that found the path still count): the path moves to another
+//! - Once direct, the peer's other candidates are probed again [`FIRST_ALTERNATES`] after the
+//!   upgrade (an IPv6 candidate whose first probe went unanswered, say) and then every
+//!   [`ALTERNATES_EVERY`] (and the answers to the round that found the path still count): the
+//!   path moves to another
 //!   when that is clearly better ([`clearly_better`]: a lower RTT by a margin, or IPv6 at an
 //!   RTT no worse by that margin than IPv4's) twice in a row. (The IPv6 underlay's part; see
 //!   the functions under "Path preference".)
@@ -52,6 +54,10 @@ const REPROBE_GAP: Duration = Duration::from_secs(1);
 const MAX_SIGHTED: usize = 8;
 /// How often a direct path's alternatives (the other candidates) are probed.
 pub const ALTERNATES_EVERY: Duration = Duration::from_secs(30);
+/// How soon after an upgrade the alternatives are first probed: the round that found the path
+/// may have raced a better one (IPv4 confirmed before IPv6 first answered), which should not
+/// wait [`ALTERNATES_EVERY`].
+pub const FIRST_ALTERNATES: Duration = Duration::from_secs(2);
 /// Two RTTs closer than this (or than a tenth of the current path's, if more) are equal.
 pub const RTT_MARGIN: Duration = Duration::from_millis(1);
 
@@ -385,7 +391,7 @@ impl PathState {
                     self.last_direct = Some(addr);
                     self.confirming.clear();
                     self.rtt = Some(rtt);
-                    self.next_alternates = now + ALTERNATES_EVERY;
+                    self.next_alternates = now + FIRST_ALTERNATES;
                     seen.upgraded = true;
                 } else {
                     seen.confirm = Some(addr);
@@ -397,7 +403,8 @@ impl PathState {
 
     // --- Path preference (the IPv6 underlay): several answering candidates ---------------
 
-    /// While direct: every [`ALTERNATES_EVERY`], probes the candidates other than `current`,
+    /// While direct: [`FIRST_ALTERNATES`] after the upgrade and then every
+    /// [`ALTERNATES_EVERY`], probes the candidates other than `current`,
     /// with the round TTL as a round does (so no unsolicited full-TTL datagram reaches a peer's
     /// router that has no mapping for it; alternatives on this node's own links and networks
     /// answer, and the answers to the peer's punches of the round that found the path count).
@@ -947,10 +954,11 @@ mod tests {
         let seen = p.on_pong(t1 + ms(2), c.tx, Some(v6)).unwrap();
         assert!(seen.moved);
         assert_eq!(p.route(), Route::Direct(v6));
-        // 30 s later the other candidate is probed again; at equal RTT the path stays.
+        // The other candidate is probed again 2 s after the upgrade and every 30 s after
+        // that; at equal RTT the path stays.
         let mut now = t1;
         let mut alternates = 0;
-        while now < t1 + ALTERNATES_EVERY + HEARTBEAT {
+        while now < t1 + FIRST_ALTERNATES + ALTERNATES_EVERY + HEARTBEAT {
             now += ms(250);
             let mut probes = Vec::new();
             p.tick(now, None, None, &mut probes);
@@ -962,7 +970,7 @@ mod tests {
                 assert!(seen.confirm.is_none() && !seen.moved);
             }
         }
-        assert_eq!(alternates, 1, "IPv4 probed once in {ALTERNATES_EVERY:?}");
+        assert_eq!(alternates, 2, "IPv4 probed at 2 s and 30 s later");
         assert_eq!(p.route(), Route::Direct(v6));
         // IPv4 clearly faster (at once, against 2 ms): moves after two answers in a row.
         let end = now + ALTERNATES_EVERY + HEARTBEAT;
@@ -982,6 +990,44 @@ mod tests {
         }
         assert!(moved);
         assert_eq!(p.route(), Route::Direct(v4));
+    }
+
+    #[test]
+    fn ipv6_silent_in_the_round_that_chose_ipv4_is_tried_again_within_seconds() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let v4 = a("203.0.113.5:40000");
+        let v6 = a("[2001:db8::5]:51820");
+        let mut p = PathState::new(t0, vec![v4, v6]);
+        let mut round = Vec::new();
+        p.tick(t0, None, None, &mut round);
+        // Only IPv4 answers the round (the IPv6 probe was lost, or the peer did not know us
+        // yet there): IPv4 is chosen.
+        let seen = answer(&mut p, t0 + ms(2), &round, v4);
+        let c = p.confirm_probe(t0 + ms(2), seen[0].confirm.unwrap());
+        assert!(p.on_pong(t0 + ms(4), c.tx, Some(v4)).unwrap().upgraded);
+        // IPv6 answers from now on: the path is there within the first look, not 30 s.
+        let mut now = t0 + ms(4);
+        while p.route() != Route::Direct(v6) {
+            assert!(
+                now < t0 + FIRST_ALTERNATES + HEARTBEAT,
+                "still {:?} at {:?}",
+                p.route(),
+                now - t0
+            );
+            now += ms(250);
+            let mut probes = Vec::new();
+            p.tick(now, None, None, &mut probes);
+            for pr in &probes {
+                let Some(seen) = p.on_pong(now + ms(2), pr.tx, pr.addr) else {
+                    continue;
+                };
+                if let Some(addr) = seen.confirm {
+                    let c = p.confirm_probe(now, addr);
+                    p.on_pong(now + ms(2), c.tx, Some(addr));
+                }
+            }
+        }
     }
 
     #[test]
