@@ -65,6 +65,14 @@ fn sources(nodes: usize) -> u8 {
         .clamp(1, 50) as u8
 }
 
+/// `A2A_SWARM_FANOUT_WINDOW_MS`: the coordinator's `--fanout-window-ms` (0: one message per
+/// member change, as before the batches), or its default.
+fn fanout_window() -> Option<u32> {
+    std::env::var("A2A_SWARM_FANOUT_WINDOW_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
 /// When the coordinator was killed, or 0.
 fn killed_at_or(k: &Option<f64>) -> f64 {
     k.unwrap_or(0.0)
@@ -143,6 +151,7 @@ fn a_swarm_of_nodes_registers_and_every_record_verifies() {
     let coord = lab.coordinator(CoordOpts {
         stats_interval: Some(5),
         metrics: Some(METRICS.into()),
+        fanout_window_ms: fanout_window(),
         ..Default::default()
     });
     let ns = lab.add_ns("swarm");
@@ -341,6 +350,19 @@ fn a_swarm_of_nodes_registers_and_every_record_verifies() {
             coord.counters().unwrap_or_default(),
         ));
     }
+    let sent = |name: &str| {
+        metric(&last_scrape, &format!("a2a_coordinator_{name}_total")).unwrap_or_default()
+    };
+    report(format!(
+        "swarm: the {}coordinator sent {} member messages carrying {} member changes, {} control          messages, {} bytes of control frames (last scrape, during the hold); the nodes received          {} member messages, {} of them batches",
+        if restart { "restarted " } else { "" },
+        sent("member_messages_sent"),
+        sent("member_changes_sent"),
+        sent("ctl_messages_sent"),
+        sent("ctl_bytes_sent"),
+        num("member_messages"),
+        num("member_batches"),
+    ));
     let mis = &r["misbehave"];
     if misbehave > 0 {
         report(format!(
@@ -534,12 +556,9 @@ fn a_network_of_hundreds_joins_in_batches_not_a_message_per_member_per_join() {
     require_tool("curl", "curl");
     let n = setting("A2A_SWARM_FANOUT_NODES", 300, 300);
     let rate = setting("A2A_SWARM_CONNECT_RATE", 40, 10);
-    let window = std::env::var("A2A_SWARM_FANOUT_WINDOW_MS")
-        .ok()
-        .and_then(|v| v.parse().ok());
     let coord = lab.coordinator(CoordOpts {
         metrics: Some(METRICS.into()),
-        fanout_window_ms: window,
+        fanout_window_ms: fanout_window(),
         ..Default::default()
     });
     let ns = lab.add_ns("swarm");
