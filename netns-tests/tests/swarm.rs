@@ -354,7 +354,9 @@ fn a_swarm_of_nodes_registers_and_every_record_verifies() {
         metric(&last_scrape, &format!("a2a_coordinator_{name}_total")).unwrap_or_default()
     };
     report(format!(
-        "swarm: the {}coordinator sent {} member messages carrying {} member changes, {} control          messages, {} bytes of control frames (last scrape, during the hold); the nodes received          {} member messages, {} of them batches",
+        "swarm: the {}coordinator sent {} member messages carrying {} member changes, {} control \
+         messages, {} bytes of control frames (last scrape, during the hold); the nodes received \
+         {} member messages, {} of them batches",
         if restart { "restarted " } else { "" },
         sent("member_messages_sent"),
         sent("member_changes_sent"),
