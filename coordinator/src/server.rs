@@ -1197,8 +1197,9 @@ impl Server {
         }
     }
 
-    /// Sends the member changes gathered once their window has passed.
-    async fn fanout_loop(self: Arc<Self>) {
+    /// Sends the member changes gathered once their window has passed. [`Server::run_group`]
+    /// runs it; a server served otherwise ([`Server::serve_control`] in tests) must spawn it.
+    pub async fn fanout_loop(self: Arc<Self>) {
         loop {
             let deadline = self.hub().board.fanout_deadline();
             match deadline {
@@ -1206,7 +1207,8 @@ impl Server {
                 Some(at) => {
                     tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
                     let mut hub = self.hub();
-                    let out = hub.board.flush(Instant::now());
+                    // Due: woken for it (on a paused test clock the wall clock may lag).
+                    let out = hub.board.flush(at.max(Instant::now()));
                     hub.carry_out(&self, out);
                 }
             }

@@ -20,7 +20,8 @@
 //! default 120 s), the nodes are held, heartbeating, for SECS seconds; then one JSON object is
 //! printed on stdout: nodes registered, peer lists complete at the end of the hold, join latency p50/p99/max in ms (from a node's
 //! registration until every member registered before it lists it), records received and
-//! verified, complete peer lists, binds answered, errors by kind. Bounded: at most 100 000
+//! verified, complete peer lists, binds answered, member messages received (`PeerUp`, `PeerDown`
+//! or a `Peers` batch, each counted once) and of those the batches, errors by kind. Bounded: at most 100 000
 //! nodes, and the join timeout plus the restart wait plus the hold plus 30 s in all.
 //!
 //! A node whose control connection is lost reconnects as `a2ad` does (a back-off from 0.5 s
