@@ -210,10 +210,12 @@ impl Outbox {
         })
     }
 
-    /// Queues a control message ([`MSG_PENDING`] bytes at most pending).
-    pub fn send_msg(&self, msg: &ServerMsg) -> Result<(), Refused> {
+    /// Queues a control message ([`MSG_PENDING`] bytes at most pending); returns the bytes
+    /// of its frame.
+    pub fn send_msg(&self, msg: &ServerMsg) -> Result<usize, Refused> {
         let plain = serde_json::to_vec(msg).map_err(|_| Refused::TooLarge)?;
-        self.push(&plain, MSG_PENDING)
+        self.push(&plain, MSG_PENDING)?;
+        Ok(2 + plain.len() + TAG_LEN)
     }
 
     /// Queues relay data, `plain` as [`relay_frame`] made it ([`RELAY_PENDING`] bytes at most

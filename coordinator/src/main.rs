@@ -90,6 +90,17 @@ struct ServeArgs {
     /// only, never a node's key, name or address. Bind it to loopback or a private address.
     #[arg(long, env = "A2A_METRICS", value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Milliseconds over which changes to a network's members are gathered into one message
+    /// per member; 0 sends one message per change at once, as coordinators before the `peers`
+    /// batch did (for nodes older than it).
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "A2A_COORDINATOR_FANOUT_WINDOW_MS",
+        default_value_t = 50,
+        value_parser = clap::value_parser!(u64).range(0..=1000)
+    )]
+    fanout_window_ms: u64,
     #[command(flatten)]
     common: Common,
 }
@@ -276,6 +287,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         );
         let stats_every = std::time::Duration::from_secs(args.stats_interval);
         let server = server::Server::with_limits(private, limits, stats_every);
+        server.set_fanout_window(std::time::Duration::from_millis(args.fanout_window_ms));
         // Ends with the runtime.
         if let Some(l) = metrics_listener {
             tokio::spawn(metrics::serve(l, server.clone()));

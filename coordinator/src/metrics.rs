@@ -176,4 +176,31 @@ mod tests {
             assert!(value.parse::<f64>().is_ok(), "{l}");
         }
     }
+
+    /// The example Grafana dashboard (`docs/grafana-coordinator.json`) asks only for metrics
+    /// the coordinator serves.
+    #[test]
+    fn the_example_dashboard_names_only_metrics_that_exist() {
+        let dashboard = include_str!("../../docs/grafana-coordinator.json");
+        let _: serde_json::Value = serde_json::from_str(dashboard).expect("the dashboard is JSON");
+        let text = render(&Server::new([7; 32]).snapshot());
+        let served: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split([' ', '{']).next())
+            .collect();
+        let mut asked = 0;
+        for (at, _) in dashboard.match_indices("a2a_coordinator_") {
+            let name: String = dashboard[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                served.contains(&name.as_str()),
+                "the dashboard asks for {name}"
+            );
+            asked += 1;
+        }
+        assert!(asked >= 20, "{asked}");
+    }
 }

@@ -30,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::batch::{Batcher, Run, MAX_SEGMENTS};
 use crate::channel::{relay_frame, Frame, Outbox as ConnOutbox, Reader, Refused};
+use crate::fanout;
 use crate::limits::{Admission, Drops, Limits, OverLimit, Seat};
 use crate::registry::ConnId;
 use crate::relay::{Dest, RelayDrop, RelayTable};
@@ -76,6 +77,13 @@ pub struct Counters {
     pub redemptions: AtomicU64,
     pub redemptions_refused: AtomicU64,
     pub revocations: AtomicU64,
+    /// Control messages queued to nodes, and the bytes of their frames.
+    pub ctl_messages_sent: AtomicU64,
+    pub ctl_bytes_sent: AtomicU64,
+    /// Of those, the messages about other members (`Peers`, `PeerUp`, `PeerDown`), and the
+    /// member changes they carry.
+    pub member_messages_sent: AtomicU64,
+    pub member_changes_sent: AtomicU64,
 }
 
 impl Counters {
@@ -215,6 +223,26 @@ impl Counters {
                 g(&self.redemptions_refused),
             ),
             ("revocations", "Revocations passed on", g(&self.revocations)),
+            (
+                "ctl_messages_sent",
+                "Control messages queued to nodes (relay frames aside)",
+                g(&self.ctl_messages_sent),
+            ),
+            (
+                "ctl_bytes_sent",
+                "Bytes of the control messages queued to nodes (frames, encryption included)",
+                g(&self.ctl_bytes_sent),
+            ),
+            (
+                "member_messages_sent",
+                "Control messages telling nodes of other members (batches, or one change each)",
+                g(&self.member_messages_sent),
+            ),
+            (
+                "member_changes_sent",
+                "Member changes (joins, new records, departures) carried by those messages",
+                g(&self.member_changes_sent),
+            ),
         ]
     }
 
@@ -410,14 +438,33 @@ impl Hub {
                 RelayChange::Close(conn) => server.relay_mut().remove(conn),
             }
         }
+        let k = &server.counters;
         for (conn, msg) in out.send {
             if let Some(tx) = self.outboxes.get(&conn) {
-                if tx.send_msg(&msg).is_err() {
-                    // Too slow or gone: its writer flushes what is queued, then it ends.
-                    tx.close();
-                    self.outboxes.remove(&conn);
+                match tx.send_msg(&msg) {
+                    Ok(bytes) => {
+                        Counters::bump(&k.ctl_messages_sent);
+                        Counters::add(&k.ctl_bytes_sent, bytes);
+                        let changes = match &msg {
+                            ServerMsg::Peers { down, up } => down.len() + up.len(),
+                            ServerMsg::PeerUp { .. } | ServerMsg::PeerDown { .. } => 1,
+                            _ => 0,
+                        };
+                        if changes > 0 {
+                            Counters::bump(&k.member_messages_sent);
+                            Counters::add(&k.member_changes_sent, changes);
+                        }
+                    }
+                    Err(_) => {
+                        // Too slow or gone: its writer flushes what is queued, then it ends.
+                        tx.close();
+                        self.outboxes.remove(&conn);
+                    }
                 }
             }
+        }
+        if self.board.fanout_deadline().is_some() {
+            server.fanout_wake.notify_one();
         }
         for conn in out.close {
             // Its writer flushes what is queued, then the connection ends.
@@ -447,7 +494,7 @@ impl Hub {
                 continue;
             };
             let _ = match injected {
-                Injected::Msg(m) => tx.send_msg(&m),
+                Injected::Msg(m) => tx.send_msg(&m).map(drop),
                 Injected::Relay { from, datagram } => {
                     let mut d = vec![0u8; RELAY_HEADER_LEN];
                     d.extend_from_slice(&datagram);
@@ -479,6 +526,8 @@ pub struct Server {
     stats_every: Duration,
     /// UDP sockets in the main port's group (set by [`Server::run_group`]).
     udp_sockets: std::sync::atomic::AtomicUsize,
+    /// Member changes are pending: the fan-out loop sends them when their window ends.
+    fanout_wake: tokio::sync::Notify,
 }
 
 /// An admitted connection's seat in the accounting, given back when the task ends.
@@ -512,12 +561,16 @@ impl Server {
     pub fn with_limits(private_key: [u8; 32], limits: Limits, stats_every: Duration) -> Arc<Self> {
         Arc::new(Server {
             hub: Mutex::new(Hub {
-                board: Switchboard::new(
-                    HEARTBEAT,
-                    REGISTRATION_TTL,
-                    limits.message_rate,
-                    rand::random(),
-                ),
+                board: {
+                    let mut b = Switchboard::new(
+                        HEARTBEAT,
+                        REGISTRATION_TTL,
+                        limits.message_rate,
+                        rand::random(),
+                    );
+                    b.coalesce(fanout::WINDOW, fanout::MAX_BATCH_BYTES);
+                    b
+                },
                 outboxes: HashMap::new(),
             }),
             relay: RwLock::new(RelayTable::default()),
@@ -532,7 +585,15 @@ impl Server {
             limited: Drops::default(),
             stats_every,
             udp_sockets: std::sync::atomic::AtomicUsize::new(0),
+            fanout_wake: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Gathers member changes over `window` before they leave (zero: each at once, as one
+    /// `PeerUp` or `PeerDown`, which nodes older than the `peers` batch understand); see
+    /// [`crate::fanout`]. [`fanout::WINDOW`] unless told otherwise.
+    pub fn set_fanout_window(&self, window: Duration) {
+        self.hub().board.coalesce(window, fanout::MAX_BATCH_BYTES);
     }
 
     /// Installs a test hook (see [`Tamper`]); only test binaries call this.
@@ -619,6 +680,7 @@ impl Server {
         let mut tasks = vec![
             tokio::spawn(self.clone().expire_loop()),
             tokio::spawn(self.clone().stats_loop()),
+            tokio::spawn(self.clone().fanout_loop()),
         ];
         for (i, socket) in udp.into_iter().enumerate() {
             let socket = Arc::new(socket);
@@ -846,7 +908,7 @@ impl Server {
         }
         {
             let mut hub = self.hub();
-            let out = hub.board.close(conn);
+            let out = hub.board.close(Instant::now(), conn);
             hub.outboxes.remove(&conn);
             hub.carry_out(&self, out);
         }
@@ -1135,6 +1197,24 @@ impl Server {
         }
     }
 
+    /// Sends the member changes gathered once their window has passed. [`Server::run_group`]
+    /// runs it; a server served otherwise ([`Server::serve_control`] in tests) must spawn it.
+    pub async fn fanout_loop(self: Arc<Self>) {
+        loop {
+            let deadline = self.hub().board.fanout_deadline();
+            match deadline {
+                None => self.fanout_wake.notified().await,
+                Some(at) => {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                    let mut hub = self.hub();
+                    // Due: woken for it (on a paused test clock the wall clock may lag).
+                    let out = hub.board.flush(at.max(Instant::now()));
+                    hub.carry_out(&self, out);
+                }
+            }
+        }
+    }
+
     async fn stats_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.stats_every);
         tick.tick().await;
@@ -1316,9 +1396,10 @@ mod tests {
         let k = NetworkKey::derive(&[9; 32]);
         let (_a, a_id, a_secret) = member(&server, &k, 2).await;
         let ((mut b_rx, mut b_tx), b_id, _) = member(&server, &k, 3).await;
+        // The members already there come at once, in a batch.
         assert!(matches!(
             b_rx.recv::<ServerMsg>().await.unwrap(),
-            ServerMsg::PeerUp { relay_id, .. } if relay_id == a_id
+            ServerMsg::Peers { up, .. } if up.len() == 1 && up[0].relay_id == a_id
         ));
         // Node a binds its relay id over "UDP" from a dual-stack socket's mapped address.
         let mut d = [0u8; MAX_A2A_DATAGRAM];

@@ -10,21 +10,24 @@
 //! - [`Switchboard::handle`] for each control message read from it (relay frames go to the
 //!   [`crate::relay::RelayTable`] directly);
 //! - [`Switchboard::close`] when its stream ends, whatever the reason;
-//! - [`Switchboard::expire`] about once a second.
+//! - [`Switchboard::expire`] about once a second;
+//! - [`Switchboard::flush`] at [`Switchboard::fanout_deadline`]: member changes are coalesced
+//!   over a short window (see [`crate::fanout`]).
 //!
 //! Nothing here is written or printed.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use a2a_proto::control::{ClientMsg, RefuseReason, ServerMsg};
+use a2a_proto::control::{ClientMsg, PeerEntry, RefuseReason, ServerMsg};
 use a2a_proto::keys::RelaySecret;
 use a2a_proto::{NetworkId, NodeKey};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
+use crate::fanout::{batches, Fanout, MAX_BATCH_BYTES};
 use crate::limits::{Rate, TokenBucket};
-use crate::registry::{ConnId, RegisterRequest, Registry, REDEEM_TIMEOUT};
+use crate::registry::{ConnId, RegisterRequest, Registry, Sends, REDEEM_TIMEOUT};
 
 /// What the driver counts (its counters are numbers only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,18 +106,84 @@ pub struct Switchboard {
     message_rate: Rate,
     /// Makes relay secrets; seeded by the caller (the server from the OS, tests fixed).
     rng: StdRng,
+    /// Member changes for the other members, gathered over a window.
+    fanout: Fanout,
 }
 
 impl Switchboard {
     /// `heartbeat` and `ttl` as for [`Registry::new`]; `message_rate` is the budget of each
-    /// registered connection's control messages.
+    /// registered connection's control messages. Member changes leave one message per change
+    /// at once; [`Switchboard::coalesce`] gathers them instead.
     pub fn new(heartbeat: Duration, ttl: Duration, message_rate: Rate, seed: [u8; 32]) -> Self {
         Switchboard {
             registry: Registry::new(heartbeat, ttl),
             conns: HashMap::new(),
             message_rate,
             rng: StdRng::from_seed(seed),
+            fanout: Fanout::new(Duration::ZERO, MAX_BATCH_BYTES),
         }
+    }
+
+    /// Gathers member changes over `window` into batches of at most `max_bytes` of JSON
+    /// ([`crate::fanout`]); a zero window sends each at once, as `PeerUp` or `PeerDown`.
+    pub fn coalesce(&mut self, window: Duration, max_bytes: usize) {
+        self.fanout = Fanout::new(window, max_bytes);
+    }
+
+    /// When [`Switchboard::flush`] has member changes to send.
+    pub fn fanout_deadline(&self) -> Option<Instant> {
+        self.fanout.deadline()
+    }
+
+    /// The member changes gathered, once their window has passed.
+    pub fn flush(&mut self, now: Instant) -> Outbox {
+        Outbox {
+            send: self.fanout.flush(now),
+            ..Outbox::default()
+        }
+    }
+
+    /// What the registry answered, with member changes for other members than `me` (the
+    /// connection handled) gathered, and the member list for `me` itself (a registration) in
+    /// batches at once.
+    fn route(&mut self, now: Instant, me: Option<ConnId>, sends: Sends) -> Sends {
+        if !self.fanout.is_on() {
+            return sends;
+        }
+        let mut out = Vec::with_capacity(4);
+        let mut snapshot = Vec::new();
+        // One record is fanned out per call (to every other member): its key is read once.
+        let mut subject: Option<(u32, a2a_proto::NodeKey)> = None;
+        for (conn, msg) in sends {
+            match msg {
+                ServerMsg::PeerUp { record, relay_id } if Some(conn) == me => {
+                    snapshot.push(PeerEntry { record, relay_id });
+                }
+                ServerMsg::PeerUp { record, relay_id } => {
+                    let key = match subject {
+                        Some((id, key)) if id == relay_id => Some(key),
+                        _ => serde_json::from_str::<a2a_proto::NodeRecord>(&record.body)
+                            .ok()
+                            .map(|r| r.node_key),
+                    };
+                    // The registry checked the record: its body parses.
+                    let Some(key) = key else { continue };
+                    subject = Some((relay_id, key));
+                    self.fanout
+                        .up(now, conn, key, PeerEntry { record, relay_id });
+                }
+                ServerMsg::PeerDown { node_key } => self.fanout.down(now, conn, node_key),
+                m => out.push((conn, m)),
+            }
+        }
+        if let Some(me) = me {
+            out.extend(
+                batches(Vec::new(), snapshot, self.fanout.max_bytes())
+                    .into_iter()
+                    .map(|m| (me, m)),
+            );
+        }
+        out
     }
 
     pub fn registry(&self) -> &Registry {
@@ -186,7 +255,7 @@ impl Switchboard {
                 };
                 match self.registry.register(now, conn, request) {
                     Ok(sent) => {
-                        out.send = sent;
+                        out.send = self.route(now, Some(conn), sent);
                         out.relay.push(RelayChange::Open {
                             conn,
                             network,
@@ -255,7 +324,7 @@ impl Switchboard {
                 }
             }
             ClientMsg::Update { record } => match r.update(now, conn, record) {
-                Ok(sent) => out.send = sent,
+                Ok(sent) => out.send = self.route(now, Some(conn), sent),
                 Err((reason, message)) => {
                     out.counts.push(Count::RegistrationRefused);
                     out.refuse(conn, reason, message);
@@ -297,8 +366,9 @@ impl Switchboard {
             }
             ClientMsg::Revoke { revocation } => match r.revoke(conn, revocation) {
                 Ok((sent, removed)) => {
-                    out.send = sent;
+                    out.send = self.route(now, Some(conn), sent);
                     if let Some(gone) = removed {
+                        self.fanout.forget(gone);
                         out.counts.push(Count::Revocation);
                         out.refuse(
                             gone,
@@ -322,10 +392,12 @@ impl Switchboard {
 
     /// Connection `conn` ended (closed by the node, by the server, or failed): forget it and
     /// tell the other members.
-    pub fn close(&mut self, conn: ConnId) -> Outbox {
+    pub fn close(&mut self, now: Instant, conn: ConnId) -> Outbox {
         let was_registered = matches!(self.conns.remove(&conn), Some(Phase::Registered { .. }));
+        self.fanout.forget(conn);
+        let sent = self.registry.disconnect(conn);
         let mut out = Outbox {
-            send: self.registry.disconnect(conn),
+            send: self.route(now, None, sent),
             ..Outbox::default()
         };
         if was_registered {
@@ -338,8 +410,11 @@ impl Switchboard {
     /// redemptions whose inviter did not answer are refused.
     pub fn expire(&mut self, now: Instant) -> Outbox {
         let (send, closed) = self.registry.expire(now);
+        for conn in &closed {
+            self.fanout.forget(*conn);
+        }
         let mut out = Outbox {
-            send,
+            send: self.route(now, None, send),
             ..Outbox::default()
         };
         for conn in closed {
@@ -715,7 +790,7 @@ mod tests {
         assert_eq!(out.counts, vec![Count::Revocation]);
         assert!(!b.is_open(3));
         // Its connection ending later changes nothing more.
-        assert_eq!(b.close(3), Outbox::default());
+        assert_eq!(b.close(now, 3), Outbox::default());
         // It cannot register again; a later member learns of the revocation.
         b.open(4, key(3), hash(4));
         let out = b.handle(now, 4, register_msg(&k, 4, 3, "100.64.0.3"));
@@ -764,7 +839,7 @@ mod tests {
         // Everyone leaves; a latecomer of the old network is told where it went.
         for conn in [1, 2] {
             b.handle(now, conn, ClientMsg::Leave);
-            b.close(conn);
+            b.close(now, conn);
         }
         let out = join(&mut b, now, &k, 3, 3);
         assert!(sent_to(&out, 3).contains(&&ServerMsg::Moved { notice }));
@@ -780,7 +855,7 @@ mod tests {
         }
         let out = b.handle(t0, 3, ClientMsg::Leave);
         assert_eq!(out.close, vec![3]);
-        let out = b.close(3);
+        let out = b.close(t0, 3);
         assert_eq!(out.relay, vec![RelayChange::Close(3)]);
         assert_eq!(out.send.len(), 2);
         // 1 heartbeats, 2 goes silent.
@@ -809,5 +884,84 @@ mod tests {
         assert!(out.counts.contains(&Count::Throttled));
         // Still handled: pacing delays, it does not drop.
         assert_eq!(out.send, vec![(1, ServerMsg::HeartbeatAck)]);
+    }
+
+    /// Member changes for the others wait for the window and leave as one batch per member;
+    /// a joiner gets the members already there at once, in batches, counted in `Registered`.
+    #[test]
+    fn with_coalescing_a_join_storm_is_one_message_per_member_per_window() {
+        let k = NetworkKey::derive(&[1; 32]);
+        let t0 = Instant::now();
+        let member_msgs = |out: &Outbox| {
+            out.send
+                .iter()
+                .filter(|(_, m)| {
+                    matches!(
+                        m,
+                        ServerMsg::PeerUp { .. }
+                            | ServerMsg::PeerDown { .. }
+                            | ServerMsg::Peers { .. }
+                    )
+                })
+                .count()
+        };
+        // Without: one message per change, n(n-1) of them.
+        let mut b = board();
+        let legacy: usize = (1..=10)
+            .map(|n| member_msgs(&join(&mut b, t0, &k, n, n as u8)))
+            .sum();
+        assert_eq!(legacy, 10 * 9);
+        let mut b = board();
+        b.coalesce(crate::fanout::WINDOW, crate::fanout::MAX_BATCH_BYTES);
+        let mut at_once = 0;
+        for n in 1..=10u8 {
+            let out = join(&mut b, t0, &k, n as ConnId, n);
+            let mine = sent_to(&out, n as ConnId);
+            assert!(
+                matches!(mine[0], ServerMsg::Registered { peers, .. } if *peers == n as u32 - 1)
+            );
+            if n == 1 {
+                assert_eq!(mine.len(), 1);
+            } else {
+                assert!(matches!(&mine[1..], [ServerMsg::Peers { down, up }]
+                    if down.is_empty() && up.len() == n as usize - 1));
+            }
+            assert!(
+                out.send.iter().all(|(c, _)| *c == n as ConnId),
+                "others wait"
+            );
+            at_once += member_msgs(&out);
+        }
+        assert_eq!(at_once, 9);
+        assert!(b.flush(t0).send.is_empty());
+        let at = b.fanout_deadline().unwrap();
+        let out = b.flush(at);
+        // Member n learns of the 10 - n that came after it, in one message.
+        assert_eq!(member_msgs(&out), 9);
+        for n in 1..10u32 {
+            assert!(
+                matches!(sent_to(&out, n)[..], [ServerMsg::Peers { up, .. }] if up.len() == 10 - n as usize)
+            );
+        }
+        // A member that left and one that re-registered: the others hear once, departures first.
+        b.handle(at, 3, ClientMsg::Leave);
+        let out = b.close(at, 3);
+        assert!(out.send.is_empty() && out.relay == vec![RelayChange::Close(3)]);
+        b.close(at, 4);
+        let out = join(&mut b, at, &k, 14, 4);
+        assert!(matches!(
+            sent_to(&out, 14)[..],
+            [
+                ServerMsg::Registered { peers: 8, .. },
+                ServerMsg::Peers { .. }
+            ]
+        ));
+        let out = b.flush(b.fanout_deadline().unwrap());
+        assert_eq!(member_msgs(&out), 8);
+        assert!(
+            matches!(sent_to(&out, 1)[..], [ServerMsg::Peers { down, up }]
+            if *down == vec![key(3), key(4)] && up.len() == 1 && up[0].relay_id == 14)
+        );
+        assert!(sent_to(&out, 3).is_empty() && sent_to(&out, 4).is_empty());
     }
 }

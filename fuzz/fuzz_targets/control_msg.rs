@@ -60,6 +60,11 @@ pub fn node_reads(m: &ServerMsg) {
         ServerMsg::PeerUp { record, .. } => {
             let _ = check_record(record, &network_id());
         }
+        ServerMsg::Peers { up, .. } => {
+            for e in up {
+                let _ = check_record(&e.record, &network_id());
+            }
+        }
         ServerMsg::Revoked { revocation } => {
             let _ = Revocation::open(revocation, &network_id());
         }

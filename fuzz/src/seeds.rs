@@ -156,6 +156,16 @@ fn server_msgs() -> Vec<(&'static str, ServerMsg)> {
                 node_key: node_key(NODE_B_SECRET),
             },
         ),
+        (
+            "peers",
+            ServerMsg::Peers {
+                down: vec![node_key(NODE_B_SECRET)],
+                up: vec![a2a_proto::control::PeerEntry {
+                    record: signed(),
+                    relay_id: 8,
+                }],
+            },
+        ),
         ("heartbeat-ack", ServerMsg::HeartbeatAck),
     ]
 }

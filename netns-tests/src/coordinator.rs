@@ -35,6 +35,9 @@ pub struct CoordOpts {
     /// `--metrics ADDR`: serve Prometheus metrics there (in the coordinator's namespace);
     /// [`Coordinator::scrape`] reads them.
     pub metrics: Option<String>,
+    /// `--fanout-window-ms MS` (hidden): how long member changes are gathered (0: one message
+    /// per change).
+    pub fanout_window_ms: Option<u32>,
 }
 
 /// A coordinator process in its namespace.
@@ -93,6 +96,10 @@ impl Coordinator {
         if let Some(addr) = &self.opts.metrics {
             args.push("--metrics".into());
             args.push(addr.clone());
+        }
+        if let Some(ms) = self.opts.fanout_window_ms {
+            args.push("--fanout-window-ms".into());
+            args.push(ms.to_string());
         }
         args
     }

@@ -65,6 +65,14 @@ fn sources(nodes: usize) -> u8 {
         .clamp(1, 50) as u8
 }
 
+/// `A2A_SWARM_FANOUT_WINDOW_MS`: the coordinator's `--fanout-window-ms` (0: one message per
+/// member change, as before the batches), or its default.
+fn fanout_window() -> Option<u32> {
+    std::env::var("A2A_SWARM_FANOUT_WINDOW_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
 /// When the coordinator was killed, or 0.
 fn killed_at_or(k: &Option<f64>) -> f64 {
     k.unwrap_or(0.0)
@@ -143,6 +151,7 @@ fn a_swarm_of_nodes_registers_and_every_record_verifies() {
     let coord = lab.coordinator(CoordOpts {
         stats_interval: Some(5),
         metrics: Some(METRICS.into()),
+        fanout_window_ms: fanout_window(),
         ..Default::default()
     });
     let ns = lab.add_ns("swarm");
@@ -341,6 +350,21 @@ fn a_swarm_of_nodes_registers_and_every_record_verifies() {
             coord.counters().unwrap_or_default(),
         ));
     }
+    let sent = |name: &str| {
+        metric(&last_scrape, &format!("a2a_coordinator_{name}_total")).unwrap_or_default()
+    };
+    report(format!(
+        "swarm: the {}coordinator sent {} member messages carrying {} member changes, {} control \
+         messages, {} bytes of control frames (last scrape, during the hold); the nodes received \
+         {} member messages, {} of them batches",
+        if restart { "restarted " } else { "" },
+        sent("member_messages_sent"),
+        sent("member_changes_sent"),
+        sent("ctl_messages_sent"),
+        sent("ctl_bytes_sent"),
+        num("member_messages"),
+        num("member_batches"),
+    ));
     let mis = &r["misbehave"];
     if misbehave > 0 {
         report(format!(
@@ -518,4 +542,99 @@ fn an_a2ad_with_a_thousand_peers_lists_them_all() {
             .join("/"),
         json[0].1,
     ));
+}
+
+/// One network of a few hundred simulated nodes (`A2A_SWARM_FANOUT_NODES`, default 300) joins
+/// at once: every member lists every other, and the coordinator told them of each other in far
+/// fewer messages than one per member per join (its `member_messages_sent` metric, and what
+/// the nodes counted): the join fan-out is coalesced. Without coalescing
+/// (`A2A_SWARM_FANOUT_WINDOW_MS=0` starts the coordinator so) it is n(n-1) messages, and the
+/// test fails. The messages and bytes per join are printed.
+#[test]
+fn a_network_of_hundreds_joins_in_batches_not_a_message_per_member_per_join() {
+    let Some(lab) = Lab::new("swarm-fanout") else {
+        return;
+    };
+    require_tool("curl", "curl");
+    let n = setting("A2A_SWARM_FANOUT_NODES", 300, 300);
+    let rate = setting("A2A_SWARM_CONNECT_RATE", 40, 10);
+    let coord = lab.coordinator(CoordOpts {
+        metrics: Some(METRICS.into()),
+        fanout_window_ms: fanout_window(),
+        ..Default::default()
+    });
+    let ns = lab.add_ns("swarm");
+    let sources = add_sources(&ns, n as usize);
+    let swarm = spawn_swarm(
+        &ns,
+        &coord,
+        &[
+            "--networks".into(),
+            "1".into(),
+            "--nodes-per-network".into(),
+            n.to_string(),
+            "--hold".into(),
+            "3".into(),
+            "--connect-rate".into(),
+            rate.to_string(),
+            "--join-timeout".into(),
+            "50".into(),
+        ],
+    );
+    // The coordinator's figures once joined, before the nodes leave at the end of the hold.
+    let scrape = wait_for(Duration::from_secs(60), "the swarm to join", || {
+        if swarm.stderr_text().contains("a2a-swarm: joined") {
+            Ok(coord.scrape())
+        } else if !swarm.is_running() {
+            panic!("the swarm ended early: {}", swarm.stderr_text());
+        } else {
+            Err("not joined yet".to_string())
+        }
+    });
+    while swarm.is_running() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (r, line) = swarm_report(&swarm);
+    let num = |k: &str| r[k].as_u64().unwrap_or(0);
+    let m = |name: &str| {
+        metric(&scrape, &format!("a2a_coordinator_{name}_total"))
+            .unwrap_or_else(|| panic!("no {name} in the scrape:\n{scrape}"))
+    };
+    let (messages, changes) = (m("member_messages_sent"), m("member_changes_sent"));
+    let (ctl_messages, ctl_bytes) = (m("ctl_messages_sent"), m("ctl_bytes_sent"));
+    let pairs = n * (n - 1);
+    report(format!(
+        "swarm fan-out: {n} nodes in one network from {sources} addresses joined in {} s, join \
+         latency p50 {} ms, p99 {} ms; the coordinator sent {messages} member messages carrying \
+         {changes} member changes ({:.2} messages per member per join; one per change would be \
+         {pairs}), {ctl_messages} control messages in all, {ctl_bytes} bytes ({:.0} bytes per \
+         join); the nodes received {} member messages, {} of them batches",
+        r["joined_s"],
+        r["join_ms"]["p50"],
+        r["join_ms"]["p99"],
+        messages as f64 / pairs as f64,
+        ctl_bytes as f64 / n as f64,
+        num("member_messages"),
+        num("member_batches"),
+    ));
+    assert_eq!(num("registered"), n, "every node registers: {line}");
+    assert_eq!(
+        num("peer_lists_complete"),
+        n,
+        "every member lists every other: {line}"
+    );
+    assert!(
+        changes >= pairs,
+        "every member was told of every other ({changes} changes for {pairs} pairs)"
+    );
+    // One message per member per join would be `pairs`; batches carry many joins each.
+    assert!(
+        messages * 5 < pairs,
+        "the join fan-out should be coalesced: {messages} member messages for {n} joins of \
+         {n} members (one per member per join: {pairs})"
+    );
+    assert!(
+        num("member_messages") * 5 < pairs,
+        "the nodes should receive batches, not a message per join: {line}"
+    );
 }

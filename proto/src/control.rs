@@ -73,13 +73,21 @@ pub enum RefuseReason {
     InviteRefused,
 }
 
+/// One member in [`ServerMsg::Peers`]: its record and the id relay data for it is addressed to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerEntry {
+    pub record: SignedRecord,
+    pub relay_id: u32,
+}
+
 /// Coordinator to node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
     /// The registration (or update) is accepted; send a heartbeat every `heartbeat_s` seconds.
-    /// `relay_id` names this node in relay data; `relay_secret` proves it in a UDP relay bind. `peers`: how many `PeerUp`s follow at once (the members already in
-    /// the network), so the node knows when its peer table is complete.
+    /// `relay_id` names this node in relay data; `relay_secret` proves it in a UDP relay bind.
+    /// `peers`: how many records follow at once (the members already in the network, as
+    /// `PeerUp`s or in `Peers` messages), so the node knows when its peer table is complete.
     Registered {
         heartbeat_s: u32,
         relay_id: u32,
@@ -103,6 +111,17 @@ pub enum ServerMsg {
     /// A member left or expired.
     PeerDown {
         node_key: NodeKey,
+    },
+    /// Changes to the network's members, coalesced over the coordinator's fan-out window (or
+    /// the members already there, right after `Registered`): apply every `down` (left or
+    /// expired), then every `up` in order (joined, or a newer record), as that many
+    /// `PeerDown`s and `PeerUp`s. A node key appears at most once in each list; in both, it
+    /// left and came back. A record of the receiver itself is ignored.
+    Peers {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        down: Vec<NodeKey>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        up: Vec<PeerEntry>,
     },
     HeartbeatAck,
     /// To an inviter: a node asks to redeem one of its invites.
@@ -150,6 +169,38 @@ mod tests {
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<ServerMsg>(&s).unwrap(), r);
         assert!(serde_json::from_str::<ClientMsg>("{\"type\":\"nope\"}").is_err());
+    }
+
+    /// A batch of member changes: empty lists are left out and read back as empty.
+    #[test]
+    fn a_peers_batch_round_trips_and_its_lists_may_be_absent() {
+        let record = SignedRecord {
+            body: "{\"a\":1}".into(),
+            sig: "x".into(),
+            cert: None,
+        };
+        let m = ServerMsg::Peers {
+            down: vec![NodeKey([1; 32])],
+            up: vec![PeerEntry {
+                record,
+                relay_id: 7,
+            }],
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert!(s.contains("\"type\":\"peers\""), "{s}");
+        assert_eq!(serde_json::from_str::<ServerMsg>(&s).unwrap(), m);
+        let empty = serde_json::from_str::<ServerMsg>("{\"type\":\"peers\"}").unwrap();
+        assert_eq!(
+            empty,
+            ServerMsg::Peers {
+                down: vec![],
+                up: vec![]
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&empty).unwrap(),
+            "{\"type\":\"peers\"}"
+        );
     }
 
     /// The typed fields keep the JSON shape they had as strings: base64 (and an empty proof

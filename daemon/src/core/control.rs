@@ -19,7 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use a2a_proto::control::{ClientMsg, RefuseReason, ServerMsg};
+use a2a_proto::control::{ClientMsg, PeerEntry, RefuseReason, ServerMsg};
 use a2a_proto::invite::{InviteAnswer, InviteId, InviteProof};
 use a2a_proto::keys::{CoordinatorKey, RelaySecret, SignerId};
 use a2a_proto::membership::{issue_cert, Carry, Invited, MemberCert, Revocation, RotationNotice};
@@ -312,11 +312,16 @@ impl Client {
         }
         let cred = c.cred.clone();
         let mut out = Vec::new();
-        let peer_up = matches!(msg, ServerMsg::PeerUp { .. });
+        // Records count down the initial member list, one per `PeerUp`, all of a `Peers`'s.
+        let records = match &msg {
+            ServerMsg::PeerUp { .. } => 1,
+            ServerMsg::Peers { up, .. } => u32::try_from(up.len()).unwrap_or(u32::MAX),
+            _ => 0,
+        };
         self.message(now, &cred, msg, &mut out);
         if let Some(c) = self.conn.as_mut() {
-            if peer_up && c.initial_peers > 0 {
-                c.initial_peers -= 1;
+            if records > 0 && c.initial_peers > 0 {
+                c.initial_peers = c.initial_peers.saturating_sub(records);
                 if c.initial_peers == 0 {
                     out.push(Action::Status(Registration::Registered { ip: self.ip }));
                 }
@@ -383,11 +388,15 @@ impl Client {
                 self.peer_up(now, cred, record, relay_id, out)
             }
             ServerMsg::Punch { from } => out.push(Action::Punch(from)),
-            ServerMsg::PeerDown { node_key } => {
-                if let Some(peer) = self.peers.by_key(&node_key) {
-                    tracing::info!("peer {} ({}) left", peer.info().name, peer.ip());
+            ServerMsg::PeerDown { node_key } => self.peer_down(&node_key),
+            ServerMsg::Peers { down, up } => {
+                // Departures first: a member that left and came back in one batch is in both.
+                for node_key in &down {
+                    self.peer_down(node_key);
                 }
-                self.peers.remove(&node_key);
+                for PeerEntry { record, relay_id } in up {
+                    self.peer_up(now, cred, record, relay_id, out);
+                }
             }
             ServerMsg::RedeemRequest {
                 ticket,
@@ -438,6 +447,14 @@ impl Client {
             | ServerMsg::HeartbeatAck
             | ServerMsg::InviteAdmitted { .. } => {}
         }
+    }
+
+    /// A member left or expired.
+    fn peer_down(&mut self, node_key: &NodeKey) {
+        if let Some(peer) = self.peers.by_key(node_key) {
+            tracing::info!("peer {} ({}) left", peer.info().name, peer.ip());
+        }
+        self.peers.remove(node_key);
     }
 
     /// A member's record: applied only when it verifies (the coordinator cannot forge members),
@@ -947,6 +964,74 @@ mod tests {
         );
         assert!(w.client.handle(at(&w, 9), peer_up(3)).is_empty());
         assert_eq!(Counters::get(&w.counters.records_stale), 1);
+    }
+
+    /// A batch of member changes: the initial members count down by its records; later, its
+    /// departures are applied before its records (a member that left and came back).
+    #[test]
+    fn a_peers_batch_applies_departures_then_records_and_counts_the_initial_list() {
+        let mut w = world();
+        register(&mut w, 3);
+        let entry = |n: u8, issued_ms| PeerEntry {
+            record: peer_record(n, SECRET, issued_ms),
+            relay_id: u32::from(n),
+        };
+        let a = w.client.handle(
+            at(&w, 6),
+            ServerMsg::Peers {
+                down: vec![],
+                up: vec![entry(2, 10), entry(3, 10)],
+            },
+        );
+        assert!(!status_registered(&a), "one member is still to come");
+        assert!(a.contains(&Action::Initiate(key_of([3; 32]))));
+        let a = w.client.handle(
+            at(&w, 7),
+            ServerMsg::Peers {
+                down: vec![],
+                up: vec![entry(4, 10)],
+            },
+        );
+        assert!(status_registered(&a));
+        assert_eq!(w.peers.len(), 3);
+        // 2 restarted (gone, then back with a new relay id and record), 3 left, 4 is renewed.
+        let back = PeerEntry {
+            record: peer_record(2, SECRET, 20),
+            relay_id: 22,
+        };
+        let a = w.client.handle(
+            at(&w, 8),
+            ServerMsg::Peers {
+                down: vec![key_of([2; 32]), key_of([3; 32])],
+                up: vec![back, entry(4, 11)],
+            },
+        );
+        assert!(a.contains(&Action::Initiate(key_of([2; 32]))), "{a:?}");
+        assert!(!a.contains(&Action::Initiate(key_of([4; 32]))));
+        assert_eq!(w.peers.len(), 2);
+        assert!(w.peers.by_key(&key_of([3; 32])).is_none());
+        assert_eq!(w.peers.by_key(&key_of([2; 32])).unwrap().relay_id(), 22);
+        // A record of another network in a batch is dropped and counted; the rest applies.
+        let a = w.client.handle(
+            at(&w, 9),
+            ServerMsg::Peers {
+                down: vec![],
+                up: vec![
+                    PeerEntry {
+                        record: peer_record(5, [8; 32], 10),
+                        relay_id: 5,
+                    },
+                    entry(6, 10),
+                ],
+            },
+        );
+        assert!(a.contains(&Action::Initiate(key_of([6; 32]))));
+        assert!(w.peers.by_key(&key_of([5; 32])).is_none());
+        assert_eq!(
+            Counters::get(&w.counters.records_foreign),
+            1,
+            "another network's"
+        );
     }
 
     #[test]

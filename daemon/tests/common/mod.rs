@@ -65,6 +65,8 @@ impl Hub {
                 conns.lock().unwrap().push(conn);
             }
         }));
+        // Member changes leave in batches once their window has passed.
+        t.push(tokio::spawn(server.clone().fanout_loop()));
         for (udp, port) in [(main.clone(), UdpPort::Main), (alt, UdpPort::Alt)] {
             t.push(tokio::spawn(serve_udp(server.clone(), udp, port)));
         }

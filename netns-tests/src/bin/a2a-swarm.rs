@@ -20,7 +20,8 @@
 //! default 120 s), the nodes are held, heartbeating, for SECS seconds; then one JSON object is
 //! printed on stdout: nodes registered, peer lists complete at the end of the hold, join latency p50/p99/max in ms (from a node's
 //! registration until every member registered before it lists it), records received and
-//! verified, complete peer lists, binds answered, errors by kind. Bounded: at most 100 000
+//! verified, complete peer lists, binds answered, member messages received (`PeerUp`, `PeerDown`
+//! or a `Peers` batch, each counted once) and of those the batches, errors by kind. Bounded: at most 100 000
 //! nodes, and the join timeout plus the restart wait plus the hold plus 30 s in all.
 //!
 //! A node whose control connection is lost reconnects as `a2ad` does (a back-off from 0.5 s
@@ -208,6 +209,10 @@ struct Swarm {
     foreign: bool,
     foreign_records: AtomicU64,
     relay_frames: AtomicU64,
+    /// Messages about members received by the well-behaved nodes (`PeerUp`, `PeerDown`,
+    /// `Peers`), and of those the `Peers` batches.
+    member_messages: AtomicU64,
+    batches: AtomicU64,
     mis: Misbehaved,
     /// How many misbehaving nodes of each kind (silent, vanish, loop).
     mis_counts: [usize; 3],
@@ -370,6 +375,8 @@ fn main() {
         foreign: args.token.is_some(),
         foreign_records: AtomicU64::new(0),
         relay_frames: AtomicU64::new(0),
+        member_messages: AtomicU64::new(0),
+        batches: AtomicU64::new(0),
         mis: Misbehaved {
             silent_held_min_ms: AtomicU64::new(u64::MAX),
             ..Default::default()
@@ -559,6 +566,8 @@ fn report(
         "connections_lost": swarm.connections_lost.load(Ordering::Relaxed),
         "foreign_records": swarm.foreign_records.load(Ordering::Relaxed),
         "relay_frames": swarm.relay_frames.load(Ordering::Relaxed),
+        "member_messages": swarm.member_messages.load(Ordering::Relaxed),
+        "member_batches": swarm.batches.load(Ordering::Relaxed),
         "misbehave": {
             "silent": {
                 "nodes": swarm.mis_counts[0],
@@ -882,29 +891,53 @@ async fn session(
                     io(e)
                 }
             })?;
-            match frame {
-                Incoming::Msg(ServerMsg::PeerUp { record, .. }) => {
-                    let Some(key) = swarm.verify(node.net, &record) else {
-                        continue;
-                    };
-                    if peers.insert(key, ()).is_none() {
-                        swarm.peers_known[me].store(peers.len() as u64, Ordering::Relaxed);
-                    }
-                    if seen_initial < initial {
-                        seen_initial += 1;
-                    } else if swarm.lost_at.load(Ordering::Relaxed) != 0 {
-                        // After a restart: join latencies are those of the first joins.
-                    } else if let Some(&learnt) = swarm.index.get(&key) {
-                        let at = swarm.micros();
-                        swarm.learnt.lock().unwrap().push((node.index, learnt, at));
-                    }
+            // A member's record: verified, added, and timed unless it is of the initial list.
+            let mut up = |record: &SignedRecord, peers: &mut HashMap<NodeKey, ()>| {
+                let Some(key) = swarm.verify(node.net, record) else {
+                    return;
+                };
+                if key == node.key {
+                    return;
                 }
-                Incoming::Msg(ServerMsg::PeerDown { node_key }) => {
-                    if !swarm.stop.load(Ordering::Relaxed) {
-                        swarm.error("peer_down");
+                if peers.insert(key, ()).is_none() {
+                    swarm.peers_known[me].store(peers.len() as u64, Ordering::Relaxed);
+                }
+                if seen_initial < initial {
+                    seen_initial += 1;
+                } else if swarm.lost_at.load(Ordering::Relaxed) != 0 {
+                    // After a restart: join latencies are those of the first joins.
+                } else if let Some(&learnt) = swarm.index.get(&key) {
+                    let at = swarm.micros();
+                    swarm.learnt.lock().unwrap().push((node.index, learnt, at));
+                }
+            };
+            let down = |node_key: &NodeKey, peers: &mut HashMap<NodeKey, ()>| {
+                if !swarm.stop.load(Ordering::Relaxed) {
+                    swarm.error("peer_down");
+                }
+                if peers.remove(node_key).is_some() {
+                    swarm.peers_known[me].store(peers.len() as u64, Ordering::Relaxed);
+                }
+            };
+            if let Incoming::Msg(
+                ServerMsg::PeerUp { .. } | ServerMsg::PeerDown { .. } | ServerMsg::Peers { .. },
+            ) = &frame
+            {
+                swarm.member_messages.fetch_add(1, Ordering::Relaxed);
+            }
+            match frame {
+                Incoming::Msg(ServerMsg::PeerUp { record, .. }) => up(&record, &mut peers),
+                Incoming::Msg(ServerMsg::PeerDown { node_key }) => down(&node_key, &mut peers),
+                Incoming::Msg(ServerMsg::Peers {
+                    down: gone,
+                    up: came,
+                }) => {
+                    swarm.batches.fetch_add(1, Ordering::Relaxed);
+                    for k in &gone {
+                        down(k, &mut peers);
                     }
-                    if peers.remove(&node_key).is_some() {
-                        swarm.peers_known[me].store(peers.len() as u64, Ordering::Relaxed);
+                    for e in &came {
+                        up(&e.record, &mut peers);
                     }
                 }
                 Incoming::Msg(ServerMsg::HeartbeatAck) | Incoming::Msg(ServerMsg::Punch { .. }) => {
