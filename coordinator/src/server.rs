@@ -1371,6 +1371,7 @@ mod tests {
         let (r, w) = tokio::io::split(a);
         let (mut r, mut w) = est.split(r, w);
         w.send(&ClientMsg::Register {
+            batches: true,
             network: k.id(),
             proof,
             record,

@@ -16,7 +16,7 @@
 //!
 //! Nothing here is written or printed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use a2a_proto::control::{ClientMsg, PeerEntry, RefuseReason, ServerMsg};
@@ -108,6 +108,9 @@ pub struct Switchboard {
     rng: StdRng,
     /// Member changes for the other members, gathered over a window.
     fanout: Fanout,
+    /// Connections of nodes that do not read batches (older than them): their member changes
+    /// go one `PeerUp` or `PeerDown` each, at once.
+    singles: HashSet<ConnId>,
 }
 
 impl Switchboard {
@@ -121,6 +124,7 @@ impl Switchboard {
             message_rate,
             rng: StdRng::from_seed(seed),
             fanout: Fanout::new(Duration::ZERO, MAX_BATCH_BYTES),
+            singles: HashSet::new(),
         }
     }
 
@@ -155,6 +159,10 @@ impl Switchboard {
         // One record is fanned out per call (to every other member): its key is read once.
         let mut subject: Option<(u32, a2a_proto::NodeKey)> = None;
         for (conn, msg) in sends {
+            if self.singles.contains(&conn) {
+                out.push((conn, msg));
+                continue;
+            }
             match msg {
                 ServerMsg::PeerUp { record, relay_id } if Some(conn) == me => {
                     snapshot.push(PeerEntry { record, relay_id });
@@ -241,7 +249,11 @@ impl Switchboard {
                 network,
                 proof,
                 record,
+                batches,
             } => {
+                if !batches {
+                    self.singles.insert(conn);
+                }
                 let mut secret = [0u8; 16];
                 self.rng.fill_bytes(&mut secret);
                 let secret = RelaySecret(secret);
@@ -271,6 +283,7 @@ impl Switchboard {
                         );
                     }
                     Err((reason, message)) => {
+                        self.singles.remove(&conn);
                         out.counts.push(Count::RegistrationRefused);
                         out.refuse(conn, reason, message);
                         out.close.push(conn);
@@ -369,6 +382,7 @@ impl Switchboard {
                     out.send = self.route(now, Some(conn), sent);
                     if let Some(gone) = removed {
                         self.fanout.forget(gone);
+                        self.singles.remove(&gone);
                         out.counts.push(Count::Revocation);
                         out.refuse(
                             gone,
@@ -395,6 +409,7 @@ impl Switchboard {
     pub fn close(&mut self, now: Instant, conn: ConnId) -> Outbox {
         let was_registered = matches!(self.conns.remove(&conn), Some(Phase::Registered { .. }));
         self.fanout.forget(conn);
+        self.singles.remove(&conn);
         let sent = self.registry.disconnect(conn);
         let mut out = Outbox {
             send: self.route(now, None, sent),
@@ -412,6 +427,7 @@ impl Switchboard {
         let (send, closed) = self.registry.expire(now);
         for conn in &closed {
             self.fanout.forget(*conn);
+            self.singles.remove(conn);
         }
         let mut out = Outbox {
             send: self.route(now, None, send),
@@ -457,6 +473,7 @@ mod tests {
 
     fn register_msg(k: &NetworkKey, conn: ConnId, n: u8, ip: &str) -> ClientMsg {
         ClientMsg::Register {
+            batches: true,
             network: k.id(),
             proof: Some(Signature(k.sign(REGISTER_CONTEXT, &hash(conn)))),
             record: record(k, n, ip, 1),
@@ -555,6 +572,7 @@ mod tests {
         // A proof over another connection's handshake hash (a replay).
         b.open(1, key(1), hash(1));
         let replayed = ClientMsg::Register {
+            batches: true,
             network: k.id(),
             proof: Some(Signature(k.sign(REGISTER_CONTEXT, &hash(9)))),
             record: record(&k, 1, "100.64.0.1", 1),
@@ -567,6 +585,7 @@ mod tests {
         // A proof by another network's key.
         b.open(2, key(2), hash(2));
         let foreign = ClientMsg::Register {
+            batches: true,
             network: k.id(),
             proof: Some(Signature(other.sign(REGISTER_CONTEXT, &hash(2)))),
             record: record(&k, 2, "100.64.0.2", 1),
@@ -963,5 +982,59 @@ mod tests {
             if *down == vec![key(3), key(4)] && up.len() == 1 && up[0].relay_id == 14)
         );
         assert!(sent_to(&out, 3).is_empty() && sent_to(&out, 4).is_empty());
+    }
+
+    /// A node older than the batches (its registration without `batches`) still gets one
+    /// `PeerUp`/`PeerDown` per change, at once, beside members that get batches.
+    #[test]
+    fn a_node_without_batches_gets_one_message_per_change_at_once() {
+        let k = NetworkKey::derive(&[1; 32]);
+        let t0 = Instant::now();
+        let mut b = board();
+        b.coalesce(crate::fanout::WINDOW, crate::fanout::MAX_BATCH_BYTES);
+        join(&mut b, t0, &k, 1, 1);
+        join(&mut b, t0, &k, 2, 2);
+        let ClientMsg::Register {
+            network,
+            proof,
+            record,
+            ..
+        } = register_msg(&k, 3, 3, "100.64.0.3")
+        else {
+            unreachable!()
+        };
+        let old = ClientMsg::Register {
+            network,
+            proof,
+            record,
+            batches: false,
+        };
+        let json = serde_json::to_value(&old).unwrap();
+        assert!(
+            json.get("batches").is_none(),
+            "as an old node sends it: {json}"
+        );
+        b.open(3, key(3), hash(3));
+        let out = b.handle(t0, 3, serde_json::from_value(json).unwrap());
+        let mine = sent_to(&out, 3);
+        assert!(matches!(mine[0], ServerMsg::Registered { peers: 2, .. }));
+        assert!(
+            mine[1..]
+                .iter()
+                .all(|m| matches!(m, ServerMsg::PeerUp { .. })),
+            "{mine:?}"
+        );
+        assert_eq!(mine.len(), 3);
+        // A new member: the old node hears at once, the others at the window's end.
+        let out = join(&mut b, t0, &k, 4, 4);
+        assert!(matches!(sent_to(&out, 3)[..], [ServerMsg::PeerUp { .. }]));
+        assert!(sent_to(&out, 1).is_empty());
+        let out = b.flush(b.fanout_deadline().unwrap());
+        assert!(sent_to(&out, 3).is_empty());
+        assert!(matches!(sent_to(&out, 1)[..], [ServerMsg::Peers { .. }]));
+        // A departure, the same.
+        let out = b.close(t0, 4);
+        assert!(matches!(sent_to(&out, 3)[..], [ServerMsg::PeerDown { .. }]));
+        assert!(sent_to(&out, 1).is_empty());
     }
 }

@@ -29,6 +29,7 @@ pub fn coordinator_reads(m: &ClientMsg) {
             network,
             proof,
             record,
+            ..
         } => {
             if proof.is_some_and(|p| network.verify(REGISTER_CONTEXT, &HANDSHAKE_HASH, &p.0)) {
                 let _ = check_record(record, network);

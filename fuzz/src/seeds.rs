@@ -77,6 +77,7 @@ fn client_msgs() -> Vec<(&'static str, ClientMsg)> {
         (
             "register",
             ClientMsg::Register {
+                batches: true,
                 network: network_id(),
                 proof: Some(Signature(
                     network_key().sign(REGISTER_CONTEXT, &HANDSHAKE_HASH),

@@ -21,6 +21,11 @@ pub enum ClientMsg {
         #[serde(with = "crate::keys::empty_is_none")]
         proof: Option<Signature>,
         record: SignedRecord,
+        /// The node reads [`ServerMsg::Peers`]: member changes may come to it coalesced.
+        /// Absent (false) from nodes older than the batches: they get one `PeerUp` or
+        /// `PeerDown` per change, as before.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        batches: bool,
     },
     /// A newer record (new candidates, for instance).
     Update { record: SignedRecord },
@@ -216,6 +221,7 @@ mod tests {
         let network = crate::NetworkKey::derive(&[1; 32]).id();
         for proof in [Some(Signature([5; 64])), None] {
             let m = ClientMsg::Register {
+                batches: true,
                 network,
                 proof,
                 record: record.clone(),

@@ -204,6 +204,7 @@ impl Client {
         let published = candidates_from(reflexive, self.mapped, &locals);
         let record = self.record(now, &cred, published.clone());
         let msg = ClientMsg::Register {
+            batches: true,
             network: cred.network_id(),
             proof: cred.register_proof(handshake_hash),
             record,
@@ -909,6 +910,7 @@ mod tests {
             network,
             proof,
             record,
+            ..
         } = msg
         else {
             panic!("not a registration");

@@ -414,6 +414,7 @@ async fn full(target: SocketAddr, coordinator_key: [u8; 32], stats: &Stats) {
     let (mut reader, mut writer) = est.split(r, w);
     let network = NetworkId(rng.bytes(32).try_into().expect("32 bytes"));
     let register = ClientMsg::Register {
+        batches: true,
         network,
         // Well-formed, so the coordinator gets as far as verifying it (and refuses it).
         proof: Some(a2a_proto::keys::Signature(
@@ -485,6 +486,7 @@ async fn member_session(
     let (mut reader, mut writer) = est.split(r, w);
     writer
         .send(&ClientMsg::Register {
+            batches: true,
             network: network_key.id(),
             proof: Some(a2a_proto::keys::Signature(proof)),
             record,

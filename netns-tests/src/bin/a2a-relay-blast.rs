@@ -118,6 +118,7 @@ async fn member(
     let (r, w) = s.into_split();
     let (mut r, mut w) = est.split(r, w);
     w.send(&ClientMsg::Register {
+        batches: true,
         network: net.id(),
         proof,
         record,

@@ -801,6 +801,7 @@ async fn connect_register(
         buf: Vec::new(),
     };
     tx.send(&ClientMsg::Register {
+        batches: true,
         network: net_key.id(),
         proof: Some(proof),
         record,
