@@ -681,6 +681,7 @@ impl Server {
             tokio::spawn(self.clone().expire_loop()),
             tokio::spawn(self.clone().stats_loop()),
             tokio::spawn(self.clone().fanout_loop()),
+            tokio::spawn(trim_loop()),
         ];
         for (i, socket) in udp.into_iter().enumerate() {
             let socket = Arc::new(socket);
@@ -1298,6 +1299,26 @@ impl Server {
 /// Closes `stream` with a RST when it is dropped. A node reads that as "busy, try again" and
 /// backs off; an orderly close during the handshake means "this coordinator does not hold the
 /// token's key" to it, which it gives up on after a few tries.
+/// How often memory freed since is given back to the system.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+
+/// Gives freed heap memory back to the system every [`TRIM_EVERY`] (glibc's `malloc_trim`): a
+/// join or restart storm queues megabytes of records in the connections' outboxes for a few
+/// seconds, and glibc keeps what a burst freed in its arenas (one per thread) otherwise, so the
+/// RSS held by an idle coordinator was its peak's.
+async fn trim_loop() {
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim takes no pointers; it only walks the allocator's own arenas.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
 fn reset(fd: RawFd) {
     let linger = libc::linger {
         l_onoff: 1,

@@ -70,6 +70,30 @@ fn ping6(node: &Node, ip: Ipv6Addr, count: u32, from: Option<Ipv6Addr>) -> Resul
     Ok(received)
 }
 
+/// Waits until `n` lists every other of `nodes` with the ip6 in `want` (same order), and
+/// returns that status.
+fn wait_peers_ip6(n: &Node, nodes: &[Node], want: &[Ipv6Addr]) -> Status {
+    wait_for(OVERLAY_TIMEOUT, &format!("{}'s peers' ip6", n.name), || {
+        let st = n.try_status()?;
+        for (o, want) in nodes.iter().zip(want) {
+            if o.name == n.name {
+                continue;
+            }
+            let got = st.raw["peers"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == o.name.as_str()))
+                .and_then(|p| p["ip6"].as_str().map(str::to_string));
+            if got.as_deref() != Some(&want.to_string()) {
+                return Err(format!(
+                    "{} lists {} with ip6 {got:?}, not {want}",
+                    n.name, o.name
+                ));
+            }
+        }
+        Ok(st)
+    })
+}
+
 #[test]
 fn ipv6_overlay_addresses_carry_traffic_whois_names_members_and_forged_sources_are_dropped() {
     let Some(lab) = Lab::new("overlay6") else {
@@ -140,25 +164,7 @@ fn ipv6_overlay_addresses_carry_traffic_whois_names_members_and_forged_sources_a
 
     // Every node lists every peer with the ip6 that peer reports for itself.
     for n in &nodes {
-        let st = wait_for(OVERLAY_TIMEOUT, &format!("{}'s peers' ip6", n.name), || {
-            let st = n.try_status()?;
-            for (o, want) in nodes.iter().zip(&ip6) {
-                if o.name == n.name {
-                    continue;
-                }
-                let got = st.raw["peers"]
-                    .as_array()
-                    .and_then(|ps| ps.iter().find(|p| p["name"] == o.name.as_str()))
-                    .and_then(|p| p["ip6"].as_str().map(str::to_string));
-                if got.as_deref() != Some(&want.to_string()) {
-                    return Err(format!(
-                        "{} lists {} with ip6 {got:?}, not {want}",
-                        n.name, o.name
-                    ));
-                }
-            }
-            Ok(st)
-        });
+        let st = wait_peers_ip6(n, &nodes, &ip6);
         // The interface has the address and the /48 route.
         let iface = st.raw["self"]["interface"].as_str().unwrap().to_string();
         let me = &ip6[nodes.iter().position(|o| o.name == n.name).unwrap()];
@@ -554,29 +560,7 @@ fn whois_tells_invited_members_and_rotation_moves_the_ipv6_prefix() {
         "{new:?}"
     );
     for n in &nodes {
-        wait_for(
-            OVERLAY_TIMEOUT,
-            &format!("{}'s peers' new ip6", n.name),
-            || {
-                let st = n.try_status()?;
-                for (o, want) in nodes.iter().zip(&new) {
-                    if o.name == n.name {
-                        continue;
-                    }
-                    let got = st.raw["peers"]
-                        .as_array()
-                        .and_then(|ps| ps.iter().find(|p| p["name"] == o.name.as_str()))
-                        .and_then(|p| p["ip6"].as_str().map(str::to_string));
-                    if got.as_deref() != Some(&want.to_string()) {
-                        return Err(format!(
-                            "{} lists {} at {got:?}, not {want}",
-                            n.name, o.name
-                        ));
-                    }
-                }
-                Ok(())
-            },
-        );
+        wait_peers_ip6(n, &nodes, &new);
     }
     for a in &nodes {
         for (b, b6) in nodes.iter().zip(&new) {
