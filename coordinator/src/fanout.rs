@@ -3,6 +3,11 @@
 //! instead of one message per change. Free of I/O: the switchboard hands it every change with
 //! the time, and [`Fanout::flush`] returns what to send once the window has passed.
 //!
+//! A change after a quiet spell (nothing sent for a window) leaves at once, the leading edge,
+//! which the switchboard asks for with [`Fanout::quiet`] and [`Fanout::flush_now`]: a lone join
+//! is not delayed (a peer on the same LAN knows the newcomer before its first probe arrives),
+//! and only the changes that follow it within the window wait.
+//!
 //! Without it, a network of N members that all register at once (a coordinator restart) costs
 //! N² messages of one record each; with it, each member gets about one message per window
 //! whatever the join rate, carrying only what changed (deltas, never the whole member list).
@@ -74,6 +79,8 @@ pub struct Fanout {
     targets: HashMap<ConnId, Target>,
     /// When the open window ends (none open: nothing pending).
     deadline: Option<Instant>,
+    /// When changes last left (the leading edge waits a window after it).
+    last_flush: Option<Instant>,
 }
 
 impl Fanout {
@@ -85,6 +92,7 @@ impl Fanout {
             max_bytes,
             targets: HashMap::new(),
             deadline: None,
+            last_flush: None,
         }
     }
 
@@ -134,12 +142,27 @@ impl Fanout {
         self.targets.len()
     }
 
+    /// Whether nothing has left for a whole window: changes pending now may leave at once
+    /// ([`Fanout::flush_now`]) rather than wait for the window.
+    pub fn quiet(&self, now: Instant) -> bool {
+        self.last_flush.is_none_or(|t| now >= t + self.window)
+    }
+
     /// Once the window has passed: every pending change, as batches, each member's in order.
     pub fn flush(&mut self, now: Instant) -> Sends {
         if self.deadline.is_none_or(|d| d > now) {
             return Vec::new();
         }
+        self.flush_now(now)
+    }
+
+    /// Every pending change now, as [`Fanout::flush`] sends them when due.
+    pub fn flush_now(&mut self, now: Instant) -> Sends {
+        if self.deadline.is_none() {
+            return Vec::new();
+        }
         self.deadline = None;
+        self.last_flush = Some(now);
         let mut out = Vec::new();
         for (conn, t) in self.targets.drain() {
             let mut changes: Vec<Change> = t.changes.into_values().collect();
@@ -307,6 +330,27 @@ mod tests {
         // The next change opens a new window.
         f.up(t0 + WINDOW * 3, 1, key(2), entry(2, 2));
         assert_eq!(f.deadline(), Some(t0 + WINDOW * 4));
+    }
+
+    #[test]
+    fn after_a_quiet_window_changes_may_leave_at_once_and_the_next_ones_wait() {
+        let mut f = fanout();
+        let t0 = Instant::now();
+        assert!(f.quiet(t0), "nothing sent yet");
+        assert!(f.flush_now(t0).is_empty(), "nothing pending");
+        f.up(t0, 1, key(2), entry(2, 1));
+        assert_eq!(seen(&f.flush_now(t0), 1), vec![(vec![], vec![(2, 1)])]);
+        assert_eq!(f.deadline(), None);
+        // Within the window of that send: not quiet, the next change waits for its window.
+        let t1 = t0 + WINDOW / 5;
+        assert!(!f.quiet(t1));
+        f.up(t1, 1, key(3), entry(3, 1));
+        assert_eq!(f.deadline(), Some(t1 + WINDOW));
+        assert!(f.flush(t1).is_empty());
+        assert_eq!(seen(&f.flush(t1 + WINDOW), 1), vec![(vec![], vec![(3, 1)])]);
+        // A window after that: quiet again.
+        assert!(!f.quiet(t1 + WINDOW + WINDOW / 2));
+        assert!(f.quiet(t1 + WINDOW * 2));
     }
 
     #[test]
