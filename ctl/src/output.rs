@@ -1,6 +1,6 @@
 //! Human-readable output.
 
-use a2a_proto::api::{NetcheckReport, PingResult, Status, WhoisMember};
+use a2a_proto::api::{NetcheckReport, PingResult, ServiceEntry, Status, WhoisMember};
 
 /// One line of `a2actl ping`.
 pub fn ping_line(p: &PingResult) -> String {
@@ -96,6 +96,36 @@ pub fn whois_text(m: &WhoisMember) -> String {
         m.ip,
         m.ip6,
     )
+}
+
+/// `a2actl services`: one line per service, the agent card's name and skills after it.
+pub fn services_table(services: &[ServiceEntry]) -> String {
+    if services.is_empty() {
+        return "no member advertises a service (add one: `a2actl service add NAME --port PORT`)\n"
+            .into();
+    }
+    let mut out = format!(
+        "{:<16} {:<20} {:<22} {:<5} {}\n",
+        "NODE", "SERVICE", "ADDRESS", "PROTO", "DETAILS"
+    );
+    for s in services {
+        let mut details = s.path.clone().unwrap_or_default();
+        if let Some(c) = &s.card {
+            let skills: Vec<&str> = c.skills.iter().map(|k| k.id.as_str()).collect();
+            details = format!("{details} {:?} skills: {}", c.name, skills.join(","))
+                .trim()
+                .to_string();
+        }
+        out.push_str(&format!(
+            "{:<16} {:<20} {:<22} {:<5} {}\n",
+            s.node,
+            s.name,
+            format!("{}:{}", s.ip, s.port),
+            s.proto.as_str(),
+            details
+        ));
+    }
+    out
 }
 
 pub fn status_table(status: &Status) -> String {
