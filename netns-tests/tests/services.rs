@@ -3,7 +3,8 @@
 //! with the coordinator killed a new service still appears (the hub is not in the path), the
 //! coordinator's wire (tcpdump in its namespace) and its output hold no service name, port or
 //! card text, and a hostile member's list (huge, malformed, slow) is refused and counted while
-//! the others' lists still arrive. Real binaries over real TUN devices.
+//! the others' lists still arrive; DNS-SD (`_a2a._tcp.a2a` PTR, SRV, TXT) answers through a
+//! member's resolver. Real binaries over real TUN devices.
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -110,6 +111,13 @@ fn wait_unlisted(node: &Node, of: &str, name: &str) -> Duration {
     t0.elapsed()
 }
 
+/// `dig +short @100.100.100.100 ARGS` in `node`'s namespace (its own a2ad's resolver).
+fn dig_short(node: &Node, args: &[&str]) -> String {
+    let mut full = vec!["dig", "+short", "+time=2", "+tries=1", "@100.100.100.100"];
+    full.extend_from_slice(args);
+    node.ns.exec_timeout(&full, Duration::from_secs(10)).stdout
+}
+
 fn skill_ids(e: &serde_json::Value) -> Vec<String> {
     e["card"]["skills"]
         .as_array()
@@ -165,7 +173,11 @@ fn services_and_cards_travel_peer_to_peer_and_the_hub_sees_none() {
     let Some(lab) = Lab::new("services") else {
         return;
     };
-    require_tools(&[("python3", "python3"), ("tcpdump", "tcpdump")]);
+    require_tools(&[
+        ("python3", "python3"),
+        ("tcpdump", "tcpdump"),
+        ("dig", "bind9-dnsutils"),
+    ]);
     let coord = lab.coordinator(CoordOpts::default());
     let coord_cap = Capture::start(&coord.ns, "eth0", lab.dir().join("coord-eth0.pcap"));
     let alice = lab.node("alice");
@@ -243,6 +255,24 @@ fn services_and_cards_travel_peer_to_peer_and_the_hub_sees_none() {
         "a new service (no card) visible on bob after {:.2} s",
         plain.as_secs_f64()
     ));
+    // DNS-SD through bob's resolver: browse, then SRV and TXT of the instance.
+    wait_for(SEEN_TIMEOUT, "DNS-SD of alice's services on bob", || {
+        let ptr = dig_short(&bob, &["_a2a._tcp.a2a", "PTR"]);
+        let srv = dig_short(&bob, &["planner._a2a._tcp.a2a", "SRV"]);
+        let txt = dig_short(&bob, &["planner._a2a._tcp.a2a", "TXT"]);
+        let mcp = dig_short(&bob, &["tools._mcp._tcp.a2a", "TXT"]);
+        if ptr.contains("planner._a2a._tcp.a2a.")
+            && srv.contains("0 0 9100 alice.a2a.")
+            && txt.contains("skills=plan-trip,book-hotel")
+            && mcp.contains("path=/mcp")
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "PTR {ptr:?} SRV {srv:?} TXT {txt:?} mcp TXT {mcp:?}"
+            ))
+        }
+    });
     // --skill filters on the card's skill ids.
     let by_skill = services(&bob, &["--skill", "book-hotel"]);
     assert_eq!(by_skill.len(), 1, "{by_skill:?}");

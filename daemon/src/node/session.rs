@@ -176,6 +176,15 @@ impl<P: Platform> Session<P> {
         };
         let control = tokio::spawn(task.run(leave_rx));
         let remote_services = RemoteLists::default();
+        let sd_services = {
+            let (book, remote, peers, name) = (
+                services.clone(),
+                remote_services.clone(),
+                peers.clone(),
+                name.clone(),
+            );
+            move || crate::tasks::services::sd_services(&book, &remote, &peers, &name)
+        };
         let services_task = device.serve_services.then(|| {
             tokio::spawn(
                 ServicesTask {
@@ -205,6 +214,7 @@ impl<P: Platform> Session<P> {
                         },
                         dns_ip,
                         upstreams: crate::tasks::dns::host_upstreams(dns_ip),
+                        services: Box::new(sd_services),
                     };
                     if task.upstreams.is_empty() {
                         tracing::warn!(

@@ -570,3 +570,47 @@ async fn get_card(host: Ipv4Addr, port: u16) -> Result<Card, CardError> {
     let body = http_body(&buf).ok_or(CardError::Unreachable)?;
     parse_card(body).map_err(CardError::Refused)
 }
+
+/// Every member's services as DNS-SD shows them: this node's (named `own_name`) and each
+/// peer's last fetched list.
+pub fn sd_services(
+    book: &ServiceBook,
+    remote: &RemoteLists,
+    peers: &PeerTable,
+    own_name: &str,
+) -> Vec<crate::core::dns::SdService> {
+    let sd = |node: &str, a: &Advertised| {
+        let kind = match a.spec.proto {
+            Proto::A2a => "a2a",
+            Proto::Mcp => "mcp",
+            Proto::Http => "http",
+            Proto::Tcp => return None,
+        };
+        Some(crate::core::dns::SdService {
+            node: node.to_string(),
+            name: a.spec.name.clone(),
+            kind,
+            port: a.spec.port,
+            path: a.spec.path.clone(),
+            skills: a
+                .card
+                .as_ref()
+                .map(|c| c.skills.iter().map(|k| k.id.clone()).collect())
+                .unwrap_or_default(),
+        })
+    };
+    let mut out: Vec<_> = book
+        .list()
+        .services
+        .iter()
+        .filter_map(|a| sd(own_name, a))
+        .collect();
+    let remote = remote.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for (key, list) in remote {
+        if let Some(p) = peers.by_key(&key) {
+            let node = p.info().name;
+            out.extend(list.iter().filter_map(|a| sd(&node, a)));
+        }
+    }
+    out
+}
