@@ -281,6 +281,43 @@ mod tests {
     }
 
     #[test]
+    fn services_table_shows_the_card_and_path() {
+        use a2a_proto::services::{Card, Proto, Skill};
+        assert!(services_table(&[]).contains("no member advertises"));
+        let entry = ServiceEntry {
+            node: "alice".into(),
+            name: "planner".into(),
+            ip: "100.64.0.1".into(),
+            ip6: "fd00::1".into(),
+            port: 9100,
+            proto: Proto::A2a,
+            path: None,
+            card: Some(Card {
+                name: "Trip Planner".into(),
+                description: String::new(),
+                skills: vec![Skill {
+                    id: "plan-trip".into(),
+                    name: "Plan".into(),
+                    tags: vec![],
+                }],
+            }),
+            is_self: false,
+        };
+        let mcp = ServiceEntry {
+            name: "tools".into(),
+            port: 9200,
+            proto: Proto::Mcp,
+            path: Some("/mcp".into()),
+            card: None,
+            ..entry.clone()
+        };
+        let t = services_table(&[entry, mcp]);
+        assert!(t.contains("100.64.0.1:9100"), "{t}");
+        assert!(t.contains("\"Trip Planner\" skills: plan-trip"), "{t}");
+        assert!(t.contains("mcp   /mcp"), "{t}");
+    }
+
+    #[test]
     fn table_lists_self_and_peers() {
         let st = Status {
             self_: Some(SelfStatus {

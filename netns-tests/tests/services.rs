@@ -63,6 +63,19 @@ while True:
     n += 1
 "#;
 
+/// An "agent" on 0.0.0.0:9103 that accepts connections and never answers.
+const SLOW_PY: &str = r#"
+import socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9103))
+s.listen(16)
+held = []
+while True:
+    c, _ = s.accept()
+    held.append(c)
+"#;
+
 /// `a2actl services --json` (with extra args), parsed.
 fn services(node: &Node, extra: &[&str]) -> Vec<serde_json::Value> {
     let mut args = vec!["services", "--json"];
@@ -251,6 +264,37 @@ fn services_and_cards_travel_peer_to_peer_and_the_hub_sees_none() {
     let plain = t1.elapsed();
     wait_listed(&bob, "alice", "broken", |e| e["card"].is_null());
     assert!(alice.counter("cards_malformed") >= 1);
+    // A card over 64 KiB, and an agent that accepts and never answers: listed without a card,
+    // each counted, and the good card still published.
+    let mut huge = CARD.trim_end().trim_end_matches('}').to_string();
+    huge.push_str(&format!(", \"pad\": \"{}\"}}", "x".repeat(70 * 1024)));
+    let _huge = serve_card(&lab, &alice, 9102, huge.as_bytes());
+    let _slow = alice.ns.spawn("slow-agent", &["python3", "-c", SLOW_PY]);
+    alice
+        .ctl(&["service", "add", "huge", "--port", "9102", "--proto", "a2a"])
+        .expect_ok();
+    alice
+        .ctl(&["service", "add", "slow", "--port", "9103", "--proto", "a2a"])
+        .expect_ok();
+    wait_listed(&bob, "alice", "huge", |e| e["card"].is_null());
+    wait_listed(&bob, "alice", "slow", |e| e["card"].is_null());
+    wait_for(
+        SEEN_TIMEOUT,
+        "alice to count the huge and the slow card",
+        || {
+            let (big, slow) = (
+                alice.counter("cards_oversized"),
+                alice.counter("cards_unreachable"),
+            );
+            if big >= 1 && slow >= 1 {
+                Ok(())
+            } else {
+                Err(format!("cards_oversized {big}, cards_unreachable {slow}"))
+            }
+        },
+    );
+    alice.assert_daemon_running();
+    wait_listed(&bob, "alice", "planner", has_card);
     report(format!(
         "a new service (no card) visible on bob after {:.2} s",
         plain.as_secs_f64()

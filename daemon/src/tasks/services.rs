@@ -485,9 +485,14 @@ async fn read_cards(
     loop {
         let specs = book.specs();
         known.clone_from(&specs);
-        for s in specs.iter().filter(|s| s.proto == Proto::A2a) {
-            let overlay = *ip.borrow();
-            let card = match read_card(s.port, overlay).await {
+        // Every agent at once (at most MAX_SERVICES), so a slow one delays no other's card.
+        let overlay = *ip.borrow();
+        let reads = specs
+            .iter()
+            .filter(|s| s.proto == Proto::A2a)
+            .map(|s| async move { (s.name.clone(), read_card(s.port, overlay).await) });
+        for (name, result) in futures_util::future::join_all(reads).await {
+            let card = match result {
                 Ok(c) => {
                     Counters::bump(&counters.cards_read);
                     Some(c)
@@ -501,7 +506,7 @@ async fn read_cards(
                     None
                 }
             };
-            book.set_card(&s.name, card);
+            book.set_card(&name, card);
         }
         let deadline = tokio::time::Instant::now() + CARD_REFRESH;
         loop {
