@@ -3,7 +3,7 @@
 //! with the coordinator killed a new service still appears (the hub is not in the path), the
 //! coordinator's wire (tcpdump in its namespace) and its output hold no service name, port or
 //! card text, and a hostile member's list (huge, malformed, slow) is refused and counted while
-//! the others' lists still arrive; DNS-SD (`_a2a._tcp.a2a` PTR, SRV, TXT) answers through a
+//! the others' lists still arrive, and a caller that is no member gets nothing; DNS-SD (`_a2a._tcp.a2a` PTR, SRV, TXT) answers through a
 //! member's resolver. Real binaries over real TUN devices.
 
 use std::fs;
@@ -391,7 +391,7 @@ fn a_hostile_members_list_is_refused_and_counted_while_others_arrive() {
     let Some(lab) = Lab::new("services-hostile") else {
         return;
     };
-    require_tools(&[("python3", "python3")]);
+    require_tools(&[("python3", "python3"), ("curl", "curl")]);
     let coord = lab.coordinator(CoordOpts::default());
     let alice = lab.node("alice");
     let bob = lab.node("bob");
@@ -441,7 +441,28 @@ fn a_hostile_members_list_is_refused_and_counted_while_others_arrive() {
     bob.ctl(&["service", "add", "api", "--port", "8081", "--proto", "http"])
         .expect_ok();
     wait_listed(&alice, "bob", "api", |_| true);
-    // Connections to a member's service port from a non-member are refused: the coordinator's
-    // namespace is no member (it reaches no overlay address at all; nothing to assert there),
-    // so the check is the peer table's, covered by the list fetches above.
+    // A member reads a list with any HTTP client (curl over the tunnel)...
+    let url = format!("http://{}:4747/a2a/services", bob.overlay_ip());
+    let out = alice.ns.exec_timeout(
+        &["curl", "-sS", "--max-time", "5", &url],
+        Duration::from_secs(10),
+    );
+    assert!(out.success(), "{out}");
+    let list: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(list["version"].as_u64().is_some(), "{list}");
+    assert_eq!(
+        list["services"].as_array().map(|a| a.len()),
+        Some(2),
+        "{list}"
+    );
+    // ...but an address no member holds gets nothing: a process on bob's own host, calling
+    // from bob's own overlay address, is no member (and is counted).
+    let before = bob.counter("services_not_member");
+    let out = bob.ns.exec_timeout(
+        &["curl", "-sS", "--max-time", "5", &url],
+        Duration::from_secs(10),
+    );
+    assert!(!out.success() && !out.stdout.contains("services"), "{out}");
+    assert!(bob.counter("services_not_member") > before);
 }
