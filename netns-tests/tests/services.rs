@@ -63,6 +63,34 @@ while True:
     n += 1
 "#;
 
+/// A real A2A agent's card endpoint: PyPI's a2a-sdk (`create_agent_card_routes`, the SDK's
+/// own `/.well-known/agent-card.json` route, over Starlette and uvicorn). Arguments: PORT.
+const SDK_AGENT_PY: &str = include_str!("a2a_sdk_agent.py");
+
+/// The python of the venv `./run-tests` installs a2a-sdk into (`TARGET/a2a-sdk-venv`, or
+/// `$A2A_SDK_VENV`); panics naming the package when it is not there.
+fn sdk_python() -> String {
+    let venv = std::env::var_os("A2A_SDK_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let dir = a2a_netns_tests::Bins::locate().dir;
+            dir.parent().unwrap_or(&dir).join("a2a-sdk-venv")
+        });
+    let python = venv.join("bin/python");
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import a2a.server.routes.agent_card_routes, uvicorn"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "this test needs PyPI's a2a-sdk (with the http-server extra) and uvicorn in the venv {}: \
+         run ./run-tests, which installs them there, or `python3 -m venv {0} && {0}/bin/pip \
+         install 'a2a-sdk[http-server]' uvicorn` (Debian's python3-venv gives python3 -m venv)",
+        venv.display()
+    );
+    python.to_string_lossy().into_owned()
+}
+
 /// An "agent" on 0.0.0.0:9103 that accepts connections and never answers.
 const SLOW_PY: &str = r#"
 import socket, time
@@ -465,4 +493,67 @@ fn a_hostile_members_list_is_refused_and_counted_while_others_arrive() {
     );
     assert!(!out.success() && !out.stdout.contains("services"), "{out}");
     assert!(bob.counter("services_not_member") > before);
+}
+
+#[test]
+fn an_a2a_sdk_agents_card_is_published_with_its_skills() {
+    let Some(lab) = Lab::new("services-sdk") else {
+        return;
+    };
+    require_tools(&[("python3", "python3")]);
+    let coord = lab.coordinator(CoordOpts::default());
+    let alice = lab.node("alice");
+    let bob = lab.node("bob");
+    let python = sdk_python();
+    let agent = alice
+        .ns
+        .spawn("sdk-agent", &[&python, "-c", SDK_AGENT_PY, "9110"]);
+    for n in [&alice, &bob] {
+        n.up_ok(&coord.token);
+    }
+    bob.wait_peers(&["alice"], a2a_netns_tests::OVERLAY_TIMEOUT);
+    wait_for(
+        Duration::from_secs(30),
+        "the a2a-sdk agent to serve its card",
+        || {
+            agent.assert_running();
+            let out = alice.ns.exec(&[
+            "python3",
+            "-c",
+            "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9110/.well-known/agent-card.json', timeout=2)",
+        ]);
+            if out.success() {
+                Ok(())
+            } else {
+                Err(out.to_string())
+            }
+        },
+    );
+    alice
+        .ctl(&[
+            "service",
+            "add",
+            "summarizer",
+            "--port",
+            "9110",
+            "--proto",
+            "a2a",
+        ])
+        .expect_ok();
+    let took = wait_listed(&bob, "alice", "summarizer", |e| {
+        skill_ids(e) == ["summarize"]
+    });
+    report(format!(
+        "an a2a-sdk agent's card visible on the other member after {:.2} s",
+        took.as_secs_f64()
+    ));
+    let e = entry(&bob, "alice", "summarizer").unwrap();
+    assert_eq!(e["card"]["name"], "SDK Summarizer Q4");
+    assert_eq!(e["card"]["description"], "An agent card served by a2a-sdk");
+    assert_eq!(
+        e["card"]["skills"][0]["tags"],
+        serde_json::json!(["text", "nlp"])
+    );
+    let by_skill = services(&bob, &["--skill", "summarize"]);
+    assert_eq!(by_skill.len(), 1, "{by_skill:?}");
 }
