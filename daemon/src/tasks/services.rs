@@ -404,7 +404,12 @@ async fn serve(
                     }
                     break;
                 }
-                Ok((stream, from)) = tcp.accept() => {
+                accepted = tcp.accept() => {
+                    let Ok((stream, from)) = accepted else {
+                        // Out of descriptors, say: wait a little rather than spin.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
                     if peers.by_addr(from.ip()).is_none() {
                         Counters::bump(&counters.services_not_member);
                         continue;
@@ -418,7 +423,11 @@ async fn serve(
                         answer(stream, &book, &counters).await;
                     });
                 }
-                Ok((n, from)) = udp.recv_from(&mut buf) => {
+                received = udp.recv_from(&mut buf) => {
+                    let Ok((n, from)) = received else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
                     if peers.by_addr(from.ip()).is_none() {
                         Counters::bump(&counters.services_not_member);
                         continue;
