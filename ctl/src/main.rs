@@ -93,11 +93,52 @@ enum Command {
         /// The peer's name, overlay IPv4 or IPv6 address or public key.
         peer: String,
     },
+    /// Advertise a service listening on this node's overlay addresses to the other members
+    /// (peer to peer: the coordinator never sees it), or stop advertising one.
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+    /// List every member's services, this node's included.
+    Services {
+        /// Print JSON (node, name, ip, ip6, port, proto, path, card) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only A2A agents whose card has a skill with this id.
+        #[arg(long, value_name = "ID")]
+        skill: Option<String>,
+    },
     /// Manage the network secret.
     Token {
         #[command(subcommand)]
         action: TokenAction,
     },
+}
+
+#[derive(Subcommand)]
+enum ServiceAction {
+    /// Advertise a service (replaces one of the same name); kept across restarts, withdrawn
+    /// by `a2actl down`.
+    Add {
+        /// The service's name (a-z, 0-9, '-', at most 63).
+        name: String,
+        /// The port it listens on (on this node's overlay addresses).
+        #[arg(long)]
+        port: u16,
+        /// What speaks on it: a2a (an A2A agent, whose card is read and published), mcp,
+        /// http or tcp.
+        #[arg(long, default_value = "tcp", value_parser = parse_proto)]
+        proto: a2a_proto::services::Proto,
+        /// The endpoint path (e.g. /mcp for an MCP server).
+        #[arg(long)]
+        path: Option<String>,
+    },
+    /// Stop advertising a service.
+    Rm { name: String },
+}
+
+fn parse_proto(text: &str) -> Result<a2a_proto::services::Proto, String> {
+    a2a_proto::services::Proto::parse(text)
 }
 
 #[derive(Subcommand)]
@@ -188,6 +229,28 @@ fn run(cli: Cli) -> Result<(), String> {
             ttl_s: ttl.as_secs().max(1),
         },
         Command::Kick { peer } => ApiRequest::Kick { peer: peer.clone() },
+        Command::Service {
+            action:
+                ServiceAction::Add {
+                    name,
+                    port,
+                    proto,
+                    path,
+                },
+        } => {
+            let service = a2a_proto::services::ServiceSpec {
+                name: name.clone(),
+                port: *port,
+                proto: *proto,
+                path: path.clone(),
+            };
+            service.validate()?;
+            ApiRequest::ServiceAdd { service }
+        }
+        Command::Service {
+            action: ServiceAction::Rm { name },
+        } => ApiRequest::ServiceRm { name: name.clone() },
+        Command::Services { .. } => ApiRequest::Services,
         Command::Token {
             action: TokenAction::Rotate,
         } => ApiRequest::RotateToken,
@@ -236,6 +299,46 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
             } else {
                 print!("{}", output::netcheck_text(&report));
+            }
+            Ok(())
+        }
+        ApiResponse::ServicesSaved { services } => {
+            eprintln!(
+                "this node advertises {} service(s){}",
+                services.len(),
+                if services.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ": {}",
+                        services
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            );
+            Ok(())
+        }
+        ApiResponse::Services { mut services } => {
+            let Command::Services { json, skill } = &cli.command else {
+                return Err("unexpected services answer from a2ad".into());
+            };
+            if let Some(id) = skill {
+                services.retain(|s| {
+                    s.card
+                        .as_ref()
+                        .is_some_and(|c| c.skills.iter().any(|k| &k.id == id))
+                });
+            }
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&services).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", output::services_table(&services));
             }
             Ok(())
         }

@@ -1,6 +1,6 @@
 //! Human-readable output.
 
-use a2a_proto::api::{NetcheckReport, PingResult, Status, WhoisMember};
+use a2a_proto::api::{NetcheckReport, PingResult, ServiceEntry, Status, WhoisMember};
 
 /// One line of `a2actl ping`.
 pub fn ping_line(p: &PingResult) -> String {
@@ -96,6 +96,36 @@ pub fn whois_text(m: &WhoisMember) -> String {
         m.ip,
         m.ip6,
     )
+}
+
+/// `a2actl services`: one line per service, the agent card's name and skills after it.
+pub fn services_table(services: &[ServiceEntry]) -> String {
+    if services.is_empty() {
+        return "no member advertises a service (add one: `a2actl service add NAME --port PORT`)\n"
+            .into();
+    }
+    let mut out = format!(
+        "{:<16} {:<20} {:<22} {:<5} {}\n",
+        "NODE", "SERVICE", "ADDRESS", "PROTO", "DETAILS"
+    );
+    for s in services {
+        let mut details = s.path.clone().unwrap_or_default();
+        if let Some(c) = &s.card {
+            let skills: Vec<&str> = c.skills.iter().map(|k| k.id.as_str()).collect();
+            details = format!("{details} {:?} skills: {}", c.name, skills.join(","))
+                .trim()
+                .to_string();
+        }
+        out.push_str(&format!(
+            "{:<16} {:<20} {:<22} {:<5} {}\n",
+            s.node,
+            s.name,
+            format!("{}:{}", s.ip, s.port),
+            s.proto.as_str(),
+            details
+        ));
+    }
+    out
 }
 
 pub fn status_table(status: &Status) -> String {
@@ -248,6 +278,43 @@ mod tests {
         let t = whois_text(&m);
         assert!(t.starts_with("bob (this node)\n"), "{t}");
         assert!(t.contains("admitted by: the join token"), "{t}");
+    }
+
+    #[test]
+    fn services_table_shows_the_card_and_path() {
+        use a2a_proto::services::{Card, Proto, Skill};
+        assert!(services_table(&[]).contains("no member advertises"));
+        let entry = ServiceEntry {
+            node: "alice".into(),
+            name: "planner".into(),
+            ip: "100.64.0.1".into(),
+            ip6: "fd00::1".into(),
+            port: 9100,
+            proto: Proto::A2a,
+            path: None,
+            card: Some(Card {
+                name: "Trip Planner".into(),
+                description: String::new(),
+                skills: vec![Skill {
+                    id: "plan-trip".into(),
+                    name: "Plan".into(),
+                    tags: vec![],
+                }],
+            }),
+            is_self: false,
+        };
+        let mcp = ServiceEntry {
+            name: "tools".into(),
+            port: 9200,
+            proto: Proto::Mcp,
+            path: Some("/mcp".into()),
+            card: None,
+            ..entry.clone()
+        };
+        let t = services_table(&[entry, mcp]);
+        assert!(t.contains("100.64.0.1:9100"), "{t}");
+        assert!(t.contains("\"Trip Planner\" skills: plan-trip"), "{t}");
+        assert!(t.contains("mcp   /mcp"), "{t}");
     }
 
     #[test]

@@ -135,6 +135,7 @@ async fn run(args: Args) -> Result<(), String> {
         interface: args.interface,
         udp_port: args.port,
         serve_dns: true,
+        serve_services: true,
         system_dns: !args.no_system_dns,
     };
     let daemon = Arc::new(Daemon::new(Kernel, device, StateDir::new(&state_dir))?);

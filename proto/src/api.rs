@@ -58,6 +58,16 @@ pub enum ApiRequest {
     Whois {
         addr: String,
     },
+    /// Advertise a service to the members (replaces one of the same name).
+    ServiceAdd {
+        service: crate::services::ServiceSpec,
+    },
+    /// Stop advertising a service.
+    ServiceRm {
+        name: String,
+    },
+    /// Every member's services, this node's included.
+    Services,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,6 +114,13 @@ pub enum ApiResponse {
     },
     Whois {
         member: WhoisMember,
+    },
+    /// The node's own services after an add or a remove.
+    ServicesSaved {
+        services: Vec<crate::services::ServiceSpec>,
+    },
+    Services {
+        services: Vec<ServiceEntry>,
     },
     Error {
         message: String,
@@ -172,6 +189,26 @@ pub fn parse_whois_addr(text: &str) -> Result<std::net::IpAddr, String> {
         "{text:?} is not an IP address (give an overlay IPv4 or IPv6 address, optionally with \
          a port: 100.64.1.2, 100.64.1.2:8080, fd12:3456:789a:1::2, [fd12:3456:789a:1::2]:8080)"
     ))
+}
+
+/// One line of `a2actl services --json`: a member's service. `node`, `ip` and `ip6` come
+/// from the member's signed record (the list itself came over the tunnel from that member).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEntry {
+    pub node: String,
+    pub name: String,
+    pub ip: String,
+    pub ip6: String,
+    pub port: u16,
+    pub proto: crate::services::Proto,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The agent card's name, description and skills (`--proto a2a`, when it was read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card: Option<crate::services::Card>,
+    /// The service is this node's own.
+    #[serde(rename = "self")]
+    pub is_self: bool,
 }
 
 /// The outcome of one `a2actl ping` probe.

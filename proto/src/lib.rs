@@ -18,6 +18,7 @@ pub mod process;
 pub mod record;
 pub mod scrape;
 pub mod sealed;
+pub mod services;
 pub mod signed;
 pub mod sync;
 pub mod time;

@@ -98,6 +98,29 @@ counters! {
     dns_invalid_names,
     /// Names left out of the zone now: claimed by two members (a gauge).
     dns_name_conflicts,
+    /// Service lists fetched from peers and accepted.
+    services_fetched,
+    /// Peers' service lists refused: larger than MAX_LIST_BYTES or more than MAX_SERVICES.
+    services_list_oversized,
+    /// Peers' service lists refused: not HTTP 200 with a valid JSON list.
+    services_list_malformed,
+    /// Fetches of a peer's list that failed: no connection, or no whole answer within the
+    /// fetch timeout (a slow peer).
+    services_fetch_failed,
+    /// Connections and datagrams to the service port from an address no member holds: closed
+    /// unanswered.
+    services_not_member,
+    /// Datagrams to the service port that are no "changed" datagram; and connections whose
+    /// request is no `GET /a2a/services`.
+    services_bad_request,
+    /// Agent cards read and published.
+    cards_read,
+    /// Agent cards not published: larger than MAX_CARD_BYTES.
+    cards_oversized,
+    /// Agent cards not published: not JSON, or without a `name`.
+    cards_malformed,
+    /// Agent cards not published: the agent did not answer 200 within the card timeout.
+    cards_unreachable,
     /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
     fast_tun_offload,
     fast_udp_gso,
@@ -142,6 +165,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 50);
+        assert_eq!(len, 60);
     }
 }

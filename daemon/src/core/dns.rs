@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use simple_dns::rdata::{RData, A, AAAA, NS, OPT, SOA};
+use simple_dns::rdata::{RData, A, AAAA, NS, OPT, PTR, SOA, SRV, TXT};
 use simple_dns::{
     Name, Packet, PacketFlag, ResourceRecord, CLASS, OPCODE, QCLASS, QTYPE, RCODE, TYPE,
 };
@@ -48,6 +48,24 @@ pub struct Member {
     pub ip6: Option<Ipv6Addr>,
 }
 
+/// A member's service as DNS-SD shows it: `NAME._TYPE._tcp.a2a` SRV → `NODE.a2a:PORT`, TXT
+/// with `node=`, `path=` and `skills=` (the card's skill ids, comma-separated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SdService {
+    /// The member's name (lowercased by the zone; a member not in the zone is left out).
+    pub node: String,
+    /// The service name (a DNS label).
+    pub name: String,
+    /// `a2a`, `mcp` or `http` (a `tcp` service has no DNS-SD type).
+    pub kind: &'static str,
+    pub port: u16,
+    pub path: Option<String>,
+    pub skills: Vec<String>,
+}
+
+/// The DNS-SD service types answered: `_a2a._tcp.a2a`, `_mcp._tcp.a2a`, `_http._tcp.a2a`.
+pub const SD_KINDS: [&str; 3] = ["a2a", "mcp", "http"];
+
 /// The names of the overlay, built from the membership.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Zone {
@@ -60,6 +78,8 @@ pub struct Zone {
     /// Names claimed by two or more members (none of them answers).
     conflicts: u64,
     serial: u32,
+    /// DNS-SD: members' services (of members in `names` only), sorted.
+    services: Vec<SdService>,
 }
 
 /// Whether `name` is a host-name label (RFC 1123): 1 to 63 letters, digits and '-', not at
@@ -108,7 +128,29 @@ impl Zone {
             invalid,
             conflicts,
             serial,
+            services: Vec::new(),
         }
+    }
+
+    /// The zone with the members' services for DNS-SD: a service of a member not in the zone
+    /// (invalid or conflicting name), of no DNS-SD type, or with an invalid name is left out.
+    /// A service name two members advertise for one type is one instance with both members'
+    /// SRV and TXT records (clients pick, as with any SRV set).
+    pub fn with_services(mut self, services: impl IntoIterator<Item = SdService>) -> Zone {
+        let mut list: Vec<SdService> = services
+            .into_iter()
+            .filter_map(|mut s| {
+                s.node = s.node.to_ascii_lowercase();
+                s.name = s.name.to_ascii_lowercase();
+                let ok = self.names.contains_key(&s.node)
+                    && is_label(&s.name)
+                    && SD_KINDS.contains(&s.kind);
+                ok.then_some(s)
+            })
+            .collect();
+        list.sort_by(|a, b| (a.kind, &a.name, &a.node).cmp(&(b.kind, &b.name, &b.node)));
+        self.services = list;
+        self
     }
 
     /// The addresses of the member named `label` (any case).
@@ -136,7 +178,7 @@ impl Zone {
 
     /// Whether `other` answers every question as this zone does (the serial aside).
     pub fn same_names(&self, other: &Zone) -> bool {
-        self.dns_ip == other.dns_ip && self.names == other.names
+        self.dns_ip == other.dns_ip && self.names == other.names && self.services == other.services
     }
 }
 
@@ -333,6 +375,65 @@ impl Resolver {
                     None => *reply.rcode_mut() = RCODE::NameError,
                 }
             }
+            // DNS-SD: `_TYPE._tcp.a2a` PTR → its instances.
+            3 if labels[1].as_ref().eq_ignore_ascii_case(b"_tcp") => {
+                match sd_kind(labels[0].as_ref()) {
+                    Some(kind) => {
+                        if wants(TYPE::PTR) {
+                            let mut seen = std::collections::BTreeSet::new();
+                            for s in self.zone.services.iter().filter(|s| s.kind == kind) {
+                                if seen.insert(&s.name) {
+                                    let instance = Name::new_unchecked(&format!(
+                                        "{}._{kind}._tcp.{ZONE}",
+                                        s.name
+                                    ))
+                                    .into_owned();
+                                    reply
+                                        .answers
+                                        .push(rr(name.clone(), RData::PTR(PTR(instance))));
+                                }
+                            }
+                        }
+                    }
+                    None => *reply.rcode_mut() = RCODE::NameError,
+                }
+            }
+            // DNS-SD: `NAME._TYPE._tcp.a2a` SRV and TXT.
+            4 if labels[2].as_ref().eq_ignore_ascii_case(b"_tcp") => {
+                let instance = String::from_utf8_lossy(labels[0].as_ref()).to_ascii_lowercase();
+                let found: Vec<&SdService> = match sd_kind(labels[1].as_ref()) {
+                    Some(kind) => self
+                        .zone
+                        .services
+                        .iter()
+                        .filter(|s| s.kind == kind && s.name == instance)
+                        .collect(),
+                    None => Vec::new(),
+                };
+                if found.is_empty() {
+                    *reply.rcode_mut() = RCODE::NameError;
+                }
+                for s in found {
+                    if wants(TYPE::SRV) {
+                        let target =
+                            Name::new_unchecked(&format!("{}.{ZONE}", s.node)).into_owned();
+                        reply.answers.push(rr(
+                            name.clone(),
+                            RData::SRV(SRV {
+                                priority: 0,
+                                weight: 0,
+                                port: s.port,
+                                target,
+                            }),
+                        ));
+                    }
+                    if wants(TYPE::TXT) {
+                        if let Some(txt) = sd_txt(s) {
+                            reply.answers.push(rr(name.clone(), RData::TXT(txt)));
+                        }
+                    }
+                }
+            }
             // No names below a member's.
             _ => *reply.rcode_mut() = RCODE::NameError,
         }
@@ -355,6 +456,47 @@ impl Resolver {
         };
         ResourceRecord::new(apex(), CLASS::IN, NEGATIVE_TTL, RData::SOA(soa))
     }
+}
+
+/// The DNS-SD type of a `_TYPE` label.
+fn sd_kind(label: &[u8]) -> Option<&'static str> {
+    SD_KINDS
+        .iter()
+        .find(|k| {
+            label.len() == k.len() + 1
+                && label[0] == b'_'
+                && label[1..].eq_ignore_ascii_case(k.as_bytes())
+        })
+        .copied()
+}
+
+/// The TXT record of a service (RFC 6763 key=value strings, each at most 255 bytes: a skill
+/// list that would not fit is cut at a whole id).
+fn sd_txt(s: &SdService) -> Option<TXT<'static>> {
+    let mut strings = vec![format!("node={}", s.node)];
+    if let Some(p) = &s.path {
+        strings.push(format!("path={p}"));
+    }
+    if !s.skills.is_empty() {
+        let mut skills = String::from("skills=");
+        for (i, id) in s.skills.iter().enumerate() {
+            let add = if i == 0 { id.clone() } else { format!(",{id}") };
+            if skills.len() + add.len() > 255 {
+                break;
+            }
+            skills.push_str(&add);
+        }
+        strings.push(skills);
+    }
+    let mut txt = TXT::new();
+    for t in strings.into_iter().filter(|t| t.len() <= 255) {
+        txt.add_char_string(
+            simple_dns::CharacterString::new(t.as_bytes())
+                .ok()?
+                .into_owned(),
+        );
+    }
+    Some(txt)
 }
 
 fn apex() -> Name<'static> {
@@ -501,6 +643,97 @@ mod tests {
             Verdict::Answer { bytes, .. } => bytes,
             other => panic!("expected an answer, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn dns_sd_browses_members_services() {
+        let sd = |node: &str, name: &str, kind: &'static str, port: u16| SdService {
+            node: node.into(),
+            name: name.into(),
+            kind,
+            port,
+            path: None,
+            skills: vec![],
+        };
+        let mut planner = sd("alice", "planner", "a2a", 9100);
+        planner.skills = vec!["plan-trip".into(), "book-hotel".into()];
+        let mut tools = sd("bob", "tools", "mcp", 9200);
+        tools.path = Some("/mcp".into());
+        let zone = Zone::build(
+            DNS,
+            1,
+            [
+                member("alice", [100, 64, 0, 1]),
+                member("bob", [100, 64, 0, 2]),
+            ],
+        )
+        .with_services([
+            planner,
+            tools,
+            sd("bob", "planner", "a2a", 9101),
+            sd("mallory", "ghost", "a2a", 1), // not a member in the zone
+            sd("bob", "raw", "tcp", 1),       // no DNS-SD type
+        ]);
+        let mut r = Resolver::new(zone);
+        let bytes = answered(ask(&mut r, &query("_a2a._tcp.a2a", TYPE::PTR)));
+        let p = Packet::parse(&bytes).unwrap();
+        let ptrs: Vec<String> = p
+            .answers
+            .iter()
+            .filter_map(|r| match &r.rdata {
+                RData::PTR(n) => Some(n.0.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ptrs, vec!["planner._a2a._tcp.a2a"]);
+        // The instance two members offer: both SRV targets, each with its TXT.
+        let bytes = answered(ask(&mut r, &query("planner._a2a._tcp.a2a", TYPE::SRV)));
+        let p = Packet::parse(&bytes).unwrap();
+        let mut srv: Vec<(String, u16)> = p
+            .answers
+            .iter()
+            .filter_map(|r| match &r.rdata {
+                RData::SRV(s) => Some((s.target.to_string(), s.port)),
+                _ => None,
+            })
+            .collect();
+        srv.sort();
+        assert_eq!(
+            srv,
+            vec![("alice.a2a".into(), 9100), ("bob.a2a".into(), 9101)]
+        );
+        let bytes = answered(ask(&mut r, &query("tools._mcp._tcp.a2a", TYPE::TXT)));
+        let p = Packet::parse(&bytes).unwrap();
+        let RData::TXT(txt) = &p.answers[0].rdata else {
+            panic!("{:?}", p.answers)
+        };
+        let attrs = txt.attributes();
+        assert_eq!(attrs["path"].as_deref(), Some("/mcp"));
+        assert_eq!(attrs["node"].as_deref(), Some("bob"));
+        let bytes = answered(ask(&mut r, &query("planner._a2a._tcp.a2a", TYPE::TXT)));
+        let p = Packet::parse(&bytes).unwrap();
+        let skills: Vec<String> = p
+            .answers
+            .iter()
+            .filter_map(|r| match &r.rdata {
+                RData::TXT(t) => t.attributes().get("skills").cloned().flatten(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(skills, vec!["plan-trip,book-hotel"]);
+        // Unknown instances and types: NXDOMAIN; a known type with no instance: no data.
+        for name in ["ghost._a2a._tcp.a2a", "x._smtp._tcp.a2a", "_smtp._tcp.a2a"] {
+            let bytes = answered(ask(&mut r, &query(name, TYPE::SRV)));
+            assert_eq!(
+                Packet::parse(&bytes).unwrap().rcode(),
+                RCODE::NameError,
+                "{name}"
+            );
+        }
+        let bytes = answered(ask(&mut r, &query("_http._tcp.a2a", TYPE::PTR)));
+        let p = Packet::parse(&bytes).unwrap();
+        assert_eq!(p.rcode(), RCODE::NoError);
+        assert!(p.answers.is_empty());
     }
 
     fn a_records(p: &Packet<'_>) -> Vec<Ipv4Addr> {

@@ -12,5 +12,6 @@ pub mod membership;
 pub mod path;
 pub mod peers;
 pub mod portmap;
+pub mod services;
 pub mod upnp;
 pub mod wg;

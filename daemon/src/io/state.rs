@@ -83,6 +83,30 @@ impl StateDir {
         write().map_err(|e| with_path(e, "write", &path))
     }
 
+    /// This node's services (`services.json`); none when the file is missing. A corrupted
+    /// file is an error naming it.
+    pub fn services(&self) -> io::Result<crate::tasks::services::SavedServices> {
+        let path = self.dir.join("services.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is corrupted ({e}); fix or remove it (the services in it are then \
+                         no longer advertised)",
+                        path.display()
+                    ),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(with_path(e, "read", &path)),
+        }
+    }
+
+    pub fn save_services(&self, s: &crate::tasks::services::SavedServices) -> io::Result<()> {
+        self.save_json("services.json", s)
+    }
+
     pub fn clear_membership(&self) -> io::Result<()> {
         for name in ["network.json", "revoked.json"] {
             match fs::remove_file(self.dir.join(name)) {

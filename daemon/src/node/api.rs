@@ -106,6 +106,17 @@ pub async fn dispatch<P: Platform>(req: ApiRequest, daemon: &Daemon<P>) -> ApiRe
             Ok(member) => ApiResponse::Whois { member },
             Err(e) => error(e),
         },
+        ApiRequest::ServiceAdd { service } => match daemon.service_add(service).await {
+            Ok(services) => ApiResponse::ServicesSaved { services },
+            Err(e) => error(e),
+        },
+        ApiRequest::ServiceRm { name } => match daemon.service_rm(&name).await {
+            Ok(services) => ApiResponse::ServicesSaved { services },
+            Err(e) => error(e),
+        },
+        ApiRequest::Services => ApiResponse::Services {
+            services: daemon.services().await,
+        },
         ApiRequest::RotateToken => match daemon.rotate().await {
             Ok((token, carried)) => ApiResponse::Rotated { token, carried },
             Err(e) => error(e),

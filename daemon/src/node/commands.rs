@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use a2a_proto::api::{
-    parse_whois_addr, NetcheckReport, PeerStatus, PingResult, PortmapReport, SelfStatus, Status,
-    WhoisMember,
+    parse_whois_addr, NetcheckReport, PeerStatus, PingResult, PortmapReport, SelfStatus,
+    ServiceEntry, Status, WhoisMember,
 };
 use a2a_proto::control::ClientMsg;
 use a2a_proto::invite::InviteCode;
@@ -15,6 +15,7 @@ use a2a_proto::keys::{NetworkSecret, REVOKE_CONTEXT, ROTATE_CONTEXT};
 use a2a_proto::membership::{issue_cert, Carry, Revocation, RotationNotice, Signed};
 use a2a_proto::overlay::{derive_ip, is_host_in, ula_prefix};
 use a2a_proto::record::{sanitize_name, validate_name};
+use a2a_proto::services::{Advertised, ServiceSpec};
 use a2a_proto::time::now_ms;
 use a2a_proto::{Credential, JoinToken, NetworkId, NetworkKey, NodeKey};
 use boringtun::x25519::{PublicKey, StaticSecret};
@@ -29,6 +30,7 @@ use crate::io::{Connector, Platform, Underlay};
 use crate::node::session::{DeviceConfig, Joining, Session};
 use crate::tasks::dataplane::DataPlane;
 use crate::tasks::events::{ControlOut, PathEvent};
+use crate::tasks::services::ServiceBook;
 
 /// The network a saved membership is for.
 fn saved_network(m: &Membership) -> Option<NetworkId> {
@@ -107,6 +109,8 @@ pub struct Daemon<P: Platform> {
     state: StateDir,
     node_private: [u8; 32],
     session: Mutex<Option<Session<P>>>,
+    /// This node's services (kept in the state directory, served while joined).
+    services: Arc<ServiceBook>,
 }
 
 impl<P: Platform> Daemon<P> {
@@ -121,12 +125,16 @@ impl<P: Platform> Daemon<P> {
                 e.to_string()
             }
         })?;
+        let services = Arc::new(ServiceBook::new(
+            state.services().map_err(|e| e.to_string())?,
+        ));
         Ok(Daemon {
             platform,
             device,
             state,
             node_private,
             session: Mutex::new(None),
+            services,
         })
     }
 
@@ -149,6 +157,7 @@ impl<P: Platform> Daemon<P> {
             join_text,
             name,
             ip,
+            services: self.services.clone(),
         };
         Session::start(&self.platform, &self.device, self.state.clone(), joining).await
     }
@@ -271,7 +280,73 @@ impl<P: Platform> Daemon<P> {
         self.state.clear_membership().map_err(|e| {
             format!("left the network, but cannot remove the saved membership: {e}")
         })?;
+        // Leaving withdraws this node's services: the members drop its list with it, and a
+        // later `up` (maybe into another network) advertises nothing until told to.
+        self.services
+            .clear(&self.state)
+            .map_err(|e| format!("left the network, but cannot clear the saved services: {e}"))?;
         Ok(was_up)
+    }
+
+    /// Advertises a service to the members (kept in the state directory).
+    pub async fn service_add(&self, spec: ServiceSpec) -> Result<Vec<ServiceSpec>, CommandError> {
+        Ok(self.services.add(&self.state, spec)?)
+    }
+
+    pub async fn service_rm(&self, name: &str) -> Result<Vec<ServiceSpec>, CommandError> {
+        Ok(self.services.remove(&self.state, name)?)
+    }
+
+    /// Every member's services: this node's own, then each peer's as last fetched from it.
+    pub async fn services(&self) -> Vec<ServiceEntry> {
+        let slot = self.session.lock().await;
+        let own = self.services.list();
+        let (name, ip, ip6) = match slot.as_ref() {
+            Some(s) => (
+                s.name.clone(),
+                s.current_ip().to_string(),
+                s.current_ip6().to_string(),
+            ),
+            None => (String::new(), String::new(), String::new()),
+        };
+        let entry = |node: &str, ip: &str, ip6: &str, a: Advertised, is_self: bool| ServiceEntry {
+            node: node.to_string(),
+            name: a.spec.name,
+            ip: ip.to_string(),
+            ip6: ip6.to_string(),
+            port: a.spec.port,
+            proto: a.spec.proto,
+            path: a.spec.path,
+            card: a.card,
+            is_self,
+        };
+        let mut out: Vec<ServiceEntry> = own
+            .services
+            .into_iter()
+            .map(|a| entry(&name, &ip, &ip6, a, true))
+            .collect();
+        if let Some(s) = slot.as_ref() {
+            let remote = s
+                .remote_services
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let mut peers: Vec<ServiceEntry> = Vec::new();
+            for (key, list) in remote {
+                let Some(p) = s.peers.by_key(&key) else {
+                    continue;
+                };
+                let info = p.info();
+                let (ip, ip6) = (info.ip.to_string(), info.ip6.to_string());
+                peers.extend(
+                    list.into_iter()
+                        .map(|a| entry(&info.name, &ip, &ip6, a, false)),
+                );
+            }
+            peers.sort_by(|a, b| (&a.node, &a.name).cmp(&(&b.node, &b.name)));
+            out.extend(peers);
+        }
+        out
     }
 
     /// Stops the session without leaving (daemon shutdown): the membership stays saved.

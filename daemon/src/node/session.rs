@@ -25,6 +25,7 @@ use crate::tasks::now;
 use crate::tasks::pathfinder::PathFinder;
 use crate::tasks::portmap::{PortMapLink, PortMapTask};
 use crate::tasks::prober::Prober;
+use crate::tasks::services::{RemoteLists, ServiceBook, ServicesTask};
 
 /// Disco datagrams and path events queued for the path finder (more are dropped and counted).
 const PATH_EVENT_QUEUE: usize = 1024;
@@ -36,6 +37,9 @@ pub struct DeviceConfig {
     pub udp_port: u16,
     /// Serve the overlay's names (tasks/dns.rs) on the resolver's address; the fakes do not.
     pub serve_dns: bool,
+    /// Serve this node's services to members and fetch theirs (tasks/services.rs), on the
+    /// overlay address; the fakes do not (it binds real sockets).
+    pub serve_services: bool,
     /// Register that resolver with the host's (systemd-resolved) for `~a2a`; off with
     /// `a2ad --no-system-dns`.
     pub system_dns: bool,
@@ -56,6 +60,9 @@ pub struct Session<P: Platform> {
     pub portmap: Arc<PortMapLink>,
     /// Where the overlay resolver answers, when it does.
     pub dns: Option<Ipv4Addr>,
+    /// The service lists fetched from peers.
+    pub remote_services: RemoteLists,
+    services_task: Option<JoinHandle<()>>,
     dns_task: Option<JoinHandle<()>>,
     /// Whether the resolver was registered with systemd-resolved (undone at stop).
     system_dns: bool,
@@ -74,6 +81,8 @@ pub struct Joining {
     pub join_text: String,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// This node's services, served to members (tasks/services.rs).
+    pub services: Arc<ServiceBook>,
 }
 
 impl<P: Platform> Session<P> {
@@ -91,6 +100,7 @@ impl<P: Platform> Session<P> {
             join_text,
             name,
             ip,
+            services,
         } = joining;
         let prefix_len = credential.prefix().prefix_len();
         let dns_ip = a2a_proto::overlay::dns_ip(credential.prefix());
@@ -165,6 +175,28 @@ impl<P: Platform> Session<P> {
             portmap: portmap.clone(),
         };
         let control = tokio::spawn(task.run(leave_rx));
+        let remote_services = RemoteLists::default();
+        let sd_services = {
+            let (book, remote, peers, name) = (
+                services.clone(),
+                remote_services.clone(),
+                peers.clone(),
+                name.clone(),
+            );
+            move || crate::tasks::services::sd_services(&book, &remote, &peers, &name)
+        };
+        let services_task = device.serve_services.then(|| {
+            tokio::spawn(
+                ServicesTask {
+                    book: services,
+                    peers: peers.clone(),
+                    counters: counters.clone(),
+                    ip: ip_rx.clone(),
+                    remote: remote_services.clone(),
+                }
+                .run(),
+            )
+        });
         let (mut dns, mut dns_task) = (None, None);
         if device.serve_dns {
             match crate::tasks::dns::bind(dns_ip).await {
@@ -182,6 +214,7 @@ impl<P: Platform> Session<P> {
                         },
                         dns_ip,
                         upstreams: crate::tasks::dns::host_upstreams(dns_ip),
+                        services: Box::new(sd_services),
                     };
                     if task.upstreams.is_empty() {
                         tracing::warn!(
@@ -218,6 +251,8 @@ impl<P: Platform> Session<P> {
             underlay,
             portmap,
             dns,
+            remote_services,
+            services_task,
             dns_task,
             system_dns: device.system_dns,
             leave: leave_tx,
@@ -253,6 +288,10 @@ impl<P: Platform> Session<P> {
             .is_err()
         {
             portmapper.abort();
+        }
+        if let Some(t) = self.services_task {
+            t.abort();
+            let _ = t.await;
         }
         if let Some(t) = self.dns_task {
             t.abort();

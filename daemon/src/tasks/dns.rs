@@ -15,7 +15,8 @@ use tokio::task::JoinSet;
 
 use crate::core::counters::Counters;
 use crate::core::dns::{
-    refused, servfail, Dropped, Member, Resolver, Transport, Verdict, Zone, MAX_QUERY_LEN,
+    refused, servfail, Dropped, Member, Resolver, SdService, Transport, Verdict, Zone,
+    MAX_QUERY_LEN,
 };
 use crate::core::peers::PeerTable;
 use crate::tasks::now;
@@ -63,6 +64,8 @@ pub struct DnsTask {
     pub dns_ip: Ipv4Addr,
     /// The host's own resolvers, where names outside the zone go.
     pub upstreams: Vec<SocketAddr>,
+    /// Every member's services now, for DNS-SD (`_a2a._tcp.a2a`).
+    pub services: Box<dyn Fn() -> Vec<SdService> + Send + Sync>,
 }
 
 impl DnsTask {
@@ -114,6 +117,7 @@ impl DnsTask {
             }
         });
         Zone::build(self.dns_ip, serial, std::iter::once(own).chain(peers))
+            .with_services((self.services)())
     }
 }
 

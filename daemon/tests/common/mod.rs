@@ -173,6 +173,7 @@ impl Node {
             interface: "a2a0".into(),
             udp_port: NODE_PORT,
             serve_dns: false,
+            serve_services: false,
             system_dns: false,
         };
         let daemon = Daemon::new(

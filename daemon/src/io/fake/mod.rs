@@ -255,6 +255,7 @@ mod tests {
             interface: "a2a0".into(),
             udp_port: 51820,
             serve_dns: false,
+            serve_services: false,
             system_dns: false,
         };
         let ip: Ipv4Addr = "100.64.0.7".parse().unwrap();
@@ -268,6 +269,7 @@ mod tests {
                 join_text: String::new(),
                 name: "n1".into(),
                 ip,
+                services: Default::default(),
             },
         )
         .await
