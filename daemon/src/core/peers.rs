@@ -586,6 +586,11 @@ impl PeerTable {
     }
 }
 
+/// The public key of a node private key.
+pub fn own_key(node_private: &[u8; 32]) -> a2a_proto::NodeKey {
+    a2a_proto::NodeKey(PublicKey::from(&StaticSecret::from(*node_private)).to_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,15 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+use a2a_proto::services::ServiceSpec;
+
+/// What `services.json` holds: this node's own services and the version of their list.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+pub struct SavedServices {
+    pub version: u64,
+    pub services: Vec<ServiceSpec>,
+}
+
 /// A held list is fetched again after this long even with no "changed" datagram.
 pub const POLL: Duration = Duration::from_secs(30);
 /// The first retry after a failed fetch.

@@ -85,7 +85,7 @@ impl StateDir {
 
     /// This node's services (`services.json`); none when the file is missing. A corrupted
     /// file is an error naming it.
-    pub fn services(&self) -> io::Result<crate::tasks::services::SavedServices> {
+    pub fn services(&self) -> io::Result<crate::core::services::SavedServices> {
         let path = self.dir.join("services.json");
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
@@ -103,7 +103,7 @@ impl StateDir {
         }
     }
 
-    pub fn save_services(&self, s: &crate::tasks::services::SavedServices) -> io::Result<()> {
+    pub fn save_services(&self, s: &crate::core::services::SavedServices) -> io::Result<()> {
         self.save_json("services.json", s)
     }
 

@@ -107,7 +107,10 @@ impl<P: Platform> Session<P> {
         let io = platform
             .open(&device.interface, device.udp_port, ip, prefix_len)
             .await?;
-        let ip6 = derive_ip6(&credential.network_id(), &own_key(&node_private));
+        let ip6 = derive_ip6(
+            &credential.network_id(),
+            &crate::core::peers::own_key(&node_private),
+        );
         if let Err(e) = io.underlay.set_overlay_address6(ip6, ULA_PREFIX_LEN).await {
             tracing::warn!("{e}");
         }
@@ -322,11 +325,4 @@ impl<P: Platform> Session<P> {
     pub fn current_ip6(&self) -> Ipv6Addr {
         derive_ip6(&self.network_id(), &self.peers.own_key())
     }
-}
-
-/// The public key of a node private key.
-pub fn own_key(node_private: &[u8; 32]) -> a2a_proto::NodeKey {
-    a2a_proto::NodeKey(
-        boringtun::x25519::PublicKey::from(&StaticSecret::from(*node_private)).to_bytes(),
-    )
 }

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::core::counters::Counters;
 use crate::core::peers::PeerTable;
-use crate::core::services::Fetcher;
+use crate::core::services::{Fetcher, SavedServices};
 use crate::io::state::StateDir;
 use crate::tasks::now;
 
@@ -55,13 +55,6 @@ struct Book {
     version: u64,
     specs: Vec<ServiceSpec>,
     cards: HashMap<String, Card>,
-}
-
-/// What `services.json` holds.
-#[derive(serde::Serialize, serde::Deserialize, Default)]
-pub struct SavedServices {
-    pub version: u64,
-    pub services: Vec<ServiceSpec>,
 }
 
 impl Default for ServiceBook {
