@@ -16,6 +16,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::keys::{NetworkId, NetworkKey, NodeKey};
+use crate::record::MAX_NAME_LEN;
 use crate::signed::{RecordError, Signed};
 
 /// Largest policy document accepted, in bytes.
@@ -24,8 +25,6 @@ pub const MAX_POLICY_LEN: usize = 64 * 1024;
 pub const MAX_GRANTS: usize = 1000;
 /// Most tags one member carries.
 pub const MAX_TAGS: usize = 32;
-/// Longest tag or member name in a selector.
-pub const MAX_NAME_LEN: usize = 63;
 /// Signature context of a policy document (`a2actl policy set`).
 pub const POLICY_CONTEXT: &[u8] = b"a2a policy v1";
 /// Signature context of a tag statement (`a2actl tag`).
@@ -176,13 +175,10 @@ fn non_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec
     Ok(v)
 }
 
-/// A tag or member name: 1 to 63 of `a-z A-Z 0-9 . _ -`.
+/// A tag: the same rule as a node name (1 to 63 of `a-z 0-9 -`, not starting or ending with
+/// `-`), so a tag can become a DNS label later.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    crate::record::validate_name(name).is_ok()
 }
 
 impl Selector {
@@ -197,16 +193,14 @@ impl Selector {
             if t.is_empty() {
                 return Err("empty selector `tag:`: name the tag, as in tag:worker".into());
             }
-            if !valid_name(t) {
-                return Err(format!(
-                    "bad tag `{t}`: 1 to {MAX_NAME_LEN} of letters, digits, `.`, `_`, `-`"
-                ));
+            if let Err(e) = crate::record::validate_name(t) {
+                return Err(format!("bad tag `{t}`: {e}"));
             }
             return Ok(Selector::Tag(t.to_string()));
         }
-        if !valid_name(s) {
+        if let Err(e) = crate::record::validate_name(s) {
             return Err(format!(
-                "bad selector `{s}`: use tag:NAME, a member name (1 to {MAX_NAME_LEN} of letters, digits, `.`, `_`, `-`) or *"
+                "bad selector `{s}`: use tag:NAME, a member name or *; as a member name, {e}"
             ));
         }
         Ok(Selector::Member(s.to_string()))
@@ -432,7 +426,7 @@ impl TagStatement {
         }
         if let Some(t) = self.tags.iter().find(|t| !valid_name(t)) {
             return Err(RecordError::Invalid(format!(
-                "bad tag `{t}`: 1 to {MAX_NAME_LEN} of letters, digits, `.`, `_`, `-`"
+                "bad tag `{t}`: 1 to {MAX_NAME_LEN} of a-z, 0-9 and '-' (not at either end)"
             )));
         }
         Ok(())
@@ -490,7 +484,7 @@ mod tests {
 
     #[test]
     fn parses_every_selector_and_port_form() {
-        let text = r#"{"grants": [{"src": ["*", "alice", "tag:a"], "dst": ["bob.1"],
+        let text = r#"{"grants": [{"src": ["*", "alice", "tag:a"], "dst": ["bob-1"],
             "ports": ["tcp:1-1024", "udp:53", "udp:*", "*", "icmp"]}]}"#;
         let p = Policy::parse(text, None).unwrap();
         assert_eq!(
@@ -559,6 +553,8 @@ mod tests {
             ("tag:", "empty selector `tag:`"),
             ("tag:a b", "bad tag `a b`"),
             ("has space", "bad selector `has space`"),
+            ("Alice", "bad selector `Alice`"),
+            ("tag:Worker", "bad tag `Worker`"),
         ] {
             let text = format!(
                 "{{\"grants\": [\n{{\"src\": [\"{sel}\"], \"dst\": [\"*\"], \"ports\": [\"*\"]}}]}}"
