@@ -14,6 +14,7 @@ pub mod keys;
 pub mod membership;
 pub mod noise_channel;
 pub mod overlay;
+pub mod policy;
 pub mod process;
 pub mod record;
 pub mod scrape;

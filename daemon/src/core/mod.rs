@@ -11,6 +11,7 @@ pub mod limit;
 pub mod membership;
 pub mod path;
 pub mod peers;
+pub mod policy;
 pub mod portmap;
 pub mod services;
 pub mod upnp;
