@@ -130,13 +130,24 @@ pub fn holds_whole_frame(buffered: &[u8]) -> bool {
     }
 }
 
-/// One frame read from the channel once it is established.
+/// One frame read from the channel once it is established; `P` is the relay payload, owned
+/// (the default) or borrowed from the reader's buffer ([`FrameReader::recv_frame_ref`]).
 #[derive(Debug, PartialEq, Eq)]
-pub enum Incoming<T> {
+pub enum Incoming<T, P = Vec<u8>> {
     Msg(T),
     /// Relay data: the relay id (destination from a node, source from the coordinator) and the
     /// datagram.
-    Relay(u32, Vec<u8>),
+    Relay(u32, P),
+}
+
+impl<T> Incoming<T, &[u8]> {
+    /// The same frame with its relay payload copied out.
+    pub fn into_owned(self) -> Incoming<T> {
+        match self {
+            Incoming::Msg(m) => Incoming::Msg(m),
+            Incoming::Relay(id, p) => Incoming::Relay(id, p.to_vec()),
+        }
+    }
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(io: &mut W, frame: &[u8]) -> io::Result<()> {
@@ -283,12 +294,33 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next message or relay frame.
     pub async fn recv_frame<T: DeserializeOwned>(&mut self) -> Result<Incoming<T>, FrameError> {
+        self.recv_frame_ref().await.map(Incoming::into_owned)
+    }
+
+    /// The next message or relay frame, its relay payload borrowed from this reader's buffer
+    /// until the next read (the TCP relay's packets: no copy, no allocation per packet).
+    pub async fn recv_frame_ref<T: DeserializeOwned>(
+        &mut self,
+    ) -> Result<Incoming<T, &[u8]>, FrameError> {
         read_frame(&mut self.io, &mut self.cipher).await?;
         // Any error ends the channel, so the nonce need not be kept on one.
-        let frame = open_frame(&self.state, self.nonce, &self.cipher, &mut self.plain);
+        let n = decrypt(&self.state, self.nonce, &self.cipher, &mut self.plain);
         self.nonce += 1;
-        frame
+        parse_frame_ref(&self.plain[..n?])
     }
+}
+
+/// Decrypts frame number `nonce` (`cipher`) into `plain`; the plaintext's length.
+fn decrypt(
+    state: &StatelessTransportState,
+    nonce: u64,
+    cipher: &[u8],
+    plain: &mut Vec<u8>,
+) -> Result<usize, FrameError> {
+    plain.resize(cipher.len(), 0);
+    state
+        .read_message(nonce, cipher, plain)
+        .map_err(|e| FrameError::Malformed(format!("noise: {e}")))
 }
 
 /// Decrypts frame number `nonce` of a channel (`cipher`, the bytes [`read_frame`] returned) into
@@ -300,20 +332,24 @@ pub fn open_frame<T: DeserializeOwned>(
     cipher: &[u8],
     plain: &mut Vec<u8>,
 ) -> Result<Incoming<T>, FrameError> {
-    plain.resize(cipher.len(), 0);
-    let n = state
-        .read_message(nonce, cipher, plain)
-        .map_err(|e| FrameError::Malformed(format!("noise: {e}")))?;
+    let n = decrypt(state, nonce, cipher, plain)?;
     parse_frame(&plain[..n])
 }
 
 /// Parses a decrypted frame: relay data (first byte [`RELAY_FRAME`], a relay id, a non-empty
 /// datagram) or one JSON message.
 pub fn parse_frame<T: DeserializeOwned>(plain: &[u8]) -> Result<Incoming<T>, FrameError> {
+    parse_frame_ref(plain).map(Incoming::into_owned)
+}
+
+/// [`parse_frame`], the relay payload borrowed from `plain`.
+pub fn parse_frame_ref<T: DeserializeOwned>(
+    plain: &[u8],
+) -> Result<Incoming<T, &[u8]>, FrameError> {
     match plain {
         [RELAY_FRAME, a, b, c, d, payload @ ..] if !payload.is_empty() => Ok(Incoming::Relay(
             u32::from_be_bytes([*a, *b, *c, *d]),
-            payload.to_vec(),
+            payload,
         )),
         [RELAY_FRAME, ..] => Err(FrameError::Malformed("truncated relay frame".into())),
         _ => serde_json::from_slice(plain)

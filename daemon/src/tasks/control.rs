@@ -587,9 +587,9 @@ async fn read_loop<P: Platform>(
         if !holds_whole_frame(reader.get_ref().buffer()) {
             dp.flush_rx(&mut buf).await;
         }
-        match reader.recv_frame::<ServerMsg>().await {
+        match reader.recv_frame_ref::<ServerMsg>().await {
             Ok(Incoming::Relay(src, payload)) => {
-                dp.receive_relayed_tcp(src, &payload, &mut buf).await;
+                dp.receive_relayed_tcp(src, payload, &mut buf).await;
                 if buf.is_full() {
                     dp.flush_rx(&mut buf).await;
                 }
