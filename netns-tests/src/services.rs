@@ -27,6 +27,25 @@ pub struct HttpServer {
 }
 
 impl Ns {
+    /// Starts `python3 -m http.server` on 0.0.0.0:`port` serving `dir` (not waiting for it).
+    pub fn serve_dir(&self, label: &str, dir: &std::path::Path, port: u16) -> Proc {
+        let dir = dir.to_string_lossy().into_owned();
+        let port = port.to_string();
+        self.spawn(
+            label,
+            &[
+                "python3",
+                "-m",
+                "http.server",
+                &port,
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+                &dir,
+            ],
+        )
+    }
+
     /// Starts `python3 -m http.server` on `HTTP_PORT`, serving one file with a unique body, and
     /// waits until it answers locally.
     pub fn serve_http(&self) -> HttpServer {
@@ -40,21 +59,7 @@ impl Ns {
             garbage::Rng::new().next_u64()
         );
         fs::write(www.join(&file), &body).expect("write served file");
-        let port = HTTP_PORT.to_string();
-        let dir = www.to_string_lossy().into_owned();
-        let proc = self.spawn(
-            "http",
-            &[
-                "python3",
-                "-m",
-                "http.server",
-                &port,
-                "--bind",
-                "0.0.0.0",
-                "--directory",
-                &dir,
-            ],
-        );
+        let proc = self.serve_dir("http", &www, HTTP_PORT);
         let server = HttpServer {
             proc,
             port: HTTP_PORT,

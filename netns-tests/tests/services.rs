@@ -176,21 +176,7 @@ fn serve_card(lab: &Lab, node: &Node, port: u16, card: &[u8]) -> Proc {
     let dir = lab.dir().join(format!("card-{}-{port}", node.name));
     fs::create_dir_all(dir.join(".well-known")).unwrap();
     fs::write(dir.join(".well-known/agent-card.json"), card).unwrap();
-    let dir = dir.to_string_lossy().into_owned();
-    let port = port.to_string();
-    let p = node.ns.spawn(
-        "card-server",
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            &port,
-            "--bind",
-            "0.0.0.0",
-            "--directory",
-            &dir,
-        ],
-    );
+    let p = node.ns.serve_dir("card-server", &dir, port);
     wait_for(Duration::from_secs(10), "the card server", || {
         p.assert_running();
         let out = node.ns.exec(&[
