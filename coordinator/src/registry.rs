@@ -12,6 +12,7 @@ use a2a_proto::invite::{InviteId, InviteProof};
 use a2a_proto::keys::{RelaySecret, Signature, SignerId, REGISTER_CONTEXT};
 use a2a_proto::membership::{Revocation, RotationNotice, Signed};
 use a2a_proto::overlay::derive_ip6;
+use a2a_proto::policy::{PolicyDoc, TagStatement};
 use a2a_proto::{NetworkId, NodeKey, SignedRecord};
 
 /// Identifies one control connection; also the node's relay id while it is connected.
@@ -56,12 +57,18 @@ struct Member {
 struct Changes {
     revoked: HashMap<NodeKey, Signed>,
     moved: Option<Signed>,
+    /// The network's policy of the highest version seen, and its version.
+    policy: Option<(u64, Signed)>,
+    /// Per member, its tag statement of the highest version seen, and its version.
+    tags: HashMap<NodeKey, (u64, Signed)>,
     /// Forgotten this long after the network's last member left.
     forget_at: Option<Instant>,
 }
 
 /// Revocations kept per network.
 pub const MAX_REVOCATIONS: usize = 4096;
+/// Tag statements kept per network.
+pub const MAX_TAGGED: usize = 4096;
 /// Invites one connection may announce.
 pub const MAX_INVITES_PER_CONN: usize = 64;
 /// How long a redemption waits for its inviter's answer.
@@ -174,6 +181,16 @@ impl Registry {
                     },
                 ));
             }
+            // Tags and policy before the members: a member's tags are known when it is.
+            let statements = changes.tags.values().chain(&changes.policy);
+            out.extend(statements.map(|(_, signed)| {
+                (
+                    conn,
+                    ServerMsg::Statement {
+                        signed: signed.clone(),
+                    },
+                )
+            }));
         }
         for m in members.values() {
             out.push((
@@ -517,6 +534,42 @@ impl Registry {
             out.extend(self.remove_member(network, r.node_key));
         }
         Ok((out, removed))
+    }
+
+    /// Handles `Statement`: a policy or tag statement checked under the sender's network; a
+    /// newer one than held is kept and passed to every other member (the sender holds it).
+    /// An older or equal one is dropped without a word: members send what they hold after
+    /// every registration.
+    pub fn statement(&mut self, conn: ConnId, signed: Signed) -> Result<Sends, Refusal> {
+        let Some(&(network, _)) = self.by_conn.get(&conn) else {
+            return Err((RefuseReason::Protocol, "statement before register".into()));
+        };
+        let changes = self.changes.entry(network).or_default();
+        if let Ok(p) = PolicyDoc::open(&signed, &network) {
+            if changes
+                .policy
+                .as_ref()
+                .is_some_and(|(v, _)| *v >= p.version)
+            {
+                return Ok(Vec::new());
+            }
+            changes.policy = Some((p.version, signed.clone()));
+        } else {
+            let t = TagStatement::open(&signed, &network)
+                .map_err(|e| (RefuseReason::BadRecord, format!("statement: {e}")))?;
+            match changes.tags.get(&t.node_key) {
+                Some((v, _)) if *v >= t.version => return Ok(Vec::new()),
+                None if changes.tags.len() >= MAX_TAGGED => {
+                    return Err((
+                        RefuseReason::Protocol,
+                        format!("more than {MAX_TAGGED} tagged members in one network"),
+                    ))
+                }
+                _ => {}
+            }
+            changes.tags.insert(t.node_key, (t.version, signed.clone()));
+        }
+        Ok(self.to_others(&network, conn, ServerMsg::Statement { signed }))
     }
 
     /// `msg` for every live member of `network` but the one on connection `except`.

@@ -77,6 +77,7 @@ pub struct Counters {
     pub redemptions: AtomicU64,
     pub redemptions_refused: AtomicU64,
     pub revocations: AtomicU64,
+    pub statements: AtomicU64,
     /// Control messages queued to nodes, and the bytes of their frames.
     pub ctl_messages_sent: AtomicU64,
     pub ctl_bytes_sent: AtomicU64,
@@ -223,6 +224,11 @@ impl Counters {
                 g(&self.redemptions_refused),
             ),
             ("revocations", "Revocations passed on", g(&self.revocations)),
+            (
+                "statements",
+                "Policy and tag statements passed on (their content is never kept beyond memory)",
+                g(&self.statements),
+            ),
             (
                 "ctl_messages_sent",
                 "Control messages queued to nodes (relay frames aside)",
@@ -634,6 +640,7 @@ impl Server {
             Count::Redemption => Counters::bump(&k.redemptions),
             Count::RedemptionRefused => Counters::bump(&k.redemptions_refused),
             Count::Revocation => Counters::bump(&k.revocations),
+            Count::Statement => Counters::bump(&k.statements),
             Count::Throttled => Drops::bump(&self.limited.ctl_msgs_throttled),
         }
     }

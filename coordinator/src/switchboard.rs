@@ -40,6 +40,8 @@ pub enum Count {
     Redemption,
     RedemptionRefused,
     Revocation,
+    /// A new policy or tag statement passed to a network's members.
+    Statement,
     /// A message that came faster than its connection's budget (reading pauses).
     Throttled,
 }
@@ -403,6 +405,15 @@ impl Switchboard {
             },
             ClientMsg::Rotate { notice } => match r.rotate(conn, notice) {
                 Ok(sent) => out.send = sent,
+                Err(_) => out.counts.push(Count::BadMessage),
+            },
+            ClientMsg::Statement { signed } => match r.statement(conn, signed) {
+                Ok(sent) => {
+                    if !sent.is_empty() {
+                        out.counts.push(Count::Statement);
+                    }
+                    out.send = self.route(now, Some(conn), sent);
+                }
                 Err(_) => out.counts.push(Count::BadMessage),
             },
         }

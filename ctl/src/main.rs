@@ -86,6 +86,29 @@ enum Command {
         /// How long the code works, e.g. 90s, 10m, 2h, 1d.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
+        /// A tag each machine joining with the code carries from its first packet (repeat
+        /// for several).
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+    },
+    /// Give a member tags (signed with the network key: neither the member nor the
+    /// coordinator can add one). Token holders only.
+    Tag {
+        /// The member's name, overlay address or public key (this node's own name too).
+        peer: String,
+        #[arg(required = true, value_name = "TAG")]
+        tags: Vec<String>,
+    },
+    /// Take tags from a member.
+    Untag {
+        peer: String,
+        #[arg(required = true, value_name = "TAG")]
+        tags: Vec<String>,
+    },
+    /// Who may reach whom: set, show or test the network's policy.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
     },
     /// Remove a peer (name, overlay IP or public key) from the network: every member drops it
     /// and the coordinator refuses it from now on.
@@ -142,6 +165,29 @@ fn parse_proto(text: &str) -> Result<a2a_proto::services::Proto, String> {
 }
 
 #[derive(Subcommand)]
+enum PolicyAction {
+    /// Sign the policy in FILE (JSON; `-` for standard input) with the network key and pass
+    /// it to every member; it replaces the one in force. Token holders only. A policy that
+    /// does not parse or names a tag no member carries is refused, and the one in force stays.
+    Set { file: PathBuf },
+    /// The policy in force on this node, its grants with the flows each allowed, and what
+    /// was refused.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Whether SRC may open PORT (tcp:N, udp:N or icmp) on DST, and by which grant; exits 1
+    /// when refused.
+    Test {
+        src: String,
+        dst: String,
+        port: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum TokenAction {
     /// Move the network to a new secret and print the new token. Members online (and those that
     /// reconnect while the coordinator runs) come along; kicked and offline-and-forgotten nodes,
@@ -193,6 +239,32 @@ fn ping(socket: &std::path::Path, peer: &str, count: u32) -> Result<(), String> 
     Ok(())
 }
 
+/// The policy document in `file` (`-`: standard input), checked here first so that a
+/// document too large or malformed is named even when a2ad is not running.
+fn read_policy(file: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let limit = a2a_proto::policy::MAX_POLICY_LEN as u64 + 1;
+    let mut text = String::new();
+    let read = if file == std::path::Path::new("-") {
+        std::io::stdin().take(limit).read_to_string(&mut text)
+    } else {
+        std::fs::File::open(file).and_then(|f| f.take(limit).read_to_string(&mut text))
+    };
+    read.map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    if text.len() as u64 >= limit {
+        let len = std::fs::metadata(file).map_or(text.len() as u64, |m| m.len());
+        return Err(format!(
+            "{}: {len} bytes or more, more than the limit of {} bytes: split the policy or use \
+             tags; the policy in force is unchanged",
+            file.display(),
+            a2a_proto::policy::MAX_POLICY_LEN
+        ));
+    }
+    a2a_proto::policy::Policy::parse(&text, None)
+        .map_err(|e| format!("{}: {e}; the policy in force is unchanged", file.display()))?;
+    Ok(text)
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let (socket, _) = a2a_proto::api::resolve_paths(cli.socket, cli.state_dir);
     if let Command::Ping { peer, count } = &cli.command {
@@ -224,9 +296,33 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Ping { .. } => unreachable!("handled above"),
         Command::Netcheck { .. } => ApiRequest::Netcheck,
-        Command::Invite { uses, ttl } => ApiRequest::Invite {
+        Command::Invite { uses, ttl, tags } => ApiRequest::Invite {
             uses: *uses,
             ttl_s: ttl.as_secs().max(1),
+            tags: tags.clone(),
+        },
+        Command::Tag { peer, tags } => ApiRequest::Tag {
+            peer: peer.clone(),
+            tags: tags.clone(),
+        },
+        Command::Untag { peer, tags } => ApiRequest::Untag {
+            peer: peer.clone(),
+            tags: tags.clone(),
+        },
+        Command::Policy {
+            action: PolicyAction::Set { file },
+        } => ApiRequest::PolicySet {
+            text: read_policy(file)?,
+        },
+        Command::Policy {
+            action: PolicyAction::Show { .. },
+        } => ApiRequest::PolicyShow,
+        Command::Policy {
+            action: PolicyAction::Test { src, dst, port, .. },
+        } => ApiRequest::PolicyTest {
+            src: src.clone(),
+            dst: dst.clone(),
+            port: port.clone(),
         },
         Command::Kick { peer } => ApiRequest::Kick { peer: peer.clone() },
         Command::Service {
@@ -343,6 +439,61 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         ApiResponse::Pong { .. } => Err("unexpected ping answer from a2ad".into()),
+        ApiResponse::Tagged { name, tags } => {
+            if tags.is_empty() {
+                eprintln!("{name} carries no tags now");
+            } else {
+                eprintln!("{name} carries {}", tags.join(", "));
+            }
+            Ok(())
+        }
+        ApiResponse::Policy { policy } => {
+            let json = matches!(
+                cli.command,
+                Command::Policy {
+                    action: PolicyAction::Show { json: true }
+                }
+            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&policy).map_err(|e| e.to_string())?
+                );
+            } else if matches!(
+                cli.command,
+                Command::Policy {
+                    action: PolicyAction::Set { .. }
+                }
+            ) {
+                eprintln!(
+                    "policy version {} is in force here and goes to every member",
+                    policy.version
+                );
+            } else {
+                print!("{}", output::policy_text(&policy));
+            }
+            Ok(())
+        }
+        ApiResponse::PolicyTest { verdict } => {
+            if matches!(
+                cli.command,
+                Command::Policy {
+                    action: PolicyAction::Test { json: true, .. }
+                }
+            ) {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&verdict).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!("{}", verdict.reason);
+            }
+            if verdict.allowed {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         ApiResponse::Invite { code, uses, ttl_s } => {
             println!("{code}");
             eprintln!(

@@ -88,14 +88,18 @@ pub fn whois_text(m: &WhoisMember) -> String {
         ("invite", Some(id)) => format!("invite {id}"),
         (other, _) => other.to_string(),
     };
-    format!(
+    let mut out = format!(
         "{}{}\npublic key:  {}\nip:          {}\nip6:         {}\nadmitted by: {admitted}\n",
         m.name,
         if m.is_self { " (this node)" } else { "" },
         m.public_key,
         m.ip,
         m.ip6,
-    )
+    );
+    if !m.tags.is_empty() {
+        out.push_str(&format!("tags:        {}\n", tag_words(&m.tags)));
+    }
+    out
 }
 
 /// `a2actl services`: one line per service, the agent card's name and skills after it.
@@ -128,6 +132,57 @@ pub fn services_table(services: &[ServiceEntry]) -> String {
     out
 }
 
+fn tag_words(tags: &[String]) -> String {
+    tags.iter()
+        .map(|t| format!("tag:{t}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `a2actl policy show`: the policy in force, its grants with the flows each allowed, and the
+/// packets refused.
+pub fn policy_text(p: &a2a_proto::api::PolicyView) -> String {
+    if p.version == 0 {
+        return "no policy is set: every member reaches every port of every other member \
+                (a2actl policy set FILE)\n"
+            .into();
+    }
+    let mut out = format!("policy version {}\n", p.version);
+    for g in &p.grants {
+        out.push_str(&format!(
+            "  grant {}: {} -> {} on {}   ({} flow(s) allowed here)\n",
+            g.number,
+            g.src.join(","),
+            g.dst.join(","),
+            g.ports.join(","),
+            g.allowed
+        ));
+    }
+    let refused: Vec<String> = p
+        .refused
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    out.push_str(&format!(
+        "refused here: {}\nflows tracked: {}\n",
+        if refused.is_empty() {
+            "none".to_string()
+        } else {
+            refused.join(", ")
+        },
+        p.flows
+    ));
+    if let Some(text) = &p.text {
+        out.push_str("document:\n");
+        out.push_str(text);
+        if !text.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    out
+}
+
 pub fn status_table(status: &Status) -> String {
     let Some(me) = &status.self_ else {
         return "not joined to a network: run `a2actl up --join TOKEN`\n".into();
@@ -146,6 +201,19 @@ pub fn status_table(status: &Status) -> String {
     if let Some(dns) = &me.dns {
         out.push_str(&format!("names: NAME.a2a answered at {dns}\n"));
     }
+    if !me.tags.is_empty() {
+        out.push_str(&format!("tags: {}\n", tag_words(&me.tags)));
+    }
+    if let Some(p) = status.policy.as_ref().filter(|p| p.version > 0) {
+        let refused: u64 = p.refused.values().sum();
+        out.push_str(&format!(
+            "policy: version {}, {} grant(s), {} flow(s) tracked, {refused} packet(s) refused \
+             (a2actl policy show)\n",
+            p.version,
+            p.grants.len(),
+            p.flows
+        ));
+    }
     if status.peers.is_empty() {
         out.push_str("no peers yet\n");
         return out;
@@ -155,7 +223,11 @@ pub fn status_table(status: &Status) -> String {
         .iter()
         .map(|p| {
             [
-                p.name.clone(),
+                if p.tags.is_empty() {
+                    p.name.clone()
+                } else {
+                    format!("{} ({})", p.name, tag_words(&p.tags))
+                },
                 p.ip.clone(),
                 p.path.clone(),
                 p.endpoint.clone().unwrap_or_else(|| "-".into()),
@@ -263,6 +335,7 @@ mod tests {
             invite: Some("ab".repeat(16)),
             certified_ms: Some(5),
             is_self: false,
+            tags: vec![],
         };
         let t = whois_text(&m);
         assert!(
@@ -329,6 +402,7 @@ mod tests {
                 refused: None,
                 interface: "a2a0".into(),
                 dns: None,
+                tags: vec![],
             }),
             peers: vec![PeerStatus {
                 name: "bob".into(),
@@ -341,8 +415,10 @@ mod tests {
                 last_handshake_s: Some(4),
                 rx_bytes: 2048,
                 tx_bytes: 10,
+                tags: vec![],
             }],
             counters: Default::default(),
+            policy: None,
         };
         let t = status_table(&st);
         assert!(t.starts_with("alice 100.64.0.1 on a2a0\n"), "{t}");
@@ -353,6 +429,7 @@ mod tests {
             self_: None,
             peers: vec![],
             counters: Default::default(),
+            policy: None,
         };
         assert!(status_table(&none).contains("a2actl up --join"));
         // An IPv6 endpoint is shown bracketed, as a socket address.

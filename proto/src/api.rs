@@ -42,10 +42,13 @@ pub enum ApiRequest {
     },
     /// Check this node's view of the underlay: reflexive address, UDP, NAT mapping.
     Netcheck,
-    /// Make an invite code good for `uses` joins within `ttl_s` seconds.
+    /// Make an invite code good for `uses` joins within `ttl_s` seconds; each member admitted
+    /// by it carries `tags`.
     Invite {
         uses: u32,
         ttl_s: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tags: Vec<String>,
     },
     /// Remove a peer (name, overlay IP or public key) from the network.
     Kick {
@@ -68,6 +71,30 @@ pub enum ApiRequest {
     },
     /// Every member's services, this node's included.
     Services,
+    /// Sign a policy document with the network key and pass it to every member (token
+    /// holders only). `text` is the JSON document as written.
+    PolicySet {
+        text: String,
+    },
+    /// The policy this node holds and enforces, with its counts by grant.
+    PolicyShow,
+    /// May `src` open `port` (`tcp:8080`, `udp:53`, `icmp`) on `dst`? Members by name,
+    /// overlay address or key.
+    PolicyTest {
+        src: String,
+        dst: String,
+        port: String,
+    },
+    /// Add tags to a member (a statement signed with the network key; token holders only).
+    Tag {
+        peer: String,
+        tags: Vec<String>,
+    },
+    /// Remove tags from a member.
+    Untag {
+        peer: String,
+        tags: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,6 +149,17 @@ pub enum ApiResponse {
     Services {
         services: Vec<ServiceEntry>,
     },
+    Policy {
+        policy: PolicyView,
+    },
+    PolicyTest {
+        verdict: PolicyVerdict,
+    },
+    /// A member's tags after `tag` or `untag`.
+    Tagged {
+        name: String,
+        tags: Vec<String>,
+    },
     Error {
         message: String,
     },
@@ -147,6 +185,9 @@ pub struct WhoisMember {
     /// The address asked about is this node's own.
     #[serde(rename = "self")]
     pub is_self: bool,
+    /// The tags the network's key gave the member (what the policy judges it by).
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// Parses what `whois` is asked about: an IP address, optionally with a port (`IP:PORT`, and
@@ -278,6 +319,46 @@ pub struct PortmapReport {
     pub state: String,
 }
 
+/// The policy a node holds and enforces (`a2actl policy show --json`; also in `status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// 0 when no policy is set (everything is allowed).
+    pub version: u64,
+    /// The document as signed; absent in `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_ms: Option<u64>,
+    /// Each grant with the new flows it allowed into this node and out of it.
+    pub grants: Vec<GrantView>,
+    /// Packets refused, by reason (`no_grant`, `no_flow`, `revoked`, `table_full`,
+    /// `malformed`, `outbound`).
+    pub refused: std::collections::BTreeMap<String, u64>,
+    /// Flows tracked now.
+    pub flows: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantView {
+    /// 1-based, as `policy test` names it.
+    pub number: u32,
+    pub src: Vec<String>,
+    pub dst: Vec<String>,
+    pub ports: Vec<String>,
+    pub allowed: u64,
+}
+
+/// `a2actl policy test`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVerdict {
+    pub allowed: bool,
+    /// The grant that allows it (1-based); absent when refused or when no policy is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<u32>,
+    /// One line: what was tested and why it is allowed or refused.
+    pub reason: String,
+}
+
 /// What `a2actl status --json` prints. Field names are a contract: keep them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -287,6 +368,9 @@ pub struct Status {
     /// Counters of dropped input and other events, for operators.
     #[serde(default)]
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// The policy enforced, with counts by grant (absent before policies existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,6 +392,9 @@ pub struct SelfStatus {
     /// Where this node's a2ad answers DNS for NAME.a2a (UDP and TCP port 53), when it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<String>,
+    /// The tags the network's key gave this node.
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -327,6 +414,8 @@ pub struct PeerStatus {
     pub last_handshake_s: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// Where `a2ad` keeps its state when no `--state-dir` is given.
@@ -415,6 +504,7 @@ mod tests {
                 refused: None,
                 interface: "a2a0".into(),
                 dns: None,
+                tags: vec![],
             }),
             peers: vec![PeerStatus {
                 name: "b".into(),
@@ -427,8 +517,10 @@ mod tests {
                 last_handshake_s: Some(3),
                 rx_bytes: 1,
                 tx_bytes: 2,
+                tags: vec![],
             }],
             counters: Default::default(),
+            policy: None,
         };
         let v: serde_json::Value = serde_json::to_value(&st).unwrap();
         for f in ["name", "ip", "ip6", "public_key"] {

@@ -58,6 +58,10 @@ pub enum ClientMsg {
     /// A signed rotation notice (`a2actl token rotate`): pass it to every member of this
     /// network, now and when they register later.
     Rotate { notice: Signed },
+    /// A policy or a tag statement signed by the network key (`a2actl policy set`, `tag`),
+    /// or one this member holds (sent after every registration, so a restarted coordinator
+    /// learns them again): keep the newest of each in memory and pass it to every member.
+    Statement { signed: Signed },
 }
 
 /// Why the coordinator refused a registration.
@@ -148,6 +152,12 @@ pub enum ServerMsg {
     /// The network moved to a new secret.
     Moved {
         notice: Signed,
+    },
+    /// A policy or tag statement of the network (see [`ClientMsg::Statement`]); members verify
+    /// it against the network key and keep it only if it is newer than what they hold, so a
+    /// coordinator that forges, replays or withholds one changes nothing.
+    Statement {
+        signed: Signed,
     },
 }
 

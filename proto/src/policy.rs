@@ -25,6 +25,12 @@ pub const MAX_POLICY_LEN: usize = 64 * 1024;
 pub const MAX_GRANTS: usize = 1000;
 /// Most tags one member carries.
 pub const MAX_TAGS: usize = 32;
+/// Where a2ad passes the policy and the tag statements to other members, over the overlay
+/// (UDP: a digest of what it holds; TCP: the whole [`Bundle`] to a member whose digest differs).
+pub const POLICY_PORT: u16 = 4748;
+/// Largest [`Bundle`] read from a member: the largest policy and a tag statement for many
+/// members.
+pub const MAX_BUNDLE_BYTES: usize = 4 * 1024 * 1024;
 /// Signature context of a policy document (`a2actl policy set`).
 pub const POLICY_CONTEXT: &[u8] = b"a2a policy v1";
 /// Signature context of a tag statement (`a2actl tag`).
@@ -436,6 +442,36 @@ impl TagStatement {
     pub fn replaces(&self, held: Option<&TagStatement>) -> bool {
         held.is_none_or(|h| h.node_key == self.node_key && self.version > h.version)
     }
+}
+
+/// Every signed statement a member holds: the policy (highest version seen) and one tag
+/// statement per tagged member. What a member serves other members on [`POLICY_PORT`] and
+/// keeps in its state directory. Each part is verified by whoever reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bundle {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Signed>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<Signed>,
+}
+
+const DIGEST_MAGIC: &[u8; 6] = b"a2apd1";
+
+/// The datagram a member sends to others (UDP [`POLICY_PORT`]): "what I hold sums to
+/// `digest`"; a member holding something else fetches the other's bundle.
+pub fn digest_datagram(digest: u64) -> [u8; 14] {
+    let mut d = [0u8; 14];
+    d[..6].copy_from_slice(DIGEST_MAGIC);
+    d[6..].copy_from_slice(&digest.to_be_bytes());
+    d
+}
+
+/// The digest in a digest datagram, or `None` when it is not one.
+pub fn parse_digest(d: &[u8]) -> Option<u64> {
+    if d.len() != 14 || &d[..6] != DIGEST_MAGIC {
+        return None;
+    }
+    Some(u64::from_be_bytes(d[6..].try_into().ok()?))
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use a2a_proto::invite::{InviteAnswer, InviteId, InviteProof};
 use a2a_proto::keys::{CoordinatorKey, RelaySecret, SignerId};
 use a2a_proto::membership::{issue_cert, Carry, Invited, MemberCert, Revocation, RotationNotice};
 use a2a_proto::overlay::derive_ip;
+use a2a_proto::policy::TagStatement;
 use a2a_proto::record::{RecordError, VerifiedRecord, MAX_CANDIDATES};
 use a2a_proto::{Credential, JoinToken, NetworkKey, NodeKey, NodeRecord, SignedRecord};
 
@@ -102,6 +103,9 @@ pub enum Action {
     /// The registration stands (the members already in the network are in the peer table).
     Status(Registration),
     SaveRevocations(Vec<a2a_proto::membership::Signed>),
+    /// A policy or tag statement from the coordinator, for the policy book to verify (it
+    /// keeps it only if newer than what it holds).
+    Statement(a2a_proto::membership::Signed),
     SaveMembership(Membership),
     End(End),
 }
@@ -406,7 +410,7 @@ impl Client {
                 signing_key,
                 proof,
             } => {
-                out.push(Action::Send(self.answer_redemption(
+                out.extend(self.answer_redemption(
                     now,
                     cred,
                     ticket,
@@ -414,7 +418,7 @@ impl Client {
                     node_key,
                     signing_key,
                     &proof,
-                )));
+                ));
                 if self.member.invites().ids().iter().all(|id| *id != invite) {
                     out.push(Action::Send(ClientMsg::InviteClose { id: invite }));
                 }
@@ -441,6 +445,7 @@ impl Client {
                 self.peers.remove(&r.node_key);
             }
             ServerMsg::Moved { notice } => self.follow_rotation(cred, &notice, out),
+            ServerMsg::Statement { signed } => out.push(Action::Statement(signed)),
             ServerMsg::Refused { reason, message } => {
                 out.push(Action::End(refused(reason, message)))
             }
@@ -531,10 +536,12 @@ impl Client {
         node_key: NodeKey,
         signing_key: SignerId,
         proof: &InviteProof,
-    ) -> ClientMsg {
-        let deny = |message: &str| ClientMsg::InviteDeny {
-            ticket,
-            message: message.into(),
+    ) -> Vec<Action> {
+        let deny = |message: &str| {
+            vec![Action::Send(ClientMsg::InviteDeny {
+                ticket,
+                message: message.into(),
+            })]
         };
         let Some(network_key) = cred.network_key() else {
             return deny("the inviter no longer holds the network secret");
@@ -542,6 +549,7 @@ impl Client {
         if self.member.is_revoked(&node_key) {
             return deny("this node key was removed from the network");
         }
+        let tags = self.member.invites().tags(&invite);
         let decided =
             self.member
                 .invites()
@@ -555,10 +563,29 @@ impl Client {
                     prefix: cred.prefix(),
                     cert,
                 };
-                ClientMsg::InviteAdmit {
+                let mut out = Vec::new();
+                if !tags.is_empty() {
+                    // The tags reach the coordinator (and this node's book) before the
+                    // admission does: the new member is tagged from its first packet.
+                    let statement = TagStatement {
+                        network: network_key.id(),
+                        node_key,
+                        version: 1,
+                        issued_ms: now.unix_ms,
+                        tags,
+                    };
+                    if let Ok(signed) = statement.sign(network_key) {
+                        out.push(Action::Send(ClientMsg::Statement {
+                            signed: signed.clone(),
+                        }));
+                        out.push(Action::Statement(signed));
+                    }
+                }
+                out.push(Action::Send(ClientMsg::InviteAdmit {
                     ticket,
                     sealed: code.seal_answer(&node_key, &answer),
-                }
+                }));
+                out
             }
             Err(denial) => {
                 Counters::bump(&self.counters.invites_denied);

@@ -121,6 +121,20 @@ counters! {
     cards_malformed,
     /// Agent cards not published: the agent did not answer 200 within the card timeout.
     cards_unreachable,
+    /// Policy and tag statements taken (newer than what this node held), from the
+    /// coordinator, from members or from a command.
+    policy_statements_taken,
+    /// Statements refused: their signature is not the network key's, or they do not parse.
+    /// What a forging coordinator or member sends ends here.
+    policy_statements_refused,
+    /// Bundles of statements fetched from members over the overlay.
+    policy_bundles_fetched,
+    /// Fetches of a member's bundle that failed: no connection, no whole answer in time,
+    /// larger than MAX_BUNDLE_BYTES, or not a bundle.
+    policy_fetch_failed,
+    /// Connections and datagrams to the policy port from an address no member holds, and
+    /// datagrams there that are no digest: dropped.
+    policy_bad_request,
     /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
     fast_tun_offload,
     fast_udp_gso,
@@ -165,6 +179,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 60);
+        assert_eq!(len, 65);
     }
 }

@@ -63,6 +63,8 @@ struct OpenInvite {
     code: InviteCode,
     uses_left: u32,
     expires_ms: u64,
+    /// Tags each member admitted by it gets (`a2actl invite --tag`).
+    tags: std::collections::BTreeSet<String>,
 }
 
 /// Why a redemption was refused, as told to the redeemer.
@@ -122,9 +124,26 @@ impl InviteBook {
                 code,
                 uses_left: uses,
                 expires_ms,
+                tags: Default::default(),
             },
         );
         Ok(id)
+    }
+
+    /// Gives the members admitted by invite `id` these tags (signed by the inviter when it
+    /// admits each one).
+    pub fn set_tags(&mut self, id: &InviteId, tags: std::collections::BTreeSet<String>) {
+        if let Some(i) = self.open.get_mut(id) {
+            i.tags = tags;
+        }
+    }
+
+    /// The tags of invite `id` (none for an unknown one).
+    pub fn tags(&self, id: &InviteId) -> std::collections::BTreeSet<String> {
+        self.open
+            .get(id)
+            .map(|i| i.tags.clone())
+            .unwrap_or_default()
     }
 
     /// Decides one redemption and, if admitted, takes one use, all at once: two redemptions of

@@ -13,6 +13,8 @@ pub mod path;
 pub mod peers;
 pub mod policy;
 pub mod portmap;
+pub mod refusal;
 pub mod services;
+pub mod statements;
 pub mod upnp;
 pub mod wg;

@@ -290,6 +290,8 @@ pub struct PeerTable {
     epoch: Instant,
     /// What this host's addresses reach: which of a peer's candidates its path state probes.
     reach: Mutex<Reach>,
+    /// Bumped on every change to the members or their records (the policy recompiles).
+    generation: AtomicU64,
 }
 
 impl PeerTable {
@@ -307,7 +309,13 @@ impl PeerTable {
             // Back-dated so that "ms since epoch" is never 0 (0 means "never").
             epoch: now - Duration::from_millis(1),
             reach: Mutex::new(Reach::default()),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Changes whenever a member joins, leaves or publishes a new record.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// This host's addresses are `locals` and `reflexive`: from now on each peer's path probes
@@ -475,6 +483,7 @@ impl PeerTable {
             by_key,
             by_index,
         }));
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Applies a record whose signature (and certificate, if any) the caller has verified.

@@ -4,7 +4,8 @@
 //! reads the clock, and nothing in the per-packet path allocates: flow keys are fixed-size, the
 //! flow table and each peer's eviction queue are allocated with their bound up front.
 //!
-//! Not wired yet: the daemon does not call this on the packet path.
+//! With no policy set every packet passes, but flows are still tracked, so that when a policy
+//! arrives the connections it allows (and the replies to them) carry on.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
@@ -31,6 +32,12 @@ pub const MAX_FLOWS_PER_PEER: usize = 1024;
 /// Most flows tracked in all.
 pub const MAX_FLOWS: usize = 16 * 1024;
 
+/// The ports a2ad itself serves members on (TCP and UDP): services and cards, the policy.
+pub const DAEMON_PORTS: [u16; 2] = [
+    a2a_proto::services::SERVICES_PORT,
+    a2a_proto::policy::POLICY_PORT,
+];
+
 /// A member as the policy sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Member<'a> {
@@ -52,6 +59,10 @@ fn matches(sel: &Selector, name: &str, tags: &BTreeSet<String>) -> bool {
 pub enum Grant {
     /// No policy is set: everything is allowed.
     NoPolicy,
+    /// a2ad's own exchanges between members (service lists, the policy itself), on
+    /// [`DAEMON_PORTS`]: never refused, or a policy could cut members off from its own
+    /// successor.
+    Daemon,
     /// By the grant at this index of the policy.
     Index(u16),
 }
@@ -168,6 +179,11 @@ impl Rules {
     }
 
     fn check(&self, inbound: bool, peer: &NodeKey, proto: u8, port: u16) -> Option<Grant> {
+        if matches!(proto, PROTO_TCP | PROTO_UDP) && DAEMON_PORTS.contains(&port) {
+            if let Rules::Compiled { .. } = self {
+                return Some(Grant::Daemon);
+            }
+        }
         match self {
             Rules::AllowAll => Some(Grant::NoPolicy),
             Rules::Compiled {
@@ -399,8 +415,6 @@ pub enum Reason {
     TableFull,
     /// Not a well-formed IP packet.
     Malformed,
-    /// A non-first fragment: no ports to check.
-    Fragment,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -496,7 +510,11 @@ impl Tracker {
     /// A new policy or new tags: new flows are checked against it at once, tracked flows on
     /// their next packet.
     pub fn set_rules(&mut self, rules: Rules) {
-        self.counts.allowed_by_grant = vec![0; rules.grants()];
+        // Recompiled for new members, the counts by grant carry on; a policy of another
+        // length starts them again.
+        if self.counts.allowed_by_grant.len() != rules.grants() {
+            self.counts.allowed_by_grant = vec![0; rules.grants()];
+        }
         self.rules = rules;
         self.generation += 1;
     }
@@ -555,6 +573,12 @@ impl Tracker {
     }
 
     fn refuse(&mut self, reason: Reason, reply: Reply) -> Verdict {
+        if matches!(self.rules, Rules::AllowAll) && reason != Reason::Malformed {
+            // No policy: everything but malformed packets passes as before; flows are tracked
+            // (when there is room) only so that a policy set later keeps the connections it
+            // allows.
+            return Verdict::Flow;
+        }
         let c = &mut self.counts;
         match reason {
             Reason::NoGrant => c.refused_no_grant += 1,
@@ -562,7 +586,6 @@ impl Tracker {
             Reason::Revoked => c.refused_revoked += 1,
             Reason::TableFull => c.refused_table_full += 1,
             Reason::Malformed => c.malformed += 1,
-            Reason::Fragment => c.fragments += 1,
         }
         Verdict::Refuse { reason, reply }
     }
@@ -681,7 +704,12 @@ impl Tracker {
         let h = match parse(packet, false) {
             Ok(h) => h,
             Err(ParseError::Malformed) => return self.refuse(Reason::Malformed, Reply::None),
-            Err(ParseError::Fragment) => return self.refuse(Reason::Fragment, Reply::None),
+            Err(ParseError::Fragment) => {
+                // A later fragment has no ports: its first fragment was judged, and without
+                // it the receiving kernel reassembles nothing. Passed, counted.
+                self.counts.fragments += 1;
+                return Verdict::Flow;
+            }
         };
         if let Kind::IcmpError(quoted) = h.kind {
             // About a packet this node sent: its flow must be tracked, with this peer.
@@ -1109,27 +1137,36 @@ mod tests {
             w.inbound(2, P, &ip4(PROTO_TCP, P4, W4, &tcp(2000, 8080, ACK))),
             refused(Reason::NoFlow, Reply::None)
         );
-        // Another peer still gets its share.
-        let mut open = Tracker::with_limits(rules_for(None, W), 4, 6);
-        for sport in 0..10 {
-            open.inbound(0, P, &ip4(PROTO_UDP, P4, W4, &udp(sport, 53)));
+        // Another peer still gets its share, and the table as a whole is bounded too.
+        let any = r#"{"grants": [{"src": ["*"], "dst": ["*"], "ports": ["*"]}]}"#;
+        let mut open = Tracker::with_limits(rules_for(Some(any), W), 4, 5);
+        let mut none = Tracker::with_limits(rules_for(None, W), 4, 5);
+        for t in [&mut open, &mut none] {
+            for sport in 0..10 {
+                t.inbound(0, P, &ip4(PROTO_UDP, P4, W4, &udp(sport, 53)));
+            }
         }
         assert_eq!(
             open.inbound(0, U, &ip4(PROTO_UDP, U4, W4, &udp(1, 53))),
-            Verdict::NewFlow(Grant::NoPolicy)
+            Verdict::NewFlow(Grant::Index(0))
         );
         assert_eq!(
             open.inbound(0, U, &ip4(PROTO_UDP, U4, W4, &udp(2, 53))),
-            Verdict::NewFlow(Grant::NoPolicy)
-        );
-        // The table as a whole is bounded too: the third peer's first flow has no room.
-        let third = NodeKey([9; 32]);
-        assert_eq!(
-            open.inbound(0, third, &ip4(PROTO_UDP, [100, 64, 0, 9], W4, &udp(1, 53))),
             refused(Reason::TableFull, Reply::IcmpProhibited)
         );
-        assert_eq!(open.flows(), 6);
+        assert_eq!(open.flows(), 5);
         assert_eq!(open.counts().refused_table_full, 1);
+        // Without a policy a full table refuses nothing: the flow is only not tracked.
+        assert_eq!(
+            none.inbound(0, U, &ip4(PROTO_UDP, U4, W4, &udp(1, 53))),
+            Verdict::NewFlow(Grant::NoPolicy)
+        );
+        assert_eq!(
+            none.inbound(0, U, &ip4(PROTO_UDP, U4, W4, &udp(2, 53))),
+            Verdict::Flow
+        );
+        assert_eq!(none.flows(), 5);
+        assert_eq!(none.counts().refused_table_full, 0);
     }
 
     #[test]
@@ -1252,7 +1289,8 @@ mod tests {
         frag[6..8].copy_from_slice(&5u16.to_be_bytes());
         assert_eq!(
             w.inbound(0, U, &frag),
-            refused(Reason::Fragment, Reply::None)
+            Verdict::Flow,
+            "later fragments pass"
         );
         assert_eq!(w.counts().fragments, 1);
     }

@@ -133,6 +133,23 @@ impl StateDir {
     pub fn save_revocations(&self, list: &[Signed]) -> io::Result<()> {
         self.save_json("revoked.json", &list)
     }
+
+    /// The saved policy and tag statements (`policy.json`; each is verified when loaded); an
+    /// unreadable file counts as none, with a warning (members pass them again).
+    pub fn policy(&self) -> a2a_proto::policy::Bundle {
+        let path = self.dir.join("policy.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!("ignoring {}: {e}", path.display());
+                Default::default()
+            }),
+            Err(_) => Default::default(),
+        }
+    }
+
+    pub fn save_policy(&self, bundle: &a2a_proto::policy::Bundle) -> io::Result<()> {
+        self.save_json("policy.json", bundle)
+    }
 }
 
 #[cfg(test)]

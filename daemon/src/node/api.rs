@@ -90,7 +90,7 @@ pub async fn dispatch<P: Platform>(req: ApiRequest, daemon: &Daemon<P>) -> ApiRe
             Ok(report) => ApiResponse::Netcheck { report },
             Err(e) => error(e),
         },
-        ApiRequest::Invite { uses, ttl_s } => match daemon.invite(uses, ttl_s).await {
+        ApiRequest::Invite { uses, ttl_s, tags } => match daemon.invite(uses, ttl_s, tags).await {
             Ok(code) => ApiResponse::Invite { code, uses, ttl_s },
             Err(e) => error(e),
         },
@@ -119,6 +119,28 @@ pub async fn dispatch<P: Platform>(req: ApiRequest, daemon: &Daemon<P>) -> ApiRe
         },
         ApiRequest::RotateToken => match daemon.rotate().await {
             Ok((token, carried)) => ApiResponse::Rotated { token, carried },
+            Err(e) => error(e),
+        },
+        ApiRequest::PolicySet { text } => match daemon.policy_set(&text).await {
+            Ok(policy) => ApiResponse::Policy { policy },
+            Err(e) => error(e),
+        },
+        ApiRequest::PolicyShow => match daemon.policy_show().await {
+            Ok(policy) => ApiResponse::Policy { policy },
+            Err(e) => error(e),
+        },
+        ApiRequest::PolicyTest { src, dst, port } => {
+            match daemon.policy_test(&src, &dst, &port).await {
+                Ok(verdict) => ApiResponse::PolicyTest { verdict },
+                Err(e) => error(e),
+            }
+        }
+        ApiRequest::Tag { peer, tags } => match daemon.tag(&peer, tags, false).await {
+            Ok((name, tags)) => ApiResponse::Tagged { name, tags },
+            Err(e) => error(e),
+        },
+        ApiRequest::Untag { peer, tags } => match daemon.tag(&peer, tags, true).await {
+            Ok((name, tags)) => ApiResponse::Tagged { name, tags },
             Err(e) => error(e),
         },
     }

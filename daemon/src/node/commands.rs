@@ -108,7 +108,7 @@ pub struct Daemon<P: Platform> {
     device: DeviceConfig,
     state: StateDir,
     node_private: [u8; 32],
-    session: Mutex<Option<Session<P>>>,
+    pub(super) session: Mutex<Option<Session<P>>>,
     /// This node's services (kept in the state directory, served while joined).
     services: Arc<ServiceBook>,
 }
@@ -162,7 +162,7 @@ impl<P: Platform> Daemon<P> {
         Session::start(&self.platform, &self.device, self.state.clone(), joining).await
     }
 
-    fn node_key(&self) -> NodeKey {
+    pub(super) fn node_key(&self) -> NodeKey {
         NodeKey(PublicKey::from(&StaticSecret::from(self.node_private)).to_bytes())
     }
 
@@ -397,6 +397,7 @@ impl<P: Platform> Daemon<P> {
                 invite,
                 certified_ms,
                 is_self: true,
+                tags: tag_list(&s.policy.read(), &self.node_key()),
             });
         }
         let Some(peer) = s.peers.by_addr(ip) else {
@@ -414,6 +415,7 @@ impl<P: Platform> Daemon<P> {
             return Err(CommandError::Failed(format!("no member holds {ip}{hint}")));
         };
         let info = peer.info();
+        let tags = tag_list(&s.policy.read(), &peer.key);
         Ok(WhoisMember {
             name: info.name,
             public_key: peer.key.to_base64(),
@@ -428,6 +430,7 @@ impl<P: Platform> Daemon<P> {
             invite: info.cert.as_ref().map(|c| c.invite.to_hex()),
             certified_ms: info.cert.as_ref().map(|c| c.issued_ms),
             is_self: false,
+            tags,
         })
     }
 
@@ -438,8 +441,10 @@ impl<P: Platform> Daemon<P> {
                 self_: None,
                 peers: vec![],
                 counters: Default::default(),
+                policy: None,
             };
         };
+        let book = s.policy.read();
         let peers = s
             .peers
             .all()
@@ -462,9 +467,11 @@ impl<P: Platform> Daemon<P> {
                     last_handshake_s: since.map(|d| d.as_secs()),
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
+                    tags: tag_list(&book, &p.key),
                 }
             })
             .collect();
+        let policy = crate::node::policy::view(&book, &s.dataplane.tracker(), false);
         let registered = matches!(*s.registration.borrow(), Registration::Registered { .. });
         let refused = match &*s.registration.borrow() {
             Registration::Refused(why) => Some(why.clone()),
@@ -480,8 +487,10 @@ impl<P: Platform> Daemon<P> {
                 refused,
                 interface: s.interface.clone(),
                 dns: s.dns.map(|ip| ip.to_string()),
+                tags: tag_list(&book, &self.node_key()),
             }),
             peers,
+            policy: Some(policy),
             counters: s
                 .counters
                 .snapshot()
@@ -490,6 +499,11 @@ impl<P: Platform> Daemon<P> {
                 .collect(),
         }
     }
+}
+
+/// A member's tags as this node's book holds them.
+pub(super) fn tag_list(book: &crate::core::statements::Statements, key: &NodeKey) -> Vec<String> {
+    book.tags(key).iter().cloned().collect()
 }
 
 /// A peer's path kind and the endpoint it uses: its address, or the coordinator's.
@@ -730,7 +744,7 @@ impl<P: Platform> Daemon<P> {
         }
     }
 
-    fn network_key(
+    pub(super) fn network_key(
         credential: &Credential,
         what: &'static str,
     ) -> Result<NetworkKey, CommandError> {
@@ -741,7 +755,10 @@ impl<P: Platform> Daemon<P> {
     }
 
     /// Sends a control message now; an error if the node is not connected.
-    async fn send_control(dp: &DataPlane<P>, msg: ControlOut) -> Result<(), CommandError> {
+    pub(super) async fn send_control(
+        dp: &DataPlane<P>,
+        msg: ControlOut,
+    ) -> Result<(), CommandError> {
         let link = dp
             .relay
             .load_full()
@@ -752,7 +769,13 @@ impl<P: Platform> Daemon<P> {
     }
 
     /// A new invite code good for `uses` joins within `ttl_s` seconds.
-    pub async fn invite(&self, uses: u32, ttl_s: u64) -> Result<String, CommandError> {
+    pub async fn invite(
+        &self,
+        uses: u32,
+        ttl_s: u64,
+        tags: Vec<String>,
+    ) -> Result<String, CommandError> {
+        let tags = crate::node::policy::valid_tags(tags)?;
         let (dp, member, _, _) = self.member().await?;
         let credential = member.credential();
         Self::network_key(&credential, "invite")?;
@@ -777,6 +800,7 @@ impl<P: Platform> Daemon<P> {
         let id = member
             .invites()
             .open(code.clone(), uses, now + ttl_ms, now)?;
+        member.invites().set_tags(&id, tags);
         Self::send_control(&dp, ControlOut::Msg(ClientMsg::InviteOpen { id })).await?;
         tracing::info!("made an invite for {uses} use(s), valid {ttl_s} s");
         Ok(code.encode())

@@ -84,6 +84,37 @@ pub fn render(status: &Status) -> String {
         "Seconds since the last WireGuard handshake with the peer",
         age,
     );
+    if let Some(policy) = &status.policy {
+        let version = Gauge::<i64>::default();
+        version.set(policy.version as i64);
+        registry.register(
+            "policy_version",
+            "Version of the policy in force (0: none set, everything allowed)",
+            version,
+        );
+        let refused = Family::<Labels, Counter<u64>>::default();
+        for (reason, n) in &policy.refused {
+            refused
+                .get_or_create(&vec![("reason".to_string(), reason.clone())])
+                .inc_by(*n);
+        }
+        registry.register(
+            "policy_refused_packets",
+            "Packets the policy refused, by reason",
+            refused,
+        );
+        let allowed = Family::<Labels, Counter<u64>>::default();
+        for g in &policy.grants {
+            allowed
+                .get_or_create(&vec![("grant".to_string(), g.number.to_string())])
+                .inc_by(g.allowed);
+        }
+        registry.register(
+            "policy_allowed_flows",
+            "New flows each grant allowed",
+            allowed,
+        );
+    }
     let mut text = String::new();
     encode(&mut text, &registry).expect("writing to a String does not fail");
     text
@@ -115,6 +146,7 @@ mod tests {
                 refused: None,
                 interface: "a2a0".into(),
                 dns: None,
+                tags: vec![],
             }),
             peers: vec![PeerStatus {
                 name: "bravo".into(),
@@ -127,6 +159,7 @@ mod tests {
                 last_handshake_s: Some(12),
                 rx_bytes: 1000,
                 tx_bytes: 2000,
+                tags: vec![],
             }],
             counters: [
                 ("udp_garbage".to_string(), 3),
@@ -134,6 +167,7 @@ mod tests {
             ]
             .into_iter()
             .collect(),
+            policy: None,
         }
     }
 
@@ -161,6 +195,7 @@ mod tests {
             self_: None,
             peers: vec![],
             counters: Default::default(),
+            policy: None,
         });
         assert!(empty.contains("a2a_registered 0"), "{empty}");
     }

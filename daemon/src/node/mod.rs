@@ -4,4 +4,5 @@
 pub mod api;
 pub mod commands;
 pub mod metrics;
+pub mod policy;
 pub mod session;

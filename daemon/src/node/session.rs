@@ -16,6 +16,7 @@ use crate::core::control::{Client, Registration};
 use crate::core::counters::Counters;
 use crate::core::membership::MemberState;
 use crate::core::peers::PeerTable;
+use crate::core::policy::{Rules, Tracker};
 use crate::io::state::StateDir;
 use crate::io::{Platform, UdpTransport, Underlay};
 use crate::tasks::control::ControlTask;
@@ -23,6 +24,7 @@ use crate::tasks::dataplane::DataPlane;
 use crate::tasks::dns::DnsTask;
 use crate::tasks::now;
 use crate::tasks::pathfinder::PathFinder;
+use crate::tasks::policy::{PolicyBook, PolicyTask};
 use crate::tasks::portmap::{PortMapLink, PortMapTask};
 use crate::tasks::prober::Prober;
 use crate::tasks::services::{RemoteLists, ServiceBook, ServicesTask};
@@ -62,7 +64,10 @@ pub struct Session<P: Platform> {
     pub dns: Option<Ipv4Addr>,
     /// The service lists fetched from peers.
     pub remote_services: RemoteLists,
+    /// The network's policy and tags as this node holds them.
+    pub policy: Arc<PolicyBook>,
     services_task: Option<JoinHandle<()>>,
+    policy_task: JoinHandle<()>,
     dns_task: Option<JoinHandle<()>>,
     /// Whether the resolver was registered with systemd-resolved (undone at stop).
     system_dns: bool,
@@ -114,9 +119,14 @@ impl<P: Platform> Session<P> {
         if let Err(e) = io.underlay.set_overlay_address6(ip6, ULA_PREFIX_LEN).await {
             tracing::warn!("{e}");
         }
+        let counters = Arc::new(Counters::default());
+        let policy = Arc::new(PolicyBook::load(
+            state.clone(),
+            credential.network_id(),
+            counters.clone(),
+        ));
         let member = Arc::new(MemberState::new(credential, join_text, state.revocations()));
         let peers = Arc::new(PeerTable::new(StaticSecret::from(node_private), now()));
-        let counters = Arc::new(Counters::default());
         Counters::set(&counters.fast_tun_offload, io.fast.tun_offload);
         Counters::set(
             &counters.fast_udp_gso,
@@ -135,6 +145,7 @@ impl<P: Platform> Session<P> {
             path_events: path_tx,
             round_ttl: Default::default(),
             own_addrs: Default::default(),
+            policy: std::sync::Mutex::new(Tracker::new(Rules::AllowAll)),
         });
         let loops = vec![
             tokio::spawn(dataplane.clone().tun_to_udp()),
@@ -176,8 +187,22 @@ impl<P: Platform> Session<P> {
             ip: ip_tx,
             ip6,
             portmap: portmap.clone(),
+            policy: policy.clone(),
         };
         let control = tokio::spawn(task.run(leave_rx));
+        let policy_task = tokio::spawn(
+            PolicyTask {
+                book: policy.clone(),
+                dataplane: dataplane.clone(),
+                peers: peers.clone(),
+                counters: counters.clone(),
+                name: name.clone(),
+                ip: ip_rx.clone(),
+                registration: status_rx.clone(),
+                gossip: device.serve_services,
+            }
+            .run(),
+        );
         let remote_services = RemoteLists::default();
         let sd_services = {
             let (book, remote, peers, name) = (
@@ -255,7 +280,9 @@ impl<P: Platform> Session<P> {
             portmap,
             dns,
             remote_services,
+            policy,
             services_task,
+            policy_task,
             dns_task,
             system_dns: device.system_dns,
             leave: leave_tx,
@@ -296,6 +323,8 @@ impl<P: Platform> Session<P> {
             t.abort();
             let _ = t.await;
         }
+        self.policy_task.abort();
+        let _ = self.policy_task.await;
         if let Some(t) = self.dns_task {
             t.abort();
             let _ = t.await;

@@ -29,6 +29,7 @@ use crate::io::state::StateDir;
 use crate::io::{Connector, Platform, Underlay};
 use crate::tasks::dataplane::DataPlane;
 use crate::tasks::events::{ControlOut, PathEvent, RelayLink};
+use crate::tasks::policy::PolicyBook;
 use crate::tasks::portmap::PortMapLink;
 use crate::tasks::{clock, AbortOnDrop};
 
@@ -66,6 +67,8 @@ pub struct ControlTask<P: Platform> {
     /// The router's port mapping: this task reports the reflexive address, and publishes the
     /// mapping the port mapper found at it.
     pub portmap: Arc<PortMapLink>,
+    /// Where the coordinator's policy and tag statements go (verified there).
+    pub policy: Arc<PolicyBook>,
 }
 
 impl<P: Platform> ControlTask<P> {
@@ -373,6 +376,9 @@ impl<P: Platform> ControlTask<P> {
                     if let Err(e) = self.state.save_revocations(&list) {
                         tracing::warn!("cannot save the revocation list: {e}");
                     }
+                }
+                Action::Statement(signed) => {
+                    let _ = self.policy.offer(&signed);
                 }
                 Action::SaveMembership(m) => {
                     if let Err(e) = self.state.save_membership(&m) {

@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod dns;
 pub mod events;
 pub mod pathfinder;
+pub mod policy;
 pub mod portmap;
 pub mod prober;
 pub mod services;

@@ -9,7 +9,7 @@
 //! dispatch: the real sockets pay no indirection).
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use a2a_proto::udp::{write_relay_header, RELAY_HEADER_LEN};
 use arc_swap::ArcSwapOption;
@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use crate::core::counters::Counters;
 use crate::core::path::Route;
 use crate::core::peers::{Peer, PeerTable, Via};
+use crate::core::policy::Tracker;
 use crate::core::wg::{action, Action};
 use crate::io::{Platform, UdpTransport};
 use crate::tasks::events::{ControlOut, PathEvent, RelayLink};
@@ -52,9 +53,37 @@ pub struct DataPlane<P: Platform> {
     pub round_ttl: AtomicU8,
     /// This node's own addresses (local and reflexive), which no probe goes to.
     pub own_addrs: arc_swap::ArcSwap<Vec<std::net::SocketAddr>>,
+    /// Who may reach whom: the policy's rules and the connection tracker, locked once per
+    /// batch by each direction (set by the policy task, `tasks/policy.rs`).
+    pub policy: Mutex<Tracker>,
 }
 
 impl<P: Platform> DataPlane<P> {
+    pub fn tracker(&self) -> MutexGuard<'_, Tracker> {
+        self.policy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Encrypts one IP packet (`buf[RELAY_HEADER_LEN..][..len]`, with room after it for
+    /// WireGuard's overhead) for `peer` and sends it along the peer's route.
+    pub async fn send_packet(&self, peer: &Peer, buf: &mut [u8], len: usize) {
+        let packet = buf[RELAY_HEADER_LEN..][..len].to_vec();
+        let act = {
+            let mut t = peer.tunn();
+            let start = buf[RELAY_HEADER_LEN..].as_ptr();
+            action(start, t.encapsulate(&packet, &mut buf[RELAY_HEADER_LEN..]))
+        };
+        if let Action::SendToNetwork(r) = act {
+            let (start, n) = (r.start, r.len());
+            if start != 0 {
+                buf.copy_within(
+                    RELAY_HEADER_LEN + start..RELAY_HEADER_LEN + start + n,
+                    RELAY_HEADER_LEN,
+                );
+            }
+            self.send_to_peer(peer, buf, n).await;
+        }
+    }
+
     /// Sends a handshake initiation to a new peer now, so the first packet does not wait.
     pub async fn initiate(&self, peer: &Peer) {
         self.send_initiation(peer, false).await

@@ -9,11 +9,14 @@ use a2a_proto::addr::canonical;
 use a2a_proto::udp::{
     classify, is_disco, parse_relay_data, A2aDatagram, DatagramKind, RELAY_HEADER_LEN,
 };
+use a2a_proto::NodeKey;
 use tun_rs::IDEAL_BATCH_SIZE;
 
 use super::{DataPlane, BUF_LEN, TUN_PACKET_LEN};
 use crate::core::counters::Counters;
 use crate::core::peers::{Peer, Routed, Via};
+use crate::core::policy::{Reply, Verdict};
+use crate::core::refusal;
 use crate::core::wg::{action, is_cookie_reply, Action};
 use crate::io::{Platform, TunDevice, TunWriter, UdpTransport};
 use crate::tasks::events::PathEvent;
@@ -29,9 +32,22 @@ const MIN_DECAP_OUT: usize = 256;
 /// once with room for a coalesced super-packet, and reused.
 pub struct TunBatch<W> {
     bufs: Vec<Vec<u8>>,
+    /// The peer each packet came from (what the policy judges it by).
+    keys: Vec<NodeKey>,
     n: usize,
     writer: W,
+    /// Answers to refused packets (a TCP RST, an ICMP "prohibited"), sent to their peers
+    /// after the batch is written: `(peer, length)` of `replies[..]`, at most
+    /// [`MAX_REPLIES`] a batch (the rest of a burst of refusals is only counted).
+    reply_to: Vec<(NodeKey, usize)>,
+    replies: Vec<Vec<u8>>,
 }
+
+/// Refusals answered per batch written to the TUN device.
+const MAX_REPLIES: usize = 8;
+/// Room for one answer to a refusal: the relay header, the answer (at most an ICMPv6 error of
+/// 1280 bytes) and WireGuard's overhead.
+const REPLY_LEN: usize = RELAY_HEADER_LEN + 1280 + 64;
 
 impl<W: TunWriter> TunBatch<W> {
     pub fn new(capacity: usize, writer: W) -> Self {
@@ -42,7 +58,34 @@ impl<W: TunWriter> TunBatch<W> {
                 b
             })
             .collect();
-        TunBatch { bufs, n: 0, writer }
+        TunBatch {
+            bufs,
+            keys: vec![NodeKey([0; 32]); capacity.max(1)],
+            n: 0,
+            writer,
+            reply_to: Vec::with_capacity(MAX_REPLIES),
+            replies: vec![vec![0u8; REPLY_LEN]; MAX_REPLIES],
+        }
+    }
+
+    /// Adds a packet that needs no policing (an answer to a refusal, for this node's own TUN
+    /// device), built by `build` into a buffer of at least `room` bytes (its length, or `None`
+    /// for nothing); false when the batch is full or nothing was built.
+    pub fn push_built(
+        &mut self,
+        room: usize,
+        build: impl FnOnce(&mut [u8]) -> Option<usize>,
+    ) -> bool {
+        if self.is_full() {
+            return false;
+        }
+        let b = self.slot(HEAD + room);
+        let Some(len) = build(&mut b[HEAD..]) else {
+            return false;
+        };
+        b.truncate(HEAD + len);
+        self.n += 1;
+        true
     }
 
     pub fn is_full(&self) -> bool {
@@ -90,8 +133,25 @@ impl<P: Platform> DataPlane<P> {
         }
     }
 
-    /// Writes the decrypted packets gathered in `rx` to the TUN device.
+    /// Writes the decrypted packets gathered in `rx` to the TUN device, those the policy
+    /// lets in (see [`police_rx`](Self::police_rx)); then answers the refused ones.
     pub async fn flush_rx(&self, rx: &mut Batch<P>) {
+        if rx.n == 0 {
+            return;
+        }
+        self.police_rx(rx);
+        self.write_tun(rx).await;
+        for i in 0..rx.reply_to.len() {
+            let (key, len) = rx.reply_to[i];
+            if let Some(peer) = self.peers.by_key(&key) {
+                self.send_packet(&peer, &mut rx.replies[i], len).await;
+            }
+        }
+        rx.reply_to.clear();
+    }
+
+    /// Writes `rx`'s packets to the TUN device as they are.
+    pub async fn write_tun(&self, rx: &mut Batch<P>) {
         if rx.n == 0 {
             return;
         }
@@ -101,6 +161,34 @@ impl<P: Platform> DataPlane<P> {
             tracing::debug!("writing to the TUN device failed: {e}");
             Counters::bump(&self.counters.send_errors);
         }
+    }
+
+    /// Judges every packet of `rx` by the policy (one lock for the batch), keeps those that
+    /// pass in order, and builds the answers to refused ones that get one.
+    fn police_rx(&self, rx: &mut Batch<P>) {
+        let now_ms = self.peers.ms_since_epoch(crate::tasks::now());
+        let mut tracker = self.tracker();
+        let mut kept = 0;
+        for i in 0..rx.n {
+            let key = rx.keys[i];
+            let verdict = tracker.inbound(now_ms, key, &rx.bufs[i][HEAD..]);
+            if let Verdict::Refuse { reply, .. } = verdict {
+                let r = rx.reply_to.len();
+                if r < MAX_REPLIES {
+                    let out = &mut rx.replies[r][RELAY_HEADER_LEN..REPLY_LEN - 64];
+                    if let Some(len) = refusal(reply, &rx.bufs[i][HEAD..], out) {
+                        rx.reply_to.push((key, len));
+                    }
+                }
+                continue;
+            }
+            if kept != i {
+                rx.bufs.swap(kept, i);
+                rx.keys.swap(kept, i);
+            }
+            kept += 1;
+        }
+        rx.n = kept;
     }
 
     /// Handles one datagram that came `via` (`src_ip`: the underlay source, for WireGuard's
@@ -257,6 +345,7 @@ impl<P: Platform> DataPlane<P> {
                     buf.copy_within(HEAD + r.start..HEAD + r.end, HEAD);
                 }
                 buf.truncate(HEAD + r.len());
+                rx.keys[slot] = peer.key;
                 rx.n = slot + 1;
                 return;
             }
@@ -306,5 +395,15 @@ impl<P: Platform> DataPlane<P> {
                 _ => break,
             }
         }
+    }
+}
+
+/// Builds the answer `reply` asks for to the refused `packet` into `out`; its length, or
+/// `None` for no answer.
+pub(super) fn refusal(reply: Reply, packet: &[u8], out: &mut [u8]) -> Option<usize> {
+    match reply {
+        Reply::None => None,
+        Reply::TcpRst => refusal::tcp_rst(packet, out),
+        Reply::IcmpProhibited => refusal::prohibited(packet, out),
     }
 }

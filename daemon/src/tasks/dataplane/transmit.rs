@@ -12,13 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use a2a_proto::udp::{write_relay_header, RELAY_HEADER_LEN};
+use a2a_proto::NodeKey;
 use tun_rs::IDEAL_BATCH_SIZE;
 
-use super::{DataPlane, TUN_PACKET_LEN};
+use super::receive::refusal;
+use super::{DataPlane, TunBatch, TUN_PACKET_LEN};
 use crate::core::batch::{GsoBatch, Pushed};
 use crate::core::counters::Counters;
 use crate::core::path::Route;
 use crate::core::peers::Peer;
+use crate::core::policy::Verdict;
 use crate::core::wg::{action, ip_destination, pad_plaintext, Action, WG_DATA_OVERHEAD};
 use crate::io::{Platform, TunDevice, TunReader, UdpTransport};
 use a2a_udpbatch::MAX_GSO_BYTES;
@@ -34,6 +37,9 @@ impl<P: Platform> DataPlane<P> {
             RELAY_HEADER_LEN + TUN_PACKET_LEN + WG_DATA_OVERHEAD,
         );
         let mut single = vec![0u8; RELAY_HEADER_LEN + TUN_PACKET_LEN + 64];
+        // Which packets of a read the policy lets out, and its answers to the others.
+        let mut pass = vec![true; IDEAL_BATCH_SIZE];
+        let mut answers = self.tun_batch(8);
         loop {
             let n = match reader.read(&mut packets, &mut sizes).await {
                 Ok(n) => n,
@@ -43,10 +49,15 @@ impl<P: Platform> DataPlane<P> {
                     continue;
                 }
             };
+            self.police_tx(&packets, &sizes[..n], &mut pass, &mut answers);
+            self.write_tun(&mut answers).await;
             // The peer of the previous packet and where its datagrams go, reused while the
             // destination repeats.
             let mut last: Option<(IpAddr, Arc<Peer>, Send)> = None;
-            for (packet, &size) in packets.iter_mut().zip(&sizes[..n]) {
+            for ((packet, &size), &pass) in packets.iter_mut().zip(&sizes[..n]).zip(&pass) {
+                if !pass {
+                    continue;
+                }
                 let packet = pad_plaintext(packet, size);
                 let Some(dst) = ip_destination(packet) else {
                     Counters::bump(&self.counters.tun_not_ip);
@@ -89,6 +100,43 @@ impl<P: Platform> DataPlane<P> {
                 }
             }
             self.flush_tx(&mut tx).await;
+        }
+    }
+
+    /// Judges the packets of one read by the policy (one lock for the read): `pass[i]` says
+    /// whether packet `i` goes out. A refused one is answered to the local program through
+    /// `answers` (a RST, or ICMP "prohibited"), so its connection fails at once; the peer
+    /// would refuse it anyway, so it does not cross the network.
+    fn police_tx(
+        &self,
+        packets: &[Vec<u8>],
+        sizes: &[usize],
+        pass: &mut [bool],
+        answers: &mut TunBatch<<P::Tun as TunDevice>::Writer>,
+    ) {
+        let now_ms = self.peers.ms_since_epoch(crate::tasks::now());
+        let mut tracker = self.tracker();
+        let mut last: Option<(IpAddr, NodeKey)> = None;
+        for (i, (packet, &size)) in packets.iter().zip(sizes).enumerate() {
+            pass[i] = true;
+            let packet = &packet[..size];
+            let Some(dst) = ip_destination(packet) else {
+                continue; // counted by the send loop
+            };
+            let key = match last {
+                Some((ip, key)) if ip == dst => key,
+                _ => match self.peers.by_addr(dst) {
+                    Some(peer) => {
+                        last = Some((dst, peer.key));
+                        peer.key
+                    }
+                    None => continue,
+                },
+            };
+            if let Verdict::Refuse { reply, .. } = tracker.outbound(now_ms, key, packet) {
+                pass[i] = false;
+                answers.push_built(1500, |out| refusal(reply, packet, out));
+            }
         }
     }
 

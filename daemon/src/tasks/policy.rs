@@ -1,0 +1,392 @@
+//! Who may reach whom, at run time: the policy book (the network's signed policy and tag
+//! statements this node holds, kept in the state directory), the rules the packet path
+//! enforces (recompiled when the book or the members change), and the statements' passage
+//! between members over the overlay itself, so that a coordinator that withholds or replays
+//! them changes nothing once any member has the newest.
+//!
+//! Between members: a 14-byte digest datagram to each member's UDP [`POLICY_PORT`] when what
+//! this node holds changes, when members join, and every [`ANNOUNCE_EVERY`]; a member whose
+//! digest differs fetches the whole bundle over TCP from the same port (and answers with its
+//! own digest, so the exchange goes both ways). Everything fetched is verified before use.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use a2a_proto::control::ClientMsg;
+use a2a_proto::membership::Signed;
+use a2a_proto::policy::{digest_datagram, parse_digest, Bundle, MAX_BUNDLE_BYTES, POLICY_PORT};
+use a2a_proto::{NetworkId, NodeKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::core::control::Registration;
+use crate::core::counters::Counters;
+use crate::core::peers::PeerTable;
+use crate::core::policy::Rules;
+use crate::core::statements::{Refused, Statements, Taken};
+use crate::io::state::StateDir;
+use crate::io::Platform;
+use crate::tasks::dataplane::DataPlane;
+use crate::tasks::events::ControlOut;
+use crate::tasks::now;
+
+/// Every member is told this node's digest this often (new members, lost datagrams).
+pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(30);
+/// How often the members and the book are looked at for changes.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+/// Flows past their timeout are forgotten this often.
+const EXPIRE_EVERY: Duration = Duration::from_secs(5);
+/// A whole bundle within this, or the fetch fails.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// One fetch per member at most this often (a member announcing in a loop is not fetched in a
+/// loop), and one answering digest per member at most this often.
+const PER_MEMBER_EVERY: Duration = Duration::from_secs(1);
+/// Bundles served at once; more connections are closed at once.
+const MAX_SERVING: usize = 16;
+/// Fetches in flight at once.
+const MAX_FETCHES: usize = 8;
+
+/// This node's policy and tag statements, shared by the control task (statements from the
+/// coordinator), the commands (`a2actl policy set`, `tag`) and the policy task.
+pub struct PolicyBook {
+    inner: Mutex<Statements>,
+    state: StateDir,
+    counters: Arc<Counters>,
+    /// The digest, sent whenever something new is taken.
+    changed: watch::Sender<u64>,
+}
+
+impl PolicyBook {
+    /// The statements saved in `state` that verify for `network`.
+    pub fn load(state: StateDir, network: NetworkId, counters: Arc<Counters>) -> PolicyBook {
+        let statements = Statements::load(network, &state.policy());
+        let (changed, _) = watch::channel(statements.digest());
+        PolicyBook {
+            inner: Mutex::new(statements),
+            state,
+            counters,
+            changed,
+        }
+    }
+
+    pub fn read(&self) -> MutexGuard<'_, Statements> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Verifies and takes `signed` if it is newer than what is held; persists and announces
+    /// what is taken.
+    pub fn offer(&self, signed: &Signed) -> Result<Taken, Refused> {
+        self.offer_all(std::slice::from_ref(signed)).map(|n| {
+            if n > 0 {
+                Taken::New
+            } else {
+                Taken::Ignored
+            }
+        })
+    }
+
+    /// Offers every statement of `list`; how many were taken. The last refusal is the error
+    /// when nothing was taken.
+    pub fn offer_all(&self, list: &[Signed]) -> Result<usize, Refused> {
+        let mut s = self.read();
+        let (mut taken, mut refused) = (0, None);
+        for signed in list {
+            match s.offer(signed) {
+                Ok(Taken::New) => taken += 1,
+                Ok(Taken::Ignored) => {}
+                Err(e) => {
+                    Counters::bump(&self.counters.policy_statements_refused);
+                    refused = Some(e);
+                }
+            }
+        }
+        if taken > 0 {
+            for _ in 0..taken {
+                Counters::bump(&self.counters.policy_statements_taken);
+            }
+            if let Err(e) = self.state.save_policy(&s.bundle()) {
+                tracing::warn!("the policy could not be saved: {e}; it holds until a2ad stops");
+            }
+            let digest = s.digest();
+            drop(s);
+            self.changed.send_replace(digest);
+            return Ok(taken);
+        }
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(0),
+        }
+    }
+}
+
+/// The rules for this node (`name`) among the members now, by the statements held.
+pub fn rules_now(book: &PolicyBook, peers: &PeerTable, name: &str) -> Rules {
+    let members: Vec<(NodeKey, String)> =
+        peers.all().iter().map(|p| (p.key, p.info().name)).collect();
+    book.read().rules(
+        peers.own_key(),
+        name,
+        members.iter().map(|(k, n)| (*k, n.as_str())),
+    )
+}
+
+/// Recompiles the packet path's rules, passes statements to the coordinator and to members.
+pub struct PolicyTask<P: Platform> {
+    pub book: Arc<PolicyBook>,
+    pub dataplane: Arc<DataPlane<P>>,
+    pub peers: Arc<PeerTable>,
+    pub counters: Arc<Counters>,
+    pub name: String,
+    pub ip: watch::Receiver<Ipv4Addr>,
+    pub registration: watch::Receiver<Registration>,
+    /// Exchange statements with members over the overlay (binds real sockets; the fakes do
+    /// not).
+    pub gossip: bool,
+}
+
+impl<P: Platform> PolicyTask<P> {
+    pub async fn run(mut self) {
+        let mut tasks = JoinSet::new();
+        let (digests_tx, mut digests) = tokio::sync::mpsc::channel::<(IpAddr, u64)>(256);
+        if self.gossip {
+            tasks.spawn(serve(
+                self.book.clone(),
+                self.peers.clone(),
+                self.counters.clone(),
+                self.ip.clone(),
+                digests_tx,
+            ));
+        }
+        let mut own = self.book.subscribe();
+        let mut watch = tokio::time::interval(WATCH_EVERY);
+        let mut expire = tokio::time::interval(EXPIRE_EVERY);
+        let mut announce = tokio::time::interval(ANNOUNCE_EVERY);
+        let mut compiled = (u64::MAX, u64::MAX);
+        let mut members = 0usize;
+        let mut last_fetch: HashMap<NodeKey, Instant> = HashMap::new();
+        let mut last_answer: HashMap<NodeKey, Instant> = HashMap::new();
+        let mut fetches: JoinSet<Option<Bundle>> = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = watch.tick() => {
+                    let now_state = (self.peers.generation(), self.book.read().digest());
+                    if now_state != compiled {
+                        compiled = now_state;
+                        self.recompile();
+                        let n = self.peers.len();
+                        if n > members && self.gossip {
+                            // New members hear at once what this node holds.
+                            self.announce().await;
+                        }
+                        members = n;
+                    }
+                }
+                _ = expire.tick() => {
+                    let now_ms = self.peers.ms_since_epoch(now());
+                    self.dataplane.tracker().expire(now_ms);
+                    let gone = |m: &mut HashMap<NodeKey, Instant>| {
+                        m.retain(|_, at| at.elapsed() < PER_MEMBER_EVERY)
+                    };
+                    gone(&mut last_fetch);
+                    gone(&mut last_answer);
+                }
+                _ = announce.tick(), if self.gossip => self.announce().await,
+                Ok(()) = own.changed() => {
+                    own.borrow_and_update();
+                    self.to_coordinator();
+                    if self.gossip {
+                        self.announce().await;
+                    }
+                }
+                Ok(()) = self.registration.changed() => {
+                    let registered = matches!(
+                        *self.registration.borrow_and_update(),
+                        Registration::Registered { .. }
+                    );
+                    if registered {
+                        // A coordinator that restarted holds nothing: it learns again from
+                        // the members.
+                        self.to_coordinator();
+                    }
+                }
+                Some((from, digest)) = digests.recv() => {
+                    let Some(peer) = self.peers.by_addr(from) else { continue };
+                    if digest == self.book.read().digest() {
+                        continue;
+                    }
+                    let recent = |m: &HashMap<NodeKey, Instant>| {
+                        m.get(&peer.key).is_some_and(|at| at.elapsed() < PER_MEMBER_EVERY)
+                    };
+                    if !recent(&last_fetch) && fetches.len() < MAX_FETCHES {
+                        last_fetch.insert(peer.key, Instant::now());
+                        let ip = peer.ip();
+                        fetches.spawn(fetch(ip));
+                    }
+                    if !recent(&last_answer) {
+                        // The other side may hold what this one lacks, or lack what it holds.
+                        last_answer.insert(peer.key, Instant::now());
+                        self.send_digest(&[peer.ip()]).await;
+                    }
+                }
+                Some(done) = fetches.join_next() => {
+                    match done.ok().flatten() {
+                        Some(bundle) => {
+                            Counters::bump(&self.counters.policy_bundles_fetched);
+                            let list: Vec<Signed> =
+                                bundle.policy.into_iter().chain(bundle.tags).collect();
+                            let _ = self.book.offer_all(&list);
+                        }
+                        None => Counters::bump(&self.counters.policy_fetch_failed),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Compiles the rules for the members now and the statements held, for the packet path.
+    fn recompile(&self) {
+        let rules = rules_now(&self.book, &self.peers, &self.name);
+        self.dataplane.tracker().set_rules(rules);
+    }
+
+    /// Sends every statement held to the coordinator (it keeps the newest of each and passes
+    /// them on; what it has already is dropped there).
+    fn to_coordinator(&self) {
+        let link = self.dataplane.relay.load();
+        let Some(link) = link.as_ref() else {
+            return;
+        };
+        for signed in self.book.read().all_signed() {
+            let _ = link
+                .control
+                .try_send(ControlOut::Msg(ClientMsg::Statement { signed }));
+        }
+    }
+
+    /// Tells every member what this node holds.
+    async fn announce(&self) {
+        let ips: Vec<Ipv4Addr> = self.peers.all().iter().map(|p| p.ip()).collect();
+        self.send_digest(&ips).await;
+    }
+
+    async fn send_digest(&self, to: &[Ipv4Addr]) {
+        if to.is_empty() {
+            return;
+        }
+        let own = *self.ip.borrow();
+        let Ok(socket) = UdpSocket::bind((own, 0)).await else {
+            return;
+        };
+        let d = digest_datagram(self.book.read().digest());
+        for ip in to {
+            let _ = socket.send_to(&d, (*ip, POLICY_PORT)).await;
+        }
+    }
+}
+
+/// One member's bundle, bounded in time and size; `None` when it fails.
+async fn fetch(ip: Ipv4Addr) -> Option<Bundle> {
+    let exchange = async {
+        let s = TcpStream::connect((ip, POLICY_PORT)).await.ok()?;
+        let mut body = Vec::new();
+        s.take(MAX_BUNDLE_BYTES as u64 + 1)
+            .read_to_end(&mut body)
+            .await
+            .ok()?;
+        if body.len() > MAX_BUNDLE_BYTES {
+            return None;
+        }
+        serde_json::from_slice::<Bundle>(&body).ok()
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Serves this node's bundle to members on its overlay address (TCP), and takes their digest
+/// datagrams (UDP); rebinds when the address changes.
+async fn serve(
+    book: Arc<PolicyBook>,
+    peers: Arc<PeerTable>,
+    counters: Arc<Counters>,
+    mut ip: watch::Receiver<Ipv4Addr>,
+    digests: tokio::sync::mpsc::Sender<(IpAddr, u64)>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_SERVING));
+    loop {
+        let own = *ip.borrow_and_update();
+        let addr = SocketAddr::new(own.into(), POLICY_PORT);
+        let bound = async {
+            Ok::<_, std::io::Error>((TcpListener::bind(addr).await?, UdpSocket::bind(addr).await?))
+        }
+        .await;
+        let (tcp, udp) = match bound {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot pass the policy to members on {addr}: {e} (is another program on \
+                     that port?); retrying in 5 s"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    r = ip.changed() => if r.is_err() { return },
+                }
+                continue;
+            }
+        };
+        let mut conns = JoinSet::new();
+        let mut buf = [0u8; 64];
+        loop {
+            tokio::select! {
+                r = ip.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                accepted = tcp.accept() => {
+                    let Ok((mut stream, from)) = accepted else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    if peers.by_addr(from.ip()).is_none() {
+                        Counters::bump(&counters.policy_bad_request);
+                        continue;
+                    }
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        continue;
+                    };
+                    let body = serde_json::to_vec(&book.read().bundle()).unwrap_or_default();
+                    conns.spawn(async move {
+                        let _permit = permit;
+                        let _ = tokio::time::timeout(FETCH_TIMEOUT, async {
+                            let _ = stream.write_all(&body).await;
+                            let _ = stream.shutdown().await;
+                        })
+                        .await;
+                    });
+                }
+                received = udp.recv_from(&mut buf) => {
+                    let Ok((n, from)) = received else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    match (peers.by_addr(from.ip()), parse_digest(&buf[..n])) {
+                        (Some(_), Some(d)) => { let _ = digests.try_send((from.ip(), d)); }
+                        _ => Counters::bump(&counters.policy_bad_request),
+                    }
+                }
+                Some(_) = conns.join_next() => {}
+            }
+        }
+    }
+}
