@@ -296,6 +296,12 @@ pub trait Tamper: Send + Sync + 'static {
         network: &NetworkId,
         record: &SignedRecord,
     ) -> Vec<(NodeKey, Injected)>;
+
+    /// Whether to keep `msg` from the node it is for (what a hub that withholds does); it
+    /// sees every message the switchboard sends. Injections are never withheld.
+    fn withhold(&self, _msg: &ServerMsg) -> bool {
+        false
+    }
 }
 
 /// What a [`Tamper`] hook sends to a node.
@@ -445,7 +451,11 @@ impl Hub {
             }
         }
         let k = &server.counters;
+        let tamper = server.tamper.get();
         for (conn, msg) in out.send {
+            if tamper.is_some_and(|t| t.withhold(&msg)) {
+                continue;
+            }
             if let Some(tx) = self.outboxes.get(&conn) {
                 match tx.send_msg(&msg) {
                     Ok(bytes) => {

@@ -29,6 +29,9 @@ pub struct CoordOpts {
     /// Run the forging coordinator (`a2a-forging-coordinator`, the real server with a hook that
     /// injects forged members) instead of `a2a-coordinator`.
     pub forging: bool,
+    /// With `forging`: `--policy-attack` (withhold policy and tag statements, replay old
+    /// ones, forge new ones).
+    pub policy_attack: bool,
     /// `--stats-interval SECS` (hidden): print the counters line this often (default 60 s);
     /// [`Coordinator::counters`] reads the latest.
     pub stats_interval: Option<u32>,
@@ -85,6 +88,9 @@ impl Coordinator {
         }
         args.push("--state-dir".into());
         args.push(self.state_dir.to_string_lossy().into_owned());
+        if self.opts.policy_attack {
+            args.push("--policy-attack".into());
+        }
         if let Some(p) = &self.opts.prefix {
             args.push("--prefix".into());
             args.push(p.clone());

@@ -133,6 +133,8 @@ impl Allowed {
 pub enum Rules {
     AllowAll,
     Compiled {
+        /// The version of the policy compiled (see [`Rules::versioned`]).
+        version: u64,
         grants: usize,
         inbound: HashMap<NodeKey, Allowed>,
         outbound: HashMap<NodeKey, Allowed>,
@@ -172,6 +174,7 @@ impl Rules {
             outbound.insert(peer.key, to_peer);
         }
         Rules::Compiled {
+            version: 0,
             grants: policy.grants.len(),
             inbound,
             outbound,
@@ -211,6 +214,22 @@ impl Rules {
         match self {
             Rules::AllowAll => 0,
             Rules::Compiled { grants, .. } => *grants,
+        }
+    }
+
+    /// These rules, marked as compiled from policy version `v`.
+    pub fn versioned(mut self, v: u64) -> Rules {
+        if let Rules::Compiled { version, .. } = &mut self {
+            *version = v;
+        }
+        self
+    }
+
+    /// The version of the policy these rules enforce (0: no policy).
+    pub fn version(&self) -> u64 {
+        match self {
+            Rules::AllowAll => 0,
+            Rules::Compiled { version, .. } => *version,
         }
     }
 }

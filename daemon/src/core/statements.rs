@@ -186,6 +186,7 @@ impl Statements {
                 tags: self.tags(&key),
             }),
         )
+        .versioned(self.policy.as_ref().map_or(0, |p| p.version))
     }
 }
 

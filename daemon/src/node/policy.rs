@@ -63,7 +63,8 @@ pub fn view(book: &Statements, tracker: &Tracker, with_text: bool) -> PolicyView
         ("outbound".to_string(), counts.refused_outbound),
     ]);
     PolicyView {
-        version: book.policy().map_or(0, |p| p.version),
+        // What the packet path enforces now (the book may hold a newer one for a moment).
+        version: tracker.rules().version(),
         text: if with_text {
             book.policy().map(|p| p.text.clone())
         } else {

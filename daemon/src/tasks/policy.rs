@@ -44,11 +44,13 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(5);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// One fetch per member at most this often (a member announcing in a loop is not fetched in a
 /// loop), and one answering digest per member at most this often.
-const PER_MEMBER_EVERY: Duration = Duration::from_secs(1);
+const PER_MEMBER_EVERY: Duration = Duration::from_millis(250);
 /// Bundles served at once; more connections are closed at once.
 const MAX_SERVING: usize = 16;
 /// Fetches in flight at once.
 const MAX_FETCHES: usize = 8;
+/// Members waiting for a fetch (more are fetched at their next announcement).
+const MAX_PENDING: usize = 1024;
 
 /// This node's policy and tag statements, shared by the control task (statements from the
 /// coordinator), the commands (`a2actl policy set`, `tag`) and the policy task.
@@ -173,10 +175,29 @@ impl<P: Platform> PolicyTask<P> {
         let mut members = 0usize;
         let mut last_fetch: HashMap<NodeKey, Instant> = HashMap::new();
         let mut last_answer: HashMap<NodeKey, Instant> = HashMap::new();
+        // Members whose digest came while a fetch from them was too recent: fetched once the
+        // limit allows (a burst of changes ends in one more fetch, not none).
+        let mut pending: HashMap<NodeKey, Ipv4Addr> = HashMap::new();
         let mut fetches: JoinSet<Option<Bundle>> = JoinSet::new();
         loop {
             tokio::select! {
                 _ = watch.tick() => {
+                    let due: Vec<NodeKey> = pending
+                        .keys()
+                        .filter(|k| {
+                            last_fetch.get(*k).is_none_or(|at| at.elapsed() >= PER_MEMBER_EVERY)
+                        })
+                        .copied()
+                        .collect();
+                    for key in due {
+                        if fetches.len() >= MAX_FETCHES {
+                            break;
+                        }
+                        if let Some(ip) = pending.remove(&key) {
+                            last_fetch.insert(key, Instant::now());
+                            fetches.spawn(fetch(ip));
+                        }
+                    }
                     let now_state = (self.peers.generation(), self.book.read().digest());
                     if now_state != compiled {
                         compiled = now_state;
@@ -201,6 +222,9 @@ impl<P: Platform> PolicyTask<P> {
                 _ = announce.tick(), if self.gossip => self.announce().await,
                 Ok(()) = own.changed() => {
                     own.borrow_and_update();
+                    // In force at once, not at the next look.
+                    compiled = (self.peers.generation(), self.book.read().digest());
+                    self.recompile();
                     self.to_coordinator();
                     if self.gossip {
                         self.announce().await;
@@ -229,6 +253,8 @@ impl<P: Platform> PolicyTask<P> {
                         last_fetch.insert(peer.key, Instant::now());
                         let ip = peer.ip();
                         fetches.spawn(fetch(ip));
+                    } else if pending.len() < MAX_PENDING {
+                        pending.insert(peer.key, peer.ip());
                     }
                     if !recent(&last_answer) {
                         // The other side may hold what this one lacks, or lack what it holds.

@@ -18,6 +18,11 @@
 //!   address changed (bad signature);
 //! - a revocation of every other member and a rotation notice moving the network, both signed
 //!   with the made-up key.
+//!
+//! With `--policy-attack` it also withholds every policy and tag statement members send it
+//! (members must pass them to each other over the overlay), and hands each node that registers
+//! the first statements it saw again (a replay of old versions), a policy that opens everything
+//! and tags, both signed with the made-up key.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -27,6 +32,7 @@ use a2a_coordinator::server::{Injected, Server, Tamper};
 use a2a_proto::control::ServerMsg;
 use a2a_proto::keys::{REVOKE_CONTEXT, ROTATE_CONTEXT};
 use a2a_proto::membership::{issue_cert, node_signing_key, Revocation, RotationNotice, Signed};
+use a2a_proto::policy::{PolicyDoc, TagStatement};
 use a2a_proto::{JoinToken, NetworkId, NetworkKey, NodeKey, NodeRecord, SignedRecord};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
@@ -46,6 +52,12 @@ struct Forger {
     forged_secret: [u8; 32],
     /// The first record each node registered with, to replay later.
     first_records: Mutex<HashMap<NodeKey, (NetworkId, SignedRecord)>>,
+    /// `--policy-attack`: withhold every policy and tag statement, and hand each node that
+    /// registers the first statements seen again (old versions) and a policy signed with the
+    /// made-up key.
+    policy_attack: bool,
+    /// The first statements the coordinator passed on (withheld), to replay.
+    first_statements: Mutex<Vec<Signed>>,
 }
 
 fn host(prefix: ipnet::Ipv4Net, n: u32) -> Ipv4Addr {
@@ -76,7 +88,25 @@ impl Forger {
     }
 }
 
+fn forged_member_key(f: &Forger) -> NodeKey {
+    f.forged_key()
+}
+
 impl Tamper for Forger {
+    fn withhold(&self, msg: &ServerMsg) -> bool {
+        if !self.policy_attack {
+            return false;
+        }
+        if let ServerMsg::Statement { signed } = msg {
+            let mut firsts = self.first_statements.lock().unwrap();
+            if firsts.len() < 8 && !firsts.contains(signed) {
+                firsts.push(signed.clone());
+            }
+            return true;
+        }
+        false
+    }
+
     fn after_register(
         &self,
         network: &NetworkId,
@@ -166,6 +196,41 @@ impl Tamper for Forger {
             notice: Signed::sign(&notice, &self.rogue, ROTATE_CONTEXT),
         }));
 
+        if self.policy_attack {
+            // Old statements again (a replay: older than what members hold by now).
+            for signed in self.first_statements.lock().unwrap().iter() {
+                out.push(Injected::Msg(ServerMsg::Statement {
+                    signed: signed.clone(),
+                }));
+            }
+            // A policy opening everything, signed with the made-up key, of a high version.
+            let forged = PolicyDoc::sign(
+                &self.rogue,
+                999,
+                1,
+                r#"{"grants": [{"src": ["*"], "dst": ["*"], "ports": ["*"]}]}"#,
+                None,
+            )
+            .expect("a valid policy");
+            out.push(Injected::Msg(ServerMsg::Statement { signed: forged }));
+            // Tags signed with the made-up key, for the registering node and the forged member.
+            for node_key in [target.node_key, forged_member_key(self)] {
+                let tags = TagStatement {
+                    network: *network,
+                    node_key,
+                    version: 999,
+                    issued_ms: 1,
+                    tags: ["planner", "worker"]
+                        .iter()
+                        .map(|t| t.to_string())
+                        .collect(),
+                };
+                if let Ok(signed) = tags.sign(&self.rogue) {
+                    out.push(Injected::Msg(ServerMsg::Statement { signed }));
+                }
+            }
+        }
+
         let mut out: Vec<(NodeKey, Injected)> =
             out.into_iter().map(|i| (target.node_key, i)).collect();
         // The forged member announced to the others too.
@@ -232,6 +297,8 @@ fn main() {
         foreign: NetworkKey::derive(&rand::random()),
         forged_secret: rand::random(),
         first_records: Mutex::new(HashMap::new()),
+        policy_attack: args.iter().any(|a| a == "--policy-attack"),
+        first_statements: Mutex::new(Vec::new()),
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
