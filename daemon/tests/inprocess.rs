@@ -332,3 +332,79 @@ async fn a_node_behind_a_lossy_slow_link_still_gets_a_direct_path_and_keeps_it()
     assert_eq!(a.counter("path_fallbacks").await, 0);
     assert!(reaches(&a, &b, b"through the loss").await);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_fences_flows_both_ways_and_answers_refusals() {
+    let w = world();
+    let a = w.join(1, "alpha").await; // the planner
+    let b = w.join(2, "bravo").await; // the worker
+    let c = w.join(3, "charlie").await; // untagged
+    assert!(reaches(&c, &b, b"before any policy").await);
+    a.daemon
+        .tag("alpha", vec!["planner".into()], false)
+        .await
+        .unwrap();
+    a.daemon
+        .tag("bravo", vec!["worker".into()], false)
+        .await
+        .unwrap();
+    let policy =
+        r#"{"grants": [{"src": ["tag:planner"], "dst": ["tag:worker"], "ports": ["udp:4000"]}]}"#;
+    a.daemon.policy_set(policy).await.unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "the policy on every member",
+        || async {
+            b.status().await.policy.unwrap().version == 1
+                && c.status().await.policy.unwrap().version == 1
+        },
+    )
+    .await;
+    // Planner to worker, and the worker's replies (the same ports back) pass.
+    assert!(reaches(&a, &b, b"planner to worker").await);
+    assert!(reaches(&b, &a, b"worker answers").await);
+    // The untagged member's packets stop at its own node.
+    let refused_before = c.status().await.policy.unwrap().refused["outbound"];
+    c.send(&b, b"untagged to worker");
+    assert!(receive(&b, b"untagged to worker", Duration::from_secs(2))
+        .await
+        .is_none());
+    assert!(c.status().await.policy.unwrap().refused["outbound"] > refused_before);
+    // And its program hears "administratively prohibited" from its own node at once.
+    let tun = c.tun();
+    let answer = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let p = tun.recv().await?;
+            if p.len() >= 22 && p[9] == 1 && p[20] == 3 && p[21] == 13 {
+                return Some(p);
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+    .expect("an ICMP administratively-prohibited answer");
+    assert_eq!(
+        &answer[12..16],
+        &b.ip.octets(),
+        "from the refused destination"
+    );
+    // A policy change applies to the next packet: the grant gone, the planner is refused too.
+    a.daemon.policy_set(r#"{"grants": []}"#).await.unwrap();
+    wait_until(Duration::from_secs(5), "version 2 on bravo", || async {
+        b.status().await.policy.unwrap().version == 2
+    })
+    .await;
+    a.send(&b, b"after the change");
+    assert!(receive(&b, b"after the change", Duration::from_secs(2))
+        .await
+        .is_none());
+    // Only token holders sign: an unknown tag is refused and nothing changes.
+    let err = a
+        .daemon
+        .policy_set(r#"{"grants": [{"src": ["tag:nobody"], "dst": ["*"], "ports": ["*"]}]}"#)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown tag `nobody`"), "{err}");
+    assert_eq!(b.status().await.policy.unwrap().version, 2);
+}

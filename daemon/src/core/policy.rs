@@ -752,6 +752,16 @@ impl Tracker {
             Some(e) if e.peer != peer => self.refuse(Reason::NoFlow, Reply::None),
             // An echo request never rides on our own echo's entry: it needs a grant.
             Some(e) if e.local_origin && h.kind != Kind::EchoRequest => {
+                // A reply to a flow this node opened: still allowed out, under changed rules?
+                if e.generation != self.generation {
+                    if self.rules.check_outbound(&peer, h.proto, h.sport).is_none() {
+                        self.remove(&key);
+                        return self.refuse(Reason::Revoked, Reply::None);
+                    }
+                    if let Some(e) = self.table.get_mut(&key) {
+                        e.generation = self.generation;
+                    }
+                }
                 self.touch(now_ms, &key, h.kind, true);
                 Verdict::Flow
             }
@@ -808,6 +818,20 @@ impl Tracker {
         };
         match self.live(now_ms, &key) {
             Some(e) if !e.local_origin && h.kind != Kind::EchoRequest => {
+                // A reply to a flow the peer opened: is that flow still allowed in?
+                if e.generation != self.generation {
+                    if self.rules.check_inbound(&peer, h.proto, h.sport).is_none() {
+                        self.remove(&key);
+                        self.counts.refused_revoked += 1;
+                        return Verdict::Refuse {
+                            reason: Reason::Revoked,
+                            reply: Self::refusal_reply(h.kind),
+                        };
+                    }
+                    if let Some(e) = self.table.get_mut(&key) {
+                        e.generation = self.generation;
+                    }
+                }
                 self.touch(now_ms, &key, h.kind, true);
                 Verdict::Flow
             }
@@ -1228,6 +1252,37 @@ mod tests {
             p.outbound(1, W, &ip4(PROTO_TCP, P4, W4, &tcp(40000, 8080, ACK))),
             refused(Reason::Revoked, Reply::TcpRst)
         );
+    }
+
+    #[test]
+    fn replies_to_a_flow_the_changed_policy_revokes_stop_too() {
+        // The worker answers the planner's flow; the policy then drops the grant: the
+        // worker's next answer is refused (with a RST to its own program), and so is the
+        // planner's next reply on a flow the planner opened.
+        let mut w = Tracker::new(rules_for(Some(EXAMPLE), W));
+        let syn = ip4(PROTO_TCP, P4, W4, &tcp(40000, 8080, SYN));
+        assert_eq!(w.inbound(0, P, &syn), GRANT0);
+        let answer = ip4(PROTO_TCP, W4, P4, &tcp(8080, 40000, SYN | ACK));
+        assert_eq!(w.outbound(0, P, &answer), Verdict::Flow);
+        w.set_rules(rules_for(Some(r#"{"grants": []}"#), W));
+        assert_eq!(
+            w.outbound(1, P, &ip4(PROTO_TCP, W4, P4, &tcp(8080, 40000, ACK))),
+            refused(Reason::Revoked, Reply::TcpRst)
+        );
+        assert_eq!(w.counts().refused_revoked, 1);
+        let mut p = Tracker::new(rules_for(Some(EXAMPLE), P));
+        assert!(matches!(p.outbound(0, W, &syn), Verdict::NewFlow(_)));
+        assert_eq!(p.inbound(0, W, &answer), Verdict::Flow);
+        p.set_rules(rules_for(Some(r#"{"grants": []}"#), P));
+        assert_eq!(
+            p.inbound(1, W, &ip4(PROTO_TCP, W4, P4, &tcp(8080, 40000, ACK))),
+            refused(Reason::Revoked, Reply::None)
+        );
+        // Rules recompiled unchanged (a new member, say) keep such flows going.
+        let mut w = Tracker::new(rules_for(Some(EXAMPLE), W));
+        w.inbound(0, P, &syn);
+        w.set_rules(rules_for(Some(EXAMPLE), W));
+        assert_eq!(w.outbound(1, P, &answer), Verdict::Flow);
     }
 
     #[test]
