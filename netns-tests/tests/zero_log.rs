@@ -985,11 +985,45 @@ fn zero_log_coordinator_under_strace_and_tcpdump() {
         a.wait_http(b, OVERLAY_TIMEOUT);
     }
 
+    // Tags and a policy, which the coordinator keeps (in memory) and passes on: a grant that
+    // lets everything through first (the relay checks below still run), and one naming a tag
+    // and a port of their own.
+    let policy_tag = format!("t{}", random_text(10).to_ascii_lowercase());
+    let policy_port = 20000 + (random_text(4).bytes().map(u16::from).sum::<u16>() % 20000);
+    ea.ctl(&["tag", &eb.name, &policy_tag]).expect_ok();
+    let policy = format!(
+        r#"{{"grants": [{{"src": ["*"], "dst": ["*"], "ports": ["*"]}},
+            {{"src": ["tag:{policy_tag}"], "dst": ["{}"], "ports": ["tcp:{policy_port}"]}}]}}"#,
+        ha.name
+    );
+    let policy_file = lab.dir().join("zero-log-policy.json");
+    fs::write(&policy_file, &policy).unwrap();
+    ea.ctl(&["policy", "set", &policy_file.to_string_lossy()])
+        .expect_ok();
+    wait_for(OVERLAY_TIMEOUT, "the policy on hard-b", || {
+        let out = hb.ctl(&["policy", "show", "--json"]).expect_ok();
+        if out.stdout.contains(&policy_tag) {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    });
+
     // What the coordinator holds about each node, and so must never print.
     let mut needles: Vec<Needle> = Vec::new();
     for (n, r) in &behind {
         needles.extend(node_needles(n, *r));
     }
+    needles.push(Needle {
+        what: "a tag".into(),
+        text: policy_tag.clone(),
+        bounded: false,
+    });
+    needles.push(Needle {
+        what: "the policy's grants".into(),
+        text: "\"grants\"".into(),
+        bounded: false,
+    });
     let peers = wait_for(
         OVERLAY_TIMEOUT,
         "one control connection per node at the coordinator",
