@@ -218,6 +218,13 @@ impl<P: Platform> Session<P> {
                         dns_ip,
                         upstreams: crate::tasks::dns::host_upstreams(dns_ip),
                         services: Box::new(sd_services),
+                        prefixes: {
+                            let member = member.clone();
+                            Box::new(move || {
+                                let c = member.credential();
+                                (c.prefix(), a2a_proto::overlay::ula_prefix(&c.network_id()))
+                            })
+                        },
                     };
                     if task.upstreams.is_empty() {
                         tracing::warn!(
