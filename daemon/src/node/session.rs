@@ -195,6 +195,12 @@ impl<P: Platform> Session<P> {
                     peers: peers.clone(),
                     counters: counters.clone(),
                     ip: ip_rx.clone(),
+                    ip6: {
+                        let (member, peers) = (member.clone(), peers.clone());
+                        Arc::new(move || {
+                            derive_ip6(&member.credential().network_id(), &peers.own_key())
+                        })
+                    },
                     remote: remote_services.clone(),
                 }
                 .run(),
