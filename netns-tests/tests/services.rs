@@ -543,3 +543,122 @@ fn an_a2a_sdk_agents_card_is_published_with_its_skills() {
     let by_skill = services(&bob, &["--skill", "summarize"]);
     assert_eq!(by_skill.len(), 1, "{by_skill:?}");
 }
+
+/// Services over the IPv6 overlay: with every IPv4 packet to or from port 4747 on bob's overlay
+/// interface dropped (nftables in bob's namespace), lists still travel both ways between alice
+/// and bob (over their IPv6 overlay addresses: the listener serves both families, a fetch tries
+/// IPv6 when IPv4 does not connect, the "changed" datagram goes to both), and DNS-SD's SRV
+/// target resolves to the AAAA that reaches the list.
+#[test]
+fn services_travel_over_the_ipv6_overlay_when_ipv4_is_blocked() {
+    let Some(lab) = Lab::new("services-ip6") else {
+        return;
+    };
+    require_tools(&[
+        ("curl", "curl"),
+        ("nft", "nftables"),
+        ("dig", "bind9-dnsutils"),
+    ]);
+    let coord = lab.coordinator(CoordOpts::default());
+    let alice = lab.node("alice");
+    let bob = lab.node("bob");
+    for n in [&alice, &bob] {
+        n.up_ok(&coord.token);
+    }
+    bob.wait_peers(&["alice"], a2a_netns_tests::OVERLAY_TIMEOUT);
+    alice.wait_peers(&["bob"], a2a_netns_tests::OVERLAY_TIMEOUT);
+    let ip6 = |n: &Node| -> String {
+        n.status().raw["self"]["ip6"]
+            .as_str()
+            .expect("status --json self.ip6")
+            .to_string()
+    };
+    let (alice6, bob6) = (ip6(&alice), ip6(&bob));
+    let rules = lab.dir().join("no-v4-services.nft");
+    fs::write(
+        &rules,
+        "table inet a2a_test_v4_services {\n\
+         chain input { type filter hook input priority 0; \
+         iifname \"a2a0\" meta nfproto ipv4 tcp dport 4747 counter drop; \
+         iifname \"a2a0\" meta nfproto ipv4 udp dport 4747 counter drop; }\n\
+         chain output { type filter hook output priority 0; \
+         oifname \"a2a0\" meta nfproto ipv4 tcp dport 4747 counter drop; \
+         oifname \"a2a0\" meta nfproto ipv4 udp dport 4747 counter drop; }\n}\n",
+    )
+    .unwrap();
+    let out = bob.ns.exec(&["nft", "-f", &rules.to_string_lossy()]);
+    assert!(out.success(), "nft: {out}");
+    // The block holds: IPv4 to alice's list fails from bob, IPv6 works.
+    let curl = |url: &str| {
+        bob.ns.exec_timeout(
+            &["curl", "-sS", "-g", "--max-time", "3", url],
+            Duration::from_secs(10),
+        )
+    };
+    let v4 = curl(&format!("http://{}:4747/a2a/services", alice.overlay_ip()));
+    assert!(!v4.success(), "IPv4 to port 4747 should be blocked: {v4}");
+    let v6 = curl(&format!("http://[{alice6}]:4747/a2a/services"));
+    assert!(v6.success() && v6.stdout.contains("\"services\""), "{v6}");
+
+    // Both ways: bob fetches alice's list, alice fetches bob's, each over IPv6 only.
+    alice
+        .ctl(&[
+            "service", "add", "v6web", "--port", "8086", "--proto", "http",
+        ])
+        .expect_ok();
+    let t0 = Instant::now();
+    wait_listed(&bob, "alice", "v6web", |e| e["port"] == 8086);
+    let took = t0.elapsed();
+    bob.ctl(&[
+        "service", "add", "v6tools", "--port", "8087", "--proto", "mcp", "--path", "/m",
+    ])
+    .expect_ok();
+    wait_listed(&alice, "bob", "v6tools", |e| e["path"] == "/m");
+    report(format!(
+        "with IPv4 to the service port blocked, a new service visible on the other member \
+         after {:.2} s (over the IPv6 overlay)",
+        took.as_secs_f64()
+    ));
+    let e = entry(&bob, "alice", "v6web").unwrap();
+    assert_eq!(e["ip6"], alice6);
+    // The rules did drop IPv4 attempts (the fetches and datagrams tried IPv4 first).
+    let ruleset = bob
+        .ns
+        .exec(&["nft", "list", "table", "inet", "a2a_test_v4_services"]);
+    let dropped: u64 = ruleset
+        .stdout
+        .split("packets ")
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert!(dropped > 0, "no IPv4 packet was dropped: {ruleset}");
+    // DNS-SD on bob: the instance's SRV target, its AAAA, and the list over it.
+    // (The zone takes in the services every second.)
+    wait_for(SEEN_TIMEOUT, "DNS-SD of alice's v6web on bob", || {
+        let srv = dig_short(&bob, &["v6web._http._tcp.a2a", "SRV"]);
+        if srv.contains("0 0 8086 alice.a2a.") {
+            Ok(())
+        } else {
+            Err(format!("SRV {srv:?}"))
+        }
+    });
+    let aaaa = dig_short(&bob, &["alice.a2a", "AAAA"]);
+    assert_eq!(aaaa.trim(), alice6, "AAAA of the SRV target");
+    let v6 = curl(&format!("http://[{}]:4747/a2a/services", aaaa.trim()));
+    assert!(v6.success() && v6.stdout.contains("v6web"), "{v6}");
+    // bob's own list over IPv6, from alice (the listener serves the IPv6 address too).
+    let out = alice.ns.exec_timeout(
+        &[
+            "curl",
+            "-sS",
+            "-g",
+            "--max-time",
+            "3",
+            &format!("http://[{bob6}]:4747/a2a/services"),
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(out.success() && out.stdout.contains("v6tools"), "{out}");
+    alice.assert_daemon_running();
+    bob.assert_daemon_running();
+}
