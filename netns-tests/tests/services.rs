@@ -9,7 +9,7 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use a2a_netns_tests::{report, require_tools, wait_for, Capture, CoordOpts, Lab, Node, Proc};
+use a2a_netns_tests::{report, require_tools, wait_for, Capture, CoordOpts, Lab, Nat, Node, Proc};
 
 /// Long enough for a list to travel (the poll backstop is 30 s; a change is pushed at once).
 const SEEN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -542,6 +542,214 @@ fn an_a2a_sdk_agents_card_is_published_with_its_skills() {
     );
     let by_skill = services(&bob, &["--skill", "summarize"]);
     assert_eq!(by_skill.len(), 1, "{by_skill:?}");
+}
+
+/// Paths settle within this (hole punching is given up on after a few rounds).
+const PATH_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// How many times `needle` occurs in `hay`.
+fn occurrences(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// The datagrams of a recording (`datagram LEN\n` + LEN bytes + `\n`, see
+/// `a2a-recording-coordinator`): how many, and their bytes in all.
+fn recorded_datagrams(rec: &[u8]) -> (usize, usize) {
+    let (mut count, mut bytes, mut at) = (0, 0, 0);
+    while at < rec.len() {
+        let line_end = rec[at..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(rec.len(), |i| at + i);
+        let line = &rec[at..line_end];
+        at = line_end + 1;
+        if let Some(len) = line
+            .strip_prefix(b"datagram ")
+            .and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok())
+        {
+            count += 1;
+            bytes += len;
+            at += len + 1;
+        }
+    }
+    (count, bytes)
+}
+
+/// The issue's proof that the hub learns nothing of the services: a coordinator recording
+/// every control message nodes send it (decrypted, as Debug and as JSON) and every datagram
+/// (over UDP, and relayed over control connections), with every member relayed through it (two
+/// behind endpoint-dependent NATs, relayed over UDP; one without UDP, relayed over TCP), so the
+/// service traffic itself crosses the hub. Every member lists the others' services and the
+/// agent card, and the recording holds none of their names, ports, paths or card text.
+#[test]
+fn a_recording_coordinator_sees_no_service_name_port_or_card_text() {
+    let Some(lab) = Lab::new("services-recorded") else {
+        return;
+    };
+    require_tools(&[("python3", "python3"), ("curl", "curl")]);
+    let coord = lab.coordinator(CoordOpts {
+        recording: true,
+        ..Default::default()
+    });
+    let hard1 = lab.router("rtr-hard1", Nat::Hard);
+    let hard2 = lab.router("rtr-hard2", Nat::Hard);
+    let noudp = lab.router("rtr-noudp", Nat::NoUdp);
+    let alice = lab.node_behind(&hard1, "alice");
+    let bob = lab.node_behind(&hard2, "bob");
+    let carol = lab.node_behind(&noudp, "carol");
+    for n in [&alice, &bob, &carol] {
+        n.up_ok(&coord.token);
+    }
+    for (n, others) in [
+        (&alice, ["bob", "carol"]),
+        (&bob, ["alice", "carol"]),
+        (&carol, ["alice", "bob"]),
+    ] {
+        n.wait_peers(&others, a2a_netns_tests::OVERLAY_TIMEOUT);
+    }
+    for (a, b) in [
+        (&alice, &bob),
+        (&bob, &alice),
+        (&alice, &carol),
+        (&carol, &alice),
+        (&bob, &carol),
+        (&carol, &bob),
+    ] {
+        a.wait_path(&b.name, "relay", PATH_TIMEOUT);
+    }
+    assert_eq!(
+        carol.netcheck()["relay"],
+        "tcp",
+        "carol should relay over TCP"
+    );
+
+    let card = r#"{
+      "name": "Recorded Agent Vq8",
+      "description": "canary description Kj27wz",
+      "url": "http://alice.a2a:9431/",
+      "version": "1.0.0",
+      "capabilities": {},
+      "defaultInputModes": ["text"],
+      "defaultOutputModes": ["text"],
+      "skills": [{"id": "skill-rq5m", "name": "Skill Hh40p", "tags": ["tag-nb2c"]}]
+    }"#;
+    let _card = serve_card(&lab, &alice, 9431, card.as_bytes());
+    alice
+        .ctl(&[
+            "service",
+            "add",
+            "svc-zx81q",
+            "--port",
+            "9431",
+            "--proto",
+            "a2a",
+        ])
+        .expect_ok();
+    bob.ctl(&[
+        "service",
+        "add",
+        "websvc-mm3k7",
+        "--port",
+        "9877",
+        "--proto",
+        "http",
+        "--path",
+        "/p-yy61t",
+    ])
+    .expect_ok();
+    carol
+        .ctl(&[
+            "service",
+            "add",
+            "mcpsvc-tt0p",
+            "--port",
+            "9533",
+            "--proto",
+            "mcp",
+            "--path",
+            "/mcp-ww4",
+        ])
+        .expect_ok();
+    // They are visible on every other member: the test could fail.
+    let has_card = |e: &serde_json::Value| {
+        skill_ids(e) == ["skill-rq5m"] && e["card"]["description"] == "canary description Kj27wz"
+    };
+    for n in [&bob, &carol] {
+        wait_listed(n, "alice", "svc-zx81q", has_card);
+    }
+    for n in [&alice, &carol] {
+        wait_listed(n, "bob", "websvc-mm3k7", |e| e["path"] == "/p-yy61t");
+    }
+    for n in [&alice, &bob] {
+        wait_listed(n, "carol", "mcpsvc-tt0p", |e| e["port"] == 9533);
+    }
+    // And a whole list fetched over the relayed path once more, by hand, from the TCP-relayed
+    // member (the bytes of its answer crossed the hub too).
+    let (_, before) = recorded_datagrams(&coord.recording());
+    let url = format!("http://{}:4747/a2a/services", alice.overlay_ip());
+    let out = carol.ns.exec_timeout(
+        &["curl", "-sS", "--max-time", "10", &url],
+        Duration::from_secs(15),
+    );
+    assert!(out.success() && out.stdout.contains("Kj27wz"), "{out}");
+    let list_len = out.stdout.len();
+    // (The hub received every datagram before it forwarded it, and recorded it then.)
+    let (_, after) = recorded_datagrams(&coord.recording());
+
+    let rec = coord.recording();
+    // Not vacuous: the recording holds what the hub does learn (registrations with the
+    // members' names, their control messages) and the relayed traffic, in bulk.
+    let registers = occurrences(&rec, b"msg Register");
+    assert!(registers >= 3, "{registers} registrations recorded");
+    for n in [&alice, &bob, &carol] {
+        let name = format!("\\\"name\\\":\\\"{}\\\"", n.name);
+        assert!(
+            occurrences(&rec, name.as_bytes()) > 0,
+            "the recording should hold {}'s record ({name})",
+            n.name
+        );
+    }
+    let (datagrams, bytes) = recorded_datagrams(&rec);
+    report(format!(
+        "the recording coordinator recorded {registers} registrations, {datagrams} datagrams \
+         ({bytes} bytes; {} while carol fetched alice's {list_len}-byte list) with every \
+         member relayed; {} bytes in all",
+        after - before,
+        rec.len()
+    ));
+    assert!(
+        after - before >= list_len,
+        "{} bytes of datagrams recorded while carol fetched alice's {list_len}-byte list through \
+         the relay: the list's (encrypted) bytes should be among them",
+        after - before
+    );
+    // None of it is in the recording, in any form the hub could read.
+    for needle in [
+        "svc-zx81q",
+        "websvc-mm3k7",
+        "mcpsvc-tt0p",
+        "Recorded Agent Vq8",
+        "Kj27wz",
+        "skill-rq5m",
+        "Hh40p",
+        "tag-nb2c",
+        "/p-yy61t",
+        "/mcp-ww4",
+        "\"port\":9431",
+        "\"port\":9877",
+        "\"port\":9533",
+        "port: 9431",
+        "port: 9877",
+        "port: 9533",
+        "a2a/services",
+        "agent-card",
+    ] {
+        assert_eq!(
+            occurrences(&rec, needle.as_bytes()),
+            0,
+            "{needle:?} is in the recording coordinator's recording"
+        );
+    }
 }
 
 /// Services over the IPv6 overlay: with every IPv4 packet to or from port 4747 on bob's overlay
