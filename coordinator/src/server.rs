@@ -286,7 +286,8 @@ pub fn pairs(values: &[(&'static str, &'static str, u64)]) -> String {
 
 /// A hook for tests only: a test binary (the forging coordinator in `netns-tests`) wraps the
 /// real server and injects what an attacker holding the hub would send, to show that members
-/// refuse it. The `a2a-coordinator` binary never installs one.
+/// refuse it; another (the recording coordinator) records everything nodes send it, to show
+/// what the hub can learn. The `a2a-coordinator` binary never installs one.
 pub trait Tamper: Send + Sync + 'static {
     /// Called once a node registered in `network` with `record`; each injection returned is
     /// sent to the member of `network` with that node key (the new node or any other), after
@@ -302,6 +303,13 @@ pub trait Tamper: Send + Sync + 'static {
     fn withhold(&self, _msg: &ServerMsg) -> bool {
         false
     }
+
+    /// Every control message a node sends, decrypted, before the server acts on it.
+    fn saw_message(&self, _msg: &ClientMsg) {}
+
+    /// Every datagram a node sends the coordinator, as it came: over UDP (relay data, endpoint
+    /// probes, relay binds, anything else), or framed as relay data on its control connection.
+    fn saw_datagram(&self, _datagram: &[u8]) {}
 }
 
 /// What a [`Tamper`] hook sends to a node.
@@ -874,6 +882,9 @@ impl Server {
             let msg = match frame {
                 Ok(Frame::Msg(m)) => m,
                 Ok(Frame::Relay { dst, datagram }) if registered => {
+                    if let Some(t) = self.tamper.get() {
+                        t.saw_datagram(&datagram[RELAY_HEADER_LEN.min(datagram.len())..]);
+                    }
                     self.relay_from_conn(conn, dst, datagram);
                     continue;
                 }
@@ -888,6 +899,9 @@ impl Server {
                     break;
                 }
             };
+            if let Some(t) = self.tamper.get() {
+                t.saw_message(&msg);
+            }
             let tampered = match (&msg, self.tamper.get()) {
                 (
                     ClientMsg::Register {
@@ -1003,6 +1017,11 @@ impl Server {
                 }
             };
             let src = canonical(from);
+            if let Some(t) = self.tamper.get() {
+                for d in buf[..n].chunks(segment) {
+                    t.saw_datagram(d);
+                }
+            }
             routes.clear();
             {
                 let table = self.relay();
@@ -1139,6 +1158,9 @@ impl Server {
         reply: &'a mut [u8; MAX_A2A_DATAGRAM],
     ) -> Option<(SocketAddr, &'a [u8])> {
         let src = canonical(from);
+        if let Some(t) = self.tamper.get() {
+            t.saw_datagram(datagram);
+        }
         let route = self.route_datagram(&self.relay(), Instant::now(), src, port, datagram);
         match route {
             Route::Udp(to) => {
@@ -1499,6 +1521,65 @@ mod tests {
         );
         assert_eq!(server.counters.registrations.load(Ordering::Relaxed), 2);
         assert_eq!(server.counters.relayed_tcp.load(Ordering::Relaxed), 2);
+    }
+
+    /// What a recording hook saw.
+    #[derive(Default)]
+    struct Seen {
+        msgs: Mutex<Vec<String>>,
+        datagrams: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl Tamper for Seen {
+        fn after_register(&self, _: &NetworkId, _: &SignedRecord) -> Vec<(NodeKey, Injected)> {
+            Vec::new()
+        }
+        fn saw_message(&self, msg: &ClientMsg) {
+            lock(&self.msgs).push(format!("{msg:?}"));
+        }
+        fn saw_datagram(&self, datagram: &[u8]) {
+            lock(&self.datagrams).push(datagram.to_vec());
+        }
+    }
+
+    /// The hook's observers see every control message a node sends, and every datagram: over
+    /// "UDP" and framed as relay data on a control connection (its payload, without the
+    /// header room).
+    #[tokio::test]
+    async fn a_hook_sees_every_message_and_datagram_nodes_send() {
+        let server = Server::new([1; 32]);
+        let seen = Arc::new(Seen::default());
+        server.set_tamper(seen.clone());
+        server.set_datagram_sink(Arc::new(Sent::default()));
+        let k = NetworkKey::derive(&[9; 32]);
+        let (_a, a_id, _) = member(&server, &k, 2).await;
+        let ((_, mut b_tx), _, _) = member(&server, &k, 3).await;
+        {
+            let msgs = lock(&seen.msgs);
+            assert_eq!(msgs.len(), 2, "{msgs:?}");
+            assert!(msgs.iter().all(|m| m.starts_with("Register")), "{msgs:?}");
+            assert!(msgs[0].contains("n2") && msgs[1].contains("n3"), "{msgs:?}");
+        }
+        let mut d = [0u8; MAX_A2A_DATAGRAM];
+        let len = A2aDatagram::EndpointProbe { nonce: [7; 8] }.encode(&mut d);
+        let probe = d[..len].to_vec();
+        let mut reply = [0u8; MAX_A2A_DATAGRAM];
+        let from: SocketAddr = "198.51.100.1:5000".parse().unwrap();
+        assert!(server
+            .handle_datagram(from, UdpPort::Main, &mut d[..len], &mut reply)
+            .is_some());
+        b_tx.send_relay(a_id, &[4, 0, 0, 0, 9, 9]).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while lock(&seen.datagrams).len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the relay data not seen"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let datagrams = lock(&seen.datagrams);
+        assert_eq!(datagrams[0], probe);
+        assert_eq!(datagrams[1], vec![4, 0, 0, 0, 9, 9]);
     }
 
     /// Two nodes bound over real UDP to a group of two sockets: a burst from one, sent with

@@ -32,6 +32,10 @@ pub struct CoordOpts {
     /// With `forging`: `--policy-attack` (withhold policy and tag statements, replay old
     /// ones, forge new ones).
     pub policy_attack: bool,
+    /// Run the recording coordinator (`a2a-recording-coordinator`, the real server with a hook
+    /// that records every control message and datagram nodes send it) instead;
+    /// [`Coordinator::recording`] reads what it recorded.
+    pub recording: bool,
     /// `--stats-interval SECS` (hidden): print the counters line this often (default 60 s);
     /// [`Coordinator::counters`] reads the latest.
     pub stats_interval: Option<u32>,
@@ -64,6 +68,11 @@ impl Coordinator {
                 .join("a2a-forging-coordinator")
                 .to_string_lossy()
                 .into_owned()
+        } else if self.opts.recording {
+            bins.dir
+                .join("a2a-recording-coordinator")
+                .to_string_lossy()
+                .into_owned()
         } else {
             bins.coordinator.clone()
         };
@@ -91,6 +100,10 @@ impl Coordinator {
         if self.opts.policy_attack {
             args.push("--policy-attack".into());
         }
+        if self.opts.recording {
+            args.push("--record".into());
+            args.push(self.recording_path().to_string_lossy().into_owned());
+        }
         if let Some(p) = &self.opts.prefix {
             args.push("--prefix".into());
             args.push(p.clone());
@@ -108,6 +121,17 @@ impl Coordinator {
             args.push(ms.to_string());
         }
         args
+    }
+
+    /// Where the recording coordinator ([`CoordOpts::recording`]) records.
+    pub fn recording_path(&self) -> PathBuf {
+        self.state_dir.join("recording.bin")
+    }
+
+    /// What the recording coordinator recorded so far (see `a2a-recording-coordinator`).
+    pub fn recording(&self) -> Vec<u8> {
+        assert!(self.opts.recording, "not a recording coordinator");
+        fs::read(self.recording_path()).unwrap_or_default()
     }
 
     /// The counters of the latest counters line the coordinator printed (`name=value` pairs of

@@ -626,3 +626,90 @@ fn names_claimed_twice_answer_for_neither() {
     );
     assert_eq!(alice.counter("dns_name_conflicts"), 0);
 }
+
+/// `getent hosts ADDR` in `node`'s namespace (glibc's gethostbyaddr through the system
+/// resolver): the names it gives, or why it failed.
+fn getent_addr(node: &Node, addr: &str) -> Result<Vec<String>, String> {
+    let out = node
+        .ns
+        .exec_timeout(&["getent", "hosts", addr], Duration::from_secs(15));
+    if !out.success() {
+        return Err(format!("getent hosts {addr}: {out}"));
+    }
+    Ok(out
+        .stdout
+        .split_whitespace()
+        .skip(1)
+        .map(String::from)
+        .collect())
+}
+
+/// Reverse names: glibc's gethostbyaddr (and `dig -x`) through a2ad name the member holding
+/// an overlay address, IPv4 and IPv6; an overlay address nobody holds is NXDOMAIN; a reverse
+/// name outside the overlay reaches the host's own resolver, as before.
+#[test]
+fn names_reverse_lookups_name_the_member_holding_an_address() {
+    let Some(w) = world("names-reverse") else {
+        return;
+    };
+    let (alice, bob, carol) = (&w.alice, &w.bob, &w.carol);
+    wait_name(alice, "bob.a2a", Some(bob.overlay_ip()));
+    let bob_ip6 = bob.status().raw["self"]["ip6"]
+        .as_str()
+        .expect("status --json self.ip6")
+        .to_string();
+    for (addr, want) in [
+        (bob.overlay_ip().to_string(), "bob.a2a"),
+        (carol.overlay_ip().to_string(), "carol.a2a"),
+        (alice.overlay_ip().to_string(), "alice.a2a"),
+        (bob_ip6.clone(), "bob.a2a"),
+        (DNS.to_string(), "a2a"),
+    ] {
+        assert_eq!(
+            getent_addr(alice, &addr),
+            Ok(vec![want.to_string()]),
+            "getent hosts {addr}"
+        );
+    }
+    let (status, answers) = dig(alice, &["-x", &carol.overlay_ip().to_string()]);
+    assert_eq!((status.as_str(), answers), ("NOERROR", 1));
+    // An overlay address no member holds: NXDOMAIN from a2ad itself (nothing forwarded).
+    let members = [alice.overlay_ip(), bob.overlay_ip(), carol.overlay_ip()];
+    let unheld = (1..=254u8)
+        .map(|i| Ipv4Addr::new(100, 127, 254, i))
+        .find(|ip| !members.contains(ip))
+        .unwrap();
+    let mut unheld6: std::net::Ipv6Addr = bob_ip6.parse().unwrap();
+    unheld6 = {
+        let mut o = unheld6.octets();
+        o[15] ^= 0xff;
+        o.into()
+    };
+    let forwarded = alice.counter("dns_forwarded");
+    for addr in [unheld.to_string(), unheld6.to_string()] {
+        assert_eq!(
+            dig(alice, &["-x", &addr]),
+            ("NXDOMAIN".to_string(), 0),
+            "dig -x {addr}"
+        );
+        assert!(getent_addr(alice, &addr).is_err());
+    }
+    assert_eq!(alice.counter("dns_forwarded"), forwarded);
+    // Outside the overlay: forwarded; the lab's upstream answers NOERROR with no record, where
+    // a2ad itself would have said NXDOMAIN.
+    assert_eq!(dig(alice, &["-x", "192.0.2.1"]), ("NOERROR".to_string(), 0));
+    assert!(alice.counter("dns_forwarded") > forwarded);
+    // A rename shows in the reverse name too.
+    let carol_ip = carol.overlay_ip().to_string();
+    let out = carol.ctl(&["up", "--join", &w.token, "--name", "carla"]);
+    assert!(out.success(), "rename: {out}");
+    wait_for(
+        OVERLAY_TIMEOUT,
+        "carol's address to name carla",
+        || match getent_addr(alice, &carol_ip) {
+            Ok(n) if n == ["carla.a2a"] => Ok(()),
+            got => Err(format!("{got:?}")),
+        },
+    );
+    alice.assert_daemon_running();
+}

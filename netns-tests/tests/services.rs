@@ -9,7 +9,7 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use a2a_netns_tests::{report, require_tools, wait_for, Capture, CoordOpts, Lab, Node, Proc};
+use a2a_netns_tests::{report, require_tools, wait_for, Capture, CoordOpts, Lab, Nat, Node, Proc};
 
 /// Long enough for a list to travel (the poll backstop is 30 s; a change is pushed at once).
 const SEEN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -542,4 +542,331 @@ fn an_a2a_sdk_agents_card_is_published_with_its_skills() {
     );
     let by_skill = services(&bob, &["--skill", "summarize"]);
     assert_eq!(by_skill.len(), 1, "{by_skill:?}");
+}
+
+/// Paths settle within this (hole punching is given up on after a few rounds).
+const PATH_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// How many times `needle` occurs in `hay`.
+fn occurrences(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// The datagrams of a recording (`datagram LEN\n` + LEN bytes + `\n`, see
+/// `a2a-recording-coordinator`): how many, and their bytes in all.
+fn recorded_datagrams(rec: &[u8]) -> (usize, usize) {
+    let (mut count, mut bytes, mut at) = (0, 0, 0);
+    while at < rec.len() {
+        let line_end = rec[at..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(rec.len(), |i| at + i);
+        let line = &rec[at..line_end];
+        at = line_end + 1;
+        if let Some(len) = line
+            .strip_prefix(b"datagram ")
+            .and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok())
+        {
+            count += 1;
+            bytes += len;
+            at += len + 1;
+        }
+    }
+    (count, bytes)
+}
+
+/// The issue's proof that the hub learns nothing of the services: a coordinator recording
+/// every control message nodes send it (decrypted, as Debug and as JSON) and every datagram
+/// (over UDP, and relayed over control connections), with every member relayed through it (two
+/// behind endpoint-dependent NATs, relayed over UDP; one without UDP, relayed over TCP), so the
+/// service traffic itself crosses the hub. Every member lists the others' services and the
+/// agent card, and the recording holds none of their names, ports, paths or card text.
+#[test]
+fn a_recording_coordinator_sees_no_service_name_port_or_card_text() {
+    let Some(lab) = Lab::new("services-recorded") else {
+        return;
+    };
+    require_tools(&[("python3", "python3"), ("curl", "curl")]);
+    let coord = lab.coordinator(CoordOpts {
+        recording: true,
+        ..Default::default()
+    });
+    let hard1 = lab.router("rtr-hard1", Nat::Hard);
+    let hard2 = lab.router("rtr-hard2", Nat::Hard);
+    let noudp = lab.router("rtr-noudp", Nat::NoUdp);
+    let alice = lab.node_behind(&hard1, "alice");
+    let bob = lab.node_behind(&hard2, "bob");
+    let carol = lab.node_behind(&noudp, "carol");
+    for n in [&alice, &bob, &carol] {
+        n.up_ok(&coord.token);
+    }
+    for (n, others) in [
+        (&alice, ["bob", "carol"]),
+        (&bob, ["alice", "carol"]),
+        (&carol, ["alice", "bob"]),
+    ] {
+        n.wait_peers(&others, a2a_netns_tests::OVERLAY_TIMEOUT);
+    }
+    for (a, b) in [
+        (&alice, &bob),
+        (&bob, &alice),
+        (&alice, &carol),
+        (&carol, &alice),
+        (&bob, &carol),
+        (&carol, &bob),
+    ] {
+        a.wait_path(&b.name, "relay", PATH_TIMEOUT);
+    }
+    assert_eq!(
+        carol.netcheck()["relay"],
+        "tcp",
+        "carol should relay over TCP"
+    );
+
+    let card = r#"{
+      "name": "Recorded Agent Vq8",
+      "description": "canary description Kj27wz",
+      "url": "http://alice.a2a:9431/",
+      "version": "1.0.0",
+      "capabilities": {},
+      "defaultInputModes": ["text"],
+      "defaultOutputModes": ["text"],
+      "skills": [{"id": "skill-rq5m", "name": "Skill Hh40p", "tags": ["tag-nb2c"]}]
+    }"#;
+    let _card = serve_card(&lab, &alice, 9431, card.as_bytes());
+    alice
+        .ctl(&[
+            "service",
+            "add",
+            "svc-zx81q",
+            "--port",
+            "9431",
+            "--proto",
+            "a2a",
+        ])
+        .expect_ok();
+    bob.ctl(&[
+        "service",
+        "add",
+        "websvc-mm3k7",
+        "--port",
+        "9877",
+        "--proto",
+        "http",
+        "--path",
+        "/p-yy61t",
+    ])
+    .expect_ok();
+    carol
+        .ctl(&[
+            "service",
+            "add",
+            "mcpsvc-tt0p",
+            "--port",
+            "9533",
+            "--proto",
+            "mcp",
+            "--path",
+            "/mcp-ww4",
+        ])
+        .expect_ok();
+    // They are visible on every other member: the test could fail.
+    let has_card = |e: &serde_json::Value| {
+        skill_ids(e) == ["skill-rq5m"] && e["card"]["description"] == "canary description Kj27wz"
+    };
+    for n in [&bob, &carol] {
+        wait_listed(n, "alice", "svc-zx81q", has_card);
+    }
+    for n in [&alice, &carol] {
+        wait_listed(n, "bob", "websvc-mm3k7", |e| e["path"] == "/p-yy61t");
+    }
+    for n in [&alice, &bob] {
+        wait_listed(n, "carol", "mcpsvc-tt0p", |e| e["port"] == 9533);
+    }
+    // And a whole list fetched over the relayed path once more, by hand, from the TCP-relayed
+    // member (the bytes of its answer crossed the hub too).
+    let (_, before) = recorded_datagrams(&coord.recording());
+    let url = format!("http://{}:4747/a2a/services", alice.overlay_ip());
+    let out = carol.ns.exec_timeout(
+        &["curl", "-sS", "--max-time", "10", &url],
+        Duration::from_secs(15),
+    );
+    assert!(out.success() && out.stdout.contains("Kj27wz"), "{out}");
+    let list_len = out.stdout.len();
+    // (The hub received every datagram before it forwarded it, and recorded it then.)
+    let (_, after) = recorded_datagrams(&coord.recording());
+
+    let rec = coord.recording();
+    // Not vacuous: the recording holds what the hub does learn (registrations with the
+    // members' names, their control messages) and the relayed traffic, in bulk.
+    let registers = occurrences(&rec, b"msg Register");
+    assert!(registers >= 3, "{registers} registrations recorded");
+    for n in [&alice, &bob, &carol] {
+        let name = format!("\\\"name\\\":\\\"{}\\\"", n.name);
+        assert!(
+            occurrences(&rec, name.as_bytes()) > 0,
+            "the recording should hold {}'s record ({name})",
+            n.name
+        );
+    }
+    let (datagrams, bytes) = recorded_datagrams(&rec);
+    report(format!(
+        "the recording coordinator recorded {registers} registrations, {datagrams} datagrams \
+         ({bytes} bytes; {} while carol fetched alice's {list_len}-byte list) with every \
+         member relayed; {} bytes in all",
+        after - before,
+        rec.len()
+    ));
+    assert!(
+        after - before >= list_len,
+        "{} bytes of datagrams recorded while carol fetched alice's {list_len}-byte list through \
+         the relay: the list's (encrypted) bytes should be among them",
+        after - before
+    );
+    // None of it is in the recording, in any form the hub could read.
+    for needle in [
+        "svc-zx81q",
+        "websvc-mm3k7",
+        "mcpsvc-tt0p",
+        "Recorded Agent Vq8",
+        "Kj27wz",
+        "skill-rq5m",
+        "Hh40p",
+        "tag-nb2c",
+        "/p-yy61t",
+        "/mcp-ww4",
+        "\"port\":9431",
+        "\"port\":9877",
+        "\"port\":9533",
+        "port: 9431",
+        "port: 9877",
+        "port: 9533",
+        "a2a/services",
+        "agent-card",
+    ] {
+        assert_eq!(
+            occurrences(&rec, needle.as_bytes()),
+            0,
+            "{needle:?} is in the recording coordinator's recording"
+        );
+    }
+}
+
+/// Services over the IPv6 overlay: with every IPv4 packet to or from port 4747 on bob's overlay
+/// interface dropped (nftables in bob's namespace), lists still travel both ways between alice
+/// and bob (over their IPv6 overlay addresses: the listener serves both families, a fetch tries
+/// IPv6 when IPv4 does not connect, the "changed" datagram goes to both), and DNS-SD's SRV
+/// target resolves to the AAAA that reaches the list.
+#[test]
+fn services_travel_over_the_ipv6_overlay_when_ipv4_is_blocked() {
+    let Some(lab) = Lab::new("services-ip6") else {
+        return;
+    };
+    require_tools(&[
+        ("curl", "curl"),
+        ("nft", "nftables"),
+        ("dig", "bind9-dnsutils"),
+    ]);
+    let coord = lab.coordinator(CoordOpts::default());
+    let alice = lab.node("alice");
+    let bob = lab.node("bob");
+    for n in [&alice, &bob] {
+        n.up_ok(&coord.token);
+    }
+    bob.wait_peers(&["alice"], a2a_netns_tests::OVERLAY_TIMEOUT);
+    alice.wait_peers(&["bob"], a2a_netns_tests::OVERLAY_TIMEOUT);
+    let ip6 = |n: &Node| -> String {
+        n.status().raw["self"]["ip6"]
+            .as_str()
+            .expect("status --json self.ip6")
+            .to_string()
+    };
+    let (alice6, bob6) = (ip6(&alice), ip6(&bob));
+    let rules = lab.dir().join("no-v4-services.nft");
+    fs::write(
+        &rules,
+        "table inet a2a_test_v4_services {\n\
+         chain input { type filter hook input priority 0; \
+         iifname \"a2a0\" meta nfproto ipv4 tcp dport 4747 counter drop; \
+         iifname \"a2a0\" meta nfproto ipv4 udp dport 4747 counter drop; }\n\
+         chain output { type filter hook output priority 0; \
+         oifname \"a2a0\" meta nfproto ipv4 tcp dport 4747 counter drop; \
+         oifname \"a2a0\" meta nfproto ipv4 udp dport 4747 counter drop; }\n}\n",
+    )
+    .unwrap();
+    let out = bob.ns.exec(&["nft", "-f", &rules.to_string_lossy()]);
+    assert!(out.success(), "nft: {out}");
+    // The block holds: IPv4 to alice's list fails from bob, IPv6 works.
+    let curl = |url: &str| {
+        bob.ns.exec_timeout(
+            &["curl", "-sS", "-g", "--max-time", "3", url],
+            Duration::from_secs(10),
+        )
+    };
+    let v4 = curl(&format!("http://{}:4747/a2a/services", alice.overlay_ip()));
+    assert!(!v4.success(), "IPv4 to port 4747 should be blocked: {v4}");
+    let v6 = curl(&format!("http://[{alice6}]:4747/a2a/services"));
+    assert!(v6.success() && v6.stdout.contains("\"services\""), "{v6}");
+
+    // Both ways: bob fetches alice's list, alice fetches bob's, each over IPv6 only.
+    alice
+        .ctl(&[
+            "service", "add", "v6web", "--port", "8086", "--proto", "http",
+        ])
+        .expect_ok();
+    let t0 = Instant::now();
+    wait_listed(&bob, "alice", "v6web", |e| e["port"] == 8086);
+    let took = t0.elapsed();
+    bob.ctl(&[
+        "service", "add", "v6tools", "--port", "8087", "--proto", "mcp", "--path", "/m",
+    ])
+    .expect_ok();
+    wait_listed(&alice, "bob", "v6tools", |e| e["path"] == "/m");
+    report(format!(
+        "with IPv4 to the service port blocked, a new service visible on the other member \
+         after {:.2} s (over the IPv6 overlay)",
+        took.as_secs_f64()
+    ));
+    let e = entry(&bob, "alice", "v6web").unwrap();
+    assert_eq!(e["ip6"], alice6);
+    // The rules did drop IPv4 attempts (the fetches and datagrams tried IPv4 first).
+    let ruleset = bob
+        .ns
+        .exec(&["nft", "list", "table", "inet", "a2a_test_v4_services"]);
+    let dropped: u64 = ruleset
+        .stdout
+        .split("packets ")
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert!(dropped > 0, "no IPv4 packet was dropped: {ruleset}");
+    // DNS-SD on bob: the instance's SRV target, its AAAA, and the list over it.
+    // (The zone takes in the services every second.)
+    wait_for(SEEN_TIMEOUT, "DNS-SD of alice's v6web on bob", || {
+        let srv = dig_short(&bob, &["v6web._http._tcp.a2a", "SRV"]);
+        if srv.contains("0 0 8086 alice.a2a.") {
+            Ok(())
+        } else {
+            Err(format!("SRV {srv:?}"))
+        }
+    });
+    let aaaa = dig_short(&bob, &["alice.a2a", "AAAA"]);
+    assert_eq!(aaaa.trim(), alice6, "AAAA of the SRV target");
+    let v6 = curl(&format!("http://[{}]:4747/a2a/services", aaaa.trim()));
+    assert!(v6.success() && v6.stdout.contains("v6web"), "{v6}");
+    // bob's own list over IPv6, from alice (the listener serves the IPv6 address too).
+    let out = alice.ns.exec_timeout(
+        &[
+            "curl",
+            "-sS",
+            "-g",
+            "--max-time",
+            "3",
+            &format!("http://[{bob6}]:4747/a2a/services"),
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(out.success() && out.stdout.contains("v6tools"), "{out}");
+    alice.assert_daemon_running();
+    bob.assert_daemon_running();
 }

@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
+use ipnet::{Ipv4Net, Ipv6Net};
+
 use simple_dns::rdata::{RData, A, AAAA, NS, OPT, PTR, SOA, SRV, TXT};
 use simple_dns::{
     Name, Packet, PacketFlag, ResourceRecord, CLASS, OPCODE, QCLASS, QTYPE, RCODE, TYPE,
@@ -80,6 +82,24 @@ pub struct Zone {
     serial: u32,
     /// DNS-SD: members' services (of members in `names` only), sorted.
     services: Vec<SdService>,
+    /// Reverse names: the overlay's IPv4 prefix (`in-addr.arpa`) and IPv6 /48 (`ip6.arpa`)
+    /// this resolver answers for (`None`: forwarded like any other name).
+    reverse4: Option<Ipv4Net>,
+    reverse6: Option<Ipv6Net>,
+    /// Address → lowercase label of the member holding it (members in `names` only).
+    by_addr: BTreeMap<IpAddr, String>,
+}
+
+/// What a reverse name (`in-addr.arpa`, `ip6.arpa`) inside the overlay's prefixes is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ReverseName {
+    /// A whole address.
+    Address(IpAddr),
+    /// Above an address (fewer labels), inside the prefix: an empty non-terminal; `apex` when
+    /// it is the reverse zone's own name.
+    Partial { apex: bool },
+    /// Below an address, or a label that is no octet (nibble): no such name.
+    Invalid,
 }
 
 /// Whether `name` is a host-name label (RFC 1123): 1 to 63 letters, digits and '-', not at
@@ -122,6 +142,22 @@ impl Zone {
                 _ => conflicts += 1,
             }
         }
+        // Reverse: an address two members of the zone hold (the coordinator refuses that, so
+        // only a forged or stale table) names neither.
+        let mut holders: BTreeMap<IpAddr, Vec<&String>> = BTreeMap::new();
+        for (name, (ip, ip6)) in &names {
+            holders.entry(IpAddr::V4(*ip)).or_default().push(name);
+            if let Some(ip6) = ip6 {
+                holders.entry(IpAddr::V6(*ip6)).or_default().push(name);
+            }
+        }
+        let by_addr = holders
+            .into_iter()
+            .filter_map(|(ip, ns)| match ns.as_slice() {
+                [n] => Some((ip, (*n).clone())),
+                _ => None,
+            })
+            .collect();
         Zone {
             dns_ip: Some(dns_ip),
             names,
@@ -129,7 +165,95 @@ impl Zone {
             conflicts,
             serial,
             services: Vec::new(),
+            reverse4: None,
+            reverse6: None,
+            by_addr,
         }
+    }
+
+    /// The zone answering reverse names too: PTR of an address inside `v4` (the overlay's
+    /// prefix, `in-addr.arpa`) or `v6` (its ULA /48, `ip6.arpa`) is `NAME.a2a.` of the member
+    /// holding it (`a2a.` for the resolver's own address), NXDOMAIN when no member of the zone
+    /// does. Reverse names outside both stay forwarded.
+    pub fn with_reverse(mut self, v4: Ipv4Net, v6: Ipv6Net) -> Zone {
+        self.reverse4 = Some(v4.trunc());
+        self.reverse6 = Some(v6.trunc());
+        self
+    }
+
+    /// What `labels` (a whole query name) is in the reverse zones, with the reverse zone's
+    /// apex name; `None` outside them.
+    fn reverse(&self, labels: &[&[u8]]) -> Option<(ReverseName, String)> {
+        let n = labels.len();
+        if n < 2 || !labels[n - 1].eq_ignore_ascii_case(b"arpa") {
+            return None;
+        }
+        // Most significant label first.
+        let digits: Vec<&[u8]> = labels[..n - 2].iter().rev().copied().collect();
+        if labels[n - 2].eq_ignore_ascii_case(b"in-addr") {
+            let prefix = self.reverse4?;
+            let k = usize::from(prefix.prefix_len()).div_ceil(8).max(1);
+            let octet = |l: &[u8]| -> Option<u8> {
+                let canonical = !l.is_empty() && l.len() <= 3 && (l == b"0" || l[0] != b'0');
+                std::str::from_utf8(l)
+                    .ok()?
+                    .parse()
+                    .ok()
+                    .filter(|_| canonical)
+            };
+            let mut o = [0u8; 4];
+            for (slot, label) in o.iter_mut().zip(digits.get(..k)?) {
+                *slot = octet(label)?;
+            }
+            let block = Ipv4Net::new(Ipv4Addr::from(o), (8 * k) as u8).ok()?;
+            if !prefix.contains(&block) {
+                return None;
+            }
+            let apex = reverse_apex(&digits[..k], "in-addr.arpa");
+            let rest: Option<Vec<u8>> = digits[k..].iter().map(|l| octet(l)).collect();
+            let name = match rest {
+                Some(r) if k + r.len() == 4 => {
+                    o[k..].copy_from_slice(&r);
+                    ReverseName::Address(IpAddr::V4(o.into()))
+                }
+                Some(r) if k + r.len() < 4 => ReverseName::Partial { apex: r.is_empty() },
+                _ => ReverseName::Invalid,
+            };
+            return Some((name, apex));
+        }
+        if labels[n - 2].eq_ignore_ascii_case(b"ip6") {
+            let prefix = self.reverse6?;
+            let k = usize::from(prefix.prefix_len()).div_ceil(4).max(1);
+            let nibble = |l: &[u8]| -> Option<u8> {
+                match l {
+                    [c] => (*c as char).to_digit(16).map(|d| d as u8),
+                    _ => None,
+                }
+            };
+            let mut o = [0u8; 16];
+            let set = |o: &mut [u8; 16], i: usize, v: u8| o[i / 2] |= v << (4 * (1 - i % 2));
+            for i in 0..k {
+                set(&mut o, i, nibble(digits.get(i)?)?);
+            }
+            let block = Ipv6Net::new(Ipv6Addr::from(o), (4 * k) as u8).ok()?;
+            if !prefix.contains(&block) {
+                return None;
+            }
+            let apex = reverse_apex(&digits[..k], "ip6.arpa");
+            let rest: Option<Vec<u8>> = digits[k..].iter().map(|l| nibble(l)).collect();
+            let name = match rest {
+                Some(r) if k + r.len() == 32 => {
+                    for (j, v) in r.into_iter().enumerate() {
+                        set(&mut o, k + j, v);
+                    }
+                    ReverseName::Address(IpAddr::V6(o.into()))
+                }
+                Some(r) if k + r.len() < 32 => ReverseName::Partial { apex: r.is_empty() },
+                _ => ReverseName::Invalid,
+            };
+            return Some((name, apex));
+        }
+        None
     }
 
     /// The zone with the members' services for DNS-SD: a service of a member not in the zone
@@ -178,7 +302,11 @@ impl Zone {
 
     /// Whether `other` answers every question as this zone does (the serial aside).
     pub fn same_names(&self, other: &Zone) -> bool {
-        self.dns_ip == other.dns_ip && self.names == other.names && self.services == other.services
+        self.dns_ip == other.dns_ip
+            && self.names == other.names
+            && self.services == other.services
+            && self.reverse4 == other.reverse4
+            && self.reverse6 == other.reverse6
     }
 }
 
@@ -303,7 +431,13 @@ impl Resolver {
         let in_zone = labels
             .last()
             .is_some_and(|l| l.as_ref().eq_ignore_ascii_case(ZONE.as_bytes()));
-        if !in_zone {
+        let raw: Vec<&[u8]> = labels.iter().map(|l| l.as_ref()).collect();
+        let reverse = if in_zone {
+            None
+        } else {
+            self.zone.reverse(&raw)
+        };
+        if !in_zone && reverse.is_none() {
             return Verdict::Forward;
         }
         let mut reply = Packet::new_reply(query.id());
@@ -337,6 +471,40 @@ impl Resolver {
         let name = question.qname.clone();
         let qtype = question.qtype;
         let wants = |t: TYPE| qtype == QTYPE::TYPE(t) || qtype == QTYPE::ANY;
+        if let Some((rev, zone_name)) = reverse {
+            let soa = self.soa_at(Name::new_unchecked(&zone_name).into_owned());
+            match rev {
+                ReverseName::Address(ip) => {
+                    let target = if Some(ip) == self.zone.dns_ip.map(IpAddr::V4) {
+                        Some(ZONE.to_string())
+                    } else {
+                        self.zone.by_addr.get(&ip).map(|n| format!("{n}.{ZONE}"))
+                    };
+                    match target {
+                        Some(t) if wants(TYPE::PTR) => {
+                            let t = Name::new_unchecked(&t).into_owned();
+                            reply.answers.push(rr(name, RData::PTR(PTR(t))));
+                        }
+                        Some(_) => {}
+                        None => *reply.rcode_mut() = RCODE::NameError,
+                    }
+                }
+                ReverseName::Partial { apex: true } => {
+                    if wants(TYPE::SOA) {
+                        reply.answers.push(soa.clone());
+                    }
+                    if wants(TYPE::NS) {
+                        reply.answers.push(rr(name, RData::NS(NS(apex()))));
+                    }
+                }
+                ReverseName::Partial { apex: false } => {}
+                ReverseName::Invalid => *reply.rcode_mut() = RCODE::NameError,
+            }
+            if reply.answers.is_empty() {
+                reply.name_servers.push(soa);
+            }
+            return finish(reply, limit);
+        }
         match labels.len() {
             // The apex: SOA, NS, and the resolver's own address.
             1 => {
@@ -445,6 +613,11 @@ impl Resolver {
     }
 
     fn soa(&self) -> ResourceRecord<'static> {
+        self.soa_at(apex())
+    }
+
+    /// The SOA of the zone named `owner` (`a2a.`, or a reverse zone), served by `a2a.`.
+    fn soa_at(&self, owner: Name<'static>) -> ResourceRecord<'static> {
         let soa = SOA {
             mname: apex(),
             rname: Name::new_unchecked("hostmaster.a2a"),
@@ -454,8 +627,19 @@ impl Resolver {
             expire: 86400,
             minimum: NEGATIVE_TTL,
         };
-        ResourceRecord::new(apex(), CLASS::IN, NEGATIVE_TTL, RData::SOA(soa))
+        ResourceRecord::new(owner, CLASS::IN, NEGATIVE_TTL, RData::SOA(soa))
     }
+}
+
+/// The reverse zone's name from its most significant labels first (`64.100.in-addr.arpa`).
+fn reverse_apex(digits: &[&[u8]], suffix: &str) -> String {
+    let mut out = String::new();
+    for d in digits.iter().rev() {
+        out.push_str(&String::from_utf8_lossy(d).to_ascii_lowercase());
+        out.push('.');
+    }
+    out.push_str(suffix);
+    out
 }
 
 /// The DNS-SD type of a `_TYPE` label.
@@ -1032,6 +1216,167 @@ mod tests {
         let p = Packet::parse(&bytes).unwrap();
         assert_eq!(p.rcode(), RCODE::Refused);
         assert!(p.answers.is_empty());
+    }
+
+    /// The `ip6.arpa` name of `ip`.
+    fn ip6_arpa(ip: Ipv6Addr) -> String {
+        let mut out = String::new();
+        for b in ip.octets().iter().rev() {
+            out.push_str(&format!("{:x}.{:x}.", b & 0xf, b >> 4));
+        }
+        out + "ip6.arpa"
+    }
+
+    fn reverse_resolver() -> (Resolver, Ipv6Addr) {
+        let alice6: Ipv6Addr = "fd12:3456:789a:1::1".parse().unwrap();
+        let zone = Zone::build(
+            DNS,
+            1,
+            [
+                Member {
+                    name: "Alice".into(),
+                    ip: [100, 64, 0, 1].into(),
+                    ip6: Some(alice6),
+                },
+                member("bob", [100, 64, 0, 2]),
+            ],
+        )
+        .with_reverse(
+            "100.64.0.0/10".parse().unwrap(),
+            "fd12:3456:789a::/48".parse().unwrap(),
+        );
+        (Resolver::new(zone), alice6)
+    }
+
+    fn ptrs(p: &Packet<'_>) -> Vec<String> {
+        p.answers
+            .iter()
+            .filter_map(|r| match &r.rdata {
+                RData::PTR(n) => Some(n.0.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reverse_names_of_overlay_addresses_name_their_members() {
+        let (mut r, alice6) = reverse_resolver();
+        for (name, want) in [
+            ("1.0.64.100.in-addr.arpa", "alice.a2a"),
+            ("2.0.64.100.IN-ADDR.ARPA", "bob.a2a"),
+            ("100.100.100.100.in-addr.arpa", "a2a"),
+            (&ip6_arpa(alice6), "alice.a2a"),
+            (&ip6_arpa(alice6).to_ascii_uppercase(), "alice.a2a"),
+        ] {
+            let bytes = answered(ask(&mut r, &query(name, TYPE::PTR)));
+            let p = Packet::parse(&bytes).unwrap();
+            assert_eq!(p.rcode(), RCODE::NoError, "{name}");
+            assert!(p.has_flags(PacketFlag::AUTHORITATIVE_ANSWER));
+            assert_eq!(ptrs(&p), vec![want.to_string()], "{name}");
+            assert_eq!(p.answers[0].ttl, TTL);
+        }
+        // Another type of a held address: no data, not NXDOMAIN.
+        let bytes = answered(ask(&mut r, &query("1.0.64.100.in-addr.arpa", TYPE::A)));
+        let p = Packet::parse(&bytes).unwrap();
+        assert_eq!(p.rcode(), RCODE::NoError);
+        assert!(p.answers.is_empty());
+    }
+
+    #[test]
+    fn reverse_names_no_member_holds_are_nxdomain_with_the_reverse_soa() {
+        let (mut r, alice6) = reverse_resolver();
+        let mut unheld = alice6.octets();
+        unheld[15] = 2;
+        let unheld6 = ip6_arpa(Ipv6Addr::from(unheld));
+        for (name, zone) in [
+            ("9.0.64.100.in-addr.arpa", "64.100.in-addr.arpa"),
+            ("255.255.127.100.in-addr.arpa", "127.100.in-addr.arpa"),
+            // Below an address, or labels that are no octet (nibble): no such name.
+            ("x.1.0.64.100.in-addr.arpa", "64.100.in-addr.arpa"),
+            ("01.0.64.100.in-addr.arpa", "64.100.in-addr.arpa"),
+            ("1.0.300.64.100.in-addr.arpa", "64.100.in-addr.arpa"),
+            (&unheld6, "a.9.8.7.6.5.4.3.2.1.d.f.ip6.arpa"),
+            (
+                &format!("0.{}", ip6_arpa(alice6)),
+                "a.9.8.7.6.5.4.3.2.1.d.f.ip6.arpa",
+            ),
+        ] {
+            let bytes = answered(ask(&mut r, &query(name, TYPE::PTR)));
+            let p = Packet::parse(&bytes).unwrap();
+            assert_eq!(p.rcode(), RCODE::NameError, "{name}");
+            assert!(p.answers.is_empty(), "{name}");
+            let soa = &p.name_servers[0];
+            assert!(matches!(soa.rdata, RData::SOA(_)), "{name}");
+            assert_eq!(soa.name.to_string(), zone, "{name}");
+        }
+        // A member whose name two claim has no reverse name either.
+        let zone = Zone::build(
+            DNS,
+            1,
+            [
+                member("bob", [100, 64, 0, 2]),
+                member("bob", [100, 64, 0, 3]),
+            ],
+        )
+        .with_reverse(
+            "100.64.0.0/10".parse().unwrap(),
+            "fd12:3456:789a::/48".parse().unwrap(),
+        );
+        let mut r = Resolver::new(zone);
+        let bytes = answered(ask(&mut r, &query("2.0.64.100.in-addr.arpa", TYPE::PTR)));
+        assert_eq!(Packet::parse(&bytes).unwrap().rcode(), RCODE::NameError);
+    }
+
+    #[test]
+    fn names_above_an_address_in_the_prefix_are_empty_not_absent() {
+        let (mut r, _) = reverse_resolver();
+        // Inside the /10: no data (members may be below it), SOA at the reverse zone's name.
+        for name in [
+            "0.64.100.in-addr.arpa",
+            "3.2.1.a.9.8.7.6.5.4.3.2.1.d.f.ip6.arpa",
+        ] {
+            let bytes = answered(ask(&mut r, &query(name, TYPE::PTR)));
+            let p = Packet::parse(&bytes).unwrap();
+            assert_eq!(p.rcode(), RCODE::NoError, "{name}");
+            assert!(p.answers.is_empty());
+            assert!(matches!(p.name_servers[0].rdata, RData::SOA(_)));
+        }
+        let bytes = answered(ask(&mut r, &query("64.100.in-addr.arpa", TYPE::SOA)));
+        let p = Packet::parse(&bytes).unwrap();
+        assert_eq!(p.answers.len(), 1);
+        assert_eq!(p.answers[0].name.to_string(), "64.100.in-addr.arpa");
+    }
+
+    #[test]
+    fn reverse_names_outside_the_overlay_are_forwarded() {
+        let (mut r, alice6) = reverse_resolver();
+        let mut other = alice6.octets();
+        other[5] ^= 1; // another /48
+        for name in [
+            "1.1.168.192.in-addr.arpa".to_string(),
+            "1.0.0.10.in-addr.arpa".into(),
+            "1.0.128.100.in-addr.arpa".into(), // 100.128.0.1: past the /10
+            "1.0.63.100.in-addr.arpa".into(),
+            "100.in-addr.arpa".into(), // wider than the prefix
+            "in-addr.arpa".into(),
+            "arpa".into(),
+            "x.100.in-addr.arpa".into(), // not an address at all
+            ip6_arpa(Ipv6Addr::from(other)),
+            ip6_arpa("2001:db8::1".parse().unwrap()),
+            "d.f.ip6.arpa".into(),
+        ] {
+            assert_eq!(
+                ask(&mut r, &query(&name, TYPE::PTR)),
+                Verdict::Forward,
+                "{name}"
+            );
+        }
+        // A zone built without the prefixes forwards every reverse name, as before.
+        let mut plain = resolver();
+        assert_eq!(
+            ask(&mut plain, &query("1.0.64.100.in-addr.arpa", TYPE::PTR)),
+            Verdict::Forward
+        );
     }
 
     #[test]

@@ -220,6 +220,12 @@ impl<P: Platform> Session<P> {
                     peers: peers.clone(),
                     counters: counters.clone(),
                     ip: ip_rx.clone(),
+                    ip6: {
+                        let (member, peers) = (member.clone(), peers.clone());
+                        Arc::new(move || {
+                            derive_ip6(&member.credential().network_id(), &peers.own_key())
+                        })
+                    },
                     remote: remote_services.clone(),
                 }
                 .run(),
@@ -243,6 +249,13 @@ impl<P: Platform> Session<P> {
                         dns_ip,
                         upstreams: crate::tasks::dns::host_upstreams(dns_ip),
                         services: Box::new(sd_services),
+                        prefixes: {
+                            let member = member.clone();
+                            Box::new(move || {
+                                let c = member.credential();
+                                (c.prefix(), a2a_proto::overlay::ula_prefix(&c.network_id()))
+                            })
+                        },
                     };
                     if task.upstreams.is_empty() {
                         tracing::warn!(

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
@@ -66,6 +67,9 @@ pub struct DnsTask {
     pub upstreams: Vec<SocketAddr>,
     /// Every member's services now, for DNS-SD (`_a2a._tcp.a2a`).
     pub services: Box<dyn Fn() -> Vec<SdService> + Send + Sync>,
+    /// The network's IPv4 prefix and IPv6 /48 now, whose reverse names are answered (the /48
+    /// moves with a token rotation).
+    pub prefixes: Box<dyn Fn() -> (Ipv4Net, Ipv6Net) + Send + Sync>,
 }
 
 impl DnsTask {
@@ -116,8 +120,10 @@ impl DnsTask {
                 ip6: Some(p.ip6()),
             }
         });
+        let (v4, v6) = (self.prefixes)();
         Zone::build(self.dns_ip, serial, std::iter::once(own).chain(peers))
             .with_services((self.services)())
+            .with_reverse(v4, v6)
     }
 }
 

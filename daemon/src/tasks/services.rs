@@ -6,7 +6,7 @@
 //! goes through the coordinator.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +43,16 @@ const CARD_REFRESH: Duration = Duration::from_secs(30);
 const PEERS_REFRESH: Duration = Duration::from_secs(1);
 /// Headers allowed before a card's body.
 const MAX_HEADERS: usize = 8192;
+/// A fetch connects to a peer's overlay IPv4 address first; when that has not connected
+/// within this, it tries the IPv6 one too, and the first connection made is used (happy
+/// eyeballs, RFC 8305, with IPv4 first: it is the address every member has).
+const SECOND_FAMILY_AFTER: Duration = Duration::from_millis(250);
+/// How often the listener checks that it is bound on this node's IPv6 overlay address (the
+/// address moves with a token rotation, and may come late or not at all).
+const IP6_RECHECK: Duration = Duration::from_secs(5);
+
+/// This node's IPv6 overlay address now.
+pub type OwnIp6 = Arc<dyn Fn() -> Ipv6Addr + Send + Sync>;
 
 /// This node's services and their cards, shared by the commands and the session's task.
 pub struct ServiceBook {
@@ -205,6 +215,8 @@ pub struct ServicesTask {
     pub peers: Arc<PeerTable>,
     pub counters: Arc<Counters>,
     pub ip: watch::Receiver<Ipv4Addr>,
+    /// This node's IPv6 overlay address: the list is served there too.
+    pub ip6: OwnIp6,
     pub remote: RemoteLists,
 }
 
@@ -223,12 +235,14 @@ impl ServicesTask {
             self.peers.clone(),
             self.counters.clone(),
             self.ip.clone(),
+            self.ip6.clone(),
             changed_tx,
         ));
         tasks.spawn(read_cards(
             self.book.clone(),
             self.counters.clone(),
             self.ip.clone(),
+            self.ip6.clone(),
         ));
         let mut fetcher: Fetcher<NodeKey> = Fetcher::default();
         let mut fetches: JoinSet<(NodeKey, Result<ServiceList, FetchError>)> = JoinSet::new();
@@ -300,8 +314,8 @@ impl ServicesTask {
             for key in fetcher.start(now()) {
                 match self.peers.by_key(&key) {
                     Some(p) => {
-                        let ip = p.ip();
-                        fetches.spawn(async move { (key, fetch_list(ip).await) });
+                        let (ip, ip6) = (p.ip(), p.ip6());
+                        fetches.spawn(async move { (key, fetch_list(ip, ip6).await) });
                     }
                     None => fetcher.failed(now(), &key),
                 }
@@ -309,34 +323,81 @@ impl ServicesTask {
         }
     }
 
-    /// Tells every peer the list changed: one datagram each, again a second later (a lost one
-    /// is covered by the poll).
+    /// Tells every peer the list changed: one datagram to each of its overlay addresses (IPv4
+    /// and IPv6: either family may be the one that gets through), again a second later (a lost
+    /// one is covered by the poll; the peer fetches once per version however many arrive).
     async fn announce(&self, version: u64) {
         let own = *self.ip.borrow();
-        let Ok(socket) = UdpSocket::bind((own, 0)).await else {
-            return;
-        };
+        let socket4 = UdpSocket::bind((own, 0)).await.ok();
+        let socket6 = UdpSocket::bind(((self.ip6)(), 0)).await.ok();
         let d = changed_datagram(version);
-        let peers: Vec<Ipv4Addr> = self.peers.all().iter().map(|p| p.ip()).collect();
-        for ip in &peers {
-            let _ = socket.send_to(&d, (*ip, SERVICES_PORT)).await;
-        }
+        let peers: Vec<(Ipv4Addr, Ipv6Addr)> =
+            self.peers.all().iter().map(|p| (p.ip(), p.ip6())).collect();
+        send_changed(&socket4, &socket6, &d, &peers).await;
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            for ip in &peers {
-                let _ = socket.send_to(&d, (*ip, SERVICES_PORT)).await;
-            }
+            send_changed(&socket4, &socket6, &d, &peers).await;
         });
     }
 }
 
-/// One peer's list: `GET /a2a/services` over the tunnel, bounded in time and size.
-async fn fetch_list(ip: Ipv4Addr) -> Result<ServiceList, FetchError> {
+/// One "changed" datagram `d` to each of `peers`' addresses, from the socket of its family.
+async fn send_changed(
+    socket4: &Option<UdpSocket>,
+    socket6: &Option<UdpSocket>,
+    d: &[u8],
+    peers: &[(Ipv4Addr, Ipv6Addr)],
+) {
+    for (ip, ip6) in peers {
+        if let Some(s) = socket4 {
+            let _ = s.send_to(d, (*ip, SERVICES_PORT)).await;
+        }
+        if let Some(s) = socket6 {
+            let _ = s.send_to(d, (*ip6, SERVICES_PORT)).await;
+        }
+    }
+}
+
+/// A connection to a peer's service port: IPv4 first, IPv6 too when IPv4 has not connected
+/// within [`SECOND_FAMILY_AFTER`] (or failed); the first one made wins. `None`: neither.
+async fn connect_either(ip: Ipv4Addr, ip6: Ipv6Addr) -> Option<(TcpStream, IpAddr)> {
+    let v4 = TcpStream::connect((ip, SERVICES_PORT));
+    let v6 = async {
+        let s = TcpStream::connect((ip6, SERVICES_PORT)).await;
+        s.map(|s| (s, IpAddr::V6(ip6)))
+    };
+    tokio::pin!(v4, v6);
+    let delay = tokio::time::sleep(SECOND_FAMILY_AFTER);
+    tokio::pin!(delay);
+    let (mut v4_done, mut v6_started, mut v6_done) = (false, false, false);
+    loop {
+        if v4_done && v6_done {
+            return None;
+        }
+        tokio::select! {
+            r = &mut v4, if !v4_done => match r {
+                Ok(s) => return Some((s, IpAddr::V4(ip))),
+                Err(_) => {
+                    v4_done = true;
+                    v6_started = true;
+                }
+            },
+            _ = &mut delay, if !v6_started => v6_started = true,
+            r = &mut v6, if v6_started && !v6_done => match r {
+                Ok(s) => return Some(s),
+                Err(_) => v6_done = true,
+            },
+        }
+    }
+}
+
+/// One peer's list: `GET /a2a/services` over the tunnel (to its overlay IPv4 or IPv6
+/// address, see [`connect_either`]), bounded in time and size.
+async fn fetch_list(ip: Ipv4Addr, ip6: Ipv6Addr) -> Result<ServiceList, FetchError> {
     let exchange = async {
-        let mut s = TcpStream::connect((ip, SERVICES_PORT))
-            .await
-            .map_err(|_| FetchError::Failed)?;
-        s.write_all(format!("GET /a2a/services HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        let (mut s, to) = connect_either(ip, ip6).await.ok_or(FetchError::Failed)?;
+        let host = SocketAddr::new(to, SERVICES_PORT);
+        s.write_all(format!("GET /a2a/services HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
             .await
             .map_err(|_| FetchError::Failed)?;
         let mut buf = Vec::new();
@@ -356,24 +417,30 @@ async fn fetch_list(ip: Ipv4Addr) -> Result<ServiceList, FetchError> {
         .unwrap_or(Err(FetchError::Failed))
 }
 
-/// Serves this node's list to members on its overlay address, and takes their "changed"
-/// datagrams; rebinds when the address changes.
+/// Serves this node's list to members on its overlay addresses, IPv4 and IPv6, and takes
+/// their "changed" datagrams; rebinds when an address changes. IPv4 is required (retried every
+/// 5 s when it cannot be bound); IPv6 is served when the address can be bound (a host with
+/// IPv6 off serves IPv4 only), and checked again every [`IP6_RECHECK`].
 async fn serve(
     book: Arc<ServiceBook>,
     peers: Arc<PeerTable>,
     counters: Arc<Counters>,
     mut ip: watch::Receiver<Ipv4Addr>,
+    ip6: OwnIp6,
     changed: mpsc::Sender<(IpAddr, u64)>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let members = Members {
+        book,
+        peers,
+        counters,
+        slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        changed,
+    };
+    let mut warned6 = false;
     loop {
         let own = *ip.borrow_and_update();
         let addr = SocketAddr::new(own.into(), SERVICES_PORT);
-        let bound = async {
-            Ok::<_, std::io::Error>((TcpListener::bind(addr).await?, UdpSocket::bind(addr).await?))
-        }
-        .await;
-        let (tcp, udp) = match bound {
+        let (tcp, udp) = match bind_pair(addr).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(
@@ -387,8 +454,10 @@ async fn serve(
                 continue;
             }
         };
+        let mut v6: Option<(Ipv6Addr, TcpListener, UdpSocket)> = None;
         let mut conns = JoinSet::new();
-        let mut buf = [0u8; 64];
+        let (mut buf, mut buf6) = ([0u8; 64], [0u8; 64]);
+        let mut recheck = tokio::time::interval(IP6_RECHECK);
         loop {
             tokio::select! {
                 r = ip.changed() => {
@@ -397,41 +466,114 @@ async fn serve(
                     }
                     break;
                 }
-                accepted = tcp.accept() => {
-                    let Ok((stream, from)) = accepted else {
-                        // Out of descriptors, say: wait a little rather than spin.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    };
-                    if peers.by_addr(from.ip()).is_none() {
-                        Counters::bump(&counters.services_not_member);
-                        continue;
-                    }
-                    let Ok(permit) = slots.clone().try_acquire_owned() else {
-                        continue;
-                    };
-                    let (book, counters) = (book.clone(), counters.clone());
-                    conns.spawn(async move {
-                        let _permit = permit;
-                        answer(stream, &book, &counters).await;
-                    });
-                }
-                received = udp.recv_from(&mut buf) => {
-                    let Ok((n, from)) = received else {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    };
-                    if peers.by_addr(from.ip()).is_none() {
-                        Counters::bump(&counters.services_not_member);
-                        continue;
-                    }
-                    match parse_changed(&buf[..n]) {
-                        Some(v) => { let _ = changed.try_send((from.ip(), v)); }
-                        None => Counters::bump(&counters.services_bad_request),
+                _ = recheck.tick() => {
+                    let want = ip6();
+                    if v6.as_ref().map(|(a, ..)| *a) != Some(want) {
+                        v6 = None; // an old address's sockets go first
+                        let addr = SocketAddr::new(want.into(), SERVICES_PORT);
+                        match bind_pair(addr).await {
+                            Ok((t, u)) => {
+                                tracing::debug!("services served to members on {addr} too");
+                                v6 = Some((want, t, u));
+                            }
+                            Err(e) if !warned6 => {
+                                warned6 = true;
+                                tracing::warn!(
+                                    "cannot serve this node's services on its IPv6 overlay \
+                                     address {addr}: {e}; members reach them over IPv4 only \
+                                     (trying again every {} s)",
+                                    IP6_RECHECK.as_secs()
+                                );
+                            }
+                            Err(_) => {}
+                        }
                     }
                 }
+                accepted = tcp.accept() => members.accepted(accepted, &mut conns).await,
+                accepted = accept_on(&v6) => members.accepted(accepted, &mut conns).await,
+                received = udp.recv_from(&mut buf) => members.datagram(received, &buf).await,
+                received = recv_on(&v6, &mut buf6) => members.datagram(received, &buf6).await,
                 Some(_) = conns.join_next() => {}
             }
+        }
+    }
+}
+
+async fn bind_pair(addr: SocketAddr) -> std::io::Result<(TcpListener, UdpSocket)> {
+    Ok((TcpListener::bind(addr).await?, UdpSocket::bind(addr).await?))
+}
+
+/// The next connection on the IPv6 listener; never, without one.
+async fn accept_on(
+    v6: &Option<(Ipv6Addr, TcpListener, UdpSocket)>,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match v6 {
+        Some((_, tcp, _)) => tcp.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next datagram on the IPv6 socket; never, without one.
+async fn recv_on(
+    v6: &Option<(Ipv6Addr, TcpListener, UdpSocket)>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr)> {
+    match v6 {
+        Some((_, _, udp)) => udp.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What answering members needs, whichever address they came to.
+struct Members {
+    book: Arc<ServiceBook>,
+    peers: Arc<PeerTable>,
+    counters: Arc<Counters>,
+    slots: Arc<Semaphore>,
+    changed: mpsc::Sender<(IpAddr, u64)>,
+}
+
+impl Members {
+    /// A connection accepted: answered when it comes from a member (within the slots).
+    async fn accepted(
+        &self,
+        accepted: std::io::Result<(TcpStream, SocketAddr)>,
+        conns: &mut JoinSet<()>,
+    ) {
+        let Ok((stream, from)) = accepted else {
+            // Out of descriptors, say: wait a little rather than spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        };
+        if self.peers.by_addr(from.ip()).is_none() {
+            Counters::bump(&self.counters.services_not_member);
+            return;
+        }
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            return;
+        };
+        let (book, counters) = (self.book.clone(), self.counters.clone());
+        conns.spawn(async move {
+            let _permit = permit;
+            answer(stream, &book, &counters).await;
+        });
+    }
+
+    /// A datagram received: a member's "changed" goes to the fetcher.
+    async fn datagram(&self, received: std::io::Result<(usize, SocketAddr)>, buf: &[u8]) {
+        let Ok((n, from)) = received else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        };
+        if self.peers.by_addr(from.ip()).is_none() {
+            Counters::bump(&self.counters.services_not_member);
+            return;
+        }
+        match parse_changed(&buf[..n]) {
+            Some(v) => {
+                let _ = self.changed.try_send((from.ip(), v));
+            }
+            None => Counters::bump(&self.counters.services_bad_request),
         }
     }
 }
@@ -481,6 +623,7 @@ async fn read_cards(
     book: Arc<ServiceBook>,
     counters: Arc<Counters>,
     ip: watch::Receiver<Ipv4Addr>,
+    ip6: OwnIp6,
 ) {
     let mut changed = book.subscribe();
     let mut known: Vec<ServiceSpec> = Vec::new();
@@ -488,7 +631,7 @@ async fn read_cards(
         let specs = book.specs();
         known.clone_from(&specs);
         // Every agent at once (at most MAX_SERVICES), so a slow one delays no other's card.
-        let overlay = *ip.borrow();
+        let overlay = [IpAddr::V4(*ip.borrow()), IpAddr::V6(ip6())];
         let reads = specs
             .iter()
             .filter(|s| s.proto == Proto::A2a)
@@ -535,10 +678,10 @@ enum CardError {
 }
 
 /// The agent's card from `http://127.0.0.1:PORT/.well-known/agent-card.json`, or from this
-/// node's overlay address when nothing answers on loopback.
-async fn read_card(port: u16, overlay: Ipv4Addr) -> Result<Card, CardError> {
+/// node's overlay addresses (IPv4, then IPv6) when nothing answers on loopback.
+async fn read_card(port: u16, overlay: [IpAddr; 2]) -> Result<Card, CardError> {
     let mut last = CardError::Unreachable;
-    for host in [Ipv4Addr::LOCALHOST, overlay] {
+    for host in [IpAddr::V4(Ipv4Addr::LOCALHOST), overlay[0], overlay[1]] {
         match tokio::time::timeout(CARD_TIMEOUT, get_card(host, port)).await {
             Ok(Ok(c)) => return Ok(c),
             Ok(Err(CardError::Unreachable)) | Err(_) => {}
@@ -551,13 +694,14 @@ async fn read_card(port: u16, overlay: Ipv4Addr) -> Result<Card, CardError> {
     Err(last)
 }
 
-async fn get_card(host: Ipv4Addr, port: u16) -> Result<Card, CardError> {
-    let mut s = TcpStream::connect((host, port))
+async fn get_card(host: IpAddr, port: u16) -> Result<Card, CardError> {
+    let addr = SocketAddr::new(host, port);
+    let mut s = TcpStream::connect(addr)
         .await
         .map_err(|_| CardError::Unreachable)?;
     s.write_all(
         format!(
-            "GET /.well-known/agent-card.json HTTP/1.0\r\nHost: {host}:{port}\r\n\
+            "GET /.well-known/agent-card.json HTTP/1.0\r\nHost: {addr}\r\n\
              Accept: application/json\r\n\r\n"
         )
         .as_bytes(),
