@@ -123,6 +123,7 @@ impl<P: Platform> Daemon<P> {
         let s = slot.as_ref().ok_or(CommandError::NotJoined)?;
         let credential = s.member.credential();
         let key = Self::network_key(&credential, "set the policy")?;
+        s.policy.follow(key.id());
         let (version, known) = {
             let book = s.policy.read();
             (
@@ -249,6 +250,7 @@ impl<P: Platform> Daemon<P> {
         let s = slot.as_ref().ok_or(CommandError::NotJoined)?;
         let credential = s.member.credential();
         let key = Self::network_key(&credential, if remove { "untag" } else { "tag" })?;
+        s.policy.follow(key.id());
         let (node_key, name) = find_member(s, self.node_key(), target)?;
         let (version, mut held) = {
             let book = s.policy.read();

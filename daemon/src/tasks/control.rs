@@ -117,8 +117,10 @@ impl<P: Platform> ControlTask<P> {
     }
 
     /// Moves the interface's IPv6 overlay address when the network id changed (a rotation
-    /// moves the network's /48; peers derive the same new address from their new records).
+    /// moves the network's /48; peers derive the same new address from their new records), and
+    /// the policy book to the new network.
     async fn follow_ip6(&mut self) {
+        self.policy.follow(self.client.credential().network_id());
         let own = crate::core::peers::own_key(&self.node_private);
         let ip6 = a2a_proto::overlay::derive_ip6(&self.client.credential().network_id(), &own);
         if ip6 == self.ip6 {

@@ -75,6 +75,19 @@ impl PolicyBook {
         }
     }
 
+    /// The network moved (`a2actl token rotate`): statements signed for the old one do not
+    /// verify in the new one, so the book starts again empty there.
+    pub fn follow(&self, network: NetworkId) {
+        let mut s = self.read();
+        if s.network() != network {
+            *s = Statements::load(network, &self.state.policy());
+            let digest = s.digest();
+            drop(s);
+            tracing::info!("the network moved: its policy and tags are set anew in the new one");
+            self.changed.send_replace(digest);
+        }
+    }
+
     pub fn read(&self) -> MutexGuard<'_, Statements> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
