@@ -81,6 +81,8 @@ pub struct Container {
     nspawn: Proc,
     /// The container's PID 1 (systemd), as the host sees it.
     leader: u32,
+    /// The cgroups nspawn was started in (removed with the container).
+    cgroups: Vec<PathBuf>,
 }
 
 impl Lab {
@@ -136,7 +138,21 @@ impl Lab {
             );
             args.push(format!("--bind-ro={}:{}", b.host.display(), b.inside));
         }
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        // nspawn puts the container's cgroups under its own ("payload", "supervisor"): start it
+        // in cgroups of this container's, not the host's roots, so that they are this
+        // container's alone and go with it.
+        let cgroups = own_cgroups(&machine);
+        let mut argv: Vec<&str> = Vec::new();
+        let enter: String;
+        if !cgroups.is_empty() {
+            enter = cgroups
+                .iter()
+                .map(|d| format!("echo $$ >'{}/cgroup.procs' && ", d.display()))
+                .collect::<String>()
+                + "exec \"$@\"";
+            argv.extend_from_slice(&["sh", "-c", &enter, "sh"]);
+        }
+        argv.extend(args.iter().map(String::as_str));
         let nspawn = self.spawn_host(&format!("{role}-nspawn"), &argv);
         // nspawn's child that stays is the container's PID 1 (an intermediate child exits).
         let mut leader = 0;
@@ -166,9 +182,56 @@ impl Lab {
             machine,
             nspawn,
             leader,
+            cgroups,
         };
         c.wait_booted();
         c
+    }
+}
+
+/// New cgroups named after `machine` in the hierarchies systemd uses: the named `systemd` one
+/// of cgroup v1 and the unified one beside it (a hybrid host, like this repository's machine),
+/// or the unified one alone.
+fn own_cgroups(machine: &str) -> Vec<PathBuf> {
+    let hierarchies: &[&str] = if Path::new("/sys/fs/cgroup/cgroup.procs").is_file() {
+        &["/sys/fs/cgroup"]
+    } else {
+        &["/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified"]
+    };
+    hierarchies
+        .iter()
+        .map(Path::new)
+        .filter(|h| h.join("cgroup.procs").is_file())
+        .map(|h| h.join(format!("a2a-{machine}")))
+        .filter(|dir| fs::create_dir_all(dir).is_ok())
+        .collect()
+}
+
+/// Removes a cgroup and everything under it, deepest first (a cgroup goes only once it has no
+/// process and no child; the container's last processes may take a moment to be reaped).
+fn remove_cgroup(dir: &Path) {
+    fn dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs(&e.path(), out);
+                }
+            }
+        }
+        out.push(dir.to_path_buf());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut all = Vec::new();
+        dirs(dir, &mut all);
+        let left = all.iter().filter(|d| fs::remove_dir(d).is_err()).count();
+        if left == 0 || !dir.exists() || Instant::now() > deadline {
+            if dir.exists() {
+                report(format!("could not remove the cgroup {}", dir.display()));
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -297,5 +360,8 @@ impl Drop for Container {
         self.nspawn.stop(libc::SIGTERM, Duration::from_secs(10));
         // nspawn leaves this directory behind when /run is not a tmpfs.
         let _ = fs::remove_dir_all(format!("/run/systemd/nspawn/propagate/{}", self.machine));
+        for dir in &self.cgroups {
+            remove_cgroup(dir);
+        }
     }
 }
