@@ -10,7 +10,9 @@
 //! the container's only network is the lab namespace's veth to the wan; `--volatile=overlay`,
 //! so the cached root is never written (a tmpfs overlay takes the boot's writes and goes with
 //! it); `--capability=CAP_NET_ADMIN`, which nspawn drops for a namespace it did not create and
-//! a2ad needs for its TUN device. Commands run inside with `nsenter` into the namespaces of the container's PID 1.
+//! a2ad needs for its TUN device; and nspawn is started in cgroups of the container's own
+//! (named after the machine, which is the lab namespace's name), under which it makes the
+//! container's, removed when it is dropped. Commands run inside with `nsenter` into the namespaces of the container's PID 1.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -189,7 +191,7 @@ impl Lab {
     }
 }
 
-/// New cgroups named after `machine` in the hierarchies systemd uses: the named `systemd` one
+/// New cgroups named `machine` in the hierarchies systemd uses: the named `systemd` one
 /// of cgroup v1 and the unified one beside it (a hybrid host, like this repository's machine),
 /// or the unified one alone.
 fn own_cgroups(machine: &str) -> Vec<PathBuf> {
@@ -202,7 +204,7 @@ fn own_cgroups(machine: &str) -> Vec<PathBuf> {
         .iter()
         .map(Path::new)
         .filter(|h| h.join("cgroup.procs").is_file())
-        .map(|h| h.join(format!("a2a-{machine}")))
+        .map(|h| h.join(machine))
         .filter(|dir| fs::create_dir_all(dir).is_ok())
         .collect()
 }
