@@ -9,6 +9,9 @@
 # Needs root and debootstrap (Debian package `debootstrap`); the mirror is A2A_DEBIAN_MIRROR
 # or http://deb.debian.org/debian.
 set -euo pipefail
+# debootstrap, chroot and groupadd live in sbin, which a non-login shell's PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
+trap 'echo "resolved-root: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 dir="${1:-${CARGO_TARGET_DIR:-target}/resolved-root}"
 case "$dir" in "" | / | /usr | /work) echo "resolved-root: refusing to build in $dir" >&2; exit 1 ;; esac
@@ -22,7 +25,7 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "resolved-root: building the container root needs root (debootstrap)" >&2
     exit 1
 fi
-if ! command -v debootstrap >/dev/null 2>&1 && [ ! -x /usr/sbin/debootstrap ]; then
+if ! command -v debootstrap >/dev/null 2>&1; then
     echo "resolved-root: debootstrap is missing: apt-get install debootstrap" >&2
     exit 1
 fi
@@ -41,7 +44,7 @@ tmp="$dir.tmp"
 rm -rf "$tmp" "$dir"
 echo "==> debootstrap bookworm into $dir ($mirror): $packages" >&2
 start=$(date +%s)
-PATH="$PATH:/usr/sbin:/sbin" debootstrap --variant=minbase --include="$packages" \
+debootstrap --variant=minbase --include="$packages" \
     bookworm "$tmp" "$mirror" >"$tmp.log" 2>&1 || {
     echo "resolved-root: debootstrap failed; its log is $tmp.log:" >&2
     tail -n 20 "$tmp.log" >&2

@@ -350,7 +350,7 @@ fn resolved_routes_the_a2a_domain_to_a2ad_while_up_and_forgets_it_after_down_and
     wait_name(&c, "bob.a2a", Some(bob_ip));
     assert_other_names(&c, "after the restart");
     report(format!(
-        "container boot {:.1} s, whole test {:.1} s",
+        "container ready (root built if it was missing, and booted) in {:.1} s, whole test {:.1} s",
         boot.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     ));
