@@ -312,6 +312,10 @@ fn resolved_routes_the_a2a_domain_to_a2ad_while_up_and_forgets_it_after_down_and
     assert!(link_status(&c).is_err(), "resolved still knows a2a0");
     assert_eq!(overlay_dns_config(&c), Vec::<String>::new());
     assert_other_names(&c, "after down");
+    assert!(
+        getent(&c, "bob.a2a").is_err(),
+        "bob.a2a resolves again after down"
+    );
 
     // Up again, then a crash: SIGKILL, and no restart (a runtime drop-in; the packaged unit
     // says Restart=on-failure). The kernel removes the TUN device and resolved the link.
@@ -341,9 +345,17 @@ fn resolved_routes_the_a2a_domain_to_a2ad_while_up_and_forgets_it_after_down_and
         "bob.a2a stopped resolving {:.1} s after a2ad was killed",
         took.as_secs_f64()
     ));
+    assert!(
+        !c.exec(&["ip", "link", "show", "dev", "a2a0"]).success(),
+        "the TUN device outlived a2ad"
+    );
     assert!(link_status(&c).is_err(), "resolved still knows a2a0");
     assert_eq!(overlay_dns_config(&c), Vec::<String>::new());
     assert_other_names(&c, "after a2ad was killed");
+    assert!(
+        getent(&c, "bob.a2a").is_err(),
+        "bob.a2a resolves again with a2ad dead"
+    );
 
     // Started again, a2ad rejoins its saved network and registers with resolved by itself.
     c.exec(&["systemctl", "start", "a2ad"]).expect_ok();
