@@ -32,11 +32,14 @@
 //! - `coordinator`: [`Coordinator`], [`CoordOpts`] (and [`Lab::coordinator`]), its metrics
 //!   ([`scrape_metrics`], [`metric`]);
 //! - `node`: [`Node`] (and [`Lab::node`], [`Lab::node_behind`]);
+//! - `container`: a machine with systemd as PID 1 in a lab namespace ([`Container`], booted
+//!   with systemd-nspawn from a cached Debian root, [`Lab::container`]);
 //! - `portmap`: port-mapping servers on a router: miniupnpd ([`MiniUpnpd`]) and a hostile one
 //!   ([`FakePortMapper`]).
 
 mod capture;
 mod checks;
+mod container;
 mod coordinator;
 pub mod garbage;
 mod impair;
@@ -50,6 +53,7 @@ mod topology;
 
 pub use capture::Capture;
 pub use checks::{assert_private_files, in_prefix};
+pub use container::{container_root, Bind, Container};
 pub use coordinator::{
     metric, scrape_metrics, CoordOpts, Coordinator, COORDINATOR_PORT, DEFAULT_PREFIX,
 };

@@ -165,7 +165,7 @@ impl LabInner {
     }
 
     /// Runs a command (in `ns`, via `ip netns exec`, or on the host) to completion.
-    fn run(&self, ns: Option<&str>, args: &[&str], timeout: Duration) -> Output {
+    pub(crate) fn run(&self, ns: Option<&str>, args: &[&str], timeout: Duration) -> Output {
         let n = self.next_seq();
         let out = run_to_completion(&self.dir.join("cmd"), n, ns, args, timeout);
         self.log_command(&out);
@@ -410,6 +410,12 @@ impl Lab {
     /// `role` must be unique in the lab (it names the namespace).
     pub fn add_ns(&self, role: &str) -> Ns {
         self.add_wan_ns(role, true, self.inner.ipv6())
+    }
+
+    /// Starts a long-running process on the host (in no lab namespace), logged and killed
+    /// with the lab like the others.
+    pub(crate) fn spawn_host(&self, label: &str, args: &[&str]) -> Proc {
+        self.inner.spawn(None, label, args)
     }
 
     /// A new namespace on the wan with only an IPv6 address (a dual-stack lab only): an
