@@ -35,7 +35,7 @@ struct Args {
     /// Leave the host's resolver alone: do not register the overlay resolver with
     /// systemd-resolved for `*.a2a` (it still answers at its address, shown by `a2actl status`).
     /// For hosts that manage DNS otherwise, and for many daemons on one host (tests).
-    #[arg(long, env = "A2A_NO_SYSTEM_DNS")]
+    #[arg(long, env = "A2A_NO_SYSTEM_DNS", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     no_system_dns: bool,
     /// Write the man page a2ad.8 into DIR and exit (used by packaging/build-deb).
     #[arg(long, value_name = "DIR", hide = true)]

@@ -24,6 +24,8 @@ use crate::tasks::now;
 
 /// How often the zone is rebuilt from the peer table (a rename shows within this).
 const ZONE_REFRESH: Duration = Duration::from_secs(1);
+/// How often the member table is checked for changes (cheap: one counter read).
+const MEMBERS_WATCH: Duration = Duration::from_millis(50);
 /// How long one upstream resolver has to answer a forwarded query before the next is tried.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Forwarded queries in flight at once; more are dropped (`dns_busy`).
@@ -87,9 +89,19 @@ impl DnsTask {
         let mut tasks = JoinSet::new();
         tasks.spawn(shared.clone().serve_udp(udp));
         tasks.spawn(shared.clone().serve_tcp(sockets.tcp));
-        let mut tick = tokio::time::interval(ZONE_REFRESH);
+        // The members are looked at often, so a name asked right after `up` (when the peer
+        // list has just arrived) is answered, not NXDOMAIN that a cache keeps for the
+        // negative TTL; the rest (services, this node's address) every ZONE_REFRESH.
+        let mut tick = tokio::time::interval(MEMBERS_WATCH);
+        let mut built: Option<(u64, tokio::time::Instant)> = None;
         loop {
             tick.tick().await;
+            let generation = self.peers.generation();
+            let due = built.is_none_or(|(g, at)| g != generation || at.elapsed() >= ZONE_REFRESH);
+            if !due {
+                continue;
+            }
+            built = Some((generation, tokio::time::Instant::now()));
             let zone = self.zone();
             Counters::store(&self.counters.dns_invalid_names, zone.invalid());
             Counters::store(&self.counters.dns_name_conflicts, zone.conflicts());
