@@ -121,6 +121,23 @@ counters! {
     cards_malformed,
     /// Agent cards not published: the agent did not answer 200 within the card timeout.
     cards_unreachable,
+    /// Userspace mode (`a2ad --userspace`): proxy connections (SOCKS5, HTTP) served.
+    proxy_connections,
+    /// Proxy connections closed unserved: the limit of connections at once was reached.
+    proxy_over_limit,
+    /// Proxy requests refused: malformed, or larger than the header limit.
+    proxy_malformed,
+    /// Proxy connections closed because the request did not arrive in time (slowloris).
+    proxy_handshake_timeout,
+    /// Proxy requests refused: the destination is not a member (outside the overlay, or an
+    /// unknown name), so nothing leaks to the host's network.
+    proxy_not_allowed,
+    /// Proxy requests whose member did not accept the connection (refused, no answer).
+    proxy_connect_failed,
+    /// Members' connections to a forwarded port carried to the local target.
+    forward_accepted,
+    /// Members' connections to a forwarded port whose local target refused or did not answer.
+    forward_target_unreachable,
     /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
     fast_tun_offload,
     fast_udp_gso,

@@ -178,6 +178,13 @@ impl<P: Platform> Session<P> {
             portmap: portmap.clone(),
         };
         let control = tokio::spawn(task.run(leave_rx));
+        platform.attach(crate::io::SessionView {
+            name: name.clone(),
+            peers: peers.clone(),
+            counters: counters.clone(),
+            dns_ip,
+            ip: ip_rx.clone(),
+        });
         let remote_services = RemoteLists::default();
         let sd_services = {
             let (book, remote, peers, name) = (

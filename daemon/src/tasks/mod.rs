@@ -14,6 +14,7 @@ pub mod events;
 pub mod pathfinder;
 pub mod portmap;
 pub mod prober;
+pub mod proxy;
 pub mod services;
 
 /// The tasks' clock: tokio's (paused in tests), as a std `Instant` for the core's types.
