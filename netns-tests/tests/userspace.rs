@@ -471,6 +471,75 @@ fn userspace_proxies_bound_bad_and_slow_clients() {
     sandbox.assert_daemon_running();
 }
 
+/// A TCP echo server (python3) on port ECHO_PORT of every address.
+const ECHO_PY: &str = r#"
+import socket, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000))
+s.listen(16)
+print("ready", flush=True)
+def echo(c):
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        c.sendall(d)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=echo, args=(c,), daemon=True).start()
+"#;
+const ECHO_PORT: u16 = 7000;
+
+/// Round trips of 64 bytes on one TCP connection to the echo server at `to` (through the
+/// SOCKS5 proxy on 127.0.0.1:1080 first when `socks` names the member), from `node`'s
+/// namespace: the median and the 99th percentile, in microseconds.
+fn echo_rtt(node: &Node, to: std::net::SocketAddr, socks: Option<&'static str>) -> (u64, u64) {
+    node.ns.run_in(move || {
+        use std::io::{Read, Write};
+        let mut s = match socks {
+            None => std::net::TcpStream::connect(to).expect("connect to the echo server"),
+            Some(name) => {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", 1080)).expect("SOCKS5");
+                let mut req = vec![5, 1, 0, 5, 1, 0, 3, name.len() as u8];
+                req.extend_from_slice(name.as_bytes());
+                req.extend_from_slice(&to.port().to_be_bytes());
+                s.write_all(&req).unwrap();
+                let mut reply = [0u8; 12];
+                s.read_exact(&mut reply).unwrap();
+                assert_eq!(&reply[..2], &[5, 0], "SOCKS5 greeting answer");
+                assert_eq!(reply[3], 0, "SOCKS5 CONNECT to {name}: reply {}", reply[3]);
+                s
+            }
+        };
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let msg = [7u8; 64];
+        let mut back = [0u8; 64];
+        let mut times: Vec<u64> = (0..2000)
+            .map(|_| {
+                let t = Instant::now();
+                s.write_all(&msg).unwrap();
+                s.read_exact(&mut back).unwrap();
+                t.elapsed().as_micros() as u64
+            })
+            .collect();
+        times.sort_unstable();
+        (times[times.len() / 2], times[times.len() * 99 / 100])
+    })
+}
+
+fn rss_kib(node: &Node) -> u64 {
+    let pid = node.daemon().pid();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The median of `curl -w %{time_total}` over `n` fetches of a small file, in milliseconds.
 fn median_ms(node: &Node, args: &[&str], url: &str, n: usize) -> f64 {
     let mut times: Vec<f64> = (0..n)
@@ -499,6 +568,12 @@ fn userspace_long_download_and_figures_against_tun_mode() {
     let coord_token = w._coord.token.clone();
     carol.up_ok(&coord_token);
     carol.wait_peers(&["bob", "sandbox"], OVERLAY_TIMEOUT);
+    // Memory at rest (joined, idle): the userspace node's a2ad and a TUN-mode one.
+    report(format!(
+        "userspace figures: a2ad RSS at rest {} KiB in userspace mode, {} KiB in TUN mode",
+        rss_kib(sandbox),
+        rss_kib(&carol)
+    ));
     let www = w.lab.dir().join("bob-www");
     fs::create_dir_all(&www).unwrap();
     let data = random_file(&www.join("big"), 100_000_000);
@@ -540,6 +615,23 @@ fn userspace_long_download_and_figures_against_tun_mode() {
         curl(&carol, &[], &format!("{by_ip}/big"), &out).expect("100 MB over TUN");
     assert!(got == data, "100 MB over TUN differ");
     drop(got);
+    let echo = bob.ns.spawn("echo", &["python3", "-c", ECHO_PY]);
+    wait_for(Duration::from_secs(10), "the echo server", || {
+        echo.assert_running();
+        if echo.stdout_text().contains("ready") {
+            Ok(())
+        } else {
+            Err("not ready".into())
+        }
+    });
+    let to = std::net::SocketAddr::from((bob.overlay_ip(), ECHO_PORT));
+    let (us_p50, us_p99) = echo_rtt(sandbox, to, Some("bob.a2a"));
+    let (tun_p50, tun_p99) = echo_rtt(&carol, to, None);
+    report(format!(
+        "userspace figures: 64-byte TCP round trips on one connection: p50 {us_p50} µs, p99 \
+         {us_p99} µs through SOCKS5 and the userspace stack; p50 {tun_p50} µs, p99 {tun_p99} µs \
+         TUN to TUN"
+    ));
     let us_ms = median_ms(sandbox, &socks, &small, 21);
     let tun_ms = median_ms(&carol, &[], &format!("{by_ip}/small"), 21);
     report(format!(

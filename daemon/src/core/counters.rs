@@ -134,6 +134,9 @@ counters! {
     proxy_not_allowed,
     /// Proxy requests whose member did not accept the connection (refused, no answer).
     proxy_connect_failed,
+    /// Packets between the data plane and the userspace stack dropped at a full queue (either
+    /// way; TCP sends them again).
+    stack_queue_full,
     /// Members' connections to a forwarded port carried to the local target.
     forward_accepted,
     /// Members' connections to a forwarded port whose local target refused or did not answer.

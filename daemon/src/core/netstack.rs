@@ -75,7 +75,10 @@ impl phy::Device for Queues {
 
     fn transmit(&mut self, _now: SInstant) -> Option<TxToken<'_>> {
         // Full: smoltcp keeps the segment and sends it at a later poll.
-        (self.tx.len() < TX_QUEUE).then(|| TxToken {
+        if self.tx.len() >= TX_QUEUE {
+            return None;
+        }
+        Some(TxToken {
             tx: &mut self.tx,
             dropped: &mut self.tx_dropped,
         })

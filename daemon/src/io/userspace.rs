@@ -13,7 +13,7 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -97,8 +97,6 @@ impl Platform for Userspace {
             wake: Notify::new(),
             closed: AtomicBool::new(false),
             session: ArcSwapOption::empty(),
-            out_dropped: AtomicU64::new(0),
-            in_dropped: AtomicU64::new(0),
         });
         stack.lock().set_ipv4(ip, prefix_len);
         let ports: Vec<u16> = self.forwards().iter().map(|f| f.port).collect();
@@ -164,10 +162,6 @@ pub struct Stack {
     /// Set when the session's TUN device is dropped: the driver ends, connections fail.
     closed: AtomicBool,
     session: ArcSwapOption<SessionView>,
-    /// Packets the stack sent that the data plane did not take in time (a full queue).
-    out_dropped: AtomicU64,
-    /// Packets from the overlay dropped at the stack's full queue.
-    in_dropped: AtomicU64,
 }
 
 impl Stack {
@@ -182,6 +176,13 @@ impl Stack {
 
     pub fn counters(&self) -> Option<Arc<Counters>> {
         self.session().map(|s| s.counters.clone())
+    }
+
+    /// A packet dropped at a full queue between the data plane and the stack.
+    fn queue_full(&self) {
+        if let Some(s) = self.session.load().as_ref() {
+            Counters::bump(&s.counters.stack_queue_full);
+        }
     }
 
     /// Whether `ip` is another member's overlay address (in this node's prefix).
@@ -228,7 +229,7 @@ async fn drive(stack: Arc<Stack>, out: mpsc::Sender<Vec<u8>>, shared: Arc<Shared
             s.poll(now);
             while let Some(p) = s.take_packet() {
                 if out.try_send(p).is_err() {
-                    stack.out_dropped.fetch_add(1, Ordering::Relaxed);
+                    stack.queue_full();
                 }
             }
             (s.poll_delay(now), s.accepted())
@@ -366,7 +367,7 @@ impl TunWriter for UserspaceTunWriter {
             let mut s = self.stack.lock();
             for b in bufs.iter() {
                 if !s.receive(b.get(offset..).unwrap_or_default()) {
-                    self.stack.in_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.stack.queue_full();
                 }
             }
         }
