@@ -44,22 +44,14 @@ struct Args {
     /// programs through `a2actl forward add`. For containers, sandboxes and CI jobs.
     #[arg(long, env = "A2A_USERSPACE")]
     userspace: bool,
-    /// SOCKS5 proxy address in userspace mode (CONNECT; `socks5h://` resolves NAME.a2a).
-    #[arg(
-        long,
-        env = "A2A_SOCKS5",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:1080"
-    )]
-    socks5: std::net::SocketAddr,
-    /// HTTP proxy address in userspace mode (CONNECT and plain `GET http://NAME.a2a/...`).
-    #[arg(
-        long,
-        env = "A2A_HTTP_PROXY",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:3128"
-    )]
-    http_proxy: std::net::SocketAddr,
+    /// SOCKS5 proxy address in userspace mode (CONNECT; `socks5h://` resolves NAME.a2a)
+    /// [default: 127.0.0.1:1080]
+    #[arg(long, env = "A2A_SOCKS5", value_name = "ADDR")]
+    socks5: Option<std::net::SocketAddr>,
+    /// HTTP proxy address in userspace mode (CONNECT and plain `GET http://NAME.a2a/...`)
+    /// [default: 127.0.0.1:3128]
+    #[arg(long, env = "A2A_HTTP_PROXY", value_name = "ADDR")]
+    http_proxy: Option<std::net::SocketAddr>,
     /// In userspace mode, serve no SOCKS5 proxy.
     #[arg(long, env = "A2A_NO_SOCKS5")]
     no_socks5: bool,
@@ -130,6 +122,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    let proxy_flags =
+        args.socks5.is_some() || args.http_proxy.is_some() || args.no_socks5 || args.no_http_proxy;
+    if !args.userspace && proxy_flags {
+        eprintln!(
+            "a2ad: --socks5, --http-proxy, --no-socks5 and --no-http-proxy are for userspace \
+             mode: add --userspace (with a TUN device, programs reach members directly)"
+        );
+        return ExitCode::FAILURE;
+    }
     // Before anything is bound or created, so a failure leaves nothing half set up.
     if !args.userspace {
         if let Err(e) = check_tun_device() {
@@ -171,12 +172,16 @@ async fn run_userspace(args: Args) -> Result<(), String> {
     let platform = Userspace::new();
     let socks5 = match args.no_socks5 {
         true => None,
-        false => Some(a2a_daemon::tasks::proxy::bind(args.socks5, "SOCKS5", "--socks5").await?),
+        false => {
+            let addr = args.socks5.unwrap_or(([127, 0, 0, 1], 1080).into());
+            Some(a2a_daemon::tasks::proxy::bind(addr, "SOCKS5", "--socks5").await?)
+        }
     };
     let http = match args.no_http_proxy {
         true => None,
         false => {
-            Some(a2a_daemon::tasks::proxy::bind(args.http_proxy, "HTTP", "--http-proxy").await?)
+            let addr = args.http_proxy.unwrap_or(([127, 0, 0, 1], 3128).into());
+            Some(a2a_daemon::tasks::proxy::bind(addr, "HTTP", "--http-proxy").await?)
         }
     };
     if let Some(l) = &socks5 {

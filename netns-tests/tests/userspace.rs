@@ -146,6 +146,15 @@ fn world(test: &str) -> Option<World> {
         "the error should name the device and propose --userspace: {o}"
     );
 
+    // The proxies' flags without --userspace: refused, saying why.
+    let o = sandbox
+        .ns
+        .exec(&[&daemon, "--state-dir", &state, "--socks5", "127.0.0.1:1081"]);
+    assert!(
+        !o.success() && o.stderr.contains("--userspace"),
+        "--socks5 without --userspace should fail naming it: {o}"
+    );
+
     sandbox.start_daemon_wrapped(&jail(), &["--no-system-dns", "--userspace"]);
     bob.up_ok(&coord.token);
     sandbox.up_ok(&coord.token);
@@ -243,7 +252,33 @@ fn userspace_node_reaches_members_through_proxies_and_is_reached_through_forward
     )
     .expect("curl through the HTTP proxy's CONNECT");
     assert!(got == data, "the file through HTTP CONNECT differs");
-    assert!(sandbox.counter("proxy_connections") >= 4);
+    // The member's IPv6 overlay address (the stack holds this node's too), through a server
+    // of bob's bound to IPv6.
+    let ip6 = bob.ctl(&["ip", "-6"]).expect_ok().stdout.trim().to_string();
+    let www_s = www.to_string_lossy().into_owned();
+    let _server6 = bob.ns.spawn(
+        "files6",
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8001",
+            "--bind",
+            "::",
+            "--directory",
+            &www_s,
+        ],
+    );
+    let by_ip6 = format!("http://[{ip6}]:8001/blob");
+    wait_for(
+        Duration::from_secs(15),
+        "bob's IPv6 server through SOCKS5",
+        || curl(sandbox, &["--socks5", "127.0.0.1:1080"], &by_ip6, &out).map(drop),
+    );
+    let (got, _) = curl(sandbox, &["--socks5", "127.0.0.1:1080"], &by_ip6, &out)
+        .expect("curl through SOCKS5 to an IPv6 overlay address");
+    assert!(got == data, "the file over IPv6 through SOCKS5 differs");
+    assert!(sandbox.counter("proxy_connections") >= 5);
 
     // Outside the overlay: refused, counted, not reached (bob's server answers on its wan
     // address, so a leak would fetch the file).
