@@ -128,6 +128,7 @@ fn world(test: &str) -> Option<World> {
         ("python3", "python3"),
         ("setpriv", "util-linux"),
         ("unshare", "util-linux"),
+        ("sha256sum", "coreutils"),
     ]);
     let coord = lab.coordinator(CoordOpts::default());
     let bob = lab.node("bob");
@@ -506,6 +507,31 @@ fn userspace_proxies_bound_bad_and_slow_clients() {
     sandbox.assert_daemon_running();
 }
 
+/// An upload sink (python3, port SINK_PORT): answers each PUT or POST with the SHA-256 of its
+/// body and its length.
+const SINK_PY: &str = r#"
+import hashlib, http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_PUT(self):
+        n = int(self.headers["Content-Length"])
+        h = hashlib.sha256()
+        while n > 0:
+            b = self.rfile.read(min(n, 1 << 20))
+            if not b:
+                break
+            h.update(b)
+            n -= len(b)
+        body = ("%s %d\n" % (h.hexdigest(), int(self.headers["Content-Length"]) - n)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_PUT
+print("ready", flush=True)
+http.server.ThreadingHTTPServer(("0.0.0.0", 8002), H).serve_forever()
+"#;
+const SINK_PORT: u16 = 8002;
+
 /// A TCP echo server (python3) on port ECHO_PORT of every address.
 const ECHO_PY: &str = r#"
 import socket, threading
@@ -650,6 +676,59 @@ fn userspace_long_download_and_figures_against_tun_mode() {
         curl(&carol, &[], &format!("{by_ip}/big"), &out).expect("100 MB over TUN");
     assert!(got == data, "100 MB over TUN differ");
     drop(got);
+    // 100 MB up: through the proxy to bob's sink, which answers the body's SHA-256.
+    let sink = bob.ns.spawn("sink", &["python3", "-c", SINK_PY]);
+    wait_for(Duration::from_secs(10), "the upload sink", || {
+        sink.assert_running();
+        if sink.stdout_text().contains("ready") {
+            Ok(())
+        } else {
+            Err("not ready".into())
+        }
+    });
+    let big = www.join("big").to_string_lossy().into_owned();
+    let want = sandbox
+        .ns
+        .exec(&["sha256sum", &big])
+        .expect_ok()
+        .stdout
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let upload = |node: &Node, args: &[&str], url: &str| -> (String, f64) {
+        let ans = w.lab.dir().join(format!("sink-answer-{}", node.name));
+        let ans_s = ans.to_string_lossy().into_owned();
+        let mut full = vec!["curl", "-sS", "--max-time", "60", "-T", &big];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["-w", "%{speed_upload}", "-o", &ans_s, url]);
+        let o = node.ns.exec_timeout(&full, Duration::from_secs(90));
+        assert!(o.success(), "100 MB upload from {}: {o}", node.name);
+        let speed: f64 = o.stdout.trim().parse().unwrap_or(0.0);
+        (fs::read_to_string(&ans).unwrap_or_default(), speed)
+    };
+    let (answer, us_up) = upload(sandbox, &socks, &format!("http://bob.a2a:{SINK_PORT}/up"));
+    assert_eq!(
+        answer.trim(),
+        format!("{want} 100000000"),
+        "the sink's SHA-256 and length of the upload through SOCKS5"
+    );
+    let (answer, tun_up) = upload(
+        &carol,
+        &[],
+        &format!("http://{}:{SINK_PORT}/up", bob.overlay_ip()),
+    );
+    assert_eq!(
+        answer.trim(),
+        format!("{want} 100000000"),
+        "the sink's SHA-256 and length of the upload over TUN"
+    );
+    report(format!(
+        "userspace figures: 100 MB upload {:.0} Mbit/s through the userspace stack (SOCKS5), \
+         {:.0} Mbit/s TUN to TUN",
+        us_up * 8.0 / 1e6,
+        tun_up * 8.0 / 1e6
+    ));
     let echo = bob.ns.spawn("echo", &["python3", "-c", ECHO_PY]);
     wait_for(Duration::from_secs(10), "the echo server", || {
         echo.assert_running();

@@ -31,6 +31,8 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// Listening sockets kept per forwarded port: SYNs that arrive together (a client opening
 /// several connections at once) are accepted without a reset.
 pub const LISTEN_BACKLOG: usize = 4;
+/// Egress passes in one poll: up to this many segments per connection (~90 KB).
+const EGRESS_PASSES: usize = 64;
 /// Local ports of outbound connections.
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
 
@@ -239,6 +241,19 @@ impl NetStack {
         let at = self.at(now);
         self.last = at;
         self.iface.poll(at, &mut self.queues, &mut self.sockets);
+        // An egress pass sends at most one segment per socket: pass again while segments go
+        // out, a bounded number of times (the driver polls again at once when more is due).
+        for _ in 0..EGRESS_PASSES {
+            if self.queues.tx.len() >= TX_QUEUE {
+                break;
+            }
+            let sent = self
+                .iface
+                .poll_egress(at, &mut self.queues, &mut self.sockets);
+            if sent == smoltcp::iface::PollResult::None {
+                break;
+            }
+        }
         let sockets = &mut self.sockets;
         let before = self.lingering.len();
         self.lingering.retain(|&(h, deadline)| {
