@@ -145,6 +145,8 @@ pub struct NetStack {
     lingering: Vec<(SocketHandle, SInstant)>,
     /// The time of the last poll.
     last: SInstant,
+    /// Connections accepted on forwarded ports, not handed to the driver yet.
+    just_accepted: Vec<(u16, SocketHandle)>,
 }
 
 /// How long a released connection may take to send what it holds and close.
@@ -174,6 +176,7 @@ impl NetStack {
             listeners: BTreeMap::new(),
             lingering: Vec::new(),
             last: SInstant::ZERO,
+            just_accepted: Vec::new(),
         }
     }
 
@@ -240,7 +243,18 @@ impl NetStack {
     pub fn poll(&mut self, now: std::time::Instant) {
         let at = self.at(now);
         self.last = at;
-        self.iface.poll(at, &mut self.queues, &mut self.sockets);
+        // One packet at a time, so that a connection accepted by a forwarded port's listener
+        // gets the listener replaced before the next SYN (a burst of SYNs is not reset).
+        loop {
+            let r = self
+                .iface
+                .poll_ingress_single(at, &mut self.queues, &mut self.sockets);
+            match r {
+                smoltcp::iface::PollIngressSingleResult::None => break,
+                smoltcp::iface::PollIngressSingleResult::PacketProcessed => {}
+                smoltcp::iface::PollIngressSingleResult::SocketStateChanged => self.take_accepted(),
+            }
+        }
         // An egress pass sends at most one segment per socket: pass again while segments go
         // out, a bounded number of times (the driver polls again at once when more is due).
         for _ in 0..EGRESS_PASSES {
@@ -397,7 +411,14 @@ impl NetStack {
     /// each, now the driver's (released with [`release`](Self::release)). Beyond
     /// [`MAX_CONNECTIONS`], a port's listeners are not refilled until connections close.
     pub fn accepted(&mut self) -> Vec<(u16, SocketHandle)> {
-        let mut out = Vec::new();
+        self.take_accepted();
+        std::mem::take(&mut self.just_accepted)
+    }
+
+    /// Moves the listeners that left the listening state to `just_accepted`, and refills.
+    fn take_accepted(&mut self) {
+        let out = &mut self.just_accepted;
+        let before = out.len();
         for (&port, handles) in self.listeners.iter_mut() {
             handles.retain(|&h| {
                 let s = self.sockets.get::<tcp::Socket>(h);
@@ -408,11 +429,10 @@ impl NetStack {
                 false
             });
         }
-        self.connections += out.len();
+        self.connections += out.len() - before;
         if self.connections < MAX_CONNECTIONS {
             self.refill_listeners();
         }
-        out
     }
 
     /// Open connections (outbound and accepted).
@@ -500,6 +520,22 @@ mod tests {
         b.release(hb);
         pump(&mut a, &mut b, now, 3);
         assert_eq!((a.connections(), b.connections()), (0, 0));
+    }
+
+    #[test]
+    fn a_burst_of_connections_beyond_the_backlog_is_accepted() {
+        let (mut a, mut b, now) = pair();
+        b.set_forwards(&[8080]);
+        let n = 4 * LISTEN_BACKLOG;
+        let hs: Vec<_> = (0..n)
+            .map(|_| a.connect("100.80.0.2:8080".parse().unwrap()).unwrap())
+            .collect();
+        pump(&mut a, &mut b, now, 4);
+        for h in hs {
+            assert_eq!(a.tcp(h).state(), tcp::State::Established);
+        }
+        assert_eq!(b.accepted().len(), n);
+        assert_eq!(b.connections(), n);
     }
 
     #[test]

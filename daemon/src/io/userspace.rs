@@ -222,6 +222,8 @@ impl Stack {
 /// The driver: polls the stack when woken or when its timer is due, passes what it sent to the
 /// TUN reader, and splices each connection accepted on a forwarded port to its local target.
 async fn drive(stack: Arc<Stack>, out: mpsc::Sender<Vec<u8>>, shared: Arc<Shared>) {
+    // Polls in a row that asked to be polled again at once.
+    let mut busy = 0u32;
     while !stack.closed.load(Ordering::Relaxed) {
         let (delay, accepted) = {
             let mut s = stack.lock();
@@ -256,10 +258,18 @@ async fn drive(stack: Arc<Stack>, out: mpsc::Sender<Vec<u8>>, shared: Arc<Shared
         }
         let delay = delay.unwrap_or(Duration::from_secs(1));
         if delay.is_zero() {
-            // More to send (the TUN reader's queue was full, say): let others run first.
-            tokio::task::yield_now().await;
+            // More to send at once: let the data plane take what was sent first; should the
+            // stack keep asking (a bug), it is not allowed to spin.
+            busy += 1;
+            if busy < 64 {
+                tokio::task::yield_now().await;
+            } else {
+                busy = 0;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             continue;
         }
+        busy = 0;
         tokio::select! {
             _ = stack.wake.notified() => {}
             _ = tokio::time::sleep(delay) => {}

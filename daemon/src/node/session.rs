@@ -244,11 +244,18 @@ impl<P: Platform> Session<P> {
                 Err(e) => tracing::warn!("{e}; the overlay's names are not served"),
             }
         }
-        tracing::info!(
-            "interface {} up as {ip} and {ip6}, WireGuard on UDP port {}",
-            device.interface,
-            device.udp_port
-        );
+        if platform.userspace() {
+            tracing::info!(
+                "userspace stack up as {ip} and {ip6}, WireGuard on UDP port {}",
+                device.udp_port
+            );
+        } else {
+            tracing::info!(
+                "interface {} up as {ip} and {ip6}, WireGuard on UDP port {}",
+                device.interface,
+                device.udp_port
+            );
+        }
         Ok(Session {
             member,
             name,
