@@ -504,6 +504,51 @@ fn userspace_proxies_bound_bad_and_slow_clients() {
     )
     .expect("curl after the garbage");
     assert!(got == data);
+
+    // A flood of connections from a member to a forwarded port: at most the stack's
+    // MAX_CONNECTIONS (256, and the few listeners ready when it was reached) are accepted, the
+    // rest refused; once they close, the forward serves again.
+    let local = w.lab.dir().join("sandbox-www");
+    fs::create_dir_all(&local).unwrap();
+    let local_data = random_file(&local.join("f"), 1000);
+    let _local_server = serve_local(sandbox, &local, LOCAL_PORT);
+    let to = format!("127.0.0.1:{LOCAL_PORT}");
+    sandbox
+        .ctl(&["forward", "add", &FORWARD_PORT.to_string(), "--to", &to])
+        .expect_ok();
+    let target = std::net::SocketAddr::from((sandbox.overlay_ip(), FORWARD_PORT));
+    let held = bob.ns.run_in(move || {
+        (0..400)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)).ok()
+            })
+            .collect::<Vec<_>>()
+    });
+    report(format!(
+        "userspace: {} of 400 connections to a forwarded port accepted at once",
+        held.len()
+    ));
+    assert!(
+        held.len() >= 200 && held.len() <= 256 + 4,
+        "{} of 400 connections accepted: the bound is 256",
+        held.len()
+    );
+    sandbox.assert_daemon_running();
+    drop(held);
+    let fwd_url = format!("http://{}:{FORWARD_PORT}/f", sandbox.overlay_ip());
+    let bob_out = w.lab.dir().join("bob-fetched");
+    wait_for(
+        Duration::from_secs(30),
+        "the forward after the flood",
+        || {
+            let (got, _) = curl(bob, &["--connect-timeout", "3"], &fwd_url, &bob_out)?;
+            if got == local_data {
+                Ok(())
+            } else {
+                Err(format!("{} bytes differ", got.len()))
+            }
+        },
+    );
     sandbox.assert_daemon_running();
 }
 
