@@ -131,11 +131,36 @@ enum Command {
         #[arg(long, value_name = "ID")]
         skill: Option<String>,
     },
+    /// Carry members' TCP connections to a port of this node to a local program
+    /// (`a2ad --userspace`, where no TUN device holds the overlay address).
+    Forward {
+        #[command(subcommand)]
+        action: ForwardAction,
+    },
+    /// List the port forwards.
+    Forwards,
     /// Manage the network secret.
     Token {
         #[command(subcommand)]
         action: TokenAction,
     },
+}
+
+#[derive(Subcommand)]
+enum ForwardAction {
+    /// Forward PORT of this node's overlay address (replaces a forward of that port); kept
+    /// across restarts.
+    Add {
+        port: u16,
+        /// Where the connections go on this host [default: 127.0.0.1:PORT].
+        #[arg(long, value_name = "ADDR")]
+        to: Option<std::net::SocketAddr>,
+        /// The protocol forwarded (tcp only so far).
+        #[arg(long, default_value = "tcp", value_parser = ["tcp"])]
+        proto: String,
+    },
+    /// Stop forwarding PORT.
+    Rm { port: u16 },
 }
 
 #[derive(Subcommand)]
@@ -347,6 +372,25 @@ fn run(cli: Cli) -> Result<(), String> {
             action: ServiceAction::Rm { name },
         } => ApiRequest::ServiceRm { name: name.clone() },
         Command::Services { .. } => ApiRequest::Services,
+        Command::Forward {
+            action: ForwardAction::Add { port, to, proto },
+        } => {
+            // Only tcp parses (clap's value parser); UDP forwards are not built yet.
+            debug_assert_eq!(proto, "tcp");
+            if *port == 0 {
+                return Err("a forward's port is 1 to 65535".into());
+            }
+            ApiRequest::ForwardAdd {
+                forward: a2a_proto::api::Forward {
+                    port: *port,
+                    to: to.unwrap_or_else(|| ([127, 0, 0, 1], *port).into()),
+                },
+            }
+        }
+        Command::Forward {
+            action: ForwardAction::Rm { port },
+        } => ApiRequest::ForwardRm { port: *port },
+        Command::Forwards => ApiRequest::Forwards,
         Command::Token {
             action: TokenAction::Rotate,
         } => ApiRequest::RotateToken,
@@ -435,6 +479,16 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
             } else {
                 print!("{}", output::services_table(&services));
+            }
+            Ok(())
+        }
+        ApiResponse::Forwards { forwards } => {
+            if matches!(cli.command, Command::Forwards) {
+                for f in &forwards {
+                    println!("tcp {} -> {}", f.port, f.to);
+                }
+            } else {
+                eprintln!("{} forward(s)", forwards.len());
             }
             Ok(())
         }

@@ -3,6 +3,8 @@
 
 use a2a_daemon::io::kernel::Kernel;
 use a2a_daemon::io::state::StateDir;
+use a2a_daemon::io::userspace::Userspace;
+use a2a_daemon::io::Platform;
 use a2a_daemon::node::session::DeviceConfig;
 use a2a_daemon::node::{api, commands::Daemon, metrics};
 
@@ -37,6 +39,25 @@ struct Args {
     /// For hosts that manage DNS otherwise, and for many daemons on one host (tests).
     #[arg(long, env = "A2A_NO_SYSTEM_DNS", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     no_system_dns: bool,
+    /// Run without a TUN device and without privileges: the overlay ends in a userspace TCP/IP
+    /// stack in a2ad; programs reach members through the SOCKS5 and HTTP proxies, members reach
+    /// programs through `a2actl forward add`. For containers, sandboxes and CI jobs.
+    #[arg(long, env = "A2A_USERSPACE")]
+    userspace: bool,
+    /// SOCKS5 proxy address in userspace mode (CONNECT; `socks5h://` resolves NAME.a2a)
+    /// [default: 127.0.0.1:1080]
+    #[arg(long, env = "A2A_SOCKS5", value_name = "ADDR")]
+    socks5: Option<std::net::SocketAddr>,
+    /// HTTP proxy address in userspace mode (CONNECT and plain `GET http://NAME.a2a/...`)
+    /// [default: 127.0.0.1:3128]
+    #[arg(long, env = "A2A_HTTP_PROXY", value_name = "ADDR")]
+    http_proxy: Option<std::net::SocketAddr>,
+    /// In userspace mode, serve no SOCKS5 proxy.
+    #[arg(long, env = "A2A_NO_SOCKS5")]
+    no_socks5: bool,
+    /// In userspace mode, serve no HTTP proxy.
+    #[arg(long, env = "A2A_NO_HTTP_PROXY")]
+    no_http_proxy: bool,
     /// Write the man page a2ad.8 into DIR and exit (used by packaging/build-deb).
     #[arg(long, value_name = "DIR", hide = true)]
     generate_man: Option<PathBuf>,
@@ -101,10 +122,27 @@ fn main() -> ExitCode {
             }
         };
     }
-    // Before anything is bound or created, so a failure leaves nothing half set up.
-    if let Err(e) = check_tun_device() {
-        eprintln!("a2ad: {e}");
+    let proxy_flags =
+        args.socks5.is_some() || args.http_proxy.is_some() || args.no_socks5 || args.no_http_proxy;
+    if !args.userspace && proxy_flags {
+        eprintln!(
+            "a2ad: --socks5, --http-proxy, --no-socks5 and --no-http-proxy are for userspace \
+             mode: add --userspace (with a TUN device, programs reach members directly)"
+        );
         return ExitCode::FAILURE;
+    }
+    // Before anything is bound or created, so a failure leaves nothing half set up.
+    if !args.userspace {
+        if let Err(e) = check_tun_device() {
+            eprintln!(
+                "a2ad: {e}\n\
+                 a2ad: or, without a TUN device and without privileges, start it as \
+                 `a2ad --userspace --state-dir DIR`: programs then reach members through a \
+                 SOCKS5 proxy (127.0.0.1:1080) and an HTTP proxy (127.0.0.1:3128), and members \
+                 reach this host through `a2actl forward add PORT`"
+            );
+            return ExitCode::FAILURE;
+        }
     }
     a2a_proto::process::init_logging();
     let rt = match tokio::runtime::Runtime::new() {
@@ -114,7 +152,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args)) {
+    let result = if args.userspace {
+        rt.block_on(run_userspace(args))
+    } else {
+        rt.block_on(run(args, Kernel, None))
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("a2ad: {e}");
@@ -123,7 +166,53 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
+/// Userspace mode: the daemon on the userspace platform, with its proxies bound before it
+/// starts (a taken port fails the start).
+async fn run_userspace(args: Args) -> Result<(), String> {
+    let platform = Userspace::new();
+    let socks5 = match args.no_socks5 {
+        true => None,
+        false => {
+            let addr = args.socks5.unwrap_or(([127, 0, 0, 1], 1080).into());
+            Some(a2a_daemon::tasks::proxy::bind(addr, "SOCKS5", "--socks5").await?)
+        }
+    };
+    let http = match args.no_http_proxy {
+        true => None,
+        false => {
+            let addr = args.http_proxy.unwrap_or(([127, 0, 0, 1], 3128).into());
+            Some(a2a_daemon::tasks::proxy::bind(addr, "HTTP", "--http-proxy").await?)
+        }
+    };
+    if let Some(l) = &socks5 {
+        tracing::info!(
+            "SOCKS5 proxy on {} (ALL_PROXY=socks5h://{0})",
+            l.local_addr().map_err(|e| e.to_string())?
+        );
+    }
+    if let Some(l) = &http {
+        tracing::info!(
+            "HTTP proxy on {} (HTTP_PROXY=http://{0})",
+            l.local_addr().map_err(|e| e.to_string())?
+        );
+    }
+    tracing::info!(
+        "userspace mode: no TUN device; the overlay resolver and the service lists are not \
+         served (they bind sockets on the overlay address); names resolve in the proxies"
+    );
+    let proxies = tokio::spawn(a2a_daemon::tasks::proxy::serve(
+        socks5,
+        http,
+        platform.clone(),
+    ));
+    run(args, platform, Some(proxies)).await
+}
+
+async fn run<P: Platform>(
+    args: Args,
+    platform: P,
+    proxies: Option<tokio::task::JoinHandle<()>>,
+) -> Result<(), String> {
     if args.interface.is_empty() || args.interface.len() > 15 {
         return Err(format!(
             "--interface {:?}: an interface name has 1 to 15 characters",
@@ -131,14 +220,17 @@ async fn run(args: Args) -> Result<(), String> {
         ));
     }
     let (socket, state_dir) = a2a_proto::api::resolve_paths(args.socket, args.state_dir);
+    // In userspace mode the resolver and the services task are off: they bind sockets on the
+    // overlay address, which only the userspace stack holds.
+    let kernel = !args.userspace;
     let device = DeviceConfig {
         interface: args.interface,
         udp_port: args.port,
-        serve_dns: true,
-        serve_services: true,
-        system_dns: !args.no_system_dns,
+        serve_dns: kernel,
+        serve_services: kernel,
+        system_dns: kernel && !args.no_system_dns,
     };
-    let daemon = Arc::new(Daemon::new(Kernel, device, StateDir::new(&state_dir))?);
+    let daemon = Arc::new(Daemon::new(platform, device, StateDir::new(&state_dir))?);
     // Bound before anything starts, so a taken port fails the start with nothing half done.
     let metrics_listener = match args.metrics {
         Some(addr) => {
@@ -169,6 +261,9 @@ async fn run(args: Args) -> Result<(), String> {
     a2a_proto::process::shutdown_signal().await;
     tracing::info!("shutting down (membership stays saved)");
     api_task.abort();
+    if let Some(t) = proxies {
+        t.abort();
+    }
     if let Some(t) = metrics_task {
         t.abort();
     }

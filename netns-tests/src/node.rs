@@ -57,12 +57,19 @@ impl Node {
     /// Starts a2ad with `--state-dir` and exactly `extra` (system DNS integration on unless
     /// `extra` turns it off), and waits until `a2actl status` answers.
     pub fn start_daemon_args(&self, extra: &[&str]) -> Proc {
+        self.start_daemon_wrapped(&[], extra)
+    }
+
+    /// Starts `WRAPPER... a2ad --state-dir DIR EXTRA...` (a wrapper that drops privileges, say)
+    /// and waits until `a2actl status` answers.
+    pub fn start_daemon_wrapped(&self, wrapper: &[&str], extra: &[&str]) -> Proc {
         let mut slot = self.daemon.lock().unwrap();
         if let Some(p) = slot.as_ref() {
             assert!(!p.is_running(), "a2ad is already running in {}", self.name);
         }
         let state = self.state_dir.to_string_lossy().into_owned();
-        let mut args = vec![self.ns.bins().daemon.as_str(), "--state-dir", &state];
+        let mut args = wrapper.to_vec();
+        args.extend_from_slice(&[self.ns.bins().daemon.as_str(), "--state-dir", &state]);
         args.extend_from_slice(extra);
         let proc = self.ns.spawn("a2ad", &args);
         wait_for(

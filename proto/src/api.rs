@@ -56,6 +56,15 @@ pub enum ApiRequest {
     },
     /// Move the network to a new secret, carrying every member not removed.
     RotateToken,
+    /// Carry members' TCP connections to this node's overlay address and `forward.port` to
+    /// `forward.to` on this host (`a2ad --userspace`); replaces a forward of that port.
+    ForwardAdd {
+        forward: Forward,
+    },
+    ForwardRm {
+        port: u16,
+    },
+    Forwards,
     /// The member that holds an overlay address: `addr` is an IPv4 or IPv6 address, with or
     /// without a port (`100.64.1.2:40000`, `[fd..::1]:40000`), as a server sees its caller.
     Whois {
@@ -160,9 +169,21 @@ pub enum ApiResponse {
         name: String,
         tags: Vec<String>,
     },
+    /// The forwards after an add or a remove, or as asked.
+    Forwards {
+        forwards: Vec<Forward>,
+    },
     Error {
         message: String,
     },
+}
+
+/// A port forward of `a2ad --userspace`: a member's TCP connection to this node's overlay
+/// address and `port` is spliced to `to` on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forward {
+    pub port: u16,
+    pub to: std::net::SocketAddr,
 }
 
 /// What `a2actl whois --json` prints: the member holding an overlay address, as this node's

@@ -135,6 +135,26 @@ counters! {
     /// Connections and datagrams to the policy port from an address no member holds, and
     /// datagrams there that are no digest: dropped.
     policy_bad_request,
+    /// Userspace mode (`a2ad --userspace`): proxy connections (SOCKS5, HTTP) served.
+    proxy_connections,
+    /// Proxy connections closed unserved: the limit of connections at once was reached.
+    proxy_over_limit,
+    /// Proxy requests refused: malformed, or larger than the header limit.
+    proxy_malformed,
+    /// Proxy connections closed because the request did not arrive in time (slowloris).
+    proxy_handshake_timeout,
+    /// Proxy requests refused: the destination is not a member (outside the overlay, or an
+    /// unknown name), so nothing leaks to the host's network.
+    proxy_not_allowed,
+    /// Proxy requests whose member did not accept the connection (refused, no answer).
+    proxy_connect_failed,
+    /// Packets between the data plane and the userspace stack dropped at a full queue (either
+    /// way; TCP sends them again).
+    stack_queue_full,
+    /// Members' connections to a forwarded port carried to the local target.
+    forward_accepted,
+    /// Members' connections to a forwarded port whose local target refused or did not answer.
+    forward_target_unreachable,
     /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
     fast_tun_offload,
     fast_udp_gso,
@@ -179,6 +199,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 65);
+        assert_eq!(len, 74);
     }
 }

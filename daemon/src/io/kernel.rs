@@ -38,31 +38,7 @@ impl Platform for Kernel {
         ip: Ipv4Addr,
         prefix_len: u8,
     ) -> Result<SessionIo<Self>, String> {
-        let in_use = |e: io::Error| {
-            format!(
-                "cannot bind UDP port {udp_port}: {e} (is another a2ad or WireGuard using it? \
-                 start a2ad with --port)"
-            )
-        };
-        // One socket for both families; IPv4 only where the host has no IPv6.
-        // `A2A_UDP_IPV6=0`: an IPv4 socket even where the host has IPv6.
-        let ipv6 = std::env::var("A2A_UDP_IPV6").map_or(true, |v| v != "0");
-        let dual_socket = if ipv6 {
-            udpbatch::bind_dual_stack(udp_port)
-        } else {
-            Err(io::Error::other("A2A_UDP_IPV6=0"))
-        };
-        let (socket, dual) = match dual_socket {
-            Ok(s) => (UdpSocket::from_std(s).map_err(in_use)?, true),
-            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => return Err(in_use(e)),
-            Err(e) => {
-                tracing::info!("no IPv6 UDP socket ({e}); serving IPv4 only");
-                let s = UdpSocket::bind(("0.0.0.0", udp_port))
-                    .await
-                    .map_err(in_use)?;
-                (s, false)
-            }
-        };
+        let (udp, dual) = bind_udp(udp_port).await?;
         let fast = allowed("A2A_TUN_OFFLOAD");
         let build = |offload: bool| {
             tun_rs::DeviceBuilder::new()
@@ -80,10 +56,7 @@ impl Platform for Kernel {
             Err(e) => return Err(tun_error(interface, e)),
         };
         let tun_offload = tun.tcp_gso();
-        let fd = socket.as_raw_fd();
-        udpbatch::set_buffers(fd);
-        let udp_gso = allowed("A2A_UDP_GSO") && udpbatch::gso_supported(fd);
-        let udp_gro = allowed("A2A_UDP_GRO") && udpbatch::enable_gro(fd);
+        let (udp_gso, udp_gro) = (udp.gso.load(Ordering::Relaxed), udp.gro);
         tracing::info!(
             "data path: UDP {}, TUN offload {}, UDP GSO {}, UDP GRO {}",
             if dual { "IPv4 and IPv6" } else { "IPv4 only" },
@@ -104,11 +77,7 @@ impl Platform for Kernel {
         };
         underlay.set_overlay_address(ip, prefix_len).await?;
         Ok(SessionIo {
-            udp: KernelUdp {
-                socket,
-                dual,
-                gso: AtomicBool::new(udp_gso),
-            },
+            udp,
             tun: KernelTun(Arc::new(tun)),
             underlay,
             fast: FastPaths {
@@ -124,6 +93,48 @@ impl Platform for Kernel {
     }
 }
 
+/// Binds the node's UDP socket on `udp_port` (IPv6 and IPv4, or IPv4 only where the host has
+/// no IPv6), with UDP GSO and GRO where the kernel has them; whether it serves IPv6 too. Needs
+/// no privilege (a port below 1024 aside).
+pub async fn bind_udp(udp_port: u16) -> Result<(KernelUdp, bool), String> {
+    let in_use = |e: io::Error| {
+        format!(
+            "cannot bind UDP port {udp_port}: {e} (is another a2ad or WireGuard using it? \
+             start a2ad with --port)"
+        )
+    };
+    // One socket for both families; IPv4 only where the host has no IPv6.
+    // `A2A_UDP_IPV6=0`: an IPv4 socket even where the host has IPv6.
+    let ipv6 = std::env::var("A2A_UDP_IPV6").map_or(true, |v| v != "0");
+    let dual_socket = if ipv6 {
+        udpbatch::bind_dual_stack(udp_port)
+    } else {
+        Err(io::Error::other("A2A_UDP_IPV6=0"))
+    };
+    let (socket, dual) = match dual_socket {
+        Ok(s) => (UdpSocket::from_std(s).map_err(in_use)?, true),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => return Err(in_use(e)),
+        Err(e) => {
+            tracing::info!("no IPv6 UDP socket ({e}); serving IPv4 only");
+            let s = UdpSocket::bind(("0.0.0.0", udp_port))
+                .await
+                .map_err(in_use)?;
+            (s, false)
+        }
+    };
+    let fd = socket.as_raw_fd();
+    udpbatch::set_buffers(fd);
+    let udp_gso = allowed("A2A_UDP_GSO") && udpbatch::gso_supported(fd);
+    let gro = allowed("A2A_UDP_GRO") && udpbatch::enable_gro(fd);
+    let udp = KernelUdp {
+        socket,
+        dual,
+        gso: AtomicBool::new(udp_gso),
+        gro,
+    };
+    Ok((udp, dual))
+}
+
 /// The offloads (TUN virtio-net header, UDP GSO/GRO) are used unless `A2A_OFFLOAD=0`, or the
 /// one named (`A2A_TUN_OFFLOAD`, `A2A_UDP_GSO`, `A2A_UDP_GRO`) is `0`.
 fn allowed(name: &str) -> bool {
@@ -131,7 +142,7 @@ fn allowed(name: &str) -> bool {
     !off("A2A_OFFLOAD") && !off(name)
 }
 
-fn on_off(b: bool) -> &'static str {
+pub(crate) fn on_off(b: bool) -> &'static str {
     if b {
         "on"
     } else {
@@ -148,7 +159,9 @@ fn tun_error(interface: &str, e: io::Error) -> String {
     }
     match e.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EACCES) => format!(
-            "cannot create TUN device {interface}: permission denied; a2ad needs root or CAP_NET_ADMIN"
+            "cannot create TUN device {interface}: permission denied; a2ad needs root or \
+             CAP_NET_ADMIN, or runs without either as `a2ad --userspace` (proxies and forwards \
+             instead of an interface)"
         ),
         Some(libc::EBUSY) => format!(
             "cannot create TUN device {interface}: it is in use by another program; start a2ad with --interface"
@@ -164,6 +177,15 @@ pub struct KernelUdp {
     dual: bool,
     /// Cleared for good when the kernel or the outgoing device refuses segmentation.
     gso: AtomicBool,
+    /// UDP GRO was turned on at bind.
+    gro: bool,
+}
+
+impl KernelUdp {
+    /// Whether UDP GSO and UDP GRO are on.
+    pub fn fast(&self) -> (bool, bool) {
+        (self.gso.load(Ordering::Relaxed), self.gro)
+    }
 }
 
 impl UdpTransport for KernelUdp {

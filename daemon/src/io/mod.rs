@@ -18,6 +18,7 @@ pub mod fake;
 pub mod kernel;
 pub mod netconf;
 pub mod state;
+pub mod userspace;
 
 /// Datagrams received in one call: `len` bytes at the start of the caller's buffer, in
 /// datagrams of `segment` bytes each (the last may be shorter; one datagram: `segment == len`),
@@ -175,4 +176,34 @@ pub trait Platform: Send + Sync + 'static {
 
     /// How this host reaches coordinators.
     fn connector(&self) -> Self::Connector;
+
+    /// Told once a session runs: who the node is and whom it knows (the userspace platform's
+    /// proxies resolve `NAME.a2a` from it). The kernel's needs nothing: programs use the TUN
+    /// device and the resolver.
+    fn attach(&self, session: SessionView) {
+        let _ = session;
+    }
+
+    /// Whether the overlay ends in this process (a userspace stack), so that members reach this
+    /// host's programs through forwards (`a2actl forward add`), not a TUN device.
+    fn userspace(&self) -> bool {
+        false
+    }
+
+    /// The forwards to serve from now on (the userspace platform's; the others have none).
+    fn set_forwards(&self, forwards: &[a2a_proto::api::Forward]) {
+        let _ = forwards;
+    }
+}
+
+/// A running session as its platform sees it.
+#[derive(Clone)]
+pub struct SessionView {
+    pub name: String,
+    pub peers: std::sync::Arc<crate::core::peers::PeerTable>,
+    pub counters: std::sync::Arc<crate::core::counters::Counters>,
+    /// The overlay resolver's address (never a member's).
+    pub dns_ip: Ipv4Addr,
+    /// This node's IPv4 overlay address, as the coordinator last assigned it.
+    pub ip: tokio::sync::watch::Receiver<Ipv4Addr>,
 }

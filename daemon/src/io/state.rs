@@ -107,6 +107,30 @@ impl StateDir {
         self.save_json("services.json", s)
     }
 
+    /// The port forwards of `a2ad --userspace` (`forwards.json`); none when the file is
+    /// missing. A corrupted file is an error naming it.
+    pub fn forwards(&self) -> io::Result<Vec<a2a_proto::api::Forward>> {
+        let path = self.dir.join("forwards.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is corrupted ({e}); fix or remove it (then add the forwards again \
+                         with `a2actl forward add`)",
+                        path.display()
+                    ),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(with_path(e, "read", &path)),
+        }
+    }
+
+    pub fn save_forwards(&self, f: &[a2a_proto::api::Forward]) -> io::Result<()> {
+        self.save_json("forwards.json", &f)
+    }
+
     pub fn clear_membership(&self) -> io::Result<()> {
         for name in ["network.json", "revoked.json"] {
             match fs::remove_file(self.dir.join(name)) {

@@ -117,6 +117,17 @@ pub async fn dispatch<P: Platform>(req: ApiRequest, daemon: &Daemon<P>) -> ApiRe
         ApiRequest::Services => ApiResponse::Services {
             services: daemon.services().await,
         },
+        ApiRequest::ForwardAdd { forward } => match daemon.forward_add(forward) {
+            Ok(forwards) => ApiResponse::Forwards { forwards },
+            Err(e) => error(e),
+        },
+        ApiRequest::ForwardRm { port } => match daemon.forward_rm(port) {
+            Ok(forwards) => ApiResponse::Forwards { forwards },
+            Err(e) => error(e),
+        },
+        ApiRequest::Forwards => ApiResponse::Forwards {
+            forwards: daemon.forwards(),
+        },
         ApiRequest::RotateToken => match daemon.rotate().await {
             Ok((token, carried)) => ApiResponse::Rotated { token, carried },
             Err(e) => error(e),

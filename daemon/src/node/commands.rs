@@ -111,6 +111,8 @@ pub struct Daemon<P: Platform> {
     pub(super) session: Mutex<Option<Session<P>>>,
     /// This node's services (kept in the state directory, served while joined).
     services: Arc<ServiceBook>,
+    /// The port forwards (`a2ad --userspace`), kept in the state directory.
+    forwards: std::sync::Mutex<Vec<a2a_proto::api::Forward>>,
 }
 
 impl<P: Platform> Daemon<P> {
@@ -128,6 +130,8 @@ impl<P: Platform> Daemon<P> {
         let services = Arc::new(ServiceBook::new(
             state.services().map_err(|e| e.to_string())?,
         ));
+        let forwards = state.forwards().map_err(|e| e.to_string())?;
+        platform.set_forwards(&forwards);
         Ok(Daemon {
             platform,
             device,
@@ -135,6 +139,7 @@ impl<P: Platform> Daemon<P> {
             node_private,
             session: Mutex::new(None),
             services,
+            forwards: std::sync::Mutex::new(forwards),
         })
     }
 
@@ -289,6 +294,61 @@ impl<P: Platform> Daemon<P> {
     }
 
     /// Advertises a service to the members (kept in the state directory).
+    /// Adds (or replaces) the forward of `forward.port`; the forwards then.
+    pub fn forward_add(
+        &self,
+        forward: a2a_proto::api::Forward,
+    ) -> Result<Vec<a2a_proto::api::Forward>, CommandError> {
+        if !self.platform.userspace() {
+            return Err(CommandError::Failed(
+                "forwards are for a2ad --userspace: with a TUN device, members reach this \
+                 host's ports at its overlay address directly (a server listening on 0.0.0.0 \
+                 or on the overlay address)"
+                    .into(),
+            ));
+        }
+        if forward.port == 0 || forward.to.port() == 0 {
+            return Err(CommandError::Failed(
+                "a forward's ports are 1 to 65535".into(),
+            ));
+        }
+        let mut list = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = list.clone();
+        next.retain(|f| f.port != forward.port);
+        next.push(forward);
+        next.sort_by_key(|f| f.port);
+        self.state
+            .save_forwards(&next)
+            .map_err(|e| CommandError::Failed(e.to_string()))?;
+        self.platform.set_forwards(&next);
+        *list = next.clone();
+        Ok(next)
+    }
+
+    /// Removes the forward of `port`; the forwards then.
+    pub fn forward_rm(&self, port: u16) -> Result<Vec<a2a_proto::api::Forward>, CommandError> {
+        let mut list = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
+        if !list.iter().any(|f| f.port == port) {
+            return Err(CommandError::Failed(format!(
+                "no forward of port {port}: see `a2actl forwards`"
+            )));
+        }
+        let next: Vec<_> = list.iter().filter(|f| f.port != port).cloned().collect();
+        self.state
+            .save_forwards(&next)
+            .map_err(|e| CommandError::Failed(e.to_string()))?;
+        self.platform.set_forwards(&next);
+        *list = next.clone();
+        Ok(next)
+    }
+
+    pub fn forwards(&self) -> Vec<a2a_proto::api::Forward> {
+        self.forwards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub async fn service_add(&self, spec: ServiceSpec) -> Result<Vec<ServiceSpec>, CommandError> {
         Ok(self.services.add(&self.state, spec)?)
     }

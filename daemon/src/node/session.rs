@@ -203,6 +203,13 @@ impl<P: Platform> Session<P> {
             }
             .run(),
         );
+        platform.attach(crate::io::SessionView {
+            name: name.clone(),
+            peers: peers.clone(),
+            counters: counters.clone(),
+            dns_ip,
+            ip: ip_rx.clone(),
+        });
         let remote_services = RemoteLists::default();
         let sd_services = {
             let (book, remote, peers, name) = (
@@ -275,11 +282,18 @@ impl<P: Platform> Session<P> {
                 Err(e) => tracing::warn!("{e}; the overlay's names are not served"),
             }
         }
-        tracing::info!(
-            "interface {} up as {ip} and {ip6}, WireGuard on UDP port {}",
-            device.interface,
-            device.udp_port
-        );
+        if platform.userspace() {
+            tracing::info!(
+                "userspace stack up as {ip} and {ip6}, WireGuard on UDP port {}",
+                device.udp_port
+            );
+        } else {
+            tracing::info!(
+                "interface {} up as {ip} and {ip6}, WireGuard on UDP port {}",
+                device.interface,
+                device.udp_port
+            );
+        }
         Ok(Session {
             member,
             name,

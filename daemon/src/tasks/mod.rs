@@ -15,6 +15,7 @@ pub mod pathfinder;
 pub mod policy;
 pub mod portmap;
 pub mod prober;
+pub mod proxy;
 pub mod services;
 
 /// The tasks' clock: tokio's (paused in tests), as a std `Instant` for the core's types.

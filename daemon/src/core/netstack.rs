@@ -1,0 +1,613 @@
+//! The userspace TCP/IP stack of `a2ad --userspace`: smoltcp holding the node's overlay
+//! addresses, fed the packets the data plane would have written to a TUN device and giving back
+//! the packets it would have read from one. I/O-free: it takes `now` and packets and returns
+//! packets; its sockets wake whoever waits on them (smoltcp's wakers). The driver
+//! (io/userspace.rs) owns the clock, the lock and the tasks.
+//!
+//! TCP only for now: outbound connections (the SOCKS5 and HTTP proxies) and inbound ones to the
+//! forwarded ports (`a2actl forward add`).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SInstant;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+
+/// Packets from the overlay queued for the stack (more are dropped, counted by the caller).
+pub const RX_QUEUE: usize = 4096;
+/// Packets the stack sent, not taken yet (more are dropped: TCP resends them).
+pub const TX_QUEUE: usize = 4096;
+/// Each TCP connection's receive and send buffers (the window: 256 KiB each way keeps a
+/// single stream well above 1 Gbit/s at the overlay's sub-millisecond RTTs).
+pub const TCP_BUFFER: usize = 256 * 1024;
+/// TCP connections through the stack at once, outbound and inbound together; a connection
+/// beyond it is refused (the proxies answer "general failure", a SYN to a forwarded port goes
+/// unanswered until one closes). 256 × 512 KiB of buffers is the bound on the stack's memory.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Listening sockets kept per forwarded port: SYNs that arrive together (a client opening
+/// several connections at once) are accepted without a reset.
+pub const LISTEN_BACKLOG: usize = 4;
+/// Egress passes in one poll: up to this many segments per connection (~90 KB).
+const EGRESS_PASSES: usize = 64;
+/// Local ports of outbound connections.
+const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+
+/// The queues between the data plane and smoltcp: smoltcp's `Device`.
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+    mtu: usize,
+    tx_dropped: u64,
+}
+
+impl phy::Device for Queues {
+    type RxToken<'a> = RxToken;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = self.mtu;
+        // Every packet in was authenticated by WireGuard, which a bit flip does not pass;
+        // the checksums out are still computed (the peer's kernel checks them).
+        let mut checksum = ChecksumCapabilities::default();
+        checksum.ipv4 = phy::Checksum::Tx;
+        checksum.tcp = phy::Checksum::Tx;
+        checksum.udp = phy::Checksum::Tx;
+        checksum.icmpv4 = phy::Checksum::Tx;
+        checksum.icmpv6 = phy::Checksum::Tx;
+        caps.checksum = checksum;
+        caps
+    }
+
+    fn receive(&mut self, _now: SInstant) -> Option<(RxToken, TxToken<'_>)> {
+        let packet = self.rx.pop_front()?;
+        Some((
+            RxToken(packet),
+            TxToken {
+                tx: &mut self.tx,
+                dropped: &mut self.tx_dropped,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _now: SInstant) -> Option<TxToken<'_>> {
+        // Full: smoltcp keeps the segment and sends it at a later poll.
+        if self.tx.len() >= TX_QUEUE {
+            return None;
+        }
+        Some(TxToken {
+            tx: &mut self.tx,
+            dropped: &mut self.tx_dropped,
+        })
+    }
+}
+
+struct RxToken(Vec<u8>);
+
+impl phy::RxToken for RxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+struct TxToken<'a> {
+    tx: &'a mut VecDeque<Vec<u8>>,
+    dropped: &'a mut u64,
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut packet = vec![0; len];
+        let r = f(&mut packet);
+        // A reply sent while a packet is received goes past the bound rather than be lost.
+        if self.tx.len() < 2 * TX_QUEUE {
+            self.tx.push_back(packet);
+        } else {
+            *self.dropped += 1;
+        }
+        r
+    }
+}
+
+/// Why an outbound connection was not opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectError {
+    /// [`MAX_CONNECTIONS`] are open.
+    TooMany,
+    /// The destination is not on the overlay (not in this node's prefixes), or is this node.
+    NotOverlay,
+    /// smoltcp refused (no free local port, say).
+    Stack(String),
+}
+
+/// The stack: one interface with the node's overlay addresses, its TCP sockets, the forwarded
+/// ports' listeners.
+pub struct NetStack {
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    queues: Queues,
+    /// The time `now` is measured from (smoltcp's clock is a count of microseconds).
+    epoch: std::time::Instant,
+    ip4: Option<(Ipv4Addr, u8)>,
+    ip6: Option<(Ipv6Addr, u8)>,
+    next_port: u16,
+    /// Open connections (outbound and accepted), whose sockets the driver holds.
+    connections: usize,
+    /// Forwarded port → its listening sockets.
+    listeners: BTreeMap<u16, Vec<SocketHandle>>,
+    /// Connections released while still closing: what is queued goes out first, then they
+    /// are removed (at the latest at the deadline, with a reset).
+    lingering: Vec<(SocketHandle, SInstant)>,
+    /// The time of the last poll.
+    last: SInstant,
+    /// Connections accepted on forwarded ports, not handed to the driver yet.
+    just_accepted: Vec<(u16, SocketHandle)>,
+}
+
+/// How long a released connection may take to send what it holds and close.
+const LINGER: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(30);
+
+impl NetStack {
+    /// A stack with no address yet (see [`set_ipv4`](Self::set_ipv4)); `now` starts its clock.
+    pub fn new(mtu: usize, now: std::time::Instant, seed: u64) -> NetStack {
+        let mut queues = Queues {
+            rx: VecDeque::new(),
+            tx: VecDeque::new(),
+            mtu,
+            tx_dropped: 0,
+        };
+        let mut config = Config::new(HardwareAddress::Ip);
+        config.random_seed = seed;
+        let iface = Interface::new(config, &mut queues, SInstant::ZERO);
+        NetStack {
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            queues,
+            epoch: now,
+            ip4: None,
+            ip6: None,
+            next_port: *EPHEMERAL.start() + (seed % 8192) as u16,
+            connections: 0,
+            listeners: BTreeMap::new(),
+            lingering: Vec::new(),
+            last: SInstant::ZERO,
+            just_accepted: Vec::new(),
+        }
+    }
+
+    fn at(&self, now: std::time::Instant) -> SInstant {
+        SInstant::from_micros(now.saturating_duration_since(self.epoch).as_micros() as i64)
+    }
+
+    fn set_addrs(&mut self) {
+        let (ip4, ip6) = (self.ip4, self.ip6);
+        self.iface.update_ip_addrs(|addrs| {
+            addrs.clear();
+            if let Some((ip, len)) = ip4 {
+                let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(ip), len));
+            }
+            if let Some((ip, len)) = ip6 {
+                let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(ip), len));
+            }
+        });
+    }
+
+    /// Holds `ip/prefix_len` as the node's IPv4 overlay address (instead of the one before).
+    pub fn set_ipv4(&mut self, ip: Ipv4Addr, prefix_len: u8) {
+        self.ip4 = Some((ip, prefix_len.min(32)));
+        self.set_addrs();
+    }
+
+    /// Holds `ip/prefix_len` as the node's IPv6 overlay address.
+    pub fn set_ipv6(&mut self, ip: Ipv6Addr, prefix_len: u8) {
+        self.ip6 = Some((ip, prefix_len.min(128)));
+        self.set_addrs();
+    }
+
+    pub fn ipv4(&self) -> Option<(Ipv4Addr, u8)> {
+        self.ip4
+    }
+
+    /// Whether `ip` is another node's overlay address: in one of this node's prefixes, not this
+    /// node's own, not the network or broadcast address.
+    pub fn is_overlay_peer(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(ip) => self.ip4.is_some_and(|(own, len)| {
+                ipnet::Ipv4Net::new(own, len).is_ok_and(|net| {
+                    let net = net.trunc();
+                    net.contains(&ip) && ip != own && ip != net.network() && ip != net.broadcast()
+                })
+            }),
+            IpAddr::V6(ip) => self.ip6.is_some_and(|(own, len)| {
+                ipnet::Ipv6Net::new(own, len)
+                    .is_ok_and(|net| net.trunc().contains(&ip) && ip != own)
+            }),
+        }
+    }
+
+    /// Queues a packet from the overlay; `false` when the queue is full (dropped).
+    pub fn receive(&mut self, packet: &[u8]) -> bool {
+        if self.queues.rx.len() >= RX_QUEUE {
+            return false;
+        }
+        self.queues.rx.push_back(packet.to_vec());
+        true
+    }
+
+    /// Runs the stack at `now`: takes the queued packets in, lets the sockets send.
+    pub fn poll(&mut self, now: std::time::Instant) {
+        let at = self.at(now);
+        self.last = at;
+        // One packet at a time, so that a connection accepted by a forwarded port's listener
+        // gets the listener replaced before the next SYN (a burst of SYNs is not reset).
+        loop {
+            let r = self
+                .iface
+                .poll_ingress_single(at, &mut self.queues, &mut self.sockets);
+            match r {
+                smoltcp::iface::PollIngressSingleResult::None => break,
+                smoltcp::iface::PollIngressSingleResult::PacketProcessed => {}
+                smoltcp::iface::PollIngressSingleResult::SocketStateChanged => self.take_accepted(),
+            }
+        }
+        // An egress pass sends at most one segment per socket: pass again while segments go
+        // out, a bounded number of times (the driver polls again at once when more is due).
+        for _ in 0..EGRESS_PASSES {
+            if self.queues.tx.len() >= TX_QUEUE {
+                break;
+            }
+            let sent = self
+                .iface
+                .poll_egress(at, &mut self.queues, &mut self.sockets);
+            if sent == smoltcp::iface::PollResult::None {
+                break;
+            }
+        }
+        let sockets = &mut self.sockets;
+        let before = self.lingering.len();
+        self.lingering.retain(|&(h, deadline)| {
+            let s = sockets.get_mut::<tcp::Socket>(h);
+            let done = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
+            if done || at >= deadline {
+                s.abort();
+                sockets.remove(h);
+                return false;
+            }
+            true
+        });
+        self.connections = self
+            .connections
+            .saturating_sub(before - self.lingering.len());
+    }
+
+    /// The next packet for the overlay, if any.
+    pub fn take_packet(&mut self) -> Option<Vec<u8>> {
+        self.queues.tx.pop_front()
+    }
+
+    /// Packets the stack sent and lost to a full queue (TCP sends them again).
+    pub fn tx_dropped(&self) -> u64 {
+        self.queues.tx_dropped
+    }
+
+    /// When the stack must be polled again at the latest, with nothing else happening.
+    pub fn poll_delay(&mut self, now: std::time::Instant) -> Option<Duration> {
+        let at = self.at(now);
+        self.iface
+            .poll_delay(at, &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+    }
+
+    fn new_socket() -> tcp::Socket<'static> {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        );
+        // Agents' RPCs are small writes answered at once: no Nagle delay.
+        s.set_nagle_enabled(false);
+        s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
+        // A connection whose peer is gone for this long is dropped (keep-alives unanswered).
+        s.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
+        s
+    }
+
+    /// Opens a TCP connection to `to`, an overlay address; the driver waits for the socket to
+    /// be established (or closed: refused or unreachable) and removes it with
+    /// [`release`](Self::release).
+    pub fn connect(&mut self, to: SocketAddr) -> Result<SocketHandle, ConnectError> {
+        if !self.is_overlay_peer(to.ip()) {
+            return Err(ConnectError::NotOverlay);
+        }
+        if self.connections >= MAX_CONNECTIONS {
+            return Err(ConnectError::TooMany);
+        }
+        let mut socket = Self::new_socket();
+        let span = (EPHEMERAL.end() - EPHEMERAL.start()) as u32 + 1;
+        let port = self.next_port;
+        self.next_port =
+            EPHEMERAL.start() + ((u32::from(port - EPHEMERAL.start()) + 1) % span) as u16;
+        let remote = IpEndpoint::new(ip_address(to.ip()), to.port());
+        socket
+            .connect(self.iface.context(), remote, port)
+            .map_err(|e| ConnectError::Stack(e.to_string()))?;
+        self.connections += 1;
+        Ok(self.sockets.add(socket))
+    }
+
+    /// The TCP socket behind `handle`.
+    pub fn tcp(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(handle)
+    }
+
+    /// Gives a connection's socket back after its last use: one being established or closed
+    /// goes at once; one with data or a FIN still to send is closed and lingers until it has
+    /// (see [`LINGER`]).
+    pub fn release(&mut self, handle: SocketHandle) {
+        let s = self.sockets.get_mut::<tcp::Socket>(handle);
+        match s.state() {
+            tcp::State::Closed
+            | tcp::State::TimeWait
+            | tcp::State::Listen
+            | tcp::State::SynSent
+            | tcp::State::SynReceived => {
+                s.abort();
+                self.sockets.remove(handle);
+                self.connections = self.connections.saturating_sub(1);
+            }
+            _ => {
+                s.close();
+                self.lingering.push((handle, self.last + LINGER));
+            }
+        }
+    }
+
+    /// Closes a connection gracefully (FIN after what is queued); it stays until released.
+    pub fn close(&mut self, handle: SocketHandle) {
+        self.tcp(handle).close();
+    }
+
+    /// Listens on exactly these ports of the overlay addresses (forwards added and removed);
+    /// connections already accepted stay.
+    pub fn set_forwards(&mut self, ports: &[u16]) {
+        let gone: Vec<u16> = self
+            .listeners
+            .keys()
+            .copied()
+            .filter(|p| !ports.contains(p))
+            .collect();
+        for port in gone {
+            for h in self.listeners.remove(&port).unwrap_or_default() {
+                self.sockets.remove(h);
+            }
+        }
+        for &port in ports {
+            self.listeners.entry(port).or_default();
+        }
+        self.refill_listeners();
+    }
+
+    pub fn forwards(&self) -> Vec<u16> {
+        self.listeners.keys().copied().collect()
+    }
+
+    fn refill_listeners(&mut self) {
+        for (&port, handles) in self.listeners.iter_mut() {
+            while handles.len() < LISTEN_BACKLOG {
+                let mut s = Self::new_socket();
+                if s.listen(port).is_err() {
+                    break;
+                }
+                handles.push(self.sockets.add(s));
+            }
+        }
+    }
+
+    /// Connections a member opened to a forwarded port since the last call: `(port, socket)`
+    /// each, now the driver's (released with [`release`](Self::release)). Beyond
+    /// [`MAX_CONNECTIONS`], a port's listeners are not refilled until connections close.
+    pub fn accepted(&mut self) -> Vec<(u16, SocketHandle)> {
+        self.take_accepted();
+        std::mem::take(&mut self.just_accepted)
+    }
+
+    /// Moves the listeners that left the listening state to `just_accepted`, and refills.
+    fn take_accepted(&mut self) {
+        let out = &mut self.just_accepted;
+        let before = out.len();
+        for (&port, handles) in self.listeners.iter_mut() {
+            handles.retain(|&h| {
+                let s = self.sockets.get::<tcp::Socket>(h);
+                if s.state() == tcp::State::Listen {
+                    return true;
+                }
+                out.push((port, h));
+                false
+            });
+        }
+        self.connections += out.len() - before;
+        if self.connections < MAX_CONNECTIONS {
+            self.refill_listeners();
+        }
+    }
+
+    /// Open connections (outbound and accepted).
+    pub fn connections(&self) -> usize {
+        self.connections
+    }
+}
+
+fn ip_address(ip: IpAddr) -> IpAddress {
+    match ip {
+        IpAddr::V4(v4) => IpAddress::Ipv4(v4),
+        IpAddr::V6(v6) => IpAddress::Ipv6(v6),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// Moves every packet each stack sent to the other, polling both, `rounds` times.
+    fn pump(a: &mut NetStack, b: &mut NetStack, now: Instant, rounds: usize) {
+        for _ in 0..rounds {
+            a.poll(now);
+            b.poll(now);
+            while let Some(p) = a.take_packet() {
+                assert!(b.receive(&p));
+            }
+            while let Some(p) = b.take_packet() {
+                assert!(a.receive(&p));
+            }
+        }
+    }
+
+    fn pair() -> (NetStack, NetStack, Instant) {
+        let now = Instant::now();
+        let mut a = NetStack::new(1420, now, 1);
+        let mut b = NetStack::new(1420, now, 2);
+        a.set_ipv4(Ipv4Addr::new(100, 80, 0, 1), 16);
+        b.set_ipv4(Ipv4Addr::new(100, 80, 0, 2), 16);
+        (a, b, now)
+    }
+
+    #[test]
+    fn a_connection_to_a_forwarded_port_carries_bytes_both_ways() {
+        let (mut a, mut b, now) = pair();
+        b.set_forwards(&[8080]);
+        let h = a.connect("100.80.0.2:8080".parse().unwrap()).unwrap();
+        pump(&mut a, &mut b, now, 4);
+        assert_eq!(a.tcp(h).state(), tcp::State::Established);
+        let accepted = b.accepted();
+        assert_eq!(accepted.len(), 1);
+        let (port, hb) = accepted[0];
+        assert_eq!(port, 8080);
+        // The listener was replaced: a second client is accepted too.
+        assert_eq!(b.listeners[&8080].len(), LISTEN_BACKLOG);
+        let data: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let mut sent = 0;
+        let mut got = Vec::new();
+        let mut buf = vec![0; 65536];
+        for _ in 0..1000 {
+            if sent < data.len() {
+                sent += a.tcp(h).send_slice(&data[sent..]).unwrap();
+            }
+            pump(&mut a, &mut b, now, 1);
+            while let Ok(n @ 1..) = b.tcp(hb).recv_slice(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+            if got.len() == data.len() {
+                break;
+            }
+        }
+        assert_eq!(got, data);
+        b.tcp(hb).send_slice(b"pong").unwrap();
+        pump(&mut a, &mut b, now, 2);
+        let n = a.tcp(h).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"pong");
+        // Released with data unsent: it goes out before the FIN.
+        a.tcp(h).send_slice(b"last words").unwrap();
+        a.release(h);
+        pump(&mut a, &mut b, now, 3);
+        let n = b.tcp(hb).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"last words");
+        assert!(!b.tcp(hb).may_recv());
+        b.release(hb);
+        pump(&mut a, &mut b, now, 3);
+        assert_eq!((a.connections(), b.connections()), (0, 0));
+    }
+
+    #[test]
+    fn a_burst_of_connections_beyond_the_backlog_is_accepted() {
+        let (mut a, mut b, now) = pair();
+        b.set_forwards(&[8080]);
+        let n = 4 * LISTEN_BACKLOG;
+        let hs: Vec<_> = (0..n)
+            .map(|_| a.connect("100.80.0.2:8080".parse().unwrap()).unwrap())
+            .collect();
+        pump(&mut a, &mut b, now, 4);
+        for h in hs {
+            assert_eq!(a.tcp(h).state(), tcp::State::Established);
+        }
+        assert_eq!(b.accepted().len(), n);
+        assert_eq!(b.connections(), n);
+    }
+
+    #[test]
+    fn a_port_not_forwarded_is_refused() {
+        let (mut a, mut b, now) = pair();
+        b.set_forwards(&[8080]);
+        let h = a.connect("100.80.0.2:9999".parse().unwrap()).unwrap();
+        pump(&mut a, &mut b, now, 4);
+        assert_eq!(a.tcp(h).state(), tcp::State::Closed);
+        assert!(b.accepted().is_empty());
+        // Removing the forward closes its listeners.
+        b.set_forwards(&[]);
+        let h = a.connect("100.80.0.2:8080".parse().unwrap()).unwrap();
+        pump(&mut a, &mut b, now, 4);
+        assert_eq!(a.tcp(h).state(), tcp::State::Closed);
+    }
+
+    #[test]
+    fn only_overlay_addresses_are_dialled() {
+        let (mut a, _, _) = pair();
+        for to in [
+            "8.8.8.8:53",
+            "100.80.0.1:80",
+            "100.80.0.0:80",
+            "100.80.255.255:80",
+            "[::1]:80",
+        ] {
+            assert_eq!(
+                a.connect(to.parse().unwrap()),
+                Err(ConnectError::NotOverlay),
+                "{to}"
+            );
+        }
+        assert!(a.connect("100.80.7.9:80".parse().unwrap()).is_ok());
+        let mut none = NetStack::new(1420, Instant::now(), 3);
+        assert_eq!(
+            none.connect("100.80.7.9:80".parse().unwrap()),
+            Err(ConnectError::NotOverlay)
+        );
+    }
+
+    #[test]
+    fn connections_are_bounded() {
+        let (mut a, _, _) = pair();
+        for _ in 0..MAX_CONNECTIONS {
+            a.connect("100.80.0.2:80".parse().unwrap()).unwrap();
+        }
+        assert_eq!(
+            a.connect("100.80.0.2:80".parse().unwrap()),
+            Err(ConnectError::TooMany)
+        );
+    }
+
+    #[test]
+    fn garbage_from_the_overlay_is_dropped() {
+        let (mut a, mut b, now) = pair();
+        b.set_forwards(&[8080]);
+        for junk in [
+            &[][..],
+            &[0x45][..],
+            &[0x45; 40][..],
+            &[0x60; 60][..],
+            &[0xff; 1400][..],
+        ] {
+            assert!(b.receive(junk));
+        }
+        pump(&mut a, &mut b, now, 2);
+        assert!(b.accepted().is_empty());
+        let mut full = NetStack::new(1420, now, 4);
+        for _ in 0..RX_QUEUE {
+            assert!(full.receive(&[0]));
+        }
+        assert!(!full.receive(&[0]));
+    }
+}
