@@ -571,6 +571,7 @@ mod tests {
                 ip: ip.parse().unwrap(),
                 candidates: vec![],
                 issued_ms: 1,
+                ssh: None,
             },
         }
     }

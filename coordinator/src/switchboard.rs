@@ -471,6 +471,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             candidates: vec![],
             issued_ms,
+            ssh: None,
         }
         .sign(k)
     }

@@ -3,6 +3,7 @@
 mod assets;
 mod client;
 mod output;
+mod ssh;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -108,6 +109,9 @@ enum Command {
         #[arg(long, value_name = "ID")]
         skill: Option<String>,
     },
+    /// Log in to a member with the system's OpenSSH, authenticated by the overlay (no keys to
+    /// hand out, no host-key prompt); `ssh enable` lets members log in here.
+    Ssh(ssh::SshArgs),
     /// Manage the network secret.
     Token {
         #[command(subcommand)]
@@ -198,6 +202,14 @@ fn run(cli: Cli) -> Result<(), String> {
     if let Command::Ping { peer, count } = &cli.command {
         return ping(&socket, peer, *count);
     }
+    let cli = match cli.command {
+        Command::Ssh(args) => return ssh::run(&socket, args),
+        command => Cli {
+            command,
+            socket: None,
+            state_dir: None,
+        },
+    };
     let request = match &cli.command {
         Command::Up { join, name } => {
             // Check the token here too, so a bad one is named even when a2ad is not running.
@@ -222,7 +234,7 @@ fn run(cli: Cli) -> Result<(), String> {
             a2a_proto::api::parse_whois_addr(addr)?;
             ApiRequest::Whois { addr: addr.clone() }
         }
-        Command::Ping { .. } => unreachable!("handled above"),
+        Command::Ping { .. } | Command::Ssh(_) => unreachable!("handled above"),
         Command::Netcheck { .. } => ApiRequest::Netcheck,
         Command::Invite { uses, ttl } => ApiRequest::Invite {
             uses: *uses,
@@ -343,6 +355,11 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         ApiResponse::Pong { .. } => Err("unexpected ping answer from a2ad".into()),
+        ApiResponse::SshEnabled { .. }
+        | ApiResponse::SshDisabled { .. }
+        | ApiResponse::SshAuthorizedKeys { .. }
+        | ApiResponse::SshKnownHosts { .. }
+        | ApiResponse::SshPeer { .. } => Err("unexpected ssh answer from a2ad".into()),
         ApiResponse::Invite { code, uses, ttl_s } => {
             println!("{code}");
             eprintln!(

@@ -35,6 +35,11 @@ pub struct NodeRecord {
     /// Milliseconds since the Unix epoch when the node issued this record; a newer record
     /// replaces an older one, an older one is dropped as stale.
     pub issued_ms: u64,
+    /// The member's SSH user key and, when its sshd is enabled for members, its host key.
+    /// Absent from records of nodes before SSH (and older nodes ignore it: a record's body is
+    /// parsed without denying unknown fields, and signed as the exact text it travels as).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<crate::ssh::SshKeys>,
 }
 
 /// A record as it travels: the exact signed bytes (a JSON text) and the signature.
@@ -181,6 +186,7 @@ mod tests {
             ip: "100.64.0.7".parse().unwrap(),
             candidates: vec!["10.0.0.2:51820".parse().unwrap()],
             issued_ms: 1,
+            ssh: None,
         }
     }
 

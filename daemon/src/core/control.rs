@@ -126,6 +126,8 @@ struct Conn {
     /// The reflexive address last reported.
     reflexive: Option<SocketAddr>,
     published: Vec<SocketAddr>,
+    /// The SSH keys in the record last sent.
+    published_ssh: Option<a2a_proto::ssh::SshKeys>,
     registered: bool,
     /// `PeerUp`s still to come before `up` may return.
     initial_peers: u32,
@@ -150,6 +152,8 @@ pub struct Client {
     closed_handshakes: u32,
     /// The router's port mapping of the WireGuard port, when it may be published.
     mapped: Option<SocketAddr>,
+    /// The SSH keys this node publishes in its record (`None` before any are set).
+    ssh: Option<a2a_proto::ssh::SshKeys>,
     conn: Option<Conn>,
 }
 
@@ -175,6 +179,7 @@ impl Client {
             address_attempt: 0,
             closed_handshakes: 0,
             mapped: None,
+            ssh: None,
             conn: None,
         }
     }
@@ -214,6 +219,7 @@ impl Client {
             locals,
             reflexive,
             published,
+            published_ssh: self.ssh.clone(),
             registered: false,
             initial_peers: 0,
             heartbeat_every: REGISTER_TIMEOUT,
@@ -287,17 +293,26 @@ impl Client {
         self.republish(now).into_iter().collect()
     }
 
-    /// A new record when the candidates differ from the published ones (once registered).
+    /// The SSH keys to publish (user key, and the host key while sshd is enabled for
+    /// members); republishes the record when they changed.
+    pub fn set_ssh(&mut self, now: Now, keys: Option<a2a_proto::ssh::SshKeys>) -> Vec<Action> {
+        self.ssh = keys;
+        self.republish(now).into_iter().collect()
+    }
+
+    /// A new record when the candidates or the SSH keys differ from the published ones (once
+    /// registered).
     fn republish(&mut self, now: Now) -> Option<Action> {
         let c = self.conn.as_ref()?;
         let candidates = candidates_from(c.reflexive, self.mapped, &c.locals);
-        if candidates == c.published || !c.registered {
+        if (candidates == c.published && self.ssh == c.published_ssh) || !c.registered {
             return None;
         }
         let cred = c.cred.clone();
         let record = self.record(now, &cred, candidates.clone());
         if let Some(c) = self.conn.as_mut() {
             c.published = candidates;
+            c.published_ssh = self.ssh.clone();
         }
         Some(Action::Send(ClientMsg::Update { record }))
     }
@@ -482,7 +497,7 @@ impl Client {
                 return;
             }
         };
-        let VerifiedRecord { record, cert } = verified;
+        let VerifiedRecord { mut record, cert } = verified;
         if !cred.prefix().contains(&record.ip) {
             Counters::bump(&c.records_malformed);
             return;
@@ -496,6 +511,12 @@ impl Client {
         if unreachable > 0 {
             c.candidates_ignored
                 .fetch_add(unreachable as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(Err(e)) = record.ssh.as_ref().map(|k| k.validate()) {
+            // The member stays; its SSH keys do not: nobody logs in as it, nor trusts its host.
+            Counters::bump(&c.ssh_keys_invalid);
+            tracing::debug!("ignored the SSH keys of {}: {e}", record.name);
+            record.ssh = None;
         }
         let applied = self.peers.apply(now.at, record, cert);
         let peer = self.peers.by_key(&key);
@@ -706,6 +727,7 @@ impl Client {
             ip: self.ip,
             candidates,
             issued_ms,
+            ssh: self.ssh.clone(),
         })
     }
 }
@@ -823,6 +845,7 @@ mod tests {
             ip: format!("100.64.0.{n}").parse().unwrap(),
             candidates: vec![addr("192.0.2.50:51820")],
             issued_ms,
+            ssh: None,
         })
     }
 
@@ -873,6 +896,7 @@ mod tests {
                 addr("[fd00:9::5]:51820"),
             ],
             issued_ms: 10,
+            ssh: None,
         });
         w.client.handle(
             at(&w, 6),
@@ -1074,6 +1098,7 @@ mod tests {
                 ip: "10.1.2.3".parse().unwrap(),
                 candidates: vec![],
                 issued_ms: 1,
+                ssh: None,
             })
         };
         for record in [unsigned, tampered, foreign, outside] {

@@ -14,5 +14,6 @@ pub mod peers;
 pub mod policy;
 pub mod portmap;
 pub mod services;
+pub mod ssh;
 pub mod upnp;
 pub mod wg;

@@ -106,11 +106,13 @@ const KEYS_LIFETIME: Duration = Duration::from_secs(180);
 pub struct Daemon<P: Platform> {
     platform: P,
     device: DeviceConfig,
-    state: StateDir,
+    pub(crate) state: StateDir,
     node_private: [u8; 32],
-    session: Mutex<Option<Session<P>>>,
+    pub(crate) session: Mutex<Option<Session<P>>>,
     /// This node's services (kept in the state directory, served while joined).
     services: Arc<ServiceBook>,
+    /// This node's SSH identity, and what its sshd accepts (node/ssh.rs).
+    pub(crate) ssh: crate::node::ssh::SshBook,
 }
 
 impl<P: Platform> Daemon<P> {
@@ -128,6 +130,7 @@ impl<P: Platform> Daemon<P> {
         let services = Arc::new(ServiceBook::new(
             state.services().map_err(|e| e.to_string())?,
         ));
+        let ssh = crate::node::ssh::SshBook::load(&state, &node_private)?;
         Ok(Daemon {
             platform,
             device,
@@ -135,6 +138,7 @@ impl<P: Platform> Daemon<P> {
             node_private,
             session: Mutex::new(None),
             services,
+            ssh,
         })
     }
 
@@ -158,6 +162,7 @@ impl<P: Platform> Daemon<P> {
             name,
             ip,
             services: self.services.clone(),
+            ssh: self.ssh.subscribe(),
         };
         Session::start(&self.platform, &self.device, self.state.clone(), joining).await
     }

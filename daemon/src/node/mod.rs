@@ -5,3 +5,4 @@ pub mod api;
 pub mod commands;
 pub mod metrics;
 pub mod session;
+pub mod ssh;

@@ -83,6 +83,8 @@ pub struct Joining {
     pub ip: Ipv4Addr,
     /// This node's services, served to members (tasks/services.rs).
     pub services: Arc<ServiceBook>,
+    /// The SSH keys to publish in the record.
+    pub ssh: watch::Receiver<Option<a2a_proto::ssh::SshKeys>>,
 }
 
 impl<P: Platform> Session<P> {
@@ -101,6 +103,7 @@ impl<P: Platform> Session<P> {
             name,
             ip,
             services,
+            ssh,
         } = joining;
         let prefix_len = credential.prefix().prefix_len();
         let dns_ip = a2a_proto::overlay::dns_ip(credential.prefix());
@@ -176,6 +179,7 @@ impl<P: Platform> Session<P> {
             ip: ip_tx,
             ip6,
             portmap: portmap.clone(),
+            ssh,
         };
         let control = tokio::spawn(task.run(leave_rx));
         let remote_services = RemoteLists::default();

@@ -68,6 +68,7 @@ impl Forger {
             ip: host(self.prefix, n),
             candidates: vec![],
             issued_ms: u64::MAX / 2,
+            ssh: None,
         }
     }
 
