@@ -67,7 +67,7 @@ enum SshAction {
     },
     /// Print a `Host *.a2a` block for ~/.ssh/config (scp, rsync, git over ssh).
     Config,
-    /// (run by sshd) The authorized_keys line for the caller: USER CONN(%C) TYPE KEY.
+    /// (run by sshd) The authorized_keys line for a member's key: USER TYPE KEY.
     #[command(hide = true)]
     AuthorizedKeys {
         #[arg(num_args = 1.., required = true)]
@@ -254,19 +254,16 @@ fn disable(socket: &Path, dir: &Path) -> Result<(), String> {
 /// sshd's `AuthorizedKeysCommand`: prints the line (or nothing, the reason on stderr). Exits 0
 /// either way: sshd reads no line as "no key".
 fn authorized_keys(socket: &Path, args: &[String]) -> Result<(), String> {
-    // %C comes as one argument with spaces (sshd splits the command before expanding).
-    let words: Vec<&str> = args.iter().flat_map(|a| a.split_whitespace()).collect();
-    if words.len() != 7 {
+    let [user, key_type, key] = args else {
         return Err(format!(
-            "expected USER and sshd's %C %t %k (7 words), got {}",
-            words.len()
+            "expected USER TYPE KEY (sshd's %u %t %k), got {} argument(s)",
+            args.len()
         ));
-    }
+    };
     let request = ApiRequest::SshAuthorizedKeys {
-        user: words[0].to_string(),
-        conn: words[1..5].join(" "),
-        key_type: words[5].to_string(),
-        key: words[6].to_string(),
+        user: user.clone(),
+        key_type: key_type.clone(),
+        key: key.clone(),
     };
     match client::call(socket, &request)? {
         ApiResponse::SshAuthorizedKeys { lines, refused } => {

@@ -76,11 +76,10 @@ pub enum ApiRequest {
     },
     /// Stop publishing the host key and answering sshd.
     SshDisable,
-    /// sshd's question (`AuthorizedKeysCommand`): may the caller on `conn` (`%C`) log in as
-    /// `user` with this key (`%t %k`)?
+    /// sshd's question (`AuthorizedKeysCommand`): may the member publishing this key
+    /// (`%t %k`) log in as `user`?
     SshAuthorizedKeys {
         user: String,
-        conn: String,
         key_type: String,
         key: String,
     },

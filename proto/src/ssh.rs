@@ -1,6 +1,5 @@
 //! SSH between members, without I/O: the keys a node publishes in its signed record, the
-//! OpenSSH key formats, the sshd drop-in `a2actl ssh enable` writes, and the `%C` connection
-//! text sshd hands to `AuthorizedKeysCommand`.
+//! OpenSSH key formats, and the sshd drop-in `a2actl ssh enable` writes.
 //!
 //! Every member has an Ed25519 SSH *user key* derived from its node private key (HKDF, so it
 //! needs no state of its own and cannot drift from the record), kept for the `ssh` client as an
@@ -8,8 +7,6 @@
 //! also publishes its sshd's Ed25519 *host key*. Both ride in the node record, whose bytes are
 //! signed by the network key (or by the member's certified signing key): the coordinator cannot
 //! add, change or move a key without failing the signature every member checks.
-
-use std::net::IpAddr;
 
 use data_encoding::BASE64;
 use hkdf::Hkdf;
@@ -194,15 +191,17 @@ pub fn openssh_private_key(seed: &[u8; 32], comment: &str) -> String {
 }
 
 /// The sshd drop-in: sshd asks `ctl` (an absolute path to a2actl, owned by root) which key
-/// may log in, with the user (`%u`), the connection (`%C`: client address and port, server
-/// address and port) and the offered key (`%t %k`), running it as `command_user`.
+/// may log in, with the user (`%u`) and the offered key (`%t %k`), running it as
+/// `command_user`. (OpenSSH 9.2 and 8.9, in Debian 12 and Ubuntu 22.04, have no token for the
+/// connection in `AuthorizedKeysCommand`: the answer's `from=` option binds the key to the
+/// member's overlay addresses instead, and sshd checks it.)
 pub fn dropin(ctl: &str, socket: &str, command_user: &str) -> String {
     format!(
         "{DROPIN_HEADER}\n\
-         # Members of the a2a overlay log in with the SSH key of their signed node record; a2ad\n\
-         # answers only for the member holding the caller's overlay address, as the users it may\n\
-         # log in as (`a2actl ssh enable --user`, or the policy's \"ssh\" grants).\n\
-         AuthorizedKeysCommand {ctl} --socket {socket} ssh authorized-keys %u %C %t %k\n\
+         # Members of the a2a overlay log in with the SSH key of their signed node record, from\n\
+         # their overlay addresses only, as the users they may log in as (`a2actl ssh enable\n\
+         # --user`, or the policy's \"ssh\" grants).\n\
+         AuthorizedKeysCommand {ctl} --socket {socket} ssh authorized-keys %u %t %k\n\
          AuthorizedKeysCommandUser {command_user}\n"
     )
 }
@@ -210,45 +209,6 @@ pub fn dropin(ctl: &str, socket: &str, command_user: &str) -> String {
 /// Whether an existing drop-in's text is a2a's (begins with [`DROPIN_HEADER`]).
 pub fn is_our_dropin(text: &str) -> bool {
     text.lines().next() == Some(DROPIN_HEADER)
-}
-
-/// What sshd's `%C` says: client address and port, server address and port (one argument with
-/// spaces, or four).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Conn {
-    pub client: IpAddr,
-    pub client_port: u16,
-    pub server: IpAddr,
-    pub server_port: u16,
-}
-
-impl Conn {
-    pub fn parse(text: &str) -> Result<Conn, String> {
-        let f: Vec<&str> = text.split_whitespace().collect();
-        let bad = || {
-            format!(
-                "{text:?} is not sshd's %C (client address, client port, server address, server \
-                 port)"
-            )
-        };
-        if f.len() != 4 {
-            return Err(bad());
-        }
-        let ip = |s: &str| {
-            s.parse::<IpAddr>()
-                .map(|ip| match ip {
-                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-                    v4 => v4,
-                })
-                .map_err(|_| bad())
-        };
-        Ok(Conn {
-            client: ip(f[0])?,
-            client_port: f[1].parse().map_err(|_| bad())?,
-            server: ip(f[2])?,
-            server_port: f[3].parse().map_err(|_| bad())?,
-        })
-    }
 }
 
 /// Checks a local user name given to `--user` (what `useradd` accepts on Debian, without the
@@ -353,14 +313,7 @@ mod tests {
     }
 
     #[test]
-    fn conn_and_hosts_parse() {
-        let c = Conn::parse("100.64.0.2 40000 100.64.0.3 22").unwrap();
-        assert_eq!(c.client, "100.64.0.2".parse::<IpAddr>().unwrap());
-        assert_eq!(c.server_port, 22);
-        let c = Conn::parse("::ffff:100.64.0.2 1 fd00::1 22").unwrap();
-        assert_eq!(c.client, "100.64.0.2".parse::<IpAddr>().unwrap());
-        assert!(Conn::parse("100.64.0.2 40000").is_err());
-        assert!(Conn::parse("x 1 y 2").is_err());
+    fn hosts_name_members() {
         assert_eq!(member_of_host("bob.a2a"), "bob");
         assert_eq!(member_of_host("[bob.a2a]:2222"), "bob");
         assert_eq!(member_of_host("bob"), "bob");
@@ -376,6 +329,6 @@ mod tests {
         let d = dropin("/usr/bin/a2actl", "/run/a2a/a2ad.sock", "a2a-ssh");
         assert!(is_our_dropin(&d));
         assert!(!is_our_dropin("PermitRootLogin yes\n"));
-        assert!(d.contains("AuthorizedKeysCommand /usr/bin/a2actl --socket /run/a2a/a2ad.sock ssh authorized-keys %u %C %t %k\n"));
+        assert!(d.contains("AuthorizedKeysCommand /usr/bin/a2actl --socket /run/a2a/a2ad.sock ssh authorized-keys %u %t %k\n"));
     }
 }

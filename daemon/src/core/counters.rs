@@ -168,6 +168,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 60);
+        assert_eq!(len, 61);
     }
 }

@@ -2,12 +2,13 @@
 //! I/O, over the members this node knows from their signed records.
 //!
 //! sshd asks (through `a2actl ssh authorized-keys`, its `AuthorizedKeysCommand`) with the local
-//! user, the connection (`%C`) and the key the client offers. [`authorize`] answers with one
-//! `authorized_keys` line — the calling member's own user key, restricted to its overlay
-//! address with `from=` — or says why not. The caller is the member holding the connection's
-//! client address: a packet from the overlay carries its sender's own address or is dropped
-//! (the inner-source check), and the client must still prove it holds the key's private half,
-//! so neither a spoofed address nor a copied public key gets anyone in.
+//! user and the key the client offers. [`authorize`] answers with one `authorized_keys` line —
+//! the key of the member whose signed record publishes it, restricted with `from=` to that
+//! member's overlay addresses — or says why not. The client proves it holds the key's private
+//! half (derived from the member's node key: nobody else has it), and sshd checks the
+//! connection comes from the member's overlay address, which a packet from the overlay carries
+//! or is dropped (the inner-source check); a copied public key or a spoofed address alone gets
+//! nobody in.
 //!
 //! Which member may log in as which user is the [`SshGrants`] seam: [`TokenHolders`] is the
 //! rule without a policy (members that joined with the token, as the users `a2actl ssh enable
@@ -15,7 +16,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use a2a_proto::ssh::{member_of_host, Conn, SshKeys, SshPublicKey, HOST_SUFFIX};
+use a2a_proto::ssh::{member_of_host, SshKeys, SshPublicKey};
 use a2a_proto::NodeKey;
 use serde::{Deserialize, Serialize};
 
@@ -80,11 +81,10 @@ impl SshGrants for TokenHolders<'_> {
     }
 }
 
-/// The `authorized_keys` line for a login as `user` over `conn` with the offered key
-/// (`key_type`, `key_b64`: sshd's `%t %k`), or why there is none.
+/// The `authorized_keys` line for a login as `user` with the offered key (`key_type`,
+/// `key_b64`: sshd's `%t %k`), or why there is none.
 pub fn authorize(
     members: &[Member<'_>],
-    conn: &Conn,
     user: &str,
     key_type: &str,
     key_b64: &str,
@@ -92,33 +92,16 @@ pub fn authorize(
 ) -> Result<String, String> {
     let offered = SshPublicKey::parse(&format!("{key_type} {key_b64}"))
         .map_err(|e| format!("the offered key is not a member's: {e}"))?;
-    let member = members
-        .iter()
-        .find(|m| m.holds(conn.client))
-        .ok_or_else(|| format!("no member holds the caller's address {}", conn.client))?;
-    let published = match member.ssh.user_key() {
-        Some(Ok(k)) => k,
-        Some(Err(e)) => return Err(format!("{}'s SSH user key is invalid: {e}", member.name)),
-        None => {
-            return Err(format!(
-                "{} publishes no SSH user key (an a2ad from before SSH)",
-                member.name
-            ))
-        }
-    };
-    if published != offered {
-        return Err(format!(
-            "the offered key {} is not {}'s ({})",
-            offered.fingerprint(),
-            member.name,
-            published.fingerprint()
-        ));
-    }
+    let user_key = |m: &Member<'_>| m.ssh.user_key().and_then(Result::ok);
+    let mut holders = members.iter().filter(|m| user_key(m) == Some(offered));
+    let member = holders.next().ok_or_else(|| {
+        format!(
+            "no member publishes the offered key {}",
+            offered.fingerprint()
+        )
+    })?;
     // A key two members publish names neither: refuse rather than guess.
-    if let Some(other) = members
-        .iter()
-        .find(|m| m.key != member.key && m.ssh.user_key().and_then(Result::ok) == Some(published))
-    {
+    if let Some(other) = holders.next() {
         return Err(format!(
             "{} publishes the same SSH user key as {}: refused for both",
             member.name, other.name
@@ -126,22 +109,24 @@ pub fn authorize(
     }
     grants.may_log_in(member, user)?;
     Ok(format!(
-        "from=\"{}\" {} a2a:{}",
-        conn.client,
-        published.to_openssh(),
+        "from=\"{},{}\" {} a2a:{}",
+        member.ip,
+        member.ip6,
+        offered.to_openssh(),
         member.name
     ))
 }
 
-/// The `known_hosts` line for `host` (`bob`, `bob.a2a`, `[bob.a2a]:2222`, as ssh's `%H` or
-/// `HostKeyAlias` gives it): the member's host key from its signed record, or why there is
+/// The `known_hosts` line for `host` (`bob`, `bob.a2a`, `[bob.a2a]:2222` or an overlay
+/// address, as ssh's `%H` gives it): the member's host key from its signed record, or why there is
 /// none. A host key two members publish is refused (neither can be told from the other).
 pub fn known_host(members: &[Member<'_>], host: &str) -> Result<String, String> {
+    let host = host.trim();
     let name = member_of_host(host);
     let member = members
         .iter()
-        .find(|m| m.name == name)
-        .ok_or_else(|| format!("no member is named {name:?}"))?;
+        .find(|m| m.name == name || name.parse::<IpAddr>().is_ok_and(|ip| m.holds(ip)))
+        .ok_or_else(|| format!("no member is named or addressed {name:?}"))?;
     let key = match member.ssh.host_key() {
         Some(Ok(k)) => k,
         Some(Err(e)) => return Err(format!("{}'s SSH host key is invalid: {e}", member.name)),
@@ -161,7 +146,8 @@ pub fn known_host(members: &[Member<'_>], host: &str) -> Result<String, String> 
             member.name, other.name
         ));
     }
-    Ok(format!("{}{HOST_SUFFIX} {}", member.name, key.to_openssh()))
+    // The line names the host as ssh asked for it (`bob.a2a`, `[bob.a2a]:2222`, an address).
+    Ok(format!("{host} {}", key.to_openssh()))
 }
 
 #[cfg(test)]
@@ -187,10 +173,6 @@ mod tests {
         }
     }
 
-    fn conn(n: u8) -> Conn {
-        Conn::parse(&format!("100.64.0.{n} 40000 100.64.0.9 22")).unwrap()
-    }
-
     fn b64(seed: u8) -> String {
         public_of(&[seed; 32]).to_openssh()[12..].to_string()
     }
@@ -204,21 +186,23 @@ mod tests {
         ];
         let users = ["agent".to_string()];
         let grants = TokenHolders { users: &users };
-        let line = authorize(&members, &conn(1), "agent", "ssh-ed25519", &b64(1), &grants).unwrap();
-        assert!(
-            line.starts_with("from=\"100.64.0.1\" ssh-ed25519 "),
-            "{line}"
+        let line = authorize(&members, "agent", "ssh-ed25519", &b64(1), &grants).unwrap();
+        assert_eq!(
+            line,
+            format!(
+                "from=\"100.64.0.1,fd00::1\" {} a2a:alice",
+                public_of(&[1; 32]).to_openssh()
+            )
         );
-        assert!(line.ends_with(" a2a:alice"));
-        // Another user; another member's key from alice's address; an unknown address.
-        assert!(authorize(&members, &conn(1), "root", "ssh-ed25519", &b64(1), &grants).is_err());
-        assert!(authorize(&members, &conn(1), "agent", "ssh-ed25519", &b64(3), &grants).is_err());
-        assert!(authorize(&members, &conn(7), "agent", "ssh-ed25519", &b64(1), &grants).is_err());
+        // Another user; a key no member publishes.
+        assert!(authorize(&members, "root", "ssh-ed25519", &b64(1), &grants).is_err());
+        let e = authorize(&members, "agent", "ssh-ed25519", &b64(7), &grants);
+        assert!(e.unwrap_err().contains("no member publishes"));
         // The invited member, with its own key, without a policy.
-        let e = authorize(&members, &conn(3), "agent", "ssh-ed25519", &b64(3), &grants);
+        let e = authorize(&members, "agent", "ssh-ed25519", &b64(3), &grants);
         assert!(e.unwrap_err().contains("invite"));
         // Garbage from sshd.
-        assert!(authorize(&members, &conn(1), "agent", "ssh-rsa", "AAAA", &grants).is_err());
+        assert!(authorize(&members, "agent", "ssh-rsa", "AAAA", &grants).is_err());
     }
 
     #[test]
@@ -227,7 +211,7 @@ mod tests {
         let members = [member(1, "alice", true, &ka), member(2, "bob", true, &kb)];
         let users = ["agent".to_string()];
         let grants = TokenHolders { users: &users };
-        let e = authorize(&members, &conn(1), "agent", "ssh-ed25519", &b64(1), &grants);
+        let e = authorize(&members, "agent", "ssh-ed25519", &b64(1), &grants);
         assert!(e.unwrap_err().contains("same SSH user key"));
         assert!(known_host(&members, "bob.a2a")
             .unwrap_err()
@@ -238,11 +222,13 @@ mod tests {
     fn known_hosts_names_the_member_and_its_host_key() {
         let (ka, kb) = (keys(1, None), keys(2, Some(20)));
         let members = [member(1, "alice", true, &ka), member(2, "bob", true, &kb)];
-        let line = known_host(&members, "[bob.a2a]:22").unwrap();
+        let line = known_host(&members, "[bob.a2a]:2222").unwrap();
         assert_eq!(
             line,
-            format!("bob.a2a {}", public_of(&[20; 32]).to_openssh())
+            format!("[bob.a2a]:2222 {}", public_of(&[20; 32]).to_openssh())
         );
+        let line = known_host(&members, "100.64.0.2").unwrap();
+        assert!(line.starts_with("100.64.0.2 ssh-ed25519 "), "{line}");
         assert!(known_host(&members, "alice")
             .unwrap_err()
             .contains("no SSH host key"));

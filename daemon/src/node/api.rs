@@ -129,13 +129,9 @@ pub async fn dispatch<P: Platform>(req: ApiRequest, daemon: &Daemon<P>) -> ApiRe
         },
         ApiRequest::SshAuthorizedKeys {
             user,
-            conn,
             key_type,
             key,
-        } => match daemon
-            .ssh_authorized_keys(&user, &conn, &key_type, &key)
-            .await
-        {
+        } => match daemon.ssh_authorized_keys(&user, &key_type, &key).await {
             Ok(Ok(line)) => ApiResponse::SshAuthorizedKeys {
                 lines: vec![line],
                 refused: None,

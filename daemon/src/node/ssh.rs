@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use a2a_proto::ssh::{openssh_private_key, public_of, user_key_seed, validate_user, Conn};
+use a2a_proto::ssh::{openssh_private_key, public_of, user_key_seed, validate_user};
 use a2a_proto::ssh::{SshKeys, SshPublicKey};
 use tokio::sync::watch;
 
@@ -140,7 +140,6 @@ impl<P: Platform> Daemon<P> {
     pub async fn ssh_authorized_keys(
         &self,
         user: &str,
-        conn: &str,
         key_type: &str,
         key: &str,
     ) -> Result<Result<String, String>, CommandError> {
@@ -149,15 +148,9 @@ impl<P: Platform> Daemon<P> {
                 "SSH is not enabled on this node (`a2actl ssh enable`)".into()
             ));
         };
-        let conn = match Conn::parse(conn) {
-            Ok(c) => c,
-            Err(e) => return Ok(Err(e)),
-        };
         let grants = self.ssh_grants(&settings);
-        self.with_members(|members| {
-            ssh::authorize(members, &conn, user, key_type, key, grants.as_ref())
-        })
-        .await
+        self.with_members(|members| ssh::authorize(members, user, key_type, key, grants.as_ref()))
+            .await
     }
 
     /// ssh's question: the known_hosts line for `host`, or why there is none.
