@@ -244,6 +244,44 @@ mod tests {
     }
 
     #[test]
+    fn ssh_keys_are_optional_both_ways() {
+        let k = NetworkKey::derive(&[1; 32]);
+        // A record of a node before SSH: no field, and it still verifies.
+        let old = record().sign(&k);
+        assert!(!old.body.contains("ssh"));
+        assert_eq!(old.verify(&k.id()).unwrap().record.ssh, None);
+        // A record with keys, read by a node before SSH (its NodeRecord had no `ssh`): the
+        // field is ignored, and the signature covers the text as it is.
+        let mut r = record();
+        r.ssh = Some(crate::ssh::SshKeys {
+            user: Some(crate::ssh::public_of(&[4; 32]).to_openssh()),
+            host: None,
+        });
+        let new = r.sign(&k);
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct OldRecord {
+            network: NetworkId,
+            node_key: NodeKey,
+            name: String,
+            ip: Ipv4Addr,
+            candidates: Vec<SocketAddr>,
+            issued_ms: u64,
+        }
+        let old_view: OldRecord = serde_json::from_str(&new.body).unwrap();
+        assert_eq!(old_view.name, "alice");
+        assert_eq!(new.verify(&k.id()).unwrap().record, r);
+        // The coordinator cannot change a key: the signature no longer covers the body.
+        let mut forged = new.clone();
+        forged.body = forged.body.replace(
+            r.ssh.as_ref().unwrap().user.as_deref().unwrap(),
+            &crate::ssh::public_of(&[6; 32]).to_openssh(),
+        );
+        assert_ne!(forged.body, new.body);
+        assert_eq!(forged.verify(&k.id()), Err(RecordError::BadSignature));
+    }
+
+    #[test]
     fn names() {
         assert!(validate_name("agent-7").is_ok());
         assert!(validate_name("").is_err());

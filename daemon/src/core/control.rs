@@ -872,6 +872,55 @@ mod tests {
     }
 
     #[test]
+    fn bad_ssh_keys_are_dropped_and_counted_and_new_keys_are_republished() {
+        use a2a_proto::ssh::{public_of, SshKeys};
+        let mut w = world();
+        register(&mut w, 0);
+        let cred = Credential::from_token(token(SECRET));
+        let good = public_of(&[5; 32]).to_openssh();
+        let record = cred.sign_record(&NodeRecord {
+            network: cred.network_id(),
+            node_key: key_of([7; 32]),
+            name: "peer7".into(),
+            ip: "100.64.0.7".parse().unwrap(),
+            candidates: vec![],
+            issued_ms: 10,
+            ssh: Some(SshKeys {
+                user: Some(good.clone()),
+                host: Some(format!("ssh-ed25519 {}", "A".repeat(3000))),
+            }),
+        });
+        w.client.handle(
+            at(&w, 6),
+            ServerMsg::PeerUp {
+                record,
+                relay_id: 7,
+            },
+        );
+        // The member is in, without its keys: nobody logs in as it, no host key is trusted.
+        let peer = w.peers.by_key(&key_of([7; 32])).expect("the peer");
+        assert_eq!(peer.info().ssh, SshKeys::default());
+        let counted = w
+            .counters
+            .ssh_keys_invalid
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(counted, 1);
+
+        // This node's own keys: a new record when they change, none when they do not.
+        let keys = SshKeys {
+            user: Some(good),
+            host: None,
+        };
+        let actions = w.client.set_ssh(at(&w, 7), Some(keys.clone()));
+        let [Action::Send(ClientMsg::Update { record })] = &actions[..] else {
+            panic!("expected one Update, got {actions:?}");
+        };
+        let sent: NodeRecord = serde_json::from_str(&record.body).unwrap();
+        assert_eq!(sent.ssh, Some(keys.clone()));
+        assert!(w.client.set_ssh(at(&w, 8), Some(keys)).is_empty());
+    }
+
+    #[test]
     fn unreachable_candidates_are_counted_and_never_probed() {
         let mut w = world();
         w.client.connected(
