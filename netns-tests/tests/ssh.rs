@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use a2a_netns_tests::{require_tools, run_host, wait_for, Lab, Node, Output, OVERLAY_TIMEOUT};
+use a2a_netns_tests::{
+    require_tools, run_host, wait_for, CoordOpts, Lab, Node, Output, Proc, OVERLAY_TIMEOUT,
+};
 
 /// The user members may log in as, and one they may not.
 const GRANTED: &str = "a2a-ssh-agent";
@@ -46,7 +48,11 @@ struct CtlCopy(PathBuf);
 
 impl CtlCopy {
     fn new(lab: &Lab) -> CtlCopy {
-        let dir = PathBuf::from(format!("/run/a2a-ssh-test-{}", std::process::id()));
+        let dir = PathBuf::from(format!(
+            "/run/a2a-ssh-test-{}-{}",
+            std::process::id(),
+            lab.name()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -346,4 +352,125 @@ fn members_log_in_over_ssh_as_granted_and_nobody_else() {
     .expect_ok();
     assert!(!foreign.exists());
     drop(users);
+}
+
+/// `a2actl ssh enable --user USER` on `node` with the test's drop-in directory and host key,
+/// then sshd started on its overlay address.
+fn enable_and_start(node: &Node, copy: &CtlCopy, sshd: &Sshd, user: &str) -> Proc {
+    ctl(
+        node,
+        copy,
+        &[
+            "ssh",
+            "enable",
+            "--user",
+            user,
+            "--host-key",
+            &sshd.host_pub(),
+            "--sshd-config-dir",
+            &sshd.dropins(),
+        ],
+    )
+    .expect_ok();
+    let config = sshd.dir.join("sshd_config").to_string_lossy().into_owned();
+    node.ns
+        .spawn("sshd", &["/usr/sbin/sshd", "-D", "-e", "-f", &config])
+}
+
+#[test]
+fn a_forging_coordinator_plants_no_ssh_key() {
+    let Some(lab) = Lab::new("ssh_forged") else {
+        return;
+    };
+    require_tools(&[
+        ("sshd", "openssh-server"),
+        ("ssh", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+        ("useradd", "passwd"),
+    ]);
+    const USER: &str = "a2a-ssh-forged";
+    let _users = Users::create(&[USER]);
+    let copy = CtlCopy::new(&lab);
+    // At every registration it hands out records (forged, self-certified, and real ones
+    // tampered with) carrying SSH keys it holds the private halves of.
+    let coord = lab.coordinator(CoordOpts {
+        forging: true,
+        ..Default::default()
+    });
+    let alice = lab.node("alice");
+    let bob = lab.node("bob");
+    alice.up_ok(&coord.token);
+    bob.up_ok(&coord.token);
+    alice.wait_peers(&["bob"], OVERLAY_TIMEOUT);
+    bob.wait_peers(&["alice"], OVERLAY_TIMEOUT);
+    let sshd = Sshd::prepare(&lab, &bob);
+    let _sshd = enable_and_start(&bob, &copy, &sshd, USER);
+    // The genuine member gets in (so the refusals below are not a broken setup).
+    wait_for(OVERLAY_TIMEOUT, "alice to log in to bob", || {
+        let out = ssh(&alice, "bob", USER, "true");
+        out.success().then_some(()).ok_or(out.to_string())
+    });
+    assert!(
+        bob.counter("records_bad_signature") > 0,
+        "no forgery was tried"
+    );
+
+    // The forger's user key: bob's a2ad answers sshd nothing for it ...
+    let forged = a2a_proto::ssh::public_of(&[0x55; 32]).to_openssh();
+    let forged: Vec<&str> = forged.split_whitespace().collect();
+    let out = ctl(
+        &bob,
+        &copy,
+        &["ssh", "authorized-keys", USER, forged[0], forged[1]],
+    )
+    .expect_ok();
+    assert!(out.stdout.trim().is_empty(), "{out}");
+    assert!(out.stderr.contains("no member publishes"), "{out}");
+    // ... and the real ssh with the forger's private key, even from a member's address, is
+    // refused by bob's sshd.
+    let key = lab.dir().join("forged_key");
+    std::fs::write(
+        &key,
+        a2a_proto::ssh::openssh_private_key(&[0x55; 32], "forged"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let k = key.to_string_lossy().into_owned();
+    let target = format!("{USER}@{}", bob.overlay_ip());
+    let out = alice.ns.exec_timeout(
+        &[
+            "ssh",
+            "-i",
+            &k,
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=5",
+            &target,
+            "true",
+        ],
+        Duration::from_secs(30),
+    );
+    let out = out.expect_fail();
+    assert!(out.stderr.contains("Permission denied"), "{out}");
+
+    // alice trusts bob's own host key, never the forger's.
+    let real = std::fs::read_to_string(sshd.host_pub()).unwrap();
+    let real: Vec<&str> = real.split_whitespace().collect();
+    let known = alice.ctl(&["ssh", "known-hosts", "bob.a2a"]).expect_ok();
+    assert_eq!(
+        known.stdout.trim(),
+        format!("bob.a2a {} {}", real[0], real[1])
+    );
+    let forged_host = a2a_proto::ssh::public_of(&[0x56; 32]).to_openssh();
+    assert!(!known.stdout.contains(&forged_host));
+    let none = alice.ctl(&["ssh", "known-hosts", "forged"]).expect_ok();
+    assert!(none.stdout.trim().is_empty(), "{none}");
 }
