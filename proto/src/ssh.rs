@@ -320,6 +320,14 @@ mod tests {
     }
 
     #[test]
+    fn the_package_removes_only_a2a_s_dropin() {
+        // postrm compares the drop-in's first line with the header, spelt out in shell.
+        let postrm = include_str!("../../packaging/debian/postrm");
+        assert!(postrm.contains(&format!("'{DROPIN_HEADER}'")));
+        assert!(postrm.contains(&format!("/etc/ssh/sshd_config.d/{DROPIN_NAME}")));
+    }
+
+    #[test]
     fn users_and_dropins() {
         assert!(validate_user("agent").is_ok());
         assert!(validate_user("_deploy-1").is_ok());
