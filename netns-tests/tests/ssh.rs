@@ -237,6 +237,8 @@ fn members_log_in_over_ssh_as_granted_and_nobody_else() {
     );
     std::fs::remove_file(&foreign).unwrap();
     ctl(&bob, &copy, &enable).expect_ok();
+    // Enabling again (a2a's own drop-in) is fine.
+    ctl(&bob, &copy, &enable).expect_ok();
     let dropin = std::fs::read_to_string(&foreign).unwrap();
     assert!(dropin.contains("AuthorizedKeysCommand "), "{dropin}");
     // sshd accepts the whole configuration (-t) and starts on bob's overlay address.
@@ -337,7 +339,13 @@ fn members_log_in_over_ssh_as_granted_and_nobody_else() {
     let copied = PathBuf::from(format!("/home/{GRANTED}/ten-megabytes"));
     assert_eq!(sha256(&copied), sha256(&file), "the copy differs");
 
-    // bob kicks alice: at once, a2ad answers no key for her any more, and she cannot log in.
+    // With the hub down, the members and their keys are still known: alice still logs in.
+    coord.kill();
+    let out = ssh(&alice, "bob", GRANTED, "id -un").expect_ok();
+    assert_eq!(out.stdout.trim(), GRANTED);
+
+    // bob kicks alice (the hub still down: bob drops her at once and sends the revocation when
+    // it registers again): a2ad answers no key for her any more, and she cannot log in.
     bob.ctl(&["kick", "alice"]).expect_ok();
     let after = ask(GRANTED);
     assert!(after.stdout.trim().is_empty(), "{after}");
