@@ -272,6 +272,7 @@ mod tests {
             ip: format!("100.64.0.{n}").parse().unwrap(),
             candidates: vec![],
             issued_ms,
+            ssh: None,
         }
         .sign(&k);
         PeerEntry {

@@ -624,6 +624,7 @@ mod tests {
                 ip: ip.parse().unwrap(),
                 candidates: vec![],
                 issued_ms: 1,
+                ssh: None,
             },
         }
     }

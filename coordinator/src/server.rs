@@ -1425,6 +1425,7 @@ mod tests {
             ip: format!("100.64.0.{n}").parse().unwrap(),
             candidates: vec![],
             issued_ms: 1,
+            ssh: None,
         }
         .sign(k);
         let proof = Some(Signature(k.sign(REGISTER_CONTEXT, &est.handshake_hash)));

@@ -482,6 +482,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             candidates: vec![],
             issued_ms,
+            ssh: None,
         }
         .sign(k)
     }

@@ -3,6 +3,7 @@
 mod assets;
 mod client;
 mod output;
+mod ssh;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -139,6 +140,9 @@ enum Command {
     },
     /// List the port forwards.
     Forwards,
+    /// Log in to a member with the system's OpenSSH, authenticated by the overlay (no keys to
+    /// hand out, no host-key prompt); `ssh enable` lets members log in here.
+    Ssh(ssh::SshArgs),
     /// Manage the network secret.
     Token {
         #[command(subcommand)]
@@ -295,6 +299,14 @@ fn run(cli: Cli) -> Result<(), String> {
     if let Command::Ping { peer, count } = &cli.command {
         return ping(&socket, peer, *count);
     }
+    let cli = match cli.command {
+        Command::Ssh(args) => return ssh::run(&socket, args),
+        command => Cli {
+            command,
+            socket: None,
+            state_dir: None,
+        },
+    };
     let request = match &cli.command {
         Command::Up { join, name } => {
             // Check the token here too, so a bad one is named even when a2ad is not running.
@@ -319,7 +331,7 @@ fn run(cli: Cli) -> Result<(), String> {
             a2a_proto::api::parse_whois_addr(addr)?;
             ApiRequest::Whois { addr: addr.clone() }
         }
-        Command::Ping { .. } => unreachable!("handled above"),
+        Command::Ping { .. } | Command::Ssh(_) => unreachable!("handled above"),
         Command::Netcheck { .. } => ApiRequest::Netcheck,
         Command::Invite { uses, ttl, tags } => ApiRequest::Invite {
             uses: *uses,
@@ -548,6 +560,11 @@ fn run(cli: Cli) -> Result<(), String> {
                 std::process::exit(1)
             }
         }
+        ApiResponse::SshEnabled { .. }
+        | ApiResponse::SshDisabled { .. }
+        | ApiResponse::SshAuthorizedKeys { .. }
+        | ApiResponse::SshKnownHosts { .. }
+        | ApiResponse::SshPeer { .. } => Err("unexpected ssh answer from a2ad".into()),
         ApiResponse::Invite { code, uses, ttl_s } => {
             println!("{code}");
             eprintln!(

@@ -199,6 +199,7 @@ pub fn record() -> NodeRecord {
             "[2001:db8::7]:51820".parse().unwrap(),
         ],
         issued_ms: 1_700_000_000_000,
+        ssh: None,
     }
 }
 

@@ -104,6 +104,29 @@ pub enum ApiRequest {
         peer: String,
         tags: Vec<String>,
     },
+    /// Let members log in to this node's sshd as `users` (token holders, without a policy),
+    /// and publish `host_key` (`ssh-ed25519 BASE64`) in this node's record.
+    SshEnable {
+        users: Vec<String>,
+        host_key: String,
+    },
+    /// Stop publishing the host key and answering sshd.
+    SshDisable,
+    /// sshd's question (`AuthorizedKeysCommand`): may the member publishing this key
+    /// (`%t %k`) log in as `user`?
+    SshAuthorizedKeys {
+        user: String,
+        key_type: String,
+        key: String,
+    },
+    /// ssh's question (`KnownHostsCommand`): the host key of `host` (`bob`, `bob.a2a`).
+    SshKnownHosts {
+        host: String,
+    },
+    /// What `a2actl ssh PEER` needs: the peer's address and name, and this node's key file.
+    SshPeer {
+        peer: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,6 +195,33 @@ pub enum ApiResponse {
     /// The forwards after an add or a remove, or as asked.
     Forwards {
         forwards: Vec<Forward>,
+    },
+    SshEnabled {
+        users: Vec<String>,
+        /// `SHA256:…` of the published host key.
+        host_key: String,
+    },
+    SshDisabled {
+        was_enabled: bool,
+    },
+    /// Lines for sshd: none, with the reason in `refused`, when the caller may not log in.
+    SshAuthorizedKeys {
+        lines: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refused: Option<String>,
+    },
+    SshKnownHosts {
+        lines: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refused: Option<String>,
+    },
+    SshPeer {
+        name: String,
+        ip: String,
+        /// This node's SSH user key file (OpenSSH format, 0600).
+        identity: String,
+        /// The peer publishes a host key (`a2actl ssh enable` ran there).
+        has_host_key: bool,
     },
     Error {
         message: String,

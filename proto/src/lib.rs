@@ -21,6 +21,7 @@ pub mod scrape;
 pub mod sealed;
 pub mod services;
 pub mod signed;
+pub mod ssh;
 pub mod sync;
 pub mod time;
 pub mod token;

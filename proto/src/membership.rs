@@ -271,6 +271,7 @@ mod tests {
             ip: "100.64.0.9".parse().unwrap(),
             candidates: vec![],
             issued_ms: 5,
+            ssh: None,
         }
     }
 

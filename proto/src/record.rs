@@ -35,6 +35,11 @@ pub struct NodeRecord {
     /// Milliseconds since the Unix epoch when the node issued this record; a newer record
     /// replaces an older one, an older one is dropped as stale.
     pub issued_ms: u64,
+    /// The member's SSH user key and, when its sshd is enabled for members, its host key.
+    /// Absent from records of nodes before SSH (and older nodes ignore it: a record's body is
+    /// parsed without denying unknown fields, and signed as the exact text it travels as).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<crate::ssh::SshKeys>,
 }
 
 /// A record as it travels: the exact signed bytes (a JSON text) and the signature.
@@ -181,6 +186,7 @@ mod tests {
             ip: "100.64.0.7".parse().unwrap(),
             candidates: vec!["10.0.0.2:51820".parse().unwrap()],
             issued_ms: 1,
+            ssh: None,
         }
     }
 
@@ -235,6 +241,44 @@ mod tests {
                 Err(RecordError::Invalid(_))
             ));
         }
+    }
+
+    #[test]
+    fn ssh_keys_are_optional_both_ways() {
+        let k = NetworkKey::derive(&[1; 32]);
+        // A record of a node before SSH: no field, and it still verifies.
+        let old = record().sign(&k);
+        assert!(!old.body.contains("ssh"));
+        assert_eq!(old.verify(&k.id()).unwrap().record.ssh, None);
+        // A record with keys, read by a node before SSH (its NodeRecord had no `ssh`): the
+        // field is ignored, and the signature covers the text as it is.
+        let mut r = record();
+        r.ssh = Some(crate::ssh::SshKeys {
+            user: Some(crate::ssh::public_of(&[4; 32]).to_openssh()),
+            host: None,
+        });
+        let new = r.sign(&k);
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct OldRecord {
+            network: NetworkId,
+            node_key: NodeKey,
+            name: String,
+            ip: Ipv4Addr,
+            candidates: Vec<SocketAddr>,
+            issued_ms: u64,
+        }
+        let old_view: OldRecord = serde_json::from_str(&new.body).unwrap();
+        assert_eq!(old_view.name, "alice");
+        assert_eq!(new.verify(&k.id()).unwrap().record, r);
+        // The coordinator cannot change a key: the signature no longer covers the body.
+        let mut forged = new.clone();
+        forged.body = forged.body.replace(
+            r.ssh.as_ref().unwrap().user.as_deref().unwrap(),
+            &crate::ssh::public_of(&[6; 32]).to_openssh(),
+        );
+        assert_ne!(forged.body, new.body);
+        assert_eq!(forged.verify(&k.id()), Err(RecordError::BadSignature));
     }
 
     #[test]

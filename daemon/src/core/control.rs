@@ -130,6 +130,8 @@ struct Conn {
     /// The reflexive address last reported.
     reflexive: Option<SocketAddr>,
     published: Vec<SocketAddr>,
+    /// The SSH keys in the record last sent.
+    published_ssh: Option<a2a_proto::ssh::SshKeys>,
     registered: bool,
     /// `PeerUp`s still to come before `up` may return.
     initial_peers: u32,
@@ -154,6 +156,8 @@ pub struct Client {
     closed_handshakes: u32,
     /// The router's port mapping of the WireGuard port, when it may be published.
     mapped: Option<SocketAddr>,
+    /// The SSH keys this node publishes in its record (`None` before any are set).
+    ssh: Option<a2a_proto::ssh::SshKeys>,
     conn: Option<Conn>,
 }
 
@@ -179,6 +183,7 @@ impl Client {
             address_attempt: 0,
             closed_handshakes: 0,
             mapped: None,
+            ssh: None,
             conn: None,
         }
     }
@@ -218,6 +223,7 @@ impl Client {
             locals,
             reflexive,
             published,
+            published_ssh: self.ssh.clone(),
             registered: false,
             initial_peers: 0,
             heartbeat_every: REGISTER_TIMEOUT,
@@ -291,17 +297,26 @@ impl Client {
         self.republish(now).into_iter().collect()
     }
 
-    /// A new record when the candidates differ from the published ones (once registered).
+    /// The SSH keys to publish (user key, and the host key while sshd is enabled for
+    /// members); republishes the record when they changed.
+    pub fn set_ssh(&mut self, now: Now, keys: Option<a2a_proto::ssh::SshKeys>) -> Vec<Action> {
+        self.ssh = keys;
+        self.republish(now).into_iter().collect()
+    }
+
+    /// A new record when the candidates or the SSH keys differ from the published ones (once
+    /// registered).
     fn republish(&mut self, now: Now) -> Option<Action> {
         let c = self.conn.as_ref()?;
         let candidates = candidates_from(c.reflexive, self.mapped, &c.locals);
-        if candidates == c.published || !c.registered {
+        if (candidates == c.published && self.ssh == c.published_ssh) || !c.registered {
             return None;
         }
         let cred = c.cred.clone();
         let record = self.record(now, &cred, candidates.clone());
         if let Some(c) = self.conn.as_mut() {
             c.published = candidates;
+            c.published_ssh = self.ssh.clone();
         }
         Some(Action::Send(ClientMsg::Update { record }))
     }
@@ -487,7 +502,7 @@ impl Client {
                 return;
             }
         };
-        let VerifiedRecord { record, cert } = verified;
+        let VerifiedRecord { mut record, cert } = verified;
         if !cred.prefix().contains(&record.ip) {
             Counters::bump(&c.records_malformed);
             return;
@@ -501,6 +516,12 @@ impl Client {
         if unreachable > 0 {
             c.candidates_ignored
                 .fetch_add(unreachable as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(Err(e)) = record.ssh.as_ref().map(|k| k.validate()) {
+            // The member stays; its SSH keys do not: nobody logs in as it, nor trusts its host.
+            Counters::bump(&c.ssh_keys_invalid);
+            tracing::debug!("ignored the SSH keys of {}: {e}", record.name);
+            record.ssh = None;
         }
         let applied = self.peers.apply(now.at, record, cert);
         let peer = self.peers.by_key(&key);
@@ -733,6 +754,7 @@ impl Client {
             ip: self.ip,
             candidates,
             issued_ms,
+            ssh: self.ssh.clone(),
         })
     }
 }
@@ -850,6 +872,7 @@ mod tests {
             ip: format!("100.64.0.{n}").parse().unwrap(),
             candidates: vec![addr("192.0.2.50:51820")],
             issued_ms,
+            ssh: None,
         })
     }
 
@@ -873,6 +896,55 @@ mod tests {
         actions
             .iter()
             .any(|a| matches!(a, Action::Status(Registration::Registered { .. })))
+    }
+
+    #[test]
+    fn bad_ssh_keys_are_dropped_and_counted_and_new_keys_are_republished() {
+        use a2a_proto::ssh::{public_of, SshKeys};
+        let mut w = world();
+        register(&mut w, 0);
+        let cred = Credential::from_token(token(SECRET));
+        let good = public_of(&[5; 32]).to_openssh();
+        let record = cred.sign_record(&NodeRecord {
+            network: cred.network_id(),
+            node_key: key_of([7; 32]),
+            name: "peer7".into(),
+            ip: "100.64.0.7".parse().unwrap(),
+            candidates: vec![],
+            issued_ms: 10,
+            ssh: Some(SshKeys {
+                user: Some(good.clone()),
+                host: Some(format!("ssh-ed25519 {}", "A".repeat(3000))),
+            }),
+        });
+        w.client.handle(
+            at(&w, 6),
+            ServerMsg::PeerUp {
+                record,
+                relay_id: 7,
+            },
+        );
+        // The member is in, without its keys: nobody logs in as it, no host key is trusted.
+        let peer = w.peers.by_key(&key_of([7; 32])).expect("the peer");
+        assert_eq!(peer.info().ssh, SshKeys::default());
+        let counted = w
+            .counters
+            .ssh_keys_invalid
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(counted, 1);
+
+        // This node's own keys: a new record when they change, none when they do not.
+        let keys = SshKeys {
+            user: Some(good),
+            host: None,
+        };
+        let actions = w.client.set_ssh(at(&w, 7), Some(keys.clone()));
+        let [Action::Send(ClientMsg::Update { record })] = &actions[..] else {
+            panic!("expected one Update, got {actions:?}");
+        };
+        let sent: NodeRecord = serde_json::from_str(&record.body).unwrap();
+        assert_eq!(sent.ssh, Some(keys.clone()));
+        assert!(w.client.set_ssh(at(&w, 8), Some(keys)).is_empty());
     }
 
     #[test]
@@ -900,6 +972,7 @@ mod tests {
                 addr("[fd00:9::5]:51820"),
             ],
             issued_ms: 10,
+            ssh: None,
         });
         w.client.handle(
             at(&w, 6),
@@ -1101,6 +1174,7 @@ mod tests {
                 ip: "10.1.2.3".parse().unwrap(),
                 candidates: vec![],
                 issued_ms: 1,
+                ssh: None,
             })
         };
         for record in [unsigned, tampered, foreign, outside] {

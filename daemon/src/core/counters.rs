@@ -61,6 +61,9 @@ counters! {
     /// loopback, link-local, multicast or broadcast, port 0, the coordinator's, or one of this
     /// node's own); also each such candidate of a record, dropped when the record is applied.
     candidates_ignored,
+    /// Records whose SSH keys are malformed, too long, not Ed25519 or a weak point: the
+    /// member is applied without them (nobody logs in as it, no host key is trusted for it).
+    ssh_keys_invalid,
     disco_bad,
     disco_rate_limited,
     disco_stale_pong,
@@ -199,6 +202,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 74);
+        assert_eq!(len, 75);
     }
 }

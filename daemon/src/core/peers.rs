@@ -54,6 +54,8 @@ pub struct PeerInfo {
     /// The member certificate of a peer admitted by invite; `None` for a holder of the
     /// network secret.
     pub cert: Option<MemberCert>,
+    /// Its SSH user and host keys (checked by the control client; invalid ones are dropped).
+    pub ssh: a2a_proto::ssh::SshKeys,
 }
 
 use crate::core::family::Reach;
@@ -516,6 +518,7 @@ impl PeerTable {
             candidates: record.candidates,
             issued_ms: record.issued_ms,
             cert,
+            ssh: record.ssh.unwrap_or_default(),
         };
         if let Some(peer) = snap.by_key.get(&record.node_key) {
             {
@@ -618,6 +621,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             candidates: vec![format!("10.0.0.{n}:51820").parse().unwrap()],
             issued_ms,
+            ssh: None,
         }
     }
 

@@ -237,6 +237,7 @@ mod tests {
             ip: Ipv4Addr::from(ip),
             candidates: vec![],
             issued_ms: 1,
+            ssh: None,
         }
     }
 

@@ -131,6 +131,60 @@ impl StateDir {
         self.save_json("forwards.json", &f)
     }
 
+    /// What `a2actl ssh enable` saved (`ssh.json`); `None` when SSH is not enabled. A corrupted
+    /// file is an error naming it.
+    pub fn ssh_settings(&self) -> io::Result<Option<crate::core::ssh::SshSettings>> {
+        let path = self.dir.join("ssh.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is corrupted ({e}); remove it and run `a2actl ssh enable` again",
+                        path.display()
+                    ),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(with_path(e, "read", &path)),
+        }
+    }
+
+    /// Saves (or, with `None`, removes) the SSH settings.
+    pub fn save_ssh_settings(&self, s: Option<&crate::core::ssh::SshSettings>) -> io::Result<()> {
+        match s {
+            Some(s) => self.save_json("ssh.json", s),
+            None => match fs::remove_file(self.dir.join("ssh.json")) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Writes this node's SSH user key file (`ssh_ed25519`, 0600, OpenSSH format) when it is
+    /// missing or differs; returns its path.
+    pub fn write_ssh_identity(&self, text: &str) -> io::Result<PathBuf> {
+        let path = self.dir.join("ssh_ed25519");
+        if fs::read_to_string(&path).ok().as_deref() == Some(text) {
+            return Ok(path);
+        }
+        fs::create_dir_all(&self.dir).map_err(|e| with_path(e, "create", &self.dir))?;
+        let tmp = self.dir.join("ssh_ed25519.tmp");
+        let write = || -> io::Result<()> {
+            let _ = fs::remove_file(&tmp);
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| with_path(e, "write", &path))?;
+        Ok(path)
+    }
+
     pub fn clear_membership(&self) -> io::Result<()> {
         for name in ["network.json", "revoked.json"] {
             match fs::remove_file(self.dir.join(name)) {

@@ -128,6 +128,51 @@ pub async fn dispatch<P: Platform>(req: ApiRequest, daemon: &Daemon<P>) -> ApiRe
         ApiRequest::Forwards => ApiResponse::Forwards {
             forwards: daemon.forwards(),
         },
+        ApiRequest::SshEnable { users, host_key } => {
+            match daemon.ssh_enable(users, &host_key).await {
+                Ok((users, host_key)) => ApiResponse::SshEnabled { users, host_key },
+                Err(e) => error(e),
+            }
+        }
+        ApiRequest::SshDisable => match daemon.ssh_disable().await {
+            Ok(was_enabled) => ApiResponse::SshDisabled { was_enabled },
+            Err(e) => error(e),
+        },
+        ApiRequest::SshAuthorizedKeys {
+            user,
+            key_type,
+            key,
+        } => match daemon.ssh_authorized_keys(&user, &key_type, &key).await {
+            Ok(Ok(line)) => ApiResponse::SshAuthorizedKeys {
+                lines: vec![line],
+                refused: None,
+            },
+            Ok(Err(why)) => ApiResponse::SshAuthorizedKeys {
+                lines: vec![],
+                refused: Some(why),
+            },
+            Err(e) => error(e),
+        },
+        ApiRequest::SshKnownHosts { host } => match daemon.ssh_known_hosts(&host).await {
+            Ok(Ok(line)) => ApiResponse::SshKnownHosts {
+                lines: vec![line],
+                refused: None,
+            },
+            Ok(Err(why)) => ApiResponse::SshKnownHosts {
+                lines: vec![],
+                refused: Some(why),
+            },
+            Err(e) => error(e),
+        },
+        ApiRequest::SshPeer { peer } => match daemon.ssh_peer(&peer).await {
+            Ok((name, ip, identity, has_host_key)) => ApiResponse::SshPeer {
+                name,
+                ip,
+                identity,
+                has_host_key,
+            },
+            Err(e) => error(e),
+        },
         ApiRequest::RotateToken => match daemon.rotate().await {
             Ok((token, carried)) => ApiResponse::Rotated { token, carried },
             Err(e) => error(e),

@@ -106,11 +106,13 @@ const KEYS_LIFETIME: Duration = Duration::from_secs(180);
 pub struct Daemon<P: Platform> {
     platform: P,
     device: DeviceConfig,
-    state: StateDir,
+    pub(crate) state: StateDir,
     node_private: [u8; 32],
-    pub(super) session: Mutex<Option<Session<P>>>,
+    pub(crate) session: Mutex<Option<Session<P>>>,
     /// This node's services (kept in the state directory, served while joined).
     services: Arc<ServiceBook>,
+    /// This node's SSH identity, and what its sshd accepts (node/ssh.rs).
+    pub(crate) ssh: crate::node::ssh::SshBook,
     /// The port forwards (`a2ad --userspace`), kept in the state directory.
     forwards: std::sync::Mutex<Vec<a2a_proto::api::Forward>>,
 }
@@ -132,6 +134,7 @@ impl<P: Platform> Daemon<P> {
         ));
         let forwards = state.forwards().map_err(|e| e.to_string())?;
         platform.set_forwards(&forwards);
+        let ssh = crate::node::ssh::SshBook::load(&state, &node_private)?;
         Ok(Daemon {
             platform,
             device,
@@ -140,6 +143,7 @@ impl<P: Platform> Daemon<P> {
             session: Mutex::new(None),
             services,
             forwards: std::sync::Mutex::new(forwards),
+            ssh,
         })
     }
 
@@ -163,6 +167,7 @@ impl<P: Platform> Daemon<P> {
             name,
             ip,
             services: self.services.clone(),
+            ssh: self.ssh.subscribe(),
         };
         Session::start(&self.platform, &self.device, self.state.clone(), joining).await
     }

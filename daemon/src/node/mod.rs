@@ -6,3 +6,4 @@ pub mod commands;
 pub mod metrics;
 pub mod policy;
 pub mod session;
+pub mod ssh;

@@ -88,6 +88,8 @@ pub struct Joining {
     pub ip: Ipv4Addr,
     /// This node's services, served to members (tasks/services.rs).
     pub services: Arc<ServiceBook>,
+    /// The SSH keys to publish in the record.
+    pub ssh: watch::Receiver<Option<a2a_proto::ssh::SshKeys>>,
 }
 
 impl<P: Platform> Session<P> {
@@ -106,6 +108,7 @@ impl<P: Platform> Session<P> {
             name,
             ip,
             services,
+            ssh,
         } = joining;
         let prefix_len = credential.prefix().prefix_len();
         let dns_ip = a2a_proto::overlay::dns_ip(credential.prefix());
@@ -188,6 +191,7 @@ impl<P: Platform> Session<P> {
             ip6,
             portmap: portmap.clone(),
             policy: policy.clone(),
+            ssh,
         };
         let control = tokio::spawn(task.run(leave_rx));
         let policy_task = tokio::spawn(

@@ -69,6 +69,8 @@ pub struct ControlTask<P: Platform> {
     pub portmap: Arc<PortMapLink>,
     /// Where the coordinator's policy and tag statements go (verified there).
     pub policy: Arc<PolicyBook>,
+    /// The SSH keys to publish in the record (tasks/ssh.rs keeps them).
+    pub ssh: watch::Receiver<Option<a2a_proto::ssh::SshKeys>>,
 }
 
 impl<P: Platform> ControlTask<P> {
@@ -182,6 +184,11 @@ impl<P: Platform> ControlTask<P> {
         self.portmap.reflexive.send_replace(reflexive);
         let mut mapped = self.portmap.published.subscribe();
         self.client.mapped(clock(), *mapped.borrow_and_update());
+        let mut ssh = self.ssh.clone();
+        let keys = ssh.borrow_and_update().clone();
+        self.client.set_ssh(clock(), keys);
+        // Without a sender (tests), nothing ever changes: stop asking.
+        let mut ssh_open = true;
         let register =
             self.client
                 .connected(clock(), &est.handshake_hash, reflexive, locals.clone());
@@ -270,6 +277,14 @@ impl<P: Platform> ControlTask<P> {
                     }
                     let m = *mapped.borrow_and_update();
                     self.client.mapped(clock(), m)
+                }
+                changed = ssh.changed(), if ssh_open => {
+                    if changed.is_err() {
+                        ssh_open = false;
+                        continue;
+                    }
+                    let keys = ssh.borrow_and_update().clone();
+                    self.client.set_ssh(clock(), keys)
                 }
                 _ = leave.changed() => {
                     leave_gracefully(&mut writer, &mut msgs).await;

@@ -480,6 +480,7 @@ async fn member_session(
         ip: a2a_proto::overlay::derive_ip(token.prefix, &node_key, 0),
         candidates: Vec::new(),
         issued_ms,
+        ssh: None,
     }
     .sign(network_key);
     let (r, w) = s.into_split();

@@ -64,6 +64,15 @@ fn host(prefix: ipnet::Ipv4Net, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(prefix.network()) + n)
 }
 
+/// The SSH keys every forged record carries (and a tampered real record is given): a user key
+/// whose private half the ssh test derives from the same seed, and a host key.
+fn forged_ssh_keys() -> a2a_proto::ssh::SshKeys {
+    a2a_proto::ssh::SshKeys {
+        user: Some(a2a_proto::ssh::public_of(&[0x55; 32]).to_openssh()),
+        host: Some(a2a_proto::ssh::public_of(&[0x56; 32]).to_openssh()),
+    }
+}
+
 fn peer_up(record: SignedRecord) -> Injected {
     Injected::Msg(ServerMsg::PeerUp {
         record,
@@ -80,6 +89,7 @@ impl Forger {
             ip: host(self.prefix, n),
             candidates: vec![],
             issued_ms: u64::MAX / 2,
+            ssh: Some(forged_ssh_keys()),
         }
     }
 
@@ -164,6 +174,7 @@ impl Tamper for Forger {
             if let Ok(mut body) = serde_json::from_str::<NodeRecord>(&first.body) {
                 body.ip = host(self.prefix, 204);
                 body.issued_ms += 1_000_000;
+                body.ssh = Some(forged_ssh_keys());
                 out.push(peer_up(SignedRecord {
                     body: serde_json::to_string(&body).unwrap(),
                     ..first.clone()

@@ -112,6 +112,7 @@ async fn member(
         ip: a2a_proto::overlay::derive_ip("100.64.0.0/10".parse().unwrap(), &node_key, 0),
         candidates: vec![],
         issued_ms: a2a_proto::time::now_ms(),
+        ssh: None,
     }
     .sign(net);
     let proof = Some(Signature(net.sign(REGISTER_CONTEXT, &est.handshake_hash)));

@@ -782,6 +782,7 @@ async fn connect_register(
         ip: a2a_proto::overlay::derive_ip(args.prefix, &node.key, attempt),
         candidates: vec![SocketAddr::new(IpAddr::V4(source), 51820)],
         issued_ms: a2a_proto::time::now_ms(),
+        ssh: None,
     }
     .sign(net_key);
     let proof = Signature(net_key.sign(REGISTER_CONTEXT, &est.handshake_hash));

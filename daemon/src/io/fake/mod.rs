@@ -270,6 +270,7 @@ mod tests {
                 name: "n1".into(),
                 ip,
                 services: Default::default(),
+                ssh: tokio::sync::watch::channel(None).1,
             },
         )
         .await
