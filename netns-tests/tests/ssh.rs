@@ -351,6 +351,43 @@ fn members_log_in_over_ssh_as_granted_and_nobody_else() {
     assert!(after.stdout.trim().is_empty(), "{after}");
     ssh(&alice, "bob", GRANTED, "true").expect_fail();
 
+    // Under a policy, its grants' "ssh" users alone decide (the hub still down: the policy
+    // reaches carol from bob over the overlay). carol, invited and refused so far, may log in
+    // as GRANTED; as OTHER, which the grant does not name, she may not.
+    bob.ctl(&["tag", "carol", "ops"]).expect_ok();
+    let policy = format!(
+        r#"{{"grants": [{{"src": ["tag:ops"], "dst": ["bob"], "ports": ["tcp:22"], "ssh": ["{GRANTED}"]}}]}}"#
+    );
+    let file = lab.dir().join("ssh-policy.json");
+    std::fs::write(&file, &policy).unwrap();
+    let f = file.to_string_lossy().into_owned();
+    // SSH users without tcp:22 in the grant's ports are refused, naming the line.
+    let bad = lab.dir().join("ssh-policy-bad.json");
+    std::fs::write(&bad, policy.replace("tcp:22", "tcp:2222")).unwrap();
+    let out = bob
+        .ctl(&["policy", "set", &bad.to_string_lossy()])
+        .expect_fail();
+    assert!(
+        out.stderr.contains("tcp:22") && out.stderr.contains("line 1"),
+        "{out}"
+    );
+    bob.ctl(&["policy", "set", &f]).expect_ok();
+    let out = wait_for(
+        OVERLAY_TIMEOUT,
+        "carol to log in to bob under the policy",
+        || {
+            let out = ssh(&carol, "bob", GRANTED, "id -un");
+            if out.success() {
+                Ok(out)
+            } else {
+                Err(out.to_string())
+            }
+        },
+    );
+    assert_eq!(out.stdout.trim(), GRANTED);
+    let out = ssh(&carol, "bob", OTHER, "true").expect_fail();
+    assert!(out.stderr.contains("Permission denied"), "{out}");
+
     // disable removes the drop-in and the published host key.
     ctl(
         &bob,

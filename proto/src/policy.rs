@@ -79,6 +79,37 @@ pub struct Grant {
     pub dst: Vec<Selector>,
     #[serde(deserialize_with = "non_empty")]
     pub ports: Vec<PortSpec>,
+    /// The local users `src` members may log in as on `dst` members over SSH (`a2actl ssh`;
+    /// the grant's ports must open `tcp:22`).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "ssh_users"
+    )]
+    pub ssh: Vec<String>,
+}
+
+impl Grant {
+    /// Whether the grant's ports open TCP port 22.
+    fn opens_ssh(&self) -> bool {
+        self.ports.iter().any(|p| match *p {
+            PortSpec::Any => true,
+            PortSpec::Range {
+                transport: Transport::Tcp,
+                lo,
+                hi,
+            } => lo <= 22 && 22 <= hi,
+            _ => false,
+        })
+    }
+}
+
+fn ssh_users<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    for u in &v {
+        crate::ssh::validate_user(u).map_err(de::Error::custom)?;
+    }
+    Ok(v)
 }
 
 /// The policy document: a list of grants. Nothing is allowed that no grant allows.
@@ -111,6 +142,8 @@ pub enum PolicyError {
         line: usize,
         column: usize,
     },
+    #[error("policy grant at line {line} column {column} names SSH users but its ports do not open tcp:22: add \"tcp:22\" to its ports")]
+    SshWithoutPort { line: usize, column: usize },
     #[error("signed policy refused: {0}")]
     Signature(RecordError),
 }
@@ -133,6 +166,14 @@ impl Policy {
                 count: policy.grants.len(),
             });
         }
+        if let Some(g) = policy
+            .grants
+            .iter()
+            .position(|g| !g.ssh.is_empty() && !g.opens_ssh())
+        {
+            let (line, column) = nth_position_of(text, "\"ssh\"", ssh_index(&policy, g));
+            return Err(PolicyError::SshWithoutPort { line, column });
+        }
         if let Some(known) = known_tags {
             for g in &policy.grants {
                 for s in g.src.iter().chain(&g.dst) {
@@ -151,6 +192,28 @@ impl Policy {
         }
         Ok(policy)
     }
+}
+
+/// Which of the grants naming SSH users grant `g` is (0-based), to find its `"ssh"` in the text.
+fn ssh_index(policy: &Policy, g: usize) -> usize {
+    policy.grants[..g]
+        .iter()
+        .filter(|g| !g.ssh.is_empty())
+        .count()
+}
+
+/// Line and column (1-based) of the `n`-th occurrence of `needle` in `text` (the first when
+/// there are fewer).
+fn nth_position_of(text: &str, needle: &str, n: usize) -> (usize, usize) {
+    let at = text
+        .match_indices(needle)
+        .nth(n)
+        .or_else(|| text.match_indices(needle).next())
+        .map_or(0, |(i, _)| i);
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(at, |nl| at - nl - 1) + 1;
+    (line, column)
 }
 
 /// serde_json appends " at line L column C"; the error names the position itself.

@@ -46,7 +46,8 @@ pub struct Member<'a> {
     pub tags: &'a BTreeSet<String>,
 }
 
-fn matches(sel: &Selector, name: &str, tags: &BTreeSet<String>) -> bool {
+/// Whether `sel` picks the member `name` carrying `tags`.
+pub fn matches(sel: &Selector, name: &str, tags: &BTreeSet<String>) -> bool {
     match sel {
         Selector::Any => true,
         Selector::Tag(t) => tags.contains(t),

@@ -56,6 +56,31 @@ pub trait SshGrants: Send + Sync {
     fn may_log_in(&self, member: &Member<'_>, user: &str) -> Result<(), String>;
 }
 
+/// The rule under a policy: the users each member's grants to this node name in `"ssh"`
+/// (`Statements::ssh_users`).
+pub struct PolicyUsers {
+    pub version: u64,
+    pub users: std::collections::HashMap<NodeKey, std::collections::BTreeSet<String>>,
+}
+
+impl SshGrants for PolicyUsers {
+    fn may_log_in(&self, member: &Member<'_>, user: &str) -> Result<(), String> {
+        if self
+            .users
+            .get(&member.key)
+            .is_some_and(|users| users.contains(user))
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "no grant of policy version {} lets {} log in here as {user:?} (a grant to this \
+                 node with \"ssh\": [\"{user}\"] does)",
+                self.version, member.name
+            ))
+        }
+    }
+}
+
 /// The rule without a policy: members that joined with the token, as the listed users.
 pub struct TokenHolders<'a> {
     pub users: &'a [String],

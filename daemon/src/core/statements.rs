@@ -13,7 +13,7 @@ use a2a_proto::policy::{
 use a2a_proto::signed::RecordError;
 use a2a_proto::{NetworkId, NodeKey};
 
-use crate::core::policy::{Member, Rules};
+use crate::core::policy::{matches, Member, Rules};
 
 /// Most node keys with a tag statement held (a statement is signed by the network key, so
 /// only a token holder can make more; the bound keeps a buggy one from growing the table).
@@ -190,6 +190,35 @@ impl Statements {
     }
 }
 
+impl Statements {
+    /// Per member, the local users the policy lets it log in as on this node over SSH (the
+    /// `"ssh"` of every grant from the member to this node); `None` with no policy set.
+    pub fn ssh_users<'a>(
+        &self,
+        own_key: NodeKey,
+        own_name: &str,
+        members: impl IntoIterator<Item = (NodeKey, &'a str)>,
+    ) -> Option<HashMap<NodeKey, BTreeSet<String>>> {
+        let policy = &self.policy.as_ref()?.policy;
+        let own_tags = self.tags(&own_key);
+        let mut out = HashMap::new();
+        for (key, name) in members {
+            let tags = self.tags(&key);
+            let users: BTreeSet<String> = policy
+                .grants
+                .iter()
+                .filter(|g| {
+                    g.src.iter().any(|s| matches(s, name, tags))
+                        && g.dst.iter().any(|s| matches(s, own_name, own_tags))
+                })
+                .flat_map(|g| g.ssh.iter().cloned())
+                .collect();
+            out.insert(key, users);
+        }
+        Some(out)
+    }
+}
+
 fn mix(version: u64, key: &[u8; 32]) -> u64 {
     // FNV-1a over the key and the version: not cryptographic, only a change detector.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -268,6 +297,32 @@ mod tests {
         // Loaded under another network: nothing verifies.
         let other = Statements::load(NetworkId([3; 32]), &s.bundle());
         assert!(other.policy().is_none() && other.tags(&p).is_empty());
+    }
+
+    #[test]
+    fn ssh_users_come_from_the_grants_to_this_node() {
+        let k = key();
+        let (p, w, u) = (NodeKey([1; 32]), NodeKey([2; 32]), NodeKey([3; 32]));
+        let mut s = Statements::new(k.id());
+        assert!(
+            s.ssh_users(w, "w", [(p, "p")]).is_none(),
+            "no policy, no answer"
+        );
+        s.offer(&tags_of(&k, p, 1, &["planner"])).unwrap();
+        s.offer(&tags_of(&k, w, 1, &["worker"])).unwrap();
+        let text = r#"{"grants": [
+            {"src": ["tag:planner"], "dst": ["tag:worker"], "ports": ["tcp:22"], "ssh": ["agent"]},
+            {"src": ["p"], "dst": ["*"], "ports": ["tcp:22"], "ssh": ["deploy"]},
+            {"src": ["*"], "dst": ["*"], "ports": ["tcp:80"]}
+        ]}"#;
+        s.offer(&PolicyDoc::sign(&k, 1, 1, text, None).unwrap())
+            .unwrap();
+        let users = s.ssh_users(w, "w", [(p, "p"), (u, "u")]).unwrap();
+        assert_eq!(users[&p].iter().collect::<Vec<_>>(), ["agent", "deploy"]);
+        assert!(users[&u].is_empty());
+        // Not to another node: the planner has no tag:worker grant onto itself.
+        let users = s.ssh_users(p, "p", [(w, "w")]).unwrap();
+        assert!(users[&w].is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use a2a_proto::ssh::{openssh_private_key, public_of, user_key_seed, validate_use
 use a2a_proto::ssh::{SshKeys, SshPublicKey};
 use tokio::sync::watch;
 
-use crate::core::ssh::{self, Member, SshGrants, SshSettings, TokenHolders};
+use crate::core::ssh::{self, Member, PolicyUsers, SshGrants, SshSettings, TokenHolders};
 use crate::io::state::StateDir;
 use crate::io::Platform;
 use crate::node::commands::{CommandError, Daemon};
@@ -72,13 +72,32 @@ impl SshBook {
 }
 
 impl<P: Platform> Daemon<P> {
-    /// Who may log in as whom. Without a policy: token holders, as the enabled users. The
-    /// policy wiring returns its own [`SshGrants`] here when a policy is loaded (the grants'
-    /// `"ssh": [users]` on rules to `tcp:22`).
+    /// Who may log in as whom without a policy: token holders, as the enabled users (under a
+    /// policy, [`PolicyUsers`] from its grants' `"ssh"` users).
     fn ssh_grants<'a>(&self, settings: &'a SshSettings) -> Box<dyn SshGrants + 'a> {
         Box::new(TokenHolders {
             users: &settings.users,
         })
+    }
+
+    /// Under a policy, who may log in as whom comes from its grants' `"ssh"` users alone.
+    async fn policy_ssh_users(&self) -> Option<PolicyUsers> {
+        let slot = self.session.lock().await;
+        let s = slot.as_ref()?;
+        let members: Vec<(a2a_proto::NodeKey, String)> = s
+            .peers
+            .all()
+            .iter()
+            .map(|p| (p.key, p.info().name))
+            .collect();
+        let book = s.policy.read();
+        let version = book.policy()?.version;
+        let users = book.ssh_users(
+            s.peers.own_key(),
+            &s.name,
+            members.iter().map(|(k, n)| (*k, n.as_str())),
+        )?;
+        Some(PolicyUsers { version, users })
     }
 
     pub async fn ssh_enable(
@@ -148,7 +167,10 @@ impl<P: Platform> Daemon<P> {
                 "SSH is not enabled on this node (`a2actl ssh enable`)".into()
             ));
         };
-        let grants = self.ssh_grants(&settings);
+        let grants: Box<dyn SshGrants + '_> = match self.policy_ssh_users().await {
+            Some(users) => Box::new(users),
+            None => self.ssh_grants(&settings),
+        };
         self.with_members(|members| ssh::authorize(members, user, key_type, key, grants.as_ref()))
             .await
     }
