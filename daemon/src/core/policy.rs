@@ -505,6 +505,19 @@ pub struct Tracker {
     max_per_peer: usize,
     max_total: usize,
     counts: PolicyCounts,
+    /// The last packet that passed as part of a tracked flow (data, no SYN/FIN/RST): the next
+    /// one of the same flow, direction, rules and millisecond passes without a lookup (a
+    /// burst of one flow's segments costs one lookup; touching it again would change nothing).
+    last: Option<Last>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Last {
+    key: FlowKey,
+    peer: NodeKey,
+    inbound: bool,
+    generation: u64,
+    now_ms: u64,
 }
 
 impl Tracker {
@@ -522,6 +535,7 @@ impl Tracker {
             max_per_peer,
             max_total,
             counts: PolicyCounts::default(),
+            last: None,
         };
         t.set_rules(rules);
         t
@@ -575,6 +589,7 @@ impl Tracker {
     }
 
     fn remove(&mut self, key: &FlowKey) {
+        self.last = None;
         if let Some(e) = self.table.remove(key) {
             if let Some(pf) = self.peers.get_mut(&e.peer) {
                 pf.count -= 1;
@@ -622,6 +637,7 @@ impl Tracker {
     /// Makes room in `peer`'s share: the oldest flow not answered yet goes first, else the
     /// oldest.
     fn evict_one(&mut self, peer: &NodeKey) {
+        self.last = None;
         let Some(pf) = self.peers.get_mut(peer) else {
             return;
         };
@@ -745,11 +761,28 @@ impl Tracker {
             local_port: h.dport,
             remote_port: h.sport,
         };
+        let last = Last {
+            key,
+            peer,
+            inbound: true,
+            generation: self.generation,
+            now_ms,
+        };
+        let plain = matches!(
+            h.kind,
+            Kind::Tcp {
+                rst: false,
+                fin: false
+            } | Kind::Udp
+        );
+        if plain && self.last == Some(last) {
+            return Verdict::Flow;
+        }
         let new_flow = matches!(
             h.kind,
             Kind::TcpSyn | Kind::Udp | Kind::EchoRequest | Kind::IcmpOther | Kind::Other
         );
-        match self.live(now_ms, &key) {
+        let verdict = match self.live(now_ms, &key) {
             Some(e) if e.peer != peer => self.refuse(Reason::NoFlow, Reply::None),
             // An echo request never rides on our own echo's entry: it needs a grant.
             Some(e) if e.local_origin && h.kind != Kind::EchoRequest => {
@@ -797,7 +830,11 @@ impl Tracker {
                     }
                 }
             },
+        };
+        if plain && verdict == Verdict::Flow && self.table.contains_key(&key) {
+            self.last = Some(last);
         }
+        verdict
     }
 
     /// A packet read from the TUN for `peer`: send it, or refuse it (the peer would).
@@ -817,7 +854,24 @@ impl Tracker {
             local_port: h.sport,
             remote_port: h.dport,
         };
-        match self.live(now_ms, &key) {
+        let last = Last {
+            key,
+            peer,
+            inbound: false,
+            generation: self.generation,
+            now_ms,
+        };
+        let plain = matches!(
+            h.kind,
+            Kind::Tcp {
+                rst: false,
+                fin: false
+            } | Kind::Udp
+        );
+        if plain && self.last == Some(last) {
+            return Verdict::Flow;
+        }
+        let verdict = match self.live(now_ms, &key) {
             Some(e) if !e.local_origin && h.kind != Kind::EchoRequest => {
                 // A reply to a flow the peer opened: is that flow still allowed in?
                 if e.generation != self.generation {
@@ -869,7 +923,11 @@ impl Tracker {
                     None => self.refuse(Reason::TableFull, Self::refusal_reply(h.kind)),
                 },
             },
+        };
+        if plain && verdict == Verdict::Flow && self.table.contains_key(&key) {
+            self.last = Some(last);
         }
+        verdict
     }
 }
 
@@ -1251,6 +1309,32 @@ mod tests {
         p.set_rules(rules_for(Some(r#"{"grants": []}"#), P));
         assert_eq!(
             p.outbound(1, W, &ip4(PROTO_TCP, P4, W4, &tcp(40000, 8080, ACK))),
+            refused(Reason::Revoked, Reply::TcpRst)
+        );
+    }
+
+    #[test]
+    fn a_burst_of_one_flow_passes_on_one_lookup_and_never_outlives_its_flow() {
+        let mut w = Tracker::new(rules_for(Some(EXAMPLE), W));
+        let syn = ip4(PROTO_TCP, P4, W4, &tcp(40000, 8080, SYN));
+        assert_eq!(w.inbound(0, P, &syn), GRANT0);
+        let data = ip4(PROTO_TCP, P4, W4, &tcp(40000, 8080, ACK));
+        for _ in 0..100 {
+            assert_eq!(w.inbound(5, P, &data), Verdict::Flow);
+        }
+        // The same segment from another peer is still nobody's flow.
+        assert_eq!(w.inbound(5, U, &data), refused(Reason::NoFlow, Reply::None));
+        // A RST the other way ends the flow: the next segment is refused, not passed on the
+        // remembered verdict.
+        w.outbound(5, P, &ip4(PROTO_TCP, W4, P4, &tcp(8080, 40000, RST)));
+        assert_eq!(w.inbound(5, P, &data), refused(Reason::NoFlow, Reply::None));
+        // New rules in the same millisecond: judged again.
+        let mut w = Tracker::new(rules_for(Some(EXAMPLE), W));
+        w.inbound(0, P, &syn);
+        assert_eq!(w.inbound(1, P, &data), Verdict::Flow);
+        w.set_rules(rules_for(Some(r#"{"grants": []}"#), W));
+        assert_eq!(
+            w.inbound(1, P, &data),
             refused(Reason::Revoked, Reply::TcpRst)
         );
     }
