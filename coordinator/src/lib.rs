@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod channel;
+pub mod cluster;
 pub mod fanout;
 pub mod histogram;
 pub mod limits;
