@@ -11,6 +11,7 @@ pub mod fanout;
 pub mod histogram;
 pub mod limits;
 pub mod metrics;
+pub mod nats;
 pub mod registry;
 pub mod relay;
 pub mod server;
