@@ -31,6 +31,8 @@
 //! - `checks`: [`in_prefix`], [`assert_private_files`];
 //! - `coordinator`: [`Coordinator`], [`CoordOpts`] (and [`Lab::coordinator`]), its metrics
 //!   ([`scrape_metrics`], [`metric`]);
+//! - `nats`: the real `nats-server` for the coordinator cluster ([`NatsServer`],
+//!   [`Lab::nats_cluster`], [`NatsAuth`]);
 //! - `node`: [`Node`] (and [`Lab::node`], [`Lab::node_behind`]);
 //! - `portmap`: port-mapping servers on a router: miniupnpd ([`MiniUpnpd`]) and a hostile one
 //!   ([`FakePortMapper`]).
@@ -40,6 +42,7 @@ mod checks;
 mod coordinator;
 pub mod garbage;
 mod impair;
+mod nats;
 mod node;
 mod portmap;
 mod process;
@@ -54,6 +57,7 @@ pub use coordinator::{
     metric, scrape_metrics, CoordOpts, Coordinator, COORDINATOR_PORT, DEFAULT_PREFIX,
 };
 pub use impair::{ForwarderCounters, PingStats, WireLoss};
+pub use nats::{NatsAuth, NatsServer, NATS_PORT, NATS_USER};
 pub use node::{Node, NODE_PORT, OVERLAY_TIMEOUT};
 pub use portmap::{FakePortMapper, Lie, MiniUpnpd, PORTMAP_PORT};
 pub use process::{cpu_time, require_tool, require_tools, run_host, Bins, Output, Proc};

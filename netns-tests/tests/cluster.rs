@@ -1,0 +1,249 @@
+//! The coordinator cluster on NATS (README, *A coordinator cluster on NATS*), with the real
+//! `nats-server` (three servers in one NATS cluster, configuration written here: users with
+//! passwords, JetStream off) and real coordinators and nodes, each in its own namespace.
+//! Routers cut some nodes off from one coordinator, so that two nodes reach no coordinator in
+//! common. Needs root and `nats-server` (installed by `./run-tests`).
+
+use std::time::{Duration, Instant};
+
+use a2a_netns_tests::{
+    metric, report, require_tools, wait_for, CoordOpts, Coordinator, Lab, Nat, NatsServer,
+    PingStats, COORDINATOR_PORT, OVERLAY_TIMEOUT,
+};
+
+/// Long enough for hole punching between two easy NATs.
+const PATH_TIMEOUT: Duration = Duration::from_secs(25);
+const METRICS_PORT: u16 = 9300;
+
+/// `n` coordinators sharing one identity (the first one's `coordinator.key`, copied into the
+/// others' state directories) and the full `--endpoint` list, each joined to every NATS
+/// server, with metrics on their wan address.
+fn coordinators(
+    lab: &Lab,
+    nats: &[NatsServer],
+    creds: &std::path::Path,
+    n: usize,
+) -> Vec<Coordinator> {
+    let namespaces: Vec<_> = (1..=n).map(|i| lab.add_ns(&format!("coord{i}"))).collect();
+    let endpoints: Vec<String> = namespaces
+        .iter()
+        .map(|ns| format!("{}:{COORDINATOR_PORT}", ns.wan_ip.unwrap()))
+        .collect();
+    let urls: Vec<String> = nats.iter().map(NatsServer::url).collect();
+    let mut out: Vec<Coordinator> = Vec::new();
+    for ns in namespaces {
+        let opts = CoordOpts {
+            endpoints: endpoints.clone(),
+            nats: urls.clone(),
+            nats_credentials: Some(creds.to_path_buf()),
+            key_from: out.first().map(|c| c.state_dir.join("coordinator.key")),
+            metrics: Some(format!("{}:{METRICS_PORT}", ns.wan_ip.unwrap())),
+            ..CoordOpts::default()
+        };
+        out.push(lab.coordinator_in(ns, opts));
+    }
+    out
+}
+
+/// A counter of a coordinator's metrics (`a2a_coordinator_NAME_total`).
+#[track_caller]
+fn counter(c: &Coordinator, name: &str) -> u64 {
+    let text = c.scrape();
+    metric(&text, &format!("a2a_coordinator_{name}_total"))
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
+}
+
+/// The coordinator key and the endpoints a token names.
+fn token_names(token: &str) -> ([u8; 32], Vec<String>) {
+    let t = a2a_proto::JoinToken::parse(token).expect("a valid token");
+    (t.coordinator_key, t.endpoints)
+}
+
+/// Whether `hay` holds `needle` not as part of a longer number or word (`10.1.0.5` is not in
+/// `10.1.0.52`).
+fn mentions(hay: &str, needle: &str) -> bool {
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    hay.match_indices(needle).any(|(i, _)| {
+        !word(hay[..i].chars().next_back()) && !word(hay[i + needle.len()..].chars().next())
+    })
+}
+
+#[test]
+fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
+    let Some(lab) = Lab::new("cluster") else {
+        return;
+    };
+    require_tools(&[
+        ("nats-server", "nats-server"),
+        ("nft", "nftables"),
+        ("ping", "iputils-ping"),
+    ]);
+    let auth = lab.nats_auth();
+    let nats_ns: Vec<_> = (1..=3).map(|i| lab.add_ns(&format!("nats{i}"))).collect();
+    let nats = lab.nats_cluster(&nats_ns, &auth);
+    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let (c1, c2) = (&coords[0], &coords[1]);
+    // One identity: both print tokens with the same coordinator key and both endpoints (each
+    // token is a new network's, so the nodes below all use the first).
+    let (key1, endpoints1) = token_names(&c1.token);
+    assert_eq!((key1, endpoints1.clone()), token_names(&c2.token));
+    assert_eq!(endpoints1, vec![c1.addr.to_string(), c2.addr.to_string()]);
+    let token = &c1.token;
+
+    // easy-1 reaches both coordinators (and registers with the first, c1); easy-2 only c2;
+    // hard-1 only c1, hard-2 only c2.
+    let r_easy1 = lab.router("rtr-easy1", Nat::Easy);
+    let r_easy2 = lab.router("rtr-easy2", Nat::Easy);
+    let r_hard1 = lab.router("rtr-hard1", Nat::Hard);
+    let r_hard2 = lab.router("rtr-hard2", Nat::Hard);
+    r_easy2.cut_off_from(*c1.addr.ip());
+    r_hard1.cut_off_from(*c2.addr.ip());
+    r_hard2.cut_off_from(*c1.addr.ip());
+    let e1 = lab.node_behind(&r_easy1, "easy-1");
+    let e2 = lab.node_behind(&r_easy2, "easy-2");
+    let h1 = lab.node_behind(&r_hard1, "hard-1");
+    let h2 = lab.node_behind(&r_hard2, "hard-2");
+
+    let regs = |c: &Coordinator| counter(c, "registrations");
+    e1.up_ok(token);
+    assert_eq!((regs(c1), regs(c2)), (1, 0), "easy-1 registers with c1");
+    let t0 = Instant::now();
+    e2.up_ok(token);
+    assert_eq!((regs(c1), regs(c2)), (1, 1), "easy-2 registers with c2");
+    // Members of different coordinators see each other.
+    e1.wait_peers(&["easy-2"], OVERLAY_TIMEOUT);
+    e2.wait_peers(&["easy-1"], OVERLAY_TIMEOUT);
+    let seen = t0.elapsed();
+    report(format!(
+        "cluster: easy-2 (on c2) and easy-1 (on c1) list each other {:.0} ms after easy-2's up returned",
+        seen.as_secs_f64() * 1000.0
+    ));
+    assert!(
+        seen <= Duration::from_secs(2),
+        "members of two coordinators took {seen:?} to see each other (the issue asks for 2 s)"
+    );
+    // They punch through each other's coordinators: direct.
+    let took = e1.wait_path("easy-2", "direct", PATH_TIMEOUT);
+    e2.wait_path("easy-1", "direct", PATH_TIMEOUT);
+    report(format!("cluster: easy-1 ↔ easy-2 direct after {took:?}"));
+    assert!(counter(c1, "punches") + counter(c2, "punches") > 0);
+
+    // Two nodes that reach no coordinator in common relay through c1, NATS and c2.
+    h1.up_ok(token);
+    h2.up_ok(token);
+    assert_eq!((regs(c1), regs(c2)), (2, 2));
+    let all = ["easy-1", "easy-2", "hard-1", "hard-2"];
+    for n in [&e1, &e2, &h1, &h2] {
+        let others: Vec<&str> = all.iter().copied().filter(|x| *x != n.name).collect();
+        n.wait_peers(&others, OVERLAY_TIMEOUT);
+    }
+    let out_before = counter(c1, "cluster_relayed_out");
+    let in_before = counter(c2, "cluster_relayed_in");
+    let probes = wait_for(
+        OVERLAY_TIMEOUT,
+        "hard-1 to reach hard-2 over the relay",
+        || {
+            let p = h1.ping_peer("hard-2", 5);
+            if p.iter().any(|(_, rtt)| rtt.is_some()) {
+                Ok(p)
+            } else {
+                Err(format!("{p:?}"))
+            }
+        },
+    );
+    assert!(probes.iter().all(|(path, _)| path == "relay"), "{probes:?}");
+    assert!(
+        h1.ns.ping(h2.overlay_ip(), 5),
+        "hard-1 pings hard-2 over the overlay (relayed across coordinators)"
+    );
+    assert!(counter(c1, "cluster_relayed_out") > out_before);
+    assert!(counter(c2, "cluster_relayed_in") > in_before);
+
+    // kill -9 of c1 while easy-1 pings easy-2 ten times a second: nothing is lost, and
+    // easy-1 re-registers with c2.
+    let target = e2.overlay_ip().to_string();
+    let ping = e1.ns.spawn(
+        "ping10",
+        &["ping", "-n", "-i", "0.1", "-c", "100", "-W", "2", &target],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let before = regs(c2);
+    let killed = Instant::now();
+    c1.kill();
+    let failover = wait_for(
+        Duration::from_secs(20),
+        "easy-1 to re-register with c2",
+        || {
+            if regs(c2) > before {
+                Ok(killed.elapsed())
+            } else {
+                Err("not yet".into())
+            }
+        },
+    );
+    report(format!(
+        "cluster: easy-1 re-registered with c2 {failover:?} after kill -9 of c1"
+    ));
+    assert!(
+        failover <= Duration::from_secs(5),
+        "easy-1 took {failover:?} to move to c2 (the issue asks for 5 s)"
+    );
+    // A node joins during the outage (its token names c1 first: it moves on to c2).
+    let late = lab.node("late");
+    late.up_ok(token);
+    late.wait_peers(&["easy-1", "easy-2", "hard-2"], OVERLAY_TIMEOUT);
+    e2.wait_peers(&["easy-1", "hard-2", "late"], Duration::from_secs(20));
+    let out = wait_for(Duration::from_secs(30), "the 10/s ping to end", || {
+        ping.exit_status()
+            .map(|_| ping.stdout_text())
+            .ok_or_else(|| "running".to_string())
+    });
+    let stats = PingStats::parse(&out).expect("ping output");
+    report(format!(
+        "cluster: 10/s ping easy-1 → easy-2 across kill -9 of easy-1's coordinator: {} of {} answered",
+        stats.rtts.len(),
+        stats.sent
+    ));
+    assert_eq!(stats.sent, 100);
+    assert_eq!(
+        stats.rtts.len(),
+        100,
+        "no ping lost across the failover:\n{out}"
+    );
+    for refused in ["seal", "replay", "stale", "flood", "malformed"] {
+        assert_eq!(
+            counter(c2, &format!("cluster_refused_{refused}")),
+            0,
+            "{refused}"
+        );
+    }
+
+    // Zero-log in a cluster: at their most verbose level (A2A_LOG=trace), neither coordinator
+    // printed a node's name, key or addresses, nor the NATS password.
+    let mut needles: Vec<(String, String)> =
+        vec![("the NATS password".into(), auth.password.clone())];
+    for n in [&e1, &e2, &h1, &h2, &late] {
+        let me = n.status().me.expect("joined");
+        needles.push((format!("{}'s name", n.name), n.name.clone()));
+        needles.push((format!("{}'s key", n.name), me.public_key.clone()));
+        needles.push((format!("{}'s overlay address", n.name), me.ip.to_string()));
+    }
+    for r in [&r_easy1, &r_easy2, &r_hard1, &r_hard2] {
+        needles.push((
+            format!("{}'s wan address", r.ns.role),
+            r.wan_ip().to_string(),
+        ));
+    }
+    needles.push(("late's wan address".into(), late.wan_ip().to_string()));
+    for (i, c) in coords.iter().enumerate() {
+        let p = c.proc();
+        let printed = format!("{}\n{}", p.stdout_text(), p.stderr_text());
+        for (what, needle) in &needles {
+            assert!(
+                !mentions(&printed, needle),
+                "coordinator {} printed {what}:\n{printed}",
+                i + 1
+            );
+        }
+    }
+}
