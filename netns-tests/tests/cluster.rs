@@ -77,6 +77,7 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
         ("nats-server", "nats-server"),
         ("nft", "nftables"),
         ("ping", "iputils-ping"),
+        ("iperf3", "iperf3"),
     ]);
     let auth = lab.nats_auth();
     let nats_ns: Vec<_> = (1..=3).map(|i| lab.add_ns(&format!("nats{i}"))).collect();
@@ -96,13 +97,16 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
     let r_easy2 = lab.router("rtr-easy2", Nat::Easy);
     let r_hard1 = lab.router("rtr-hard1", Nat::Hard);
     let r_hard2 = lab.router("rtr-hard2", Nat::Hard);
+    let r_hard3 = lab.router("rtr-hard3", Nat::Hard);
     r_easy2.cut_off_from(*c1.addr.ip());
+    r_hard3.cut_off_from(*c1.addr.ip());
     r_hard1.cut_off_from(*c2.addr.ip());
     r_hard2.cut_off_from(*c1.addr.ip());
     let e1 = lab.node_behind(&r_easy1, "easy-1");
     let e2 = lab.node_behind(&r_easy2, "easy-2");
     let h1 = lab.node_behind(&r_hard1, "hard-1");
     let h2 = lab.node_behind(&r_hard2, "hard-2");
+    let h3 = lab.node_behind(&r_hard3, "hard-3");
 
     let regs = |c: &Coordinator| counter(c, "registrations");
     e1.up_ok(token);
@@ -131,9 +135,10 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
     // Two nodes that reach no coordinator in common relay through c1, NATS and c2.
     h1.up_ok(token);
     h2.up_ok(token);
-    assert_eq!((regs(c1), regs(c2)), (2, 2));
-    let all = ["easy-1", "easy-2", "hard-1", "hard-2"];
-    for n in [&e1, &e2, &h1, &h2] {
+    h3.up_ok(token);
+    assert_eq!((regs(c1), regs(c2)), (2, 3));
+    let all = ["easy-1", "easy-2", "hard-1", "hard-2", "hard-3"];
+    for n in [&e1, &e2, &h1, &h2, &h3] {
         let others: Vec<&str> = all.iter().copied().filter(|x| *x != n.name).collect();
         n.wait_peers(&others, OVERLAY_TIMEOUT);
     }
@@ -158,6 +163,27 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
     );
     assert!(counter(c1, "cluster_relayed_out") > out_before);
     assert!(counter(c2, "cluster_relayed_in") > in_before);
+    // Relayed throughput across coordinators (hard-1 on c1 → hard-2 on c2) and through one
+    // (hard-3 on c2 → hard-2): measured and reported, not asserted (a shared 2-core machine).
+    let _iperf = h2.ns.iperf3_server();
+    let _rtt: f64 = wait_for(OVERLAY_TIMEOUT, "hard-3 to reach hard-2", || {
+        h3.ping_peer("hard-2", 1)
+            .first()
+            .and_then(|(_, rtt)| *rtt)
+            .ok_or_else(|| "no answer".to_string())
+    });
+    let one = h3
+        .ns
+        .iperf3_client(h2.overlay_ip(), 5)
+        .expect("iperf3 through one coordinator");
+    let across = h1
+        .ns
+        .iperf3_client(h2.overlay_ip(), 5)
+        .expect("iperf3 across coordinators");
+    report(format!(
+        "cluster: relayed TCP throughput through one coordinator {one:.0} Mbit/s, across two over NATS {across:.0} Mbit/s ({:.0} %)",
+        100.0 * across / one
+    ));
 
     // kill -9 of c1 while easy-1 pings easy-2 ten times a second: nothing is lost, and
     // easy-1 re-registers with c2.
@@ -191,8 +217,11 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
     // A node joins during the outage (its token names c1 first: it moves on to c2).
     let late = lab.node("late");
     late.up_ok(token);
-    late.wait_peers(&["easy-1", "easy-2", "hard-2"], OVERLAY_TIMEOUT);
-    e2.wait_peers(&["easy-1", "hard-2", "late"], Duration::from_secs(20));
+    late.wait_peers(&["easy-1", "easy-2", "hard-2", "hard-3"], OVERLAY_TIMEOUT);
+    e2.wait_peers(
+        &["easy-1", "hard-2", "hard-3", "late"],
+        Duration::from_secs(20),
+    );
     let out = wait_for(Duration::from_secs(30), "the 10/s ping to end", || {
         ping.exit_status()
             .map(|_| ping.stdout_text())
@@ -222,13 +251,13 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
     // printed a node's name, key or addresses, nor the NATS password.
     let mut needles: Vec<(String, String)> =
         vec![("the NATS password".into(), auth.password.clone())];
-    for n in [&e1, &e2, &h1, &h2, &late] {
+    for n in [&e1, &e2, &h1, &h2, &h3, &late] {
         let me = n.status().me.expect("joined");
         needles.push((format!("{}'s name", n.name), n.name.clone()));
         needles.push((format!("{}'s key", n.name), me.public_key.clone()));
         needles.push((format!("{}'s overlay address", n.name), me.ip.to_string()));
     }
-    for r in [&r_easy1, &r_easy2, &r_hard1, &r_hard2] {
+    for r in [&r_easy1, &r_easy2, &r_hard1, &r_hard2, &r_hard3] {
         needles.push((
             format!("{}'s wan address", r.ns.role),
             r.wan_ip().to_string(),
