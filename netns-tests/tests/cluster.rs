@@ -184,6 +184,12 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
         "cluster: relayed TCP throughput through one coordinator {one:.0} Mbit/s, across two over NATS {across:.0} Mbit/s ({:.0} %)",
         100.0 * across / one
     ));
+    report(format!(
+        "cluster: after the transfers: c1 relayed out {} (dropped at its NATS queue {}), c2 relayed in {}",
+        counter(c1, "cluster_relayed_out"),
+        counter(c1, "cluster_publish_dropped"),
+        counter(c2, "cluster_relayed_in"),
+    ));
 
     // kill -9 of c1 while easy-1 pings easy-2 ten times a second: nothing is lost, and
     // easy-1 re-registers with c2.
