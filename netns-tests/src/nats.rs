@@ -20,9 +20,17 @@ pub const NATS_USER: &str = "a2a-coordinator";
 /// A running nats-server.
 pub struct NatsServer {
     pub ns: Ns,
+    /// The nats-server, or the strace that runs it ([`NatsServer::trace`]).
     pub proc: Proc,
     pub config: PathBuf,
+    /// Where strace writes what nats-server did to files, when it runs under strace.
+    pub trace: Option<PathBuf>,
 }
+
+/// The system calls of the file-system trace: opens, and everything that changes a file.
+const TRACED: &str = "trace=open,openat,openat2,creat,mkdir,mkdirat,rename,renameat,renameat2,\
+                      unlink,unlinkat,link,linkat,symlink,symlinkat,truncate,ftruncate,chmod,\
+                      fchmod,fchmodat,chown,fchown,fchownat,lchown,mknod,mknodat";
 
 impl NatsServer {
     /// `nats://IP:4222`.
@@ -33,8 +41,67 @@ impl NatsServer {
         )
     }
 
+    /// SIGKILL (the traced nats-server first: strace killed alone would let it run on).
     pub fn kill(&self) {
+        if self.trace.is_some() {
+            kill_children(self.proc.pid());
+        }
         self.proc.kill();
+    }
+
+    /// Stops it and returns the lines of its file-system trace that open a file for writing
+    /// or change one: none is allowed (`nats-server` must write nothing).
+    pub fn file_writes(&self) -> Vec<String> {
+        self.kill();
+        let trace = self.trace.as_ref().expect("started under strace");
+        let text = fs::read_to_string(trace).expect("read the nats-server trace");
+        assert!(
+            text.lines().any(|l| l.contains("openat(")),
+            "the trace holds no open at all: is it nats-server's?\n{text}"
+        );
+        text.lines()
+            .filter(|l| {
+                let open = l.contains("open(") || l.contains("openat(") || l.contains("openat2(");
+                let writes = [
+                    "O_WRONLY",
+                    "O_RDWR",
+                    "O_CREAT",
+                    "O_TRUNC",
+                    "O_APPEND",
+                    "O_TMPFILE",
+                ]
+                .iter()
+                .any(|f| l.contains(f));
+                (open && writes)
+                    || (!open && !l.contains("+++") && !l.contains("---") && l.contains('('))
+            })
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        // The lab kills what it started (strace); the tracee must not outlive it.
+        if self.trace.is_some() {
+            kill_children(self.proc.pid());
+        }
+    }
+}
+
+/// SIGKILLs the children of `pid`.
+fn kill_children(pid: u32) {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    for child in fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        if let Ok(c) = child.parse::<i32>() {
+            // SAFETY: kill(2) of a child of a process this test started.
+            unsafe {
+                libc::kill(c, libc::SIGKILL);
+            }
+        }
     }
 }
 
@@ -59,9 +126,18 @@ impl Lab {
 
     /// Starts `nats-server` in each of `namespaces` as one NATS cluster (routes between all
     /// of them when more than one), requiring `auth`'s user, JetStream off, no log file, no
-    /// PID file; waits until each is ready for clients.
-    pub fn nats_cluster(&self, namespaces: &[Ns], auth: &NatsAuth) -> Vec<NatsServer> {
+    /// PID file; waits until each is ready for clients. `traced`: each runs under
+    /// `strace -f` of its file-system calls ([`NatsServer::file_writes`]).
+    pub fn nats_cluster(
+        &self,
+        namespaces: &[Ns],
+        auth: &NatsAuth,
+        traced: bool,
+    ) -> Vec<NatsServer> {
         require_tool("nats-server", "nats-server");
+        if traced {
+            require_tool("strace", "strace");
+        }
         let routes: Vec<String> = namespaces
             .iter()
             .map(|n| {
@@ -103,7 +179,17 @@ impl Lab {
                 let path = self.dir().join(format!("nats-{i}.conf"));
                 fs::write(&path, config).expect("write nats-server config");
                 let conf = path.to_string_lossy().into_owned();
-                let proc = ns.spawn("nats-server", &["nats-server", "-c", &conf]);
+                let trace = traced.then(|| self.dir().join(format!("nats-{i}.strace")));
+                let proc = match &trace {
+                    Some(t) => {
+                        let t = t.to_string_lossy().into_owned();
+                        ns.spawn(
+                            "nats-server",
+                            &["strace", "-f", "-qq", "-o", &t, "-e", TRACED, "nats-server", "-c", &conf],
+                        )
+                    }
+                    None => ns.spawn("nats-server", &["nats-server", "-c", &conf]),
+                };
                 wait_for(Duration::from_secs(20), "nats-server ready", || {
                     if proc.exit_status().is_some() {
                         panic!(
@@ -121,6 +207,7 @@ impl Lab {
                     ns: ns.clone(),
                     proc,
                     config: path,
+                    trace,
                 }
             })
             .collect()

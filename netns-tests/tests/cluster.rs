@@ -78,10 +78,11 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
         ("nft", "nftables"),
         ("ping", "iputils-ping"),
         ("iperf3", "iperf3"),
+        ("strace", "strace"),
     ]);
     let auth = lab.nats_auth();
     let nats_ns: Vec<_> = (1..=3).map(|i| lab.add_ns(&format!("nats{i}"))).collect();
-    let nats = lab.nats_cluster(&nats_ns, &auth);
+    let nats = lab.nats_cluster(&nats_ns, &auth, true);
     let coords = coordinators(&lab, &nats, &auth.file, 2);
     let (c1, c2) = (&coords[0], &coords[1]);
     // One identity: both print tokens with the same coordinator key and both endpoints (each
@@ -270,6 +271,15 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
         ));
     }
     needles.push(("late's wan address".into(), late.wan_ip().to_string()));
+    // The NATS servers wrote nothing (strace of their file-system calls, from the start).
+    for (i, n) in nats.iter().enumerate() {
+        let writes = n.file_writes();
+        assert!(
+            writes.is_empty(),
+            "nats-server {i} wrote to files:\n{}",
+            writes.join("\n")
+        );
+    }
     for (i, c) in coords.iter().enumerate() {
         let p = c.proc();
         let printed = format!("{}\n{}", p.stdout_text(), p.stderr_text());
