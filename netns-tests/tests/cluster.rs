@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use a2a_netns_tests::{
-    metric, report, require_tools, wait_for, CoordOpts, Coordinator, Lab, Nat, NatsServer,
+    metric, report, require_tools, wait_for, CoordOpts, Coordinator, Lab, Nat, NatsServer, Node,
     PingStats, COORDINATOR_PORT, OVERLAY_TIMEOUT,
 };
 
@@ -184,6 +184,18 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
     report(format!(
         "cluster: relayed TCP throughput through one coordinator {one:.0} Mbit/s, across two over NATS {across:.0} Mbit/s ({:.0} %)",
         100.0 * across / one
+    ));
+    // Idle round trips over the relay, across coordinators and through one.
+    let rtt = |from: &Node| {
+        let p = from.ping_peer("hard-2", 5);
+        let mut v: Vec<f64> = p.iter().filter_map(|(_, r)| *r).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    report(format!(
+        "cluster: relayed ping RTT (median of 5) across coordinators {:.2} ms, through one {:.2} ms",
+        rtt(&h1),
+        rtt(&h3)
     ));
     report(format!(
         "cluster: after the transfers: c1 relayed out {} (dropped at its NATS queue {}), c2 relayed in {}",
