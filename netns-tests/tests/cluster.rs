@@ -258,6 +258,31 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
         100,
         "no ping lost across the failover:\n{out}"
     );
+    // c1 comes back (a new instance: it asks the others for what they hold at start): hard-1,
+    // which reaches only c1, registers again and sees every member, those of c2 included;
+    // c2's members see hard-1 again.
+    let restarted = Instant::now();
+    c1.restart();
+    let everyone = ["easy-1", "easy-2", "hard-1", "hard-2", "hard-3", "late"];
+    for n in [&h1, &e2, &h2, &late] {
+        let others: Vec<&str> = everyone.iter().copied().filter(|x| *x != n.name).collect();
+        n.wait_peers(&others, OVERLAY_TIMEOUT);
+    }
+    report(format!(
+        "cluster: after c1's restart, hard-1 (on c1 only) and c2's members list each other within {:?}",
+        restarted.elapsed()
+    ));
+    let again = wait_for(OVERLAY_TIMEOUT, "hard-1 to reach hard-2 again", || {
+        let p = h1.ping_peer("hard-2", 3);
+        if p.iter().any(|(_, rtt)| rtt.is_some()) {
+            Ok(restarted.elapsed())
+        } else {
+            Err(format!("{p:?}"))
+        }
+    });
+    report(format!(
+        "cluster: hard-1 reaches hard-2 over the relay again {again:?} after c1's restart"
+    ));
     for refused in ["seal", "replay", "stale", "flood", "malformed"] {
         assert_eq!(
             counter(c2, &format!("cluster_refused_{refused}")),
