@@ -185,7 +185,7 @@ impl Lab {
                         let t = t.to_string_lossy().into_owned();
                         ns.spawn(
                             "nats-server",
-                            &["strace", "-f", "-qq", "-o", &t, "-e", TRACED, "nats-server", "-c", &conf],
+                            &["strace", "-f", "--seccomp-bpf", "-qq", "-o", &t, "-e", TRACED, "nats-server", "-c", &conf],
                         )
                     }
                     None => ns.spawn("nats-server", &["nats-server", "-c", &conf]),
