@@ -43,8 +43,14 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(7);
 pub const SYNC_ASK_EVERY: Duration = Duration::from_secs(2);
 /// A message sent further than this from the receiver's clock is refused.
 pub const MAX_SKEW_MS: u64 = 30_000;
-/// Sequence numbers accepted behind the highest seen (out of order), per sender instance.
+/// Sequence numbers accepted behind the highest seen (out of order), per sender instance and
+/// kind of subject.
 pub const REPLAY_WINDOW: u64 = 64;
+/// The top bit of a sequence number: set on messages for one coordinator (`a2a.CID.to.…`),
+/// clear on the cluster's subject. The two are numbered apart (the receiver reads them from
+/// two subscriptions, in two tasks: their order across the two is not kept) and never share a
+/// nonce.
+pub const DIRECTED: u64 = 1 << 63;
 /// Members one coordinator may announce.
 pub const MAX_MEMBERS_PER_PEER: usize = 100_000;
 /// Coordinator instances heard at once.
@@ -55,19 +61,25 @@ pub const MAX_PEERS: usize = 64;
 pub struct Sealer {
     key: ClusterKey,
     me: Instance,
-    seq: AtomicU64,
+    /// The next numbers on the cluster's subject, and on the coordinators' own subjects.
+    seq_all: AtomicU64,
+    seq_to: AtomicU64,
     cid: String,
+    all: String,
 }
 
 impl Sealer {
     /// For the coordinator identity (`private`, `public`) and this instance `me` (random at
     /// every start).
     pub fn new(private: &[u8; 32], public: &[u8; 32], me: Instance) -> Self {
+        let cid = a2a_proto::cluster::cluster_id(public);
         Sealer {
             key: ClusterKey::derive(private),
             me,
-            seq: AtomicU64::new(0),
-            cid: a2a_proto::cluster::cluster_id(public),
+            seq_all: AtomicU64::new(0),
+            seq_to: AtomicU64::new(0),
+            all: subject_all(&cid),
+            cid,
         }
     }
 
@@ -77,7 +89,7 @@ impl Sealer {
 
     /// The subject every coordinator of the cluster listens on.
     pub fn subject_all(&self) -> String {
-        subject_all(&self.cid)
+        self.all.clone()
     }
 
     /// The subject of one instance (this one: what to subscribe to).
@@ -87,9 +99,14 @@ impl Sealer {
 
     /// One envelope: `body` of `kind` for `subject`, with the next sequence number.
     pub fn seal(&self, subject: &str, kind: u8, body: &[u8], now_ms: u64) -> Vec<u8> {
+        let seq = if subject == self.all {
+            self.seq_all.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            DIRECTED | (self.seq_to.fetch_add(1, Ordering::Relaxed) + 1)
+        };
         let header = Header {
             sender: self.me,
-            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            seq,
             sent_ms: now_ms,
             kind,
         };
@@ -198,7 +215,9 @@ struct Remote {
 
 struct Peer {
     last_heard: Instant,
-    replay: Replay,
+    /// Sequence windows of the cluster's subject and of this coordinator's own.
+    replay_all: Replay,
+    replay_to: Replay,
     members: HashMap<Key, Remote>,
     by_remote_id: HashMap<u32, ConnId>,
     digest: [u8; 16],
@@ -477,14 +496,22 @@ impl Cluster {
         }
         let peer = self.peers.entry(header.sender).or_insert_with(|| Peer {
             last_heard: now,
-            replay: Replay { top: 0, bits: 0 },
+            replay_all: Replay { top: 0, bits: 0 },
+            replay_to: Replay { top: 0, bits: 0 },
             members: HashMap::new(),
             by_remote_id: HashMap::new(),
             digest: [0; 16],
             last_ask: None,
             snapshot: None,
         });
-        if !peer.replay.accept(header.seq) {
+        let directed = header.seq & DIRECTED != 0;
+        // The subject is sealed in: a message numbered for one subject opens on no other.
+        let window = if directed {
+            &mut peer.replay_to
+        } else {
+            &mut peer.replay_all
+        };
+        if !window.accept(header.seq & !DIRECTED) {
             self.counts.refused_replay += 1;
             return step;
         }
@@ -940,6 +967,34 @@ mod tests {
         assert!(deliver(&mut c2, now, T0, &mine).apply.is_empty());
         assert_eq!(c2.counts.own, 1);
         assert_eq!(c2.remote_count(), 1);
+    }
+
+    /// Relay data (on a coordinator's own subject) far ahead of presence (on the cluster's):
+    /// the two are numbered apart, so a late presence is no replay.
+    #[test]
+    fn the_two_subjects_are_numbered_apart() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let s2 = c2.local(T0, vec![up(&k, 2, 10, 4)]);
+        let on1 = deliver(&mut c1, now, T0, &s2);
+        let Apply::Up { via, .. } = &on1.apply[0] else {
+            panic!()
+        };
+        let alive = c1.tick(now + ALIVE_EVERY, T0);
+        let relays: Vec<Publish> = (0..200)
+            .map(|_| c1.sealer().seal_relay(via, 7, b"x", T0))
+            .collect();
+        for r in &relays {
+            c2.receive(now, T0, &r.subject, &r.payload);
+        }
+        deliver(&mut c2, now, T0, &alive);
+        assert_eq!(c2.counts.refused_replay, 0);
+        // Each is still refused a second time.
+        c2.receive(now, T0, &relays[199].subject, &relays[199].payload);
+        deliver(&mut c2, now, T0, &alive);
+        assert_eq!(c2.counts.refused_replay, 2);
     }
 
     #[test]

@@ -59,6 +59,50 @@ fn token_names(token: &str) -> ([u8; 32], Vec<String>) {
     (t.coordinator_key, t.endpoints)
 }
 
+/// Forged envelopes the stranger publishes, and how often it replays a genuine message.
+const STRANGER_FORGERIES: u64 = 50;
+const STRANGER_REPLAYS: u64 = 5;
+
+/// A NATS client in raw protocol: `HOST PORT USER PASSWORD SUBJECT` (`-` for no user).
+/// Prints "refused …" when NATS refuses it; else publishes 50 envelopes with the cluster's
+/// magic and random bytes, then takes the first genuine message on SUBJECT and publishes it
+/// again 5 times, and prints "sent".
+const STRANGER: &str = r#"
+import os, socket, sys
+host, port, user, pw, subject = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+CRLF = b"\r\n"
+s = socket.create_connection((host, port), timeout=10)
+f = s.makefile("rb")
+f.readline()
+auth = "" if user == "-" else '"user":"%s","pass":"%s",' % (user, pw)
+s.sendall(('CONNECT {' + auth + '"verbose":false,"pedantic":false}').encode() + CRLF + b"PING" + CRLF)
+line = f.readline()
+if not line.startswith(b"PONG"):
+    print("refused", line.decode().strip())
+    sys.exit(0)
+subj = subject.encode()
+def pub(p):
+    s.sendall(b"PUB " + subj + b" " + str(len(p)).encode() + CRLF + p + CRLF)
+for _ in range(50):
+    pub(b"a2c1" + os.urandom(120))
+s.sendall(b"SUB " + subj + b" 1" + CRLF)
+while True:
+    line = f.readline()
+    if line.startswith(b"MSG"):
+        n = int(line.split()[-1])
+        payload = f.read(n)
+        f.read(2)
+        break
+    if line.startswith(b"PING"):
+        s.sendall(b"PONG" + CRLF)
+for _ in range(5):
+    pub(payload)
+s.sendall(b"PING" + CRLF)
+while not f.readline().startswith(b"PONG"):
+    pass
+print("sent")
+"#;
+
 /// Whether `hay` holds `needle` not as part of a longer number or word (`10.1.0.5` is not in
 /// `10.1.0.52`).
 fn mentions(hay: &str, needle: &str) -> bool {
@@ -79,6 +123,7 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
         ("ping", "iputils-ping"),
         ("iperf3", "iperf3"),
         ("strace", "strace"),
+        ("python3", "python3"),
     ]);
     let auth = lab.nats_auth();
     let nats_ns: Vec<_> = (1..=3).map(|i| lab.add_ns(&format!("nats{i}"))).collect();
@@ -290,6 +335,64 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
             "{refused}"
         );
     }
+
+    // A stranger on NATS: without the password NATS refuses it; with it (a leaked password,
+    // another tenant of the same NATS user) its forged envelopes and its replay of a genuine
+    // message are refused and counted by both coordinators, and nothing is applied.
+    let subject = a2a_proto::cluster::subject_all(&a2a_proto::cluster::cluster_id(&key1));
+    let stranger = lab.add_ns("stranger");
+    let nats_host = nats[0].ns.wan_ip.unwrap().to_string();
+    let port = a2a_netns_tests::NATS_PORT.to_string();
+    let script = lab.dir().join("stranger.py");
+    std::fs::write(&script, STRANGER).unwrap();
+    let script = script.to_string_lossy().into_owned();
+    let out = stranger.exec(&["python3", &script, &nats_host, &port, "-", "-", &subject]);
+    assert!(
+        out.stdout.contains("refused") && out.stdout.contains("Authorization Violation"),
+        "NATS let a client without the password in: {out}"
+    );
+    let sum = |name: &str| counter(c1, name) + counter(c2, name);
+    let (seal0, replay0, remote0) = (
+        sum("cluster_refused_seal"),
+        sum("cluster_refused_replay"),
+        sum("cluster_remote_members"),
+    );
+    let out = stranger.exec(&[
+        "python3",
+        &script,
+        &nats_host,
+        &port,
+        a2a_netns_tests::NATS_USER,
+        &auth.password,
+        &subject,
+    ]);
+    assert!(
+        out.stdout.contains("sent"),
+        "the stranger could not publish: {out}"
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "both coordinators to refuse the forgeries",
+        || {
+            let seal = sum("cluster_refused_seal") - seal0;
+            let replay = sum("cluster_refused_replay") - replay0;
+            if seal >= 2 * STRANGER_FORGERIES && replay >= STRANGER_REPLAYS {
+                Ok(())
+            } else {
+                Err(format!("refused so far: {seal} forged, {replay} replayed"))
+            }
+        },
+    );
+    assert_eq!(
+        sum("cluster_remote_members"),
+        remote0,
+        "nothing was applied"
+    );
+    report(format!(
+        "cluster: a stranger with the NATS password: {} forged envelopes and {} replays refused",
+        sum("cluster_refused_seal") - seal0,
+        sum("cluster_refused_replay") - replay0
+    ));
 
     // Zero-log in a cluster: at their most verbose level (A2A_LOG=trace), neither coordinator
     // printed a node's name, key or addresses, nor the NATS password.
