@@ -6,10 +6,12 @@
 
 pub mod batch;
 pub mod channel;
+pub mod cluster;
 pub mod fanout;
 pub mod histogram;
 pub mod limits;
 pub mod metrics;
+pub mod nats;
 pub mod registry;
 pub mod relay;
 pub mod server;

@@ -101,6 +101,24 @@ struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(0..=1000)
     )]
     fanout_window_ms: u64,
+    /// Join a coordinator cluster over these NATS servers (core NATS, JetStream not used),
+    /// e.g. nats://10.0.0.1:4222,nats://10.0.0.2:4222. Every coordinator of the cluster holds
+    /// the same coordinator.key and the full --endpoint list. Without it: one hub, no NATS.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "A2A_COORDINATOR_NATS",
+        value_delimiter = ','
+    )]
+    nats: Vec<String>,
+    /// The NATS credentials: a file whose first line is user:password or an nkey seed (SU…).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "A2A_COORDINATOR_NATS_CREDENTIALS",
+        requires = "nats"
+    )]
+    nats_credentials: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -288,6 +306,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let stats_every = std::time::Duration::from_secs(args.stats_interval);
         let server = server::Server::with_limits(private, limits, stats_every);
         server.set_fanout_window(std::time::Duration::from_millis(args.fanout_window_ms));
+        if !args.nats.is_empty() {
+            let urls = a2a_coordinator::nats::parse_urls(&args.nats)?;
+            let credentials = args
+                .nats_credentials
+                .as_deref()
+                .map(a2a_coordinator::nats::Credentials::read)
+                .transpose()?;
+            a2a_coordinator::nats::join(&server, urls, credentials, &private, &public).await?;
+            tracing::info!("cluster: joining over {} NATS server(s)", args.nats.len());
+        }
         // Ends with the runtime.
         if let Some(l) = metrics_listener {
             tokio::spawn(metrics::serve(l, server.clone()));

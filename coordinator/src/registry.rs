@@ -48,6 +48,22 @@ struct Member {
     conn: ConnId,
     relay_secret: RelaySecret,
     expires: Instant,
+    /// Held by another coordinator of the cluster (see [`crate::cluster`]): `conn` is the
+    /// relay id this coordinator gave it; it has no connection here and does not expire here.
+    remote: bool,
+}
+
+/// A change to this coordinator's own members, for the cluster (see [`crate::cluster`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalChange {
+    /// Registered, or a newer record.
+    Up {
+        network: NetworkId,
+        record: SignedRecord,
+        conn: ConnId,
+    },
+    /// Left, failed, expired or was removed.
+    Down { network: NetworkId, key: NodeKey },
 }
 
 /// What a network's members said about membership itself: removed node keys and where the
@@ -87,6 +103,8 @@ pub struct Registry {
     tickets: HashMap<ConnId, (ConnId, Instant)>,
     heartbeat: Duration,
     ttl: Duration,
+    /// Changes to local members since [`Registry::take_changes`].
+    local_changes: Vec<LocalChange>,
 }
 
 impl Registry {
@@ -101,7 +119,13 @@ impl Registry {
             tickets: HashMap::new(),
             heartbeat,
             ttl,
+            local_changes: Vec::new(),
         }
+    }
+
+    /// The changes to local members since the last call (for the cluster).
+    pub fn take_changes(&mut self) -> Vec<LocalChange> {
+        std::mem::take(&mut self.local_changes)
     }
 
     /// Number of live members over all networks (a count only; it names nobody).
@@ -208,6 +232,11 @@ impl Registry {
                 },
             ));
         }
+        self.local_changes.push(LocalChange::Up {
+            network,
+            record: record.clone(),
+            conn,
+        });
         members.insert(
             conn_key,
             Member {
@@ -218,10 +247,88 @@ impl Registry {
                 conn,
                 relay_secret,
                 expires: now + self.ttl,
+                remote: false,
             },
         );
         self.by_conn.insert(conn, (network, conn_key));
         Ok(out)
+    }
+
+    /// A member another coordinator of the cluster holds (its record verified here as any
+    /// node's is), under relay id `conn` (see [`crate::cluster`]): its record goes to the local
+    /// members, and local members registering later are told of it. Refused when a local
+    /// connection holds the key (the local one wins), when the record does not verify, when
+    /// the key is revoked or its address taken.
+    pub fn register_remote(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        network: NetworkId,
+        record: SignedRecord,
+        relay_secret: RelaySecret,
+    ) -> Result<Sends, Refusal> {
+        let key = record
+            .verify(&network)
+            .map_err(|e| (RefuseReason::BadRecord, e.to_string()))?
+            .record
+            .node_key;
+        if self
+            .networks
+            .get(&network)
+            .and_then(|m| m.get(&key))
+            .is_some_and(|m| !m.remote)
+        {
+            return Err((RefuseReason::Protocol, "held by a local connection".into()));
+        }
+        let (ip, issued_ms) = self.check_record(&network, key, &record)?;
+        let members = self.networks.entry(network).or_default();
+        if let Some(old) = members.remove(&key) {
+            self.by_conn.remove(&old.conn);
+        }
+        let out = members
+            .values()
+            .filter(|m| !m.remote)
+            .map(|m| {
+                (
+                    m.conn,
+                    ServerMsg::PeerUp {
+                        record: record.clone(),
+                        relay_id: conn,
+                    },
+                )
+            })
+            .collect();
+        members.insert(
+            key,
+            Member {
+                record,
+                ip,
+                ip6: derive_ip6(&network, &key),
+                issued_ms,
+                conn,
+                relay_secret,
+                expires: now,
+                remote: true,
+            },
+        );
+        self.by_conn.insert(conn, (network, key));
+        Ok(out)
+    }
+
+    /// A remote member (relay id `conn`) is gone: its local peers are told.
+    pub fn remove_remote(&mut self, conn: ConnId) -> Sends {
+        match self.by_conn.get(&conn) {
+            Some((network, key))
+                if self
+                    .networks
+                    .get(network)
+                    .and_then(|m| m.get(key))
+                    .is_some_and(|m| m.remote && m.conn == conn) =>
+            {
+                self.disconnect(conn)
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Verifies a record for `network` and `key`, and that its address is free among live members.
@@ -314,6 +421,11 @@ impl Registry {
         me.ip = ip;
         me.issued_ms = issued_ms;
         me.expires = now + self.ttl;
+        self.local_changes.push(LocalChange::Up {
+            network,
+            record: record.clone(),
+            conn,
+        });
         let mut out: Sends = vec![(
             conn,
             ServerMsg::Registered {
@@ -373,7 +485,9 @@ impl Registry {
         let Some(members) = self.networks.get_mut(&network) else {
             return Vec::new();
         };
-        members.remove(&key);
+        if members.remove(&key).is_some_and(|m| !m.remote) {
+            self.local_changes.push(LocalChange::Down { network, key });
+        }
         let out = members
             .values()
             .map(|m| (m.conn, ServerMsg::PeerDown { node_key: key }))
@@ -396,7 +510,7 @@ impl Registry {
             .flat_map(|(n, members)| {
                 members
                     .iter()
-                    .filter(|(_, m)| m.expires <= now)
+                    .filter(|(_, m)| !m.remote && m.expires <= now)
                     .map(|(k, m)| (*n, *k, m.conn))
             })
             .collect();

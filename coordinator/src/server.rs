@@ -30,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::batch::{Batcher, Run, MAX_SEGMENTS};
 use crate::channel::{relay_frame, Frame, Outbox as ConnOutbox, Reader, Refused};
+use crate::cluster::{is_remote_id, Apply, Cluster, Publish, Sealer, Step, Via};
 use crate::fanout;
 use crate::limits::{Admission, Drops, Limits, OverLimit, Seat};
 use crate::registry::ConnId;
@@ -325,6 +326,139 @@ pub enum Injected {
 /// How a connection is written to: its shared, coalescing outbox (see [`crate::channel`]).
 type ConnTx = Arc<ConnOutbox>;
 
+/// Where a relay slot's data goes: the node's control connection, or (a remote member of the
+/// cluster) the coordinator holding it, over NATS.
+#[derive(Clone)]
+enum Link {
+    Conn(ConnTx),
+    Remote(Arc<Via>),
+}
+
+/// The cluster (`--nats`): the decision core, the sealer the relay path shares, and the queue
+/// of what to publish (the NATS driver, [`crate::nats`], drains it).
+pub struct ClusterLink {
+    core: Mutex<Cluster>,
+    sealer: Arc<Sealer>,
+    publish: tokio::sync::mpsc::Sender<Publish>,
+    /// Messages that could not be queued for NATS (the queue was full).
+    pub publish_dropped: AtomicU64,
+    /// Remote members' records this coordinator refused (address taken, revoked, held here).
+    pub refused_here: AtomicU64,
+    /// Relay data sent to and received from other coordinators.
+    pub relayed_out: AtomicU64,
+    pub relayed_in: AtomicU64,
+}
+
+impl ClusterLink {
+    pub fn new(core: Cluster, publish: tokio::sync::mpsc::Sender<Publish>) -> Self {
+        ClusterLink {
+            sealer: core.sealer().clone(),
+            core: Mutex::new(core),
+            publish,
+            publish_dropped: AtomicU64::new(0),
+            refused_here: AtomicU64::new(0),
+            relayed_out: AtomicU64::new(0),
+            relayed_in: AtomicU64::new(0),
+        }
+    }
+
+    pub fn core(&self) -> std::sync::MutexGuard<'_, Cluster> {
+        lock(&self.core)
+    }
+
+    /// The cluster's counters (numbers only), for the counters line and the metrics.
+    pub fn values(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let (c, peers, remote) = {
+            let core = self.core();
+            (core.counts, core.peer_count(), core.remote_count())
+        };
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            (
+                "cluster_coordinators",
+                "Other coordinators of the cluster heard from (gauge)",
+                peers as u64,
+            ),
+            (
+                "cluster_remote_members",
+                "Members other coordinators hold (gauge)",
+                remote as u64,
+            ),
+            (
+                "cluster_published",
+                "Cluster messages published (relay data aside)",
+                c.published,
+            ),
+            ("cluster_received", "Cluster messages accepted", c.received),
+            (
+                "cluster_refused_seal",
+                "Cluster messages refused: not sealed with the cluster key",
+                c.refused_seal,
+            ),
+            (
+                "cluster_refused_malformed",
+                "Cluster messages refused: malformed",
+                c.refused_malformed,
+            ),
+            (
+                "cluster_refused_replay",
+                "Cluster messages refused: replayed",
+                c.refused_replay,
+            ),
+            (
+                "cluster_refused_stale",
+                "Cluster messages refused: sent too far from this clock",
+                c.refused_stale,
+            ),
+            (
+                "cluster_refused_flood",
+                "Cluster messages refused: too many instances or members",
+                c.refused_flood,
+            ),
+            (
+                "cluster_refused_record",
+                "Records from the cluster refused: the signature does not verify",
+                c.refused_record + g(&self.refused_here),
+            ),
+            (
+                "cluster_unknown_member",
+                "Punches and relay data from the cluster for a member not held here",
+                c.unknown_member,
+            ),
+            (
+                "cluster_coordinators_expired",
+                "Coordinators gone silent",
+                c.coordinators_expired,
+            ),
+            (
+                "cluster_syncs_asked",
+                "Snapshots asked of a coordinator whose presence did not match",
+                c.syncs_asked,
+            ),
+            (
+                "cluster_relayed_out",
+                "Relay datagrams sent to other coordinators",
+                g(&self.relayed_out),
+            ),
+            (
+                "cluster_relayed_in",
+                "Relay datagrams received from other coordinators",
+                g(&self.relayed_in),
+            ),
+            (
+                "cluster_publish_dropped",
+                "Cluster messages dropped: the queue to NATS was full",
+                g(&self.publish_dropped),
+            ),
+        ]
+    }
+
+    fn queue(&self, p: Publish) {
+        if self.publish.try_send(p).is_err() {
+            Counters::bump(&self.publish_dropped);
+        }
+    }
+}
 /// Which of the coordinator's UDP ports a datagram came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UdpPort {
@@ -424,6 +558,8 @@ impl DatagramSink for UdpSocket {
 struct Hub {
     board: Switchboard,
     outboxes: HashMap<ConnId, ConnTx>,
+    /// Where relay data for each remote member goes (cluster only).
+    remote_via: HashMap<ConnId, Arc<Via>>,
 }
 
 /// What the driver of one connection does next, from an [`Outbox`].
@@ -445,23 +581,36 @@ impl Hub {
                     network,
                     secret,
                 } => {
-                    if let Some(tx) = self.outboxes.get(&conn) {
-                        server.relay_mut().insert(
-                            Instant::now(),
-                            conn,
-                            network,
-                            secret,
-                            tx.clone(),
-                        );
+                    let link = match self.outboxes.get(&conn) {
+                        Some(tx) => Some(Link::Conn(tx.clone())),
+                        None => self.remote_via.get(&conn).cloned().map(Link::Remote),
+                    };
+                    if let Some(link) = link {
+                        server
+                            .relay_mut()
+                            .insert(Instant::now(), conn, network, secret, link);
                     }
                 }
                 RelayChange::Close(conn) => server.relay_mut().remove(conn),
             }
         }
         let k = &server.counters;
+        let mut steps = Vec::new();
+        if let Some(cluster) = server.cluster.get() {
+            if !out.local.is_empty() {
+                steps.push(cluster.core().local(a2a_proto::time::now_ms(), out.local));
+            }
+        }
         let tamper = server.tamper.get();
         for (conn, msg) in out.send {
             if tamper.is_some_and(|t| t.withhold(&msg)) {
+                continue;
+            }
+            if is_remote_id(conn) {
+                // A remote member: only a punch goes on, to its coordinator.
+                if let (Some(cluster), ServerMsg::Punch { from }) = (server.cluster.get(), &msg) {
+                    steps.push(cluster.core().punch(a2a_proto::time::now_ms(), *from, conn));
+                }
                 continue;
             }
             if let Some(tx) = self.outboxes.get(&conn) {
@@ -499,10 +648,70 @@ impl Hub {
         for c in out.counts {
             server.count(c);
         }
+        for step in steps {
+            self.apply(server, step);
+        }
         Next {
             pause: out.pause,
             registered: out.registered,
             linger: out.linger,
+        }
+    }
+
+    /// Carries out what the cluster decided: publishes, remote members appearing and going,
+    /// punches for local nodes, relay data for local nodes.
+    fn apply(&mut self, server: &Server, step: Step) {
+        let Some(cluster) = server.cluster.get() else {
+            return;
+        };
+        for p in step.publish {
+            cluster.queue(p);
+        }
+        let now = Instant::now();
+        for a in step.apply {
+            match a {
+                Apply::Up {
+                    network,
+                    record,
+                    conn,
+                    via,
+                } => {
+                    self.remote_via.insert(conn, Arc::new(via));
+                    match self.board.remote_up(now, conn, network, record) {
+                        Ok(out) => {
+                            self.carry_out(server, out);
+                        }
+                        Err(_) => {
+                            Counters::bump(&cluster.refused_here);
+                            self.remote_via.remove(&conn);
+                        }
+                    }
+                }
+                Apply::Down { conn } => {
+                    let out = self.board.remote_down(now, conn);
+                    self.carry_out(server, out);
+                    self.remote_via.remove(&conn);
+                }
+                Apply::Punch { network, from, to } => {
+                    let target = self.board.registry().conn_of(&network, &to);
+                    if let Some(tx) = target.and_then(|c| self.outboxes.get(&c)) {
+                        if tx.send_msg(&ServerMsg::Punch { from }).is_ok() {
+                            server.count(Count::Punch);
+                        }
+                    }
+                }
+                Apply::Relay {
+                    src,
+                    dst,
+                    mut datagram,
+                } => {
+                    // Laid out as a UDP relay datagram: the header's room first.
+                    let mut d = vec![0u8; RELAY_HEADER_LEN];
+                    d.append(&mut datagram);
+                    Counters::bump(&cluster.relayed_in);
+                    server.relay_from_conn(src, dst, &mut d);
+                }
+            }
         }
     }
 
@@ -533,7 +742,9 @@ pub struct Server {
     hub: Mutex<Hub>,
     /// Kept apart from the hub so relayed packets never wait for registrations; read by every
     /// UDP loop at once (see [`crate::relay`]).
-    relay: RwLock<RelayTable<ConnTx>>,
+    relay: RwLock<RelayTable<Link>>,
+    /// The cluster, when the coordinator runs in one (`--nats`).
+    cluster: std::sync::OnceLock<Arc<ClusterLink>>,
     /// For relaying what arrives over TCP to nodes bound over UDP (the main UDP socket).
     udp: std::sync::OnceLock<Arc<dyn DatagramSink>>,
     private_key: [u8; 32],
@@ -596,8 +807,10 @@ impl Server {
                     b
                 },
                 outboxes: HashMap::new(),
+                remote_via: HashMap::new(),
             }),
             relay: RwLock::new(RelayTable::default()),
+            cluster: std::sync::OnceLock::new(),
             udp: std::sync::OnceLock::new(),
             private_key,
             counters: Counters::default(),
@@ -640,11 +853,58 @@ impl Server {
         lock(&self.hub)
     }
 
-    fn relay(&self) -> std::sync::RwLockReadGuard<'_, RelayTable<ConnTx>> {
+    /// Joins a cluster (before serving): member changes, punches and relay data for remote
+    /// members go to `cluster`; [`Server::cluster_receive`] takes what comes from it.
+    pub fn set_cluster(&self, cluster: Arc<ClusterLink>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<ClusterLink>> {
+        self.cluster.get()
+    }
+
+    /// One message from NATS.
+    pub fn cluster_receive(&self, subject: &str, payload: &[u8]) {
+        let Some(cluster) = self.cluster.get() else {
+            return;
+        };
+        let step =
+            cluster
+                .core()
+                .receive(Instant::now(), a2a_proto::time::now_ms(), subject, payload);
+        if !step.publish.is_empty() || !step.apply.is_empty() {
+            self.cluster_apply(step);
+        }
+    }
+
+    /// What the cluster decided, carried out (the cluster's lock is not held).
+    pub fn cluster_apply(&self, step: Step) {
+        // Relay data needs no hub: it goes straight to the relay table.
+        if step.publish.is_empty() && step.apply.iter().all(|a| matches!(a, Apply::Relay { .. })) {
+            let cluster = self.cluster.get().expect("called with a cluster");
+            for a in step.apply {
+                if let Apply::Relay {
+                    src,
+                    dst,
+                    mut datagram,
+                } = a
+                {
+                    let mut d = vec![0u8; RELAY_HEADER_LEN];
+                    d.append(&mut datagram);
+                    Counters::bump(&cluster.relayed_in);
+                    self.relay_from_conn(src, dst, &mut d);
+                }
+            }
+            return;
+        }
+        self.hub().apply(self, step);
+    }
+
+    fn relay(&self) -> std::sync::RwLockReadGuard<'_, RelayTable<Link>> {
         read(&self.relay)
     }
 
-    fn relay_mut(&self) -> std::sync::RwLockWriteGuard<'_, RelayTable<ConnTx>> {
+    fn relay_mut(&self) -> std::sync::RwLockWriteGuard<'_, RelayTable<Link>> {
         write(&self.relay)
     }
 
@@ -673,8 +933,9 @@ impl Server {
     /// A new connection id: never 0, never one in use (ids wrap after 2^32 connections).
     fn new_conn_id(&self) -> ConnId {
         loop {
-            let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-            if id != 0 && !self.hub().outboxes.contains_key(&id) {
+            let id = self.next_conn.fetch_add(1, Ordering::Relaxed) & !crate::cluster::REMOTE_BASE;
+            // The upper half names remote members of the cluster (see `crate::cluster`).
+            if id != 0 && !is_remote_id(id) && !self.hub().outboxes.contains_key(&id) {
                 return id;
             }
         }
@@ -973,7 +1234,22 @@ impl Server {
 
     /// Queues relay data from slot `src` (`datagram`, laid out as a UDP relay datagram) on a
     /// control connection.
-    fn forward_over_conn(&self, tx: &ConnTx, src: u32, datagram: &mut [u8]) {
+    fn forward_over_conn(&self, link: &Link, src: u32, datagram: &mut [u8]) {
+        let tx = match link {
+            Link::Conn(tx) => tx,
+            Link::Remote(via) => {
+                // A remote member: to its coordinator, sealed (the payload after the header).
+                if let Some(cluster) = self.cluster.get() {
+                    let payload = &datagram[RELAY_HEADER_LEN.min(datagram.len())..];
+                    let p = cluster
+                        .sealer
+                        .seal_relay(via, src, payload, a2a_proto::time::now_ms());
+                    Counters::bump(&cluster.relayed_out);
+                    cluster.queue(p);
+                }
+                return;
+            }
+        };
         let len = datagram.len();
         match tx.send_relay(relay_frame(datagram, src)) {
             Ok(()) => {
@@ -1113,7 +1389,7 @@ impl Server {
     /// [`Route::Control`], for [`Server::handle_control`].
     fn route_datagram(
         &self,
-        table: &RelayTable<ConnTx>,
+        table: &RelayTable<Link>,
         now: Instant,
         src: SocketAddr,
         port: UdpPort,
@@ -1284,6 +1560,9 @@ impl Server {
         let gauge = |n: usize| n as u64;
         let mut counters = self.counters.values();
         counters.extend(self.limited.values());
+        if let Some(c) = self.cluster.get() {
+            counters.extend(c.values());
+        }
         Snapshot {
             gauges: vec![
                 (

@@ -25,9 +25,10 @@ use a2a_proto::{NetworkId, NodeKey};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
+use crate::cluster::is_remote_id;
 use crate::fanout::{batches, Fanout, MAX_BATCH_BYTES};
 use crate::limits::{Rate, TokenBucket};
-use crate::registry::{ConnId, RegisterRequest, Registry, Sends, REDEEM_TIMEOUT};
+use crate::registry::{ConnId, LocalChange, RegisterRequest, Registry, Sends, REDEEM_TIMEOUT};
 
 /// What the driver counts (its counters are numbers only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +76,8 @@ pub struct Outbox {
     /// The connection handled redeems an invite: keep it this long for the inviter's answer
     /// to reach it and for it to close, reading nothing more.
     pub linger: Option<Duration>,
+    /// Changes to this coordinator's own members, for the cluster (`--nats`; ignored without).
+    pub local: Vec<LocalChange>,
 }
 
 impl Outbox {
@@ -152,7 +155,10 @@ impl Switchboard {
     /// What the registry answered, with member changes for other members than `me` (the
     /// connection handled) gathered, and the member list for `me` itself (a registration) in
     /// batches at once.
-    fn route(&mut self, now: Instant, me: Option<ConnId>, sends: Sends) -> Sends {
+    fn route(&mut self, now: Instant, me: Option<ConnId>, mut sends: Sends) -> Sends {
+        // A remote member hears of member changes from its own coordinator; only a punch for
+        // it goes on (to the cluster).
+        sends.retain(|(conn, msg)| !is_remote_id(*conn) || matches!(msg, ServerMsg::Punch { .. }));
         if !self.fanout.is_on() {
             return sends;
         }
@@ -238,6 +244,50 @@ impl Switchboard {
                 self.registered(now, conn, msg, &mut out);
             }
         }
+        out.local = self.registry.take_changes();
+        out
+    }
+
+    /// A member another coordinator of the cluster holds appears, or has a newer record, under
+    /// relay id `conn` (see [`crate::cluster`]); refused (counted by the caller) when a local
+    /// connection holds the key or the record does not verify here.
+    pub fn remote_up(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        network: NetworkId,
+        record: a2a_proto::SignedRecord,
+    ) -> Result<Outbox, crate::registry::Refusal> {
+        let mut secret = [0u8; 16];
+        self.rng.fill_bytes(&mut secret);
+        let secret = RelaySecret(secret);
+        let sent = self
+            .registry
+            .register_remote(now, conn, network, record, secret)?;
+        let mut out = Outbox {
+            send: self.route(now, None, sent),
+            ..Outbox::default()
+        };
+        // Its relay slot: data for it goes to its coordinator. Nobody can bind it over UDP
+        // (the secret is random and never sent).
+        out.relay.push(RelayChange::Open {
+            conn,
+            network,
+            secret,
+        });
+        out.local = self.registry.take_changes();
+        Ok(out)
+    }
+
+    /// A remote member (relay id `conn`) is gone.
+    pub fn remote_down(&mut self, now: Instant, conn: ConnId) -> Outbox {
+        let sent = self.registry.remove_remote(conn);
+        let mut out = Outbox {
+            send: self.route(now, None, sent),
+            ..Outbox::default()
+        };
+        out.relay.push(RelayChange::Close(conn));
+        out.local = self.registry.take_changes();
         out
     }
 
@@ -433,6 +483,7 @@ impl Switchboard {
         if was_registered {
             out.relay.push(RelayChange::Close(conn));
         }
+        out.local = self.registry.take_changes();
         out
     }
 
@@ -453,6 +504,7 @@ impl Switchboard {
             out.relay.push(RelayChange::Close(conn));
             out.close.push(conn);
         }
+        out.local = self.registry.take_changes();
         out
     }
 }

@@ -45,6 +45,16 @@ pub struct CoordOpts {
     /// `--fanout-window-ms MS` (hidden): how long member changes are gathered (0: one message
     /// per change).
     pub fanout_window_ms: Option<u32>,
+    /// `--endpoint A,B,…` (a cluster's: every coordinator's address), listening on the wan
+    /// address.
+    pub endpoints: Vec<String>,
+    /// `--nats URL,…`: join a cluster over these NATS servers.
+    pub nats: Vec<String>,
+    /// `--nats-credentials FILE`.
+    pub nats_credentials: Option<PathBuf>,
+    /// Copied into the state directory as `coordinator.key` before the first start: the
+    /// cluster's shared identity.
+    pub key_from: Option<PathBuf>,
 }
 
 /// A coordinator process in its namespace.
@@ -94,6 +104,18 @@ impl Coordinator {
         } else {
             args.push("--listen".into());
             args.push(self.addr.to_string());
+            if !self.opts.endpoints.is_empty() {
+                args.push("--endpoint".into());
+                args.push(self.opts.endpoints.join(","));
+            }
+        }
+        if !self.opts.nats.is_empty() {
+            args.push("--nats".into());
+            args.push(self.opts.nats.join(","));
+        }
+        if let Some(f) = &self.opts.nats_credentials {
+            args.push("--nats-credentials".into());
+            args.push(f.to_string_lossy().into_owned());
         }
         args.push("--state-dir".into());
         args.push(self.state_dir.to_string_lossy().into_owned());
@@ -299,10 +321,22 @@ pub fn metric(text: &str, name: &str) -> Option<u64> {
 impl Lab {
     /// Starts a coordinator in a new namespace `coord` and waits for its join token.
     pub fn coordinator(&self, opts: CoordOpts) -> Coordinator {
-        let ns = self.add_ns("coord");
+        self.coordinator_in(self.add_ns("coord"), opts)
+    }
+
+    /// Starts a coordinator in `ns` (made with [`Lab::add_ns`], so that its address is known
+    /// before it starts: a cluster's coordinators name each other in `--endpoint`), with its
+    /// state directory `ROLE-state`, and waits for its join token.
+    pub fn coordinator_in(&self, ns: Ns, opts: CoordOpts) -> Coordinator {
         let ip = ns.wan_ip.expect("wan address");
-        let state_dir = self.dir().join("coord-state");
+        let state_dir = self.dir().join(format!("{}-state", ns.role));
         fs::create_dir_all(&state_dir).expect("create coordinator state dir");
+        if let Some(key) = &opts.key_from {
+            let dest = state_dir.join("coordinator.key");
+            fs::copy(key, &dest).expect("copy the cluster's coordinator.key");
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&dest, fs::Permissions::from_mode(0o600)).expect("chmod key");
+        }
         let coord = Coordinator {
             addr: SocketAddrV4::new(ip, COORDINATOR_PORT),
             state_dir,

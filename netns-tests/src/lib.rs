@@ -31,6 +31,8 @@
 //! - `checks`: [`in_prefix`], [`assert_private_files`];
 //! - `coordinator`: [`Coordinator`], [`CoordOpts`] (and [`Lab::coordinator`]), its metrics
 //!   ([`scrape_metrics`], [`metric`]);
+//! - `nats`: the real `nats-server` for the coordinator cluster ([`NatsServer`],
+//!   [`Lab::nats_cluster`], [`NatsAuth`]);
 //! - `node`: [`Node`] (and [`Lab::node`], [`Lab::node_behind`]);
 //! - `container`: a machine with systemd as PID 1 in a lab namespace ([`Container`], booted
 //!   with systemd-nspawn from a cached Debian root, [`Lab::container`]);
@@ -43,6 +45,7 @@ mod container;
 mod coordinator;
 pub mod garbage;
 mod impair;
+mod nats;
 mod node;
 mod portmap;
 mod process;
@@ -58,6 +61,7 @@ pub use coordinator::{
     metric, scrape_metrics, CoordOpts, Coordinator, COORDINATOR_PORT, DEFAULT_PREFIX,
 };
 pub use impair::{ForwarderCounters, PingStats, WireLoss};
+pub use nats::{NatsAuth, NatsServer, NATS_PORT, NATS_USER};
 pub use node::{Node, NODE_PORT, OVERLAY_TIMEOUT};
 pub use portmap::{FakePortMapper, Lie, MiniUpnpd, PORTMAP_PORT};
 pub use process::{cpu_time, require_tool, require_tools, run_host, Bins, Output, Proc};

@@ -1012,6 +1012,32 @@ impl Router {
         .expect_ok();
     }
 
+    /// Cuts this router's LAN off from `to` (a wan address), TCP and UDP alike: TCP is
+    /// answered with a reset (a node moves on to its next coordinator at once), the rest
+    /// dropped. For a node that must reach only some coordinators of a cluster.
+    pub fn cut_off_from(&self, to: Ipv4Addr) {
+        let to = to.to_string();
+        let n = &self.ns;
+        if !n
+            .exec(&["nft", "list", "table", "inet", "a2a_cut"])
+            .success()
+        {
+            n.exec(&["nft", "add", "table", "inet", "a2a_cut"])
+                .expect_ok();
+            n.exec(&[
+                "nft",
+                "add chain inet a2a_cut forward { type filter hook forward priority -20; }",
+            ])
+            .expect_ok();
+        }
+        for rule in [
+            format!("add rule inet a2a_cut forward ip daddr {to} meta l4proto tcp reject with tcp reset"),
+            format!("add rule inet a2a_cut forward ip daddr {to} drop"),
+        ] {
+            n.exec(&["nft", &rule]).expect_ok();
+        }
+    }
+
     pub fn unblock_udp(&self) {
         self.ns
             .exec(&["nft", "delete", "table", "inet", "a2a_block"])

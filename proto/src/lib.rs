@@ -6,6 +6,7 @@
 pub mod addr;
 pub mod api;
 pub mod cert;
+pub mod cluster;
 pub mod control;
 pub mod disco;
 pub mod invite;

@@ -559,6 +559,27 @@ mod tests {
     }
 
     #[test]
+    fn ssh_users_are_checked_and_need_port_22() {
+        let ok = r#"{"grants": [{"src": ["*"], "dst": ["*"], "ports": ["tcp:22"], "ssh": ["agent", "_deploy"]}]}"#;
+        assert_eq!(
+            Policy::parse(ok, None).unwrap().grants[0].ssh,
+            ["agent", "_deploy"]
+        );
+        let bad_user = ok.replace("agent", "Root User");
+        assert!(matches!(
+            Policy::parse(&bad_user, None),
+            Err(PolicyError::Syntax { .. })
+        ));
+        let text = "{\"grants\": [\n {\"src\": [\"*\"], \"dst\": [\"*\"], \"ports\": [\"tcp:80\"]},\n {\"src\": [\"*\"], \"dst\": [\"*\"], \"ports\": [\"udp:22\"], \"ssh\": [\"agent\"]}]}";
+        match Policy::parse(text, None) {
+            Err(PolicyError::SshWithoutPort { line, .. }) => assert_eq!(line, 3),
+            other => panic!("{other:?}"),
+        }
+        let any = ok.replace("tcp:22", "*");
+        assert!(Policy::parse(&any, None).is_ok());
+    }
+
+    #[test]
     fn parses_the_example() {
         let p = Policy::parse(EXAMPLE, Some(&tags(&["planner", "worker"]))).unwrap();
         assert_eq!(
@@ -574,6 +595,7 @@ mod tests {
                     },
                     PortSpec::Icmp
                 ],
+                ssh: vec![],
             }]
         );
         // Round trip through its own JSON.

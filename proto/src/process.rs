@@ -1,15 +1,17 @@
 //! What both daemons (`a2ad`, `a2a-coordinator`) do the same way as processes: log to stderr,
 //! filtered by `A2A_LOG` (default `info`), and stop on SIGINT or SIGTERM.
 
-/// Sends `tracing` output to stderr, with colours only on a terminal.
+/// Sends `tracing` output to stderr, with colours only on a terminal. The NATS client
+/// (`a2a-coordinator --nats`) logs at most warnings whatever `A2A_LOG` says: at its debug and
+/// trace levels it prints its CONNECT line, NATS password included, and every message.
 pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("A2A_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive("async_nats=warn".parse().expect("a valid directive"));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("A2A_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .init();
 }
 

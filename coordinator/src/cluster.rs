@@ -1,0 +1,1125 @@
+//! The coordinator cluster without I/O (`--nats`; see README, *A coordinator cluster on NATS*):
+//! what this coordinator tells the others, and what to do with what they tell it.
+//!
+//! The driver feeds it the time, this coordinator's own member changes (from the
+//! switchboard's [`crate::switchboard::Outbox::local`]) and every message that came from NATS;
+//! it answers with a [`Step`]: the messages to publish, and what to apply to the local
+//! switchboard and relay table: remote members appearing or going ([`Apply::Up`],
+//! [`Apply::Down`]), a punch for a local node ([`Apply::Punch`]), relay data for a local node
+//! ([`Apply::Relay`]). Call [`Cluster::tick`] at [`Cluster::poll_timeout`].
+//!
+//! Every message is sealed under the cluster key ([`a2a_proto::cluster`]); what does not open,
+//! is replayed, stale, from too many instances or over a sender's member limit, or carries a
+//! record that does not verify, is refused and counted ([`Counts`]), never applied. Remote
+//! members get relay ids of this coordinator's own in the upper half of the `u32` range
+//! ([`REMOTE_BASE`]), which local connections never use. Nothing here is written or printed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use a2a_proto::cluster::{
+    member_digest, parse_relay, relay_body, subject_all, subject_to, xor_into, ClusterKey,
+    ClusterMsg, Entry, Gone, Header, Instance, OpenError, ENTRIES_PER_MSG, KIND_MSG, KIND_RELAY,
+};
+use a2a_proto::{NetworkId, NodeKey, SignedRecord};
+
+use crate::registry::{ConnId, LocalChange};
+
+/// Relay ids from here up name remote members; local connections use the ids below.
+pub const REMOTE_BASE: u32 = 0x8000_0000;
+
+/// Whether relay id `id` is one this coordinator gives remote members.
+pub fn is_remote_id(id: u32) -> bool {
+    id >= REMOTE_BASE
+}
+
+/// How often a coordinator says it is alive.
+pub const ALIVE_EVERY: Duration = Duration::from_secs(2);
+/// A coordinator not heard from for this long is dead: its members go.
+pub const DEAD_AFTER: Duration = Duration::from_secs(7);
+/// At most one snapshot asked of one coordinator per this long.
+pub const SYNC_ASK_EVERY: Duration = Duration::from_secs(2);
+/// A message sent further than this from the receiver's clock is refused.
+pub const MAX_SKEW_MS: u64 = 30_000;
+/// Sequence numbers accepted behind the highest seen (out of order), per sender instance and
+/// kind of subject.
+pub const REPLAY_WINDOW: u64 = 64;
+/// The top bit of a sequence number: set on messages for one coordinator (`a2a.CID.to.…`),
+/// clear on the cluster's subject. The two are numbered apart (the receiver reads them from
+/// two subscriptions, in two tasks: their order across the two is not kept) and never share a
+/// nonce.
+pub const DIRECTED: u64 = 1 << 63;
+/// Members one coordinator may announce.
+pub const MAX_MEMBERS_PER_PEER: usize = 100_000;
+/// Coordinator instances heard at once.
+pub const MAX_PEERS: usize = 64;
+
+/// Seals what this coordinator publishes; shared with the relay path, which seals relay data
+/// without taking the cluster's lock.
+pub struct Sealer {
+    key: ClusterKey,
+    me: Instance,
+    /// The next numbers on the cluster's subject, and on the coordinators' own subjects.
+    seq_all: AtomicU64,
+    seq_to: AtomicU64,
+    cid: String,
+    all: String,
+}
+
+impl Sealer {
+    /// For the coordinator identity (`private`, `public`) and this instance `me` (random at
+    /// every start).
+    pub fn new(private: &[u8; 32], public: &[u8; 32], me: Instance) -> Self {
+        let cid = a2a_proto::cluster::cluster_id(public);
+        Sealer {
+            key: ClusterKey::derive(private),
+            me,
+            seq_all: AtomicU64::new(0),
+            seq_to: AtomicU64::new(0),
+            all: subject_all(&cid),
+            cid,
+        }
+    }
+
+    pub fn me(&self) -> Instance {
+        self.me
+    }
+
+    /// The subject every coordinator of the cluster listens on.
+    pub fn subject_all(&self) -> String {
+        self.all.clone()
+    }
+
+    /// The subject of one instance (this one: what to subscribe to).
+    pub fn subject_to(&self, instance: &Instance) -> String {
+        subject_to(&self.cid, instance)
+    }
+
+    /// One envelope: `body` of `kind` for `subject`, with the next sequence number.
+    pub fn seal(&self, subject: &str, kind: u8, body: &[u8], now_ms: u64) -> Vec<u8> {
+        let seq = if subject == self.all {
+            self.seq_all.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            DIRECTED | (self.seq_to.fetch_add(1, Ordering::Relaxed) + 1)
+        };
+        let header = Header {
+            sender: self.me,
+            seq,
+            sent_ms: now_ms,
+            kind,
+        };
+        self.key.seal(subject, header, body)
+    }
+
+    /// Relay data from local relay id `src` for the member another coordinator gave relay id
+    /// `remote_dst`, on `subject` (that coordinator's).
+    pub fn seal_relay(&self, via: &Via, src: u32, datagram: &[u8], now_ms: u64) -> Publish {
+        Publish {
+            subject: via.subject.clone(),
+            payload: self.seal(
+                &via.subject,
+                KIND_RELAY,
+                &relay_body(src, via.remote_id, datagram),
+                now_ms,
+            ),
+        }
+    }
+}
+
+/// One message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub subject: String,
+    pub payload: Vec<u8>,
+}
+
+/// Where relay data for a remote member goes: its coordinator's subject, and the relay id
+/// that coordinator gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Via {
+    pub subject: String,
+    pub remote_id: u32,
+}
+
+/// What to apply locally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Apply {
+    /// A remote member appears or has a newer record: hold it under relay id `conn`, relay
+    /// data for it goes `via`.
+    Up {
+        network: NetworkId,
+        record: SignedRecord,
+        conn: ConnId,
+        via: Via,
+    },
+    /// The remote member held under relay id `conn` is gone (or held under another id now).
+    Down { conn: ConnId },
+    /// Tell the local member `to` of `network` that `from` probes it.
+    Punch {
+        network: NetworkId,
+        from: NodeKey,
+        to: NodeKey,
+    },
+    /// Relay data from the remote member `src` (its local relay id) for the local relay id
+    /// `dst`.
+    Relay {
+        src: ConnId,
+        dst: ConnId,
+        datagram: Vec<u8>,
+    },
+}
+
+/// What the cluster counted (numbers only).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Messages opened and accepted.
+    pub received: u64,
+    pub published: u64,
+    /// Did not open under the cluster key (a stranger, another cluster, changed on the way).
+    pub refused_seal: u64,
+    /// Not an envelope, or its body does not parse.
+    pub refused_malformed: u64,
+    /// A sequence number seen already or too far behind.
+    pub refused_replay: u64,
+    /// Sent too far from this clock.
+    pub refused_stale: u64,
+    /// Over [`MAX_PEERS`] instances, or over a sender's [`MAX_MEMBERS_PER_PEER`].
+    pub refused_flood: u64,
+    /// A record that does not verify for its network.
+    pub refused_record: u64,
+    /// A punch or relay data for a member this coordinator does not hold.
+    pub unknown_member: u64,
+    /// Our own messages, echoed by NATS.
+    pub own: u64,
+    pub coordinators_expired: u64,
+    pub syncs_asked: u64,
+}
+
+/// What to publish and to apply after one call.
+#[derive(Debug, Default)]
+pub struct Step {
+    pub publish: Vec<Publish>,
+    pub apply: Vec<Apply>,
+}
+
+type Key = (NetworkId, NodeKey);
+
+struct Remote {
+    record: SignedRecord,
+    remote_id: u32,
+    local_id: ConnId,
+    issued_ms: u64,
+}
+
+struct Peer {
+    last_heard: Instant,
+    /// Sequence windows of the cluster's subject and of this coordinator's own.
+    replay_all: Replay,
+    replay_to: Replay,
+    members: HashMap<Key, Remote>,
+    by_remote_id: HashMap<u32, ConnId>,
+    digest: [u8; 16],
+    last_ask: Option<Instant>,
+    /// A snapshot being received: the members it named so far.
+    snapshot: Option<HashSet<Key>>,
+}
+
+/// The sliding window of sequence numbers (as IPsec's and WireGuard's).
+struct Replay {
+    top: u64,
+    /// Bit i: `top - i` was seen.
+    bits: u64,
+}
+
+impl Replay {
+    fn accept(&mut self, seq: u64) -> bool {
+        if seq == 0 {
+            return false;
+        }
+        if seq > self.top {
+            let shift = seq - self.top;
+            self.bits = if shift >= REPLAY_WINDOW {
+                1
+            } else {
+                (self.bits << shift) | 1
+            };
+            self.top = seq;
+            return true;
+        }
+        let behind = self.top - seq;
+        if behind >= REPLAY_WINDOW || self.bits & (1 << behind) != 0 {
+            return false;
+        }
+        self.bits |= 1 << behind;
+        true
+    }
+}
+
+struct Local {
+    record: SignedRecord,
+    conn: ConnId,
+    issued_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    Local,
+    Remote(Instance),
+}
+
+/// One coordinator's view of the cluster.
+pub struct Cluster {
+    sealer: Arc<Sealer>,
+    local: HashMap<Key, Local>,
+    local_digest: [u8; 16],
+    peers: HashMap<Instance, Peer>,
+    /// Who the applied record of each member comes from (one per key).
+    held: HashMap<Key, Holder>,
+    by_local_id: HashMap<ConnId, (Instance, Key)>,
+    next_id: u32,
+    next_alive: Instant,
+    pub counts: Counts,
+}
+
+impl Cluster {
+    pub fn new(sealer: Arc<Sealer>, now: Instant) -> Self {
+        Cluster {
+            sealer,
+            local: HashMap::new(),
+            local_digest: [0; 16],
+            peers: HashMap::new(),
+            held: HashMap::new(),
+            by_local_id: HashMap::new(),
+            next_id: REMOTE_BASE,
+            next_alive: now,
+            counts: Counts::default(),
+        }
+    }
+
+    pub fn sealer(&self) -> &Arc<Sealer> {
+        &self.sealer
+    }
+
+    /// Coordinators heard from (a count only).
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Remote members held (a count only).
+    pub fn remote_count(&self) -> usize {
+        self.by_local_id.len()
+    }
+
+    /// At start: ask everyone for what they hold, and say we are here.
+    pub fn start(&mut self, now: Instant, now_ms: u64) -> Step {
+        let mut step = Step::default();
+        let all = self.sealer.subject_all();
+        self.publish(&mut step, &all, &ClusterMsg::Sync, now_ms);
+        self.alive(&mut step, now, now_ms);
+        step
+    }
+
+    /// When [`Cluster::tick`] has something to do.
+    pub fn poll_timeout(&self) -> Instant {
+        let expiry = self.peers.values().map(|p| p.last_heard + DEAD_AFTER).min();
+        expiry.map_or(self.next_alive, |e| e.min(self.next_alive))
+    }
+
+    /// Presence, and the expiry of coordinators gone silent.
+    pub fn tick(&mut self, now: Instant, now_ms: u64) -> Step {
+        let mut step = Step::default();
+        if now >= self.next_alive {
+            self.alive(&mut step, now, now_ms);
+        }
+        let dead: Vec<Instance> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.last_heard + DEAD_AFTER <= now)
+            .map(|(i, _)| *i)
+            .collect();
+        for instance in dead {
+            self.counts.coordinators_expired += 1;
+            if let Some(peer) = self.peers.remove(&instance) {
+                for (key, r) in peer.members {
+                    self.by_local_id.remove(&r.local_id);
+                    self.unhold(&mut step, instance, key, r.local_id);
+                }
+            }
+        }
+        step
+    }
+
+    fn alive(&mut self, step: &mut Step, now: Instant, now_ms: u64) {
+        let all = self.sealer.subject_all();
+        let msg = ClusterMsg::Alive {
+            members: self.local.len() as u32,
+            digest: self.local_digest,
+        };
+        self.publish(step, &all, &msg, now_ms);
+        self.next_alive = now + ALIVE_EVERY;
+    }
+
+    fn publish(&mut self, step: &mut Step, subject: &str, msg: &ClusterMsg, now_ms: u64) {
+        let body = serde_json::to_vec(msg).expect("cluster messages serialise");
+        step.publish.push(Publish {
+            subject: subject.to_string(),
+            payload: self.sealer.seal(subject, KIND_MSG, &body, now_ms),
+        });
+        self.counts.published += 1;
+    }
+
+    /// This coordinator's own members changed (registered, updated, left).
+    pub fn local(&mut self, now_ms: u64, changes: Vec<LocalChange>) -> Step {
+        let mut step = Step::default();
+        let mut up = Vec::new();
+        let mut gone = Vec::new();
+        for change in changes {
+            match change {
+                LocalChange::Up {
+                    network,
+                    record,
+                    conn,
+                } => {
+                    let Ok(v) = record.verify(&network) else {
+                        continue; // the registry verified it
+                    };
+                    let key = (network, v.record.node_key);
+                    let issued_ms = v.record.issued_ms;
+                    if let Some(old) = self.local.remove(&key) {
+                        xor_into(
+                            &mut self.local_digest,
+                            &member_digest(&key.0, &key.1, old.issued_ms),
+                        );
+                    }
+                    xor_into(
+                        &mut self.local_digest,
+                        &member_digest(&key.0, &key.1, issued_ms),
+                    );
+                    self.local.insert(
+                        key,
+                        Local {
+                            record: record.clone(),
+                            conn,
+                            issued_ms,
+                        },
+                    );
+                    // The local connection wins: a remote holder's slot is closed.
+                    if let Some(Holder::Remote(i)) = self.held.insert(key, Holder::Local) {
+                        if let Some(r) = self.peers.get(&i).and_then(|p| p.members.get(&key)) {
+                            step.apply.push(Apply::Down { conn: r.local_id });
+                        }
+                    }
+                    up.push(Entry {
+                        network,
+                        record,
+                        relay_id: conn,
+                    });
+                }
+                LocalChange::Down { network, key } => {
+                    let key = (network, key);
+                    let Some(old) = self.local.remove(&key) else {
+                        continue;
+                    };
+                    xor_into(
+                        &mut self.local_digest,
+                        &member_digest(&key.0, &key.1, old.issued_ms),
+                    );
+                    if self.held.get(&key) == Some(&Holder::Local) {
+                        self.held.remove(&key);
+                        // Another coordinator may hold it too (it moved): that one now.
+                        self.hold_best(&mut step, key);
+                    }
+                    gone.push(Gone {
+                        network,
+                        node_key: key.1,
+                    });
+                }
+            }
+        }
+        let all = self.sealer.subject_all();
+        if !gone.is_empty() {
+            self.publish(&mut step, &all, &ClusterMsg::Down { gone }, now_ms);
+        }
+        for chunk in up.chunks(ENTRIES_PER_MSG) {
+            let msg = ClusterMsg::Up {
+                entries: chunk.to_vec(),
+            };
+            self.publish(&mut step, &all, &msg, now_ms);
+        }
+        step
+    }
+
+    /// A local member punches `to`, the remote member held under relay id `to`: its
+    /// coordinator is told. Nothing if `to` is not a remote member.
+    pub fn punch(&mut self, now_ms: u64, from: NodeKey, to: ConnId) -> Step {
+        let mut step = Step::default();
+        let Some(&(instance, (network, key))) = self.by_local_id.get(&to) else {
+            return step;
+        };
+        let subject = self.sealer.subject_to(&instance);
+        let msg = ClusterMsg::Punch {
+            network,
+            from,
+            to: key,
+        };
+        self.publish(&mut step, &subject, &msg, now_ms);
+        step
+    }
+
+    /// One message from NATS, on `subject`.
+    pub fn receive(&mut self, now: Instant, now_ms: u64, subject: &str, payload: &[u8]) -> Step {
+        let mut step = Step::default();
+        let (header, body) = match self.sealer.key.open(subject, payload) {
+            Ok(opened) => opened,
+            Err(OpenError::Malformed) => {
+                self.counts.refused_malformed += 1;
+                return step;
+            }
+            Err(OpenError::BadSeal) => {
+                self.counts.refused_seal += 1;
+                return step;
+            }
+        };
+        if header.sender == self.sealer.me {
+            self.counts.own += 1;
+            return step;
+        }
+        if now_ms.abs_diff(header.sent_ms) > MAX_SKEW_MS {
+            self.counts.refused_stale += 1;
+            return step;
+        }
+        if !self.peers.contains_key(&header.sender) && self.peers.len() >= MAX_PEERS {
+            self.counts.refused_flood += 1;
+            return step;
+        }
+        let peer = self.peers.entry(header.sender).or_insert_with(|| Peer {
+            last_heard: now,
+            replay_all: Replay { top: 0, bits: 0 },
+            replay_to: Replay { top: 0, bits: 0 },
+            members: HashMap::new(),
+            by_remote_id: HashMap::new(),
+            digest: [0; 16],
+            last_ask: None,
+            snapshot: None,
+        });
+        let directed = header.seq & DIRECTED != 0;
+        // The subject is sealed in: a message numbered for one subject opens on no other.
+        let window = if directed {
+            &mut peer.replay_to
+        } else {
+            &mut peer.replay_all
+        };
+        if !window.accept(header.seq & !DIRECTED) {
+            self.counts.refused_replay += 1;
+            return step;
+        }
+        peer.last_heard = now;
+        let sender = header.sender;
+        if header.kind == KIND_RELAY {
+            let Some((src, dst, datagram)) = parse_relay(&body) else {
+                self.counts.refused_malformed += 1;
+                return step;
+            };
+            match peer.by_remote_id.get(&src) {
+                Some(&local_src) if !is_remote_id(dst) => {
+                    self.counts.received += 1;
+                    step.apply.push(Apply::Relay {
+                        src: local_src,
+                        dst,
+                        datagram: datagram.to_vec(),
+                    });
+                }
+                _ => self.counts.unknown_member += 1,
+            }
+            return step;
+        }
+        let Ok(msg) = serde_json::from_slice::<ClusterMsg>(&body) else {
+            self.counts.refused_malformed += 1;
+            return step;
+        };
+        if header.kind != KIND_MSG {
+            self.counts.refused_malformed += 1;
+            return step;
+        }
+        self.counts.received += 1;
+        match msg {
+            ClusterMsg::Alive { members, digest } => {
+                let off = members as usize != peer.members.len() || digest != peer.digest;
+                let asked_lately = peer
+                    .last_ask
+                    .is_some_and(|at| now.saturating_duration_since(at) < SYNC_ASK_EVERY);
+                if off && !asked_lately && peer.snapshot.is_none() {
+                    peer.last_ask = Some(now);
+                    self.counts.syncs_asked += 1;
+                    let subject = self.sealer.subject_to(&sender);
+                    self.publish(&mut step, &subject, &ClusterMsg::Sync, now_ms);
+                }
+            }
+            ClusterMsg::Up { entries } => {
+                for e in entries {
+                    self.remote_up(&mut step, sender, e);
+                }
+            }
+            ClusterMsg::Down { gone } => {
+                for g in gone {
+                    self.remote_down(&mut step, sender, (g.network, g.node_key));
+                }
+            }
+            ClusterMsg::Sync => {
+                let subject = self.sealer.subject_to(&sender);
+                let entries: Vec<Entry> = self
+                    .local
+                    .iter()
+                    .map(|((network, _), l)| Entry {
+                        network: *network,
+                        record: l.record.clone(),
+                        relay_id: l.conn,
+                    })
+                    .collect();
+                let chunks: Vec<&[Entry]> = if entries.is_empty() {
+                    vec![&[]]
+                } else {
+                    entries.chunks(ENTRIES_PER_MSG).collect()
+                };
+                let n = chunks.len();
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    let msg = ClusterMsg::Snapshot {
+                        entries: chunk.to_vec(),
+                        last: i + 1 == n,
+                    };
+                    self.publish(&mut step, &subject, &msg, now_ms);
+                }
+            }
+            ClusterMsg::Snapshot { entries, last } => {
+                let mut named = peer.snapshot.take().unwrap_or_default();
+                for e in entries {
+                    if let Some(key) = self.remote_up(&mut step, sender, e) {
+                        named.insert(key);
+                    }
+                }
+                if last {
+                    let stale: Vec<Key> = self.peers[&sender]
+                        .members
+                        .keys()
+                        .filter(|k| !named.contains(k))
+                        .copied()
+                        .collect();
+                    for key in stale {
+                        self.remote_down(&mut step, sender, key);
+                    }
+                } else if let Some(p) = self.peers.get_mut(&sender) {
+                    p.snapshot = Some(named);
+                }
+            }
+            ClusterMsg::Punch { network, from, to } => {
+                if self.local.contains_key(&(network, to)) {
+                    step.apply.push(Apply::Punch { network, from, to });
+                } else {
+                    self.counts.unknown_member += 1;
+                }
+            }
+        }
+        step
+    }
+
+    /// `sender` holds the member `e`: kept, and applied if it is the best holder.
+    fn remote_up(&mut self, step: &mut Step, sender: Instance, e: Entry) -> Option<Key> {
+        let Ok(v) = e.record.verify(&e.network) else {
+            self.counts.refused_record += 1;
+            return None;
+        };
+        let key = (e.network, v.record.node_key);
+        let issued_ms = v.record.issued_ms;
+        let peer = self.peers.get_mut(&sender)?;
+        let local_id = match peer.members.get(&key) {
+            Some(r) => {
+                if r.issued_ms > issued_ms {
+                    // Older than what this sender said before: kept as it was.
+                    self.counts.refused_record += 1;
+                    return Some(key);
+                }
+                xor_into(
+                    &mut peer.digest,
+                    &member_digest(&key.0, &key.1, r.issued_ms),
+                );
+                peer.by_remote_id.remove(&r.remote_id);
+                r.local_id
+            }
+            None => {
+                if peer.members.len() >= MAX_MEMBERS_PER_PEER {
+                    self.counts.refused_flood += 1;
+                    return None;
+                }
+                let id = next_free(&mut self.next_id, &self.by_local_id);
+                self.by_local_id.insert(id, (sender, key));
+                id
+            }
+        };
+        let unchanged = peer
+            .members
+            .get(&key)
+            .is_some_and(|r| r.record == e.record && r.remote_id == e.relay_id);
+        xor_into(&mut peer.digest, &member_digest(&key.0, &key.1, issued_ms));
+        peer.by_remote_id.insert(e.relay_id, local_id);
+        peer.members.insert(
+            key,
+            Remote {
+                record: e.record.clone(),
+                remote_id: e.relay_id,
+                local_id,
+                issued_ms,
+            },
+        );
+        match self.held.get(&key).copied() {
+            Some(Holder::Local) => {}
+            Some(Holder::Remote(i)) if i == sender => {
+                if !unchanged {
+                    step.apply.push(self.up(sender, key));
+                }
+            }
+            Some(Holder::Remote(other)) => {
+                let theirs = self
+                    .peers
+                    .get(&other)
+                    .and_then(|p| p.members.get(&key))
+                    .map(|r| (r.issued_ms, r.local_id));
+                match theirs {
+                    Some((their_issued, _)) if their_issued > issued_ms => {}
+                    Some((_, their_id)) => {
+                        // The newer record (or, equal, the later announcement: it moved).
+                        self.held.insert(key, Holder::Remote(sender));
+                        step.apply.push(self.up(sender, key));
+                        step.apply.push(Apply::Down { conn: their_id });
+                    }
+                    None => {
+                        self.held.insert(key, Holder::Remote(sender));
+                        step.apply.push(self.up(sender, key));
+                    }
+                }
+            }
+            None => {
+                self.held.insert(key, Holder::Remote(sender));
+                step.apply.push(self.up(sender, key));
+            }
+        }
+        Some(key)
+    }
+
+    fn up(&self, sender: Instance, key: Key) -> Apply {
+        let r = &self.peers[&sender].members[&key];
+        Apply::Up {
+            network: key.0,
+            record: r.record.clone(),
+            conn: r.local_id,
+            via: Via {
+                subject: self.sealer.subject_to(&sender),
+                remote_id: r.remote_id,
+            },
+        }
+    }
+
+    /// `sender` no longer holds `key`.
+    fn remote_down(&mut self, step: &mut Step, sender: Instance, key: Key) {
+        let Some(peer) = self.peers.get_mut(&sender) else {
+            return;
+        };
+        let Some(r) = peer.members.remove(&key) else {
+            return;
+        };
+        xor_into(
+            &mut peer.digest,
+            &member_digest(&key.0, &key.1, r.issued_ms),
+        );
+        peer.by_remote_id.remove(&r.remote_id);
+        self.by_local_id.remove(&r.local_id);
+        self.unhold(step, sender, key, r.local_id);
+    }
+
+    /// `sender`'s copy of `key` (relay id `local_id`) is gone: if it was the one applied,
+    /// another holder's is applied, or the member goes.
+    fn unhold(&mut self, step: &mut Step, sender: Instance, key: Key, local_id: ConnId) {
+        if self.held.get(&key) == Some(&Holder::Remote(sender)) {
+            self.held.remove(&key);
+            self.hold_best(step, key);
+        }
+        // Closes its slot (and, when no other holder took over, the member).
+        step.apply.push(Apply::Down { conn: local_id });
+    }
+
+    /// The newest remote copy of `key`, if any coordinator holds one, is applied.
+    fn hold_best(&mut self, step: &mut Step, key: Key) {
+        let best = self
+            .peers
+            .iter()
+            .filter_map(|(i, p)| p.members.get(&key).map(|r| (r.issued_ms, *i)))
+            .max_by_key(|(issued, _)| *issued);
+        if let Some((_, i)) = best {
+            self.held.insert(key, Holder::Remote(i));
+            step.apply.push(self.up(i, key));
+        }
+    }
+}
+
+/// The next relay id for a remote member: in the upper half, never one in use.
+fn next_free(next: &mut u32, used: &HashMap<ConnId, (Instance, Key)>) -> ConnId {
+    loop {
+        let id = *next;
+        *next = if *next == u32::MAX {
+            REMOTE_BASE
+        } else {
+            *next + 1
+        };
+        if !used.contains_key(&id) {
+            return id;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use a2a_proto::{NetworkKey, NodeRecord};
+
+    const PRIVATE: [u8; 32] = [5; 32];
+    const PUBLIC: [u8; 32] = [6; 32];
+    const T0: u64 = 1_800_000_000_000;
+
+    fn coordinator(n: u8, now: Instant) -> Cluster {
+        Cluster::new(Arc::new(Sealer::new(&PRIVATE, &PUBLIC, [n; 16])), now)
+    }
+
+    fn record(k: &NetworkKey, n: u8, issued_ms: u64) -> SignedRecord {
+        NodeRecord {
+            network: k.id(),
+            node_key: NodeKey([n; 32]),
+            name: format!("n{n}"),
+            ip: format!("100.64.0.{n}").parse().unwrap(),
+            candidates: vec![],
+            issued_ms,
+            ssh: None,
+        }
+        .sign(k)
+    }
+
+    fn up(k: &NetworkKey, n: u8, issued_ms: u64, conn: ConnId) -> LocalChange {
+        LocalChange::Up {
+            network: k.id(),
+            record: record(k, n, issued_ms),
+            conn,
+        }
+    }
+
+    /// Delivers what `from` published to `to` (as NATS would to a subscriber of every
+    /// subject): what `to` must apply, and what it published back.
+    fn deliver(to: &mut Cluster, now: Instant, now_ms: u64, step: &Step) -> Step {
+        let mut out = Step::default();
+        for p in &step.publish {
+            let s = to.receive(now, now_ms, &p.subject, &p.payload);
+            out.publish.extend(s.publish);
+            out.apply.extend(s.apply);
+        }
+        out
+    }
+
+    fn ups(step: &Step) -> Vec<ConnId> {
+        step.apply
+            .iter()
+            .filter_map(|a| match a {
+                Apply::Up { conn, .. } => Some(*conn),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_member_registered_on_one_coordinator_appears_on_the_other_and_goes() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let s = c1.local(T0, vec![up(&k, 1, 10, 7)]);
+        let got = deliver(&mut c2, now, T0, &s);
+        let [Apply::Up {
+            network, conn, via, ..
+        }] = got.apply.as_slice()
+        else {
+            panic!("{:?}", got.apply)
+        };
+        assert_eq!(*network, k.id());
+        assert!(is_remote_id(*conn));
+        assert_eq!(via.remote_id, 7);
+        assert_eq!(via.subject, c1.sealer().subject_to(&[1; 16]));
+        let id = *conn;
+        // c2's digest of c1 now matches c1's presence: no snapshot asked.
+        let alive = c1.tick(now + ALIVE_EVERY, T0);
+        let got = deliver(&mut c2, now, T0, &alive);
+        assert!(got.publish.is_empty(), "{:?}", got.publish);
+        // The member leaves.
+        let s = c1.local(
+            T0,
+            vec![LocalChange::Down {
+                network: k.id(),
+                key: NodeKey([1; 32]),
+            }],
+        );
+        let got = deliver(&mut c2, now, T0, &s);
+        assert_eq!(got.apply, vec![Apply::Down { conn: id }]);
+        assert_eq!(c2.remote_count(), 0);
+        assert_eq!(c2.counts.refused_seal + c2.counts.refused_replay, 0);
+    }
+
+    #[test]
+    fn a_dead_coordinators_members_expire_and_a_moved_member_stays() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let mut c3 = coordinator(3, now);
+        // Node 1 on c1, node 2 on c1.
+        let s = c1.local(T0, vec![up(&k, 1, 10, 7), up(&k, 2, 10, 8)]);
+        let got = deliver(&mut c3, now, T0, &s);
+        assert_eq!(ups(&got).len(), 2);
+        deliver(&mut c2, now, T0, &s);
+        // c1 dies; node 1 re-registers on c2 with the same record.
+        let s = c2.local(T0 + 1000, vec![up(&k, 1, 10, 3)]);
+        let local_win = s.apply.clone();
+        assert_eq!(local_win.len(), 1, "c2's remote copy of node 1 is closed");
+        let got = deliver(&mut c3, now + Duration::from_secs(1), T0 + 1000, &s);
+        // On c3, node 1 is now c2's (the later announcement), c1's slot closed.
+        let [Apply::Up { via, .. }, Apply::Down { .. }] = got.apply.as_slice() else {
+            panic!("{:?}", got.apply)
+        };
+        assert_eq!(via.remote_id, 3);
+        // c2 keeps saying it is alive; c1 is silent.
+        let later = now + DEAD_AFTER + Duration::from_millis(1);
+        let alive = c2.tick(later, T0 + 8000);
+        deliver(&mut c3, later, T0 + 8000, &alive);
+        let s = c3.tick(later, T0 + 8000);
+        assert_eq!(c3.counts.coordinators_expired, 1);
+        // Node 2 (only on c1) goes; node 1 (moved to c2) stays.
+        let downs = s
+            .apply
+            .iter()
+            .filter(|a| matches!(a, Apply::Down { .. }))
+            .count();
+        assert_eq!(downs, 2, "{:?}", s.apply); // node 2, and c1's stale copy of node 1
+        assert!(ups(&s).is_empty(), "node 1 stays held by c2: {:?}", s.apply);
+        assert_eq!(c3.remote_count(), 1);
+        assert_eq!(c3.peer_count(), 1);
+    }
+
+    #[test]
+    fn forged_foreign_replayed_stale_and_malformed_messages_are_refused_and_counted() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let s = c1.local(T0, vec![up(&k, 1, 10, 7)]);
+        let p = &s.publish[0];
+        // A stranger: another coordinator key, same subject.
+        let stranger = Sealer::new(&[9; 32], &PUBLIC, [4; 16]);
+        let body = serde_json::to_vec(&ClusterMsg::Up {
+            entries: vec![Entry {
+                network: k.id(),
+                record: record(&k, 9, 10),
+                relay_id: 1,
+            }],
+        })
+        .unwrap();
+        let forged = stranger.seal(&p.subject, KIND_MSG, &body, T0);
+        assert!(c2.receive(now, T0, &p.subject, &forged).apply.is_empty());
+        assert_eq!(c2.counts.refused_seal, 1);
+        // A changed byte of a genuine message.
+        let mut bad = p.payload.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(c2.receive(now, T0, &p.subject, &bad).apply.is_empty());
+        assert_eq!(c2.counts.refused_seal, 2);
+        // Garbage.
+        assert!(c2.receive(now, T0, &p.subject, b"hello").apply.is_empty());
+        assert_eq!(c2.counts.refused_malformed, 1);
+        // A genuine message, then its replay.
+        assert_eq!(ups(&c2.receive(now, T0, &p.subject, &p.payload)).len(), 1);
+        assert!(c2.receive(now, T0, &p.subject, &p.payload).apply.is_empty());
+        assert_eq!(c2.counts.refused_replay, 1);
+        // A genuine message sent too long ago (or a clock far off).
+        let old = c1.local(T0 - MAX_SKEW_MS - 1, vec![up(&k, 2, 10, 8)]);
+        let got = deliver(&mut c2, now, T0, &old);
+        assert!(got.apply.is_empty());
+        assert_eq!(c2.counts.refused_stale, 1);
+        // A member of the cluster announcing a record it cannot sign (forged signature): the
+        // record is refused, not applied.
+        let mut forged_record = record(&k, 3, 10);
+        forged_record.sig = record(&NetworkKey::derive(&[2; 32]), 3, 10).sig;
+        let body = serde_json::to_vec(&ClusterMsg::Up {
+            entries: vec![Entry {
+                network: k.id(),
+                record: forged_record,
+                relay_id: 9,
+            }],
+        })
+        .unwrap();
+        let sealed = c1.sealer().seal(&p.subject, KIND_MSG, &body, T0);
+        assert!(c2.receive(now, T0, &p.subject, &sealed).apply.is_empty());
+        assert_eq!(c2.counts.refused_record, 1);
+        // Our own echo.
+        let mine = c2.local(T0, vec![up(&k, 4, 10, 1)]);
+        assert!(deliver(&mut c2, now, T0, &mine).apply.is_empty());
+        assert_eq!(c2.counts.own, 1);
+        assert_eq!(c2.remote_count(), 1);
+    }
+
+    /// Relay data (on a coordinator's own subject) far ahead of presence (on the cluster's):
+    /// the two are numbered apart, so a late presence is no replay.
+    #[test]
+    fn the_two_subjects_are_numbered_apart() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let s2 = c2.local(T0, vec![up(&k, 2, 10, 4)]);
+        let on1 = deliver(&mut c1, now, T0, &s2);
+        let Apply::Up { via, .. } = &on1.apply[0] else {
+            panic!()
+        };
+        let alive = c1.tick(now + ALIVE_EVERY, T0);
+        let relays: Vec<Publish> = (0..200)
+            .map(|_| c1.sealer().seal_relay(via, 7, b"x", T0))
+            .collect();
+        for r in &relays {
+            c2.receive(now, T0, &r.subject, &r.payload);
+        }
+        deliver(&mut c2, now, T0, &alive);
+        assert_eq!(c2.counts.refused_replay, 0);
+        // Each is still refused a second time.
+        c2.receive(now, T0, &relays[199].subject, &relays[199].payload);
+        deliver(&mut c2, now, T0, &alive);
+        assert_eq!(c2.counts.refused_replay, 2);
+    }
+
+    #[test]
+    fn out_of_order_messages_inside_the_window_are_accepted_once() {
+        let mut r = Replay { top: 0, bits: 0 };
+        assert!(r.accept(5));
+        assert!(r.accept(3));
+        assert!(!r.accept(3));
+        assert!(r.accept(100));
+        assert!(!r.accept(5), "too far behind");
+        assert!(r.accept(100 - REPLAY_WINDOW + 1));
+        assert!(!r.accept(100 - REPLAY_WINDOW));
+        assert!(!r.accept(0));
+    }
+
+    #[test]
+    fn a_flood_of_instances_is_refused() {
+        let now = Instant::now();
+        let mut c = coordinator(1, now);
+        let subject = c.sealer().subject_all();
+        let body = serde_json::to_vec(&ClusterMsg::Sync).unwrap();
+        for i in 0..(MAX_PEERS + 10) {
+            let mut inst = [0u8; 16];
+            inst[..8].copy_from_slice(&(i as u64 + 1000).to_be_bytes());
+            let s = Sealer::new(&PRIVATE, &PUBLIC, inst);
+            c.receive(now, T0, &subject, &s.seal(&subject, KIND_MSG, &body, T0));
+        }
+        assert_eq!(c.peer_count(), MAX_PEERS);
+        assert_eq!(c.counts.refused_flood, 10);
+    }
+
+    #[test]
+    fn a_starting_coordinator_gets_a_snapshot_and_a_lost_change_is_repaired() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        c1.local(T0, vec![up(&k, 1, 10, 7), up(&k, 2, 10, 8)]);
+        // c2 starts: asks everyone; c1 answers on c2's subject.
+        let mut c2 = coordinator(2, now);
+        let start = c2.start(now, T0);
+        let answer = deliver(&mut c1, now, T0, &start);
+        assert!(answer
+            .publish
+            .iter()
+            .all(|p| p.subject == c1.sealer().subject_to(&[2; 16])));
+        let got = deliver(&mut c2, now, T0, &answer);
+        assert_eq!(ups(&got).len(), 2);
+        // c1's `down` for node 2 is lost; its next presence shows c2 the difference.
+        c1.local(
+            T0,
+            vec![LocalChange::Down {
+                network: k.id(),
+                key: NodeKey([2; 32]),
+            }],
+        );
+        let alive = c1.tick(now + ALIVE_EVERY, T0);
+        let ask = deliver(&mut c2, now, T0, &alive);
+        assert_eq!(ask.publish.len(), 1);
+        assert_eq!(c2.counts.syncs_asked, 1);
+        let snapshot = deliver(&mut c1, now, T0, &ask);
+        let got = deliver(&mut c2, now, T0, &snapshot);
+        assert_eq!(
+            got.apply
+                .iter()
+                .filter(|a| matches!(a, Apply::Down { .. }))
+                .count(),
+            1
+        );
+        assert_eq!(c2.remote_count(), 1);
+        // Now in step: the next presence asks nothing.
+        let alive = c1.tick(now + 2 * ALIVE_EVERY, T0);
+        assert!(deliver(&mut c2, now, T0, &alive).publish.is_empty());
+    }
+
+    #[test]
+    fn punches_and_relay_data_reach_the_coordinator_holding_the_node() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        // Node 1 on c1 (relay id 7), node 2 on c2 (relay id 4).
+        let s1 = c1.local(T0, vec![up(&k, 1, 10, 7)]);
+        let s2 = c2.local(T0, vec![up(&k, 2, 10, 4)]);
+        let on2 = deliver(&mut c2, now, T0, &s1);
+        let on1 = deliver(&mut c1, now, T0, &s2);
+        let (
+            Apply::Up { conn: n1_on_c2, .. },
+            Apply::Up {
+                conn: n2_on_c1,
+                via,
+                ..
+            },
+        ) = (&on2.apply[0], &on1.apply[0])
+        else {
+            panic!()
+        };
+        // Node 1 punches node 2 (held on c1 under n2_on_c1): c2 tells node 2.
+        let p = c1.punch(T0, NodeKey([1; 32]), *n2_on_c1);
+        let got = deliver(&mut c2, now, T0, &p);
+        assert_eq!(
+            got.apply,
+            vec![Apply::Punch {
+                network: k.id(),
+                from: NodeKey([1; 32]),
+                to: NodeKey([2; 32])
+            }]
+        );
+        // Node 1 relays to node 2: c2 hands it to its relay id 4, from node 1's id on c2.
+        let r = c1.sealer().seal_relay(via, 7, b"wireguard", T0);
+        let got = c2.receive(now, T0, &r.subject, &r.payload);
+        assert_eq!(
+            got.apply,
+            vec![Apply::Relay {
+                src: *n1_on_c2,
+                dst: 4,
+                datagram: b"wireguard".to_vec()
+            }]
+        );
+        // Relay data from an id c2 does not know of is dropped and counted.
+        let r = c1.sealer().seal_relay(via, 99, b"x", T0);
+        assert!(c2.receive(now, T0, &r.subject, &r.payload).apply.is_empty());
+        assert_eq!(c2.counts.unknown_member, 1);
+        // A punch for a node c2 does not hold.
+        let p = c1.punch(T0, NodeKey([1; 32]), 12345);
+        assert!(p.publish.is_empty());
+    }
+}

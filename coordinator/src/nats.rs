@@ -1,0 +1,176 @@
+//! The cluster's driver (`--nats`): one connection to the NATS servers with the official
+//! `async-nats` client, core NATS only. It subscribes to the cluster's subject and this
+//! instance's, hands every message to [`Server::cluster_receive`], publishes what the cluster
+//! core ([`crate::cluster`]) queued, and runs its timer. Everything it carries is sealed; it
+//! prints nothing about nodes (only that NATS connected or dropped, with no address).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{ConnectOptions, ServerAddr};
+use futures_util::StreamExt;
+
+use crate::cluster::{Cluster, Sealer};
+use crate::server::{ClusterLink, Server};
+
+/// Messages waiting for NATS at most (relay data beyond it is dropped and counted).
+pub const PUBLISH_QUEUE: usize = 16 * 1024;
+
+/// How a coordinator authenticates to NATS.
+#[derive(Clone)]
+pub enum Credentials {
+    UserPassword {
+        user: String,
+        password: String,
+    },
+    /// An nkey seed (`SU…`).
+    Nkey(String),
+}
+
+impl Credentials {
+    /// The file's first line: `user:password`, or an nkey seed.
+    pub fn read(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "cannot read the NATS credentials {}: {e}; it holds one line, user:password or \
+                 an nkey seed (SU…)",
+                path.display()
+            )
+        })?;
+        let line = text.lines().next().unwrap_or("").trim();
+        if line.starts_with("SU") && !line.contains(':') {
+            return Ok(Credentials::Nkey(line.to_string()));
+        }
+        match line.split_once(':') {
+            Some((user, password)) if !user.is_empty() && !password.is_empty() => {
+                Ok(Credentials::UserPassword {
+                    user: user.to_string(),
+                    password: password.to_string(),
+                })
+            }
+            _ => Err(format!(
+                "the NATS credentials {} are neither user:password nor an nkey seed (SU…) on \
+                 their first line",
+                path.display()
+            )),
+        }
+    }
+}
+
+/// Parses `--nats` URLs (`nats://HOST:4222`, `tls://…`).
+pub fn parse_urls(urls: &[String]) -> Result<Vec<ServerAddr>, String> {
+    if urls.is_empty() {
+        return Err("--nats needs at least one URL, e.g. nats://10.0.0.1:4222".into());
+    }
+    urls.iter()
+        .map(|u| {
+            u.parse::<ServerAddr>()
+                .map_err(|e| format!("--nats {u} is not a NATS URL ({e}); e.g. nats://HOST:4222"))
+        })
+        .collect()
+}
+
+/// Joins the cluster: connects (in the background, retrying for ever: a coordinator cut off
+/// from NATS keeps serving its own nodes and merges when NATS is back), subscribes, and
+/// spawns the loops. `private`/`public`: the coordinator identity the cluster shares.
+pub async fn join(
+    server: &Arc<Server>,
+    urls: Vec<ServerAddr>,
+    credentials: Option<Credentials>,
+    private: &[u8; 32],
+    public: &[u8; 32],
+) -> Result<(), String> {
+    let sealer = Arc::new(Sealer::new(private, public, rand::random()));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
+    let link = Arc::new(ClusterLink::new(
+        Cluster::new(sealer.clone(), Instant::now()),
+        tx,
+    ));
+    server.set_cluster(link.clone());
+
+    // Each (re)connection: ask the others for what they hold (they may have changed while we
+    // were away), and say we are here.
+    let (connected_tx, mut connected_rx) = tokio::sync::mpsc::channel::<()>(4);
+    let mut options = ConnectOptions::new()
+        .name("a2a-coordinator")
+        .no_echo()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((attempts as u64 * 250).min(2000))
+        })
+        .event_callback(move |event| {
+            let connected_tx = connected_tx.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("cluster: connected to NATS");
+                        let _ = connected_tx.try_send(());
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(
+                            "cluster: disconnected from NATS; serving this coordinator's own \
+                             nodes meanwhile, reconnecting"
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        });
+    options = match credentials {
+        Some(Credentials::UserPassword { user, password }) => {
+            options.user_and_password(user, password)
+        }
+        Some(Credentials::Nkey(seed)) => options.nkey(seed),
+        None => options,
+    };
+    let client = options
+        .connect(urls)
+        .await
+        .map_err(|e| format!("cannot connect to NATS: {e}"))?;
+    let subscribe = |subject: String| {
+        let client = client.clone();
+        async move {
+            client
+                .subscribe(subject)
+                .await
+                .map_err(|e| format!("cannot subscribe on NATS: {e}"))
+        }
+    };
+    let all = subscribe(sealer.subject_all()).await?;
+    let mine = subscribe(sealer.subject_to(&sealer.me())).await?;
+    for mut sub in [all, mine] {
+        let server = server.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                server.cluster_receive(msg.subject.as_str(), &msg.payload);
+            }
+        });
+    }
+    // Publisher: drains the queue.
+    let publisher = client.clone();
+    tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
+            let _ = publisher.publish(p.subject, p.payload.into()).await;
+        }
+    });
+    // Timer: presence and expiry; a (re)connection starts afresh.
+    let server = server.clone();
+    tokio::spawn(async move {
+        loop {
+            let at = link.core().poll_timeout();
+            let at = tokio::time::Instant::from_std(at.max(Instant::now()));
+            let step = tokio::select! {
+                _ = tokio::time::sleep_until(at) => {
+                    link.core().tick(Instant::now(), a2a_proto::time::now_ms())
+                }
+                Some(()) = connected_rx.recv() => {
+                    link.core().start(Instant::now(), a2a_proto::time::now_ms())
+                }
+            };
+            server.cluster_apply(step);
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,434 @@
+//! The coordinator cluster on NATS (README, *A coordinator cluster on NATS*), with the real
+//! `nats-server` (three servers in one NATS cluster, configuration written here: users with
+//! passwords, JetStream off) and real coordinators and nodes, each in its own namespace.
+//! Routers cut some nodes off from one coordinator, so that two nodes reach no coordinator in
+//! common. Needs root and `nats-server` (installed by `./run-tests`).
+
+use std::time::{Duration, Instant};
+
+use a2a_netns_tests::{
+    metric, report, require_tools, wait_for, CoordOpts, Coordinator, Lab, Nat, NatsServer, Node,
+    PingStats, COORDINATOR_PORT, OVERLAY_TIMEOUT,
+};
+
+/// Long enough for hole punching between two easy NATs.
+const PATH_TIMEOUT: Duration = Duration::from_secs(25);
+const METRICS_PORT: u16 = 9300;
+
+/// `n` coordinators sharing one identity (the first one's `coordinator.key`, copied into the
+/// others' state directories) and the full `--endpoint` list, each joined to every NATS
+/// server, with metrics on their wan address.
+fn coordinators(
+    lab: &Lab,
+    nats: &[NatsServer],
+    creds: &std::path::Path,
+    n: usize,
+) -> Vec<Coordinator> {
+    let namespaces: Vec<_> = (1..=n).map(|i| lab.add_ns(&format!("coord{i}"))).collect();
+    let endpoints: Vec<String> = namespaces
+        .iter()
+        .map(|ns| format!("{}:{COORDINATOR_PORT}", ns.wan_ip.unwrap()))
+        .collect();
+    let urls: Vec<String> = nats.iter().map(NatsServer::url).collect();
+    let mut out: Vec<Coordinator> = Vec::new();
+    for ns in namespaces {
+        let opts = CoordOpts {
+            endpoints: endpoints.clone(),
+            nats: urls.clone(),
+            nats_credentials: Some(creds.to_path_buf()),
+            key_from: out.first().map(|c| c.state_dir.join("coordinator.key")),
+            metrics: Some(format!("{}:{METRICS_PORT}", ns.wan_ip.unwrap())),
+            ..CoordOpts::default()
+        };
+        out.push(lab.coordinator_in(ns, opts));
+    }
+    out
+}
+
+/// A counter of a coordinator's metrics (`a2a_coordinator_NAME_total`).
+#[track_caller]
+fn counter(c: &Coordinator, name: &str) -> u64 {
+    let text = c.scrape();
+    metric(&text, &format!("a2a_coordinator_{name}_total"))
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
+}
+
+/// The coordinator key and the endpoints a token names.
+fn token_names(token: &str) -> ([u8; 32], Vec<String>) {
+    let t = a2a_proto::JoinToken::parse(token).expect("a valid token");
+    (t.coordinator_key, t.endpoints)
+}
+
+/// Forged envelopes the stranger publishes, and how often it replays a genuine message.
+const STRANGER_FORGERIES: u64 = 50;
+const STRANGER_REPLAYS: u64 = 5;
+
+/// A NATS client in raw protocol: `HOST PORT USER PASSWORD SUBJECT` (`-` for no user).
+/// Prints "refused …" when NATS refuses it; else publishes 50 envelopes with the cluster's
+/// magic and random bytes, then takes the first genuine message on SUBJECT and publishes it
+/// again 5 times, and prints "sent".
+const STRANGER: &str = r#"
+import os, socket, sys
+host, port, user, pw, subject = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+CRLF = b"\r\n"
+s = socket.create_connection((host, port), timeout=10)
+f = s.makefile("rb")
+f.readline()
+auth = "" if user == "-" else '"user":"%s","pass":"%s",' % (user, pw)
+s.sendall(('CONNECT {' + auth + '"verbose":false,"pedantic":false}').encode() + CRLF + b"PING" + CRLF)
+line = f.readline()
+if not line.startswith(b"PONG"):
+    print("refused", line.decode().strip())
+    sys.exit(0)
+subj = subject.encode()
+def pub(p):
+    s.sendall(b"PUB " + subj + b" " + str(len(p)).encode() + CRLF + p + CRLF)
+for _ in range(50):
+    pub(b"a2c1" + os.urandom(120))
+s.sendall(b"SUB " + subj + b" 1" + CRLF)
+while True:
+    line = f.readline()
+    if line.startswith(b"MSG"):
+        n = int(line.split()[-1])
+        payload = f.read(n)
+        f.read(2)
+        break
+    if line.startswith(b"PING"):
+        s.sendall(b"PONG" + CRLF)
+for _ in range(5):
+    pub(payload)
+s.sendall(b"PING" + CRLF)
+while not f.readline().startswith(b"PONG"):
+    pass
+print("sent")
+"#;
+
+/// Whether `hay` holds `needle` not as part of a longer number or word (`10.1.0.5` is not in
+/// `10.1.0.52`).
+fn mentions(hay: &str, needle: &str) -> bool {
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    hay.match_indices(needle).any(|(i, _)| {
+        !word(hay[..i].chars().next_back()) && !word(hay[i + needle.len()..].chars().next())
+    })
+}
+
+#[test]
+fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
+    let Some(lab) = Lab::new("cluster") else {
+        return;
+    };
+    require_tools(&[
+        ("nats-server", "nats-server"),
+        ("nft", "nftables"),
+        ("ping", "iputils-ping"),
+        ("iperf3", "iperf3"),
+        ("strace", "strace"),
+        ("python3", "python3"),
+    ]);
+    let auth = lab.nats_auth();
+    let nats_ns: Vec<_> = (1..=3).map(|i| lab.add_ns(&format!("nats{i}"))).collect();
+    let nats = lab.nats_cluster(&nats_ns, &auth, true);
+    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let (c1, c2) = (&coords[0], &coords[1]);
+    // One identity: both print tokens with the same coordinator key and both endpoints (each
+    // token is a new network's, so the nodes below all use the first).
+    let (key1, endpoints1) = token_names(&c1.token);
+    assert_eq!((key1, endpoints1.clone()), token_names(&c2.token));
+    assert_eq!(endpoints1, vec![c1.addr.to_string(), c2.addr.to_string()]);
+    let token = &c1.token;
+
+    // easy-1 reaches both coordinators (and registers with the first, c1); easy-2 only c2;
+    // hard-1 only c1, hard-2 only c2.
+    let r_easy1 = lab.router("rtr-easy1", Nat::Easy);
+    let r_easy2 = lab.router("rtr-easy2", Nat::Easy);
+    let r_hard1 = lab.router("rtr-hard1", Nat::Hard);
+    let r_hard2 = lab.router("rtr-hard2", Nat::Hard);
+    let r_hard3 = lab.router("rtr-hard3", Nat::Hard);
+    r_easy2.cut_off_from(*c1.addr.ip());
+    r_hard3.cut_off_from(*c1.addr.ip());
+    r_hard1.cut_off_from(*c2.addr.ip());
+    r_hard2.cut_off_from(*c1.addr.ip());
+    let e1 = lab.node_behind(&r_easy1, "easy-1");
+    let e2 = lab.node_behind(&r_easy2, "easy-2");
+    let h1 = lab.node_behind(&r_hard1, "hard-1");
+    let h2 = lab.node_behind(&r_hard2, "hard-2");
+    let h3 = lab.node_behind(&r_hard3, "hard-3");
+
+    let regs = |c: &Coordinator| counter(c, "registrations");
+    e1.up_ok(token);
+    assert_eq!((regs(c1), regs(c2)), (1, 0), "easy-1 registers with c1");
+    let t0 = Instant::now();
+    e2.up_ok(token);
+    assert_eq!((regs(c1), regs(c2)), (1, 1), "easy-2 registers with c2");
+    // Members of different coordinators see each other.
+    e1.wait_peers(&["easy-2"], OVERLAY_TIMEOUT);
+    e2.wait_peers(&["easy-1"], OVERLAY_TIMEOUT);
+    let seen = t0.elapsed();
+    report(format!(
+        "cluster: easy-2 (on c2) and easy-1 (on c1) list each other {:.0} ms after easy-2's up returned",
+        seen.as_secs_f64() * 1000.0
+    ));
+    assert!(
+        seen <= Duration::from_secs(2),
+        "members of two coordinators took {seen:?} to see each other (the issue asks for 2 s)"
+    );
+    // They punch through each other's coordinators: direct.
+    let took = e1.wait_path("easy-2", "direct", PATH_TIMEOUT);
+    e2.wait_path("easy-1", "direct", PATH_TIMEOUT);
+    report(format!("cluster: easy-1 ↔ easy-2 direct after {took:?}"));
+    assert!(counter(c1, "punches") + counter(c2, "punches") > 0);
+
+    // Two nodes that reach no coordinator in common relay through c1, NATS and c2.
+    h1.up_ok(token);
+    h2.up_ok(token);
+    h3.up_ok(token);
+    assert_eq!((regs(c1), regs(c2)), (2, 3));
+    let all = ["easy-1", "easy-2", "hard-1", "hard-2", "hard-3"];
+    for n in [&e1, &e2, &h1, &h2, &h3] {
+        let others: Vec<&str> = all.iter().copied().filter(|x| *x != n.name).collect();
+        n.wait_peers(&others, OVERLAY_TIMEOUT);
+    }
+    let out_before = counter(c1, "cluster_relayed_out");
+    let in_before = counter(c2, "cluster_relayed_in");
+    let probes = wait_for(
+        OVERLAY_TIMEOUT,
+        "hard-1 to reach hard-2 over the relay",
+        || {
+            let p = h1.ping_peer("hard-2", 5);
+            if p.iter().any(|(_, rtt)| rtt.is_some()) {
+                Ok(p)
+            } else {
+                Err(format!("{p:?}"))
+            }
+        },
+    );
+    assert!(probes.iter().all(|(path, _)| path == "relay"), "{probes:?}");
+    assert!(
+        h1.ns.ping(h2.overlay_ip(), 5),
+        "hard-1 pings hard-2 over the overlay (relayed across coordinators)"
+    );
+    assert!(counter(c1, "cluster_relayed_out") > out_before);
+    assert!(counter(c2, "cluster_relayed_in") > in_before);
+    // Relayed throughput across coordinators (hard-1 on c1 → hard-2 on c2) and through one
+    // (hard-3 on c2 → hard-2): measured and reported, not asserted (a shared 2-core machine).
+    let _iperf = h2.ns.iperf3_server();
+    let _rtt: f64 = wait_for(OVERLAY_TIMEOUT, "hard-3 to reach hard-2", || {
+        h3.ping_peer("hard-2", 1)
+            .first()
+            .and_then(|(_, rtt)| *rtt)
+            .ok_or_else(|| "no answer".to_string())
+    });
+    let one = h3
+        .ns
+        .iperf3_client(h2.overlay_ip(), 5)
+        .expect("iperf3 through one coordinator");
+    let across = h1
+        .ns
+        .iperf3_client(h2.overlay_ip(), 5)
+        .expect("iperf3 across coordinators");
+    report(format!(
+        "cluster: relayed TCP throughput through one coordinator {one:.0} Mbit/s, across two over NATS {across:.0} Mbit/s ({:.0} %)",
+        100.0 * across / one
+    ));
+    // Idle round trips over the relay, across coordinators and through one.
+    let rtt = |from: &Node| {
+        let p = from.ping_peer("hard-2", 5);
+        let mut v: Vec<f64> = p.iter().filter_map(|(_, r)| *r).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    report(format!(
+        "cluster: relayed ping RTT (median of 5) across coordinators {:.2} ms, through one {:.2} ms",
+        rtt(&h1),
+        rtt(&h3)
+    ));
+    report(format!(
+        "cluster: after the transfers: c1 relayed out {} (dropped at its NATS queue {}), c2 relayed in {}",
+        counter(c1, "cluster_relayed_out"),
+        counter(c1, "cluster_publish_dropped"),
+        counter(c2, "cluster_relayed_in"),
+    ));
+
+    // kill -9 of c1 while easy-1 pings easy-2 ten times a second: nothing is lost, and
+    // easy-1 re-registers with c2.
+    let target = e2.overlay_ip().to_string();
+    let ping = e1.ns.spawn(
+        "ping10",
+        &["ping", "-n", "-i", "0.1", "-c", "100", "-W", "2", &target],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let before = regs(c2);
+    let killed = Instant::now();
+    c1.kill();
+    let failover = wait_for(
+        Duration::from_secs(20),
+        "easy-1 to re-register with c2",
+        || {
+            if regs(c2) > before {
+                Ok(killed.elapsed())
+            } else {
+                Err("not yet".into())
+            }
+        },
+    );
+    report(format!(
+        "cluster: easy-1 re-registered with c2 {failover:?} after kill -9 of c1"
+    ));
+    assert!(
+        failover <= Duration::from_secs(5),
+        "easy-1 took {failover:?} to move to c2 (the issue asks for 5 s)"
+    );
+    // A node joins during the outage (its token names c1 first: it moves on to c2).
+    let late = lab.node("late");
+    late.up_ok(token);
+    late.wait_peers(&["easy-1", "easy-2", "hard-2", "hard-3"], OVERLAY_TIMEOUT);
+    e2.wait_peers(
+        &["easy-1", "hard-2", "hard-3", "late"],
+        Duration::from_secs(20),
+    );
+    let out = wait_for(Duration::from_secs(30), "the 10/s ping to end", || {
+        ping.exit_status()
+            .map(|_| ping.stdout_text())
+            .ok_or_else(|| "running".to_string())
+    });
+    let stats = PingStats::parse(&out).expect("ping output");
+    report(format!(
+        "cluster: 10/s ping easy-1 → easy-2 across kill -9 of easy-1's coordinator: {} of {} answered",
+        stats.rtts.len(),
+        stats.sent
+    ));
+    assert_eq!(stats.sent, 100);
+    assert_eq!(
+        stats.rtts.len(),
+        100,
+        "no ping lost across the failover:\n{out}"
+    );
+    // c1 comes back (a new instance: it asks the others for what they hold at start): hard-1,
+    // which reaches only c1, registers again and sees every member, those of c2 included;
+    // c2's members see hard-1 again.
+    let restarted = Instant::now();
+    c1.restart();
+    let everyone = ["easy-1", "easy-2", "hard-1", "hard-2", "hard-3", "late"];
+    for n in [&h1, &e2, &h2, &late] {
+        let others: Vec<&str> = everyone.iter().copied().filter(|x| *x != n.name).collect();
+        n.wait_peers(&others, OVERLAY_TIMEOUT);
+    }
+    report(format!(
+        "cluster: after c1's restart, hard-1 (on c1 only) and c2's members list each other within {:?}",
+        restarted.elapsed()
+    ));
+    let again = wait_for(OVERLAY_TIMEOUT, "hard-1 to reach hard-2 again", || {
+        let p = h1.ping_peer("hard-2", 3);
+        if p.iter().any(|(_, rtt)| rtt.is_some()) {
+            Ok(restarted.elapsed())
+        } else {
+            Err(format!("{p:?}"))
+        }
+    });
+    report(format!(
+        "cluster: hard-1 reaches hard-2 over the relay again {again:?} after c1's restart"
+    ));
+    for refused in ["seal", "replay", "stale", "flood", "malformed"] {
+        assert_eq!(
+            counter(c2, &format!("cluster_refused_{refused}")),
+            0,
+            "{refused}"
+        );
+    }
+
+    // A stranger on NATS: without the password NATS refuses it; with it (a leaked password,
+    // another tenant of the same NATS user) its forged envelopes and its replay of a genuine
+    // message are refused and counted by both coordinators, and nothing is applied.
+    let subject = a2a_proto::cluster::subject_all(&a2a_proto::cluster::cluster_id(&key1));
+    let stranger = lab.add_ns("stranger");
+    let nats_host = nats[0].ns.wan_ip.unwrap().to_string();
+    let port = a2a_netns_tests::NATS_PORT.to_string();
+    let script = lab.dir().join("stranger.py");
+    std::fs::write(&script, STRANGER).unwrap();
+    let script = script.to_string_lossy().into_owned();
+    let out = stranger.exec(&["python3", &script, &nats_host, &port, "-", "-", &subject]);
+    assert!(
+        out.stdout.contains("refused") && out.stdout.contains("Authorization Violation"),
+        "NATS let a client without the password in: {out}"
+    );
+    let sum = |name: &str| counter(c1, name) + counter(c2, name);
+    let (seal0, replay0, remote0) = (
+        sum("cluster_refused_seal"),
+        sum("cluster_refused_replay"),
+        sum("cluster_remote_members"),
+    );
+    let out = stranger.exec(&[
+        "python3",
+        &script,
+        &nats_host,
+        &port,
+        a2a_netns_tests::NATS_USER,
+        &auth.password,
+        &subject,
+    ]);
+    assert!(
+        out.stdout.contains("sent"),
+        "the stranger could not publish: {out}"
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "both coordinators to refuse the forgeries",
+        || {
+            let seal = sum("cluster_refused_seal") - seal0;
+            let replay = sum("cluster_refused_replay") - replay0;
+            if seal >= 2 * STRANGER_FORGERIES && replay >= STRANGER_REPLAYS {
+                Ok(())
+            } else {
+                Err(format!("refused so far: {seal} forged, {replay} replayed"))
+            }
+        },
+    );
+    assert_eq!(
+        sum("cluster_remote_members"),
+        remote0,
+        "nothing was applied"
+    );
+    report(format!(
+        "cluster: a stranger with the NATS password: {} forged envelopes and {} replays refused",
+        sum("cluster_refused_seal") - seal0,
+        sum("cluster_refused_replay") - replay0
+    ));
+
+    // Zero-log in a cluster: at their most verbose level (A2A_LOG=trace), neither coordinator
+    // printed a node's name, key or addresses, nor the NATS password.
+    let mut needles: Vec<(String, String)> =
+        vec![("the NATS password".into(), auth.password.clone())];
+    for n in [&e1, &e2, &h1, &h2, &h3, &late] {
+        let me = n.status().me.expect("joined");
+        needles.push((format!("{}'s name", n.name), n.name.clone()));
+        needles.push((format!("{}'s key", n.name), me.public_key.clone()));
+        needles.push((format!("{}'s overlay address", n.name), me.ip.to_string()));
+    }
+    for r in [&r_easy1, &r_easy2, &r_hard1, &r_hard2, &r_hard3] {
+        needles.push((
+            format!("{}'s wan address", r.ns.role),
+            r.wan_ip().to_string(),
+        ));
+    }
+    needles.push(("late's wan address".into(), late.wan_ip().to_string()));
+    // The NATS servers wrote nothing (strace of their file-system calls, from the start).
+    for (i, n) in nats.iter().enumerate() {
+        let writes = n.file_writes();
+        assert!(
+            writes.is_empty(),
+            "nats-server {i} wrote to files:\n{}",
+            writes.join("\n")
+        );
+    }
+    for (i, c) in coords.iter().enumerate() {
+        let p = c.proc();
+        let printed = format!("{}\n{}", p.stdout_text(), p.stderr_text());
+        for (what, needle) in &needles {
+            assert!(
+                !mentions(&printed, needle),
+                "coordinator {} printed {what}:\n{printed}",
+                i + 1
+            );
+        }
+    }
+}

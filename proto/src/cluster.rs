@@ -1,0 +1,320 @@
+//! What coordinators of one cluster tell each other over NATS (see README, *A coordinator
+//! cluster on NATS*): the sealed envelope every message travels in, the messages themselves,
+//! and the subjects they are published on. Free of I/O.
+//!
+//! Envelope: `"a2c1" | sender instance (16) | sequence (u64 BE) | sent at (u64 BE, Unix ms) |
+//! kind (u8) | ciphertext and tag`. The 37-byte header and the subject are authenticated as
+//! associated data; the body is sealed with XChaCha20-Poly1305 under the cluster key (derived
+//! from the coordinator's private key, which every coordinator of the cluster holds), with the
+//! nonce `instance | sequence`. Kind [`KIND_MSG`] bodies are JSON ([`ClusterMsg`]); kind
+//! [`KIND_RELAY`] is relay data: `source relay id (u32 BE) | destination relay id (u32 BE) |
+//! datagram`.
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::keys::{NetworkId, NodeKey};
+use crate::record::SignedRecord;
+
+pub const MAGIC: &[u8; 4] = b"a2c1";
+/// Bytes before the ciphertext.
+pub const HEADER_LEN: usize = 4 + 16 + 8 + 8 + 1;
+const TAG_LEN: usize = 16;
+/// A JSON [`ClusterMsg`].
+pub const KIND_MSG: u8 = 0;
+/// Relay data: `source | destination | datagram`.
+pub const KIND_RELAY: u8 = 1;
+/// The largest envelope accepted (NATS' default max_payload is 1 MiB).
+pub const MAX_ENVELOPE: usize = 1024 * 1024;
+
+/// One running coordinator: random at every start, so a restart is a new instance.
+pub type Instance = [u8; 16];
+
+/// One member as a coordinator announces it: its network, its signed record and the relay id
+/// the announcing coordinator gave it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub network: NetworkId,
+    pub record: SignedRecord,
+    pub relay_id: u32,
+}
+
+/// One member gone, as its coordinator announces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gone {
+    pub network: NetworkId,
+    pub node_key: NodeKey,
+}
+
+/// Coordinator to coordinator (kind [`KIND_MSG`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClusterMsg {
+    /// Presence, every couple of seconds, on the cluster's subject: how many members the sender
+    /// holds and the XOR of their [`member_digest`]s.
+    Alive {
+        members: u32,
+        #[serde(with = "hex16")]
+        digest: [u8; 16],
+    },
+    /// Members the sender now holds (registered, or a newer record).
+    Up { entries: Vec<Entry> },
+    /// Members the sender no longer holds (left, failed, expired).
+    Down { gone: Vec<Gone> },
+    /// "I (re)started, or my view of you is off: send me what you hold" (on the cluster's
+    /// subject: everyone answers; on one coordinator's: that one answers).
+    Sync,
+    /// An answer to [`ClusterMsg::Sync`], on the asker's subject: part of what the sender holds;
+    /// `last` closes it, and what the sender held before and did not name is gone.
+    Snapshot { entries: Vec<Entry>, last: bool },
+    /// A member of the sender is probing `to` (a member the receiver holds) for a direct path.
+    Punch {
+        network: NetworkId,
+        from: NodeKey,
+        to: NodeKey,
+    },
+}
+
+/// Entries per [`ClusterMsg::Snapshot`] or [`ClusterMsg::Up`] message (records are at most a
+/// few kilobytes: far below NATS' payload limit).
+pub const ENTRIES_PER_MSG: usize = 256;
+
+/// What one member adds to a presence digest: 16 bytes of SHA-256(network ‖ key ‖ issued_ms).
+pub fn member_digest(network: &NetworkId, key: &NodeKey, issued_ms: u64) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(b"a2a cluster member v1");
+    h.update(network.0);
+    h.update(key.0);
+    h.update(issued_ms.to_be_bytes());
+    let d = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&d[..16]);
+    out
+}
+
+/// XORs `b` into `a` (a digest is the XOR of its members').
+pub fn xor_into(a: &mut [u8; 16], b: &[u8; 16]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x ^= y;
+    }
+}
+
+/// A cluster's name on NATS: 16 hex digits derived from the coordinator public key.
+pub fn cluster_id(coordinator_public: &[u8; 32]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"a2a cluster id v1");
+    h.update(coordinator_public);
+    data_encoding::HEXLOWER.encode(&h.finalize()[..8])
+}
+
+/// The subject every coordinator of cluster `cid` subscribes to.
+pub fn subject_all(cid: &str) -> String {
+    format!("a2a.{cid}.all")
+}
+
+/// The subject of one coordinator instance.
+pub fn subject_to(cid: &str, instance: &Instance) -> String {
+    format!("a2a.{cid}.to.{}", data_encoding::HEXLOWER.encode(instance))
+}
+
+/// The header of an opened envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub sender: Instance,
+    pub seq: u64,
+    pub sent_ms: u64,
+    pub kind: u8,
+}
+
+/// Why an envelope did not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenError {
+    /// Too short, too long or not an a2a cluster envelope.
+    Malformed,
+    /// The seal does not open: not sealed with this cluster's key, or changed on the way.
+    BadSeal,
+}
+
+/// The cluster key: seals and opens envelopes.
+pub struct ClusterKey(XChaCha20Poly1305);
+
+impl ClusterKey {
+    /// Derived from the coordinator's private key (the cluster's shared identity).
+    pub fn derive(coordinator_private: &[u8; 32]) -> Self {
+        let hk = Hkdf::<Sha256>::new(None, coordinator_private);
+        let mut key = [0u8; 32];
+        hk.expand(b"a2a cluster seal v1", &mut key)
+            .expect("32 bytes is a valid HKDF-SHA256 length");
+        ClusterKey(XChaCha20Poly1305::new(Key::from_slice(&key)))
+    }
+
+    /// Seals `body` of `kind` for `subject`.
+    pub fn seal(&self, subject: &str, header: Header, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&header.sender);
+        out.extend_from_slice(&header.seq.to_be_bytes());
+        out.extend_from_slice(&header.sent_ms.to_be_bytes());
+        out.push(header.kind);
+        out.extend_from_slice(body);
+        let (head, rest) = out.split_at_mut(HEADER_LEN);
+        let tag = self
+            .0
+            .encrypt_in_place_detached(&nonce(&header), &aad(head, subject), rest)
+            .expect("XChaCha20-Poly1305 seals any length used here");
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// Opens an envelope received on `subject`: its header and plaintext body.
+    pub fn open(&self, subject: &str, envelope: &[u8]) -> Result<(Header, Vec<u8>), OpenError> {
+        if envelope.len() < HEADER_LEN + TAG_LEN
+            || envelope.len() > MAX_ENVELOPE
+            || &envelope[..4] != MAGIC
+        {
+            return Err(OpenError::Malformed);
+        }
+        let head = &envelope[..HEADER_LEN];
+        let header = Header {
+            sender: head[4..20].try_into().expect("16 bytes"),
+            seq: u64::from_be_bytes(head[20..28].try_into().expect("8 bytes")),
+            sent_ms: u64::from_be_bytes(head[28..36].try_into().expect("8 bytes")),
+            kind: head[36],
+        };
+        let (body, tag) = envelope[HEADER_LEN..].split_at(envelope.len() - HEADER_LEN - TAG_LEN);
+        let mut plain = body.to_vec();
+        self.0
+            .decrypt_in_place_detached(
+                &nonce(&header),
+                &aad(head, subject),
+                &mut plain,
+                chacha20poly1305::Tag::from_slice(tag),
+            )
+            .map_err(|_| OpenError::BadSeal)?;
+        Ok((header, plain))
+    }
+}
+
+fn nonce(h: &Header) -> XNonce {
+    let mut n = [0u8; 24];
+    n[..16].copy_from_slice(&h.sender);
+    n[16..].copy_from_slice(&h.seq.to_be_bytes());
+    *XNonce::from_slice(&n)
+}
+
+fn aad(head: &[u8], subject: &str) -> Vec<u8> {
+    let mut a = head.to_vec();
+    a.extend_from_slice(subject.as_bytes());
+    a
+}
+
+/// A relay body: `source | destination | datagram`.
+pub fn relay_body(src: u32, dst: u32, datagram: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + datagram.len());
+    b.extend_from_slice(&src.to_be_bytes());
+    b.extend_from_slice(&dst.to_be_bytes());
+    b.extend_from_slice(datagram);
+    b
+}
+
+/// Reads a relay body: source, destination, datagram.
+pub fn parse_relay(body: &[u8]) -> Option<(u32, u32, &[u8])> {
+    let (ids, datagram) = body.split_at_checked(8)?;
+    let src = u32::from_be_bytes(ids[..4].try_into().ok()?);
+    let dst = u32::from_be_bytes(ids[4..].try_into().ok()?);
+    Some((src, dst, datagram))
+}
+
+mod hex16 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&data_encoding::HEXLOWER.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        data_encoding::HEXLOWER
+            .decode(s.as_bytes())
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| serde::de::Error::custom("a digest is 32 hex digits"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(seq: u64) -> Header {
+        Header {
+            sender: [7; 16],
+            seq,
+            sent_ms: 1_700_000_000_000,
+            kind: KIND_MSG,
+        }
+    }
+
+    #[test]
+    fn an_envelope_opens_under_the_same_key_and_subject_only() {
+        let k = ClusterKey::derive(&[1; 32]);
+        let e = k.seal("a2a.x.all", header(3), b"{\"type\":\"sync\"}");
+        let (h, body) = k.open("a2a.x.all", &e).unwrap();
+        assert_eq!(h, header(3));
+        assert_eq!(body, b"{\"type\":\"sync\"}");
+        // Another cluster's key, another subject, a changed byte anywhere: refused.
+        assert_eq!(
+            ClusterKey::derive(&[2; 32]).open("a2a.x.all", &e),
+            Err(OpenError::BadSeal)
+        );
+        assert_eq!(k.open("a2a.x.to.00", &e), Err(OpenError::BadSeal));
+        for i in 4..e.len() {
+            let mut bad = e.clone();
+            bad[i] ^= 1;
+            assert_eq!(
+                k.open("a2a.x.all", &bad),
+                Err(OpenError::BadSeal),
+                "byte {i}"
+            );
+        }
+        assert_eq!(k.open("a2a.x.all", &e[..20]), Err(OpenError::Malformed));
+        let mut foreign = e.clone();
+        foreign[0] = b'x';
+        assert_eq!(k.open("a2a.x.all", &foreign), Err(OpenError::Malformed));
+    }
+
+    #[test]
+    fn messages_and_relay_bodies_round_trip() {
+        let m = ClusterMsg::Alive {
+            members: 3,
+            digest: [0xab; 16],
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert!(s.contains("\"type\":\"alive\""), "{s}");
+        assert_eq!(serde_json::from_str::<ClusterMsg>(&s).unwrap(), m);
+        let b = relay_body(5, 0x8000_0001, b"wg");
+        assert_eq!(parse_relay(&b), Some((5, 0x8000_0001, &b"wg"[..])));
+        assert_eq!(parse_relay(&b[..7]), None);
+    }
+
+    #[test]
+    fn digests_cancel_out_when_a_member_goes() {
+        let n = NetworkId([1; 32]);
+        let mut d = [0u8; 16];
+        let a = member_digest(&n, &NodeKey([2; 32]), 10);
+        let b = member_digest(&n, &NodeKey([3; 32]), 10);
+        xor_into(&mut d, &a);
+        xor_into(&mut d, &b);
+        xor_into(&mut d, &a);
+        assert_eq!(d, b);
+        assert_ne!(a, member_digest(&n, &NodeKey([2; 32]), 11));
+        assert_eq!(cluster_id(&[9; 32]).len(), 16);
+        assert_eq!(
+            subject_to("ab", &[0; 16]),
+            "a2a.ab.to.00000000000000000000000000000000"
+        );
+    }
+}
