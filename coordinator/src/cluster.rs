@@ -2,7 +2,7 @@
 //! what this coordinator tells the others, and what to do with what they tell it.
 //!
 //! The driver feeds it the time, this coordinator's own member changes (from the
-//! switchboard's [`crate::switchboard::Outbox::local`]) and every message that came from NATS;
+//! switchboard's `Outbox::local`) and every message that came from NATS;
 //! it answers with a [`Step`]: the messages to publish, and what to apply to the local
 //! switchboard and relay table: remote members appearing or going ([`Apply::Up`],
 //! [`Apply::Down`]), a punch for a local node ([`Apply::Punch`]), relay data for a local node

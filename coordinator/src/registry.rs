@@ -48,12 +48,12 @@ struct Member {
     conn: ConnId,
     relay_secret: RelaySecret,
     expires: Instant,
-    /// Held by another coordinator of the cluster (see [`crate::cluster`]): `conn` is the
+    /// Held by another coordinator of the cluster (see `cluster.rs`): `conn` is the
     /// relay id this coordinator gave it; it has no connection here and does not expire here.
     remote: bool,
 }
 
-/// A change to this coordinator's own members, for the cluster (see [`crate::cluster`]).
+/// A change to this coordinator's own members, for the cluster (see `cluster.rs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocalChange {
     /// Registered, or a newer record.
@@ -255,7 +255,7 @@ impl Registry {
     }
 
     /// A member another coordinator of the cluster holds (its record verified here as any
-    /// node's is), under relay id `conn` (see [`crate::cluster`]): its record goes to the local
+    /// node's is), under relay id `conn` (see `cluster.rs`): its record goes to the local
     /// members, and local members registering later are told of it. Refused when a local
     /// connection holds the key (the local one wins), when the record does not verify, when
     /// the key is revoked or its address taken.

@@ -335,7 +335,7 @@ enum Link {
 }
 
 /// The cluster (`--nats`): the decision core, the sealer the relay path shares, and the queue
-/// of what to publish (the NATS driver, [`crate::nats`], drains it).
+/// of what to publish (the NATS driver, `nats.rs`, drains it).
 pub struct ClusterLink {
     core: Mutex<Cluster>,
     sealer: Arc<Sealer>,

@@ -249,7 +249,7 @@ impl Switchboard {
     }
 
     /// A member another coordinator of the cluster holds appears, or has a newer record, under
-    /// relay id `conn` (see [`crate::cluster`]); refused (counted by the caller) when a local
+    /// relay id `conn` (see `cluster.rs`); refused (counted by the caller) when a local
     /// connection holds the key or the record does not verify here.
     pub fn remote_up(
         &mut self,

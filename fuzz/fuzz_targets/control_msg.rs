@@ -9,6 +9,7 @@ use a2a_proto::control::{ClientMsg, ServerMsg};
 use a2a_proto::invite::InviteCode;
 use a2a_proto::keys::REGISTER_CONTEXT;
 use a2a_proto::membership::{Revocation, RotationNotice};
+use a2a_proto::policy::{PolicyDoc, TagStatement};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| run(data, || {
@@ -44,6 +45,11 @@ pub fn coordinator_reads(m: &ClientMsg) {
         ClientMsg::Rotate { notice } => {
             let _ = RotationNotice::open(notice, &network_id());
         }
+        ClientMsg::Statement { signed } => {
+            if PolicyDoc::open(signed, &network_id()).is_err() {
+                let _ = TagStatement::open(signed, &network_id());
+            }
+        }
         ClientMsg::Heartbeat
         | ClientMsg::Leave
         | ClientMsg::Punch { .. }
@@ -72,6 +78,11 @@ pub fn node_reads(m: &ServerMsg) {
         ServerMsg::Moved { notice } => {
             if let Ok(n) = RotationNotice::open(notice, &network_id()) {
                 let _ = n.carry_for(&x25519_dalek::StaticSecret::from([7u8; 32]));
+            }
+        }
+        ServerMsg::Statement { signed } => {
+            if PolicyDoc::open(signed, &network_id()).is_err() {
+                let _ = TagStatement::open(signed, &network_id());
             }
         }
         ServerMsg::InviteAdmitted { sealed } => {

@@ -120,6 +120,21 @@ fn serve(lab: &Lab, node: &Node, port: u16) -> Proc {
     p
 }
 
+/// Each of `nodes` joins with `token` and waits until it lists all the others.
+fn mesh(token: &str, nodes: &[&Node]) {
+    for n in nodes {
+        n.up_ok(token);
+    }
+    for n in nodes {
+        let others: Vec<&str> = nodes
+            .iter()
+            .filter(|o| o.name != n.name)
+            .map(|o| o.name.as_str())
+            .collect();
+        n.wait_peers(&others, a2a_netns_tests::OVERLAY_TIMEOUT);
+    }
+}
+
 fn refused(node: &Node, reason: &str) -> u64 {
     policy_json(node)["refused"][reason].as_u64().unwrap_or(0)
 }
@@ -144,16 +159,7 @@ fn tags_and_grants_fence_members_and_survive_restarts() {
     let alice = lab.node("alice"); // the planner
     let bob = lab.node("bob"); // the worker
     let carol = lab.node("carol"); // untagged
-    for n in [&alice, &bob, &carol] {
-        n.up_ok(&coord.token);
-    }
-    for (n, others) in [
-        (&alice, ["bob", "carol"]),
-        (&bob, ["alice", "carol"]),
-        (&carol, ["alice", "bob"]),
-    ] {
-        n.wait_peers(&others, a2a_netns_tests::OVERLAY_TIMEOUT);
-    }
+    mesh(&coord.token, &[&alice, &bob, &carol]);
     let _web8080 = serve(&lab, &bob, 8080);
     let _web9090 = serve(&lab, &bob, 9090);
     let _alice_web = serve(&lab, &alice, 8080);
@@ -402,16 +408,7 @@ fn a_forging_hub_that_withholds_replays_or_forges_the_policy_changes_nothing() {
 ";
     let path = write(&lab, "fence.nft", rules);
     carol.ns.exec(&["nft", "-f", &path]).expect_ok();
-    for n in [&alice, &bob, &carol] {
-        n.up_ok(&coord.token);
-    }
-    for (n, others) in [
-        (&alice, ["bob", "carol"]),
-        (&bob, ["alice", "carol"]),
-        (&carol, ["alice", "bob"]),
-    ] {
-        n.wait_peers(&others, a2a_netns_tests::OVERLAY_TIMEOUT);
-    }
+    mesh(&coord.token, &[&alice, &bob, &carol]);
     let _web8080 = serve(&lab, &bob, 8080);
     let _web9090 = serve(&lab, &bob, 9090);
 

@@ -734,6 +734,33 @@ impl Tracker {
         }
     }
 
+    /// The packet as [`Tracker::last`] would remember it, and whether it is a plain data
+    /// packet (no SYN, FIN or RST; UDP) that may pass on the remembered verdict.
+    fn remembered(
+        &self,
+        key: FlowKey,
+        peer: NodeKey,
+        inbound: bool,
+        now_ms: u64,
+        kind: Kind,
+    ) -> (Last, bool) {
+        let last = Last {
+            key,
+            peer,
+            inbound,
+            generation: self.generation,
+            now_ms,
+        };
+        let plain = matches!(
+            kind,
+            Kind::Tcp {
+                rst: false,
+                fin: false
+            } | Kind::Udp
+        );
+        (last, plain)
+    }
+
     /// A decrypted packet from `peer` (its inner source already checked against the peer's
     /// overlay address): pass it to the TUN or refuse it.
     pub fn inbound(&mut self, now_ms: u64, peer: NodeKey, packet: &[u8]) -> Verdict {
@@ -761,20 +788,7 @@ impl Tracker {
             local_port: h.dport,
             remote_port: h.sport,
         };
-        let last = Last {
-            key,
-            peer,
-            inbound: true,
-            generation: self.generation,
-            now_ms,
-        };
-        let plain = matches!(
-            h.kind,
-            Kind::Tcp {
-                rst: false,
-                fin: false
-            } | Kind::Udp
-        );
+        let (last, plain) = self.remembered(key, peer, true, now_ms, h.kind);
         if plain && self.last == Some(last) {
             return Verdict::Flow;
         }
@@ -854,20 +868,7 @@ impl Tracker {
             local_port: h.sport,
             remote_port: h.dport,
         };
-        let last = Last {
-            key,
-            peer,
-            inbound: false,
-            generation: self.generation,
-            now_ms,
-        };
-        let plain = matches!(
-            h.kind,
-            Kind::Tcp {
-                rst: false,
-                fin: false
-            } | Kind::Udp
-        );
+        let (last, plain) = self.remembered(key, peer, false, now_ms, h.kind);
         if plain && self.last == Some(last) {
             return Verdict::Flow;
         }
