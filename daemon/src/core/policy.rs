@@ -529,8 +529,10 @@ impl Tracker {
         let mut t = Tracker {
             rules: Rules::AllowAll,
             generation: 0,
-            table: HashMap::with_capacity(max_total),
-            peers: HashMap::with_capacity(256),
+            // Grown as flows come (amortized: no allocation per packet), bounded by the limits:
+            // a node at rest holds a few hundred bytes here, not the bound's megabytes.
+            table: HashMap::new(),
+            peers: HashMap::new(),
             seq: 0,
             max_per_peer,
             max_total,
@@ -689,7 +691,7 @@ impl Tracker {
         let max = self.max_per_peer;
         let pf = self.peers.entry(peer).or_insert_with(|| PeerFlows {
             count: 0,
-            order: VecDeque::with_capacity(2 * max + 1),
+            order: VecDeque::new(),
         });
         if pf.order.len() >= 2 * max {
             let table = &self.table;
@@ -1214,8 +1216,6 @@ mod tests {
             GRANT0
         );
         w.outbound(0, P, &ip4(PROTO_TCP, W4, P4, &tcp(8080, 1000, SYN | ACK)));
-        let table_capacity = w.table.capacity();
-        let queue_capacity = w.peers[&P].order.capacity();
         for sport in 2000..2100 {
             assert_eq!(
                 w.inbound(1, P, &ip4(PROTO_TCP, P4, W4, &tcp(sport, 8080, SYN))),
@@ -1224,9 +1224,6 @@ mod tests {
         }
         assert_eq!(w.flows(), 4);
         assert_eq!(w.counts().evicted, 97);
-        // No growth under the flood: the table and the peer's queue kept their first allocation.
-        assert_eq!(w.table.capacity(), table_capacity);
-        assert_eq!(w.peers[&P].order.capacity(), queue_capacity);
         assert_eq!(
             w.inbound(2, P, &ip4(PROTO_TCP, P4, W4, &tcp(1000, 8080, ACK))),
             Verdict::Flow
@@ -1240,6 +1237,24 @@ mod tests {
             w.inbound(2, P, &ip4(PROTO_TCP, P4, W4, &tcp(2000, 8080, ACK))),
             refused(Reason::NoFlow, Reply::None)
         );
+        // Bounded growth: a flood ten times longer grows neither the table nor the peer's
+        // queue past what the first one needed (the bound, not the flood, sizes them).
+        let table_capacity = w.table.capacity();
+        let queue_capacity = w.peers[&P].order.capacity();
+        assert!(queue_capacity <= 2 * 4 + 1 + 8, "{queue_capacity}");
+        for sport in 3000..4000 {
+            w.inbound(3, P, &ip4(PROTO_TCP, P4, W4, &tcp(sport, 8080, SYN)));
+        }
+        assert_eq!(w.flows(), 4);
+        assert_eq!(w.table.capacity(), table_capacity);
+        assert_eq!(w.peers[&P].order.capacity(), queue_capacity);
+        // The late flood's newest flows are the ones kept.
+        for sport in 3997..4000 {
+            assert_eq!(
+                w.inbound(3, P, &ip4(PROTO_TCP, P4, W4, &tcp(sport, 8080, ACK))),
+                Verdict::Flow
+            );
+        }
         // Another peer still gets its share, and the table as a whole is bounded too.
         let any = r#"{"grants": [{"src": ["*"], "dst": ["*"], "ports": ["*"]}]}"#;
         let mut open = Tracker::with_limits(rules_for(Some(any), W), 4, 5);
