@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use a2a_proto::api::{GrantView, PolicyVerdict, PolicyView};
 use a2a_proto::policy::{valid_name, PolicyDoc, PortSpec, TagStatement, Transport, MAX_TAGS};
+use a2a_proto::time::now_ms;
 use a2a_proto::NodeKey;
 
 use crate::core::policy::{Grant, Member, Rules, Tracker, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
@@ -282,10 +283,4 @@ impl<P: Platform> Daemon<P> {
         s.dataplane.tracker().set_rules(rules);
         Ok((name, held.into_iter().collect()))
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

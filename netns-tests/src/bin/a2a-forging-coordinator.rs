@@ -98,10 +98,6 @@ impl Forger {
     }
 }
 
-fn forged_member_key(f: &Forger) -> NodeKey {
-    f.forged_key()
-}
-
 impl Tamper for Forger {
     fn withhold(&self, msg: &ServerMsg) -> bool {
         if !self.policy_attack {
@@ -225,7 +221,7 @@ impl Tamper for Forger {
             .expect("a valid policy");
             out.push(Injected::Msg(ServerMsg::Statement { signed: forged }));
             // Tags signed with the made-up key, for the registering node and the forged member.
-            for node_key in [target.node_key, forged_member_key(self)] {
+            for node_key in [target.node_key, self.forged_key()] {
                 let tags = TagStatement {
                     network: *network,
                     node_key,
