@@ -151,6 +151,18 @@ counters! {
     proxy_not_allowed,
     /// Proxy requests whose member did not accept the connection (refused, no answer).
     proxy_connect_failed,
+    /// SOCKS5 UDP associations opened (UDP ASSOCIATE served).
+    proxy_udp_associations,
+    /// Datagrams from SOCKS5 UDP clients carried to members.
+    proxy_udp_datagrams,
+    /// Datagrams from SOCKS5 UDP clients dropped as malformed, fragmented (FRAG not 0) or
+    /// larger than one overlay packet carries.
+    proxy_udp_malformed,
+    /// Datagrams from SOCKS5 UDP clients dropped: the destination is not a member.
+    proxy_udp_not_allowed,
+    /// Datagrams of SOCKS5 UDP associations dropped otherwise: from another address than the
+    /// association's client, or at a full queue (either way).
+    proxy_udp_dropped,
     /// Packets between the data plane and the userspace stack dropped at a full queue (either
     /// way; TCP sends them again).
     stack_queue_full,

@@ -31,7 +31,7 @@ use super::{
     FastPaths, Platform, SessionIo, SessionView, TunDevice, TunReader, TunWriter, Underlay,
 };
 use crate::core::counters::Counters;
-use crate::core::netstack::{ConnectError, NetStack};
+use crate::core::netstack::{socket_addr, ConnectError, NetStack, UdpError};
 use crate::core::wg::OVERLAY_MTU;
 
 /// Packets the stack sent, waiting for the data plane (more are dropped: TCP resends).
@@ -216,6 +216,76 @@ impl Stack {
                 format!("no answer from {to} within {CONNECT_TIMEOUT:?}"),
             )),
         }
+    }
+}
+
+impl Stack {
+    /// A UDP socket on the overlay (a SOCKS5 UDP association's), on a port of its own.
+    pub fn udp_open(self: &Arc<Self>) -> io::Result<StackUdp> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(closed());
+        }
+        let handle = self.lock().udp_open().map_err(|_| {
+            io::Error::other(format!(
+                "{} UDP sockets on the userspace stack are open already",
+                crate::core::netstack::MAX_UDP_SOCKETS
+            ))
+        })?;
+        Ok(StackUdp {
+            stack: self.clone(),
+            handle,
+        })
+    }
+}
+
+/// A UDP socket on the userspace stack. Dropping it closes it.
+pub struct StackUdp {
+    stack: Arc<Stack>,
+    handle: SocketHandle,
+}
+
+impl StackUdp {
+    /// Queues `payload` to `to`, a member's overlay address (sent at the stack's next poll).
+    pub fn send_to(&self, payload: &[u8], to: SocketAddr) -> Result<(), UdpError> {
+        self.stack.lock().udp_send(self.handle, to, payload)?;
+        self.stack.wake.notify_one();
+        Ok(())
+    }
+
+    /// The largest payload one datagram to `to` may carry.
+    pub fn max_payload(&self, to: std::net::IpAddr) -> usize {
+        self.stack.lock().max_udp_payload(to)
+    }
+
+    /// The next datagram a member sent to this socket: its length in `buf` and the sender.
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        std::future::poll_fn(|cx| {
+            if self.stack.closed.load(Ordering::Relaxed) {
+                return Poll::Ready(Err(closed()));
+            }
+            let mut s = self.stack.lock();
+            let sock = s.udp(self.handle);
+            match sock.recv_slice(buf) {
+                Ok((n, meta)) => Poll::Ready(Ok((n, socket_addr(meta.endpoint)))),
+                // Longer than `buf` (not from this stack's MTU): dropped, wait for the next.
+                Err(smoltcp::socket::udp::RecvError::Truncated) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                Err(smoltcp::socket::udp::RecvError::Exhausted) => {
+                    sock.register_recv_waker(cx.waker());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for StackUdp {
+    fn drop(&mut self) {
+        self.stack.lock().udp_close(self.handle);
+        self.stack.wake.notify_one();
     }
 }
 
