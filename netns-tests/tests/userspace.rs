@@ -806,10 +806,10 @@ fn userspace_long_download_and_figures_against_tun_mode() {
 /// A UDP echo server (python3) on port UDP_ECHO_PORT of every address, IPv4 and IPv6: answers
 /// each datagram with itself, and `who?` with the sender's address as it saw it.
 const UDP_ECHO_PY: &str = r#"
-import socket
+import socket, sys
 s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.bind(("::", 7001))
+s.bind(("::", int(sys.argv[1])))
 print("ready", flush=True)
 while True:
     d, a = s.recvfrom(65535)
@@ -827,8 +827,8 @@ const UDP_ECHO_PORT: u16 = 7001;
 /// `ok` last; any failure raises.
 const SOCKS_UDP_PY: &str = r#"
 import os, socket, struct, sys, time
-bob4, bob6, wan, me, max_assoc = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-PORT = 7001
+bob4, bob6, wan, me = sys.argv[1:5]
+max_assoc, PORT = int(sys.argv[5]), int(sys.argv[6])
 
 def associate():
     t = socket.create_connection(("127.0.0.1", 1080), timeout=5)
@@ -961,7 +961,10 @@ fn userspace_socks5_udp_associate_reaches_a_member() {
         return;
     };
     let (sandbox, bob) = (&w.sandbox, &w.bob);
-    let echo = bob.ns.spawn("udp-echo", &["python3", "-c", UDP_ECHO_PY]);
+    let port = UDP_ECHO_PORT.to_string();
+    let echo = bob
+        .ns
+        .spawn("udp-echo", &["python3", "-c", UDP_ECHO_PY, &port]);
     wait_for(Duration::from_secs(10), "the UDP echo server", || {
         echo.assert_running();
         if echo.stdout_text().contains("ready") {
@@ -989,7 +992,17 @@ fn userspace_socks5_udp_associate_reaches_a_member() {
     let max = MAX_UDP_ASSOCIATIONS.to_string();
     let t0 = Instant::now();
     let o = sandbox.ns.exec_timeout(
-        &["python3", "-c", SOCKS_UDP_PY, &bob4, &ip6, &wan, &me, &max],
+        &[
+            "python3",
+            "-c",
+            SOCKS_UDP_PY,
+            &bob4,
+            &ip6,
+            &wan,
+            &me,
+            &max,
+            &port,
+        ],
         Duration::from_secs(180),
     );
     assert!(o.success(), "the SOCKS5 UDP client: {o}");
