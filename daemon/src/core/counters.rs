@@ -168,8 +168,14 @@ counters! {
     stack_queue_full,
     /// Members' connections to a forwarded port carried to the local target.
     forward_accepted,
-    /// Members' connections to a forwarded port whose local target refused or did not answer.
+    /// Members' connections to a forwarded port whose local target refused or did not answer
+    /// (for a UDP forward: a relay socket to it could not be opened).
     forward_target_unreachable,
+    /// Members' datagrams to a UDP forward carried to the local target.
+    forward_udp_datagrams,
+    /// Datagrams of UDP forwards dropped: beyond the flows a forward keeps at once, or at a full
+    /// queue (either way).
+    forward_udp_dropped,
     /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
     fast_tun_offload,
     fast_udp_gso,
@@ -214,6 +220,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 75);
+        assert_eq!(len, 82);
     }
 }

@@ -34,7 +34,7 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const LISTEN_BACKLOG: usize = 4;
 /// Egress passes in one poll: up to this many segments per connection (~90 KB).
 const EGRESS_PASSES: usize = 64;
-/// UDP sockets at once (SOCKS5 UDP associations); one more is refused.
+/// UDP sockets at once (SOCKS5 UDP associations and UDP forwards); one more is refused.
 pub const MAX_UDP_SOCKETS: usize = 32;
 /// Datagrams queued in each UDP socket, each way; a datagram beyond it is dropped (counted by
 /// the caller), as a full socket buffer drops it in a kernel.
@@ -146,6 +146,8 @@ pub enum UdpError {
     TooLarge,
     /// [`UDP_QUEUE`] datagrams are queued already.
     QueueFull,
+    /// Another UDP socket holds the port.
+    InUse,
 }
 
 /// The stack: one interface with the node's overlay addresses, its TCP sockets, the forwarded
@@ -492,6 +494,18 @@ impl NetStack {
         }
         self.next_udp_port =
             EPHEMERAL.start() + ((u32::from(port - EPHEMERAL.start()) + 1) % span) as u16;
+        self.udp_bind(port)
+    }
+
+    /// Opens a UDP socket on `port` of the overlay addresses (a UDP forward's); `InUse` when a
+    /// socket holds it already.
+    pub fn udp_bind(&mut self, port: u16) -> Result<SocketHandle, UdpError> {
+        if self.udp.len() >= MAX_UDP_SOCKETS {
+            return Err(UdpError::TooMany);
+        }
+        if port == 0 || self.udp.values().any(|&p| p == port) {
+            return Err(UdpError::InUse);
+        }
         let buffer = || {
             udp::PacketBuffer::new(
                 vec![udp::PacketMetadata::EMPTY; UDP_QUEUE],
@@ -770,6 +784,12 @@ mod tests {
         assert_eq!(ports.len(), MAX_UDP_SOCKETS);
         a.udp_close(hs[3]);
         assert!(a.udp_open().is_ok());
+        let (mut b, _, _) = pair();
+        let h = b.udp_bind(5353).unwrap();
+        assert_eq!(b.udp_bind(5353), Err(UdpError::InUse));
+        assert_eq!(b.udp_bind(0), Err(UdpError::InUse));
+        b.udp_close(h);
+        assert!(b.udp_bind(5353).is_ok());
     }
 
     #[test]

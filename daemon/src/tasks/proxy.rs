@@ -22,7 +22,7 @@ use crate::core::proxy::{
     socks_udp_header, Command, Dest, HttpRequest, Parse, Refusal, UdpDrop, MAX_HEADER,
     MAX_UDP_DATAGRAM,
 };
-use crate::io::userspace::{Stack, StackUdp, Userspace};
+use crate::io::userspace::{Stack, StackUdp, Userspace, SEND_WAIT};
 use crate::io::SessionView;
 
 /// Proxy connections served at once (SOCKS5 and HTTP together); one more is closed at once.
@@ -401,8 +401,16 @@ async fn associate(mut client: TcpStream, stack: Arc<Stack>, from: &Dest) {
                 };
                 let mut out = socks_udp_header(src);
                 out.extend_from_slice(&down[..n]);
-                // A full socket buffer drops it, as it would any datagram.
-                if relay.try_send_to(&out, to).is_err() {
+                // A full socket buffer drops it (after a short wait), as it would any datagram.
+                let sent = match relay.try_send_to(&out, to) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        tokio::time::timeout(SEND_WAIT, relay.send_to(&out, to))
+                            .await
+                            .unwrap_or(Err(e))
+                    }
+                    r => r,
+                };
+                if sent.is_err() {
                     count(Some(&stack), |c| &c.proxy_udp_dropped);
                 }
             }
@@ -422,7 +430,7 @@ fn send_up(stack: &Arc<Stack>, udp: &StackUdp, payload: &[u8], to: SocketAddr) {
             );
             count(Some(stack), |c| &c.proxy_udp_malformed)
         }
-        Err(UdpError::QueueFull | UdpError::TooMany) => {
+        Err(UdpError::QueueFull | UdpError::TooMany | UdpError::InUse) => {
             count(Some(stack), |c| &c.proxy_udp_dropped)
         }
     }
