@@ -1078,6 +1078,17 @@ fn userspace_socks5_udp_associate_reaches_a_member() {
     report(format!("userspace: UDP forward: {}", o.stdout.trim()));
     assert!(sandbox.counter("forward_udp_datagrams") - carried >= 121);
     assert_eq!(sandbox.counter("forward_udp_dropped"), dropped);
+    // Kept across a restart (forwards.json).
+    sandbox.stop_daemon(libc::SIGTERM);
+    sandbox.start_daemon_wrapped(&jail(), &["--no-system-dns", "--userspace"]);
+    wait_for(OVERLAY_TIMEOUT, "the UDP forward after a restart", || {
+        let o = member("echo");
+        if o.success() {
+            Ok(())
+        } else {
+            Err(o.to_string())
+        }
+    });
     sandbox.ctl(&["forward", "rm", fwd_port]).expect_ok();
     let o = member("none");
     assert!(

@@ -539,6 +539,12 @@ pub struct UserspaceTun {
 impl Drop for UserspaceTun {
     fn drop(&mut self) {
         self.stack.closed.store(true, Ordering::Relaxed);
+        // The UDP forwards' tasks wait on their sockets, which nothing wakes any more.
+        self.stack
+            .udp_forwards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.stack.wake.notify_one();
     }
 }
