@@ -159,11 +159,11 @@ enum ForwardAction {
         /// Where the connections go on this host [default: 127.0.0.1:PORT].
         #[arg(long, value_name = "ADDR")]
         to: Option<std::net::SocketAddr>,
-        /// The protocol forwarded (tcp only so far).
-        #[arg(long, default_value = "tcp", value_parser = ["tcp"])]
+        /// The protocol forwarded: tcp (connections) or udp (datagrams).
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
         proto: String,
     },
-    /// Stop forwarding PORT.
+    /// Stop forwarding PORT (TCP and UDP).
     Rm { port: u16 },
 }
 
@@ -387,8 +387,12 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Forward {
             action: ForwardAction::Add { port, to, proto },
         } => {
-            // Only tcp parses (clap's value parser); UDP forwards are not built yet.
-            debug_assert_eq!(proto, "tcp");
+            // Only tcp and udp parse (clap's value parser).
+            let proto = if proto == "udp" {
+                a2a_proto::api::ForwardProto::Udp
+            } else {
+                a2a_proto::api::ForwardProto::Tcp
+            };
             if *port == 0 {
                 return Err("a forward's port is 1 to 65535".into());
             }
@@ -396,6 +400,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 forward: a2a_proto::api::Forward {
                     port: *port,
                     to: to.unwrap_or_else(|| ([127, 0, 0, 1], *port).into()),
+                    proto,
                 },
             }
         }
@@ -497,7 +502,7 @@ fn run(cli: Cli) -> Result<(), String> {
         ApiResponse::Forwards { forwards } => {
             if matches!(cli.command, Command::Forwards) {
                 for f in &forwards {
-                    println!("tcp {} -> {}", f.port, f.to);
+                    println!("{} {} -> {}", f.proto, f.port, f.to);
                 }
             } else {
                 eprintln!("{} forward(s)", forwards.len());

@@ -802,3 +802,495 @@ fn userspace_long_download_and_figures_against_tun_mode() {
     ));
     sandbox.assert_daemon_running();
 }
+
+/// A UDP echo server (python3) on port UDP_ECHO_PORT of every address, IPv4 and IPv6 (or of
+/// the one address given after the port): answers
+/// each datagram with itself, and `who?` with the sender's address as it saw it.
+const UDP_ECHO_PY: &str = r#"
+import socket, sys
+if len(sys.argv) > 2:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((sys.argv[2], int(sys.argv[1])))
+else:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    d, a = s.recvfrom(65535)
+    if d == b"who?":
+        d = a[0].removeprefix("::ffff:").encode()
+    s.sendto(d, a)
+"#;
+const UDP_ECHO_PORT: u16 = 7001;
+
+/// A SOCKS5 UDP client (python3, RFC 1928 §7) in the sandbox: associations through
+/// 127.0.0.1:1080, datagrams to bob by name, IPv4 and IPv6 address, each echoed byte for byte;
+/// what must be dropped (a fragment, one byte over what one overlay packet carries, bob's wan
+/// address, a name outside `.a2a`, a datagram from another port) gets no answer; the relay
+/// closes with the TCP connection; associations beyond the stack's bound are refused. Prints
+/// `ok` last; any failure raises.
+const SOCKS_UDP_PY: &str = r#"
+import os, socket, struct, sys, time
+bob4, bob6, wan, me = sys.argv[1:5]
+max_assoc, PORT = int(sys.argv[5]), int(sys.argv[6])
+
+def associate():
+    t = socket.create_connection(("127.0.0.1", 1080), timeout=5)
+    t.sendall(b"\x05\x01\x00")
+    assert t.recv(2) == b"\x05\x00", "greeting"
+    t.sendall(b"\x05\x03\x00\x01" + bytes(6))
+    r = b""
+    while len(r) < 10:
+        c = t.recv(10 - len(r))
+        if not c:
+            break
+        r += c
+    return t, r
+
+def relay_of(r):
+    assert r[:4] == b"\x05\x00\x00\x01", "UDP ASSOCIATE reply %r" % r
+    return socket.inet_ntoa(r[4:8]), struct.unpack(">H", r[8:10])[0]
+
+def hdr(atyp, addr, port, frag=0):
+    if atyp == 1:
+        a = socket.inet_aton(addr)
+    elif atyp == 4:
+        a = socket.inet_pton(socket.AF_INET6, addr)
+    else:
+        a = bytes([len(addr)]) + addr.encode()
+    return b"\x00\x00" + bytes([frag, atyp]) + a + struct.pack(">H", port)
+
+def back_hdr(ip, port):
+    if ":" in ip:
+        return b"\x00\x00\x00\x04" + socket.inet_pton(socket.AF_INET6, ip) + struct.pack(">H", port)
+    return b"\x00\x00\x00\x01" + socket.inet_aton(ip) + struct.pack(">H", port)
+
+t, r = associate()
+relay = relay_of(r)
+assert relay[0] == "127.0.0.1", "the relay should be on loopback: %r" % (relay,)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.connect(relay)
+
+def exchange(h, payload, wait=3.0):
+    u.settimeout(wait)
+    u.send(h + payload)
+    try:
+        return u.recv(65535)
+    except socket.timeout:
+        return None
+
+# The member saw the datagram come from this node's overlay address.
+got = None
+for _ in range(10):
+    got = exchange(hdr(3, "bob.a2a", PORT), b"who?", 1.0)
+    if got is not None:
+        break
+assert got == back_hdr(bob4, PORT) + me.encode(), "who? through the relay: %r" % got
+sizes = [1, 2, 100, 512, 1000, 1392] + [1 + (i * 97) % 1392 for i in range(60)]
+for atyp, addr, back, limit in [(3, "bob.a2a", bob4, 1392), (1, bob4, bob4, 1392), (4, bob6, bob6, 1372)]:
+    lost = 0
+    for n in sizes:
+        n = min(n, limit)
+        payload = os.urandom(n)
+        got = exchange(hdr(atyp, addr, PORT), payload)
+        if got is None:
+            lost += 1
+            continue
+        assert got == back_hdr(back, PORT) + payload, "%d bytes to %s came back as %r" % (n, addr, got[:40])
+    # One at a time over veths: nothing is lost once the path is up.
+    assert lost == 0, "%d of %d datagrams to %s lost" % (lost, len(sizes), addr)
+    print("exchanged", len(sizes) - lost, "datagrams with", addr, flush=True)
+
+# Dropped, not answered: a fragment, one byte over one overlay packet (IPv4 and IPv6),
+# outside the overlay (bob's echo server answers on its wan address too), a name outside .a2a.
+for what, h, payload in [
+    ("a fragment", hdr(1, bob4, PORT, frag=1), b"x"),
+    ("1393 bytes", hdr(1, bob4, PORT), os.urandom(1393)),
+    ("1373 bytes over IPv6", hdr(4, bob6, PORT), os.urandom(1373)),
+    ("bob's wan address", hdr(1, wan, PORT), b"who?"),
+    ("a name outside .a2a", hdr(3, "example.com", PORT), b"who?"),
+]:
+    got = exchange(h, payload, 1.0)
+    assert got is None, "%s was answered: %r" % (what, got[:40])
+# From another port than the association's client: dropped.
+other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+other.settimeout(1.0)
+other.sendto(hdr(3, "bob.a2a", PORT) + b"who?", relay)
+try:
+    got = other.recv(65535)
+    raise AssertionError("a datagram from another port was answered: %r" % got)
+except socket.timeout:
+    pass
+# Still working after all that.
+assert exchange(hdr(3, "bob.a2a", PORT), b"again") == back_hdr(bob4, PORT) + b"again"
+
+# The association ends with its TCP connection: the relay's port is closed.
+t.close()
+closed = False
+for _ in range(20):
+    try:
+        u.settimeout(0.5)
+        u.send(hdr(3, "bob.a2a", PORT) + b"who?")
+        u.recv(65535)
+    except ConnectionRefusedError:
+        closed = True
+        break
+    except socket.timeout:
+        pass
+assert closed, "the relay still took datagrams after its TCP connection closed"
+
+# Bounded: max_assoc at once; one more is refused (general failure) until one ends.
+held = [associate() for _ in range(max_assoc)]
+for i, (_, r) in enumerate(held):
+    relay_of(r)
+_, r = associate()
+assert r[:2] == b"\x05\x01", "association %d beyond the bound got %r" % (max_assoc + 1, r)
+held.pop()[0].close()
+ok = None
+for _ in range(20):
+    time.sleep(0.1)
+    _, r = associate()
+    if r[:2] == b"\x05\x00":
+        ok = r
+        break
+assert ok is not None, "no association once one ended: %r" % r
+print("ok", flush=True)
+"#;
+
+/// The stack's bound on UDP sockets (core/netstack.rs MAX_UDP_SOCKETS).
+const MAX_UDP_ASSOCIATIONS: usize = 32;
+
+#[test]
+fn userspace_socks5_udp_associate_reaches_a_member() {
+    let Some(w) = world("userspace-udp") else {
+        return;
+    };
+    let (sandbox, bob) = (&w.sandbox, &w.bob);
+    let port = UDP_ECHO_PORT.to_string();
+    let echo = bob
+        .ns
+        .spawn("udp-echo", &["python3", "-c", UDP_ECHO_PY, &port]);
+    wait_for(Duration::from_secs(10), "the UDP echo server", || {
+        echo.assert_running();
+        if echo.stdout_text().contains("ready") {
+            Ok(())
+        } else {
+            Err("not ready".into())
+        }
+    });
+    let ip6 = bob.ctl(&["ip", "-6"]).expect_ok().stdout.trim().to_string();
+    let before: Vec<u64> = [
+        "proxy_udp_associations",
+        "proxy_udp_datagrams",
+        "proxy_udp_malformed",
+        "proxy_udp_not_allowed",
+        "proxy_udp_dropped",
+    ]
+    .iter()
+    .map(|c| sandbox.counter(c))
+    .collect();
+    let (bob4, wan, me) = (
+        bob.overlay_ip().to_string(),
+        bob.wan_ip().to_string(),
+        sandbox.overlay_ip().to_string(),
+    );
+    let max = MAX_UDP_ASSOCIATIONS.to_string();
+    let t0 = Instant::now();
+    let o = sandbox.ns.exec_timeout(
+        &[
+            "python3",
+            "-c",
+            SOCKS_UDP_PY,
+            &bob4,
+            &ip6,
+            &wan,
+            &me,
+            &max,
+            &port,
+        ],
+        Duration::from_secs(180),
+    );
+    assert!(o.success(), "the SOCKS5 UDP client: {o}");
+    assert!(o.stdout.trim_end().ends_with("ok"), "{o}");
+    report(format!(
+        "userspace: SOCKS5 UDP client done in {:?}: {}",
+        t0.elapsed(),
+        o.stdout.trim().replace('\n', "; ")
+    ));
+    let delta = |i: usize, c: &str| sandbox.counter(c) - before[i];
+    // One association for the exchanges, the bound's worth, one after one ended.
+    assert!(
+        delta(0, "proxy_udp_associations") >= (MAX_UDP_ASSOCIATIONS + 2) as u64,
+        "associations counted: {}",
+        delta(0, "proxy_udp_associations")
+    );
+    assert!(delta(1, "proxy_udp_datagrams") >= 3 * 60);
+    // A fragment, and one byte too many over IPv4 and over IPv6.
+    assert_eq!(delta(2, "proxy_udp_malformed"), 3);
+    // bob's wan address and example.com.
+    assert_eq!(delta(3, "proxy_udp_not_allowed"), 2);
+    // The datagram from another port; the ones sent to the closed relay reach nobody.
+    assert_eq!(delta(4, "proxy_udp_dropped"), 1);
+    // The refused association was counted over the limit.
+    assert!(sandbox.counter("proxy_over_limit") >= 1);
+
+    // A UDP forward: bob's datagrams to the sandbox's overlay address reach a program bound to
+    // the sandbox's loopback, and its answers come back, for two of bob's sockets at once.
+    let local_port = "9001";
+    let local_echo = sandbox.ns.spawn(
+        "udp-echo-local",
+        &["python3", "-c", UDP_ECHO_PY, local_port, "127.0.0.1"],
+    );
+    wait_for(Duration::from_secs(10), "the sandbox's UDP echo", || {
+        local_echo.assert_running();
+        if local_echo.stdout_text().contains("ready") {
+            Ok(())
+        } else {
+            Err("not ready".into())
+        }
+    });
+    let me = sandbox.overlay_ip().to_string();
+    let fwd_port = "9997";
+    let member = |expect: &str| {
+        bob.ns.exec_timeout(
+            &["python3", "-c", UDP_MEMBER_PY, &me, fwd_port, expect],
+            Duration::from_secs(120),
+        )
+    };
+    let o = member("none");
+    assert!(o.success(), "UDP to the sandbox before the forward: {o}");
+    let to = format!("127.0.0.1:{local_port}");
+    sandbox
+        .ctl(&["forward", "add", fwd_port, "--to", &to, "--proto", "udp"])
+        .expect_ok();
+    let listed = sandbox.ctl(&["forwards"]).expect_ok();
+    assert!(
+        listed.stdout.contains(&format!("udp {fwd_port} -> {to}")),
+        "forwards: {listed}"
+    );
+    let saved = fs::read_to_string(sandbox.state_dir.join("forwards.json")).unwrap();
+    assert!(saved.contains("\"udp\""), "forwards.json: {saved}");
+    let carried = sandbox.counter("forward_udp_datagrams");
+    let dropped = sandbox.counter("forward_udp_dropped");
+    let o = member("echo");
+    assert!(o.success(), "UDP through the forward: {o}");
+    report(format!("userspace: UDP forward: {}", o.stdout.trim()));
+    assert!(sandbox.counter("forward_udp_datagrams") - carried >= 121);
+    assert_eq!(sandbox.counter("forward_udp_dropped"), dropped);
+    // Kept across a restart (forwards.json).
+    sandbox.stop_daemon(libc::SIGTERM);
+    sandbox.start_daemon_wrapped(&jail(), &["--no-system-dns", "--userspace"]);
+    wait_for(OVERLAY_TIMEOUT, "the UDP forward after a restart", || {
+        let o = member("echo");
+        if o.success() {
+            Ok(())
+        } else {
+            Err(o.to_string())
+        }
+    });
+    sandbox.ctl(&["forward", "rm", fwd_port]).expect_ok();
+    let o = member("none");
+    assert!(
+        o.success(),
+        "UDP to the sandbox after the forward's removal: {o}"
+    );
+    sandbox.assert_daemon_running();
+}
+
+/// A member's UDP client (python3, bob's namespace) to IP PORT: with `echo`, two sockets each
+/// get their datagrams back byte for byte, and `who?` is answered with the loopback address
+/// the sandbox's program saw; with `none`, nothing answers.
+const UDP_MEMBER_PY: &str = r#"
+import os, socket, sys
+ip, port, expect = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+for s in socks:
+    s.connect((ip, port))
+def ask(s, payload, wait):
+    s.settimeout(wait)
+    s.send(payload)
+    try:
+        return s.recv(65535)
+    except (socket.timeout, ConnectionRefusedError):
+        return None
+if expect == "none":
+    got = ask(socks[0], b"who?", 1.0)
+    assert got is None, "answered without a forward: %r" % got
+    print("no answer")
+    sys.exit(0)
+got = None
+for _ in range(10):
+    got = ask(socks[0], b"who?", 1.0)
+    if got is not None:
+        break
+assert got == b"127.0.0.1", "who? through the forward: %r" % got
+lost = []
+for i in range(60):
+    for k, s in enumerate(socks):
+        payload = os.urandom(1 + (i * 89) % 1392)
+        back = ask(s, payload, 3.0)
+        if back is None:
+            lost.append("%d bytes (#%d, socket %d)" % (len(payload), i, k))
+            continue
+        assert back == payload, "%d bytes came back as %d" % (len(payload), len(back))
+# One at a time over veths: nothing is lost once the path is up.
+assert not lost, "%d of 120 datagrams lost: %s" % (len(lost), lost)
+print("%d of 120 datagrams echoed, from two sockets; lost: %s" % (120 - len(lost), lost or "none"))
+"#;
+
+/// A refused connection fails within this (a RST from the data plane's policy, not a timeout).
+const FAST: Duration = Duration::from_secs(1);
+
+/// `curl` once (5 s at most): whether it fetched, how long it took, its error.
+fn attempt(node: &Node, args: &[&str], url: &str) -> (bool, Duration, String) {
+    let t0 = Instant::now();
+    let mut full = vec![
+        "curl",
+        "-fsS",
+        "-o",
+        "/dev/null",
+        "--connect-timeout",
+        "5",
+        "--max-time",
+        "5",
+    ];
+    full.extend_from_slice(args);
+    full.push(url);
+    let o = node.ns.exec_timeout(&full, Duration::from_secs(15));
+    (o.success(), t0.elapsed(), o.stderr.trim().to_string())
+}
+
+#[track_caller]
+fn assert_refused_fast(node: &Node, args: &[&str], url: &str) -> Duration {
+    let (ok, took, err) = attempt(node, args, url);
+    assert!(
+        !ok,
+        "{url} from {} should be refused by the policy",
+        node.name
+    );
+    assert!(
+        took < FAST,
+        "{url} from {} was refused after {took:?} (a hang, not a RST): {err}",
+        node.name
+    );
+    took
+}
+
+fn refused_total(node: &Node) -> u64 {
+    let out = node.ctl(&["policy", "show", "--json"]).expect_ok();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("policy show --json");
+    v["refused"]
+        .as_object()
+        .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
+        .unwrap_or(0)
+}
+
+/// The policy on the userspace stack: the data plane judges the stack's packets as it judges a
+/// TUN device's. bob (a token holder, TUN mode) tags the sandbox `agent` and itself `worker`,
+/// and grants agent → worker tcp:8080 and worker → agent tcp:9998 only: through SOCKS5 the
+/// sandbox reaches bob's 8080 and fails fast on 9090 (which worked before the policy), and
+/// bob reaches the sandbox's forward of 9998 and fails fast on its forward of 9999.
+#[test]
+fn userspace_node_is_fenced_by_the_policy() {
+    let Some(w) = world("userspace-policy") else {
+        return;
+    };
+    let (sandbox, bob) = (&w.sandbox, &w.bob);
+    let www = w.lab.dir().join("bob-www");
+    fs::create_dir_all(&www).unwrap();
+    let data = random_file(&www.join("f"), 100_000);
+    let _web8080 = bob.ns.serve_dir("files-8080", &www, 8080);
+    let _web9090 = bob.ns.serve_dir("files-9090", &www, 9090);
+    let local = w.lab.dir().join("sandbox-www");
+    fs::create_dir_all(&local).unwrap();
+    let local_data = random_file(&local.join("card.json"), 10_000);
+    let _local_server = serve_local(sandbox, &local, LOCAL_PORT);
+    let to = format!("127.0.0.1:{LOCAL_PORT}");
+    for port in ["9998", "9999"] {
+        sandbox
+            .ctl(&["forward", "add", port, "--to", &to])
+            .expect_ok();
+    }
+    let socks = ["--socks5-hostname", "127.0.0.1:1080"];
+    let out = w.lab.dir().join("fetched");
+    let bob_out = w.lab.dir().join("bob-fetched");
+    let fwd = |port: u16| format!("http://{}:{port}/card.json", sandbox.overlay_ip());
+    // Before any policy: everything reaches everything.
+    for port in [8080, 9090] {
+        let url = format!("http://bob.a2a:{port}/f");
+        wait_for(
+            Duration::from_secs(15),
+            &format!("bob:{port} before the policy"),
+            || match curl(sandbox, &socks, &url, &out) {
+                Ok((got, _)) if got == data => Ok(()),
+                Ok((got, _)) => Err(format!("{} bytes differ", got.len())),
+                Err(e) => Err(e),
+            },
+        );
+    }
+    for port in [9998, 9999] {
+        let (got, _) =
+            curl(bob, &["--connect-timeout", "5"], &fwd(port), &bob_out).unwrap_or_else(|e| {
+                panic!("bob -> the sandbox's forward {port} before the policy: {e}")
+            });
+        assert!(got == local_data, "the forward of {port} differs");
+    }
+
+    // bob, a token holder, tags and sets the policy; it reaches the sandbox through the hub.
+    bob.ctl(&["tag", "sandbox", "agent"]).expect_ok();
+    bob.ctl(&["tag", "bob", "worker"]).expect_ok();
+    let policy = w.lab.dir().join("policy.json");
+    fs::write(
+        &policy,
+        r#"{"grants": [
+  {"src": ["tag:agent"], "dst": ["tag:worker"], "ports": ["tcp:8080"]},
+  {"src": ["tag:worker"], "dst": ["tag:agent"], "ports": ["tcp:9998"]}
+]}
+"#,
+    )
+    .unwrap();
+    bob.ctl(&["policy", "set", &policy.to_string_lossy()])
+        .expect_ok();
+    wait_for(Duration::from_secs(20), "the policy on the sandbox", || {
+        let out = sandbox.ctl(&["policy", "show", "--json"]).expect_ok();
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        match v["version"].as_u64() {
+            Some(1) => Ok(()),
+            other => Err(format!("version {other:?}")),
+        }
+    });
+    sandbox
+        .ctl(&["policy", "test", "sandbox", "bob", "tcp:9090"])
+        .expect_fail();
+    let refused = refused_total(sandbox);
+
+    // Through SOCKS5: the granted port works, the other fails fast (the data plane answers the
+    // stack's SYN with a RST; the proxy says "connection refused").
+    let (got, _) = curl(sandbox, &socks, "http://bob.a2a:8080/f", &out)
+        .expect("bob:8080 through SOCKS5 under the policy");
+    assert!(got == data, "bob:8080 under the policy differs");
+    let took_socks = assert_refused_fast(sandbox, &socks, "http://bob.a2a:9090/f");
+    let took_http = assert_refused_fast(
+        sandbox,
+        &["--proxy", "http://127.0.0.1:3128"],
+        "http://bob.a2a:9090/f",
+    );
+    assert!(
+        refused_total(sandbox) > refused,
+        "the sandbox counted no refusal"
+    );
+    // A member to the sandbox's forwards: 9998 is granted, 9999 is not.
+    let (got, _) = curl(bob, &["--connect-timeout", "5"], &fwd(9998), &bob_out)
+        .expect("bob -> the sandbox's granted forward");
+    assert!(got == local_data, "the granted forward differs");
+    let took_fwd = assert_refused_fast(bob, &[], &fwd(9999));
+    report(format!(
+        "userspace policy: refused in {:.0} ms (SOCKS5), {:.0} ms (HTTP proxy), {:.0} ms (a \
+         member to a refused forward)",
+        took_socks.as_secs_f64() * 1e3,
+        took_http.as_secs_f64() * 1e3,
+        took_fwd.as_secs_f64() * 1e3
+    ));
+    sandbox.assert_daemon_running();
+}

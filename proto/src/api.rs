@@ -229,11 +229,32 @@ pub enum ApiResponse {
 }
 
 /// A port forward of `a2ad --userspace`: a member's TCP connection to this node's overlay
-/// address and `port` is spliced to `to` on this host.
+/// address and `port` is spliced to `to` on this host (or, for UDP, its datagrams relayed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Forward {
     pub port: u16,
     pub to: std::net::SocketAddr,
+    /// TCP when absent (forwards saved before UDP forwards existed).
+    #[serde(default)]
+    pub proto: ForwardProto,
+}
+
+/// The protocol of a [`Forward`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardProto {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for ForwardProto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ForwardProto::Tcp => "tcp",
+            ForwardProto::Udp => "udp",
+        })
+    }
 }
 
 /// What `a2actl whois --json` prints: the member holding an overlay address, as this node's
@@ -515,6 +536,24 @@ pub fn resolve_paths(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forward_saved_before_udp_forwards_is_tcp() {
+        let old: Forward = serde_json::from_str(r#"{"port":9999,"to":"127.0.0.1:9000"}"#).unwrap();
+        assert_eq!(old.proto, ForwardProto::Tcp);
+        let udp = Forward {
+            port: 53,
+            to: "127.0.0.1:5353".parse().unwrap(),
+            proto: ForwardProto::Udp,
+        };
+        let text = serde_json::to_string(&udp).unwrap();
+        assert!(text.contains(r#""proto":"udp""#), "{text}");
+        assert_eq!(serde_json::from_str::<Forward>(&text).unwrap(), udp);
+        assert!(
+            serde_json::from_str::<Forward>(r#"{"port":1,"to":"127.0.0.1:1","proto":"sctp"}"#)
+                .is_err()
+        );
+    }
     use std::path::PathBuf;
 
     #[tokio::test]

@@ -151,13 +151,31 @@ counters! {
     proxy_not_allowed,
     /// Proxy requests whose member did not accept the connection (refused, no answer).
     proxy_connect_failed,
+    /// SOCKS5 UDP associations opened (UDP ASSOCIATE served).
+    proxy_udp_associations,
+    /// Datagrams from SOCKS5 UDP clients carried to members.
+    proxy_udp_datagrams,
+    /// Datagrams from SOCKS5 UDP clients dropped as malformed, fragmented (FRAG not 0) or
+    /// larger than one overlay packet carries.
+    proxy_udp_malformed,
+    /// Datagrams from SOCKS5 UDP clients dropped: the destination is not a member.
+    proxy_udp_not_allowed,
+    /// Datagrams of SOCKS5 UDP associations dropped otherwise: from another address than the
+    /// association's client, or at a full queue (either way).
+    proxy_udp_dropped,
     /// Packets between the data plane and the userspace stack dropped at a full queue (either
     /// way; TCP sends them again).
     stack_queue_full,
     /// Members' connections to a forwarded port carried to the local target.
     forward_accepted,
-    /// Members' connections to a forwarded port whose local target refused or did not answer.
+    /// Members' connections to a forwarded port whose local target refused or did not answer
+    /// (for a UDP forward: a relay socket to it could not be opened).
     forward_target_unreachable,
+    /// Members' datagrams to a UDP forward carried to the local target.
+    forward_udp_datagrams,
+    /// Datagrams of UDP forwards dropped: beyond the flows a forward keeps at once, or at a full
+    /// queue (either way).
+    forward_udp_dropped,
     /// 1 while the matching fast path is in use (set at start-up; UDP GSO may turn off later).
     fast_tun_offload,
     fast_udp_gso,
@@ -202,6 +220,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 75);
+        assert_eq!(len, 82);
     }
 }

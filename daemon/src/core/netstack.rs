@@ -4,8 +4,9 @@
 //! packets; its sockets wake whoever waits on them (smoltcp's wakers). The driver
 //! (io/userspace.rs) owns the clock, the lock and the tasks.
 //!
-//! TCP only for now: outbound connections (the SOCKS5 and HTTP proxies) and inbound ones to the
-//! forwarded ports (`a2actl forward add`).
+//! TCP: outbound connections (the SOCKS5 and HTTP proxies) and inbound ones to the forwarded
+//! ports (`a2actl forward add`). UDP: one socket per SOCKS5 UDP association, on a port of its
+//! own, sending to members and receiving what they answer.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
-use smoltcp::socket::tcp;
+use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant as SInstant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 
@@ -33,6 +34,15 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const LISTEN_BACKLOG: usize = 4;
 /// Egress passes in one poll: up to this many segments per connection (~90 KB).
 const EGRESS_PASSES: usize = 64;
+/// UDP sockets at once (SOCKS5 UDP associations and UDP forwards); one more is refused.
+pub const MAX_UDP_SOCKETS: usize = 32;
+/// Datagrams queued in each UDP socket, each way; a datagram beyond it is dropped (counted by
+/// the caller), as a full socket buffer drops it in a kernel.
+pub const UDP_QUEUE: usize = 64;
+/// IPv4 and UDP headers, and IPv6's: a datagram's payload is at most the MTU less these (the
+/// stack does not fragment).
+const UDP4_OVERHEAD: usize = 20 + 8;
+const UDP6_OVERHEAD: usize = 40 + 8;
 /// Local ports of outbound connections.
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
 
@@ -125,6 +135,21 @@ pub enum ConnectError {
     Stack(String),
 }
 
+/// Why a UDP datagram was not sent, or a UDP socket not opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UdpError {
+    /// [`MAX_UDP_SOCKETS`] are open.
+    TooMany,
+    /// The destination is not another member's overlay address.
+    NotOverlay,
+    /// Longer than the overlay's MTU allows (see [`NetStack::max_udp_payload`]).
+    TooLarge,
+    /// [`UDP_QUEUE`] datagrams are queued already.
+    QueueFull,
+    /// Another UDP socket holds the port.
+    InUse,
+}
+
 /// The stack: one interface with the node's overlay addresses, its TCP sockets, the forwarded
 /// ports' listeners.
 pub struct NetStack {
@@ -147,6 +172,9 @@ pub struct NetStack {
     last: SInstant,
     /// Connections accepted on forwarded ports, not handed to the driver yet.
     just_accepted: Vec<(u16, SocketHandle)>,
+    /// Open UDP sockets and their local ports.
+    udp: BTreeMap<SocketHandle, u16>,
+    next_udp_port: u16,
 }
 
 /// How long a released connection may take to send what it holds and close.
@@ -177,6 +205,8 @@ impl NetStack {
             lingering: Vec::new(),
             last: SInstant::ZERO,
             just_accepted: Vec::new(),
+            udp: BTreeMap::new(),
+            next_udp_port: *EPHEMERAL.start() + (seed.rotate_left(17) % 8192) as u16,
         }
     }
 
@@ -439,6 +469,102 @@ impl NetStack {
     pub fn connections(&self) -> usize {
         self.connections
     }
+
+    /// The largest UDP payload to `to` that fits the overlay's MTU in one packet.
+    pub fn max_udp_payload(&self, to: IpAddr) -> usize {
+        let overhead = match to {
+            IpAddr::V4(_) => UDP4_OVERHEAD,
+            IpAddr::V6(_) => UDP6_OVERHEAD,
+        };
+        self.queues.mtu.saturating_sub(overhead)
+    }
+
+    /// Opens a UDP socket on a free local port of the overlay addresses; the caller sends with
+    /// [`udp_send`](Self::udp_send), receives on [`udp`](Self::udp) and closes it with
+    /// [`udp_close`](Self::udp_close).
+    pub fn udp_open(&mut self) -> Result<SocketHandle, UdpError> {
+        if self.udp.len() >= MAX_UDP_SOCKETS {
+            return Err(UdpError::TooMany);
+        }
+        let span = (EPHEMERAL.end() - EPHEMERAL.start()) as u32 + 1;
+        let mut port = self.next_udp_port;
+        // At most MAX_UDP_SOCKETS ports are taken: a free one is near.
+        while self.udp.values().any(|&p| p == port) {
+            port = EPHEMERAL.start() + ((u32::from(port - EPHEMERAL.start()) + 1) % span) as u16;
+        }
+        self.next_udp_port =
+            EPHEMERAL.start() + ((u32::from(port - EPHEMERAL.start()) + 1) % span) as u16;
+        self.udp_bind(port)
+    }
+
+    /// Opens a UDP socket on `port` of the overlay addresses (a UDP forward's); `InUse` when a
+    /// socket holds it already.
+    pub fn udp_bind(&mut self, port: u16) -> Result<SocketHandle, UdpError> {
+        if self.udp.len() >= MAX_UDP_SOCKETS {
+            return Err(UdpError::TooMany);
+        }
+        if port == 0 || self.udp.values().any(|&p| p == port) {
+            return Err(UdpError::InUse);
+        }
+        let buffer = || {
+            udp::PacketBuffer::new(
+                vec![udp::PacketMetadata::EMPTY; UDP_QUEUE],
+                vec![0; UDP_QUEUE * self.queues.mtu],
+            )
+        };
+        let mut socket = udp::Socket::new(buffer(), buffer());
+        socket.bind(port).map_err(|_| UdpError::TooMany)?;
+        let handle = self.sockets.add(socket);
+        self.udp.insert(handle, port);
+        Ok(handle)
+    }
+
+    /// Queues `payload` to `to` (a member's overlay address) on UDP socket `handle`; it goes
+    /// out at the next poll.
+    pub fn udp_send(
+        &mut self,
+        handle: SocketHandle,
+        to: SocketAddr,
+        payload: &[u8],
+    ) -> Result<(), UdpError> {
+        if !self.is_overlay_peer(to.ip()) || to.port() == 0 {
+            return Err(UdpError::NotOverlay);
+        }
+        if payload.len() > self.max_udp_payload(to.ip()) {
+            return Err(UdpError::TooLarge);
+        }
+        let remote = IpEndpoint::new(ip_address(to.ip()), to.port());
+        self.sockets
+            .get_mut::<udp::Socket>(handle)
+            .send_slice(payload, remote)
+            .map_err(|_| UdpError::QueueFull)
+    }
+
+    /// The UDP socket behind `handle` (to receive, and to register wakers).
+    pub fn udp(&mut self, handle: SocketHandle) -> &mut udp::Socket<'static> {
+        self.sockets.get_mut::<udp::Socket>(handle)
+    }
+
+    /// Closes a UDP socket (what it still queued is dropped) and frees its port.
+    pub fn udp_close(&mut self, handle: SocketHandle) {
+        if self.udp.remove(&handle).is_some() {
+            self.sockets.remove(handle);
+        }
+    }
+
+    /// Open UDP sockets.
+    pub fn udp_sockets(&self) -> usize {
+        self.udp.len()
+    }
+}
+
+/// A smoltcp endpoint as a socket address.
+pub fn socket_addr(e: IpEndpoint) -> SocketAddr {
+    let ip = match e.addr {
+        IpAddress::Ipv4(v4) => IpAddr::V4(v4),
+        IpAddress::Ipv6(v6) => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, e.port)
 }
 
 fn ip_address(ip: IpAddr) -> IpAddress {
@@ -587,6 +713,83 @@ mod tests {
             a.connect("100.80.0.2:80".parse().unwrap()),
             Err(ConnectError::TooMany)
         );
+    }
+
+    #[test]
+    fn udp_datagrams_go_to_members_and_answers_come_back() {
+        let (mut a, mut b, now) = pair();
+        let ha = a.udp_open().unwrap();
+        let hb = b.udp_open().unwrap();
+        let pb = b.udp[&hb];
+        let to: SocketAddr = SocketAddr::new("100.80.0.2".parse().unwrap(), pb);
+        a.udp_send(ha, to, b"ping").unwrap();
+        let big = vec![7u8; a.max_udp_payload(to.ip())];
+        a.udp_send(ha, to, &big).unwrap();
+        pump(&mut a, &mut b, now, 3);
+        let mut buf = [0u8; 2048];
+        let (n, meta) = b.udp(hb).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"ping");
+        let from = socket_addr(meta.endpoint);
+        assert_eq!(from.ip(), "100.80.0.1".parse::<IpAddr>().unwrap());
+        let (n, _) = b.udp(hb).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &big[..]);
+        b.udp_send(hb, from, b"pong").unwrap();
+        pump(&mut a, &mut b, now, 3);
+        let (n, meta) = a.udp(ha).recv_slice(&mut buf).unwrap();
+        assert_eq!((&buf[..n], socket_addr(meta.endpoint)), (&b"pong"[..], to));
+        // One byte more than fits one packet, outside the overlay, to this node: refused.
+        assert_eq!(
+            a.udp_send(ha, to, &vec![0; big.len() + 1]),
+            Err(UdpError::TooLarge)
+        );
+        for bad in ["8.8.8.8:53", "100.80.0.1:53", "100.80.0.2:0"] {
+            assert_eq!(
+                a.udp_send(ha, bad.parse().unwrap(), b"x"),
+                Err(UdpError::NotOverlay),
+                "{bad}"
+            );
+        }
+        // The queue is bounded: datagrams beyond it are refused until the stack sends.
+        let mut queued = 0;
+        let refused = loop {
+            match a.udp_send(ha, to, &big) {
+                Ok(()) => queued += 1,
+                Err(e) => break e,
+            }
+            assert!(queued <= UDP_QUEUE, "more than UDP_QUEUE datagrams queued");
+        };
+        assert_eq!(refused, UdpError::QueueFull);
+        // (The payload ring may waste its end on one datagram that would wrap.)
+        assert!(queued >= UDP_QUEUE - 1, "only {queued} datagrams queued");
+        pump(&mut a, &mut b, now, 3);
+        assert!(a.udp_send(ha, to, &big).is_ok());
+        // Closed: what comes to its port is answered "port unreachable", received by nobody.
+        b.udp_close(hb);
+        assert_eq!(b.udp_sockets(), 0);
+        a.udp_send(ha, to, b"late").unwrap();
+        pump(&mut a, &mut b, now, 3);
+        assert!(a.udp(ha).recv_slice(&mut buf).is_err());
+    }
+
+    #[test]
+    fn udp_sockets_are_bounded_and_take_distinct_ports() {
+        let (mut a, _, _) = pair();
+        let hs: Vec<_> = (0..MAX_UDP_SOCKETS)
+            .map(|_| a.udp_open().unwrap())
+            .collect();
+        assert_eq!(a.udp_open(), Err(UdpError::TooMany));
+        let mut ports: Vec<u16> = a.udp.values().copied().collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), MAX_UDP_SOCKETS);
+        a.udp_close(hs[3]);
+        assert!(a.udp_open().is_ok());
+        let (mut b, _, _) = pair();
+        let h = b.udp_bind(5353).unwrap();
+        assert_eq!(b.udp_bind(5353), Err(UdpError::InUse));
+        assert_eq!(b.udp_bind(0), Err(UdpError::InUse));
+        b.udp_close(h);
+        assert!(b.udp_bind(5353).is_ok());
     }
 
     #[test]

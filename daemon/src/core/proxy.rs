@@ -1,5 +1,6 @@
 //! The requests of userspace mode's proxies, I/O-free: a SOCKS5 greeting and request
-//! (RFC 1928, no authentication, CONNECT), an HTTP proxy request (CONNECT, and plain requests in
+//! (RFC 1928, no authentication, CONNECT and UDP ASSOCIATE), the header of a SOCKS5 UDP
+//! datagram (§7) both ways, an HTTP proxy request (CONNECT, and plain requests in
 //! absolute form), and where each may go: a member's overlay address, given as an address or
 //! as `NAME.a2a`. Anything else is refused (never resolved or dialled on the host's network).
 //!
@@ -31,7 +32,7 @@ pub enum Refusal {
     Malformed,
     /// A SOCKS5 client offering no method but authentication ones.
     NoAcceptableMethod,
-    /// A SOCKS5 command other than CONNECT (BIND, UDP ASSOCIATE).
+    /// A SOCKS5 command other than CONNECT and UDP ASSOCIATE (BIND).
     CommandNotSupported,
     /// A SOCKS5 address type other than IPv4, IPv6 and a name.
     AddressTypeNotSupported,
@@ -94,8 +95,18 @@ pub fn socks_greeting(buf: &[u8]) -> Parse<()> {
     }
 }
 
-/// A SOCKS5 request: CONNECT to an address or a name.
-pub fn socks_request(buf: &[u8]) -> Parse<Dest> {
+/// A SOCKS5 command served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// A TCP connection to the request's destination.
+    Connect,
+    /// A UDP relay; the request's address is where the client will send from (often
+    /// `0.0.0.0:0`: not known yet).
+    UdpAssociate,
+}
+
+/// A SOCKS5 request: CONNECT to an address or a name, or UDP ASSOCIATE.
+pub fn socks_request(buf: &[u8]) -> Parse<(Command, Dest)> {
     if buf.len() < 5 {
         return match buf {
             [] | [5] | [5, _] | [5, _, 0] | [5, _, 0, _] => Parse::Incomplete,
@@ -117,12 +128,28 @@ pub fn socks_request(buf: &[u8]) -> Parse<Dest> {
         return Parse::Incomplete;
     }
     // The whole request is read before the command is judged: the reply ends it cleanly.
-    if buf[1] != 1 {
-        return Parse::Refused(Refusal::CommandNotSupported);
+    let command = match buf[1] {
+        1 => Command::Connect,
+        3 => Command::UdpAssociate,
+        _ => return Parse::Refused(Refusal::CommandNotSupported),
+    };
+    match parse_addr(&buf[3..end]) {
+        Some(dest) => Parse::Done((command, dest), end),
+        None => Parse::Refused(Refusal::Malformed),
     }
-    let raw = &buf[start..start + addr_len];
-    let port = u16::from_be_bytes([buf[end - 2], buf[end - 1]]);
-    let dest = match buf[3] {
+}
+
+/// `ATYP | ADDR | PORT`, exactly (its length checked by the caller).
+fn parse_addr(buf: &[u8]) -> Option<Dest> {
+    let (start, addr_len) = match *buf.first()? {
+        1 => (1, 4),
+        4 => (1, 16),
+        _ => (2, usize::from(*buf.get(1)?)),
+    };
+    let raw = buf.get(start..start + addr_len)?;
+    let port = buf.get(start + addr_len..start + addr_len + 2)?;
+    let port = u16::from_be_bytes([port[0], port[1]]);
+    Some(match buf[0] {
         1 => Dest::Addr(SocketAddr::new(
             IpAddr::from(<[u8; 4]>::try_from(raw).unwrap_or_default()),
             port,
@@ -131,17 +158,85 @@ pub fn socks_request(buf: &[u8]) -> Parse<Dest> {
             IpAddr::from(<[u8; 16]>::try_from(raw).unwrap_or_default()),
             port,
         )),
-        _ => match std::str::from_utf8(raw) {
-            Ok(name) => Dest::Name(name.to_string(), port),
-            Err(_) => return Parse::Refused(Refusal::Malformed),
-        },
-    };
-    Parse::Done(dest, end)
+        _ => Dest::Name(std::str::from_utf8(raw).ok()?.to_string(), port),
+    })
 }
 
 /// The SOCKS5 reply with `code` (0: succeeded), bound address unspecified.
 pub fn socks_reply(code: u8) -> [u8; 10] {
     [5, code, 0, 1, 0, 0, 0, 0, 0, 0]
+}
+
+/// The SOCKS5 reply "succeeded" naming `bound` (UDP ASSOCIATE: the relay's address).
+pub fn socks_reply_bound(bound: SocketAddr) -> Vec<u8> {
+    let mut out = vec![5, 0, 0];
+    push_addr(&mut out, bound);
+    out
+}
+
+fn push_addr(out: &mut Vec<u8>, a: SocketAddr) {
+    match a.ip() {
+        IpAddr::V4(v4) => {
+            out.push(1);
+            out.extend_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            out.push(4);
+            out.extend_from_slice(&v6.octets());
+        }
+    }
+    out.extend_from_slice(&a.port().to_be_bytes());
+}
+
+/// The most a datagram from a SOCKS5 UDP client may be, header and payload (the overlay carries
+/// at most 1392 bytes of payload in one packet; the header is at most 262).
+pub const MAX_UDP_DATAGRAM: usize = 2048;
+
+/// Why a datagram from a SOCKS5 UDP client is dropped (RFC 1928 §7: dropped, not answered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpDrop {
+    /// Not a UDP request header (reserved bytes not zero, an unknown address type, cut short).
+    Malformed,
+    /// A fragment (FRAG not 0): fragments are not reassembled, as §7 allows.
+    Fragmented,
+    /// Beyond [`MAX_UDP_DATAGRAM`].
+    TooLarge,
+}
+
+/// A datagram from a SOCKS5 UDP client: `RSV(2) FRAG ATYP DST.ADDR DST.PORT DATA`; where to
+/// and the payload.
+pub fn socks_udp(buf: &[u8]) -> Result<(Dest, &[u8]), UdpDrop> {
+    if buf.len() > MAX_UDP_DATAGRAM {
+        return Err(UdpDrop::TooLarge);
+    }
+    if buf.len() < 4 || buf[0] != 0 || buf[1] != 0 {
+        return Err(UdpDrop::Malformed);
+    }
+    if buf[2] != 0 {
+        return Err(UdpDrop::Fragmented);
+    }
+    let addr_len = match buf[3] {
+        1 => 1 + 4,
+        4 => 1 + 16,
+        3 => match buf.get(4) {
+            Some(0) | None => return Err(UdpDrop::Malformed),
+            Some(&n) => 2 + usize::from(n),
+        },
+        _ => return Err(UdpDrop::Malformed),
+    };
+    let end = 3 + addr_len + 2;
+    if buf.len() < end {
+        return Err(UdpDrop::Malformed);
+    }
+    let dest = parse_addr(&buf[3..end]).ok_or(UdpDrop::Malformed)?;
+    Ok((dest, &buf[end..]))
+}
+
+/// The header of a datagram to a SOCKS5 UDP client: from whom it came (a member's address).
+pub fn socks_udp_header(from: SocketAddr) -> Vec<u8> {
+    let mut out = vec![0, 0, 0];
+    push_addr(&mut out, from);
+    out
 }
 
 /// An HTTP proxy request.
@@ -347,21 +442,36 @@ mod tests {
         let v4 = [5, 1, 0, 1, 100, 80, 0, 2, 0x1f, 0x90];
         assert_eq!(
             socks_request(&v4),
-            Parse::Done(Dest::Addr("100.80.0.2:8080".parse().unwrap()), 10)
+            Parse::Done(
+                (
+                    Command::Connect,
+                    Dest::Addr("100.80.0.2:8080".parse().unwrap())
+                ),
+                10
+            )
         );
         let mut name = vec![5, 1, 0, 3, 7];
         name.extend_from_slice(b"bob.a2a");
         name.extend_from_slice(&[0, 80]);
         assert_eq!(
             socks_request(&name),
-            Parse::Done(Dest::Name("bob.a2a".into(), 80), name.len())
+            Parse::Done(
+                (Command::Connect, Dest::Name("bob.a2a".into(), 80)),
+                name.len()
+            )
         );
         let mut v6 = vec![5, 1, 0, 4];
         v6.extend_from_slice(&"fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
         v6.extend_from_slice(&[0, 22]);
         assert_eq!(
             socks_request(&v6),
-            Parse::Done(Dest::Addr("[fd00::1]:22".parse().unwrap()), 22)
+            Parse::Done(
+                (
+                    Command::Connect,
+                    Dest::Addr("[fd00::1]:22".parse().unwrap())
+                ),
+                22
+            )
         );
         // Every prefix of a request is incomplete, never refused.
         for req in [&v4[..], &name, &v6] {
@@ -382,10 +492,16 @@ mod tests {
 
     #[test]
     fn malformed_socks5_requests_are_refused() {
-        let udp = [5, 3, 0, 1, 100, 80, 0, 2, 0, 53];
+        let udp = [5, 3, 0, 1, 0, 0, 0, 0, 0, 0];
         assert_eq!(
             socks_request(&udp),
-            Parse::Refused(Refusal::CommandNotSupported)
+            Parse::Done(
+                (
+                    Command::UdpAssociate,
+                    Dest::Addr("0.0.0.0:0".parse().unwrap())
+                ),
+                10
+            )
         );
         let bind = [5, 2, 0, 1, 100, 80, 0, 2, 0, 53];
         assert_eq!(
@@ -410,6 +526,82 @@ mod tests {
             );
         }
         assert_eq!(socks_reply(2), [5, 2, 0, 1, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn socks5_udp_datagrams_name_a_destination_and_carry_a_payload() {
+        let mut v4 = vec![0, 0, 0, 1, 100, 80, 0, 2, 0x1b, 0x59];
+        v4.extend_from_slice(b"hello");
+        assert_eq!(
+            socks_udp(&v4),
+            Ok((
+                Dest::Addr("100.80.0.2:7001".parse().unwrap()),
+                &b"hello"[..]
+            ))
+        );
+        let mut name = vec![0, 0, 0, 3, 7];
+        name.extend_from_slice(b"bob.a2a");
+        name.extend_from_slice(&[0, 53]);
+        assert_eq!(
+            socks_udp(&name),
+            Ok((Dest::Name("bob.a2a".into(), 53), &b""[..]))
+        );
+        let mut v6 = vec![0, 0, 0, 4];
+        v6.extend_from_slice(&"fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        v6.extend_from_slice(&[0, 53, 0xaa]);
+        assert_eq!(
+            socks_udp(&v6),
+            Ok((Dest::Addr("[fd00::2]:53".parse().unwrap()), &[0xaa][..]))
+        );
+        // The header back names the sender, and parses as a request header itself.
+        let from: SocketAddr = "100.80.0.2:7001".parse().unwrap();
+        let mut back = socks_udp_header(from);
+        assert_eq!(back, [0, 0, 0, 1, 100, 80, 0, 2, 0x1b, 0x59]);
+        back.extend_from_slice(b"x");
+        assert_eq!(socks_udp(&back), Ok((Dest::Addr(from), &b"x"[..])));
+        let from6: SocketAddr = "[fd00::2]:53".parse().unwrap();
+        assert_eq!(
+            socks_udp(&socks_udp_header(from6)),
+            Ok((Dest::Addr(from6), &b""[..]))
+        );
+        assert_eq!(
+            socks_reply_bound("127.0.0.1:40000".parse().unwrap()),
+            [5, 0, 0, 1, 127, 0, 0, 1, 0x9c, 0x40]
+        );
+    }
+
+    #[test]
+    fn malformed_fragmented_and_huge_udp_datagrams_are_dropped() {
+        let good = [0, 0, 0, 1, 100, 80, 0, 2, 0, 53, 1, 2, 3];
+        // Cut short anywhere in the header: malformed (a datagram is whole or nothing).
+        for n in 0..10 {
+            assert_eq!(socks_udp(&good[..n]), Err(UdpDrop::Malformed), "{n}");
+        }
+        // Any fragment number but 0: dropped, fragments are not reassembled.
+        for frag in [1u8, 2, 0x7f, 0x80, 0xff] {
+            let mut f = good.to_vec();
+            f[2] = frag;
+            assert_eq!(socks_udp(&f), Err(UdpDrop::Fragmented), "{frag}");
+        }
+        for bad in [
+            &[0, 1, 0, 1, 100, 80, 0, 2, 0, 53][..],
+            &[1, 0, 0, 1, 100, 80, 0, 2, 0, 53],
+            &[0, 0, 0, 2, 100, 80, 0, 2, 0, 53],
+            &[0, 0, 0, 9, 100, 80, 0, 2, 0, 53],
+            &[0, 0, 0, 3, 0, 0, 53],
+            &[0, 0, 0, 3, 5, b'b', b'o', b'b', 0, 53],
+            &[0, 0, 0, 3, 2, 0xff, 0xfe, 0, 53],
+            &[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[5, 1, 0, 1, 100, 80, 0, 2, 0, 53],
+        ] {
+            assert_eq!(socks_udp(bad), Err(UdpDrop::Malformed), "{bad:?}");
+        }
+        let mut huge = good.to_vec();
+        huge.resize(MAX_UDP_DATAGRAM + 1, 0);
+        assert_eq!(socks_udp(&huge), Err(UdpDrop::TooLarge));
+        huge.truncate(MAX_UDP_DATAGRAM);
+        assert!(socks_udp(&huge).is_ok());
+        assert_eq!(socks_udp(&[0xff; 65_535]), Err(UdpDrop::TooLarge));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use a2a_proto::api::Forward;
+use a2a_proto::api::{Forward, ForwardProto};
 use arc_swap::ArcSwapOption;
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
@@ -31,7 +31,7 @@ use super::{
     FastPaths, Platform, SessionIo, SessionView, TunDevice, TunReader, TunWriter, Underlay,
 };
 use crate::core::counters::Counters;
-use crate::core::netstack::{ConnectError, NetStack};
+use crate::core::netstack::{socket_addr, ConnectError, NetStack, UdpError};
 use crate::core::wg::OVERLAY_MTU;
 
 /// Packets the stack sent, waiting for the data plane (more are dropped: TCP resends).
@@ -97,10 +97,12 @@ impl Platform for Userspace {
             wake: Notify::new(),
             closed: AtomicBool::new(false),
             session: ArcSwapOption::empty(),
+            udp_forwards: Mutex::new(Vec::new()),
         });
         stack.lock().set_ipv4(ip, prefix_len);
-        let ports: Vec<u16> = self.forwards().iter().map(|f| f.port).collect();
-        stack.lock().set_forwards(&ports);
+        let forwards = self.forwards();
+        stack.lock().set_forwards(&tcp_ports(&forwards));
+        stack.set_udp_forwards(&forwards);
         tokio::spawn(drive(stack.clone(), out_tx, self.shared.clone()));
         self.shared.current.store(Some(stack.clone()));
         // Reading the host's addresses over netlink needs no privilege (only changing them does).
@@ -141,11 +143,19 @@ impl Platform for Userspace {
     fn set_forwards(&self, forwards: &[Forward]) {
         *self.shared.forwards.lock().unwrap() = forwards.to_vec();
         if let Some(stack) = self.stack() {
-            let ports: Vec<u16> = forwards.iter().map(|f| f.port).collect();
-            stack.lock().set_forwards(&ports);
+            stack.lock().set_forwards(&tcp_ports(forwards));
+            stack.set_udp_forwards(forwards);
             stack.wake.notify_one();
         }
     }
+}
+
+fn tcp_ports(forwards: &[Forward]) -> Vec<u16> {
+    forwards
+        .iter()
+        .filter(|f| f.proto == ForwardProto::Tcp)
+        .map(|f| f.port)
+        .collect()
 }
 
 impl Userspace {
@@ -162,6 +172,17 @@ pub struct Stack {
     /// Set when the session's TUN device is dropped: the driver ends, connections fail.
     closed: AtomicBool,
     session: ArcSwapOption<SessionView>,
+    /// The UDP forwards served: port, target, the task relaying them.
+    udp_forwards: Mutex<Vec<(u16, SocketAddr, AbortOnDrop)>>,
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Stack {
@@ -216,6 +237,210 @@ impl Stack {
                 format!("no answer from {to} within {CONNECT_TIMEOUT:?}"),
             )),
         }
+    }
+}
+
+/// Members' flows (source addresses) a UDP forward relays at once; a datagram from one more is
+/// dropped until one has been idle for [`UDP_FLOW_IDLE`].
+pub const MAX_UDP_FLOWS: usize = 64;
+/// A UDP forward's flow with no datagram either way for this long is closed.
+pub const UDP_FLOW_IDLE: Duration = Duration::from_secs(60);
+/// How long a datagram waits for room in a local socket before it is dropped.
+pub const SEND_WAIT: Duration = Duration::from_millis(50);
+
+impl Stack {
+    /// Serves exactly the UDP ones of `forwards` from now on.
+    fn set_udp_forwards(self: &Arc<Self>, forwards: &[Forward]) {
+        let want: Vec<(u16, SocketAddr)> = forwards
+            .iter()
+            .filter(|f| f.proto == ForwardProto::Udp)
+            .map(|f| (f.port, f.to))
+            .collect();
+        let mut running = self.udp_forwards.lock().unwrap_or_else(|e| e.into_inner());
+        // Ended (dropped, its socket closed) before a new one binds the port.
+        running.retain(|(port, to, _)| want.contains(&(*port, *to)));
+        for (port, to) in want {
+            if !running.iter().any(|(p, t, _)| (*p, *t) == (port, to)) {
+                let task = tokio::spawn(udp_forward(self.clone(), port, to));
+                running.push((port, to, AbortOnDrop(task)));
+            }
+        }
+    }
+
+    fn count(&self, pick: impl Fn(&Counters) -> &std::sync::atomic::AtomicU64) {
+        if let Some(c) = self.counters() {
+            Counters::bump(pick(&c));
+        }
+    }
+
+    /// A UDP socket on the overlay (a SOCKS5 UDP association's), on a port of its own.
+    pub fn udp_open(self: &Arc<Self>) -> io::Result<StackUdp> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(closed());
+        }
+        let handle = self.lock().udp_open().map_err(|_| {
+            io::Error::other(format!(
+                "{} UDP sockets on the userspace stack are open already",
+                crate::core::netstack::MAX_UDP_SOCKETS
+            ))
+        })?;
+        Ok(StackUdp {
+            stack: self.clone(),
+            handle,
+        })
+    }
+}
+
+/// A UDP forward: datagrams from members to `port` of the overlay addresses go to `to` from a
+/// kernel UDP socket per member's address (so the local program's answers find their way
+/// back), at most [`MAX_UDP_FLOWS`] at once, each closed after [`UDP_FLOW_IDLE`].
+async fn udp_forward(stack: Arc<Stack>, port: u16, to: SocketAddr) {
+    let handle = match stack.lock().udp_bind(port) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("UDP forward of port {port}: {e:?}; remove it and add it again");
+            return;
+        }
+    };
+    let udp = StackUdp {
+        stack: stack.clone(),
+        handle,
+    };
+    let (back_tx, mut back_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(256);
+    let mut flows: std::collections::HashMap<
+        SocketAddr,
+        (
+            Arc<tokio::net::UdpSocket>,
+            AbortOnDrop,
+            tokio::time::Instant,
+        ),
+    > = std::collections::HashMap::new();
+    let mut buf = vec![0u8; 2048];
+    let mut sweep = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            r = udp.recv_from(&mut buf) => {
+                let Ok((n, member)) = r else { break };
+                if !flows.contains_key(&member) {
+                    if flows.len() >= MAX_UDP_FLOWS {
+                        stack.count(|c| &c.forward_udp_dropped);
+                        continue;
+                    }
+                    let any: SocketAddr = if to.is_ipv4() {
+                        (Ipv4Addr::UNSPECIFIED, 0).into()
+                    } else {
+                        (Ipv6Addr::UNSPECIFIED, 0).into()
+                    };
+                    let local = match tokio::net::UdpSocket::bind(any).await {
+                        Ok(l) if l.connect(to).await.is_ok() => Arc::new(l),
+                        _ => {
+                            stack.count(|c| &c.forward_target_unreachable);
+                            continue;
+                        }
+                    };
+                    let reader = {
+                        let (local, back) = (local.clone(), back_tx.clone());
+                        tokio::spawn(async move {
+                            let mut b = vec![0u8; 2048];
+                            loop {
+                                match local.recv(&mut b).await {
+                                    Ok(n) => {
+                                        if back.send((member, b[..n].to_vec())).await.is_err() {
+                                            break;
+                                        }
+                                    }
+                                    // The target's port is closed (ICMP): it may open later.
+                                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                                    Err(_) => break,
+                                }
+                            }
+                        })
+                    };
+                    flows.insert(member, (local, AbortOnDrop(reader), tokio::time::Instant::now()));
+                }
+                if let Some((local, _, seen)) = flows.get_mut(&member) {
+                    *seen = tokio::time::Instant::now();
+                    // A new socket's readiness is not known yet: wait for it, shortly.
+                    let sent = match local.try_send(&buf[..n]) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            tokio::time::timeout(SEND_WAIT, local.send(&buf[..n]))
+                                .await
+                                .unwrap_or(Err(e))
+                        }
+                        r => r,
+                    };
+                    match sent {
+                        Ok(_) => stack.count(|c| &c.forward_udp_datagrams),
+                        // The target's port is closed: as for any datagram, nothing comes back.
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                        Err(_) => stack.count(|c| &c.forward_udp_dropped),
+                    }
+                }
+            }
+            Some((member, data)) = back_rx.recv() => {
+                if let Some((_, _, seen)) = flows.get_mut(&member) {
+                    *seen = tokio::time::Instant::now();
+                }
+                // A datagram longer than one overlay packet carries is dropped too.
+                if udp.send_to(&data, member).is_err() {
+                    stack.count(|c| &c.forward_udp_dropped);
+                }
+            }
+            _ = sweep.tick() => {
+                flows.retain(|_, (_, _, seen)| seen.elapsed() < UDP_FLOW_IDLE);
+            }
+        }
+    }
+}
+
+/// A UDP socket on the userspace stack. Dropping it closes it.
+pub struct StackUdp {
+    stack: Arc<Stack>,
+    handle: SocketHandle,
+}
+
+impl StackUdp {
+    /// Queues `payload` to `to`, a member's overlay address (sent at the stack's next poll).
+    pub fn send_to(&self, payload: &[u8], to: SocketAddr) -> Result<(), UdpError> {
+        self.stack.lock().udp_send(self.handle, to, payload)?;
+        self.stack.wake.notify_one();
+        Ok(())
+    }
+
+    /// The largest payload one datagram to `to` may carry.
+    pub fn max_payload(&self, to: std::net::IpAddr) -> usize {
+        self.stack.lock().max_udp_payload(to)
+    }
+
+    /// The next datagram a member sent to this socket: its length in `buf` and the sender.
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        std::future::poll_fn(|cx| {
+            if self.stack.closed.load(Ordering::Relaxed) {
+                return Poll::Ready(Err(closed()));
+            }
+            let mut s = self.stack.lock();
+            let sock = s.udp(self.handle);
+            match sock.recv_slice(buf) {
+                Ok((n, meta)) => Poll::Ready(Ok((n, socket_addr(meta.endpoint)))),
+                // Longer than `buf` (not from this stack's MTU): dropped, wait for the next.
+                Err(smoltcp::socket::udp::RecvError::Truncated) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                Err(smoltcp::socket::udp::RecvError::Exhausted) => {
+                    sock.register_recv_waker(cx.waker());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for StackUdp {
+    fn drop(&mut self) {
+        self.stack.lock().udp_close(self.handle);
+        self.stack.wake.notify_one();
     }
 }
 
@@ -314,6 +539,12 @@ pub struct UserspaceTun {
 impl Drop for UserspaceTun {
     fn drop(&mut self) {
         self.stack.closed.store(true, Ordering::Relaxed);
+        // The UDP forwards' tasks wait on their sockets, which nothing wakes any more.
+        self.stack
+            .udp_forwards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.stack.wake.notify_one();
     }
 }

@@ -319,9 +319,9 @@ impl<P: Platform> Daemon<P> {
         }
         let mut list = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
         let mut next = list.clone();
-        next.retain(|f| f.port != forward.port);
+        next.retain(|f| f.port != forward.port || f.proto != forward.proto);
         next.push(forward);
-        next.sort_by_key(|f| f.port);
+        next.sort_by_key(|f| (f.port, f.proto == a2a_proto::api::ForwardProto::Udp));
         self.state
             .save_forwards(&next)
             .map_err(|e| CommandError::Failed(e.to_string()))?;

@@ -2,23 +2,27 @@
 //! this host reach members by name (`socks5h://`, `HTTP_PROXY`). Each connection: read the
 //! request (at most [`MAX_HEADER`] bytes, within [`HANDSHAKE_TIMEOUT`]), route it
 //! (core/proxy.rs: members only), open the connection through the userspace stack, splice.
-//! At most [`MAX_PROXY_CONNECTIONS`] at once; every refusal is counted.
+//! A SOCKS5 UDP ASSOCIATE gets a UDP relay socket on the proxy's address and a UDP socket on
+//! the stack, both living as long as its TCP connection. At most [`MAX_PROXY_CONNECTIONS`] at
+//! once (associations included); every refusal is counted.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
 use crate::core::counters::Counters;
 use crate::core::dns::{Member, Zone};
+use crate::core::netstack::UdpError;
 use crate::core::proxy::{
-    http_request, route, socks_greeting, socks_reply, socks_request, Dest, HttpRequest, Parse,
-    Refusal, MAX_HEADER,
+    http_request, route, socks_greeting, socks_reply, socks_reply_bound, socks_request, socks_udp,
+    socks_udp_header, Command, Dest, HttpRequest, Parse, Refusal, UdpDrop, MAX_HEADER,
+    MAX_UDP_DATAGRAM,
 };
-use crate::io::userspace::{Stack, Userspace};
+use crate::io::userspace::{Stack, StackUdp, Userspace, SEND_WAIT};
 use crate::io::SessionView;
 
 /// Proxy connections served at once (SOCKS5 and HTTP together); one more is closed at once.
@@ -119,6 +123,8 @@ async fn read_request<T>(
 /// What a request is after reading: where to, and (HTTP) what to send first.
 struct Request {
     dest: Dest,
+    /// A SOCKS5 UDP ASSOCIATE (`dest`: where the client says it will send from).
+    udp: bool,
     http: Option<HttpRequest>,
     /// Bytes the client sent after its request (data for the member).
     early: Vec<u8>,
@@ -136,9 +142,10 @@ async fn handshake(client: &mut TcpStream, kind: Kind) -> Result<Request, Option
             let ((), n) = res.map_err(|r| r.map(|_| Refusal::Malformed))?;
             buf.drain(..n);
             client.write_all(&[5, 0]).await.map_err(|_| None)?;
-            let (dest, n) = read_request(client, &mut buf, socks_request).await?;
+            let ((command, dest), n) = read_request(client, &mut buf, socks_request).await?;
             Ok(Request {
                 dest,
+                udp: command == Command::UdpAssociate,
                 http: None,
                 early: buf.split_off(n),
             })
@@ -147,6 +154,7 @@ async fn handshake(client: &mut TcpStream, kind: Kind) -> Result<Request, Option
             let (req, n) = read_request(client, &mut buf, http_request).await?;
             Ok(Request {
                 dest: req.dest.clone(),
+                udp: false,
                 http: Some(req),
                 early: buf.split_off(n),
             })
@@ -227,6 +235,10 @@ async fn handle(mut client: TcpStream, kind: Kind, platform: &Userspace) {
         }
         return;
     };
+    if req.udp {
+        associate(client, stack, &req.dest).await;
+        return;
+    }
     let view = stack.session();
     let to = route(
         &req.dest,
@@ -286,4 +298,140 @@ async fn handle(mut client: TcpStream, kind: Kind, platform: &Userspace) {
         return;
     }
     let _ = tokio::io::copy_bidirectional(&mut client, &mut member).await;
+}
+
+/// How long a name a UDP association's client sends to is kept resolved.
+const NAME_TTL: Duration = Duration::from_secs(5);
+
+/// A SOCKS5 UDP association (RFC 1928 §7): a UDP relay socket on the address the client
+/// reached the proxy at, a UDP socket on the stack; datagrams from the client (from the TCP
+/// connection's address only, and from the port it named, or else from the first one it sent
+/// from) go to members, members' datagrams back to it. Ends with the TCP connection.
+async fn associate(mut client: TcpStream, stack: Arc<Stack>, from: &Dest) {
+    let (Ok(local), Ok(peer)) = (client.local_addr(), client.peer_addr()) else {
+        return;
+    };
+    let relay = match UdpSocket::bind((local.ip(), 0)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(
+                "SOCKS5 UDP ASSOCIATE: cannot bind a relay socket on {}: {e}",
+                local.ip()
+            );
+            let _ = client.write_all(&socks_reply(0x01)).await;
+            return;
+        }
+    };
+    let udp = match stack.udp_open() {
+        Ok(u) => u,
+        Err(e) => {
+            count(Some(&stack), |c| &c.proxy_over_limit);
+            tracing::debug!("SOCKS5 UDP ASSOCIATE refused: {e}");
+            let _ = client.write_all(&socks_reply(0x01)).await;
+            return;
+        }
+    };
+    let Ok(bound) = relay.local_addr() else {
+        return;
+    };
+    if client.write_all(&socks_reply_bound(bound)).await.is_err() {
+        return;
+    }
+    count(Some(&stack), |c| &c.proxy_udp_associations);
+    // The client's UDP address: the port it named (if any) on the TCP connection's address, or
+    // the first address it sends from there.
+    let mut client_udp = match from {
+        Dest::Addr(a) if a.port() != 0 => Some(SocketAddr::new(peer.ip(), a.port())),
+        _ => None,
+    };
+    let view = stack.session();
+    let mut names: Option<(String, u16, SocketAddr, tokio::time::Instant)> = None;
+    let mut control = [0u8; 512];
+    let mut up = vec![0u8; MAX_UDP_DATAGRAM + 1];
+    let mut down = vec![0u8; 2048];
+    loop {
+        tokio::select! {
+            // Anything on the TCP connection is ignored; its end ends the association.
+            r = client.read(&mut control) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            },
+            r = relay.recv_from(&mut up) => {
+                let Ok((n, src)) = r else { continue };
+                if src.ip() != peer.ip() || client_udp.is_some_and(|c| c != src) {
+                    count(Some(&stack), |c| &c.proxy_udp_dropped);
+                    continue;
+                }
+                client_udp = Some(src);
+                let (dest, payload) = match socks_udp(&up[..n]) {
+                    Ok(d) => d,
+                    Err(UdpDrop::Malformed | UdpDrop::Fragmented | UdpDrop::TooLarge) => {
+                        count(Some(&stack), |c| &c.proxy_udp_malformed);
+                        continue;
+                    }
+                };
+                let to = match (&dest, &names) {
+                    (Dest::Name(name, port), Some((n, p, to, at)))
+                        if n == name && p == port && at.elapsed() < NAME_TTL => Ok(*to),
+                    _ => route(
+                        &dest,
+                        |label| view.as_deref().and_then(|v| lookup(v, label)),
+                        |ip: IpAddr| stack.is_overlay_peer(ip),
+                    ),
+                };
+                let to = match to {
+                    Ok(to) => to,
+                    Err(_) => {
+                        count(Some(&stack), |c| &c.proxy_udp_not_allowed);
+                        continue;
+                    }
+                };
+                if let Dest::Name(name, port) = &dest {
+                    if !names.as_ref().is_some_and(|(n, p, ..)| n == name && p == port) {
+                        names = Some((name.clone(), *port, to, tokio::time::Instant::now()));
+                    }
+                }
+                send_up(&stack, &udp, payload, to);
+            }
+            r = udp.recv_from(&mut down) => {
+                let Ok((n, src)) = r else { break };
+                let Some(to) = client_udp else {
+                    count(Some(&stack), |c| &c.proxy_udp_dropped);
+                    continue;
+                };
+                let mut out = socks_udp_header(src);
+                out.extend_from_slice(&down[..n]);
+                // A full socket buffer drops it (after a short wait), as it would any datagram.
+                let sent = match relay.try_send_to(&out, to) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        tokio::time::timeout(SEND_WAIT, relay.send_to(&out, to))
+                            .await
+                            .unwrap_or(Err(e))
+                    }
+                    r => r,
+                };
+                if sent.is_err() {
+                    count(Some(&stack), |c| &c.proxy_udp_dropped);
+                }
+            }
+        }
+    }
+}
+
+fn send_up(stack: &Arc<Stack>, udp: &StackUdp, payload: &[u8], to: SocketAddr) {
+    match udp.send_to(payload, to) {
+        Ok(()) => count(Some(stack), |c| &c.proxy_udp_datagrams),
+        Err(UdpError::NotOverlay) => count(Some(stack), |c| &c.proxy_udp_not_allowed),
+        Err(UdpError::TooLarge) => {
+            tracing::debug!(
+                "SOCKS5 UDP: a {}-byte datagram to {to} is over the {} bytes one overlay packet carries",
+                payload.len(),
+                udp.max_payload(to.ip())
+            );
+            count(Some(stack), |c| &c.proxy_udp_malformed)
+        }
+        Err(UdpError::QueueFull | UdpError::TooMany | UdpError::InUse) => {
+            count(Some(stack), |c| &c.proxy_udp_dropped)
+        }
+    }
 }
