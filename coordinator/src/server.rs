@@ -30,7 +30,9 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::batch::{Batcher, Run, MAX_SEGMENTS};
 use crate::channel::{relay_frame, Frame, Outbox as ConnOutbox, Reader, Refused};
-use crate::cluster::{is_remote_id, Apply, Cluster, Publish, Sealer, Step, Via};
+use crate::cluster::{
+    is_remote_id, Apply, Cluster, Outgoing, Publish, RelayOut, Sealer, Step, Via,
+};
 use crate::fanout;
 use crate::limits::{Admission, Drops, Limits, OverLimit, Seat};
 use crate::registry::ConnId;
@@ -339,7 +341,7 @@ enum Link {
 pub struct ClusterLink {
     core: Mutex<Cluster>,
     sealer: Arc<Sealer>,
-    publish: tokio::sync::mpsc::Sender<Publish>,
+    publish: tokio::sync::mpsc::Sender<Outgoing>,
     /// Messages that could not be queued for NATS (the queue was full).
     pub publish_dropped: AtomicU64,
     /// Remote members' records this coordinator refused (address taken, revoked, held here).
@@ -347,10 +349,12 @@ pub struct ClusterLink {
     /// Relay data sent to and received from other coordinators.
     pub relayed_out: AtomicU64,
     pub relayed_in: AtomicU64,
+    /// NATS messages that carried relay data out.
+    pub relay_messages_out: AtomicU64,
 }
 
 impl ClusterLink {
-    pub fn new(core: Cluster, publish: tokio::sync::mpsc::Sender<Publish>) -> Self {
+    pub fn new(core: Cluster, publish: tokio::sync::mpsc::Sender<Outgoing>) -> Self {
         ClusterLink {
             sealer: core.sealer().clone(),
             core: Mutex::new(core),
@@ -359,6 +363,7 @@ impl ClusterLink {
             refused_here: AtomicU64::new(0),
             relayed_out: AtomicU64::new(0),
             relayed_in: AtomicU64::new(0),
+            relay_messages_out: AtomicU64::new(0),
         }
     }
 
@@ -446,6 +451,11 @@ impl ClusterLink {
                 g(&self.relayed_in),
             ),
             (
+                "cluster_relay_messages_out",
+                "NATS messages that carried relay data to other coordinators",
+                g(&self.relay_messages_out),
+            ),
+            (
                 "cluster_publish_dropped",
                 "Cluster messages dropped: the queue to NATS was full",
                 g(&self.publish_dropped),
@@ -454,9 +464,18 @@ impl ClusterLink {
     }
 
     fn queue(&self, p: Publish) {
-        if self.publish.try_send(p).is_err() {
+        self.queue_out(Outgoing::Sealed(p));
+    }
+
+    fn queue_out(&self, o: Outgoing) {
+        if self.publish.try_send(o).is_err() {
             Counters::bump(&self.publish_dropped);
         }
+    }
+
+    /// The sealer, which packs what is queued ([`Sealer::pack`]).
+    pub fn sealer(&self) -> &Arc<Sealer> {
+        &self.sealer
     }
 }
 /// Which of the coordinator's UDP ports a datagram came to.
@@ -1238,14 +1257,16 @@ impl Server {
         let tx = match link {
             Link::Conn(tx) => tx,
             Link::Remote(via) => {
-                // A remote member: to its coordinator, sealed (the payload after the header).
+                // A remote member: to its coordinator (the payload after the header), sealed
+                // with whatever else is queued for it by the NATS driver.
                 if let Some(cluster) = self.cluster.get() {
                     let payload = &datagram[RELAY_HEADER_LEN.min(datagram.len())..];
-                    let p = cluster
-                        .sealer
-                        .seal_relay(via, src, payload, a2a_proto::time::now_ms());
                     Counters::bump(&cluster.relayed_out);
-                    cluster.queue(p);
+                    cluster.queue_out(Outgoing::Relay(RelayOut {
+                        via: via.clone(),
+                        src,
+                        datagram: payload.to_vec(),
+                    }));
                 }
                 return;
             }
