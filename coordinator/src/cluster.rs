@@ -268,6 +268,11 @@ pub enum Apply {
         from: NodeKey,
         to: NodeKey,
     },
+    /// A revocation a member of another coordinator sent (`a2actl kick`): apply it here.
+    Revoke {
+        network: NetworkId,
+        revocation: a2a_proto::membership::Signed,
+    },
     /// Relay data from the remote member `src` (its local relay id) for the local relay id
     /// `dst`.
     Relay {
@@ -481,8 +486,16 @@ impl Cluster {
         let mut step = Step::default();
         let mut up = Vec::new();
         let mut gone = Vec::new();
+        let mut revoked = Vec::new();
         for change in changes {
             match change {
+                LocalChange::Revoked {
+                    network,
+                    revocation,
+                } => revoked.push(ClusterMsg::Revoke {
+                    network,
+                    revocation,
+                }),
                 LocalChange::Up {
                     network,
                     record,
@@ -545,6 +558,9 @@ impl Cluster {
             }
         }
         let all = self.sealer.subject_all();
+        for msg in revoked {
+            self.publish(&mut step, &all, &msg, now_ms);
+        }
         if !gone.is_empty() {
             self.publish(&mut step, &all, &ClusterMsg::Down { gone }, now_ms);
         }
@@ -658,6 +674,16 @@ impl Cluster {
         }
         self.counts.received += 1;
         match msg {
+            ClusterMsg::Revoke {
+                network,
+                revocation,
+            } => {
+                // Checked where it is applied (the registry, under the network key).
+                step.apply.push(Apply::Revoke {
+                    network,
+                    revocation,
+                });
+            }
             ClusterMsg::Alive { members, digest } => {
                 let off = members as usize != peer.members.len() || digest != peer.digest;
                 let asked_lately = peer
@@ -944,6 +970,35 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_local_revocation_is_published_and_applied_by_the_others() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let revocation = a2a_proto::membership::Signed {
+            body: "{}".into(),
+            sig: "AA".into(),
+        };
+        let s = c1.local(
+            T0,
+            vec![LocalChange::Revoked {
+                network: k.id(),
+                revocation: revocation.clone(),
+            }],
+        );
+        assert_eq!(s.publish.len(), 1);
+        let got = deliver(&mut c2, now, T0, &s);
+        // Passed on as it came: the registry checks it under the network key.
+        assert_eq!(
+            got.apply,
+            vec![Apply::Revoke {
+                network: k.id(),
+                revocation
+            }]
+        );
     }
 
     #[test]

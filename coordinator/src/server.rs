@@ -728,6 +728,15 @@ impl Hub {
                         }
                     }
                 }
+                Apply::Revoke {
+                    network,
+                    revocation,
+                } => match self.board.remote_revoke(now, network, revocation) {
+                    Ok(out) => {
+                        self.carry_out(server, out);
+                    }
+                    Err(_) => Counters::bump(&cluster.refused_here),
+                },
                 Apply::Down { conn } => {
                     let out = self.board.remote_down(now, conn);
                     self.carry_out(server, out);

@@ -538,3 +538,49 @@ fn relay_across_coordinators_batches_datagrams_per_nats_message() {
         "c1 sent {out} datagrams, c2 received {inn}"
     );
 }
+
+/// A kick crosses the cluster: alpha (reaches only c1) kicks bravo (reaches only c2); c2
+/// applies the revocation as if its own member had sent it (counted as a revocation there):
+/// charlie (also on c2 only) drops bravo, and bravo stays out.
+#[test]
+fn a_kick_on_one_coordinator_removes_the_node_held_by_another() {
+    let Some(lab) = Lab::new("clkick") else {
+        return;
+    };
+    require_tools(&[("nats-server", "nats-server"), ("nft", "nftables")]);
+    let auth = lab.nats_auth();
+    let nats_ns = [lab.add_ns("nats1")];
+    let nats = lab.nats_cluster(&nats_ns, &auth, false);
+    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let (c1, c2) = (&coords[0], &coords[1]);
+    let token = &c1.token;
+    let r_alpha = lab.router("rtr-alpha", Nat::Easy);
+    let r_bravo = lab.router("rtr-bravo", Nat::Easy);
+    let r_charlie = lab.router("rtr-charlie", Nat::Easy);
+    r_alpha.cut_off_from(*c2.addr.ip());
+    r_bravo.cut_off_from(*c1.addr.ip());
+    r_charlie.cut_off_from(*c1.addr.ip());
+    let alpha = lab.node_behind(&r_alpha, "alpha");
+    let bravo = lab.node_behind(&r_bravo, "bravo");
+    let charlie = lab.node_behind(&r_charlie, "charlie");
+    for n in [&alpha, &bravo, &charlie] {
+        n.up_ok(token);
+    }
+    let regs = |c: &Coordinator| counter(c, "registrations");
+    assert_eq!((regs(c1), regs(c2)), (1, 2));
+    let all = ["alpha", "bravo", "charlie"];
+    for n in [&alpha, &bravo, &charlie] {
+        let others: Vec<&str> = all.iter().copied().filter(|x| *x != n.name).collect();
+        n.wait_peers(&others, OVERLAY_TIMEOUT);
+    }
+    let revocations = counter(c2, "revocations");
+    alpha.ctl(&["kick", "bravo"]).expect_ok();
+    // charlie, on c2, hears of it from c2.
+    charlie.wait_peers(&["alpha"], OVERLAY_TIMEOUT);
+    alpha.wait_peers(&["charlie"], OVERLAY_TIMEOUT);
+    assert_eq!(counter(c2, "revocations"), revocations + 1);
+    // It stays out (bravo's daemon, told it was removed, does not bring it back).
+    std::thread::sleep(Duration::from_secs(2));
+    charlie.wait_peers(&["alpha"], Duration::from_secs(1));
+    assert_eq!(counter(c2, "cluster_refused_record"), 0);
+}

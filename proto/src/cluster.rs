@@ -75,6 +75,13 @@ pub enum ClusterMsg {
     /// An answer to [`ClusterMsg::Sync`], on the asker's subject: part of what the sender holds;
     /// `last` closes it, and what the sender held before and did not name is gone.
     Snapshot { entries: Vec<Entry>, last: bool },
+    /// A member of the sender's removed `revocation`'s node from `network` (`a2actl kick`):
+    /// signed by the network key, so every coordinator checks it as if its own member had sent
+    /// it, keeps it, tells its members and ends the node's connection if it holds it.
+    Revoke {
+        network: NetworkId,
+        revocation: crate::signed::Signed,
+    },
     /// A member of the sender is probing `to` (a member the receiver holds) for a direct path.
     Punch {
         network: NetworkId,
