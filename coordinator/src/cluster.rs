@@ -20,8 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use a2a_proto::cluster::{
-    member_digest, parse_relay, relay_body, subject_all, subject_to, xor_into, ClusterKey,
-    ClusterMsg, Entry, Gone, Header, Instance, OpenError, ENTRIES_PER_MSG, KIND_MSG, KIND_RELAY,
+    member_digest, parse_relay, parse_relay_batch, push_relay_batch, relay_body, subject_all,
+    subject_to, xor_into, ClusterKey, ClusterMsg, Entry, Gone, Header, Instance, OpenError,
+    BATCH_ENTRY_OVERHEAD, ENTRIES_PER_MSG, KIND_MSG, KIND_RELAY, KIND_RELAY_BATCH,
 };
 use a2a_proto::{NetworkId, NodeKey, SignedRecord};
 
@@ -51,6 +52,9 @@ pub const REPLAY_WINDOW: u64 = 64;
 /// two subscriptions, in two tasks: their order across the two is not kept) and never share a
 /// nonce.
 pub const DIRECTED: u64 = 1 << 63;
+/// The most body bytes of one batch of relay data (NATS' default `max_payload` is 1 MiB; a
+/// batch this size is some 45 WireGuard datagrams).
+pub const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// Members one coordinator may announce.
 pub const MAX_MEMBERS_PER_PEER: usize = 100_000;
 /// Coordinator instances heard at once.
@@ -126,6 +130,108 @@ impl Sealer {
             ),
         }
     }
+
+    /// What is queued for NATS, in one go: the messages sealed already first (in their order),
+    /// then the relay data packed per destination coordinator, in order, in as few envelopes
+    /// as [`MAX_BATCH_BYTES`] allows (one datagram alone goes as kind [`KIND_RELAY`], several
+    /// as [`KIND_RELAY_BATCH`]): one seal and one NATS message per envelope, not per datagram.
+    pub fn pack(&self, items: impl IntoIterator<Item = Outgoing>, now_ms: u64) -> Packed {
+        let mut packed = Packed::default();
+        let mut relay = Vec::new();
+        // Open batches, one per destination subject (a cluster has few coordinators).
+        let mut open: Vec<Batch> = Vec::new();
+        for item in items {
+            let r = match item {
+                Outgoing::Sealed(p) => {
+                    packed.publish.push(p);
+                    continue;
+                }
+                Outgoing::Relay(r) => r,
+            };
+            let room = BATCH_ENTRY_OVERHEAD + r.datagram.len();
+            let i = match open.iter().position(|b| b.subject == r.via.subject) {
+                Some(i) => {
+                    if !open[i].body.is_empty() && open[i].body.len() + room > MAX_BATCH_BYTES {
+                        let full = std::mem::replace(&mut open[i], Batch::new(&r.via.subject));
+                        relay.push(self.seal_batch(full, now_ms));
+                    }
+                    i
+                }
+                None => {
+                    open.push(Batch::new(&r.via.subject));
+                    open.len() - 1
+                }
+            };
+            let b = &mut open[i];
+            push_relay_batch(&mut b.body, r.src, r.via.remote_id, &r.datagram);
+            b.count += 1;
+            packed.datagrams += 1;
+        }
+        for b in open {
+            relay.push(self.seal_batch(b, now_ms));
+        }
+        packed.relay_messages = relay.len() as u64;
+        packed.publish.append(&mut relay);
+        packed
+    }
+
+    fn seal_batch(&self, mut b: Batch, now_ms: u64) -> Publish {
+        let kind = if b.count == 1 {
+            // One datagram: `source | destination | datagram`, as a single relay message.
+            b.body.drain(8..BATCH_ENTRY_OVERHEAD);
+            KIND_RELAY
+        } else {
+            KIND_RELAY_BATCH
+        };
+        Publish {
+            payload: self.seal(&b.subject, kind, &b.body, now_ms),
+            subject: b.subject,
+        }
+    }
+}
+
+/// Relay data for a member another coordinator holds, not sealed yet: the relay paths queue
+/// it, [`Sealer::pack`] packs what is queued.
+#[derive(Debug, Clone)]
+pub struct RelayOut {
+    pub via: Arc<Via>,
+    /// The sender's relay id here.
+    pub src: u32,
+    pub datagram: Vec<u8>,
+}
+
+/// What waits for NATS.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// A message sealed already (presence, members, punches, snapshots).
+    Sealed(Publish),
+    Relay(RelayOut),
+}
+
+/// What [`Sealer::pack`] made of the queue.
+#[derive(Debug, Default)]
+pub struct Packed {
+    /// In the order to publish.
+    pub publish: Vec<Publish>,
+    /// Of those, the envelopes of relay data, and the datagrams they carry.
+    pub relay_messages: u64,
+    pub datagrams: u64,
+}
+
+struct Batch {
+    subject: String,
+    body: Vec<u8>,
+    count: usize,
+}
+
+impl Batch {
+    fn new(subject: &str) -> Self {
+        Batch {
+            subject: subject.to_string(),
+            body: Vec::with_capacity(MAX_BATCH_BYTES),
+            count: 0,
+        }
+    }
 }
 
 /// One message to publish.
@@ -161,6 +267,11 @@ pub enum Apply {
         network: NetworkId,
         from: NodeKey,
         to: NodeKey,
+    },
+    /// A revocation a member of another coordinator sent (`a2actl kick`): apply it here.
+    Revoke {
+        network: NetworkId,
+        revocation: a2a_proto::membership::Signed,
     },
     /// Relay data from the remote member `src` (its local relay id) for the local relay id
     /// `dst`.
@@ -375,8 +486,16 @@ impl Cluster {
         let mut step = Step::default();
         let mut up = Vec::new();
         let mut gone = Vec::new();
+        let mut revoked = Vec::new();
         for change in changes {
             match change {
+                LocalChange::Revoked {
+                    network,
+                    revocation,
+                } => revoked.push(ClusterMsg::Revoke {
+                    network,
+                    revocation,
+                }),
                 LocalChange::Up {
                     network,
                     record,
@@ -439,6 +558,9 @@ impl Cluster {
             }
         }
         let all = self.sealer.subject_all();
+        for msg in revoked {
+            self.publish(&mut step, &all, &msg, now_ms);
+        }
         if !gone.is_empty() {
             self.publish(&mut step, &all, &ClusterMsg::Down { gone }, now_ms);
         }
@@ -517,21 +639,28 @@ impl Cluster {
         }
         peer.last_heard = now;
         let sender = header.sender;
-        if header.kind == KIND_RELAY {
-            let Some((src, dst, datagram)) = parse_relay(&body) else {
+        if header.kind == KIND_RELAY || header.kind == KIND_RELAY_BATCH {
+            let datagrams = if header.kind == KIND_RELAY {
+                parse_relay(&body).map(|d| vec![d])
+            } else {
+                parse_relay_batch(&body)
+            };
+            let Some(datagrams) = datagrams else {
                 self.counts.refused_malformed += 1;
                 return step;
             };
-            match peer.by_remote_id.get(&src) {
-                Some(&local_src) if !is_remote_id(dst) => {
-                    self.counts.received += 1;
-                    step.apply.push(Apply::Relay {
-                        src: local_src,
-                        dst,
-                        datagram: datagram.to_vec(),
-                    });
+            self.counts.received += 1;
+            for (src, dst, datagram) in datagrams {
+                match peer.by_remote_id.get(&src) {
+                    Some(&local_src) if !is_remote_id(dst) => {
+                        step.apply.push(Apply::Relay {
+                            src: local_src,
+                            dst,
+                            datagram: datagram.to_vec(),
+                        });
+                    }
+                    _ => self.counts.unknown_member += 1,
                 }
-                _ => self.counts.unknown_member += 1,
             }
             return step;
         }
@@ -545,6 +674,16 @@ impl Cluster {
         }
         self.counts.received += 1;
         match msg {
+            ClusterMsg::Revoke {
+                network,
+                revocation,
+            } => {
+                // Checked where it is applied (the registry, under the network key).
+                step.apply.push(Apply::Revoke {
+                    network,
+                    revocation,
+                });
+            }
             ClusterMsg::Alive { members, digest } => {
                 let off = members as usize != peer.members.len() || digest != peer.digest;
                 let asked_lately = peer
@@ -831,6 +970,123 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_local_revocation_is_published_and_applied_by_the_others() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let revocation = a2a_proto::membership::Signed {
+            body: "{}".into(),
+            sig: "AA".into(),
+        };
+        let s = c1.local(
+            T0,
+            vec![LocalChange::Revoked {
+                network: k.id(),
+                revocation: revocation.clone(),
+            }],
+        );
+        assert_eq!(s.publish.len(), 1);
+        let got = deliver(&mut c2, now, T0, &s);
+        // Passed on as it came: the registry checks it under the network key.
+        assert_eq!(
+            got.apply,
+            vec![Apply::Revoke {
+                network: k.id(),
+                revocation
+            }]
+        );
+    }
+
+    #[test]
+    fn queued_relay_data_is_packed_per_coordinator_and_arrives_in_order() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let mut c3 = coordinator(3, now);
+        // Member 1 on c1 (relay id 7 there), held by c2 and c3 under ids of their own.
+        let s = c1.local(T0, vec![up(&k, 1, 10, 7)]);
+        let via = |c: &mut Cluster| {
+            let got = deliver(c, now, T0, &s);
+            let [Apply::Up { via, conn, .. }] = got.apply.as_slice() else {
+                panic!("{:?}", got.apply)
+            };
+            (Arc::new(via.clone()), *conn)
+        };
+        let (via2, _) = via(&mut c2);
+        let (via3, _) = via(&mut c3);
+        // c2 queues a presence message, 100 datagrams for member 1 from its members 4 and
+        // 5, and one for it from c3's member 6.
+        let alive = c2.tick(now + ALIVE_EVERY, T0).publish;
+        let mut queued: Vec<Outgoing> = alive.into_iter().map(Outgoing::Sealed).collect();
+        for i in 0..100u32 {
+            queued.push(Outgoing::Relay(RelayOut {
+                via: via2.clone(),
+                src: 4 + i % 2,
+                datagram: vec![i as u8; 1400],
+            }));
+        }
+        let packed = c2.sealer().pack(queued, T0);
+        assert_eq!(packed.datagrams, 100);
+        // 100 × 1410 bytes: three envelopes of at most MAX_BATCH_BYTES, after the presence.
+        assert_eq!(packed.relay_messages, 3);
+        assert_eq!(packed.publish.len(), 4);
+        assert!(packed.publish[1..]
+            .iter()
+            .all(|p| p.subject == via2.subject && p.payload.len() <= MAX_BATCH_BYTES + 64));
+        // c1 knows c2's members 4 and 5 (c2 announced them), and gets them in order.
+        let members = c2.local(T0, vec![up(&k, 4, 10, 4), up(&k, 5, 10, 5)]);
+        deliver(&mut c1, now, T0, &members);
+        let got = deliver(
+            &mut c1,
+            now,
+            T0,
+            &Step {
+                publish: packed.publish,
+                apply: vec![],
+            },
+        );
+        let relayed: Vec<(u32, Vec<u8>)> = got
+            .apply
+            .iter()
+            .filter_map(|a| match a {
+                Apply::Relay { dst, datagram, .. } => Some((*dst, datagram.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(relayed.len(), 100);
+        for (i, (dst, d)) in relayed.iter().enumerate() {
+            assert_eq!((*dst, d.len(), d[0]), (7, 1400, i as u8));
+        }
+        assert_eq!(c1.counts.refused_replay + c1.counts.refused_malformed, 0);
+        assert_eq!(c1.counts.unknown_member, 0);
+        // Two datagrams for one coordinator: one envelope.
+        let packed = c3.sealer().pack(
+            [via3.clone(), via3]
+                .into_iter()
+                .enumerate()
+                .map(|(i, via)| {
+                    Outgoing::Relay(RelayOut {
+                        via,
+                        src: 6,
+                        datagram: vec![i as u8; 10],
+                    })
+                }),
+            T0,
+        );
+        assert_eq!((packed.relay_messages, packed.datagrams), (1, 2));
+        // A batch cut short is refused whole and counted.
+        let mut bad = Vec::new();
+        a2a_proto::cluster::push_relay_batch(&mut bad, 4, 7, &[1; 20]);
+        bad.truncate(bad.len() - 1);
+        let env = c2.sealer().seal(&via2.subject, KIND_RELAY_BATCH, &bad, T0);
+        let got = c1.receive(now, T0, &via2.subject, &env);
+        assert!(got.apply.is_empty());
+        assert_eq!(c1.counts.refused_malformed, 1);
     }
 
     #[test]

@@ -16,6 +16,9 @@ use crate::server::{ClusterLink, Server};
 /// Messages waiting for NATS at most (relay data beyond it is dropped and counted).
 pub const PUBLISH_QUEUE: usize = 16 * 1024;
 
+/// Queued messages taken (and packed) at once at most.
+pub const PUBLISH_BATCH: usize = 1024;
+
 /// How a coordinator authenticates to NATS.
 #[derive(Clone)]
 pub enum Credentials {
@@ -148,11 +151,32 @@ pub async fn join(
             }
         });
     }
-    // Publisher: drains the queue.
+    // Publisher: takes what is queued at once (after one turn of the scheduler, so that the
+    // rest of a burst the relay paths are queueing lands too), packs the relay data into as
+    // few sealed messages as it fits (`Sealer::pack`), publishes them.
     let publisher = client.clone();
+    let packer = link.clone();
     tokio::spawn(async move {
-        while let Some(p) = rx.recv().await {
-            let _ = publisher.publish(p.subject, p.payload.into()).await;
+        let mut queued = Vec::with_capacity(PUBLISH_BATCH);
+        while rx.recv_many(&mut queued, PUBLISH_BATCH).await > 0 {
+            if queued.len() < PUBLISH_BATCH {
+                tokio::task::yield_now().await;
+                while queued.len() < PUBLISH_BATCH {
+                    match rx.try_recv() {
+                        Ok(o) => queued.push(o),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let packed = packer
+                .sealer()
+                .pack(queued.drain(..), a2a_proto::time::now_ms());
+            packer
+                .relay_messages_out
+                .fetch_add(packed.relay_messages, std::sync::atomic::Ordering::Relaxed);
+            for p in packed.publish {
+                let _ = publisher.publish(p.subject, p.payload.into()).await;
+            }
         }
     });
     // Timer: presence and expiry; a (re)connection starts afresh.

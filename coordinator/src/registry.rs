@@ -64,6 +64,11 @@ pub enum LocalChange {
     },
     /// Left, failed, expired or was removed.
     Down { network: NetworkId, key: NodeKey },
+    /// A local member removed a node (`a2actl kick`): the other coordinators apply it too.
+    Revoked {
+        network: NetworkId,
+        revocation: Signed,
+    },
 }
 
 /// What a network's members said about membership itself: removed node keys and where the
@@ -620,6 +625,26 @@ impl Registry {
         let Some(&(network, _)) = self.by_conn.get(&conn) else {
             return Err((RefuseReason::Protocol, "revoke before register".into()));
         };
+        self.apply_revocation(network, Some(conn), revocation)
+    }
+
+    /// A revocation another coordinator of the cluster applied (one of its members sent it):
+    /// checked under `network` as one from a local member, kept, passed to every member here;
+    /// the node's connection, if it is held here, is returned to end.
+    pub fn revoke_remote(
+        &mut self,
+        network: NetworkId,
+        revocation: Signed,
+    ) -> Result<(Sends, Option<ConnId>), Refusal> {
+        self.apply_revocation(network, None, revocation)
+    }
+
+    fn apply_revocation(
+        &mut self,
+        network: NetworkId,
+        from: Option<ConnId>,
+        revocation: Signed,
+    ) -> Result<(Sends, Option<ConnId>), Refusal> {
         let r = Revocation::open(&revocation, &network)
             .map_err(|e| (RefuseReason::BadRecord, format!("revocation: {e}")))?;
         let changes = self.changes.entry(network).or_default();
@@ -635,8 +660,19 @@ impl Registry {
             ));
         }
         changes.revoked.insert(r.node_key, revocation.clone());
+        if from.is_some() {
+            // The cluster's other coordinators apply it too (one from them is not sent back).
+            self.local_changes.push(LocalChange::Revoked {
+                network,
+                revocation: revocation.clone(),
+            });
+        }
         // The member that sent it applied it already.
-        let mut out = self.to_others(&network, conn, ServerMsg::Revoked { revocation });
+        let mut out = self.to_others(
+            &network,
+            from.unwrap_or(0),
+            ServerMsg::Revoked { revocation },
+        );
         let removed = self
             .networks
             .get(&network)

@@ -30,7 +30,9 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::batch::{Batcher, Run, MAX_SEGMENTS};
 use crate::channel::{relay_frame, Frame, Outbox as ConnOutbox, Reader, Refused};
-use crate::cluster::{is_remote_id, Apply, Cluster, Publish, Sealer, Step, Via};
+use crate::cluster::{
+    is_remote_id, Apply, Cluster, Outgoing, Publish, RelayOut, Sealer, Step, Via,
+};
 use crate::fanout;
 use crate::limits::{Admission, Drops, Limits, OverLimit, Seat};
 use crate::registry::ConnId;
@@ -339,7 +341,7 @@ enum Link {
 pub struct ClusterLink {
     core: Mutex<Cluster>,
     sealer: Arc<Sealer>,
-    publish: tokio::sync::mpsc::Sender<Publish>,
+    publish: tokio::sync::mpsc::Sender<Outgoing>,
     /// Messages that could not be queued for NATS (the queue was full).
     pub publish_dropped: AtomicU64,
     /// Remote members' records this coordinator refused (address taken, revoked, held here).
@@ -347,10 +349,12 @@ pub struct ClusterLink {
     /// Relay data sent to and received from other coordinators.
     pub relayed_out: AtomicU64,
     pub relayed_in: AtomicU64,
+    /// NATS messages that carried relay data out.
+    pub relay_messages_out: AtomicU64,
 }
 
 impl ClusterLink {
-    pub fn new(core: Cluster, publish: tokio::sync::mpsc::Sender<Publish>) -> Self {
+    pub fn new(core: Cluster, publish: tokio::sync::mpsc::Sender<Outgoing>) -> Self {
         ClusterLink {
             sealer: core.sealer().clone(),
             core: Mutex::new(core),
@@ -359,6 +363,7 @@ impl ClusterLink {
             refused_here: AtomicU64::new(0),
             relayed_out: AtomicU64::new(0),
             relayed_in: AtomicU64::new(0),
+            relay_messages_out: AtomicU64::new(0),
         }
     }
 
@@ -446,6 +451,11 @@ impl ClusterLink {
                 g(&self.relayed_in),
             ),
             (
+                "cluster_relay_messages_out",
+                "NATS messages that carried relay data to other coordinators",
+                g(&self.relay_messages_out),
+            ),
+            (
                 "cluster_publish_dropped",
                 "Cluster messages dropped: the queue to NATS was full",
                 g(&self.publish_dropped),
@@ -454,9 +464,18 @@ impl ClusterLink {
     }
 
     fn queue(&self, p: Publish) {
-        if self.publish.try_send(p).is_err() {
+        self.queue_out(Outgoing::Sealed(p));
+    }
+
+    fn queue_out(&self, o: Outgoing) {
+        if self.publish.try_send(o).is_err() {
             Counters::bump(&self.publish_dropped);
         }
+    }
+
+    /// The sealer, which packs what is queued ([`Sealer::pack`]).
+    pub fn sealer(&self) -> &Arc<Sealer> {
+        &self.sealer
     }
 }
 /// Which of the coordinator's UDP ports a datagram came to.
@@ -546,11 +565,33 @@ pub fn bind_udp(addr: SocketAddr, n: usize) -> io::Result<Vec<UdpSocket>> {
 pub trait DatagramSink: Send + Sync + 'static {
     /// Sends one datagram without waiting; false if it was dropped (a full socket buffer).
     fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) -> bool;
+
+    /// Sends the datagrams of `data` to `to`, each `segment` bytes but the last (a
+    /// [`crate::batch::Run`]), without waiting: how many were sent.
+    fn send_run(&self, to: SocketAddr, data: &[u8], segment: usize) -> usize {
+        data.chunks(segment.max(1))
+            .filter(|d| self.send_datagram(to, d))
+            .count()
+    }
 }
 
 impl DatagramSink for UdpSocket {
     fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) -> bool {
         self.try_send_to(datagram, to).is_ok()
+    }
+
+    /// One UDP GSO send when the run has several datagrams (one system call, and one
+    /// packet through the kernel until it is segmented); one call each if GSO is refused.
+    fn send_run(&self, to: SocketAddr, data: &[u8], segment: usize) -> usize {
+        let segment = segment.max(1);
+        let count = data.len().div_ceil(segment);
+        if count > 1 && udpbatch::send_segments(self.as_raw_fd(), data, segment as u16, to).is_ok()
+        {
+            return count;
+        }
+        data.chunks(segment)
+            .filter(|d| self.send_datagram(to, d))
+            .count()
     }
 }
 
@@ -687,6 +728,15 @@ impl Hub {
                         }
                     }
                 }
+                Apply::Revoke {
+                    network,
+                    revocation,
+                } => match self.board.remote_revoke(now, network, revocation) {
+                    Ok(out) => {
+                        self.carry_out(server, out);
+                    }
+                    Err(_) => Counters::bump(&cluster.refused_here),
+                },
                 Apply::Down { conn } => {
                     let out = self.board.remote_down(now, conn);
                     self.carry_out(server, out);
@@ -881,23 +931,61 @@ impl Server {
     pub fn cluster_apply(&self, step: Step) {
         // Relay data needs no hub: it goes straight to the relay table.
         if step.publish.is_empty() && step.apply.iter().all(|a| matches!(a, Apply::Relay { .. })) {
-            let cluster = self.cluster.get().expect("called with a cluster");
-            for a in step.apply {
-                if let Apply::Relay {
-                    src,
-                    dst,
-                    mut datagram,
-                } = a
-                {
-                    let mut d = vec![0u8; RELAY_HEADER_LEN];
-                    d.append(&mut datagram);
-                    Counters::bump(&cluster.relayed_in);
-                    self.relay_from_conn(src, dst, &mut d);
-                }
-            }
+            self.relay_from_cluster(step.apply);
             return;
         }
         self.hub().apply(self, step);
+    }
+
+    /// Relay data from another coordinator (a batch of it, in order): routed under one read
+    /// of the relay table, laid out in one buffer, and the consecutive datagrams for one
+    /// address sent in one UDP GSO send, as the UDP relay loop does; data for a node
+    /// reached over its control connection is queued there.
+    fn relay_from_cluster(&self, relays: Vec<Apply>) {
+        let cluster = self.cluster.get().expect("called with a cluster");
+        let mut buf = Vec::new();
+        let mut runs = Vec::new();
+        let mut batcher = Batcher::new(MAX_SEGMENTS);
+        {
+            let table = self.relay();
+            let now = Instant::now();
+            for a in relays {
+                let Apply::Relay { src, dst, datagram } = a else {
+                    continue;
+                };
+                Counters::bump(&cluster.relayed_in);
+                match table.route_conn(now, src, dst) {
+                    Ok(Dest::Udp(addr)) => {
+                        let start = buf.len();
+                        buf.resize(start + RELAY_HEADER_LEN, 0);
+                        buf.extend_from_slice(&datagram);
+                        write_relay_header(&mut buf[start..], src);
+                        runs.extend(batcher.push(addr, start..buf.len()));
+                    }
+                    Ok(Dest::Conn(link)) => {
+                        runs.extend(batcher.cut());
+                        let mut d = vec![0u8; RELAY_HEADER_LEN];
+                        d.extend_from_slice(&datagram);
+                        self.forward_over_conn(&link, src, &mut d);
+                    }
+                    Err(why) => {
+                        runs.extend(batcher.cut());
+                        self.counters.dropped(why);
+                    }
+                }
+            }
+            runs.extend(batcher.cut());
+        }
+        let Some(udp) = self.udp.get() else {
+            return;
+        };
+        for run in runs {
+            let count = run.count();
+            let sent = udp.send_run(run.to, &buf[run.bytes.clone()], run.segment);
+            Counters::add(&self.counters.relayed_tcp, sent);
+            Counters::add(&self.counters.relayed_tcp_bytes, run.bytes.len());
+            Counters::add(&self.counters.relay_queue_full, count - sent);
+        }
     }
 
     fn relay(&self) -> std::sync::RwLockReadGuard<'_, RelayTable<Link>> {
@@ -1238,14 +1326,16 @@ impl Server {
         let tx = match link {
             Link::Conn(tx) => tx,
             Link::Remote(via) => {
-                // A remote member: to its coordinator, sealed (the payload after the header).
+                // A remote member: to its coordinator (the payload after the header), sealed
+                // with whatever else is queued for it by the NATS driver.
                 if let Some(cluster) = self.cluster.get() {
                     let payload = &datagram[RELAY_HEADER_LEN.min(datagram.len())..];
-                    let p = cluster
-                        .sealer
-                        .seal_relay(via, src, payload, a2a_proto::time::now_ms());
                     Counters::bump(&cluster.relayed_out);
-                    cluster.queue(p);
+                    cluster.queue_out(Outgoing::Relay(RelayOut {
+                        via: via.clone(),
+                        src,
+                        datagram: payload.to_vec(),
+                    }));
                 }
                 return;
             }

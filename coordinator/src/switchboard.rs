@@ -436,20 +436,7 @@ impl Switchboard {
             ClientMsg::Revoke { revocation } => match r.revoke(conn, revocation) {
                 Ok((sent, removed)) => {
                     out.send = self.route(now, Some(conn), sent);
-                    if let Some(gone) = removed {
-                        self.fanout.forget(gone);
-                        self.singles.remove(&gone);
-                        out.counts.push(Count::Revocation);
-                        out.refuse(
-                            gone,
-                            RefuseReason::Revoked,
-                            "this node was removed from the network (a2actl kick)".into(),
-                        );
-                        // Its refusal is written, then its connection ends.
-                        out.close.push(gone);
-                        out.relay.push(RelayChange::Close(gone));
-                        self.conns.remove(&gone);
-                    }
+                    self.end_revoked(out, removed);
                 }
                 Err(_) => out.counts.push(Count::BadMessage),
             },
@@ -466,6 +453,42 @@ impl Switchboard {
                 }
                 Err(_) => out.counts.push(Count::BadMessage),
             },
+        }
+    }
+
+    /// A revocation another coordinator of the cluster applied: applied here too (its
+    /// signature checked under `network`); `Err` if it does not verify.
+    pub fn remote_revoke(
+        &mut self,
+        now: Instant,
+        network: NetworkId,
+        revocation: a2a_proto::membership::Signed,
+    ) -> Result<Outbox, crate::registry::Refusal> {
+        let (sent, removed) = self.registry.revoke_remote(network, revocation)?;
+        let mut out = Outbox {
+            send: self.route(now, None, sent),
+            ..Outbox::default()
+        };
+        self.end_revoked(&mut out, removed);
+        out.local = self.registry.take_changes();
+        Ok(out)
+    }
+
+    /// The revoked node's connection, if held here: told why, then ended.
+    fn end_revoked(&mut self, out: &mut Outbox, removed: Option<ConnId>) {
+        if let Some(gone) = removed {
+            self.fanout.forget(gone);
+            self.singles.remove(&gone);
+            out.counts.push(Count::Revocation);
+            out.refuse(
+                gone,
+                RefuseReason::Revoked,
+                "this node was removed from the network (a2actl kick)".into(),
+            );
+            // Its refusal is written, then its connection ends.
+            out.close.push(gone);
+            out.relay.push(RelayChange::Close(gone));
+            self.conns.remove(&gone);
         }
     }
 

@@ -432,3 +432,155 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
         }
     }
 }
+
+/// One iperf3 TCP run from `from` to `to`'s overlay address: Mbit/s received and the sender's
+/// retransmissions.
+fn iperf3(from: &Node, to: &Node, secs: u32) -> (f64, u64) {
+    let ip = to.overlay_ip().to_string();
+    let t = secs.to_string();
+    let out = from.ns.exec_timeout(
+        &["iperf3", "-c", &ip, "-p", "5201", "-t", &t, "-J"],
+        Duration::from_secs(u64::from(secs) + 20),
+    );
+    let json: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("iperf3 printed no JSON ({e}): {out}"));
+    let end = &json["end"];
+    let mbps = end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 without a throughput: {out}"))
+        / 1e6;
+    let retransmits = end["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    let sender = &end["streams"][0]["sender"];
+    report(format!(
+        "iperf3 {} → {}: {mbps:.0} Mbit/s, congestion window up to {} bytes, RTT mean {} µs, max {} µs",
+        from.name, to.name, sender["max_snd_cwnd"], sender["mean_rtt"], sender["max_rtt"]
+    ));
+    (mbps, retransmits)
+}
+
+/// Relay data across coordinators travels several datagrams to a NATS message under load:
+/// hard-1 (reaches only c1) sends TCP to hard-2 (only c2) through c1, NATS and c2, and
+/// hard-3 (only c2) to hard-2 through c2 alone; the throughput of both is reported (not
+/// asserted: a shared 2-core machine), and the counters must show that the datagrams crossed
+/// in fewer NATS messages than datagrams, none dropped at the queue to NATS, and that all
+/// arrived.
+#[test]
+fn relay_across_coordinators_batches_datagrams_per_nats_message() {
+    let Some(lab) = Lab::new("clrelay") else {
+        return;
+    };
+    require_tools(&[
+        ("nats-server", "nats-server"),
+        ("nft", "nftables"),
+        ("iperf3", "iperf3"),
+    ]);
+    let auth = lab.nats_auth();
+    let nats_ns: Vec<_> = (1..=3).map(|i| lab.add_ns(&format!("nats{i}"))).collect();
+    let nats = lab.nats_cluster(&nats_ns, &auth, false);
+    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let (c1, c2) = (&coords[0], &coords[1]);
+    let token = &c1.token;
+    let r_hard1 = lab.router("rtr-hard1", Nat::Hard);
+    let r_hard2 = lab.router("rtr-hard2", Nat::Hard);
+    let r_hard3 = lab.router("rtr-hard3", Nat::Hard);
+    r_hard1.cut_off_from(*c2.addr.ip());
+    r_hard2.cut_off_from(*c1.addr.ip());
+    r_hard3.cut_off_from(*c1.addr.ip());
+    let h1 = lab.node_behind(&r_hard1, "hard-1");
+    let h2 = lab.node_behind(&r_hard2, "hard-2");
+    let h3 = lab.node_behind(&r_hard3, "hard-3");
+    for n in [&h1, &h2, &h3] {
+        n.up_ok(token);
+    }
+    let all = ["hard-1", "hard-2", "hard-3"];
+    for n in [&h1, &h2, &h3] {
+        let others: Vec<&str> = all.iter().copied().filter(|x| *x != n.name).collect();
+        n.wait_peers(&others, OVERLAY_TIMEOUT);
+    }
+    let _iperf = h2.ns.iperf3_server();
+    for from in [&h1, &h3] {
+        wait_for(OVERLAY_TIMEOUT, "a relayed answer from hard-2", || {
+            from.ping_peer("hard-2", 1)
+                .first()
+                .and_then(|(_, rtt)| *rtt)
+                .ok_or_else(|| "no answer".to_string())
+        });
+    }
+    let (one, one_re) = iperf3(&h3, &h2, 5);
+    let out0 = counter(c1, "cluster_relayed_out");
+    let msgs0 = counter(c1, "cluster_relay_messages_out");
+    let in0 = counter(c2, "cluster_relayed_in");
+    let (across, across_re) = iperf3(&h1, &h2, 5);
+    let out = counter(c1, "cluster_relayed_out") - out0;
+    let msgs = counter(c1, "cluster_relay_messages_out") - msgs0;
+    let inn = counter(c2, "cluster_relayed_in") - in0;
+    let dropped = counter(c1, "cluster_publish_dropped");
+    report(format!(
+        "cluster relay: TCP through one coordinator {one:.0} Mbit/s ({one_re} retransmits), \
+         across two over NATS {across:.0} Mbit/s ({across_re} retransmits, {:.0} %); c1 sent \
+         {out} datagrams in {msgs} NATS messages ({:.1} per message), dropped {dropped} at \
+         its queue to NATS; c2 received {inn}",
+        100.0 * across / one,
+        out as f64 / msgs.max(1) as f64
+    ));
+    assert!(
+        out > 1000,
+        "only {out} datagrams crossed NATS in 5 s of iperf3"
+    );
+    assert!(
+        msgs < out,
+        "{out} relay datagrams took {msgs} NATS messages: none were batched"
+    );
+    assert_eq!(dropped, 0, "relay data dropped at the queue to NATS");
+    // What c1 published, c2 received (core NATS may lose messages only on a failure).
+    assert!(
+        inn >= out * 99 / 100,
+        "c1 sent {out} datagrams, c2 received {inn}"
+    );
+}
+
+/// A kick crosses the cluster: alpha (reaches only c1) kicks bravo (reaches only c2); c2
+/// applies the revocation as if its own member had sent it (counted as a revocation there):
+/// charlie (also on c2 only) drops bravo, and bravo stays out.
+#[test]
+fn a_kick_on_one_coordinator_removes_the_node_held_by_another() {
+    let Some(lab) = Lab::new("clkick") else {
+        return;
+    };
+    require_tools(&[("nats-server", "nats-server"), ("nft", "nftables")]);
+    let auth = lab.nats_auth();
+    let nats_ns = [lab.add_ns("nats1")];
+    let nats = lab.nats_cluster(&nats_ns, &auth, false);
+    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let (c1, c2) = (&coords[0], &coords[1]);
+    let token = &c1.token;
+    let r_alpha = lab.router("rtr-alpha", Nat::Easy);
+    let r_bravo = lab.router("rtr-bravo", Nat::Easy);
+    let r_charlie = lab.router("rtr-charlie", Nat::Easy);
+    r_alpha.cut_off_from(*c2.addr.ip());
+    r_bravo.cut_off_from(*c1.addr.ip());
+    r_charlie.cut_off_from(*c1.addr.ip());
+    let alpha = lab.node_behind(&r_alpha, "alpha");
+    let bravo = lab.node_behind(&r_bravo, "bravo");
+    let charlie = lab.node_behind(&r_charlie, "charlie");
+    for n in [&alpha, &bravo, &charlie] {
+        n.up_ok(token);
+    }
+    let regs = |c: &Coordinator| counter(c, "registrations");
+    assert_eq!((regs(c1), regs(c2)), (1, 2));
+    let all = ["alpha", "bravo", "charlie"];
+    for n in [&alpha, &bravo, &charlie] {
+        let others: Vec<&str> = all.iter().copied().filter(|x| *x != n.name).collect();
+        n.wait_peers(&others, OVERLAY_TIMEOUT);
+    }
+    let revocations = counter(c2, "revocations");
+    alpha.ctl(&["kick", "bravo"]).expect_ok();
+    // charlie, on c2, hears of it from c2.
+    charlie.wait_peers(&["alpha"], OVERLAY_TIMEOUT);
+    alpha.wait_peers(&["charlie"], OVERLAY_TIMEOUT);
+    assert_eq!(counter(c2, "revocations"), revocations + 1);
+    // It stays out (bravo's daemon, told it was removed, does not bring it back).
+    std::thread::sleep(Duration::from_secs(2));
+    charlie.wait_peers(&["alpha"], Duration::from_secs(1));
+    assert_eq!(counter(c2, "cluster_refused_record"), 0);
+}

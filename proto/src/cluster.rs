@@ -8,7 +8,8 @@
 //! from the coordinator's private key, which every coordinator of the cluster holds), with the
 //! nonce `instance | sequence`. Kind [`KIND_MSG`] bodies are JSON ([`ClusterMsg`]); kind
 //! [`KIND_RELAY`] is relay data: `source relay id (u32 BE) | destination relay id (u32 BE) |
-//! datagram`.
+//! datagram`; kind [`KIND_RELAY_BATCH`] is several relay datagrams in one envelope:
+//! `(source (u32 BE) | destination (u32 BE) | length (u16 BE) | datagram)*`.
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
@@ -27,6 +28,10 @@ const TAG_LEN: usize = 16;
 pub const KIND_MSG: u8 = 0;
 /// Relay data: `source | destination | datagram`.
 pub const KIND_RELAY: u8 = 1;
+/// Several relay datagrams: `(source | destination | length (u16) | datagram)*`.
+pub const KIND_RELAY_BATCH: u8 = 2;
+/// Bytes a datagram takes in a batch besides itself.
+pub const BATCH_ENTRY_OVERHEAD: usize = 4 + 4 + 2;
 /// The largest envelope accepted (NATS' default max_payload is 1 MiB).
 pub const MAX_ENVELOPE: usize = 1024 * 1024;
 
@@ -70,6 +75,13 @@ pub enum ClusterMsg {
     /// An answer to [`ClusterMsg::Sync`], on the asker's subject: part of what the sender holds;
     /// `last` closes it, and what the sender held before and did not name is gone.
     Snapshot { entries: Vec<Entry>, last: bool },
+    /// A member of the sender's removed `revocation`'s node from `network` (`a2actl kick`):
+    /// signed by the network key, so every coordinator checks it as if its own member had sent
+    /// it, keeps it, tells its members and ends the node's connection if it holds it.
+    Revoke {
+        network: NetworkId,
+        revocation: crate::signed::Signed,
+    },
     /// A member of the sender is probing `to` (a member the receiver holds) for a direct path.
     Punch {
         network: NetworkId,
@@ -228,6 +240,35 @@ pub fn parse_relay(body: &[u8]) -> Option<(u32, u32, &[u8])> {
     Some((src, dst, datagram))
 }
 
+/// Appends one datagram to a relay batch body (`datagram` at most `u16::MAX` bytes; longer
+/// ones are cut there, which no WireGuard datagram is).
+pub fn push_relay_batch(body: &mut Vec<u8>, src: u32, dst: u32, datagram: &[u8]) {
+    let datagram = &datagram[..datagram.len().min(u16::MAX as usize)];
+    body.extend_from_slice(&src.to_be_bytes());
+    body.extend_from_slice(&dst.to_be_bytes());
+    body.extend_from_slice(&(datagram.len() as u16).to_be_bytes());
+    body.extend_from_slice(datagram);
+}
+
+/// Reads a relay batch body: each `(source, destination, datagram)`, in order. `None` if any
+/// entry is cut short, empty, or the batch holds none.
+pub fn parse_relay_batch(mut body: &[u8]) -> Option<Vec<(u32, u32, &[u8])>> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let (head, rest) = body.split_at_checked(BATCH_ENTRY_OVERHEAD)?;
+        let src = u32::from_be_bytes(head[..4].try_into().ok()?);
+        let dst = u32::from_be_bytes(head[4..8].try_into().ok()?);
+        let len = u16::from_be_bytes(head[8..].try_into().ok()?) as usize;
+        if len == 0 {
+            return None;
+        }
+        let (datagram, rest) = rest.split_at_checked(len)?;
+        out.push((src, dst, datagram));
+        body = rest;
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 mod hex16 {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -248,6 +289,28 @@ mod hex16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_batches_round_trip_and_refuse_cut_or_empty_entries() {
+        let mut b = Vec::new();
+        push_relay_batch(&mut b, 1, 2, &[9; 100]);
+        push_relay_batch(&mut b, 3, 4, &[8; 1]);
+        assert_eq!(b.len(), 2 * BATCH_ENTRY_OVERHEAD + 101);
+        assert_eq!(
+            parse_relay_batch(&b),
+            Some(vec![(1, 2, &[9u8; 100][..]), (3, 4, &[8u8][..])])
+        );
+        for cut in 1..b.len() {
+            if cut == BATCH_ENTRY_OVERHEAD + 100 {
+                continue; // a whole first entry
+            }
+            assert_eq!(parse_relay_batch(&b[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(parse_relay_batch(&[]), None);
+        let mut empty = Vec::new();
+        push_relay_batch(&mut empty, 1, 2, &[]);
+        assert_eq!(parse_relay_batch(&empty), None);
+    }
 
     fn header(seq: u64) -> Header {
         Header {
