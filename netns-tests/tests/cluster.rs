@@ -878,6 +878,7 @@ fn nats_messages_at_steady_state_per_thousand_nodes() {
     let hold = (idle + 60).to_string();
     let (networks_s, per_network_s) = (networks.to_string(), per_network.to_string());
     let c1_addr = c1.addr.to_string();
+    let at_start = counter(c1, "cluster_published") + counter(c2, "cluster_published");
     let swarm = ns.spawn(
         "a2a-swarm",
         &[
@@ -916,6 +917,11 @@ fn nats_messages_at_steady_state_per_thousand_nodes() {
     // Settled: the last member messages are out.
     std::thread::sleep(Duration::from_secs(3));
     let published = |c: &Coordinator| counter(c, "cluster_published");
+    let joining = published(c1) + published(c2) - at_start;
+    report(format!(
+        "cluster: {nodes} nodes joining c1: {joining} NATS messages published in all ({:.3} per node, `up`s of up to 256 records each, and presence)",
+        joining as f64 / nodes as f64
+    ));
     let relay = |c: &Coordinator| counter(c, "cluster_relay_messages_out");
     let before = [(published(c1), relay(c1)), (published(c2), relay(c2))];
     let regs_before = counter(c1, "registrations");
