@@ -899,7 +899,7 @@ fn nats_messages_at_steady_state_per_thousand_nodes() {
             "240",
         ],
     );
-    let joined = wait_for(
+    wait_for(
         Duration::from_secs(300),
         "c2 to hold every node of the swarm",
         || {
@@ -913,7 +913,6 @@ fn nats_messages_at_steady_state_per_thousand_nodes() {
             }
         },
     );
-    let _ = joined;
     // Settled: the last member messages are out.
     std::thread::sleep(Duration::from_secs(3));
     let published = |c: &Coordinator| counter(c, "cluster_published");
