@@ -21,9 +21,14 @@ use std::time::{Duration, Instant};
 
 use a2a_proto::cluster::{
     member_digest, parse_relay, parse_relay_batch, push_relay_batch, relay_body, subject_all,
-    subject_to, xor_into, ClusterKey, ClusterMsg, Entry, Gone, Header, Instance, OpenError,
-    BATCH_ENTRY_OVERHEAD, ENTRIES_PER_MSG, KIND_MSG, KIND_RELAY, KIND_RELAY_BATCH,
+    subject_to, xor_into, Change, ClusterKey, ClusterMsg, Entry, Gone, Header, Instance, OpenError,
+    BATCH_ENTRY_OVERHEAD, CHANGES_PER_MSG, ENTRIES_PER_MSG, KIND_MSG, KIND_RELAY, KIND_RELAY_BATCH,
 };
+use a2a_proto::control::{RefuseReason, ServerMsg};
+use a2a_proto::invite::{InviteId, InviteProof};
+use a2a_proto::keys::SignerId;
+use a2a_proto::membership::{Revocation, RotationNotice};
+use a2a_proto::policy::{PolicyDoc, TagStatement};
 use a2a_proto::{NetworkId, NodeKey, SignedRecord};
 
 use crate::registry::{ConnId, LocalChange};
@@ -59,6 +64,13 @@ pub const MAX_BATCH_BYTES: usize = 64 * 1024;
 pub const MAX_MEMBERS_PER_PEER: usize = 100_000;
 /// Coordinator instances heard at once.
 pub const MAX_PEERS: usize = 64;
+/// Redemptions other coordinators passed here and not answered yet, at most.
+pub const MAX_TICKETS: usize = 1024;
+/// Body bytes of one [`ClusterMsg::Changes`] message at most when a snapshot carries what a
+/// coordinator keeps (a rotation notice may be 256 KiB; NATS' default limit is 1 MiB).
+pub const MAX_CHANGES_BYTES: usize = 512 * 1024;
+/// The longest refusal text passed on from another coordinator.
+pub const MAX_REFUSAL_LEN: usize = 512;
 
 /// Seals what this coordinator publishes; shared with the relay path, which seals relay data
 /// without taking the cluster's lock.
@@ -268,11 +280,28 @@ pub enum Apply {
         from: NodeKey,
         to: NodeKey,
     },
-    /// A revocation a member of another coordinator sent (`a2actl kick`): apply it here.
-    Revoke {
-        network: NetworkId,
-        revocation: a2a_proto::membership::Signed,
+    /// A membership change (revocation, rotation notice, statement) a member of another
+    /// coordinator sent, or one another coordinator keeps: apply it here (its signature was
+    /// checked under its network; the registry checks it again).
+    Change(Change),
+    /// Another coordinator asked for what this one holds: the membership changes it keeps go
+    /// to `to` ([`Cluster::kept_to`]) before the snapshot of members.
+    SendKept { to: Instance },
+    /// A newcomer on another coordinator redeems `invite`: if a local member made it, pass it
+    /// on under `ticket` and say so ([`Cluster::redeem_held`]), else forget the ticket
+    /// ([`Cluster::forget_ticket`]). The inviter's answer to `ticket` goes to
+    /// [`Cluster::redeem_answer`].
+    Redeem {
+        ticket: ConnId,
+        invite: InviteId,
+        node_key: NodeKey,
+        signing_key: SignerId,
+        proof: InviteProof,
     },
+    /// The redemption of the local newcomer `ticket` reached the member that made the invite.
+    RedeemHeld { ticket: ConnId },
+    /// The answer for the local newcomer `ticket` (`InviteAdmitted` or `Refused`).
+    RedeemAnswer { ticket: ConnId, answer: ServerMsg },
     /// Relay data from the remote member `src` (its local relay id) for the local relay id
     /// `dst`.
     Relay {
@@ -306,6 +335,9 @@ pub struct Counts {
     pub own: u64,
     pub coordinators_expired: u64,
     pub syncs_asked: u64,
+    /// Redemptions passed to the cluster, and answers passed back.
+    pub redeems_asked: u64,
+    pub redeems_answered: u64,
 }
 
 /// What to publish and to apply after one call.
@@ -389,6 +421,9 @@ pub struct Cluster {
     /// Who the applied record of each member comes from (one per key).
     held: HashMap<Key, Holder>,
     by_local_id: HashMap<ConnId, (Instance, Key)>,
+    /// Redemptions other coordinators passed here: the ticket here → the asking instance and
+    /// its ticket. Numbered with the remote members (never the same id).
+    tickets: HashMap<ConnId, (Instance, u32)>,
     next_id: u32,
     next_alive: Instant,
     pub counts: Counts,
@@ -403,6 +438,7 @@ impl Cluster {
             peers: HashMap::new(),
             held: HashMap::new(),
             by_local_id: HashMap::new(),
+            tickets: HashMap::new(),
             next_id: REMOTE_BASE,
             next_alive: now,
             counts: Counts::default(),
@@ -452,6 +488,7 @@ impl Cluster {
             .collect();
         for instance in dead {
             self.counts.coordinators_expired += 1;
+            self.tickets.retain(|_, (asker, _)| *asker != instance);
             if let Some(peer) = self.peers.remove(&instance) {
                 for (key, r) in peer.members {
                     self.by_local_id.remove(&r.local_id);
@@ -486,16 +523,39 @@ impl Cluster {
         let mut step = Step::default();
         let mut up = Vec::new();
         let mut gone = Vec::new();
-        let mut revoked = Vec::new();
+        let mut kept = Vec::new();
+        let mut redeems = Vec::new();
         for change in changes {
             match change {
                 LocalChange::Revoked {
                     network,
                     revocation,
-                } => revoked.push(ClusterMsg::Revoke {
+                } => kept.push(Change::Revoke {
                     network,
                     revocation,
                 }),
+                LocalChange::Moved { network, notice } => {
+                    kept.push(Change::Moved { network, notice })
+                }
+                LocalChange::Statement { network, signed } => {
+                    kept.push(Change::Statement { network, signed })
+                }
+                LocalChange::Redeem {
+                    ticket,
+                    invite,
+                    node_key,
+                    signing_key,
+                    proof,
+                } => {
+                    self.counts.redeems_asked += 1;
+                    redeems.push(ClusterMsg::Redeem {
+                        ticket,
+                        invite,
+                        node_key,
+                        signing_key,
+                        proof,
+                    });
+                }
                 LocalChange::Up {
                     network,
                     record,
@@ -558,7 +618,10 @@ impl Cluster {
             }
         }
         let all = self.sealer.subject_all();
-        for msg in revoked {
+        if !kept.is_empty() {
+            self.publish_changes(&mut step, &all, kept, now_ms);
+        }
+        for msg in redeems {
             self.publish(&mut step, &all, &msg, now_ms);
         }
         if !gone.is_empty() {
@@ -588,6 +651,107 @@ impl Cluster {
         };
         self.publish(&mut step, &subject, &msg, now_ms);
         step
+    }
+
+    /// Membership changes for `subject`, in as few messages as [`CHANGES_PER_MSG`] and
+    /// [`MAX_CHANGES_BYTES`] allow.
+    fn publish_changes(&mut self, step: &mut Step, subject: &str, all: Vec<Change>, now_ms: u64) {
+        let mut changes = Vec::new();
+        let mut bytes = 0;
+        for c in all {
+            let len = match &c {
+                Change::Revoke { revocation: s, .. }
+                | Change::Moved { notice: s, .. }
+                | Change::Statement { signed: s, .. } => s.body.len() + s.sig.len() + 128,
+            };
+            if !changes.is_empty()
+                && (changes.len() >= CHANGES_PER_MSG || bytes + len > MAX_CHANGES_BYTES)
+            {
+                let msg = ClusterMsg::Changes {
+                    changes: std::mem::take(&mut changes),
+                };
+                self.publish(step, subject, &msg, now_ms);
+                bytes = 0;
+            }
+            bytes += len;
+            changes.push(c);
+        }
+        if !changes.is_empty() {
+            self.publish(step, subject, &ClusterMsg::Changes { changes }, now_ms);
+        }
+    }
+
+    /// What this coordinator keeps of membership changes (the registry's), for the
+    /// coordinator `to`, which asked for a snapshot ([`Apply::SendKept`]).
+    pub fn kept_to(&mut self, to: Instance, kept: Vec<Change>, now_ms: u64) -> Step {
+        let mut step = Step::default();
+        if !kept.is_empty() && self.peers.contains_key(&to) {
+            let subject = self.sealer.subject_to(&to);
+            self.publish_changes(&mut step, &subject, kept, now_ms);
+        }
+        step
+    }
+
+    /// A local member made the invite the redemption `ticket` (from [`Apply::Redeem`])
+    /// redeems, and was asked: the asking coordinator is told.
+    pub fn redeem_held(&mut self, ticket: ConnId, now_ms: u64) -> Step {
+        let mut step = Step::default();
+        if let Some(&(asker, theirs)) = self.tickets.get(&ticket) {
+            let subject = self.sealer.subject_to(&asker);
+            self.publish(
+                &mut step,
+                &subject,
+                &ClusterMsg::RedeemHeld { ticket: theirs },
+                now_ms,
+            );
+        }
+        step
+    }
+
+    /// No local member made the invite `ticket` redeems (another coordinator may hold it).
+    pub fn forget_ticket(&mut self, ticket: ConnId) {
+        self.tickets.remove(&ticket);
+    }
+
+    /// The inviter's answer to `ticket`, if `ticket` is a redemption another coordinator
+    /// passed here: sent back to it. Anything but an admission or an invite refusal is not.
+    pub fn redeem_answer(&mut self, ticket: ConnId, answer: &ServerMsg, now_ms: u64) -> Step {
+        let mut step = Step::default();
+        let (admitted, refused) = match answer {
+            ServerMsg::InviteAdmitted { sealed } => (Some(sealed.clone()), String::new()),
+            ServerMsg::Refused {
+                reason: RefuseReason::InviteRefused,
+                message,
+            } => (None, message.clone()),
+            _ => return step,
+        };
+        let Some((asker, theirs)) = self.tickets.remove(&ticket) else {
+            return step;
+        };
+        self.counts.redeems_answered += 1;
+        let subject = self.sealer.subject_to(&asker);
+        let msg = ClusterMsg::RedeemAnswer {
+            ticket: theirs,
+            admitted,
+            refused,
+        };
+        self.publish(&mut step, &subject, &msg, now_ms);
+        step
+    }
+
+    /// Whether a change another coordinator sent verifies under its network.
+    fn verifies(change: &Change) -> bool {
+        match change {
+            Change::Revoke {
+                network,
+                revocation,
+            } => Revocation::open(revocation, network).is_ok(),
+            Change::Moved { network, notice } => RotationNotice::open(notice, network).is_ok(),
+            Change::Statement { network, signed } => {
+                PolicyDoc::open(signed, network).is_ok()
+                    || TagStatement::open(signed, network).is_ok()
+            }
+        }
     }
 
     /// One message from NATS, on `subject`.
@@ -674,15 +838,76 @@ impl Cluster {
         }
         self.counts.received += 1;
         match msg {
-            ClusterMsg::Revoke {
-                network,
-                revocation,
+            ClusterMsg::Changes { changes } => {
+                for c in changes {
+                    if Self::verifies(&c) {
+                        step.apply.push(Apply::Change(c));
+                    } else {
+                        self.counts.refused_record += 1;
+                    }
+                }
+            }
+            ClusterMsg::Redeem {
+                ticket,
+                invite,
+                node_key,
+                signing_key,
+                proof,
             } => {
-                // Checked where it is applied (the registry, under the network key).
-                step.apply.push(Apply::Revoke {
-                    network,
-                    revocation,
+                if directed {
+                    self.counts.refused_malformed += 1;
+                    return step;
+                }
+                if self.tickets.len() >= MAX_TICKETS {
+                    self.counts.refused_flood += 1;
+                    return step;
+                }
+                let (by_local_id, tickets) = (&self.by_local_id, &self.tickets);
+                let local = next_free(&mut self.next_id, |id| {
+                    by_local_id.contains_key(&id) || tickets.contains_key(&id)
                 });
+                self.tickets.insert(local, (sender, ticket));
+                step.apply.push(Apply::Redeem {
+                    ticket: local,
+                    invite,
+                    node_key,
+                    signing_key,
+                    proof,
+                });
+            }
+            ClusterMsg::RedeemHeld { ticket } => {
+                if !directed {
+                    self.counts.refused_malformed += 1;
+                    return step;
+                }
+                step.apply.push(Apply::RedeemHeld { ticket });
+            }
+            ClusterMsg::RedeemAnswer {
+                ticket,
+                admitted,
+                mut refused,
+            } => {
+                if !directed {
+                    self.counts.refused_malformed += 1;
+                    return step;
+                }
+                let answer = match admitted {
+                    Some(sealed) => ServerMsg::InviteAdmitted { sealed },
+                    None => {
+                        if refused.len() > MAX_REFUSAL_LEN {
+                            let mut cut = MAX_REFUSAL_LEN;
+                            while !refused.is_char_boundary(cut) {
+                                cut -= 1;
+                            }
+                            refused.truncate(cut);
+                        }
+                        ServerMsg::Refused {
+                            reason: RefuseReason::InviteRefused,
+                            message: refused,
+                        }
+                    }
+                };
+                step.apply.push(Apply::RedeemAnswer { ticket, answer });
             }
             ClusterMsg::Alive { members, digest } => {
                 let off = members as usize != peer.members.len() || digest != peer.digest;
@@ -707,6 +932,9 @@ impl Cluster {
                 }
             }
             ClusterMsg::Sync => {
+                // What is kept of membership first (a revoked node in the snapshot is then
+                // refused), then the members.
+                step.apply.push(Apply::SendKept { to: sender });
                 let subject = self.sealer.subject_to(&sender);
                 let entries: Vec<Entry> = self
                     .local
@@ -791,7 +1019,10 @@ impl Cluster {
                     self.counts.refused_flood += 1;
                     return None;
                 }
-                let id = next_free(&mut self.next_id, &self.by_local_id);
+                let (by_local_id, tickets) = (&self.by_local_id, &self.tickets);
+                let id = next_free(&mut self.next_id, |id| {
+                    by_local_id.contains_key(&id) || tickets.contains_key(&id)
+                });
                 self.by_local_id.insert(id, (sender, key));
                 id
             }
@@ -901,8 +1132,9 @@ impl Cluster {
     }
 }
 
-/// The next relay id for a remote member: in the upper half, never one in use.
-fn next_free(next: &mut u32, used: &HashMap<ConnId, (Instance, Key)>) -> ConnId {
+/// The next id for a remote member or a redemption from the cluster: in the upper half,
+/// never one in use.
+fn next_free(next: &mut u32, used: impl Fn(ConnId) -> bool) -> ConnId {
     loop {
         let id = *next;
         *next = if *next == u32::MAX {
@@ -910,7 +1142,7 @@ fn next_free(next: &mut u32, used: &HashMap<ConnId, (Instance, Key)>) -> ConnId 
         } else {
             *next + 1
         };
-        if !used.contains_key(&id) {
+        if !used(id) {
             return id;
         }
     }
@@ -972,33 +1204,283 @@ mod tests {
             .collect()
     }
 
+    fn revocation(k: &NetworkKey, n: u8) -> a2a_proto::membership::Signed {
+        let r = Revocation {
+            network: k.id(),
+            node_key: NodeKey([n; 32]),
+            issued_ms: T0,
+        };
+        a2a_proto::membership::Signed::sign(&r, k, a2a_proto::keys::REVOKE_CONTEXT)
+    }
+
+    fn policy(k: &NetworkKey, version: u64) -> a2a_proto::membership::Signed {
+        PolicyDoc::sign(k, version, T0, r#"{"grants": []}"#, None).unwrap()
+    }
+
     #[test]
-    fn a_local_revocation_is_published_and_applied_by_the_others() {
+    fn local_membership_changes_are_published_and_forged_ones_refused() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let rogue = NetworkKey::derive(&[2; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let tags = TagStatement {
+            network: k.id(),
+            node_key: NodeKey([3; 32]),
+            version: 1,
+            issued_ms: T0,
+            tags: ["worker".to_string()].into(),
+        }
+        .sign(&k)
+        .unwrap();
+        let notice = a2a_proto::membership::Signed::sign(
+            &RotationNotice {
+                old_network: k.id(),
+                new_network: NetworkKey::derive(&[7; 32]).id(),
+                rotator: NodeKey([1; 32]),
+                issued_ms: T0,
+                carried: vec![],
+            },
+            &k,
+            a2a_proto::keys::ROTATE_CONTEXT,
+        );
+        let changes = vec![
+            LocalChange::Revoked {
+                network: k.id(),
+                revocation: revocation(&k, 9),
+            },
+            LocalChange::Moved {
+                network: k.id(),
+                notice: notice.clone(),
+            },
+            LocalChange::Statement {
+                network: k.id(),
+                signed: policy(&k, 1),
+            },
+            LocalChange::Statement {
+                network: k.id(),
+                signed: tags.clone(),
+            },
+        ];
+        let s = c1.local(T0, changes);
+        assert_eq!(s.publish.len(), 1, "one message for the batch");
+        let got = deliver(&mut c2, now, T0, &s);
+        assert_eq!(
+            got.apply,
+            vec![
+                Apply::Change(Change::Revoke {
+                    network: k.id(),
+                    revocation: revocation(&k, 9)
+                }),
+                Apply::Change(Change::Moved {
+                    network: k.id(),
+                    notice
+                }),
+                Apply::Change(Change::Statement {
+                    network: k.id(),
+                    signed: policy(&k, 1)
+                }),
+                Apply::Change(Change::Statement {
+                    network: k.id(),
+                    signed: tags
+                }),
+            ]
+        );
+        assert_eq!(c2.counts.refused_record, 0);
+        // The same message again: a replay, refused.
+        assert!(deliver(&mut c2, now, T0, &s).apply.is_empty());
+        assert_eq!(c2.counts.refused_replay, 1);
+        // A cluster member passing on changes the network key did not sign (another key's
+        // signature, or one for another network): each refused and counted, none applied.
+        let forged = vec![
+            Change::Revoke {
+                network: k.id(),
+                revocation: revocation(&rogue, 9),
+            },
+            Change::Statement {
+                network: k.id(),
+                signed: policy(&rogue, 2),
+            },
+            Change::Moved {
+                network: k.id(),
+                notice: revocation(&k, 9),
+            },
+            Change::Statement {
+                network: rogue.id(),
+                signed: policy(&k, 3),
+            },
+        ];
+        let body = serde_json::to_vec(&ClusterMsg::Changes { changes: forged }).unwrap();
+        let subject = c1.sealer().subject_all();
+        let env = c1.sealer().seal(&subject, KIND_MSG, &body, T0);
+        assert!(c2.receive(now, T0, &subject, &env).apply.is_empty());
+        assert_eq!(c2.counts.refused_record, 4);
+    }
+
+    #[test]
+    fn a_starting_coordinator_is_sent_the_kept_changes_before_the_members() {
         let now = Instant::now();
         let k = NetworkKey::derive(&[1; 32]);
         let mut c1 = coordinator(1, now);
+        c1.local(T0, vec![up(&k, 1, 10, 7)]);
         let mut c2 = coordinator(2, now);
-        let revocation = a2a_proto::membership::Signed {
-            body: "{}".into(),
-            sig: "AA".into(),
-        };
-        let s = c1.local(
-            T0,
-            vec![LocalChange::Revoked {
+        let start = c2.start(now, T0);
+        let answer = deliver(&mut c1, now, T0, &start);
+        // c1 is asked to send what its registry keeps first.
+        assert_eq!(answer.apply, vec![Apply::SendKept { to: [2; 16] }]);
+        let kept: Vec<Change> = (0..(CHANGES_PER_MSG as u8 + 1))
+            .map(|n| Change::Revoke {
                 network: k.id(),
-                revocation: revocation.clone(),
-            }],
-        );
-        assert_eq!(s.publish.len(), 1);
-        let got = deliver(&mut c2, now, T0, &s);
-        // Passed on as it came: the registry checks it under the network key.
+                revocation: revocation(&k, 100 + n),
+            })
+            .collect();
+        let sent = c1.kept_to([2; 16], kept.clone(), T0);
+        assert_eq!(sent.publish.len(), 2, "in chunks");
+        assert!(sent
+            .publish
+            .iter()
+            .all(|p| p.subject == c1.sealer().subject_to(&[2; 16])));
+        let mut on2 = deliver(&mut c2, now, T0, &sent);
+        on2.apply.extend(deliver(&mut c2, now, T0, &answer).apply);
+        let changes: Vec<Change> = on2
+            .apply
+            .iter()
+            .filter_map(|a| match a {
+                Apply::Change(c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(changes, kept);
+        assert_eq!(ups(&on2).len(), 1);
+        // Nothing is sent to an instance never heard from.
+        assert!(c1.kept_to([9; 16], kept, T0).publish.is_empty());
+    }
+
+    #[test]
+    fn a_redemption_crosses_to_the_inviters_coordinator_and_its_answer_comes_back() {
+        use a2a_proto::invite::{InviteId, InviteProof};
+        let now = Instant::now();
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let mut c3 = coordinator(3, now);
+        let signing_key: SignerId = a2a_proto::membership::node_signing_key(&[4; 32])
+            .verifying_key()
+            .into();
+        let redeem = LocalChange::Redeem {
+            ticket: 42,
+            invite: InviteId([8; 16]),
+            node_key: NodeKey([5; 32]),
+            signing_key,
+            proof: InviteProof([6; 32]),
+        };
+        // The newcomer is on c2: asked on the cluster's subject.
+        let asked = c2.local(T0, vec![redeem]);
+        assert_eq!(asked.publish.len(), 1);
+        assert_eq!(asked.publish[0].subject, c2.sealer().subject_all());
+        assert_eq!(c2.counts.redeems_asked, 1);
+        // c3's members made no such invite: it forgets its ticket; c1's did.
+        let on3 = deliver(&mut c3, now, T0, &asked);
+        let [Apply::Redeem { ticket: t3, .. }] = on3.apply.as_slice() else {
+            panic!("{:?}", on3.apply)
+        };
+        c3.forget_ticket(*t3);
+        assert!(c3.tickets.is_empty());
+        let on1 = deliver(&mut c1, now, T0, &asked);
+        let [Apply::Redeem {
+            ticket,
+            invite,
+            node_key,
+            ..
+        }] = on1.apply.as_slice()
+        else {
+            panic!("{:?}", on1.apply)
+        };
+        assert!(is_remote_id(*ticket), "a ticket in the cluster's half");
+        assert_eq!((*invite, *node_key), (InviteId([8; 16]), NodeKey([5; 32])));
+        let ticket = *ticket;
+        // c1 says its member was asked, then passes the answer on; c2 gets both for ticket 42.
+        let held = c1.redeem_held(ticket, T0);
+        let got = deliver(&mut c2, now, T0, &held);
+        assert_eq!(got.apply, vec![Apply::RedeemHeld { ticket: 42 }]);
+        // Anything but an invite answer is not passed on.
+        let other = ServerMsg::Refused {
+            reason: RefuseReason::Revoked,
+            message: "x".into(),
+        };
+        assert!(c1.redeem_answer(ticket, &other, T0).publish.is_empty());
+        let sealed = a2a_proto::sealed::Sealed::from_bytes(vec![1; 60]).unwrap();
+        let admitted = ServerMsg::InviteAdmitted { sealed };
+        let answer = c1.redeem_answer(ticket, &admitted, T0);
+        let got = deliver(&mut c2, now, T0, &answer);
         assert_eq!(
             got.apply,
-            vec![Apply::Revoke {
-                network: k.id(),
-                revocation
+            vec![Apply::RedeemAnswer {
+                ticket: 42,
+                answer: admitted.clone()
             }]
         );
+        assert_eq!(c1.counts.redeems_answered, 1);
+        // Once: the ticket is gone, and a replay of the answer is refused.
+        assert!(c1.redeem_answer(ticket, &admitted, T0).publish.is_empty());
+        assert!(deliver(&mut c2, now, T0, &answer).apply.is_empty());
+        assert_eq!(c2.counts.refused_replay, 1);
+        // An answer or a "held" on the cluster's subject (to everyone) is refused, as is a
+        // redemption sent to one coordinator: each goes only one way.
+        let all = c1.sealer().subject_all();
+        for msg in [
+            ClusterMsg::RedeemHeld { ticket: 42 },
+            ClusterMsg::RedeemAnswer {
+                ticket: 42,
+                admitted: None,
+                refused: "no".into(),
+            },
+        ] {
+            let body = serde_json::to_vec(&msg).unwrap();
+            let env = c1.sealer().seal(&all, KIND_MSG, &body, T0);
+            assert!(c2.receive(now, T0, &all, &env).apply.is_empty());
+        }
+        let to1 = c2.sealer().subject_to(&[1; 16]);
+        let body = serde_json::to_vec(&ClusterMsg::Redeem {
+            ticket: 1,
+            invite: InviteId([8; 16]),
+            node_key: NodeKey([5; 32]),
+            signing_key,
+            proof: InviteProof([6; 32]),
+        })
+        .unwrap();
+        let env = c2.sealer().seal(&to1, KIND_MSG, &body, T0);
+        assert!(c1.receive(now, T0, &to1, &env).apply.is_empty());
+        assert_eq!(
+            (c2.counts.refused_malformed, c1.counts.refused_malformed),
+            (2, 1)
+        );
+    }
+
+    #[test]
+    fn a_flood_of_redemptions_is_refused_and_a_dead_askers_tickets_go() {
+        use a2a_proto::invite::{InviteId, InviteProof};
+        let now = Instant::now();
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let signing_key: SignerId = a2a_proto::membership::node_signing_key(&[4; 32])
+            .verifying_key()
+            .into();
+        let flood: Vec<LocalChange> = (0..(MAX_TICKETS as u32 + 5))
+            .map(|i| LocalChange::Redeem {
+                ticket: i,
+                invite: InviteId([8; 16]),
+                node_key: NodeKey([5; 32]),
+                signing_key,
+                proof: InviteProof([6; 32]),
+            })
+            .collect();
+        let s = c2.local(T0, flood);
+        deliver(&mut c1, now, T0, &s);
+        assert_eq!(c1.tickets.len(), MAX_TICKETS);
+        assert_eq!(c1.counts.refused_flood, 5);
+        // c2 goes silent: its tickets go with it.
+        c1.tick(now + DEAD_AFTER, T0);
+        assert!(c1.tickets.is_empty());
     }
 
     #[test]

@@ -18,6 +18,12 @@ use a2a_proto::{NetworkId, NodeKey, SignedRecord};
 /// Identifies one control connection; also the node's relay id while it is connected.
 pub type ConnId = u32;
 
+/// Whether `ticket` names a redemption another coordinator passed on (those ids are in the
+/// cluster's half, see `cluster.rs`): never passed to the cluster again.
+fn is_cluster_ticket(ticket: ConnId) -> bool {
+    crate::cluster::is_remote_id(ticket)
+}
+
 /// Messages the server must send: each to the connection named.
 pub type Sends = Vec<(ConnId, ServerMsg)>;
 
@@ -69,6 +75,30 @@ pub enum LocalChange {
         network: NetworkId,
         revocation: Signed,
     },
+    /// A local member rotated the network's secret: the other coordinators keep the notice
+    /// too.
+    Moved { network: NetworkId, notice: Signed },
+    /// A local member sent a newer policy or tag statement: the other coordinators keep it
+    /// too.
+    Statement { network: NetworkId, signed: Signed },
+    /// A newcomer on connection `ticket` redeems an invite no local member made: the cluster
+    /// is asked (the member that made it may be on another coordinator).
+    Redeem {
+        ticket: ConnId,
+        invite: InviteId,
+        node_key: NodeKey,
+        signing_key: SignerId,
+        proof: InviteProof,
+    },
+}
+
+/// Who answers a redemption.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answerer {
+    /// The local member that made the invite.
+    Member(ConnId),
+    /// The cluster was asked; `held`: a coordinator said its member made the invite.
+    Cluster { held: bool },
 }
 
 /// What a network's members said about membership itself: removed node keys and where the
@@ -94,6 +124,9 @@ pub const MAX_TAGGED: usize = 4096;
 pub const MAX_INVITES_PER_CONN: usize = 64;
 /// How long a redemption waits for its inviter's answer.
 pub const REDEEM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a redemption passed to the cluster waits for a coordinator to say its member made
+/// the invite (then [`REDEEM_TIMEOUT`] for the answer).
+pub const UNCLAIMED_AFTER: Duration = Duration::from_secs(3);
 /// How long membership changes outlive a network's last live member.
 pub const CHANGES_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -104,8 +137,10 @@ pub struct Registry {
     changes: HashMap<NetworkId, Changes>,
     /// Invite id → the connection of the member honouring it.
     invites: HashMap<InviteId, ConnId>,
-    /// Redemption ticket (the redeemer's connection) → its inviter's connection and deadline.
-    tickets: HashMap<ConnId, (ConnId, Instant)>,
+    /// Redemption ticket (the redeemer's connection) → who answers it, and the deadline.
+    tickets: HashMap<ConnId, (Answerer, Instant)>,
+    /// In a cluster: a redemption of an invite no local member made is passed to it.
+    clustered: bool,
     heartbeat: Duration,
     ttl: Duration,
     /// Changes to local members since [`Registry::take_changes`].
@@ -122,10 +157,16 @@ impl Registry {
             changes: HashMap::new(),
             invites: HashMap::new(),
             tickets: HashMap::new(),
+            clustered: false,
             heartbeat,
             ttl,
             local_changes: Vec::new(),
         }
+    }
+
+    /// Runs in a cluster: redemptions of invites unknown here are passed to it.
+    pub fn set_clustered(&mut self) {
+        self.clustered = true;
     }
 
     /// The changes to local members since the last call (for the cluster).
@@ -535,12 +576,19 @@ impl Registry {
             .map(|(t, _)| *t)
             .collect();
         for ticket in late {
-            self.tickets.remove(&ticket);
+            let message = match self.tickets.remove(&ticket) {
+                Some((Answerer::Cluster { held: false }, _)) => {
+                    "this invite is unknown to every coordinator of the cluster: it expired or \
+                     was used up, or the member that made it is offline or restarted (invites \
+                     live only in its memory); ask for a new invite"
+                }
+                _ => "the member that made this invite did not answer",
+            };
             out.push((
                 ticket,
                 ServerMsg::Refused {
                     reason: RefuseReason::InviteRefused,
-                    message: "the member that made this invite did not answer".into(),
+                    message: message.into(),
                 },
             ));
         }
@@ -583,6 +631,21 @@ impl Registry {
         proof: InviteProof,
     ) -> Result<Sends, Refusal> {
         let Some(&inviter) = self.invites.get(&invite) else {
+            if self.clustered && !is_cluster_ticket(conn) {
+                // Its member may be on another coordinator: the cluster is asked.
+                self.tickets.insert(
+                    conn,
+                    (Answerer::Cluster { held: false }, now + UNCLAIMED_AFTER),
+                );
+                self.local_changes.push(LocalChange::Redeem {
+                    ticket: conn,
+                    invite,
+                    node_key,
+                    signing_key,
+                    proof,
+                });
+                return Ok(Vec::new());
+            }
             return Err((
                 RefuseReason::InviteRefused,
                 "this invite is unknown to the coordinator: it expired or was used up, or the \
@@ -591,7 +654,8 @@ impl Registry {
                     .into(),
             ));
         };
-        self.tickets.insert(conn, (inviter, now + REDEEM_TIMEOUT));
+        self.tickets
+            .insert(conn, (Answerer::Member(inviter), now + REDEEM_TIMEOUT));
         Ok(vec![(
             inviter,
             ServerMsg::RedeemRequest {
@@ -607,11 +671,33 @@ impl Registry {
     /// Handles the inviter's answer to `ticket`; `None` unless `conn` is that ticket's inviter.
     pub fn invite_answer(&mut self, conn: ConnId, ticket: u32, answer: ServerMsg) -> Option<Sends> {
         match self.tickets.get(&ticket) {
-            Some((inviter, _)) if *inviter == conn => {
+            Some((Answerer::Member(inviter), _)) if *inviter == conn => {
                 self.tickets.remove(&ticket);
                 Some(vec![(ticket, answer)])
             }
             _ => None,
+        }
+    }
+
+    /// A coordinator of the cluster says its member made the invite `ticket` redeems: the
+    /// redemption now waits for that member's answer.
+    pub fn cluster_redeem_held(&mut self, now: Instant, ticket: ConnId) {
+        if let Some((a @ Answerer::Cluster { held: false }, deadline)) =
+            self.tickets.get_mut(&ticket)
+        {
+            *a = Answerer::Cluster { held: true };
+            *deadline = now + REDEEM_TIMEOUT;
+        }
+    }
+
+    /// The answer to a redemption passed to the cluster: for the redeemer, if it still waits.
+    pub fn cluster_redeem_answer(&mut self, ticket: ConnId, answer: ServerMsg) -> Sends {
+        match self.tickets.get(&ticket) {
+            Some((Answerer::Cluster { .. }, _)) => {
+                self.tickets.remove(&ticket);
+                vec![(ticket, answer)]
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -694,6 +780,25 @@ impl Registry {
         let Some(&(network, _)) = self.by_conn.get(&conn) else {
             return Err((RefuseReason::Protocol, "statement before register".into()));
         };
+        self.apply_statement(network, Some(conn), signed)
+    }
+
+    /// A statement a member of another coordinator sent: checked under `network`, kept if
+    /// newer than held, passed to every member here.
+    pub fn statement_remote(
+        &mut self,
+        network: NetworkId,
+        signed: Signed,
+    ) -> Result<Sends, Refusal> {
+        self.apply_statement(network, None, signed)
+    }
+
+    fn apply_statement(
+        &mut self,
+        network: NetworkId,
+        from: Option<ConnId>,
+        signed: Signed,
+    ) -> Result<Sends, Refusal> {
         let changes = self.changes.entry(network).or_default();
         if let Ok(p) = PolicyDoc::open(&signed, &network) {
             if changes
@@ -719,7 +824,13 @@ impl Registry {
             }
             changes.tags.insert(t.node_key, (t.version, signed.clone()));
         }
-        Ok(self.to_others(&network, conn, ServerMsg::Statement { signed }))
+        if from.is_some() {
+            self.local_changes.push(LocalChange::Statement {
+                network,
+                signed: signed.clone(),
+            });
+        }
+        Ok(self.to_others(&network, from.unwrap_or(0), ServerMsg::Statement { signed }))
     }
 
     /// `msg` for every live member of `network` but the one on connection `except`.
@@ -742,11 +853,64 @@ impl Registry {
         let Some(&(network, _)) = self.by_conn.get(&conn) else {
             return Err((RefuseReason::Protocol, "rotate before register".into()));
         };
+        self.apply_rotation(network, Some(conn), notice)
+    }
+
+    /// A rotation notice a member of another coordinator sent: checked under `network`, kept
+    /// for members that register later, passed to every member here (once).
+    pub fn rotate_remote(&mut self, network: NetworkId, notice: Signed) -> Result<Sends, Refusal> {
+        self.apply_rotation(network, None, notice)
+    }
+
+    fn apply_rotation(
+        &mut self,
+        network: NetworkId,
+        from: Option<ConnId>,
+        notice: Signed,
+    ) -> Result<Sends, Refusal> {
         RotationNotice::open(&notice, &network)
             .map_err(|e| (RefuseReason::BadRecord, format!("rotation notice: {e}")))?;
-        self.changes.entry(network).or_default().moved = Some(notice.clone());
+        let changes = self.changes.entry(network).or_default();
+        if from.is_none() && changes.moved.as_ref() == Some(&notice) {
+            return Ok(Vec::new());
+        }
+        changes.moved = Some(notice.clone());
+        if from.is_some() {
+            self.local_changes.push(LocalChange::Moved {
+                network,
+                notice: notice.clone(),
+            });
+        }
         // The rotating member has moved already.
-        Ok(self.to_others(&network, conn, ServerMsg::Moved { notice }))
+        Ok(self.to_others(&network, from.unwrap_or(0), ServerMsg::Moved { notice }))
+    }
+
+    /// What this coordinator keeps of every network's membership changes (revocations, the
+    /// rotation notice, the policy and tag statements), for a coordinator that starts.
+    pub fn kept(&self) -> Vec<a2a_proto::cluster::Change> {
+        use a2a_proto::cluster::Change;
+        let mut out = Vec::new();
+        for (network, c) in &self.changes {
+            let network = *network;
+            out.extend(c.revoked.values().map(|r| Change::Revoke {
+                network,
+                revocation: r.clone(),
+            }));
+            out.extend(c.moved.iter().map(|n| Change::Moved {
+                network,
+                notice: n.clone(),
+            }));
+            out.extend(
+                c.tags
+                    .values()
+                    .chain(&c.policy)
+                    .map(|(_, s)| Change::Statement {
+                        network,
+                        signed: s.clone(),
+                    }),
+            );
+        }
+        out
     }
 }
 
@@ -1093,6 +1257,59 @@ mod tests {
         assert!(out
             .iter()
             .any(|(c, m)| *c == 1 && matches!(m, ServerMsg::PeerUp { relay_id: 2, .. })));
+    }
+
+    #[test]
+    fn in_a_cluster_an_unknown_invite_is_asked_of_the_others_and_their_answer_passed_on() {
+        let mut r = registry();
+        r.set_clustered();
+        let now = Instant::now();
+        let id = InviteId([3; 16]);
+        let signer =
+            SignerId::from(a2a_proto::membership::node_signing_key(&[5; 32]).verifying_key());
+        let proof = InviteProof([7; 32]);
+        // No local member made it: nothing sent yet, the cluster is asked.
+        let sent = r
+            .redeem(now, 50, NodeKey([5; 32]), id, signer, proof)
+            .unwrap();
+        assert!(sent.is_empty());
+        let asked = r.take_changes();
+        assert!(
+            matches!(asked.as_slice(), [LocalChange::Redeem { ticket: 50, .. }]),
+            "{asked:?}"
+        );
+        // A redemption passed here by the cluster is never passed back to it.
+        let cluster_ticket = crate::cluster::REMOTE_BASE + 1;
+        let e = r
+            .redeem(now, cluster_ticket, NodeKey([5; 32]), id, signer, proof)
+            .unwrap_err();
+        assert_eq!(e.0, RefuseReason::InviteRefused);
+        assert!(r.take_changes().is_empty());
+        // Held by another coordinator: it waits for the answer, which goes to the redeemer.
+        r.cluster_redeem_held(now, 50);
+        let (out, _) = r.expire(now + UNCLAIMED_AFTER + Duration::from_millis(1));
+        assert!(out.is_empty(), "held: it waits for the inviter");
+        let answer = ServerMsg::Refused {
+            reason: RefuseReason::InviteRefused,
+            message: "used up".into(),
+        };
+        assert_eq!(
+            r.cluster_redeem_answer(50, answer.clone()),
+            vec![(50, answer.clone())]
+        );
+        assert!(r.cluster_redeem_answer(50, answer).is_empty(), "once");
+        // Nobody claims it: refused once the wait is over, saying so.
+        r.redeem(now, 51, NodeKey([6; 32]), id, signer, proof)
+            .unwrap();
+        let (out, _) = r.expire(now + UNCLAIMED_AFTER);
+        let [(51, ServerMsg::Refused { reason, message })] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(*reason, RefuseReason::InviteRefused);
+        assert!(
+            message.contains("every coordinator of the cluster"),
+            "{message}"
+        );
     }
 
     #[test]

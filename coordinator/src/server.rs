@@ -441,6 +441,16 @@ impl ClusterLink {
                 c.syncs_asked,
             ),
             (
+                "cluster_redeems_asked",
+                "Redemptions of invites unknown here passed to the cluster",
+                c.redeems_asked,
+            ),
+            (
+                "cluster_redeems_answered",
+                "Answers of local inviters sent back to the coordinator that asked",
+                c.redeems_answered,
+            ),
+            (
                 "cluster_relayed_out",
                 "Relay datagrams sent to other coordinators",
                 g(&self.relayed_out),
@@ -648,9 +658,19 @@ impl Hub {
                 continue;
             }
             if is_remote_id(conn) {
-                // A remote member: only a punch goes on, to its coordinator.
-                if let (Some(cluster), ServerMsg::Punch { from }) = (server.cluster.get(), &msg) {
-                    steps.push(cluster.core().punch(a2a_proto::time::now_ms(), *from, conn));
+                // A remote member: only a punch goes on, to its coordinator; a redemption
+                // another coordinator passed here: the inviter's answer goes back to it.
+                if let Some(cluster) = server.cluster.get() {
+                    let now_ms = a2a_proto::time::now_ms();
+                    match &msg {
+                        ServerMsg::Punch { from } => {
+                            steps.push(cluster.core().punch(now_ms, *from, conn))
+                        }
+                        ServerMsg::InviteAdmitted { .. } | ServerMsg::Refused { .. } => {
+                            steps.push(cluster.core().redeem_answer(conn, &msg, now_ms))
+                        }
+                        _ => {}
+                    }
                 }
                 continue;
             }
@@ -705,10 +725,20 @@ impl Hub {
         let Some(cluster) = server.cluster.get() else {
             return;
         };
+        let now = Instant::now();
+        // What is kept of membership goes before the snapshot of members it answers.
+        for a in &step.apply {
+            if let Apply::SendKept { to } = a {
+                let kept = self.board.registry().kept();
+                let s = cluster.core().kept_to(*to, kept, a2a_proto::time::now_ms());
+                for p in s.publish {
+                    cluster.queue(p);
+                }
+            }
+        }
         for p in step.publish {
             cluster.queue(p);
         }
-        let now = Instant::now();
         for a in step.apply {
             match a {
                 Apply::Up {
@@ -728,15 +758,46 @@ impl Hub {
                         }
                     }
                 }
-                Apply::Revoke {
-                    network,
-                    revocation,
-                } => match self.board.remote_revoke(now, network, revocation) {
+                Apply::Change(change) => match self.board.remote_change(now, change) {
                     Ok(out) => {
                         self.carry_out(server, out);
                     }
                     Err(_) => Counters::bump(&cluster.refused_here),
                 },
+                Apply::SendKept { .. } => {}
+                Apply::Redeem {
+                    ticket,
+                    invite,
+                    node_key,
+                    signing_key,
+                    proof,
+                } => {
+                    match self.board.cluster_redeem(
+                        now,
+                        ticket,
+                        node_key,
+                        invite,
+                        signing_key,
+                        proof,
+                    ) {
+                        Ok(out) => {
+                            let held = cluster
+                                .core()
+                                .redeem_held(ticket, a2a_proto::time::now_ms());
+                            for p in held.publish {
+                                cluster.queue(p);
+                            }
+                            self.carry_out(server, out);
+                        }
+                        // No local member made it (another coordinator's may have).
+                        Err(_) => cluster.core().forget_ticket(ticket),
+                    }
+                }
+                Apply::RedeemHeld { ticket } => self.board.cluster_redeem_held(now, ticket),
+                Apply::RedeemAnswer { ticket, answer } => {
+                    let out = self.board.cluster_redeem_answer(ticket, answer);
+                    self.carry_out(server, out);
+                }
                 Apply::Down { conn } => {
                     let out = self.board.remote_down(now, conn);
                     self.carry_out(server, out);
@@ -906,6 +967,7 @@ impl Server {
     /// Joins a cluster (before serving): member changes, punches and relay data for remote
     /// members go to `cluster`; [`Server::cluster_receive`] takes what comes from it.
     pub fn set_cluster(&self, cluster: Arc<ClusterLink>) {
+        self.hub().board.set_clustered();
         let _ = self.cluster.set(cluster);
     }
 

@@ -157,8 +157,20 @@ impl Switchboard {
     /// batches at once.
     fn route(&mut self, now: Instant, me: Option<ConnId>, mut sends: Sends) -> Sends {
         // A remote member hears of member changes from its own coordinator; only a punch for
-        // it goes on (to the cluster).
-        sends.retain(|(conn, msg)| !is_remote_id(*conn) || matches!(msg, ServerMsg::Punch { .. }));
+        // it goes on (to the cluster), and an inviter's answer (or a timeout) to a redemption
+        // another coordinator passed here.
+        sends.retain(|(conn, msg)| {
+            !is_remote_id(*conn)
+                || matches!(
+                    msg,
+                    ServerMsg::Punch { .. }
+                        | ServerMsg::InviteAdmitted { .. }
+                        | ServerMsg::Refused {
+                            reason: RefuseReason::InviteRefused,
+                            ..
+                        }
+                )
+        });
         if !self.fanout.is_on() {
             return sends;
         }
@@ -472,6 +484,78 @@ impl Switchboard {
         self.end_revoked(&mut out, removed);
         out.local = self.registry.take_changes();
         Ok(out)
+    }
+
+    /// A membership change another coordinator of the cluster sent or keeps: applied here as
+    /// if a local member had sent it (checked under its network); `Err` if it does not verify.
+    pub fn remote_change(
+        &mut self,
+        now: Instant,
+        change: a2a_proto::cluster::Change,
+    ) -> Result<Outbox, crate::registry::Refusal> {
+        use a2a_proto::cluster::Change;
+        let mut counts = Vec::new();
+        let sent = match change {
+            Change::Revoke {
+                network,
+                revocation,
+            } => return self.remote_revoke(now, network, revocation),
+            Change::Moved { network, notice } => self.registry.rotate_remote(network, notice)?,
+            Change::Statement { network, signed } => {
+                let sent = self.registry.statement_remote(network, signed)?;
+                if !sent.is_empty() {
+                    counts.push(Count::Statement);
+                }
+                sent
+            }
+        };
+        let mut out = Outbox {
+            send: self.route(now, None, sent),
+            counts,
+            ..Outbox::default()
+        };
+        out.local = self.registry.take_changes();
+        Ok(out)
+    }
+
+    /// Runs in a cluster: redemptions of invites no local member made are passed to it.
+    pub fn set_clustered(&mut self) {
+        self.registry.set_clustered();
+    }
+
+    /// A newcomer on another coordinator redeems `invite` (under `ticket`, an id of the
+    /// cluster's): passed to the local member that made it; `Err` if none did.
+    pub fn cluster_redeem(
+        &mut self,
+        now: Instant,
+        ticket: ConnId,
+        node_key: NodeKey,
+        invite: a2a_proto::invite::InviteId,
+        signing_key: a2a_proto::keys::SignerId,
+        proof: a2a_proto::invite::InviteProof,
+    ) -> Result<Outbox, crate::registry::Refusal> {
+        let sent = self
+            .registry
+            .redeem(now, ticket, node_key, invite, signing_key, proof)?;
+        Ok(Outbox {
+            send: sent,
+            counts: vec![Count::Redemption],
+            ..Outbox::default()
+        })
+    }
+
+    /// A coordinator of the cluster passed the local newcomer `ticket`'s redemption to its
+    /// inviter.
+    pub fn cluster_redeem_held(&mut self, now: Instant, ticket: ConnId) {
+        self.registry.cluster_redeem_held(now, ticket);
+    }
+
+    /// The inviter's answer for the local newcomer `ticket`, from the cluster.
+    pub fn cluster_redeem_answer(&mut self, ticket: ConnId, answer: ServerMsg) -> Outbox {
+        Outbox {
+            send: self.registry.cluster_redeem_answer(ticket, answer),
+            ..Outbox::default()
+        }
     }
 
     /// The revoked node's connection, if held here: told why, then ended.

@@ -584,3 +584,373 @@ fn a_kick_on_one_coordinator_removes_the_node_held_by_another() {
     charlie.wait_peers(&["alpha"], Duration::from_secs(1));
     assert_eq!(counter(c2, "cluster_refused_record"), 0);
 }
+
+/// Closes the policy port (4748, members' gossip of statements) on `node`'s overlay, both
+/// ways: what it learns of the policy and tags, it learns from its coordinator.
+fn fence_policy_port(lab: &Lab, node: &Node) {
+    let rules = "table inet fence {
+  chain out {
+    type filter hook output priority 0;
+    oifname \"a2a0\" tcp dport 4748 drop
+    oifname \"a2a0\" udp dport 4748 drop
+  }
+  chain in {
+    type filter hook input priority 0;
+    iifname \"a2a0\" tcp dport 4748 drop
+    iifname \"a2a0\" udp dport 4748 drop
+  }
+}
+";
+    let path = lab.dir().join(format!("fence-{}.nft", node.name));
+    std::fs::write(&path, rules).unwrap();
+    node.ns
+        .exec(&["nft", "-f", &path.to_string_lossy()])
+        .expect_ok();
+}
+
+/// The policy version a node enforces (0: none).
+fn policy_version(node: &Node) -> u64 {
+    let out = node.ctl(&["policy", "show", "--json"]).expect_ok();
+    let v: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["version"].as_u64().unwrap_or(0)
+}
+
+#[track_caller]
+fn wait_policy(node: &Node, want: u64) {
+    wait_for(
+        OVERLAY_TIMEOUT,
+        &format!("policy version {want} on {}", node.name),
+        || match policy_version(node) {
+            v if v == want => Ok(()),
+            v => Err(format!("version {v}")),
+        },
+    );
+}
+
+/// Everything allowed: the statement is what is tested, not what it allows.
+const OPEN_POLICY: &str = r#"{"grants": [{"src": ["*"], "dst": ["*"], "ports": ["*"]}]}"#;
+
+/// Statements, invites and rotation notices cross the cluster. alpha reaches only c1; bravo,
+/// charlie, dave and erin only c2, and bravo, charlie and dave have the policy port closed
+/// on their overlay (so members cannot pass them statements directly). alpha's tags and
+/// policy reach bravo live and charlie, which registers later, at its registration; an
+/// invite alpha makes is redeemed by dave through c2 (a one-time code: erin is then refused,
+/// as is a code nobody made); alpha's rotation moves bravo and dave (token holder and
+/// invited node, both on c2) to the new network.
+#[test]
+fn statements_invites_and_rotation_cross_the_cluster() {
+    let Some(lab) = Lab::new("clmember") else {
+        return;
+    };
+    require_tools(&[("nats-server", "nats-server"), ("nft", "nftables")]);
+    let auth = lab.nats_auth();
+    let nats_ns = [lab.add_ns("nats1")];
+    let nats = lab.nats_cluster(&nats_ns, &auth, false);
+    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let (c1, c2) = (&coords[0], &coords[1]);
+    let token = &c1.token;
+    let routers: Vec<_> = ["alpha", "bravo", "charlie", "dave", "erin"]
+        .iter()
+        .map(|n| lab.router(&format!("rtr-{n}"), Nat::Easy))
+        .collect();
+    routers[0].cut_off_from(*c2.addr.ip());
+    for r in &routers[1..] {
+        r.cut_off_from(*c1.addr.ip());
+    }
+    let alpha = lab.node_behind(&routers[0], "alpha");
+    let bravo = lab.node_behind(&routers[1], "bravo");
+    let charlie = lab.node_behind(&routers[2], "charlie");
+    let dave = lab.node_behind(&routers[3], "dave");
+    let erin = lab.node_behind(&routers[4], "erin");
+    for n in [&bravo, &charlie, &dave] {
+        fence_policy_port(&lab, n);
+    }
+    alpha.up_ok(token);
+    bravo.up_ok(token);
+    let regs = |c: &Coordinator| counter(c, "registrations");
+    assert_eq!((regs(c1), regs(c2)), (1, 1));
+    alpha.wait_peers(&["bravo"], OVERLAY_TIMEOUT);
+    bravo.wait_peers(&["alpha"], OVERLAY_TIMEOUT);
+
+    // Statements: tags and a policy from alpha (on c1) reach bravo (on c2) through the
+    // cluster, and charlie, registering on c2 afterwards, gets them at its registration.
+    alpha.ctl(&["tag", "alpha", "planner"]).expect_ok();
+    let policy = lab.dir().join("open.json");
+    std::fs::write(&policy, OPEN_POLICY).unwrap();
+    alpha
+        .ctl(&["policy", "set", &policy.to_string_lossy()])
+        .expect_ok();
+    wait_policy(&bravo, 1);
+    charlie.up_ok(token);
+    wait_policy(&charlie, 1);
+    let out = charlie
+        .ctl(&["whois", &alpha.overlay_ip().to_string(), "--json"])
+        .expect_ok();
+    assert!(
+        out.stdout.contains("planner"),
+        "alpha's tag on charlie: {out}"
+    );
+    assert!(
+        counter(c2, "statements") >= 2,
+        "c2 passed the statements on"
+    );
+    report("cluster: alpha's policy and tags (via c1) reached bravo and charlie (on c2)");
+
+    // Invites: alpha's one-time code, redeemed by dave, who reaches only c2.
+    let code = alpha
+        .ctl(&["invite", "--uses", "1", "--ttl", "10m"])
+        .expect_ok()
+        .stdout
+        .trim()
+        .to_string();
+    assert!(code.starts_with("a2ai"), "{code}");
+    let t0 = Instant::now();
+    dave.up_ok(&code);
+    report(format!(
+        "cluster: dave redeemed alpha's invite through c2 in {:?}",
+        t0.elapsed()
+    ));
+    assert_eq!(counter(c2, "cluster_redeems_asked"), 1);
+    assert_eq!(counter(c1, "cluster_redeems_answered"), 1);
+    let members = ["alpha", "bravo", "charlie", "dave"];
+    for n in [&alpha, &bravo, &charlie, &dave] {
+        let others: Vec<&str> = members.iter().copied().filter(|x| *x != n.name).collect();
+        n.wait_peers(&others, OVERLAY_TIMEOUT);
+    }
+    let whois = alpha
+        .ctl(&["whois", &dave.overlay_ip().to_string(), "--json"])
+        .expect_ok();
+    assert!(
+        whois.stdout.contains("invite"),
+        "dave admitted by invite: {whois}"
+    );
+    // Used up: erin (on c2) is refused, and told why.
+    let out = erin.up(&code).expect_fail();
+    assert!(out.stderr.contains("invite"), "{out}");
+    assert_eq!(counter(c2, "cluster_redeems_asked"), 2);
+
+    // Rotation: alpha (on c1) rotates; bravo (token) and dave (invited), both on c2, move.
+    alpha.ctl(&["token", "rotate"]).expect_ok();
+    for n in [&bravo, &dave] {
+        wait_for(OVERLAY_TIMEOUT, &format!("{} to move", n.name), || {
+            let saved = std::fs::read_to_string(n.state_dir.join("network.json"))
+                .map_err(|e| e.to_string())?;
+            if saved.contains(token.as_str()) {
+                Err("still on the old network".into())
+            } else {
+                Ok(())
+            }
+        });
+    }
+    alpha.wait_peers(&["bravo", "charlie", "dave"], OVERLAY_TIMEOUT);
+    bravo.wait_peers(&["alpha", "charlie", "dave"], OVERLAY_TIMEOUT);
+    dave.wait_peers(&["alpha", "bravo", "charlie"], OVERLAY_TIMEOUT);
+    for n in [&bravo, &dave] {
+        assert!(
+            alpha.ns.ping(n.overlay_ip(), 3),
+            "alpha reaches {} in the new network",
+            n.name
+        );
+    }
+    for c in [c1, c2] {
+        assert_eq!(counter(c, "cluster_refused_record"), 0);
+    }
+}
+
+/// A revoked key is refused by every coordinator, also by one that starts after the kick:
+/// revocations travel in the start-up snapshot. alpha (reaches only c1) kicks bravo, a token
+/// holder that reaches only c2; c2 restarts (a new instance with no members, so no member
+/// re-sends the revocation to it); bravo's daemon restarts with its old key and token and
+/// tries c2, which refuses it (without the snapshot's revocations c2 admitted it).
+#[test]
+fn a_kicked_token_holder_is_refused_by_a_coordinator_started_after_the_kick() {
+    let Some(lab) = Lab::new("clrevoke") else {
+        return;
+    };
+    require_tools(&[("nats-server", "nats-server"), ("nft", "nftables")]);
+    let auth = lab.nats_auth();
+    let nats_ns = [lab.add_ns("nats1")];
+    let nats = lab.nats_cluster(&nats_ns, &auth, false);
+    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let (c1, c2) = (&coords[0], &coords[1]);
+    let token = &c1.token;
+    let r_alpha = lab.router("rtr-alpha", Nat::Easy);
+    let r_bravo = lab.router("rtr-bravo", Nat::Easy);
+    r_alpha.cut_off_from(*c2.addr.ip());
+    r_bravo.cut_off_from(*c1.addr.ip());
+    let alpha = lab.node_behind(&r_alpha, "alpha");
+    let bravo = lab.node_behind(&r_bravo, "bravo");
+    alpha.up_ok(token);
+    bravo.up_ok(token);
+    alpha.wait_peers(&["bravo"], OVERLAY_TIMEOUT);
+    bravo.wait_peers(&["alpha"], OVERLAY_TIMEOUT);
+    alpha.ctl(&["kick", "bravo"]).expect_ok();
+    alpha.wait_peers(&[], OVERLAY_TIMEOUT);
+    wait_for(
+        OVERLAY_TIMEOUT,
+        "c2 to end bravo's connection",
+        || match counter(c2, "revocations") {
+            0 => Err("not yet".to_string()),
+            _ => Ok(()),
+        },
+    );
+    bravo.stop_daemon(libc::SIGTERM);
+
+    // c2 starts again, empty; it asks c1 for what it holds.
+    c2.kill();
+    c2.restart();
+    wait_for(OVERLAY_TIMEOUT, "c2 to hear from c1", || {
+        match counter(c2, "cluster_received") {
+            0 => Err("nothing yet".to_string()),
+            _ => Ok(()),
+        }
+    });
+    assert_eq!(counter(c2, "cluster_refused_record"), 0);
+    bravo.start_daemon();
+    let _ = bravo.up(token);
+    wait_for(OVERLAY_TIMEOUT, "c2 to refuse bravo", || {
+        match counter(c2, "registrations_refused") {
+            0 => Err(format!(
+                "registrations {}, refused none yet",
+                counter(c2, "registrations")
+            )),
+            _ => Ok(()),
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        counter(c2, "registrations"),
+        0,
+        "a coordinator started after the kick admitted the kicked key"
+    );
+    alpha.wait_peers(&[], Duration::from_secs(1));
+    let st = bravo.status();
+    assert!(
+        !st.raw["self"]["registered"].as_bool().unwrap_or(false),
+        "bravo is registered: {}",
+        st.raw
+    );
+}
+
+/// A size from the environment, or `default`.
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// NATS messages per second at steady state, per 1 000 nodes: a swarm of simulated nodes
+/// (`a2a-swarm`: real Noise control connections, signed registrations, UDP binds, heartbeats)
+/// registers with c1 of a two-coordinator cluster; once c2 holds every one of them as a
+/// remote member, the cluster messages both coordinators publish (`cluster_published`, and
+/// relay data apart) are counted over `A2A_CLUSTER_IDLE` seconds (default 30). Reported, and
+/// asserted only in what cannot depend on the machine's load: every node crossed, and at
+/// steady state nothing but presence is published (no per-node traffic on NATS).
+/// `A2A_CLUSTER_NETWORKS` × `A2A_CLUSTER_NODES_PER_NETWORK` nodes (default 10 × 50).
+#[test]
+fn nats_messages_at_steady_state_per_thousand_nodes() {
+    let Some(lab) = Lab::new("clsteady") else {
+        return;
+    };
+    require_tools(&[("nats-server", "nats-server"), ("nft", "nftables")]);
+    let networks = setting("A2A_CLUSTER_NETWORKS", 10);
+    let per_network = setting("A2A_CLUSTER_NODES_PER_NETWORK", 50);
+    let idle = setting("A2A_CLUSTER_IDLE", 30);
+    let nodes = networks * per_network;
+    let auth = lab.nats_auth();
+    let nats_ns = [lab.add_ns("nats1")];
+    let nats = lab.nats_cluster(&nats_ns, &auth, false);
+    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let (c1, c2) = (&coords[0], &coords[1]);
+    let ns = lab.add_ns("swarm");
+    // Several source addresses (the coordinator's limits count per address).
+    let o = ns.wan_ip.expect("a wan address").octets();
+    let sources = nodes.div_ceil(400).clamp(8, 50);
+    for i in 1..sources {
+        let extra = format!("{}.{}.{}.{}/24", o[0], o[1], o[2], 200 + i);
+        ns.exec(&["ip", "addr", "add", &extra, "dev", "eth0"])
+            .expect_ok();
+    }
+    let token = a2a_proto::JoinToken::parse(&c1.token).expect("c1's token");
+    let key = data_encoding::BASE64.encode(&token.coordinator_key);
+    let hold = (idle + 60).to_string();
+    let (networks_s, per_network_s) = (networks.to_string(), per_network.to_string());
+    let c1_addr = c1.addr.to_string();
+    let at_start = counter(c1, "cluster_published") + counter(c2, "cluster_published");
+    let swarm = ns.spawn(
+        "a2a-swarm",
+        &[
+            env!("CARGO_BIN_EXE_a2a-swarm"),
+            "--coordinator",
+            &c1_addr,
+            "--coordinator-key",
+            &key,
+            "--networks",
+            &networks_s,
+            "--nodes-per-network",
+            &per_network_s,
+            "--hold",
+            &hold,
+            "--connect-rate",
+            "20",
+            "--join-timeout",
+            "240",
+        ],
+    );
+    wait_for(
+        Duration::from_secs(300),
+        "c2 to hold every node of the swarm",
+        || {
+            let remote = counter(c2, "cluster_remote_members");
+            if remote == nodes {
+                Ok(())
+            } else if !swarm.is_running() {
+                panic!("the swarm ended: {}", swarm.stderr_text());
+            } else {
+                Err(format!("{remote} of {nodes}"))
+            }
+        },
+    );
+    // Settled: the last member messages are out.
+    std::thread::sleep(Duration::from_secs(3));
+    let published = |c: &Coordinator| counter(c, "cluster_published");
+    let joining = published(c1) + published(c2) - at_start;
+    report(format!(
+        "cluster: {nodes} nodes joining c1: {joining} NATS messages published in all ({:.3} per node, `up`s of up to 256 records each, and presence)",
+        joining as f64 / nodes as f64
+    ));
+    let relay = |c: &Coordinator| counter(c, "cluster_relay_messages_out");
+    let before = [(published(c1), relay(c1)), (published(c2), relay(c2))];
+    let regs_before = counter(c1, "registrations");
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(idle));
+    let secs = t0.elapsed().as_secs_f64();
+    let after = [(published(c1), relay(c1)), (published(c2), relay(c2))];
+    let regs = counter(c1, "registrations") - regs_before;
+    assert!(
+        swarm.is_running(),
+        "the swarm held its nodes: {}",
+        swarm.stderr_text()
+    );
+    assert_eq!(counter(c2, "cluster_remote_members"), nodes);
+    let msgs: Vec<u64> = (0..2)
+        .map(|i| (after[i].0 - before[i].0) + (after[i].1 - before[i].1))
+        .collect();
+    let total = (msgs[0] + msgs[1]) as f64 / secs;
+    report(format!(
+        "cluster steady state: {nodes} nodes on c1 (c2 holds them all as remote members), over \
+         {secs:.1} s: c1 published {} NATS messages, c2 {} ({total:.2}/s in all, {:.2}/s per \
+         1 000 nodes); {regs} re-registrations meanwhile",
+        msgs[0],
+        msgs[1],
+        total * 1000.0 / nodes as f64
+    ));
+    // Presence only: one `alive` per 2 s per coordinator, plus what re-registrations made.
+    let presence = 2.0 * (secs / 2.0 + 1.0);
+    assert!(
+        (msgs[0] + msgs[1]) as f64 <= presence + 2.0 * regs as f64,
+        "{msgs:?} messages in {secs:.1} s: more than presence at steady state"
+    );
+}

@@ -17,8 +17,10 @@ use hkdf::Hkdf;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::keys::{NetworkId, NodeKey};
+use crate::invite::{InviteId, InviteProof};
+use crate::keys::{NetworkId, NodeKey, SignerId};
 use crate::record::SignedRecord;
+use crate::sealed::Sealed;
 
 pub const MAGIC: &[u8; 4] = b"a2c1";
 /// Bytes before the ciphertext.
@@ -75,12 +77,32 @@ pub enum ClusterMsg {
     /// An answer to [`ClusterMsg::Sync`], on the asker's subject: part of what the sender holds;
     /// `last` closes it, and what the sender held before and did not name is gone.
     Snapshot { entries: Vec<Entry>, last: bool },
-    /// A member of the sender's removed `revocation`'s node from `network` (`a2actl kick`):
-    /// signed by the network key, so every coordinator checks it as if its own member had sent
-    /// it, keeps it, tells its members and ends the node's connection if it holds it.
-    Revoke {
-        network: NetworkId,
-        revocation: crate::signed::Signed,
+    /// Membership changes a member of the sender made, or (on the asker's subject, before a
+    /// [`ClusterMsg::Snapshot`]) what the sender keeps: signed by the network key, so every
+    /// coordinator checks each as if its own member had sent it (see [`Change`]).
+    Changes { changes: Vec<Change> },
+    /// A newcomer on the sender redeems an invite the sender does not know (on the cluster's
+    /// subject): the coordinator whose member made it passes it to that member, answers
+    /// [`ClusterMsg::RedeemHeld`] at once and [`ClusterMsg::RedeemAnswer`] when the member
+    /// decides. `ticket` names the redemption on the sender; `node_key` is the key the
+    /// sender's control channel authenticated.
+    Redeem {
+        ticket: u32,
+        invite: InviteId,
+        node_key: NodeKey,
+        signing_key: SignerId,
+        proof: InviteProof,
+    },
+    /// "The member that made this invite is mine and was asked" (on the asker's subject).
+    RedeemHeld { ticket: u32 },
+    /// The inviter's answer (on the asker's subject): the sealed member certificate if it
+    /// admitted the newcomer, else why not.
+    RedeemAnswer {
+        ticket: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        admitted: Option<Sealed>,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        refused: String,
     },
     /// A member of the sender is probing `to` (a member the receiver holds) for a direct path.
     Punch {
@@ -89,6 +111,45 @@ pub enum ClusterMsg {
         to: NodeKey,
     },
 }
+
+/// One membership change of a network, signed by its network key (the coordinator can check
+/// it, not make it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Change {
+    /// A node removed (`a2actl kick`): every coordinator keeps it for members that register
+    /// later, tells its members, ends the node's connection if it holds it and refuses the
+    /// key from then on.
+    Revoke {
+        network: NetworkId,
+        revocation: crate::signed::Signed,
+    },
+    /// The network moved to a new secret (`a2actl token rotate`): kept for members that
+    /// register later, passed to the members.
+    Moved {
+        network: NetworkId,
+        notice: crate::signed::Signed,
+    },
+    /// A policy or tag statement: kept if newer than held, passed to the members.
+    Statement {
+        network: NetworkId,
+        signed: crate::signed::Signed,
+    },
+}
+
+impl Change {
+    pub fn network(&self) -> &NetworkId {
+        match self {
+            Change::Revoke { network, .. }
+            | Change::Moved { network, .. }
+            | Change::Statement { network, .. } => network,
+        }
+    }
+}
+
+/// Changes per [`ClusterMsg::Changes`] message when a snapshot carries what a coordinator
+/// keeps (a revocation or notice is well under a kilobyte, a policy a few).
+pub const CHANGES_PER_MSG: usize = 64;
 
 /// Entries per [`ClusterMsg::Snapshot`] or [`ClusterMsg::Up`] message (records are at most a
 /// few kilobytes: far below NATS' payload limit).
