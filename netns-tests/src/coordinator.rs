@@ -8,8 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::process::{
-    describe_status, kill_children, require_tool, tail, traced_file_writes, Proc,
-    TRACE_FILE_CALLS,
+    describe_status, kill_children, require_tool, tail, traced_file_writes, Proc, TRACE_FILE_CALLS,
 };
 use crate::timing::{wait_for, wait_until};
 use crate::topology::{Lab, Ns};
@@ -180,7 +179,10 @@ impl Coordinator {
     /// a file for writing or change one, but for the creation of its own identity key
     /// (`O_CREAT|O_EXCL` of `STATE_DIR/coordinator.key`): none is allowed (zero-log).
     pub fn file_writes(&self) -> Vec<String> {
-        assert!(self.opts.strace, "the coordinator does not run under strace");
+        assert!(
+            self.opts.strace,
+            "the coordinator does not run under strace"
+        );
         let text = fs::read_to_string(self.trace_path()).expect("read the coordinator's trace");
         let key = format!("\"{}\"", self.state_dir.join("coordinator.key").display());
         traced_file_writes(&text)

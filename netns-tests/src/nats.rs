@@ -6,10 +6,10 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::coordinator::{CoordOpts, Coordinator, COORDINATOR_PORT};
 use crate::process::{
     kill_children, require_tool, tail, traced_file_writes, Proc, TRACE_FILE_CALLS,
 };
-use crate::coordinator::{CoordOpts, Coordinator, COORDINATOR_PORT};
 use crate::timing::wait_for;
 use crate::topology::{Lab, Ns};
 
@@ -200,7 +200,10 @@ impl Lab {
                 nats: urls.clone(),
                 nats_credentials: Some(auth.file.clone()),
                 key_from: out.first().map(|c| c.state_dir.join("coordinator.key")),
-                metrics: Some(format!("{}:{metrics_port}", ns.wan_ip.expect("wan address"))),
+                metrics: Some(format!(
+                    "{}:{metrics_port}",
+                    ns.wan_ip.expect("wan address")
+                )),
                 strace,
                 ..CoordOpts::default()
             };

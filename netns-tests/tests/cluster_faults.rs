@@ -221,7 +221,15 @@ fn each_coordinator_killed_in_turn_loses_no_ping_and_its_nodes_fail_over() {
     let r_e2 = router(&lab, "rtr-easy2", Nat::Easy, &coords, &[0, 1, 2]);
     let r_fw = router(&lab, "rtr-fw3", Nat::NoUdp, &coords, &[0, 1, 2]);
     let r_h: Vec<Router> = (0..3)
-        .map(|i| router(&lab, &format!("rtr-hard{}", i + 1), Nat::Hard, &coords, &[i]))
+        .map(|i| {
+            router(
+                &lab,
+                &format!("rtr-hard{}", i + 1),
+                Nat::Hard,
+                &coords,
+                &[i],
+            )
+        })
         .collect();
     let e1 = lab.node_behind(&r_e1, "easy-1");
     let e2 = lab.node_behind(&r_e2, "easy-2");
@@ -259,7 +267,14 @@ fn each_coordinator_killed_in_turn_loses_no_ping_and_its_nodes_fail_over() {
         let n: Vec<&str> = names.iter().map(String::as_str).collect();
         wait_all_list(&nodes, &n, Instant::now(), OVERLAY_TIMEOUT);
     }
-    for (n, want) in [(&e1, 0), (&e2, 1), (&fw, 2), (&hard[0], 0), (&hard[1], 1), (&hard[2], 2)] {
+    for (n, want) in [
+        (&e1, 0),
+        (&e2, 1),
+        (&fw, 2),
+        (&hard[0], 0),
+        (&hard[1], 1),
+        (&hard[2], 2),
+    ] {
         assert_eq!(
             coordinator_of(n, &coords),
             Some(want),
@@ -464,14 +479,18 @@ fn a_nats_server_killed_and_a_coordinator_cut_off_from_nats() {
     e1.wait_path("easy-2", "direct", PATH_TIMEOUT);
     e2.wait_path("easy-1", "direct", PATH_TIMEOUT);
     let relay_ping = |from: &Node, to: &str| {
-        wait_for(OVERLAY_TIMEOUT, &format!("{} to reach {to}", from.name), || {
-            let p = from.ping_peer(to, 3);
-            if p.iter().any(|(_, rtt)| rtt.is_some()) {
-                Ok(p)
-            } else {
-                Err(format!("{p:?}"))
-            }
-        })
+        wait_for(
+            OVERLAY_TIMEOUT,
+            &format!("{} to reach {to}", from.name),
+            || {
+                let p = from.ping_peer(to, 3);
+                if p.iter().any(|(_, rtt)| rtt.is_some()) {
+                    Ok(p)
+                } else {
+                    Err(format!("{p:?}"))
+                }
+            },
+        )
     };
     let p = relay_ping(h1, "hard-2");
     assert!(p.iter().all(|(path, _)| path == "relay"), "{p:?}");
@@ -565,8 +584,10 @@ fn a_nats_server_killed_and_a_coordinator_cut_off_from_nats() {
     let cut = Instant::now();
     cut_off_from_nats(&c3.ns, &nats);
     // Each side drops the other's members once its presence expired.
-    let (side3, side12): (Vec<&Node>, Vec<&Node>) =
-        all_nodes.iter().copied().partition(|n| n.name.ends_with("-3"));
+    let (side3, side12): (Vec<&Node>, Vec<&Node>) = all_nodes
+        .iter()
+        .copied()
+        .partition(|n| n.name.ends_with("-3"));
     let names3: Vec<&str> = side3.iter().map(|n| n.name.as_str()).collect();
     let names12: Vec<&str> = side12.iter().map(|n| n.name.as_str()).collect();
     wait_all_list(&side3, &names3, cut, EXPIRY_TIMEOUT);
