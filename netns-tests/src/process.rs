@@ -486,37 +486,6 @@ pub fn cpu_time(pid: u32) -> Duration {
     Duration::from_secs_f64(ticks as f64 / hz)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_missing_tool_names_its_package() {
-        require_tools(&[("sh", "dash")]);
-        let err = std::panic::catch_unwind(|| {
-            require_tools(&[
-                ("sh", "dash"),
-                ("a2a-no-such-tool", "a2a-no-such-package"),
-                ("a2a-no-such-tool-either", "a2a-no-such-package"),
-            ])
-        })
-        .expect_err("a missing tool panics");
-        let msg = err.downcast_ref::<String>().expect("a formatted message");
-        assert!(msg.contains("`a2a-no-such-tool`"), "{msg}");
-        assert!(
-            msg.contains("apt-get install a2a-no-such-package`"),
-            "{msg}"
-        );
-        assert!(!msg.contains("dash"), "{msg}");
-    }
-
-    #[test]
-    fn output_tail_and_truncate() {
-        assert_eq!(tail("a\nb\nc\n", 2), "[... 1 earlier lines ...]\nb\nc\n");
-        assert_eq!(truncate("héllo", 2), "h");
-    }
-}
-
 // ------------------------------------------------------------------------------------------
 // File-system traces (strace)
 // ------------------------------------------------------------------------------------------
@@ -583,5 +552,36 @@ pub(crate) fn kill_children(pid: u32) {
                 libc::kill(c, libc::SIGKILL);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tool_names_its_package() {
+        require_tools(&[("sh", "dash")]);
+        let err = std::panic::catch_unwind(|| {
+            require_tools(&[
+                ("sh", "dash"),
+                ("a2a-no-such-tool", "a2a-no-such-package"),
+                ("a2a-no-such-tool-either", "a2a-no-such-package"),
+            ])
+        })
+        .expect_err("a missing tool panics");
+        let msg = err.downcast_ref::<String>().expect("a formatted message");
+        assert!(msg.contains("`a2a-no-such-tool`"), "{msg}");
+        assert!(
+            msg.contains("apt-get install a2a-no-such-package`"),
+            "{msg}"
+        );
+        assert!(!msg.contains("dash"), "{msg}");
+    }
+
+    #[test]
+    fn output_tail_and_truncate() {
+        assert_eq!(tail("a\nb\nc\n", 2), "[... 1 earlier lines ...]\nb\nc\n");
+        assert_eq!(truncate("héllo", 2), "h");
     }
 }
