@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::process::{describe_status, require_tool, tail, Proc};
+use crate::process::{
+    describe_status, kill_children, require_tool, tail, traced_file_writes, Proc, TRACE_FILE_CALLS,
+};
 use crate::timing::{wait_for, wait_until};
 use crate::topology::{Lab, Ns};
 
@@ -55,6 +57,9 @@ pub struct CoordOpts {
     /// Copied into the state directory as `coordinator.key` before the first start: the
     /// cluster's shared identity.
     pub key_from: Option<PathBuf>,
+    /// Run under `strace -f` of its file-system calls, from the start (every run appends to
+    /// [`Coordinator::trace_path`]); [`Coordinator::file_writes`] reads what it wrote.
+    pub strace: bool,
 }
 
 /// A coordinator process in its namespace.
@@ -86,7 +91,25 @@ impl Coordinator {
         } else {
             bins.coordinator.clone()
         };
-        let mut args = vec!["env".into(), "A2A_LOG=trace".into(), binary];
+        let mut args = vec!["env".into(), "A2A_LOG=trace".into()];
+        if self.opts.strace {
+            args.extend(
+                [
+                    "strace",
+                    "-f",
+                    "-A",
+                    "--seccomp-bpf",
+                    "-qq",
+                    "-o",
+                    &self.trace_path().to_string_lossy(),
+                    "-e",
+                    TRACE_FILE_CALLS,
+                    "--",
+                ]
+                .map(String::from),
+            );
+        }
+        args.push(binary);
         if self.opts.dual_stack {
             let v6 = self
                 .ns
@@ -143,6 +166,29 @@ impl Coordinator {
             args.push(ms.to_string());
         }
         args
+    }
+
+    /// Where strace writes its trace ([`CoordOpts::strace`]): `ROLE.strace` beside the state
+    /// directory.
+    pub fn trace_path(&self) -> PathBuf {
+        self.state_dir
+            .with_file_name(format!("{}.strace", self.ns.role))
+    }
+
+    /// The lines of its file-system trace ([`CoordOpts::strace`], every run so far) that open
+    /// a file for writing or change one, but for the creation of its own identity key
+    /// (`O_CREAT|O_EXCL` of `STATE_DIR/coordinator.key`): none is allowed (zero-log).
+    pub fn file_writes(&self) -> Vec<String> {
+        assert!(
+            self.opts.strace,
+            "the coordinator does not run under strace"
+        );
+        let text = fs::read_to_string(self.trace_path()).expect("read the coordinator's trace");
+        let key = format!("\"{}\"", self.state_dir.join("coordinator.key").display());
+        traced_file_writes(&text)
+            .into_iter()
+            .filter(|l| !(l.contains(&key) && l.contains("O_CREAT") && l.contains("O_EXCL")))
+            .collect()
     }
 
     /// Where the recording coordinator ([`CoordOpts::recording`]) records.
@@ -256,9 +302,14 @@ impl Coordinator {
         self.proc().assert_running();
     }
 
-    /// SIGKILL.
+    /// SIGKILL (of the coordinator itself first when it runs under strace: strace killed
+    /// alone would let it run on).
     pub fn kill(&self) {
-        self.proc().kill();
+        let proc = self.proc();
+        if self.opts.strace {
+            kill_children(proc.pid());
+        }
+        proc.kill();
     }
 
     /// Starts it again (same state directory and address) after [`kill`](Self::kill); returns
@@ -300,6 +351,17 @@ impl Coordinator {
     }
 }
 
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        // The lab kills what it started (strace); the tracee must not outlive it.
+        if self.opts.strace {
+            if let Some(p) = self.proc.lock().unwrap().as_ref() {
+                kill_children(p.pid());
+            }
+        }
+    }
+}
+
 /// `GET http://ADDR/metrics` with curl in `ns`; panics unless it answers 200.
 #[track_caller]
 pub fn scrape_metrics(ns: &Ns, addr: &str) -> String {
@@ -337,7 +399,7 @@ impl Lab {
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&dest, fs::Permissions::from_mode(0o600)).expect("chmod key");
         }
-        let coord = Coordinator {
+        let mut coord = Coordinator {
             addr: SocketAddrV4::new(ip, COORDINATOR_PORT),
             state_dir,
             token: String::new(),
@@ -345,7 +407,7 @@ impl Lab {
             proc: Mutex::new(None),
             ns,
         };
-        let token = coord.start();
-        Coordinator { token, ..coord }
+        coord.token = coord.start();
+        coord
     }
 }

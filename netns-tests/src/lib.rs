@@ -19,7 +19,8 @@
 //! The modules, each depending only on those listed before it:
 //! - `timing`: [`in_ci`], [`report`], [`poll`], [`wait_for`], [`wait_until`];
 //! - `process`: the binaries ([`Bins`]), commands with a time limit ([`Output`],
-//!   [`run_host`]), background processes ([`Proc`]), [`require_tool`] and [`require_tools`];
+//!   [`run_host`]), background processes ([`Proc`]), [`require_tool`] and [`require_tools`],
+//!   file-system traces by strace (what they show written);
 //! - [`garbage`]: hostile bytes;
 //! - `topology`: [`Lab`], namespaces ([`Ns`]), NAT routers ([`Router`], [`Nat`]);
 //! - `impair`: lossy, slow wan links ([`Impairment`], [`Lab::router_impaired`]) with the
@@ -32,7 +33,8 @@
 //! - `coordinator`: [`Coordinator`], [`CoordOpts`] (and [`Lab::coordinator`]), its metrics
 //!   ([`scrape_metrics`], [`metric`]);
 //! - `nats`: the real `nats-server` for the coordinator cluster ([`NatsServer`],
-//!   [`Lab::nats_cluster`], [`NatsAuth`]);
+//!   [`Lab::nats_cluster`], [`NatsAuth`]) and a cluster of coordinators over it
+//!   ([`Lab::coordinators_on_nats`]);
 //! - `node`: [`Node`] (and [`Lab::node`], [`Lab::node_behind`]);
 //! - `container`: a machine with systemd as PID 1 in a lab namespace ([`Container`], booted
 //!   with systemd-nspawn from a cached Debian root, [`Lab::container`]);

@@ -6,7 +6,10 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::process::{require_tool, tail, Proc};
+use crate::coordinator::{CoordOpts, Coordinator, COORDINATOR_PORT};
+use crate::process::{
+    kill_children, require_tool, tail, traced_file_writes, Proc, TRACE_FILE_CALLS,
+};
 use crate::timing::wait_for;
 use crate::topology::{Lab, Ns};
 
@@ -26,11 +29,6 @@ pub struct NatsServer {
     /// Where strace writes what nats-server did to files, when it runs under strace.
     pub trace: Option<PathBuf>,
 }
-
-/// The system calls of the file-system trace: opens, and everything that changes a file.
-const TRACED: &str = "trace=open,openat,openat2,creat,mkdir,mkdirat,rename,renameat,renameat2,\
-                      unlink,unlinkat,link,linkat,symlink,symlinkat,truncate,ftruncate,chmod,\
-                      fchmod,fchmodat,chown,fchown,fchownat,lchown,mknod,mknodat";
 
 impl NatsServer {
     /// `nats://IP:4222`.
@@ -55,28 +53,7 @@ impl NatsServer {
         self.kill();
         let trace = self.trace.as_ref().expect("started under strace");
         let text = fs::read_to_string(trace).expect("read the nats-server trace");
-        assert!(
-            text.lines().any(|l| l.contains("openat(")),
-            "the trace holds no open at all: is it nats-server's?\n{text}"
-        );
-        text.lines()
-            .filter(|l| {
-                let open = l.contains("open(") || l.contains("openat(") || l.contains("openat2(");
-                let writes = [
-                    "O_WRONLY",
-                    "O_RDWR",
-                    "O_CREAT",
-                    "O_TRUNC",
-                    "O_APPEND",
-                    "O_TMPFILE",
-                ]
-                .iter()
-                .any(|f| l.contains(f));
-                (open && writes)
-                    || (!open && !l.contains("+++") && !l.contains("---") && l.contains('('))
-            })
-            .map(str::to_string)
-            .collect()
+        traced_file_writes(&text)
     }
 }
 
@@ -85,22 +62,6 @@ impl Drop for NatsServer {
         // The lab kills what it started (strace); the tracee must not outlive it.
         if self.trace.is_some() {
             kill_children(self.proc.pid());
-        }
-    }
-}
-
-/// SIGKILLs the children of `pid`.
-fn kill_children(pid: u32) {
-    let path = format!("/proc/{pid}/task/{pid}/children");
-    for child in fs::read_to_string(path)
-        .unwrap_or_default()
-        .split_whitespace()
-    {
-        if let Ok(c) = child.parse::<i32>() {
-            // SAFETY: kill(2) of a child of a process this test started.
-            unsafe {
-                libc::kill(c, libc::SIGKILL);
-            }
         }
     }
 }
@@ -185,7 +146,7 @@ impl Lab {
                         let t = t.to_string_lossy().into_owned();
                         ns.spawn(
                             "nats-server",
-                            &["strace", "-f", "--seccomp-bpf", "-qq", "-o", &t, "-e", TRACED, "nats-server", "-c", &conf],
+                            &["strace", "-f", "--seccomp-bpf", "-qq", "-o", &t, "-e", TRACE_FILE_CALLS, "nats-server", "-c", &conf],
                         )
                     }
                     None => ns.spawn("nats-server", &["nats-server", "-c", &conf]),
@@ -211,5 +172,43 @@ impl Lab {
                 }
             })
             .collect()
+    }
+
+    /// `n` coordinators in namespaces `coord1`…, forming one cluster over `nats`: they share
+    /// one identity (the first one's `coordinator.key`, copied into the others' state
+    /// directories) and the full `--endpoint` list, each is given every NATS server's URL and
+    /// `auth`'s credentials, and serves its metrics on its wan address, port
+    /// `metrics_port`. `strace`: each runs under strace ([`CoordOpts::strace`]).
+    pub fn coordinators_on_nats(
+        &self,
+        nats: &[NatsServer],
+        auth: &NatsAuth,
+        n: usize,
+        metrics_port: u16,
+        strace: bool,
+    ) -> Vec<Coordinator> {
+        let namespaces: Vec<Ns> = (1..=n).map(|i| self.add_ns(&format!("coord{i}"))).collect();
+        let endpoints: Vec<String> = namespaces
+            .iter()
+            .map(|ns| format!("{}:{COORDINATOR_PORT}", ns.wan_ip.expect("wan address")))
+            .collect();
+        let urls: Vec<String> = nats.iter().map(NatsServer::url).collect();
+        let mut out: Vec<Coordinator> = Vec::new();
+        for ns in namespaces {
+            let opts = CoordOpts {
+                endpoints: endpoints.clone(),
+                nats: urls.clone(),
+                nats_credentials: Some(auth.file.clone()),
+                key_from: out.first().map(|c| c.state_dir.join("coordinator.key")),
+                metrics: Some(format!(
+                    "{}:{metrics_port}",
+                    ns.wan_ip.expect("wan address")
+                )),
+                strace,
+                ..CoordOpts::default()
+            };
+            out.push(self.coordinator_in(ns, opts));
+        }
+        out
     }
 }

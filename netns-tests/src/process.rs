@@ -486,6 +486,75 @@ pub fn cpu_time(pid: u32) -> Duration {
     Duration::from_secs_f64(ticks as f64 / hz)
 }
 
+// ------------------------------------------------------------------------------------------
+// File-system traces (strace)
+// ------------------------------------------------------------------------------------------
+
+/// The system calls of a file-system trace (`strace -e TRACE_FILE_CALLS`): opens, everything
+/// that changes a file, and binds (a Unix socket's bind creates one).
+pub(crate) const TRACE_FILE_CALLS: &str =
+    "trace=open,openat,openat2,creat,mkdir,mkdirat,rmdir,rename,renameat,renameat2,\
+     unlink,unlinkat,link,linkat,symlink,symlinkat,truncate,ftruncate,fallocate,chmod,\
+     fchmod,fchmodat,chown,fchown,fchownat,lchown,mknod,mknodat,utimensat,setxattr,\
+     lsetxattr,fsetxattr,removexattr,lremovexattr,fremovexattr,bind";
+
+/// The lines of a trace made with [`TRACE_FILE_CALLS`] that open a file for writing or change
+/// one (a bind only when it is a Unix socket's). Panics when the trace holds no open at all
+/// (it would not be the traced program's).
+pub(crate) fn traced_file_writes(text: &str) -> Vec<String> {
+    assert!(
+        text.lines().any(|l| l.contains("openat(")),
+        "the trace holds no open at all: is it the traced program's?\n{text}"
+    );
+    text.lines()
+        .filter(|l| {
+            let open = l.contains("open(") || l.contains("openat(") || l.contains("openat2(");
+            let writes = [
+                "O_WRONLY",
+                "O_RDWR",
+                "O_CREAT",
+                "O_TRUNC",
+                "O_APPEND",
+                "O_TMPFILE",
+            ]
+            .iter()
+            .any(|f| l.contains(f));
+            let bind = l.contains("bind(");
+            if l.contains("resumed>") {
+                // The second half of a call strace saw interrupted: its first half, with the
+                // flags, is the line that counts.
+                false
+            } else if open {
+                writes
+            } else if bind {
+                l.contains("AF_UNIX") || l.contains("AF_LOCAL")
+            } else {
+                // A change that failed (`= -1 EEXIST`: a state directory that exists) changed
+                // nothing.
+                !l.contains("+++") && !l.contains("---") && l.contains('(') && !l.contains("= -1 ")
+            }
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// SIGKILLs the children of `pid` (the tracee of a strace this test started: strace killed
+/// alone would let it run on).
+pub(crate) fn kill_children(pid: u32) {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    for child in fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        if let Ok(c) = child.parse::<i32>() {
+            // SAFETY: kill(2) of a child of a process this test started.
+            unsafe {
+                libc::kill(c, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
