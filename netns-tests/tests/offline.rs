@@ -82,14 +82,18 @@ fn a_member_restarted_without_coordinator_comes_back_with_its_verified_peers() {
     // from its list.
     alpha.ctl(&["kick", "charlie"]).expect_ok();
     bravo.wait_peers(&["alpha"], OVERLAY_TIMEOUT);
-    wait_for(OVERLAY_TIMEOUT, "bravo to save its list without charlie", || {
-        let keys = saved_peers(&bravo)?;
-        if keys == [alpha_key.clone()] {
-            Ok(())
-        } else {
-            Err(format!("saved: {keys:?}"))
-        }
-    });
+    wait_for(
+        OVERLAY_TIMEOUT,
+        "bravo to save its list without charlie",
+        || {
+            let keys = saved_peers(&bravo)?;
+            if keys == [alpha_key.clone()] {
+                Ok(())
+            } else {
+                Err(format!("saved: {keys:?}"))
+            }
+        },
+    );
 
     // The coordinator dies; bravo restarts with the older file that still holds charlie.
     coord.kill();
@@ -112,7 +116,9 @@ fn a_member_restarted_without_coordinator_comes_back_with_its_verified_peers() {
         .expect_ok();
     let pongs = bravo.ping_peer("alpha", 3);
     assert!(
-        pongs.iter().any(|(path, rtt)| path == "direct" && rtt.is_some()),
+        pongs
+            .iter()
+            .any(|(path, rtt)| path == "direct" && rtt.is_some()),
         "no direct pong from alpha: {pongs:?}"
     );
     let log = daemon.stderr_text();
@@ -148,9 +154,16 @@ fn a_member_restarted_without_coordinator_comes_back_with_its_verified_peers() {
     );
     std::thread::sleep(Duration::from_secs(3));
     let st = bravo.status();
-    assert!(st.peers.is_empty(), "peers from an edited file: {:?}", st.peers);
+    assert!(
+        st.peers.is_empty(),
+        "peers from an edited file: {:?}",
+        st.peers
+    );
     assert_eq!(bravo.counter("peers_file_refused"), 1);
-    assert!(bravo.fetch_from(&alpha, 3).is_err(), "alpha reachable without any record");
+    assert!(
+        bravo.fetch_from(&alpha, 3).is_err(),
+        "alpha reachable without any record"
+    );
 }
 
 #[test]

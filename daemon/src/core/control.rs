@@ -150,7 +150,6 @@ struct Conn {
     /// Whether the member list the registration announced has come: from then on a peer
     /// not listed is unlisted.
     list_complete: bool,
-    next_sweep: Instant,
 }
 
 /// The control client's state over its whole run, across connections.
@@ -287,28 +286,18 @@ impl Client {
             last_heard: now.at,
             listed: HashSet::new(),
             list_complete: false,
-            next_sweep: now.at + SWEEP_EVERY,
         });
         msg
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) is due; `None` without a connection.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.conn.as_ref().map(|c| c.next_timer.min(c.next_sweep))
+        self.conn.as_ref().map(|c| c.next_timer)
     }
 
     /// The timer [`poll_timeout`](Self::poll_timeout) named fired.
     pub fn handle_timeout(&mut self, now: Now) -> Vec<Action> {
         let mut out = Vec::new();
-        let Some(c) = self.conn.as_mut() else {
-            return out;
-        };
-        if now.at >= c.next_sweep {
-            c.next_sweep = now.at + SWEEP_EVERY;
-            if c.registered {
-                self.sweep(now, &mut out);
-            }
-        }
         let Some(c) = self.conn.as_mut() else {
             return out;
         };
@@ -443,7 +432,11 @@ impl Client {
                          path is alive",
                         peer.info().name,
                         peer.ip(),
-                        if was == Listing::Saved { ", restored from peers.json," } else { "" }
+                        if was == Listing::Saved {
+                            ", restored from peers.json,"
+                        } else {
+                            ""
+                        }
                     );
                     peer.set_listing(Listing::Unlisted { since: now.at });
                 }
@@ -451,9 +444,13 @@ impl Client {
         }
     }
 
-    /// Drops the unlisted peers quiet for [`offline::UNLISTED_QUIET`], and saves the peer
-    /// list when it changed.
-    fn sweep(&mut self, now: Now, out: &mut Vec<Action>) {
+    /// To be called every [`SWEEP_EVERY`]: while registered, drops the unlisted peers quiet
+    /// for [`offline::UNLISTED_QUIET`] and saves the peer list when it changed.
+    pub fn sweep(&mut self, now: Now) -> Vec<Action> {
+        let mut out = Vec::new();
+        if !self.conn.as_ref().is_some_and(|c| c.registered) {
+            return out;
+        }
         let complete = self.conn.as_ref().is_some_and(|c| c.list_complete);
         let epoch = self.peers.epoch();
         if complete {
@@ -483,6 +480,7 @@ impl Client {
             )));
             self.saved = list;
         }
+        out
     }
 
     /// The peers to save: each peer in the table whose verified record is held, with its
@@ -743,6 +741,11 @@ impl Client {
             if applied == Applied::Stale && was != Listing::Listed {
                 // Not a replay: the record this node already held from peers.json or before.
                 return;
+            }
+            if applied == Applied::Updated && matches!(was, Listing::Unlisted { .. }) {
+                // Gone and back with a new record (a restart): a fresh handshake, as for a
+                // new peer.
+                out.push(Action::Initiate(key));
             }
         }
         match applied {
@@ -1329,8 +1332,16 @@ mod tests {
         );
         assert!(a.contains(&Action::Initiate(key_of([2; 32]))), "{a:?}");
         assert!(!a.contains(&Action::Initiate(key_of([4; 32]))));
-        assert_eq!(w.peers.len(), 2);
-        assert!(w.peers.by_key(&key_of([3; 32])).is_none());
+        // 3 is not revoked: it stays, unlisted, while its direct path lives (core/offline.rs).
+        assert_eq!(w.peers.len(), 3);
+        assert!(matches!(
+            w.peers.by_key(&key_of([3; 32])).unwrap().listing(),
+            Listing::Unlisted { .. }
+        ));
+        assert_eq!(
+            w.peers.by_key(&key_of([2; 32])).unwrap().listing(),
+            Listing::Listed
+        );
         assert_eq!(w.peers.by_key(&key_of([2; 32])).unwrap().relay_id(), 22);
         // A record of another network in a batch is dropped and counted; the rest applies.
         let a = w.client.handle(
@@ -1651,6 +1662,7 @@ mod tests {
         let mut ms = from_ms;
         while ms <= to_ms {
             out.extend(w.client.handle_timeout(at(w, ms)));
+            out.extend(w.client.sweep(at(w, ms)));
             ms += 1000;
         }
         out
@@ -1740,19 +1752,18 @@ mod tests {
         w.member
             .revoke(&r, Signed::sign(&r, &network_key, REVOKE_CONTEXT))
             .unwrap();
-        let (_, restored, refused) =
-            w.client
-                .restore(at(&w, 0), vec![good(2), foreign, mismatched, good(5)]);
+        let (_, restored, refused) = w
+            .client
+            .restore(at(&w, 0), vec![good(2), foreign, mismatched, good(5)]);
         assert_eq!((restored, refused), (1, 3));
         assert!(w.peers.by_key(&key_of([2; 32])).is_some());
         assert_eq!(w.peers.len(), 1);
-        assert_eq!(Counters::get(&w.counters.records_bad_signature), 1);
+        assert_eq!(Counters::get(&w.counters.records_foreign), 1);
         assert_eq!(Counters::get(&w.counters.records_revoked), 1);
     }
 
     #[test]
-    fn a_peer_the_coordinator_forgets_stays_while_heard_directly_and_a_revoked_one_goes_at_once()
-    {
+    fn a_peer_the_coordinator_forgets_stays_while_heard_directly_and_a_revoked_one_goes_at_once() {
         let mut w = world();
         register(&mut w, 0);
         w.client.handle(at(&w, 6), peer_up(2));
@@ -1784,6 +1795,7 @@ mod tests {
                 path.tick(at(&w, ms).at, Some(at(&w, ms).at), None, &mut Vec::new());
             });
             w.client.handle_timeout(at(&w, ms));
+            w.client.sweep(at(&w, ms));
         }
         assert!(w.peers.by_key(&key_of([3; 32])).is_none(), "quiet: dropped");
         assert!(w.peers.by_key(&key_of([2; 32])).is_some(), "alive: kept");
@@ -1805,7 +1817,7 @@ mod tests {
             },
         );
         assert!(w.peers.is_empty());
-        let files = saved_files(&w.client.handle_timeout(at(&w, 42_000)));
+        let files = saved_files(&w.client.sweep(at(&w, 42_000)));
         let saved = offline::open(&files[0], &[1; 32], &network_id()).unwrap();
         assert!(saved.is_empty(), "the revoked peer is not saved");
     }
@@ -1824,9 +1836,12 @@ mod tests {
         let p = w.peers.by_key(&key_of([2; 32])).unwrap();
         assert_eq!(p.listing(), Listing::Saved);
         // A coordinator answers; its list (one member, 3) does not name 2.
-        let reg = w
-            .client
-            .connected(at(&w, 100_000), b"h", Some(addr("198.51.100.1:4000")), vec![]);
+        let reg = w.client.connected(
+            at(&w, 100_000),
+            b"h",
+            Some(addr("198.51.100.1:4000")),
+            vec![],
+        );
         assert!(matches!(reg, ClientMsg::Register { .. }));
         w.client.handle(at(&w, 100_005), registered(1));
         assert_eq!(p.listing(), Listing::Saved, "the list is not complete yet");

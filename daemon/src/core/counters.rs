@@ -227,6 +227,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 82);
+        assert_eq!(len, 85);
     }
 }

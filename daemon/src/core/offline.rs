@@ -74,7 +74,9 @@ pub struct SavedPeer {
 pub enum Refusal {
     #[error("it is not a saved peer list ({0})")]
     Malformed(String),
-    #[error("its seal does not verify under this node's key: it was edited, or written by another node")]
+    #[error(
+        "its seal does not verify under this node's key: it was edited, or written by another node"
+    )]
     Tampered,
     #[error("it is another node's")]
     OtherNode,
@@ -142,7 +144,10 @@ fn signed_bytes(message: &[u8]) -> Vec<u8> {
 
 /// A restored peer's candidates: where it was last reached directly first (its packets go
 /// there before any probe answered), then those its record publishes.
-pub fn restored_candidates(endpoint: Option<SocketAddr>, published: &[SocketAddr]) -> Vec<SocketAddr> {
+pub fn restored_candidates(
+    endpoint: Option<SocketAddr>,
+    published: &[SocketAddr],
+) -> Vec<SocketAddr> {
     let mut c: Vec<SocketAddr> = endpoint.into_iter().collect();
     for a in published {
         if !c.contains(a) {
@@ -238,7 +243,10 @@ mod tests {
         let file = seal(&NODE, network().id(), peers.clone());
         assert_eq!(open(&file, &NODE, &network().id()), Ok(peers));
         // Another node's key does not open it: the seal is made with the node's own key.
-        assert_eq!(open(&file, &[8; 32], &network().id()), Err(Refusal::Tampered));
+        assert_eq!(
+            open(&file, &[8; 32], &network().id()),
+            Err(Refusal::Tampered)
+        );
         let other = NetworkKey::derive(&[2; 32]).id();
         assert_eq!(open(&file, &NODE, &other), Err(Refusal::OtherNetwork));
     }
@@ -253,15 +261,27 @@ mod tests {
         assert_eq!(open(&moved, &NODE, &network().id()), Err(Refusal::Tampered));
         // A peer dropped from the list (a kicked member's record put back would be the same).
         let emptied = SavedFile {
-            body: file.body.replace(&file.body[file.body.find("\"peers\"").unwrap()..], "\"peers\":[]}"),
+            body: file.body.replace(
+                &file.body[file.body.find("\"peers\"").unwrap()..],
+                "\"peers\":[]}",
+            ),
             sig: file.sig.clone(),
         };
-        assert_eq!(open(&emptied, &NODE, &network().id()), Err(Refusal::Tampered));
+        assert_eq!(
+            open(&emptied, &NODE, &network().id()),
+            Err(Refusal::Tampered)
+        );
         let mut unsigned = file.clone();
         unsigned.sig = "!!".into();
-        assert_eq!(open(&unsigned, &NODE, &network().id()), Err(Refusal::Tampered));
+        assert_eq!(
+            open(&unsigned, &NODE, &network().id()),
+            Err(Refusal::Tampered)
+        );
         unsigned.sig = String::new();
-        assert_eq!(open(&unsigned, &NODE, &network().id()), Err(Refusal::Tampered));
+        assert_eq!(
+            open(&unsigned, &NODE, &network().id()),
+            Err(Refusal::Tampered)
+        );
     }
 
     #[test]
@@ -288,7 +308,10 @@ mod tests {
             restored_candidates(Some(a("192.0.2.1:5")), &[a("10.0.0.1:1"), a("192.0.2.1:5")]),
             vec![a("192.0.2.1:5"), a("10.0.0.1:1")]
         );
-        assert_eq!(restored_candidates(None, &[a("10.0.0.1:1")]), vec![a("10.0.0.1:1")]);
+        assert_eq!(
+            restored_candidates(None, &[a("10.0.0.1:1")]),
+            vec![a("10.0.0.1:1")]
+        );
     }
 
     #[test]

@@ -166,7 +166,10 @@ impl<P: Platform> ControlTask<P> {
                     }
                 }
                 Action::Candidates(key) => {
-                    let _ = self.dataplane.path_events.try_send(PathEvent::Candidates(key));
+                    let _ = self
+                        .dataplane
+                        .path_events
+                        .try_send(PathEvent::Candidates(key));
                 }
                 _ => {}
             }
@@ -271,6 +274,8 @@ impl<P: Platform> ControlTask<P> {
             binder: None,
         };
         let (addrs_tx, mut addrs_rx) = watch::channel((reflexive, locals));
+        let mut sweep = tokio::time::interval(crate::core::control::SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             let deadline = self
@@ -313,6 +318,7 @@ impl<P: Platform> ControlTask<P> {
                     continue;
                 }
                 _ = sleep_until(deadline) => self.client.handle_timeout(clock()),
+                _ = sweep.tick() => self.client.sweep(clock()),
                 changed = addrs_rx.changed() => {
                     if changed.is_err() {
                         continue;
