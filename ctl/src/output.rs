@@ -229,7 +229,10 @@ pub fn status_table(status: &Status) -> String {
                     format!("{} ({})", p.name, tag_words(&p.tags))
                 },
                 p.ip.clone(),
-                p.path.clone(),
+                match &p.listing {
+                    Some(l) => format!("{} ({l})", p.path),
+                    None => p.path.clone(),
+                },
                 p.endpoint.clone().unwrap_or_else(|| "-".into()),
                 p.rtt_ms
                     .map(|ms| format!("{ms:.2}ms"))
@@ -416,6 +419,7 @@ mod tests {
                 rx_bytes: 2048,
                 tx_bytes: 10,
                 tags: vec![],
+                listing: None,
             }],
             counters: Default::default(),
             policy: None,

@@ -508,6 +508,11 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// `unlisted` (the coordinator no longer lists it; kept while its direct path is alive)
+    /// or `saved` (restored from the state directory, no coordinator has listed it yet);
+    /// `None` when the coordinator lists it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listing: Option<String>,
 }
 
 /// Where `a2ad` keeps its state when no `--state-dir` is given.
@@ -628,6 +633,7 @@ mod tests {
                 rx_bytes: 1,
                 tx_bytes: 2,
                 tags: vec![],
+                listing: None,
             }],
             counters: Default::default(),
             policy: None,

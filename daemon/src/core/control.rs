@@ -14,7 +14,7 @@
 //! Error contract: nothing here fails; bad input is counted and dropped, and a reason to stop
 //! comes back as [`Action::End`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +30,8 @@ use a2a_proto::{Credential, JoinToken, NetworkKey, NodeKey, NodeRecord, SignedRe
 
 use crate::core::counters::Counters;
 use crate::core::membership::{MemberState, Membership};
+use crate::core::offline::{self, Listing, SavedFile, SavedPeer, Verdict};
+use crate::core::path::Route;
 use crate::core::peers::{Applied, PeerTable};
 
 /// Reconnect back-off bounds.
@@ -45,6 +47,9 @@ pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_ADDRESS_ATTEMPTS: u32 = 16;
 /// Handshakes closed in a row before the token's coordinator key is declared wrong.
 pub const MAX_CLOSED_HANDSHAKES: u32 = 3;
+/// How often, while registered, unlisted peers are looked at ([`offline::verdict`]) and the
+/// saved peer list is brought up to date (written only when it changed).
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The clock, both ways: `at` for timers, `unix_ms` for what is signed (records, certificates).
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +112,8 @@ pub enum Action {
     /// keeps it only if newer than what it holds).
     Statement(a2a_proto::membership::Signed),
     SaveMembership(Membership),
+    /// Write `peers.json` (the verified peers, sealed; core/offline.rs).
+    SavePeers(SavedFile),
     End(End),
 }
 
@@ -138,6 +145,11 @@ struct Conn {
     heartbeat_every: Duration,
     next_timer: Instant,
     last_heard: Instant,
+    /// The peers this connection's coordinator listed (or sent a record of).
+    listed: HashSet<NodeKey>,
+    /// Whether the member list the registration announced has come: from then on a peer
+    /// not listed is unlisted.
+    list_complete: bool,
 }
 
 /// The control client's state over its whole run, across connections.
@@ -159,6 +171,11 @@ pub struct Client {
     /// The SSH keys this node publishes in its record (`None` before any are set).
     ssh: Option<a2a_proto::ssh::SshKeys>,
     conn: Option<Conn>,
+    /// Each peer's signed record as verified, for `peers.json`.
+    records: HashMap<NodeKey, SignedRecord>,
+    /// The peer list last saved (or restored), sorted by key: written again only when it
+    /// changes.
+    saved: Vec<SavedPeer>,
 }
 
 impl Client {
@@ -185,7 +202,45 @@ impl Client {
             mapped: None,
             ssh: None,
             conn: None,
+            records: HashMap::new(),
+            saved: Vec::new(),
         }
+    }
+
+    /// The peers of `peers.json` (already opened: its seal checked, [`offline::open`]), each
+    /// verified again as if the coordinator had sent it, enter the peer table as
+    /// [`Listing::Saved`], aimed first at where they were last reached directly. Returns the
+    /// actions (a handshake and path finding for each) and how many were restored and
+    /// refused.
+    pub fn restore(&mut self, now: Now, saved: Vec<SavedPeer>) -> (Vec<Action>, usize, usize) {
+        let cred = self.member.credential();
+        let (mut out, mut restored, mut refused) = (Vec::new(), 0, 0);
+        for s in saved {
+            let Some((mut record, cert)) = self.verify_record(&cred, &s.record) else {
+                refused += 1;
+                continue;
+            };
+            let key = record.node_key;
+            if key != s.node_key {
+                refused += 1;
+                continue;
+            }
+            record.candidates = offline::restored_candidates(s.endpoint, &record.candidates);
+            if self.peers.apply(now.at, record, cert) != Applied::Added {
+                refused += 1;
+                continue;
+            }
+            if let Some(peer) = self.peers.by_key(&key) {
+                peer.set_listing(Listing::Saved);
+            }
+            self.records.insert(key, s.record.clone());
+            self.saved.push(s);
+            restored += 1;
+            out.push(Action::Initiate(key));
+            out.push(Action::Candidates(key));
+        }
+        self.saved.sort_by_key(|s| s.node_key);
+        (out, restored, refused)
     }
 
     /// The credential to connect with now.
@@ -229,6 +284,8 @@ impl Client {
             heartbeat_every: REGISTER_TIMEOUT,
             next_timer: now.at + REGISTER_TIMEOUT,
             last_heard: now.at,
+            listed: HashSet::new(),
+            list_complete: false,
         });
         msg
     }
@@ -240,24 +297,29 @@ impl Client {
 
     /// The timer [`poll_timeout`](Self::poll_timeout) named fired.
     pub fn handle_timeout(&mut self, now: Now) -> Vec<Action> {
+        let mut out = Vec::new();
         let Some(c) = self.conn.as_mut() else {
-            return vec![];
+            return out;
         };
         if now.at < c.next_timer {
-            return vec![];
+            return out;
         }
         if !c.registered {
-            return vec![Action::End(End::Lost(
+            out.push(Action::End(End::Lost(
                 "the coordinator did not answer the registration".into(),
-            ))];
+            )));
+            return out;
         }
-        let mut out = Vec::new();
         c.next_timer = now.at + c.heartbeat_every;
         if c.initial_peers > 0 {
             // Some promised records never came (dropped as forged, say): `up` waits no longer.
             c.initial_peers = 0;
             out.push(Action::Status(Registration::Registered { ip: self.ip }));
+            self.list_complete(now);
         }
+        let Some(c) = self.conn.as_mut() else {
+            return out;
+        };
         if now.at.saturating_duration_since(c.last_heard) > c.heartbeat_every * SILENT_HEARTBEATS {
             out.push(Action::End(End::Lost(
                 "coordinator stopped answering".into(),
@@ -344,10 +406,110 @@ impl Client {
                 c.initial_peers = c.initial_peers.saturating_sub(records);
                 if c.initial_peers == 0 {
                     out.push(Action::Status(Registration::Registered { ip: self.ip }));
+                    self.list_complete(now);
                 }
             }
         }
         out
+    }
+
+    /// The member list the registration announced has come: every peer it did not name is
+    /// unlisted from now on (kept while alive on a direct path, [`offline::verdict`]).
+    fn list_complete(&mut self, now: Now) {
+        let Some(c) = self.conn.as_mut() else {
+            return;
+        };
+        c.list_complete = true;
+        for peer in self.peers.all() {
+            if c.listed.contains(&peer.key) {
+                continue;
+            }
+            match peer.listing() {
+                Listing::Unlisted { .. } => {}
+                was => {
+                    tracing::info!(
+                        "peer {} ({}){} is not listed by the coordinator: kept while its direct \
+                         path is alive",
+                        peer.info().name,
+                        peer.ip(),
+                        if was == Listing::Saved {
+                            ", restored from peers.json,"
+                        } else {
+                            ""
+                        }
+                    );
+                    peer.set_listing(Listing::Unlisted { since: now.at });
+                }
+            }
+        }
+    }
+
+    /// To be called every [`SWEEP_EVERY`]: while registered, drops the unlisted peers quiet
+    /// for [`offline::UNLISTED_QUIET`] and saves the peer list when it changed.
+    pub fn sweep(&mut self, now: Now) -> Vec<Action> {
+        let mut out = Vec::new();
+        if !self.conn.as_ref().is_some_and(|c| c.registered) {
+            return out;
+        }
+        let complete = self.conn.as_ref().is_some_and(|c| c.list_complete);
+        let epoch = self.peers.epoch();
+        if complete {
+            for peer in self.peers.all() {
+                if offline::verdict(now.at, peer.listing(), peer.direct_heard(epoch))
+                    == Verdict::Drop
+                {
+                    tracing::info!(
+                        "peer {} ({}) dropped: the coordinator no longer lists it and nothing \
+                         came from it directly for {} s",
+                        peer.info().name,
+                        peer.ip(),
+                        offline::UNLISTED_QUIET.as_secs()
+                    );
+                    Counters::bump(&self.counters.peers_unlisted_dropped);
+                    self.peers.remove(&peer.key);
+                }
+            }
+        }
+        let list = self.peer_list();
+        if list != self.saved {
+            let network = self.member.credential().network_id();
+            out.push(Action::SavePeers(offline::seal(
+                &self.node_private,
+                network,
+                list.clone(),
+            )));
+            self.saved = list;
+        }
+        out
+    }
+
+    /// The peers to save: each peer in the table whose verified record is held, with its
+    /// direct address (or the one saved before, when it is not direct now), sorted by key.
+    fn peer_list(&mut self) -> Vec<SavedPeer> {
+        let table: HashSet<NodeKey> = self.peers.all().iter().map(|p| p.key).collect();
+        self.records.retain(|k, _| table.contains(k));
+        let before: HashMap<NodeKey, Option<SocketAddr>> = self
+            .saved
+            .iter()
+            .map(|s| (s.node_key, s.endpoint))
+            .collect();
+        let mut list: Vec<SavedPeer> = self
+            .records
+            .iter()
+            .map(|(k, record)| {
+                let direct = self.peers.by_key(k).and_then(|p| match p.route().route {
+                    Route::Direct(a) => Some(a),
+                    Route::Relay => None,
+                });
+                SavedPeer {
+                    node_key: *k,
+                    record: record.clone(),
+                    endpoint: direct.or(before.get(k).copied().flatten()),
+                }
+            })
+            .collect();
+        list.sort_by_key(|s| s.node_key);
+        list
     }
 
     fn first_reply(&mut self, now: Now, msg: ServerMsg) -> Vec<Action> {
@@ -380,6 +542,7 @@ impl Client {
         let mut out = vec![Action::BindRelay { relay_id, secret }];
         if peers == 0 {
             out.push(Action::Status(Registration::Registered { ip: self.ip }));
+            self.list_complete(now);
         }
         // What this member knows about membership, for the coordinator to hold again (it may
         // have restarted): the revocations it has seen and the invites it honours.
@@ -408,11 +571,11 @@ impl Client {
                 self.peer_up(now, cred, record, relay_id, out)
             }
             ServerMsg::Punch { from } => out.push(Action::Punch(from)),
-            ServerMsg::PeerDown { node_key } => self.peer_down(&node_key),
+            ServerMsg::PeerDown { node_key } => self.peer_down(now, &node_key),
             ServerMsg::Peers { down, up } => {
                 // Departures first: a member that left and came back in one batch is in both.
                 for node_key in &down {
-                    self.peer_down(node_key);
+                    self.peer_down(now, node_key);
                 }
                 for PeerEntry { record, relay_id } in up {
                     self.peer_up(now, cred, record, relay_id, out);
@@ -458,6 +621,7 @@ impl Client {
                     out.push(Action::SaveRevocations(list));
                 }
                 self.peers.remove(&r.node_key);
+                self.records.remove(&r.node_key);
             }
             ServerMsg::Moved { notice } => self.follow_rotation(cred, &notice, out),
             ServerMsg::Statement { signed } => out.push(Action::Statement(signed)),
@@ -470,24 +634,33 @@ impl Client {
         }
     }
 
-    /// A member left or expired.
-    fn peer_down(&mut self, node_key: &NodeKey) {
-        if let Some(peer) = self.peers.by_key(node_key) {
-            tracing::info!("peer {} ({}) left", peer.info().name, peer.ip());
+    /// A member left or expired: it is no longer listed, but it is not revoked, so it stays
+    /// while it is alive on a direct path ([`offline::verdict`]).
+    fn peer_down(&mut self, now: Now, node_key: &NodeKey) {
+        if let Some(c) = self.conn.as_mut() {
+            c.listed.remove(node_key);
         }
-        self.peers.remove(node_key);
+        let Some(peer) = self.peers.by_key(node_key) else {
+            return;
+        };
+        if !matches!(peer.listing(), Listing::Unlisted { .. }) {
+            tracing::info!(
+                "peer {} ({}) left the coordinator's list: kept while its direct path is alive",
+                peer.info().name,
+                peer.ip()
+            );
+            peer.set_listing(Listing::Unlisted { since: now.at });
+        }
     }
 
-    /// A member's record: applied only when it verifies (the coordinator cannot forge members),
-    /// else dropped and counted by kind.
-    fn peer_up(
-        &mut self,
-        now: Now,
+    /// A record from the coordinator or `peers.json`, verified: for this network (its key, or
+    /// a member certificate of it), in its prefix, not revoked. What does not verify is
+    /// counted by kind and `None`.
+    fn verify_record(
+        &self,
         cred: &Credential,
-        record: SignedRecord,
-        relay_id: u32,
-        out: &mut Vec<Action>,
-    ) {
+        record: &SignedRecord,
+    ) -> Option<(NodeRecord, Option<MemberCert>)> {
         let c = &self.counters;
         let verified = match record.verify(&cred.network_id()) {
             Ok(v) => v,
@@ -499,19 +672,18 @@ impl Client {
                     _ => &c.records_malformed,
                 });
                 tracing::debug!("dropped a peer record: {e}");
-                return;
+                return None;
             }
         };
         let VerifiedRecord { mut record, cert } = verified;
         if !cred.prefix().contains(&record.ip) {
             Counters::bump(&c.records_malformed);
-            return;
+            return None;
         }
         if self.member.is_revoked(&record.node_key) {
             Counters::bump(&c.records_revoked);
-            return;
+            return None;
         }
-        let key = record.node_key;
         let unreachable = crate::core::family::unreachable_count(&record.candidates);
         if unreachable > 0 {
             c.candidates_ignored
@@ -523,10 +695,58 @@ impl Client {
             tracing::debug!("ignored the SSH keys of {}: {e}", record.name);
             record.ssh = None;
         }
+        Some((record, cert))
+    }
+
+    /// A member's record: applied only when it verifies (the coordinator cannot forge members),
+    /// else dropped and counted by kind.
+    fn peer_up(
+        &mut self,
+        now: Now,
+        cred: &Credential,
+        signed: SignedRecord,
+        relay_id: u32,
+        out: &mut Vec<Action>,
+    ) {
+        let Some((record, cert)) = self.verify_record(cred, &signed) else {
+            return;
+        };
+        let c = &self.counters;
+        let key = record.node_key;
         let applied = self.peers.apply(now.at, record, cert);
         let peer = self.peers.by_key(&key);
         if let Some(p) = &peer {
             p.set_relay_id(relay_id);
+            // Listed again (a record the same as the one restored from peers.json is stale,
+            // and lists it all the same).
+            let was = p.listing();
+            if matches!(applied, Applied::Added | Applied::Updated | Applied::Stale) {
+                if was != Listing::Listed {
+                    tracing::info!(
+                        "peer {} ({}) is listed by the coordinator again",
+                        p.info().name,
+                        p.ip()
+                    );
+                }
+                p.set_listing(Listing::Listed);
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.listed.insert(key);
+                }
+                if applied != Applied::Stale {
+                    self.records.insert(key, signed);
+                } else {
+                    self.records.entry(key).or_insert(signed);
+                }
+            }
+            if applied == Applied::Stale && was != Listing::Listed {
+                // Not a replay: the record this node already held from peers.json or before.
+                return;
+            }
+            if applied == Applied::Updated && matches!(was, Listing::Unlisted { .. }) {
+                // Gone and back with a new record (a restart): a fresh handshake, as for a
+                // new peer.
+                out.push(Action::Initiate(key));
+            }
         }
         match applied {
             Applied::Added | Applied::Updated => {
@@ -679,6 +899,8 @@ impl Client {
                 self.peers.remove(&p.key);
             }
         }
+        // The records held are the old network's: the new one's come with the registration.
+        self.records.clear();
         self.member.replace_credential(Arc::new(new_cred), text);
         out.push(Action::SaveMembership(
             self.member.membership(self.name.clone(), self.ip),
@@ -1110,8 +1332,16 @@ mod tests {
         );
         assert!(a.contains(&Action::Initiate(key_of([2; 32]))), "{a:?}");
         assert!(!a.contains(&Action::Initiate(key_of([4; 32]))));
-        assert_eq!(w.peers.len(), 2);
-        assert!(w.peers.by_key(&key_of([3; 32])).is_none());
+        // 3 is not revoked: it stays, unlisted, while its direct path lives (core/offline.rs).
+        assert_eq!(w.peers.len(), 3);
+        assert!(matches!(
+            w.peers.by_key(&key_of([3; 32])).unwrap().listing(),
+            Listing::Unlisted { .. }
+        ));
+        assert_eq!(
+            w.peers.by_key(&key_of([2; 32])).unwrap().listing(),
+            Listing::Listed
+        );
         assert_eq!(w.peers.by_key(&key_of([2; 32])).unwrap().relay_id(), 22);
         // A record of another network in a batch is dropped and counted; the rest applies.
         let a = w.client.handle(
@@ -1424,6 +1654,205 @@ mod tests {
         let own = w.peers.own_key();
         let a = w.client.handle(at(&w, 10), revoke(own, &network_key));
         assert!(matches!(a[..], [Action::End(End::Refused(_))]));
+    }
+
+    /// Runs the client's timers up to `ms`, second by second; the actions of them all.
+    fn sweep_to(w: &mut World, from_ms: u64, to_ms: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        let mut ms = from_ms;
+        while ms <= to_ms {
+            out.extend(w.client.handle_timeout(at(w, ms)));
+            out.extend(w.client.sweep(at(w, ms)));
+            ms += 1000;
+        }
+        out
+    }
+
+    fn saved_files(actions: &[Action]) -> Vec<SavedFile> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SavePeers(f) => Some(f.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn network_id() -> a2a_proto::NetworkId {
+        Credential::from_token(token(SECRET)).network_id()
+    }
+
+    #[test]
+    fn verified_peers_are_saved_sealed_and_restored_towards_their_last_endpoint() {
+        let mut w = world();
+        register(&mut w, 1);
+        w.client.handle(at(&w, 6), peer_up(2));
+        let files = saved_files(&sweep_to(&mut w, 1000, 3000));
+        assert_eq!(files.len(), 1, "saved once, then only when it changes");
+        let saved = offline::open(&files[0], &[1; 32], &network_id()).unwrap();
+        assert_eq!(saved.len(), 1);
+        assert_eq!(saved[0].node_key, key_of([2; 32]));
+        assert_eq!(saved[0].endpoint, None, "not reached directly yet");
+
+        // A restarted node: the peer comes back before any coordinator answers, aimed first at
+        // where it was last reached.
+        let mut w2 = world();
+        let mut with_endpoint = saved.clone();
+        with_endpoint[0].endpoint = Some(addr("203.0.113.9:51820"));
+        let (actions, restored, refused) = w2.client.restore(at(&w2, 0), with_endpoint);
+        assert_eq!((restored, refused), (1, 0));
+        assert_eq!(
+            actions,
+            vec![
+                Action::Initiate(key_of([2; 32])),
+                Action::Candidates(key_of([2; 32]))
+            ]
+        );
+        let p = w2.peers.by_key(&key_of([2; 32])).unwrap();
+        assert_eq!(p.listing(), Listing::Saved);
+        assert_eq!(
+            p.info().candidates,
+            vec![addr("203.0.113.9:51820"), addr("192.0.2.50:51820")]
+        );
+        assert_eq!(p.route().fallback, Some(addr("203.0.113.9:51820")));
+        // The coordinator comes back and lists it with the same record: listed again, not
+        // counted as a replay.
+        register(&mut w2, 1);
+        w2.client.handle(at(&w2, 6), peer_up(2));
+        assert_eq!(p.listing(), Listing::Listed);
+        assert_eq!(Counters::get(&w2.counters.records_stale), 0);
+        // Nothing changed: nothing is written (the endpoint saved before is kept).
+        assert!(saved_files(&sweep_to(&mut w2, 1000, 3000)).is_empty());
+    }
+
+    #[test]
+    fn restored_records_are_verified_again_and_revoked_ones_stay_out() {
+        let mut w = world();
+        let good = |n: u8| SavedPeer {
+            node_key: key_of([n; 32]),
+            record: peer_record(n, SECRET, 10),
+            endpoint: None,
+        };
+        let foreign = SavedPeer {
+            node_key: key_of([3; 32]),
+            record: peer_record(3, [8; 32], 10),
+            endpoint: None,
+        };
+        let mismatched = SavedPeer {
+            node_key: key_of([9; 32]),
+            ..good(4)
+        };
+        // Peer 5 was kicked: its revocation is known (revoked.json).
+        let network_key = NetworkKey::derive(&SECRET);
+        let r = Revocation {
+            network: network_key.id(),
+            node_key: key_of([5; 32]),
+            issued_ms: 5,
+        };
+        w.member
+            .revoke(&r, Signed::sign(&r, &network_key, REVOKE_CONTEXT))
+            .unwrap();
+        let (_, restored, refused) = w
+            .client
+            .restore(at(&w, 0), vec![good(2), foreign, mismatched, good(5)]);
+        assert_eq!((restored, refused), (1, 3));
+        assert!(w.peers.by_key(&key_of([2; 32])).is_some());
+        assert_eq!(w.peers.len(), 1);
+        assert_eq!(Counters::get(&w.counters.records_foreign), 1);
+        assert_eq!(Counters::get(&w.counters.records_revoked), 1);
+    }
+
+    #[test]
+    fn a_peer_the_coordinator_forgets_stays_while_heard_directly_and_a_revoked_one_goes_at_once() {
+        let mut w = world();
+        register(&mut w, 0);
+        w.client.handle(at(&w, 6), peer_up(2));
+        w.client.handle(at(&w, 6), peer_up(3));
+        let p2 = w.peers.by_key(&key_of([2; 32])).unwrap();
+        // Peer 2 has a direct path (two answered probes).
+        let direct = addr("192.0.2.50:51820");
+        p2.with_path(|path| {
+            let now = at(&w, 100).at;
+            let mut probes = Vec::new();
+            path.tick(now, None, None, &mut probes);
+            path.on_pong(now, probes[0].tx, Some(direct)).unwrap();
+            let c = path.confirm_probe(now, direct);
+            path.on_pong(now, c.tx, Some(direct)).unwrap();
+        });
+        assert_eq!(p2.route().route, Route::Direct(direct));
+        // Both expire at the coordinator: neither is dropped at once.
+        let down = |n: u8| ServerMsg::PeerDown {
+            node_key: key_of([n; 32]),
+        };
+        w.client.handle(at(&w, 1000), down(2));
+        w.client.handle(at(&w, 1000), down(3));
+        assert_eq!(w.peers.len(), 2);
+        assert!(matches!(p2.listing(), Listing::Unlisted { .. }));
+        // Peer 2 keeps answering on its direct path (its data arrives); peer 3 is silent.
+        for s in 2..40u64 {
+            let ms = s * 1000;
+            p2.with_path(|path| {
+                path.tick(at(&w, ms).at, Some(at(&w, ms).at), None, &mut Vec::new());
+            });
+            w.client.handle_timeout(at(&w, ms));
+            w.client.sweep(at(&w, ms));
+        }
+        assert!(w.peers.by_key(&key_of([3; 32])).is_none(), "quiet: dropped");
+        assert!(w.peers.by_key(&key_of([2; 32])).is_some(), "alive: kept");
+        assert_eq!(Counters::get(&w.counters.peers_unlisted_dropped), 1);
+        // Listed again: listed.
+        w.client.handle(at(&w, 40_000), peer_up(2));
+        assert_eq!(p2.listing(), Listing::Listed);
+        // A revocation removes it at once, direct path or not.
+        let network_key = NetworkKey::derive(&SECRET);
+        let r = Revocation {
+            network: network_key.id(),
+            node_key: key_of([2; 32]),
+            issued_ms: 5,
+        };
+        w.client.handle(
+            at(&w, 41_000),
+            ServerMsg::Revoked {
+                revocation: Signed::sign(&r, &network_key, REVOKE_CONTEXT),
+            },
+        );
+        assert!(w.peers.is_empty());
+        let files = saved_files(&w.client.sweep(at(&w, 42_000)));
+        let saved = offline::open(&files[0], &[1; 32], &network_id()).unwrap();
+        assert!(saved.is_empty(), "the revoked peer is not saved");
+    }
+
+    #[test]
+    fn a_restored_peer_the_coordinator_does_not_list_is_unlisted_and_nothing_goes_offline() {
+        let mut w = world();
+        let saved = vec![SavedPeer {
+            node_key: key_of([2; 32]),
+            record: peer_record(2, SECRET, 10),
+            endpoint: Some(addr("203.0.113.9:51820")),
+        }];
+        w.client.restore(at(&w, 0), saved);
+        // No coordinator for a long while: no timer runs, nothing is dropped.
+        assert_eq!(w.client.poll_timeout(), None);
+        let p = w.peers.by_key(&key_of([2; 32])).unwrap();
+        assert_eq!(p.listing(), Listing::Saved);
+        // A coordinator answers; its list (one member, 3) does not name 2.
+        let reg = w.client.connected(
+            at(&w, 100_000),
+            b"h",
+            Some(addr("198.51.100.1:4000")),
+            vec![],
+        );
+        assert!(matches!(reg, ClientMsg::Register { .. }));
+        w.client.handle(at(&w, 100_005), registered(1));
+        assert_eq!(p.listing(), Listing::Saved, "the list is not complete yet");
+        w.client.handle(at(&w, 100_006), peer_up(3));
+        assert!(matches!(p.listing(), Listing::Unlisted { .. }));
+        // Never reached directly: gone after the quiet time.
+        sweep_to(&mut w, 101_000, 109_000);
+        assert!(w.peers.by_key(&key_of([2; 32])).is_some());
+        sweep_to(&mut w, 110_000, 111_000);
+        assert!(w.peers.by_key(&key_of([2; 32])).is_none());
+        assert!(w.peers.by_key(&key_of([3; 32])).is_some());
     }
 
     #[test]

@@ -51,6 +51,13 @@ counters! {
     records_stale,
     records_revoked,
     records_address_conflict,
+    /// Peers restored from `peers.json` at start (verified again; a gauge).
+    peers_restored,
+    /// Saved peer lists refused as a whole at start: edited, another node's or network's.
+    peers_file_refused,
+    /// Peers dropped because the coordinator no longer listed them and nothing came from them
+    /// directly for UNLISTED_QUIET.
+    peers_unlisted_dropped,
     membership_bad_signature,
     invites_redeemed,
     invites_denied,
@@ -220,6 +227,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 82);
+        assert_eq!(len, 85);
     }
 }

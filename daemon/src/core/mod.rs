@@ -10,6 +10,7 @@ pub mod family;
 pub mod limit;
 pub mod membership;
 pub mod netstack;
+pub mod offline;
 pub mod path;
 pub mod peers;
 pub mod policy;

@@ -209,6 +209,11 @@ impl PathState {
         self.rtt
     }
 
+    /// When the direct path last answered or carried data (`None`: relayed).
+    pub fn direct_heard(&self) -> Option<Instant> {
+        self.direct.map(|d| d.last_heard)
+    }
+
     /// The peer published new candidates: probe them now if relayed.
     pub fn set_candidates(&mut self, now: Instant, candidates: Vec<SocketAddr>) {
         if candidates != self.candidates {

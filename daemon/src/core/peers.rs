@@ -60,6 +60,7 @@ pub struct PeerInfo {
 
 use crate::core::family::Reach;
 use crate::core::limit::PerSecond;
+use crate::core::offline::Listing;
 use crate::core::path::{PathState, Route};
 
 /// What the packet path reads to send to a peer: a copy of its path state's decision.
@@ -95,6 +96,8 @@ pub struct Peer {
     /// When a handshake was last sent again at once because of a cookie reply (ms since the
     /// epoch).
     cookie_retry_ms: AtomicU64,
+    /// How the coordinator lists it (core/offline.rs decides what that means).
+    listing: Mutex<Listing>,
 }
 
 impl Peer {
@@ -195,6 +198,21 @@ impl Peer {
                 .cookie_retry_ms
                 .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
+    }
+
+    pub fn listing(&self) -> Listing {
+        *lock(&self.listing)
+    }
+
+    pub fn set_listing(&self, listing: Listing) {
+        *lock(&self.listing) = listing;
+    }
+
+    /// When something last came from this peer directly: its direct path's last answer or
+    /// data, or data from the last direct address (`None`: never).
+    pub fn direct_heard(&self, epoch: Instant) -> Option<Instant> {
+        let path = lock(&self.path).direct_heard();
+        path.max(self.last_direct_rx(epoch))
     }
 
     /// When data last came from the direct address, if ever.
@@ -576,6 +594,7 @@ impl PeerTable {
             direct_rx_ms: AtomicU64::new(0),
             seen_elsewhere_ms: AtomicU64::new(0),
             cookie_retry_ms: AtomicU64::new(0),
+            listing: Mutex::new(Listing::Listed),
             info: Mutex::new(info),
         });
         self.rebuild(|by_key| {

@@ -186,7 +186,7 @@ impl StateDir {
     }
 
     pub fn clear_membership(&self) -> io::Result<()> {
-        for name in ["network.json", "revoked.json"] {
+        for name in ["network.json", "revoked.json", "peers.json"] {
             match fs::remove_file(self.dir.join(name)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
@@ -210,6 +210,40 @@ impl StateDir {
 
     pub fn save_revocations(&self, list: &[Signed]) -> io::Result<()> {
         self.save_json("revoked.json", &list)
+    }
+
+    pub fn peers_path(&self) -> PathBuf {
+        self.dir.join("peers.json")
+    }
+
+    /// The saved peer list (`peers.json`, sealed by this node; core/offline.rs opens it);
+    /// `Ok(None)` when there is none. An unreadable or unparsable file is an error naming it
+    /// (the caller starts without it, saying so).
+    pub fn saved_peers(&self) -> io::Result<Option<crate::core::offline::SavedFile>> {
+        let path = self.peers_path();
+        match fs::metadata(&path) {
+            Ok(m) if m.len() > crate::core::offline::MAX_FILE as u64 + 4096 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is larger than a saved peer list can be", path.display()),
+                ))
+            }
+            _ => {}
+        }
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is not a saved peer list ({e})", path.display()),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(with_path(e, "read", &path)),
+        }
+    }
+
+    pub fn save_peers(&self, file: &crate::core::offline::SavedFile) -> io::Result<()> {
+        self.save_json("peers.json", file)
     }
 
     /// The saved policy and tag statements (`policy.json`; each is verified when loaded); an

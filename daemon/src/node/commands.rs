@@ -533,6 +533,7 @@ impl<P: Platform> Daemon<P> {
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
                     tags: tag_list(&book, &p.key),
+                    listing: p.listing().word().map(str::to_string),
                 }
             })
             .collect();

@@ -160,6 +160,7 @@ mod tests {
                 rx_bytes: 1000,
                 tx_bytes: 2000,
                 tags: vec![],
+                listing: None,
             }],
             counters: [
                 ("udp_garbage".to_string(), 3),

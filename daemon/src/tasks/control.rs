@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tun_rs::IDEAL_BATCH_SIZE;
 
 use crate::core::control::{Action, Client, End, Next, Registration};
+use crate::core::counters::Counters;
 use crate::core::path::round_ttl;
 use crate::io::state::StateDir;
 use crate::io::{Connector, Platform, Underlay};
@@ -76,6 +77,7 @@ pub struct ControlTask<P: Platform> {
 impl<P: Platform> ControlTask<P> {
     /// Runs until `leave` fires (then tells the coordinator) or a permanent refusal.
     pub async fn run(mut self, mut leave: watch::Receiver<bool>) {
+        self.restore_peers().await;
         loop {
             self.follow_ip6().await;
             let end = if *leave.borrow() {
@@ -114,6 +116,62 @@ impl<P: Platform> ControlTask<P> {
                         _ = leave.changed() => return,
                     }
                 }
+            }
+        }
+    }
+
+    /// Brings back the peers of `peers.json` before any coordinator answers: each record
+    /// verified again, its tunnel started towards where it was last reached directly. A file
+    /// that is not this node's, not of this network, or edited is ignored, with a warning.
+    async fn restore_peers(&mut self) {
+        let path = self.state.peers_path();
+        let file = match self.state.saved_peers() {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                Counters::bump(&self.dataplane.counters.peers_file_refused);
+                tracing::warn!("ignoring the saved peers: {e}; the coordinator lists them again");
+                return;
+            }
+        };
+        let network = self.client.credential().network_id();
+        let saved = match crate::core::offline::open(&file, &self.node_private, &network) {
+            Ok(s) => s,
+            Err(e) => {
+                Counters::bump(&self.dataplane.counters.peers_file_refused);
+                tracing::warn!(
+                    "ignoring {}: {e}; starting without the saved peers (the coordinator lists \
+                     them again)",
+                    path.display()
+                );
+                return;
+            }
+        };
+        let (actions, restored, refused) = self.client.restore(clock(), saved);
+        Counters::store(&self.dataplane.counters.peers_restored, restored as u64);
+        tracing::info!(
+            "restored {restored} peers from {}{}",
+            path.display(),
+            if refused > 0 {
+                format!(" ({refused} records refused: not verified, revoked or taken)")
+            } else {
+                String::new()
+            }
+        );
+        for action in actions {
+            match action {
+                Action::Initiate(key) => {
+                    if let Some(peer) = self.dataplane.peers.by_key(&key) {
+                        self.dataplane.initiate(&peer).await;
+                    }
+                }
+                Action::Candidates(key) => {
+                    let _ = self
+                        .dataplane
+                        .path_events
+                        .try_send(PathEvent::Candidates(key));
+                }
+                _ => {}
             }
         }
     }
@@ -216,6 +274,8 @@ impl<P: Platform> ControlTask<P> {
             binder: None,
         };
         let (addrs_tx, mut addrs_rx) = watch::channel((reflexive, locals));
+        let mut sweep = tokio::time::interval(crate::core::control::SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             let deadline = self
@@ -258,6 +318,7 @@ impl<P: Platform> ControlTask<P> {
                     continue;
                 }
                 _ = sleep_until(deadline) => self.client.handle_timeout(clock()),
+                _ = sweep.tick() => self.client.sweep(clock()),
                 changed = addrs_rx.changed() => {
                     if changed.is_err() {
                         continue;
@@ -396,6 +457,11 @@ impl<P: Platform> ControlTask<P> {
                 }
                 Action::Statement(signed) => {
                     let _ = self.policy.offer(&signed);
+                }
+                Action::SavePeers(file) => {
+                    if let Err(e) = self.state.save_peers(&file) {
+                        tracing::warn!("cannot save the peer list: {e}");
+                    }
                 }
                 Action::SaveMembership(m) => {
                     if let Err(e) = self.state.save_membership(&m) {
