@@ -1474,7 +1474,7 @@ fn userspace_figures_iperf3_and_round_trips_through_a_forward() {
     let carol = w.lab.node("carol");
     carol.up_ok(&w._coord.token);
     carol.wait_peers(&["bob", "sandbox"], OVERLAY_TIMEOUT);
-    bob.wait_peers(&["carol"], OVERLAY_TIMEOUT);
+    bob.wait_peers(&["carol", "sandbox"], OVERLAY_TIMEOUT);
     let rest = rss_kib(sandbox);
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
