@@ -197,8 +197,8 @@ async fn run_userspace(args: Args) -> Result<(), String> {
         );
     }
     tracing::info!(
-        "userspace mode: no TUN device; the overlay resolver and the service lists are not \
-         served (they bind sockets on the overlay address); names resolve in the proxies"
+        "userspace mode: no TUN device; the overlay resolver is not served (names resolve in \
+         the proxies); the service lists and the policy's exchange run on the stack"
     );
     let proxies = tokio::spawn(a2a_daemon::tasks::proxy::serve(
         socks5,
@@ -220,14 +220,15 @@ async fn run<P: Platform>(
         ));
     }
     let (socket, state_dir) = a2a_proto::api::resolve_paths(args.socket, args.state_dir);
-    // In userspace mode the resolver and the services task are off: they bind sockets on the
-    // overlay address, which only the userspace stack holds.
+    // In userspace mode the resolver is off: it binds kernel sockets on the resolver's address
+    // for the host's programs, which reach members through the proxies instead. The service
+    // lists and the policy's exchange run on the platform's overlay sockets (the stack's).
     let kernel = !args.userspace;
     let device = DeviceConfig {
         interface: args.interface,
         udp_port: args.port,
         serve_dns: kernel,
-        serve_services: kernel,
+        serve_services: true,
         system_dns: kernel && !args.no_system_dns,
     };
     let daemon = Arc::new(Daemon::new(platform, device, StateDir::new(&state_dir))?);

@@ -122,6 +122,10 @@ struct World {
 /// A coordinator, a TUN-mode `bob` and a userspace `sandbox` (nobody, no /dev/net/tun),
 /// joined and seeing each other.
 fn world(test: &str) -> Option<World> {
+    world_with(test, CoordOpts::default())
+}
+
+fn world_with(test: &str, opts: CoordOpts) -> Option<World> {
     let lab = Lab::new(test)?;
     require_tools(&[
         ("curl", "curl"),
@@ -130,7 +134,7 @@ fn world(test: &str) -> Option<World> {
         ("unshare", "util-linux"),
         ("sha256sum", "coreutils"),
     ]);
-    let coord = lab.coordinator(CoordOpts::default());
+    let coord = lab.coordinator(opts);
     let bob = lab.node("bob");
     let sandbox = lab.node_without_daemon("sandbox");
     chown(&sandbox.state_dir, Some(NOBODY), Some(NOBODY)).expect("chown the state directory");
@@ -1291,6 +1295,272 @@ fn userspace_node_is_fenced_by_the_policy() {
         took_socks.as_secs_f64() * 1e3,
         took_http.as_secs_f64() * 1e3,
         took_fwd.as_secs_f64() * 1e3
+    ));
+    sandbox.assert_daemon_running();
+}
+
+/// `a2actl services --json` on `node`: the entry for member `of`'s service `name`.
+fn listed(node: &Node, of: &str, name: &str) -> Option<serde_json::Value> {
+    let out = node.ctl(&["services", "--json"]).expect_ok();
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+    all.into_iter()
+        .find(|s| s["node"] == of && s["name"] == name)
+}
+
+fn policy_version(node: &Node) -> u64 {
+    let out = node.ctl(&["policy", "show", "--json"]).expect_ok();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("policy show --json");
+    v["version"].as_u64().unwrap_or(0)
+}
+
+/// The member-to-member services on the userspace stack, as on a TUN device: the service
+/// lists (port 4747) both ways between the userspace `sandbox` and the TUN-mode `bob`, and the
+/// policy's exchange (port 4748) from bob to the sandbox with a hub that withholds every
+/// statement (the forging coordinator's `--policy-attack`), so the policy can only pass member
+/// to member.
+#[test]
+fn userspace_node_lists_services_and_takes_the_policy_member_to_member() {
+    let Some(w) = world_with(
+        "userspace-members",
+        CoordOpts {
+            forging: true,
+            policy_attack: true,
+            ..CoordOpts::default()
+        },
+    ) else {
+        return;
+    };
+    let (sandbox, bob) = (&w.sandbox, &w.bob);
+    // a2ad's own ports on the overlay address cannot be forwarded away.
+    for port in ["4747", "4748"] {
+        let o = sandbox.ctl(&["forward", "add", port, "--to", "127.0.0.1:9000"]);
+        assert!(
+            !o.success() && o.stderr.contains("a2ad's own"),
+            "forward add {port} should be refused: {o}"
+        );
+    }
+
+    // Service lists, both ways.
+    bob.ctl(&["service", "add", "web", "--port", "8080", "--proto", "http"])
+        .expect_ok();
+    sandbox
+        .ctl(&[
+            "service", "add", "agent", "--port", "9999", "--proto", "http",
+        ])
+        .expect_ok();
+    let t0 = Instant::now();
+    wait_for(
+        Duration::from_secs(20),
+        "the sandbox to list bob's service",
+        || match listed(sandbox, "bob", "web") {
+            Some(e) if e["port"] == 8080 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let on_sandbox = t0.elapsed();
+    wait_for(
+        Duration::from_secs(20),
+        "bob to list the sandbox's service",
+        || match listed(bob, "sandbox", "agent") {
+            Some(e) if e["port"] == 9999 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let on_bob = t0.elapsed();
+    let e = listed(bob, "sandbox", "agent").unwrap();
+    assert_eq!(e["ip"], sandbox.overlay_ip().to_string());
+    assert_eq!(e["self"], false);
+    assert!(sandbox.counter("services_fetched") >= 1);
+    assert!(bob.counter("services_fetched") >= 1);
+    // A change is pushed (the "changed" datagram from the stack), not only polled.
+    sandbox
+        .ctl(&[
+            "service", "add", "tools", "--port", "9200", "--proto", "mcp", "--path", "/mcp",
+        ])
+        .expect_ok();
+    let t1 = Instant::now();
+    wait_for(
+        Duration::from_secs(20),
+        "bob to list the sandbox's new service",
+        || match listed(bob, "sandbox", "tools") {
+            Some(e) if e["path"] == "/mcp" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    report(format!(
+        "userspace services: bob's list on the sandbox after {:.2} s, the sandbox's on bob after {:.2} s, a change on bob after {:.2} s",
+        on_sandbox.as_secs_f64(),
+        on_bob.as_secs_f64(),
+        t1.elapsed().as_secs_f64()
+    ));
+
+    // The policy, withheld by the hub: from bob to the sandbox member to member...
+    bob.ctl(&["tag", "sandbox", "agent"]).expect_ok();
+    bob.ctl(&["tag", "bob", "worker"]).expect_ok();
+    let v1 = w.lab.dir().join("v1.json");
+    fs::write(
+        &v1,
+        r#"{"grants": [{"src": ["tag:agent"], "dst": ["tag:worker"], "ports": ["tcp:8080"]}]}"#,
+    )
+    .unwrap();
+    bob.ctl(&["policy", "set", &v1.to_string_lossy()])
+        .expect_ok();
+    let t2 = Instant::now();
+    wait_for(
+        Duration::from_secs(20),
+        "policy version 1 on the sandbox",
+        || match policy_version(sandbox) {
+            1 => Ok(()),
+            v => Err(format!("version {v}")),
+        },
+    );
+    let to_sandbox = t2.elapsed();
+    assert!(
+        sandbox.counter("policy_bundles_fetched") >= 1,
+        "the sandbox should have fetched the bundle from bob"
+    );
+    sandbox
+        .ctl(&["policy", "test", "sandbox", "bob", "tcp:8080"])
+        .expect_ok();
+    sandbox
+        .ctl(&["policy", "test", "sandbox", "bob", "tcp:9090"])
+        .expect_fail();
+    report(format!(
+        "userspace policy member to member (hub withholding): bob -> sandbox in {:.2} s",
+        to_sandbox.as_secs_f64()
+    ));
+    sandbox.assert_daemon_running();
+    w._coord.proc().assert_running();
+}
+
+/// `iperf3 -c TO -p PORT -t 5 -J [EXTRA]` from `node`: the receiver's bits a second.
+fn iperf3(node: &Node, to: std::net::Ipv4Addr, port: u16, extra: &[&str]) -> f64 {
+    let (to, port) = (to.to_string(), port.to_string());
+    let mut args = vec!["iperf3", "-c", &to, "-p", &port, "-t", "5", "-J"];
+    args.extend_from_slice(extra);
+    let o = node.ns.exec_timeout(&args, Duration::from_secs(30));
+    assert!(o.success(), "iperf3 from {} to {to}: {o}", node.name);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("iperf3 -J");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("iperf3's received rate")
+}
+
+fn wait_ready(p: &Proc, what: &str) {
+    wait_for(Duration::from_secs(10), what, || {
+        p.assert_running();
+        if p.stdout_text().contains("ready") || p.stdout_text().contains("listening") {
+            Ok(())
+        } else {
+            Err("not ready".into())
+        }
+    });
+}
+
+/// The figures of the userspace stack against TUN mode on the same hosts, printed (no timing
+/// asserts): single-stream TCP throughput from a TUN-mode member to a forwarded port of the
+/// userspace node (whose iperf3 listens on loopback only) and back (`-R`: the stack sends),
+/// against the same member to a TUN-mode node; 64-byte round trips through the forward against
+/// TUN to TUN; the userspace a2ad's RSS at rest and after the load. Run it with release
+/// binaries (`A2A_BIN_DIR=.../release`) for figures worth quoting.
+#[test]
+fn userspace_figures_iperf3_and_round_trips_through_a_forward() {
+    let Some(w) = world("userspace-figures") else {
+        return;
+    };
+    require_tools(&[("iperf3", "iperf3")]);
+    let (sandbox, bob) = (&w.sandbox, &w.bob);
+    let carol = w.lab.node("carol");
+    carol.up_ok(&w._coord.token);
+    carol.wait_peers(&["bob", "sandbox"], OVERLAY_TIMEOUT);
+    bob.wait_peers(&["carol", "sandbox"], OVERLAY_TIMEOUT);
+    let rest = rss_kib(sandbox);
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+
+    const IPERF_PORT: u16 = 5201;
+    let port = IPERF_PORT.to_string();
+    let local = sandbox.ns.spawn(
+        "iperf3-local",
+        &[
+            "iperf3",
+            "-s",
+            "--forceflush",
+            "-B",
+            "127.0.0.1",
+            "-p",
+            &port,
+        ],
+    );
+    wait_ready(&local, "the sandbox's iperf3 on loopback");
+    let tun_server = carol.ns.spawn(
+        "iperf3-carol",
+        &["iperf3", "-s", "--forceflush", "-p", &port],
+    );
+    wait_ready(&tun_server, "carol's iperf3");
+    let to = format!("127.0.0.1:{IPERF_PORT}");
+    sandbox
+        .ctl(&["forward", "add", &port, "--to", &to])
+        .expect_ok();
+    let echo_port = ECHO_PORT.to_string();
+    let echo_to = format!("127.0.0.1:{ECHO_PORT}");
+    sandbox
+        .ctl(&["forward", "add", &echo_port, "--to", &echo_to])
+        .expect_ok();
+    let echo_sandbox = sandbox.ns.spawn("echo-local", &["python3", "-c", ECHO_PY]);
+    wait_ready(&echo_sandbox, "the sandbox's echo server");
+    let echo_carol = carol.ns.spawn("echo-carol", &["python3", "-c", ECHO_PY]);
+    wait_ready(&echo_carol, "carol's echo server");
+    // The paths are up (a first short exchange each way) before anything is measured.
+    wait_for(
+        Duration::from_secs(20),
+        "the forward to the sandbox's iperf3",
+        || {
+            let o = bob.ns.exec_timeout(
+                &[
+                    "iperf3",
+                    "-c",
+                    &sandbox.overlay_ip().to_string(),
+                    "-p",
+                    &port,
+                    "-t",
+                    "1",
+                ],
+                Duration::from_secs(15),
+            );
+            if o.success() {
+                Ok(())
+            } else {
+                Err(o.to_string())
+            }
+        },
+    );
+
+    let up_us = iperf3(bob, sandbox.overlay_ip(), IPERF_PORT, &[]);
+    let up_tun = iperf3(bob, carol.overlay_ip(), IPERF_PORT, &[]);
+    let down_us = iperf3(bob, sandbox.overlay_ip(), IPERF_PORT, &["-R"]);
+    let down_tun = iperf3(bob, carol.overlay_ip(), IPERF_PORT, &["-R"]);
+    let (us_p50, us_p99) = echo_rtt(bob, (sandbox.overlay_ip(), ECHO_PORT).into(), None);
+    let (tun_p50, tun_p99) = echo_rtt(bob, (carol.overlay_ip(), ECHO_PORT).into(), None);
+    let busy = rss_kib(sandbox);
+    let mbit = |b: f64| b / 1e6;
+    report(format!(
+        "userspace figures (load average before: {}): single-stream TCP (iperf3 -t 5) from a \
+         TUN-mode member to the userspace node's forward {:.0} Mbit/s, the userspace node \
+         sending (-R) {:.0} Mbit/s; the same member to a TUN-mode node {:.0} / {:.0} Mbit/s",
+        load.trim(),
+        mbit(up_us),
+        mbit(down_us),
+        mbit(up_tun),
+        mbit(down_tun)
+    ));
+    report(format!(
+        "userspace figures: 64-byte TCP round trips through the forward p50 {us_p50} µs, p99 \
+         {us_p99} µs; TUN to TUN p50 {tun_p50} µs, p99 {tun_p99} µs (added at p50: {} µs)",
+        us_p50 as i64 - tun_p50 as i64
+    ));
+    report(format!(
+        "userspace figures: the userspace a2ad's RSS {rest} KiB at rest, {busy} KiB after the load"
     ));
     sandbox.assert_daemon_running();
 }

@@ -36,6 +36,9 @@ pub const LISTEN_BACKLOG: usize = 4;
 const EGRESS_PASSES: usize = 64;
 /// UDP sockets at once (SOCKS5 UDP associations and UDP forwards); one more is refused.
 pub const MAX_UDP_SOCKETS: usize = 32;
+/// The daemon's own UDP sockets at once (the service lists' and the policy's, on the overlay
+/// addresses), bounded apart from [`MAX_UDP_SOCKETS`] so that neither starves the other.
+pub const MAX_OWN_UDP_SOCKETS: usize = 16;
 /// Datagrams queued in each UDP socket, each way; a datagram beyond it is dropped (counted by
 /// the caller), as a full socket buffer drops it in a kernel.
 pub const UDP_QUEUE: usize = 64;
@@ -148,6 +151,33 @@ pub enum UdpError {
     QueueFull,
     /// Another UDP socket holds the port.
     InUse,
+    /// The address to bind is not one this stack holds.
+    NotHeld,
+}
+
+/// What a listening socket listens on: a port of every overlay address (a forward's), or of
+/// one (the daemon's own services').
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ListenKey {
+    pub addr: Option<IpAddr>,
+    pub port: u16,
+}
+
+/// Why [`NetStack::listen`] did not listen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenError {
+    /// The address is not one this stack holds.
+    NotHeld,
+    /// Something listens there already.
+    InUse,
+}
+
+/// An open UDP socket's address, port, and whether it is the daemon's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UdpSlot {
+    addr: Option<IpAddr>,
+    port: u16,
+    own: bool,
 }
 
 /// The stack: one interface with the node's overlay addresses, its TCP sockets, the forwarded
@@ -163,17 +193,18 @@ pub struct NetStack {
     next_port: u16,
     /// Open connections (outbound and accepted), whose sockets the driver holds.
     connections: usize,
-    /// Forwarded port → its listening sockets.
-    listeners: BTreeMap<u16, Vec<SocketHandle>>,
+    /// Forwarded ports (no address) and the daemon's own (an address) → their listening
+    /// sockets.
+    listeners: BTreeMap<ListenKey, Vec<SocketHandle>>,
     /// Connections released while still closing: what is queued goes out first, then they
     /// are removed (at the latest at the deadline, with a reset).
     lingering: Vec<(SocketHandle, SInstant)>,
     /// The time of the last poll.
     last: SInstant,
-    /// Connections accepted on forwarded ports, not handed to the driver yet.
-    just_accepted: Vec<(u16, SocketHandle)>,
-    /// Open UDP sockets and their local ports.
-    udp: BTreeMap<SocketHandle, u16>,
+    /// Connections accepted by listeners, not handed to the driver yet.
+    just_accepted: Vec<(ListenKey, SocketHandle)>,
+    /// Open UDP sockets and what they are bound to.
+    udp: BTreeMap<SocketHandle, UdpSlot>,
     next_udp_port: u16,
 }
 
@@ -241,6 +272,14 @@ impl NetStack {
 
     pub fn ipv4(&self) -> Option<(Ipv4Addr, u8)> {
         self.ip4
+    }
+
+    /// Whether `ip` is one of the addresses this stack holds.
+    pub fn holds(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(ip) => self.ip4.is_some_and(|(own, _)| own == ip),
+            IpAddr::V6(ip) => self.ip6.is_some_and(|(own, _)| own == ip),
+        }
     }
 
     /// Whether `ip` is another node's overlay address: in one of this node's prefixes, not this
@@ -404,32 +443,70 @@ impl NetStack {
     /// Listens on exactly these ports of the overlay addresses (forwards added and removed);
     /// connections already accepted stay.
     pub fn set_forwards(&mut self, ports: &[u16]) {
-        let gone: Vec<u16> = self
+        let gone: Vec<ListenKey> = self
             .listeners
             .keys()
             .copied()
-            .filter(|p| !ports.contains(p))
+            .filter(|k| k.addr.is_none() && !ports.contains(&k.port))
             .collect();
-        for port in gone {
-            for h in self.listeners.remove(&port).unwrap_or_default() {
-                self.sockets.remove(h);
-            }
+        for key in gone {
+            self.unlisten_key(key);
         }
         for &port in ports {
-            self.listeners.entry(port).or_default();
+            self.listeners
+                .entry(ListenKey { addr: None, port })
+                .or_default();
         }
         self.refill_listeners();
     }
 
+    /// The forwarded ports listened on.
     pub fn forwards(&self) -> Vec<u16> {
-        self.listeners.keys().copied().collect()
+        self.listeners
+            .keys()
+            .filter(|k| k.addr.is_none())
+            .map(|k| k.port)
+            .collect()
+    }
+
+    /// Listens on `port` of `addr`, one of this stack's addresses (the daemon's own services);
+    /// what is accepted comes out of [`accepted`](Self::accepted) with its key.
+    pub fn listen(&mut self, addr: IpAddr, port: u16) -> Result<ListenKey, ListenError> {
+        if !self.holds(addr) {
+            return Err(ListenError::NotHeld);
+        }
+        let key = ListenKey {
+            addr: Some(addr),
+            port,
+        };
+        if port == 0 || self.listeners.contains_key(&key) {
+            return Err(ListenError::InUse);
+        }
+        self.listeners.insert(key, Vec::new());
+        self.refill_listeners();
+        Ok(key)
+    }
+
+    /// Stops listening on `key` (connections already accepted stay).
+    pub fn unlisten(&mut self, key: ListenKey) {
+        self.unlisten_key(key);
+    }
+
+    fn unlisten_key(&mut self, key: ListenKey) {
+        for h in self.listeners.remove(&key).unwrap_or_default() {
+            self.sockets.remove(h);
+        }
     }
 
     fn refill_listeners(&mut self) {
-        for (&port, handles) in self.listeners.iter_mut() {
+        for (key, handles) in self.listeners.iter_mut() {
             while handles.len() < LISTEN_BACKLOG {
                 let mut s = Self::new_socket();
-                if s.listen(port).is_err() {
+                let at = smoltcp::wire::IpListenEndpoint {
+                    addr: key.addr.map(ip_address),
+                    port: key.port,
+                };
+                if s.listen(at).is_err() {
                     break;
                 }
                 handles.push(self.sockets.add(s));
@@ -437,10 +514,10 @@ impl NetStack {
         }
     }
 
-    /// Connections a member opened to a forwarded port since the last call: `(port, socket)`
-    /// each, now the driver's (released with [`release`](Self::release)). Beyond
+    /// Connections a member opened to a listened port since the last call: `(what listened,
+    /// socket)` each, now the driver's (released with [`release`](Self::release)). Beyond
     /// [`MAX_CONNECTIONS`], a port's listeners are not refilled until connections close.
-    pub fn accepted(&mut self) -> Vec<(u16, SocketHandle)> {
+    pub fn accepted(&mut self) -> Vec<(ListenKey, SocketHandle)> {
         self.take_accepted();
         std::mem::take(&mut self.just_accepted)
     }
@@ -449,13 +526,13 @@ impl NetStack {
     fn take_accepted(&mut self) {
         let out = &mut self.just_accepted;
         let before = out.len();
-        for (&port, handles) in self.listeners.iter_mut() {
+        for (&key, handles) in self.listeners.iter_mut() {
             handles.retain(|&h| {
                 let s = self.sockets.get::<tcp::Socket>(h);
                 if s.state() == tcp::State::Listen {
                     return true;
                 }
-                out.push((port, h));
+                out.push((key, h));
                 false
             });
         }
@@ -483,29 +560,69 @@ impl NetStack {
     /// [`udp_send`](Self::udp_send), receives on [`udp`](Self::udp) and closes it with
     /// [`udp_close`](Self::udp_close).
     pub fn udp_open(&mut self) -> Result<SocketHandle, UdpError> {
-        if self.udp.len() >= MAX_UDP_SOCKETS {
-            return Err(UdpError::TooMany);
-        }
-        let span = (EPHEMERAL.end() - EPHEMERAL.start()) as u32 + 1;
-        let mut port = self.next_udp_port;
-        // At most MAX_UDP_SOCKETS ports are taken: a free one is near.
-        while self.udp.values().any(|&p| p == port) {
-            port = EPHEMERAL.start() + ((u32::from(port - EPHEMERAL.start()) + 1) % span) as u16;
-        }
-        self.next_udp_port =
-            EPHEMERAL.start() + ((u32::from(port - EPHEMERAL.start()) + 1) % span) as u16;
-        self.udp_bind(port)
+        self.udp_slot(None, 0, false)
     }
 
     /// Opens a UDP socket on `port` of the overlay addresses (a UDP forward's); `InUse` when a
     /// socket holds it already.
     pub fn udp_bind(&mut self, port: u16) -> Result<SocketHandle, UdpError> {
-        if self.udp.len() >= MAX_UDP_SOCKETS {
-            return Err(UdpError::TooMany);
-        }
-        if port == 0 || self.udp.values().any(|&p| p == port) {
+        if port == 0 {
             return Err(UdpError::InUse);
         }
+        self.udp_slot(None, port, false)
+    }
+
+    /// Opens one of the daemon's own UDP sockets on `port` (0: a free one) of `addr`, an
+    /// address this stack holds; bounded by [`MAX_OWN_UDP_SOCKETS`].
+    pub fn udp_bind_own(&mut self, addr: IpAddr, port: u16) -> Result<SocketHandle, UdpError> {
+        if !self.holds(addr) {
+            return Err(UdpError::NotHeld);
+        }
+        self.udp_slot(Some(addr), port, true)
+    }
+
+    /// Whether a socket on `addr` (none: every address) and `port` would clash with one open.
+    fn udp_taken(&self, addr: Option<IpAddr>, port: u16) -> bool {
+        self.udp
+            .values()
+            .any(|s| s.port == port && (s.addr.is_none() || addr.is_none() || s.addr == addr))
+    }
+
+    fn udp_slot(
+        &mut self,
+        addr: Option<IpAddr>,
+        port: u16,
+        own: bool,
+    ) -> Result<SocketHandle, UdpError> {
+        let (limit, open) = match own {
+            true => (
+                MAX_OWN_UDP_SOCKETS,
+                self.udp.values().filter(|s| s.own).count(),
+            ),
+            false => (
+                MAX_UDP_SOCKETS,
+                self.udp.values().filter(|s| !s.own).count(),
+            ),
+        };
+        if open >= limit {
+            return Err(UdpError::TooMany);
+        }
+        let port = match port {
+            0 => {
+                let span = (EPHEMERAL.end() - EPHEMERAL.start()) as u32 + 1;
+                let mut port = self.next_udp_port;
+                // Few ports are taken: a free one is near.
+                while self.udp_taken(addr, port) {
+                    port = EPHEMERAL.start()
+                        + ((u32::from(port - EPHEMERAL.start()) + 1) % span) as u16;
+                }
+                self.next_udp_port =
+                    EPHEMERAL.start() + ((u32::from(port - EPHEMERAL.start()) + 1) % span) as u16;
+                port
+            }
+            p if self.udp_taken(addr, p) => return Err(UdpError::InUse),
+            p => p,
+        };
         let buffer = || {
             udp::PacketBuffer::new(
                 vec![udp::PacketMetadata::EMPTY; UDP_QUEUE],
@@ -513,9 +630,13 @@ impl NetStack {
             )
         };
         let mut socket = udp::Socket::new(buffer(), buffer());
-        socket.bind(port).map_err(|_| UdpError::TooMany)?;
+        let at = smoltcp::wire::IpListenEndpoint {
+            addr: addr.map(ip_address),
+            port,
+        };
+        socket.bind(at).map_err(|_| UdpError::TooMany)?;
         let handle = self.sockets.add(socket);
-        self.udp.insert(handle, port);
+        self.udp.insert(handle, UdpSlot { addr, port, own });
         Ok(handle)
     }
 
@@ -611,10 +732,14 @@ mod tests {
         assert_eq!(a.tcp(h).state(), tcp::State::Established);
         let accepted = b.accepted();
         assert_eq!(accepted.len(), 1);
-        let (port, hb) = accepted[0];
-        assert_eq!(port, 8080);
+        let (key, hb) = accepted[0];
+        let forward = ListenKey {
+            addr: None,
+            port: 8080,
+        };
+        assert_eq!(key, forward);
         // The listener was replaced: a second client is accepted too.
-        assert_eq!(b.listeners[&8080].len(), LISTEN_BACKLOG);
+        assert_eq!(b.listeners[&forward].len(), LISTEN_BACKLOG);
         let data: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
         let mut sent = 0;
         let mut got = Vec::new();
@@ -680,6 +805,58 @@ mod tests {
     }
 
     #[test]
+    fn the_daemons_own_listeners_and_sockets_take_one_address() {
+        let (mut a, mut b, now) = pair();
+        let own: IpAddr = "100.80.0.2".parse().unwrap();
+        assert_eq!(
+            b.listen("100.80.0.9".parse().unwrap(), 4747),
+            Err(ListenError::NotHeld)
+        );
+        let key = b.listen(own, 4747).unwrap();
+        assert_eq!(b.listen(own, 4747), Err(ListenError::InUse));
+        assert!(
+            b.forwards().is_empty(),
+            "a listener of its own is no forward"
+        );
+        let h = a.connect("100.80.0.2:4747".parse().unwrap()).unwrap();
+        pump(&mut a, &mut b, now, 4);
+        assert_eq!(a.tcp(h).state(), tcp::State::Established);
+        let accepted = b.accepted();
+        assert_eq!(accepted.len(), 1);
+        assert_eq!(accepted[0].0, key);
+        b.unlisten(key);
+        let h = a.connect("100.80.0.2:4747".parse().unwrap()).unwrap();
+        pump(&mut a, &mut b, now, 4);
+        assert_eq!(a.tcp(h).state(), tcp::State::Closed);
+        // The daemon's own UDP sockets are bounded apart from the proxies' and forwards'.
+        for _ in 0..MAX_UDP_SOCKETS {
+            b.udp_open().unwrap();
+        }
+        assert_eq!(b.udp_open(), Err(UdpError::TooMany));
+        let hb = b.udp_bind_own(own, 4747).unwrap();
+        assert_eq!(b.udp_bind_own(own, 4747), Err(UdpError::InUse));
+        assert_eq!(
+            b.udp_bind_own("100.80.0.9".parse().unwrap(), 4747),
+            Err(UdpError::NotHeld)
+        );
+        let ha = a.udp_bind_own("100.80.0.1".parse().unwrap(), 0).unwrap();
+        a.udp_send(ha, "100.80.0.2:4747".parse().unwrap(), b"hi")
+            .unwrap();
+        pump(&mut a, &mut b, now, 3);
+        let mut buf = [0u8; 64];
+        let (n, meta) = b.udp(hb).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hi");
+        assert_eq!(
+            socket_addr(meta.endpoint).ip(),
+            "100.80.0.1".parse::<IpAddr>().unwrap()
+        );
+        for _ in 1..MAX_OWN_UDP_SOCKETS {
+            b.udp_bind_own(own, 0).unwrap();
+        }
+        assert_eq!(b.udp_bind_own(own, 0), Err(UdpError::TooMany));
+    }
+
+    #[test]
     fn only_overlay_addresses_are_dialled() {
         let (mut a, _, _) = pair();
         for to in [
@@ -720,7 +897,7 @@ mod tests {
         let (mut a, mut b, now) = pair();
         let ha = a.udp_open().unwrap();
         let hb = b.udp_open().unwrap();
-        let pb = b.udp[&hb];
+        let pb = b.udp[&hb].port;
         let to: SocketAddr = SocketAddr::new("100.80.0.2".parse().unwrap(), pb);
         a.udp_send(ha, to, b"ping").unwrap();
         let big = vec![7u8; a.max_udp_payload(to.ip())];
@@ -778,7 +955,7 @@ mod tests {
             .map(|_| a.udp_open().unwrap())
             .collect();
         assert_eq!(a.udp_open(), Err(UdpError::TooMany));
-        let mut ports: Vec<u16> = a.udp.values().copied().collect();
+        let mut ports: Vec<u16> = a.udp.values().map(|s| s.port).collect();
         ports.sort_unstable();
         ports.dedup();
         assert_eq!(ports.len(), MAX_UDP_SOCKETS);

@@ -30,6 +30,7 @@ impl Platform for Kernel {
     type Tun = KernelTun;
     type Underlay = KernelUnderlay;
     type Connector = TcpConnector;
+    type Overlay = KernelOverlay;
 
     async fn open(
         &self,
@@ -80,6 +81,7 @@ impl Platform for Kernel {
             udp,
             tun: KernelTun(Arc::new(tun)),
             underlay,
+            overlay: KernelOverlay,
             fast: FastPaths {
                 tun_offload,
                 udp_gso,
@@ -90,6 +92,46 @@ impl Platform for Kernel {
 
     fn connector(&self) -> TcpConnector {
         TcpConnector
+    }
+}
+
+/// The overlay address's sockets as the kernel's: the TUN device holds the address.
+#[derive(Clone, Copy, Default)]
+pub struct KernelOverlay;
+
+impl super::OverlayNet for KernelOverlay {
+    type Stream = TcpStream;
+    type Listener = tokio::net::TcpListener;
+    type Datagrams = UdpSocket;
+
+    async fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        tokio::net::TcpListener::bind(addr).await
+    }
+
+    async fn bind_udp(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        UdpSocket::bind(addr).await
+    }
+
+    async fn connect(&self, to: SocketAddr) -> io::Result<TcpStream> {
+        TcpStream::connect(to).await
+    }
+}
+
+impl super::OverlayListener for tokio::net::TcpListener {
+    type Stream = TcpStream;
+
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        tokio::net::TcpListener::accept(self).await
+    }
+}
+
+impl super::OverlayDatagrams for UdpSocket {
+    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        UdpSocket::recv_from(self, buf).await
+    }
+
+    async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
+        UdpSocket::send_to(self, data, to).await.map(drop)
     }
 }
 

@@ -139,6 +139,46 @@ pub trait Connector: Send + Sync + 'static {
     fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;
 }
 
+/// The overlay address's own sockets, for what a2ad itself serves to members and asks of them
+/// over the overlay (the service lists, the policy's exchange): kernel sockets on the TUN
+/// device's address ([`kernel::KernelOverlay`]), or sockets on the userspace stack
+/// ([`userspace::StackOverlay`]). Narrow on purpose: listen on an address and accept streams,
+/// send and receive datagrams, dial a member.
+pub trait OverlayNet: Clone + Send + Sync + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Listener: OverlayListener<Stream = Self::Stream>;
+    type Datagrams: OverlayDatagrams;
+
+    /// Listens for TCP connections on `addr` (one of this node's overlay addresses).
+    fn listen(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Listener>> + Send;
+
+    /// A UDP socket on `addr` (one of this node's overlay addresses; port 0: a free one).
+    fn bind_udp(
+        &self,
+        addr: SocketAddr,
+    ) -> impl Future<Output = io::Result<Self::Datagrams>> + Send;
+
+    /// A TCP connection to `to`, a member's overlay address.
+    fn connect(&self, to: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+pub trait OverlayListener: Send + Sync + 'static {
+    type Stream;
+
+    /// The next connection and who opened it.
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>> + Send;
+}
+
+pub trait OverlayDatagrams: Send + Sync + 'static {
+    /// The next datagram: its length at the start of `buf`, and the sender.
+    fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send;
+
+    fn send_to(&self, data: &[u8], to: SocketAddr) -> impl Future<Output = io::Result<()>> + Send;
+}
+
 /// Which fast paths a session's I/O has (shown as the `fast_*` counters).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FastPaths {
@@ -152,6 +192,8 @@ pub struct SessionIo<P: Platform> {
     pub udp: P::Udp,
     pub tun: P::Tun,
     pub underlay: P::Underlay,
+    /// The overlay address's sockets, for the daemon's own member-to-member services.
+    pub overlay: P::Overlay,
     pub fast: FastPaths,
 }
 
@@ -161,6 +203,7 @@ pub trait Platform: Send + Sync + 'static {
     type Tun: TunDevice;
     type Underlay: Underlay;
     type Connector: Connector;
+    type Overlay: OverlayNet;
 
     /// Opens the UDP socket on `udp_port` and the TUN device `interface`, addressed
     /// `ip/prefix_len`. Errors say what failed and what to do; on error nothing is left open.

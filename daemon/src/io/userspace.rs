@@ -31,7 +31,9 @@ use super::{
     FastPaths, Platform, SessionIo, SessionView, TunDevice, TunReader, TunWriter, Underlay,
 };
 use crate::core::counters::Counters;
-use crate::core::netstack::{socket_addr, ConnectError, NetStack, UdpError};
+use crate::core::netstack::{
+    socket_addr, ConnectError, ListenError, ListenKey, NetStack, UdpError,
+};
 use crate::core::wg::OVERLAY_MTU;
 
 /// Packets the stack sent, waiting for the data plane (more are dropped: TCP resends).
@@ -71,6 +73,7 @@ impl Platform for Userspace {
     type Tun = UserspaceTun;
     type Underlay = UserspaceUnderlay;
     type Connector = TcpConnector;
+    type Overlay = StackOverlay;
 
     async fn open(
         &self,
@@ -98,6 +101,7 @@ impl Platform for Userspace {
             closed: AtomicBool::new(false),
             session: ArcSwapOption::empty(),
             udp_forwards: Mutex::new(Vec::new()),
+            listeners: Mutex::new(std::collections::HashMap::new()),
         });
         stack.lock().set_ipv4(ip, prefix_len);
         let forwards = self.forwards();
@@ -114,10 +118,11 @@ impl Platform for Userspace {
                 out: Arc::new(tokio::sync::Mutex::new(out_rx)),
             },
             underlay: UserspaceUnderlay {
-                stack,
+                stack: stack.clone(),
                 netconf,
                 ipv6: dual,
             },
+            overlay: StackOverlay { stack },
             fast: FastPaths {
                 tun_offload: false,
                 udp_gso,
@@ -174,6 +179,8 @@ pub struct Stack {
     session: ArcSwapOption<SessionView>,
     /// The UDP forwards served: port, target, the task relaying them.
     udp_forwards: Mutex<Vec<(u16, SocketAddr, AbortOnDrop)>>,
+    /// The daemon's own listeners ([`StackListener`]): where their connections go.
+    listeners: Mutex<std::collections::HashMap<ListenKey, mpsc::Sender<StackStream>>>,
 }
 
 /// A task aborted when this is dropped.
@@ -461,7 +468,25 @@ async fn drive(stack: Arc<Stack>, out: mpsc::Sender<Vec<u8>>, shared: Arc<Shared
             }
             (s.poll_delay(now), s.accepted())
         };
-        for (port, handle) in accepted {
+        for (key, handle) in accepted {
+            let stream = StackStream {
+                stack: stack.clone(),
+                handle,
+            };
+            if key.addr.is_some() {
+                let to = stack
+                    .listeners
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&key)
+                    .cloned();
+                // Gone meanwhile: dropping the stream resets the connection.
+                if let Some(to) = to {
+                    tokio::spawn(hand_over(stream, to));
+                }
+                continue;
+            }
+            let port = key.port;
             let to = shared
                 .forwards
                 .lock()
@@ -469,10 +494,6 @@ async fn drive(stack: Arc<Stack>, out: mpsc::Sender<Vec<u8>>, shared: Arc<Shared
                 .iter()
                 .find(|f| f.port == port)
                 .map(|f| f.to);
-            let stream = StackStream {
-                stack: stack.clone(),
-                handle,
-            };
             match to {
                 Some(to) => {
                     tokio::spawn(splice_forward(stream, to));
@@ -498,6 +519,142 @@ async fn drive(stack: Arc<Stack>, out: mpsc::Sender<Vec<u8>>, shared: Arc<Shared
         tokio::select! {
             _ = stack.wake.notified() => {}
             _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// A member's connection to one of the daemon's own listeners, handed over once established
+/// (a full queue resets it: the listener bounds what it serves).
+async fn hand_over(stream: StackStream, to: mpsc::Sender<StackStream>) {
+    if let Ok(Ok(())) = tokio::time::timeout(CONNECT_TIMEOUT, stream.established()).await {
+        let _ = to.try_send(stream);
+    }
+}
+
+/// The overlay address's sockets in userspace mode: on the session's stack.
+#[derive(Clone)]
+pub struct StackOverlay {
+    stack: Arc<Stack>,
+}
+
+/// Connections accepted by a listener of the daemon's own, waiting for it.
+const ACCEPT_QUEUE: usize = 16;
+
+fn held(addr: SocketAddr) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AddrNotAvailable,
+        format!(
+            "{} is not an address of this node's userspace stack",
+            addr.ip()
+        ),
+    )
+}
+
+impl super::OverlayNet for StackOverlay {
+    type Stream = StackStream;
+    type Listener = StackListener;
+    type Datagrams = StackUdp;
+
+    async fn listen(&self, addr: SocketAddr) -> io::Result<StackListener> {
+        if self.stack.closed.load(Ordering::Relaxed) {
+            return Err(closed());
+        }
+        let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
+        let key = self
+            .stack
+            .lock()
+            .listen(addr.ip(), addr.port())
+            .map_err(|e| match e {
+                ListenError::NotHeld => held(addr),
+                ListenError::InUse => io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{addr} is listened on already"),
+                ),
+            })?;
+        self.stack
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, tx);
+        Ok(StackListener {
+            stack: self.stack.clone(),
+            key,
+            rx: tokio::sync::Mutex::new(rx),
+        })
+    }
+
+    async fn bind_udp(&self, addr: SocketAddr) -> io::Result<StackUdp> {
+        if self.stack.closed.load(Ordering::Relaxed) {
+            return Err(closed());
+        }
+        let handle = self
+            .stack
+            .lock()
+            .udp_bind_own(addr.ip(), addr.port())
+            .map_err(|e| match e {
+                UdpError::NotHeld => held(addr),
+                UdpError::InUse => io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("UDP {addr} is bound already"),
+                ),
+                e => io::Error::other(format!("UDP {addr}: {e:?}")),
+            })?;
+        Ok(StackUdp {
+            stack: self.stack.clone(),
+            handle,
+        })
+    }
+
+    async fn connect(&self, to: SocketAddr) -> io::Result<StackStream> {
+        self.stack.connect(to).await
+    }
+}
+
+/// A listener of the daemon's own on the stack. Dropping it stops listening.
+pub struct StackListener {
+    stack: Arc<Stack>,
+    key: ListenKey,
+    rx: tokio::sync::Mutex<mpsc::Receiver<StackStream>>,
+}
+
+impl super::OverlayListener for StackListener {
+    type Stream = StackStream;
+
+    async fn accept(&self) -> io::Result<(StackStream, SocketAddr)> {
+        let stream = self.rx.lock().await.recv().await.ok_or_else(closed)?;
+        let from = stream.remote().ok_or_else(closed)?;
+        Ok((stream, from))
+    }
+}
+
+impl Drop for StackListener {
+    fn drop(&mut self) {
+        self.stack
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+        self.stack.lock().unlisten(self.key);
+        self.stack.wake.notify_one();
+    }
+}
+
+impl super::OverlayDatagrams for StackUdp {
+    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        StackUdp::recv_from(self, buf).await
+    }
+
+    /// Waits up to [`SEND_WAIT`] for room in the socket's queue.
+    async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
+        let deadline = tokio::time::Instant::now() + SEND_WAIT;
+        loop {
+            match StackUdp::send_to(self, data, to) {
+                Ok(()) => return Ok(()),
+                Err(UdpError::QueueFull) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(e) => return Err(io::Error::other(format!("UDP to {to}: {e:?}"))),
+            }
         }
     }
 }
@@ -542,6 +699,12 @@ impl Drop for UserspaceTun {
         // The UDP forwards' tasks wait on their sockets, which nothing wakes any more.
         self.stack
             .udp_forwards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        // The daemon's own listeners' accepts end.
+        self.stack
+            .listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
@@ -664,6 +827,15 @@ pub struct StackStream {
 }
 
 impl StackStream {
+    /// The other end's address.
+    fn remote(&self) -> Option<SocketAddr> {
+        self.stack
+            .lock()
+            .tcp(self.handle)
+            .remote_endpoint()
+            .map(socket_addr)
+    }
+
     /// Waits until the connection is established; an error when it was refused or reset.
     async fn established(&self) -> io::Result<()> {
         std::future::poll_fn(|cx| {

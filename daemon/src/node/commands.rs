@@ -317,6 +317,17 @@ impl<P: Platform> Daemon<P> {
                 "a forward's ports are 1 to 65535".into(),
             ));
         }
+        let own = [
+            a2a_proto::services::SERVICES_PORT,
+            a2a_proto::policy::POLICY_PORT,
+        ];
+        if own.contains(&forward.port) {
+            return Err(CommandError::Failed(format!(
+                "port {} of the overlay address is a2ad's own (the service lists on {}, the \
+                 policy's exchange on {}): forward another port",
+                forward.port, own[0], own[1]
+            )));
+        }
         let mut list = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
         let mut next = list.clone();
         next.retain(|f| f.port != forward.port || f.proto != forward.proto);

@@ -39,8 +39,9 @@ pub struct DeviceConfig {
     pub udp_port: u16,
     /// Serve the overlay's names (tasks/dns.rs) on the resolver's address; the fakes do not.
     pub serve_dns: bool,
-    /// Serve this node's services to members and fetch theirs (tasks/services.rs), on the
-    /// overlay address; the fakes do not (it binds real sockets).
+    /// Serve this node's services to members and fetch theirs (tasks/services.rs), and pass
+    /// the policy member to member (tasks/policy.rs), on the overlay address (the kernel's or
+    /// the userspace stack's sockets); the fakes do not (they bind real sockets).
     pub serve_services: bool,
     /// Register that resolver with the host's (systemd-resolved) for `~a2a`; off with
     /// `a2ad --no-system-dns`.
@@ -122,6 +123,7 @@ impl<P: Platform> Session<P> {
         if let Err(e) = io.underlay.set_overlay_address6(ip6, ULA_PREFIX_LEN).await {
             tracing::warn!("{e}");
         }
+        let overlay = io.overlay;
         let counters = Arc::new(Counters::default());
         let policy = Arc::new(PolicyBook::load(
             state.clone(),
@@ -204,6 +206,7 @@ impl<P: Platform> Session<P> {
                 ip: ip_rx.clone(),
                 registration: status_rx.clone(),
                 gossip: device.serve_services,
+                net: overlay.clone(),
             }
             .run(),
         );
@@ -227,6 +230,8 @@ impl<P: Platform> Session<P> {
         let services_task = device.serve_services.then(|| {
             tokio::spawn(
                 ServicesTask {
+                    net: overlay.clone(),
+                    cards_on_overlay: !platform.userspace(),
                     book: services,
                     peers: peers.clone(),
                     counters: counters.clone(),

@@ -11,6 +11,7 @@ pub mod control;
 pub mod dataplane;
 pub mod dns;
 pub mod events;
+pub mod members;
 pub mod pathfinder;
 pub mod policy;
 pub mod portmap;

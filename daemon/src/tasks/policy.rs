@@ -18,9 +18,8 @@ use a2a_proto::control::ClientMsg;
 use a2a_proto::membership::Signed;
 use a2a_proto::policy::{digest_datagram, parse_digest, Bundle, MAX_BUNDLE_BYTES, POLICY_PORT};
 use a2a_proto::{NetworkId, NodeKey};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{watch, Semaphore};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::core::control::Registration;
@@ -29,9 +28,10 @@ use crate::core::peers::PeerTable;
 use crate::core::policy::Rules;
 use crate::core::statements::{Refused, Statements, Taken};
 use crate::io::state::StateDir;
-use crate::io::Platform;
+use crate::io::{OverlayDatagrams, OverlayNet, Platform};
 use crate::tasks::dataplane::DataPlane;
 use crate::tasks::events::ControlOut;
+use crate::tasks::members::{Handler, Port};
 use crate::tasks::now;
 
 /// Every member is told this node's digest this often (new members, lost datagrams).
@@ -165,6 +165,8 @@ pub struct PolicyTask<P: Platform> {
     /// Exchange statements with members over the overlay (binds real sockets; the fakes do
     /// not).
     pub gossip: bool,
+    /// The overlay address's sockets, for that exchange.
+    pub net: P::Overlay,
 }
 
 impl<P: Platform> PolicyTask<P> {
@@ -172,13 +174,23 @@ impl<P: Platform> PolicyTask<P> {
         let mut tasks = JoinSet::new();
         let (digests_tx, mut digests) = tokio::sync::mpsc::channel::<(IpAddr, u64)>(256);
         if self.gossip {
-            tasks.spawn(serve(
-                self.book.clone(),
-                self.peers.clone(),
-                self.counters.clone(),
-                self.ip.clone(),
-                digests_tx,
-            ));
+            let port = Port {
+                net: self.net.clone(),
+                port: POLICY_PORT,
+                what: "pass the policy to members",
+                peers: self.peers.clone(),
+                counters: self.counters.clone(),
+                not_member: |c| &c.policy_bad_request,
+                max_connections: MAX_SERVING,
+                ip: self.ip.clone(),
+                ip6: None,
+            };
+            let members = Members {
+                book: self.book.clone(),
+                counters: self.counters.clone(),
+                digests: digests_tx,
+            };
+            tasks.spawn(port.serve(Arc::new(members)));
         }
         let mut own = self.book.subscribe();
         let mut watch = tokio::time::interval(WATCH_EVERY);
@@ -208,7 +220,7 @@ impl<P: Platform> PolicyTask<P> {
                         }
                         if let Some(ip) = pending.remove(&key) {
                             last_fetch.insert(key, Instant::now());
-                            fetches.spawn(fetch(ip));
+                            fetches.spawn(fetch(self.net.clone(), ip));
                         }
                     }
                     let now_state = (self.peers.generation(), self.book.read().digest());
@@ -265,7 +277,7 @@ impl<P: Platform> PolicyTask<P> {
                     if !recent(&last_fetch) && fetches.len() < MAX_FETCHES {
                         last_fetch.insert(peer.key, Instant::now());
                         let ip = peer.ip();
-                        fetches.spawn(fetch(ip));
+                        fetches.spawn(fetch(self.net.clone(), ip));
                     } else if pending.len() < MAX_PENDING {
                         pending.insert(peer.key, peer.ip());
                     }
@@ -321,20 +333,20 @@ impl<P: Platform> PolicyTask<P> {
             return;
         }
         let own = *self.ip.borrow();
-        let Ok(socket) = UdpSocket::bind((own, 0)).await else {
+        let Ok(socket) = self.net.bind_udp((own, 0).into()).await else {
             return;
         };
         let d = digest_datagram(self.book.read().digest());
         for ip in to {
-            let _ = socket.send_to(&d, (*ip, POLICY_PORT)).await;
+            let _ = socket.send_to(&d, (*ip, POLICY_PORT).into()).await;
         }
     }
 }
 
 /// One member's bundle, bounded in time and size; `None` when it fails.
-async fn fetch(ip: Ipv4Addr) -> Option<Bundle> {
+async fn fetch<N: OverlayNet>(net: N, ip: Ipv4Addr) -> Option<Bundle> {
     let exchange = async {
-        let s = TcpStream::connect((ip, POLICY_PORT)).await.ok()?;
+        let s = net.connect((ip, POLICY_PORT).into()).await.ok()?;
         let mut body = Vec::new();
         s.take(MAX_BUNDLE_BYTES as u64 + 1)
             .read_to_end(&mut body)
@@ -351,81 +363,30 @@ async fn fetch(ip: Ipv4Addr) -> Option<Bundle> {
         .flatten()
 }
 
-/// Serves this node's bundle to members on its overlay address (TCP), and takes their digest
-/// datagrams (UDP); rebinds when the address changes.
-async fn serve(
+/// Answers members on [`POLICY_PORT`]: a connection gets the bundle, a datagram is a digest
+/// for the task.
+struct Members {
     book: Arc<PolicyBook>,
-    peers: Arc<PeerTable>,
     counters: Arc<Counters>,
-    mut ip: watch::Receiver<Ipv4Addr>,
     digests: tokio::sync::mpsc::Sender<(IpAddr, u64)>,
-) {
-    let slots = Arc::new(Semaphore::new(MAX_SERVING));
-    loop {
-        let own = *ip.borrow_and_update();
-        let addr = SocketAddr::new(own.into(), POLICY_PORT);
-        let bound = async {
-            Ok::<_, std::io::Error>((TcpListener::bind(addr).await?, UdpSocket::bind(addr).await?))
-        }
+}
+
+impl<S: AsyncWrite + Unpin + Send + 'static> Handler<S> for Members {
+    async fn stream(&self, mut stream: S, _from: SocketAddr) {
+        let body = serde_json::to_vec(&self.book.read().bundle()).unwrap_or_default();
+        let _ = tokio::time::timeout(FETCH_TIMEOUT, async {
+            let _ = stream.write_all(&body).await;
+            let _ = stream.shutdown().await;
+        })
         .await;
-        let (tcp, udp) = match bound {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(
-                    "cannot pass the policy to members on {addr}: {e} (is another program on \
-                     that port?); retrying in 5 s"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    r = ip.changed() => if r.is_err() { return },
-                }
-                continue;
+    }
+
+    fn datagram(&self, data: &[u8], from: SocketAddr) {
+        match parse_digest(data) {
+            Some(d) => {
+                let _ = self.digests.try_send((from.ip(), d));
             }
-        };
-        let mut conns = JoinSet::new();
-        let mut buf = [0u8; 64];
-        loop {
-            tokio::select! {
-                r = ip.changed() => {
-                    if r.is_err() {
-                        return;
-                    }
-                    break;
-                }
-                accepted = tcp.accept() => {
-                    let Ok((mut stream, from)) = accepted else {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    };
-                    if peers.by_addr(from.ip()).is_none() {
-                        Counters::bump(&counters.policy_bad_request);
-                        continue;
-                    }
-                    let Ok(permit) = slots.clone().try_acquire_owned() else {
-                        continue;
-                    };
-                    let body = serde_json::to_vec(&book.read().bundle()).unwrap_or_default();
-                    conns.spawn(async move {
-                        let _permit = permit;
-                        let _ = tokio::time::timeout(FETCH_TIMEOUT, async {
-                            let _ = stream.write_all(&body).await;
-                            let _ = stream.shutdown().await;
-                        })
-                        .await;
-                    });
-                }
-                received = udp.recv_from(&mut buf) => {
-                    let Ok((n, from)) = received else {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    };
-                    match (peers.by_addr(from.ip()), parse_digest(&buf[..n])) {
-                        (Some(_), Some(d)) => { let _ = digests.try_send((from.ip(), d)); }
-                        _ => Counters::bump(&counters.policy_bad_request),
-                    }
-                }
-                Some(_) = conns.join_next() => {}
-            }
+            None => Counters::bump(&self.counters.policy_bad_request),
         }
     }
 }

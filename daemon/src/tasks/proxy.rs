@@ -430,7 +430,7 @@ fn send_up(stack: &Arc<Stack>, udp: &StackUdp, payload: &[u8], to: SocketAddr) {
             );
             count(Some(stack), |c| &c.proxy_udp_malformed)
         }
-        Err(UdpError::QueueFull | UdpError::TooMany | UdpError::InUse) => {
+        Err(UdpError::QueueFull | UdpError::TooMany | UdpError::InUse | UdpError::NotHeld) => {
             count(Some(stack), |c| &c.proxy_udp_dropped)
         }
     }

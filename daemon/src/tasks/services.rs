@@ -16,16 +16,20 @@ use a2a_proto::services::{
     MAX_SERVICES, SERVICES_PORT,
 };
 use a2a_proto::NodeKey;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::core::counters::Counters;
 use crate::core::peers::PeerTable;
 use crate::core::services::{Fetcher, SavedServices};
 use crate::io::state::StateDir;
+use crate::io::{OverlayDatagrams, OverlayNet};
+use crate::tasks::members::{Handler, Port};
 use crate::tasks::now;
+
+pub use crate::tasks::members::OwnIp6;
 
 /// A whole answer from a peer within this, or the fetch fails (a slow peer is refused).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,12 +51,6 @@ const MAX_HEADERS: usize = 8192;
 /// within this, it tries the IPv6 one too, and the first connection made is used (happy
 /// eyeballs, RFC 8305, with IPv4 first: it is the address every member has).
 const SECOND_FAMILY_AFTER: Duration = Duration::from_millis(250);
-/// How often the listener checks that it is bound on this node's IPv6 overlay address (the
-/// address moves with a token rotation, and may come late or not at all).
-const IP6_RECHECK: Duration = Duration::from_secs(5);
-
-/// This node's IPv6 overlay address now.
-pub type OwnIp6 = Arc<dyn Fn() -> Ipv6Addr + Send + Sync>;
 
 /// This node's services and their cards, shared by the commands and the session's task.
 pub struct ServiceBook {
@@ -210,7 +208,13 @@ impl ServiceBook {
 pub type RemoteLists = Arc<Mutex<HashMap<NodeKey, Vec<Advertised>>>>;
 
 /// What the task needs from the session.
-pub struct ServicesTask {
+pub struct ServicesTask<N: OverlayNet> {
+    /// The overlay address's sockets: the list is served and fetched through them.
+    pub net: N,
+    /// Whether this host's kernel holds the overlay addresses (TUN mode): an agent's card is
+    /// then also read there when nothing answers on loopback. In userspace mode only loopback
+    /// is tried (a kernel connection to the overlay address would leave by the default route).
+    pub cards_on_overlay: bool,
     pub book: Arc<ServiceBook>,
     pub peers: Arc<PeerTable>,
     pub counters: Arc<Counters>,
@@ -225,24 +229,34 @@ enum FetchError {
     Failed,
 }
 
-impl ServicesTask {
+impl<N: OverlayNet> ServicesTask<N> {
     /// Runs until aborted; every connection and fetch it started ends with it.
     pub async fn run(self) {
         let mut tasks = JoinSet::new();
         let (changed_tx, mut changed_rx) = mpsc::channel::<(IpAddr, u64)>(256);
-        tasks.spawn(serve(
-            self.book.clone(),
-            self.peers.clone(),
-            self.counters.clone(),
-            self.ip.clone(),
-            self.ip6.clone(),
-            changed_tx,
-        ));
+        let port = Port {
+            net: self.net.clone(),
+            port: SERVICES_PORT,
+            what: "serve this node's services to members",
+            peers: self.peers.clone(),
+            counters: self.counters.clone(),
+            not_member: |c| &c.services_not_member,
+            max_connections: MAX_CONNECTIONS,
+            ip: self.ip.clone(),
+            ip6: Some(self.ip6.clone()),
+        };
+        let members = Members {
+            book: self.book.clone(),
+            counters: self.counters.clone(),
+            changed: changed_tx,
+        };
+        tasks.spawn(port.serve(Arc::new(members)));
         tasks.spawn(read_cards(
             self.book.clone(),
             self.counters.clone(),
             self.ip.clone(),
             self.ip6.clone(),
+            self.cards_on_overlay,
         ));
         let mut fetcher: Fetcher<NodeKey> = Fetcher::default();
         let mut fetches: JoinSet<(NodeKey, Result<ServiceList, FetchError>)> = JoinSet::new();
@@ -314,8 +328,8 @@ impl ServicesTask {
             for key in fetcher.start(now()) {
                 match self.peers.by_key(&key) {
                     Some(p) => {
-                        let (ip, ip6) = (p.ip(), p.ip6());
-                        fetches.spawn(async move { (key, fetch_list(ip, ip6).await) });
+                        let (ip, ip6, net) = (p.ip(), p.ip6(), self.net.clone());
+                        fetches.spawn(async move { (key, fetch_list(&net, ip, ip6).await) });
                     }
                     None => fetcher.failed(now(), &key),
                 }
@@ -328,8 +342,8 @@ impl ServicesTask {
     /// one is covered by the poll; the peer fetches once per version however many arrive).
     async fn announce(&self, version: u64) {
         let own = *self.ip.borrow();
-        let socket4 = UdpSocket::bind((own, 0)).await.ok();
-        let socket6 = UdpSocket::bind(((self.ip6)(), 0)).await.ok();
+        let socket4 = self.net.bind_udp((own, 0).into()).await.ok();
+        let socket6 = self.net.bind_udp(((self.ip6)(), 0).into()).await.ok();
         let d = changed_datagram(version);
         let peers: Vec<(Ipv4Addr, Ipv6Addr)> =
             self.peers.all().iter().map(|p| (p.ip(), p.ip6())).collect();
@@ -342,28 +356,32 @@ impl ServicesTask {
 }
 
 /// One "changed" datagram `d` to each of `peers`' addresses, from the socket of its family.
-async fn send_changed(
-    socket4: &Option<UdpSocket>,
-    socket6: &Option<UdpSocket>,
+async fn send_changed<D: OverlayDatagrams>(
+    socket4: &Option<D>,
+    socket6: &Option<D>,
     d: &[u8],
     peers: &[(Ipv4Addr, Ipv6Addr)],
 ) {
     for (ip, ip6) in peers {
         if let Some(s) = socket4 {
-            let _ = s.send_to(d, (*ip, SERVICES_PORT)).await;
+            let _ = s.send_to(d, (*ip, SERVICES_PORT).into()).await;
         }
         if let Some(s) = socket6 {
-            let _ = s.send_to(d, (*ip6, SERVICES_PORT)).await;
+            let _ = s.send_to(d, (*ip6, SERVICES_PORT).into()).await;
         }
     }
 }
 
 /// A connection to a peer's service port: IPv4 first, IPv6 too when IPv4 has not connected
 /// within [`SECOND_FAMILY_AFTER`] (or failed); the first one made wins. `None`: neither.
-async fn connect_either(ip: Ipv4Addr, ip6: Ipv6Addr) -> Option<(TcpStream, IpAddr)> {
-    let v4 = TcpStream::connect((ip, SERVICES_PORT));
+async fn connect_either<N: OverlayNet>(
+    net: &N,
+    ip: Ipv4Addr,
+    ip6: Ipv6Addr,
+) -> Option<(N::Stream, IpAddr)> {
+    let v4 = net.connect((ip, SERVICES_PORT).into());
     let v6 = async {
-        let s = TcpStream::connect((ip6, SERVICES_PORT)).await;
+        let s = net.connect((ip6, SERVICES_PORT).into()).await;
         s.map(|s| (s, IpAddr::V6(ip6)))
     };
     tokio::pin!(v4, v6);
@@ -393,9 +411,15 @@ async fn connect_either(ip: Ipv4Addr, ip6: Ipv6Addr) -> Option<(TcpStream, IpAdd
 
 /// One peer's list: `GET /a2a/services` over the tunnel (to its overlay IPv4 or IPv6
 /// address, see [`connect_either`]), bounded in time and size.
-async fn fetch_list(ip: Ipv4Addr, ip6: Ipv6Addr) -> Result<ServiceList, FetchError> {
+async fn fetch_list<N: OverlayNet>(
+    net: &N,
+    ip: Ipv4Addr,
+    ip6: Ipv6Addr,
+) -> Result<ServiceList, FetchError> {
     let exchange = async {
-        let (mut s, to) = connect_either(ip, ip6).await.ok_or(FetchError::Failed)?;
+        let (mut s, to) = connect_either(net, ip, ip6)
+            .await
+            .ok_or(FetchError::Failed)?;
         let host = SocketAddr::new(to, SERVICES_PORT);
         s.write_all(format!("GET /a2a/services HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
             .await
@@ -417,159 +441,21 @@ async fn fetch_list(ip: Ipv4Addr, ip6: Ipv6Addr) -> Result<ServiceList, FetchErr
         .unwrap_or(Err(FetchError::Failed))
 }
 
-/// Serves this node's list to members on its overlay addresses, IPv4 and IPv6, and takes
-/// their "changed" datagrams; rebinds when an address changes. IPv4 is required (retried every
-/// 5 s when it cannot be bound); IPv6 is served when the address can be bound (a host with
-/// IPv6 off serves IPv4 only), and checked again every [`IP6_RECHECK`].
-async fn serve(
-    book: Arc<ServiceBook>,
-    peers: Arc<PeerTable>,
-    counters: Arc<Counters>,
-    mut ip: watch::Receiver<Ipv4Addr>,
-    ip6: OwnIp6,
-    changed: mpsc::Sender<(IpAddr, u64)>,
-) {
-    let members = Members {
-        book,
-        peers,
-        counters,
-        slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-        changed,
-    };
-    let mut warned6 = false;
-    loop {
-        let own = *ip.borrow_and_update();
-        let addr = SocketAddr::new(own.into(), SERVICES_PORT);
-        let (tcp, udp) = match bind_pair(addr).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(
-                    "cannot serve this node's services to members on {addr}: {e} (is another \
-                     program on that port?); retrying in 5 s"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    r = ip.changed() => if r.is_err() { return },
-                }
-                continue;
-            }
-        };
-        let mut v6: Option<(Ipv6Addr, TcpListener, UdpSocket)> = None;
-        let mut conns = JoinSet::new();
-        let (mut buf, mut buf6) = ([0u8; 64], [0u8; 64]);
-        let mut recheck = tokio::time::interval(IP6_RECHECK);
-        loop {
-            tokio::select! {
-                r = ip.changed() => {
-                    if r.is_err() {
-                        return;
-                    }
-                    break;
-                }
-                _ = recheck.tick() => {
-                    let want = ip6();
-                    if v6.as_ref().map(|(a, ..)| *a) != Some(want) {
-                        v6 = None; // an old address's sockets go first
-                        let addr = SocketAddr::new(want.into(), SERVICES_PORT);
-                        match bind_pair(addr).await {
-                            Ok((t, u)) => {
-                                tracing::debug!("services served to members on {addr} too");
-                                v6 = Some((want, t, u));
-                            }
-                            Err(e) if !warned6 => {
-                                warned6 = true;
-                                tracing::warn!(
-                                    "cannot serve this node's services on its IPv6 overlay \
-                                     address {addr}: {e}; members reach them over IPv4 only \
-                                     (trying again every {} s)",
-                                    IP6_RECHECK.as_secs()
-                                );
-                            }
-                            Err(_) => {}
-                        }
-                    }
-                }
-                accepted = tcp.accept() => members.accepted(accepted, &mut conns).await,
-                accepted = accept_on(&v6) => members.accepted(accepted, &mut conns).await,
-                received = udp.recv_from(&mut buf) => members.datagram(received, &buf).await,
-                received = recv_on(&v6, &mut buf6) => members.datagram(received, &buf6).await,
-                Some(_) = conns.join_next() => {}
-            }
-        }
-    }
-}
-
-async fn bind_pair(addr: SocketAddr) -> std::io::Result<(TcpListener, UdpSocket)> {
-    Ok((TcpListener::bind(addr).await?, UdpSocket::bind(addr).await?))
-}
-
-/// The next connection on the IPv6 listener; never, without one.
-async fn accept_on(
-    v6: &Option<(Ipv6Addr, TcpListener, UdpSocket)>,
-) -> std::io::Result<(TcpStream, SocketAddr)> {
-    match v6 {
-        Some((_, tcp, _)) => tcp.accept().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The next datagram on the IPv6 socket; never, without one.
-async fn recv_on(
-    v6: &Option<(Ipv6Addr, TcpListener, UdpSocket)>,
-    buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr)> {
-    match v6 {
-        Some((_, _, udp)) => udp.recv_from(buf).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// What answering members needs, whichever address they came to.
+/// Answers members on [`SERVICES_PORT`]: a connection gets the list, a datagram is a
+/// "changed" for the fetcher.
 struct Members {
     book: Arc<ServiceBook>,
-    peers: Arc<PeerTable>,
     counters: Arc<Counters>,
-    slots: Arc<Semaphore>,
     changed: mpsc::Sender<(IpAddr, u64)>,
 }
 
-impl Members {
-    /// A connection accepted: answered when it comes from a member (within the slots).
-    async fn accepted(
-        &self,
-        accepted: std::io::Result<(TcpStream, SocketAddr)>,
-        conns: &mut JoinSet<()>,
-    ) {
-        let Ok((stream, from)) = accepted else {
-            // Out of descriptors, say: wait a little rather than spin.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return;
-        };
-        if self.peers.by_addr(from.ip()).is_none() {
-            Counters::bump(&self.counters.services_not_member);
-            return;
-        }
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            return;
-        };
-        let (book, counters) = (self.book.clone(), self.counters.clone());
-        conns.spawn(async move {
-            let _permit = permit;
-            answer(stream, &book, &counters).await;
-        });
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Handler<S> for Members {
+    async fn stream(&self, stream: S, _from: SocketAddr) {
+        answer(stream, &self.book, &self.counters).await;
     }
 
-    /// A datagram received: a member's "changed" goes to the fetcher.
-    async fn datagram(&self, received: std::io::Result<(usize, SocketAddr)>, buf: &[u8]) {
-        let Ok((n, from)) = received else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return;
-        };
-        if self.peers.by_addr(from.ip()).is_none() {
-            Counters::bump(&self.counters.services_not_member);
-            return;
-        }
-        match parse_changed(&buf[..n]) {
+    fn datagram(&self, data: &[u8], from: SocketAddr) {
+        match parse_changed(data) {
             Some(v) => {
                 let _ = self.changed.try_send((from.ip(), v));
             }
@@ -579,7 +465,11 @@ impl Members {
 }
 
 /// Answers one member's `GET /a2a/services`.
-async fn answer(mut stream: TcpStream, book: &ServiceBook, counters: &Counters) {
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    book: &ServiceBook,
+    counters: &Counters,
+) {
     let request = async {
         let mut req = Vec::new();
         let mut chunk = [0u8; 512];
@@ -624,6 +514,7 @@ async fn read_cards(
     counters: Arc<Counters>,
     ip: watch::Receiver<Ipv4Addr>,
     ip6: OwnIp6,
+    on_overlay: bool,
 ) {
     let mut changed = book.subscribe();
     let mut known: Vec<ServiceSpec> = Vec::new();
@@ -631,7 +522,7 @@ async fn read_cards(
         let specs = book.specs();
         known.clone_from(&specs);
         // Every agent at once (at most MAX_SERVICES), so a slow one delays no other's card.
-        let overlay = [IpAddr::V4(*ip.borrow()), IpAddr::V6(ip6())];
+        let overlay = on_overlay.then(|| [IpAddr::V4(*ip.borrow()), IpAddr::V6(ip6())]);
         let reads = specs
             .iter()
             .filter(|s| s.proto == Proto::A2a)
@@ -678,10 +569,12 @@ enum CardError {
 }
 
 /// The agent's card from `http://127.0.0.1:PORT/.well-known/agent-card.json`, or from this
-/// node's overlay addresses (IPv4, then IPv6) when nothing answers on loopback.
-async fn read_card(port: u16, overlay: [IpAddr; 2]) -> Result<Card, CardError> {
+/// node's overlay addresses (IPv4, then IPv6; when given) when nothing answers on loopback.
+async fn read_card(port: u16, overlay: Option<[IpAddr; 2]>) -> Result<Card, CardError> {
     let mut last = CardError::Unreachable;
-    for host in [IpAddr::V4(Ipv4Addr::LOCALHOST), overlay[0], overlay[1]] {
+    let hosts =
+        std::iter::once(IpAddr::V4(Ipv4Addr::LOCALHOST)).chain(overlay.into_iter().flatten());
+    for host in hosts {
         match tokio::time::timeout(CARD_TIMEOUT, get_card(host, port)).await {
             Ok(Ok(c)) => return Ok(c),
             Ok(Err(CardError::Unreachable)) | Err(_) => {}

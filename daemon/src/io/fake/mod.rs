@@ -99,6 +99,8 @@ impl Platform for FakePlatform {
     type Tun = ChannelTun;
     type Underlay = FakeUnderlay;
     type Connector = FakeConnector;
+    /// Unused: the fakes serve nothing on the overlay address (`serve_services` is off).
+    type Overlay = crate::io::kernel::KernelOverlay;
 
     /// Binds UDP `udp_port` on the host (failing, as a real bind, while another socket holds
     /// it), makes a [`ChannelTun`] and sets the overlay address. [`FastPaths`] say what the
@@ -127,6 +129,7 @@ impl Platform for FakePlatform {
             udp,
             tun,
             underlay,
+            overlay: crate::io::kernel::KernelOverlay,
             fast: FastPaths {
                 tun_offload: false,
                 udp_gso: options.max_segments > 1,
