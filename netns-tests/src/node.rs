@@ -295,14 +295,33 @@ impl Node {
     /// Waits until the node's status lists exactly the peers named `names` (any path).
     #[track_caller]
     pub fn wait_peers(&self, names: &[&str], timeout: Duration) -> Status {
+        self.wait_peer_list(names, timeout, false)
+    }
+
+    /// Waits until the peers the coordinator lists (leaving out those a2ad keeps unlisted or
+    /// restored, see `PeerView::listing`) are exactly `names`.
+    pub fn wait_listed(&self, names: &[&str], timeout: Duration) -> Status {
+        self.wait_peer_list(names, timeout, true)
+    }
+
+    fn wait_peer_list(&self, names: &[&str], timeout: Duration, listed_only: bool) -> Status {
         let mut want: Vec<&str> = names.to_vec();
         want.sort_unstable();
         wait_for(
             timeout,
-            &format!("{} to list peers {want:?}", self.name),
+            &format!(
+                "{} to list peers {want:?}{}",
+                self.name,
+                if listed_only { " (as listed)" } else { "" }
+            ),
             || {
                 let st = self.try_status()?;
-                let mut got: Vec<&str> = st.peers.iter().map(|p| p.name.as_str()).collect();
+                let mut got: Vec<&str> = st
+                    .peers
+                    .iter()
+                    .filter(|p| !listed_only || p.listing.is_none())
+                    .map(|p| p.name.as_str())
+                    .collect();
                 got.sort_unstable();
                 if got == want {
                     Ok(st.clone())

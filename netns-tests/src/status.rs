@@ -28,6 +28,9 @@ pub struct PeerStatus {
     pub last_handshake_s: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// `unlisted` or `saved` when a2ad keeps a peer the coordinator does not list; `None` when
+    /// it is listed.
+    pub listing: Option<String>,
 }
 
 fn field<'a>(v: &'a serde_json::Value, key: &str) -> Result<&'a serde_json::Value, String> {
@@ -95,6 +98,10 @@ impl Status {
                     last_handshake_s,
                     rx_bytes: u64_field(p, "rx_bytes")?,
                     tx_bytes: u64_field(p, "tx_bytes")?,
+                    listing: p
+                        .get("listing")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;

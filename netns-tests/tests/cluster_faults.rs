@@ -95,7 +95,7 @@ fn others<'a>(all: &[&'a str], me: &str) -> Vec<&'a str> {
 #[track_caller]
 fn wait_all_list(nodes: &[&Node], names: &[&str], since: Instant, timeout: Duration) -> Duration {
     for n in nodes {
-        n.wait_peers(&others(names, &n.name), timeout);
+        n.wait_listed(&others(names, &n.name), timeout);
     }
     since.elapsed()
 }
@@ -244,7 +244,7 @@ fn each_coordinator_killed_in_turn_loses_no_ping_and_its_nodes_fail_over() {
     hard[0].up_ok(&tokens[0]);
     let up_took = t0.elapsed();
     let returned = Instant::now();
-    hard[2].wait_peers(&["hard-1"], OVERLAY_TIMEOUT);
+    hard[2].wait_listed(&["hard-1"], OVERLAY_TIMEOUT);
     let seen = returned.elapsed();
     report(format!(
         "cluster faults: hard-1's join on c1 (`up` took {up_took:?}) listed on hard-3 (on c3) \
@@ -519,7 +519,7 @@ fn a_nats_server_killed_and_a_coordinator_cut_off_from_nats() {
     let returned = Instant::now();
     let mut seen = Vec::new();
     for n in &nodes {
-        n.wait_peers(
+        n.wait_listed(
             &others(
                 &names
                     .iter()
