@@ -12,7 +12,7 @@ use a2a_proto::udp::{
 use a2a_proto::NodeKey;
 use tun_rs::IDEAL_BATCH_SIZE;
 
-use super::{DataPlane, BUF_LEN, TUN_PACKET_LEN};
+use super::{DataPlane, BUF_LEN};
 use crate::core::counters::Counters;
 use crate::core::peers::{Peer, Routed, Via};
 use crate::core::policy::{Reply, Verdict};
@@ -28,8 +28,9 @@ const HEAD: usize = 16;
 const MIN_DECAP_OUT: usize = 256;
 
 /// Decrypted packets waiting to be written to the TUN device: `bufs[..n]`, each packet at
-/// `HEAD` (the room before it holds the virtio-net header with offload). Buffers are allocated
-/// once with room for a coalesced super-packet, and reused.
+/// `HEAD` (the room before it holds the virtio-net header with offload). A buffer is allocated
+/// the first time its slot is used, with room for a coalesced super-packet, and reused: an idle
+/// node holds the one or two it used, not the whole batch (128 would hold about 1 MiB).
 pub struct TunBatch<W> {
     bufs: Vec<Vec<u8>>,
     /// The peer each packet came from (what the policy judges it by).
@@ -51,13 +52,7 @@ const REPLY_LEN: usize = RELAY_HEADER_LEN + 1280 + 64;
 
 impl<W: TunWriter> TunBatch<W> {
     pub fn new(capacity: usize, writer: W) -> Self {
-        let bufs = (0..capacity.max(1))
-            .map(|_| {
-                let mut b = Vec::with_capacity(HEAD + BUF_LEN);
-                b.resize(HEAD + TUN_PACKET_LEN, 0);
-                b
-            })
-            .collect();
+        let bufs = (0..capacity.max(1)).map(|_| Vec::new()).collect();
         TunBatch {
             bufs,
             keys: vec![NodeKey([0; 32]); capacity.max(1)],
@@ -95,6 +90,10 @@ impl<W: TunWriter> TunBatch<W> {
     /// The next free buffer, at least `len` bytes long (it grows within its capacity).
     fn slot(&mut self, len: usize) -> &mut Vec<u8> {
         let b = &mut self.bufs[self.n];
+        if b.capacity() == 0 {
+            // First use of this slot: the room for a super-packet is reserved, not touched.
+            b.reserve_exact(HEAD + BUF_LEN);
+        }
         if b.len() < len {
             b.resize(len, 0);
         }
