@@ -31,15 +31,7 @@ use a2a_proto::membership::{Revocation, RotationNotice};
 use a2a_proto::policy::{PolicyDoc, TagStatement};
 use a2a_proto::{NetworkId, NodeKey, SignedRecord};
 
-use crate::registry::{ConnId, LocalChange};
-
-/// Relay ids from here up name remote members; local connections use the ids below.
-pub const REMOTE_BASE: u32 = 0x8000_0000;
-
-/// Whether relay id `id` is one this coordinator gives remote members.
-pub fn is_remote_id(id: u32) -> bool {
-    id >= REMOTE_BASE
-}
+use crate::registry::{is_remote_id, ConnId, LocalChange, REMOTE_BASE};
 
 /// How often a coordinator says it is alive.
 pub const ALIVE_EVERY: Duration = Duration::from_secs(2);

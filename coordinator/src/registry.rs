@@ -18,10 +18,19 @@ use a2a_proto::{NetworkId, NodeKey, SignedRecord};
 /// Identifies one control connection; also the node's relay id while it is connected.
 pub type ConnId = u32;
 
-/// Whether `ticket` names a redemption another coordinator passed on (those ids are in the
-/// cluster's half, see `cluster.rs`): never passed to the cluster again.
+/// Ids from here up name what the cluster holds (remote members, redemptions another
+/// coordinator passed on); local connections use the ids below.
+pub const REMOTE_BASE: ConnId = 0x8000_0000;
+
+/// Whether id `id` is in the cluster's half (see [`REMOTE_BASE`]).
+pub fn is_remote_id(id: ConnId) -> bool {
+    id >= REMOTE_BASE
+}
+
+/// Whether `ticket` names a redemption another coordinator passed on: never passed to the
+/// cluster again.
 fn is_cluster_ticket(ticket: ConnId) -> bool {
-    crate::cluster::is_remote_id(ticket)
+    is_remote_id(ticket)
 }
 
 /// Messages the server must send: each to the connection named.
@@ -1279,7 +1288,7 @@ mod tests {
             "{asked:?}"
         );
         // A redemption passed here by the cluster is never passed back to it.
-        let cluster_ticket = crate::cluster::REMOTE_BASE + 1;
+        let cluster_ticket = REMOTE_BASE + 1;
         let e = r
             .redeem(now, cluster_ticket, NodeKey([5; 32]), id, signer, proof)
             .unwrap_err();

@@ -30,12 +30,10 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::batch::{Batcher, Run, MAX_SEGMENTS};
 use crate::channel::{relay_frame, Frame, Outbox as ConnOutbox, Reader, Refused};
-use crate::cluster::{
-    is_remote_id, Apply, Cluster, Outgoing, Publish, RelayOut, Sealer, Step, Via,
-};
+use crate::cluster::{Apply, Cluster, Outgoing, Publish, RelayOut, Sealer, Step, Via};
 use crate::fanout;
 use crate::limits::{Admission, Drops, Limits, OverLimit, Seat};
-use crate::registry::ConnId;
+use crate::registry::{is_remote_id, ConnId};
 use crate::relay::{Dest, RelayDrop, RelayTable};
 use crate::switchboard::{Count, Outbox, RelayChange, Switchboard};
 use a2a_udpbatch as udpbatch;
@@ -1083,7 +1081,7 @@ impl Server {
     /// A new connection id: never 0, never one in use (ids wrap after 2^32 connections).
     fn new_conn_id(&self) -> ConnId {
         loop {
-            let id = self.next_conn.fetch_add(1, Ordering::Relaxed) & !crate::cluster::REMOTE_BASE;
+            let id = self.next_conn.fetch_add(1, Ordering::Relaxed) & !crate::registry::REMOTE_BASE;
             // The upper half names remote members of the cluster (see `crate::cluster`).
             if id != 0 && !is_remote_id(id) && !self.hub().outboxes.contains_key(&id) {
                 return id;

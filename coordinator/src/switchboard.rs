@@ -25,9 +25,9 @@ use a2a_proto::{NetworkId, NodeKey};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
-use crate::cluster::is_remote_id;
 use crate::fanout::{batches, Fanout, MAX_BATCH_BYTES};
 use crate::limits::{Rate, TokenBucket};
+use crate::registry::is_remote_id;
 use crate::registry::{ConnId, LocalChange, RegisterRequest, Registry, Sends, REDEEM_TIMEOUT};
 
 /// What the driver counts (its counters are numbers only).
