@@ -7,42 +7,18 @@
 use std::time::{Duration, Instant};
 
 use a2a_netns_tests::{
-    metric, report, require_tools, wait_for, CoordOpts, Coordinator, Lab, Nat, NatsServer, Node,
-    PingStats, COORDINATOR_PORT, OVERLAY_TIMEOUT,
+    metric, report, require_tools, wait_for, Coordinator, Lab, Nat, NatsAuth, NatsServer, Node,
+    PingStats, OVERLAY_TIMEOUT,
 };
 
 /// Long enough for hole punching between two easy NATs.
 const PATH_TIMEOUT: Duration = Duration::from_secs(25);
 const METRICS_PORT: u16 = 9300;
 
-/// `n` coordinators sharing one identity (the first one's `coordinator.key`, copied into the
-/// others' state directories) and the full `--endpoint` list, each joined to every NATS
-/// server, with metrics on their wan address.
-fn coordinators(
-    lab: &Lab,
-    nats: &[NatsServer],
-    creds: &std::path::Path,
-    n: usize,
-) -> Vec<Coordinator> {
-    let namespaces: Vec<_> = (1..=n).map(|i| lab.add_ns(&format!("coord{i}"))).collect();
-    let endpoints: Vec<String> = namespaces
-        .iter()
-        .map(|ns| format!("{}:{COORDINATOR_PORT}", ns.wan_ip.unwrap()))
-        .collect();
-    let urls: Vec<String> = nats.iter().map(NatsServer::url).collect();
-    let mut out: Vec<Coordinator> = Vec::new();
-    for ns in namespaces {
-        let opts = CoordOpts {
-            endpoints: endpoints.clone(),
-            nats: urls.clone(),
-            nats_credentials: Some(creds.to_path_buf()),
-            key_from: out.first().map(|c| c.state_dir.join("coordinator.key")),
-            metrics: Some(format!("{}:{METRICS_PORT}", ns.wan_ip.unwrap())),
-            ..CoordOpts::default()
-        };
-        out.push(lab.coordinator_in(ns, opts));
-    }
-    out
+/// `n` coordinators sharing one identity and the full `--endpoint` list, each joined to every
+/// NATS server, with metrics on their wan address (`Lab::coordinators_on_nats`).
+fn coordinators(lab: &Lab, nats: &[NatsServer], auth: &NatsAuth, n: usize) -> Vec<Coordinator> {
+    lab.coordinators_on_nats(nats, auth, n, METRICS_PORT, false)
 }
 
 /// A counter of a coordinator's metrics (`a2a_coordinator_NAME_total`).
@@ -128,7 +104,7 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
     let auth = lab.nats_auth();
     let nats_ns: Vec<_> = (1..=3).map(|i| lab.add_ns(&format!("nats{i}"))).collect();
     let nats = lab.nats_cluster(&nats_ns, &auth, true);
-    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let coords = coordinators(&lab, &nats, &auth, 2);
     let (c1, c2) = (&coords[0], &coords[1]);
     // One identity: both print tokens with the same coordinator key and both endpoints (each
     // token is a new network's, so the nodes below all use the first).
@@ -477,7 +453,7 @@ fn relay_across_coordinators_batches_datagrams_per_nats_message() {
     let auth = lab.nats_auth();
     let nats_ns: Vec<_> = (1..=3).map(|i| lab.add_ns(&format!("nats{i}"))).collect();
     let nats = lab.nats_cluster(&nats_ns, &auth, false);
-    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let coords = coordinators(&lab, &nats, &auth, 2);
     let (c1, c2) = (&coords[0], &coords[1]);
     let token = &c1.token;
     let r_hard1 = lab.router("rtr-hard1", Nat::Hard);
@@ -551,7 +527,7 @@ fn a_kick_on_one_coordinator_removes_the_node_held_by_another() {
     let auth = lab.nats_auth();
     let nats_ns = [lab.add_ns("nats1")];
     let nats = lab.nats_cluster(&nats_ns, &auth, false);
-    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let coords = coordinators(&lab, &nats, &auth, 2);
     let (c1, c2) = (&coords[0], &coords[1]);
     let token = &c1.token;
     let r_alpha = lab.router("rtr-alpha", Nat::Easy);
@@ -647,7 +623,7 @@ fn statements_invites_and_rotation_cross_the_cluster() {
     let auth = lab.nats_auth();
     let nats_ns = [lab.add_ns("nats1")];
     let nats = lab.nats_cluster(&nats_ns, &auth, false);
-    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let coords = coordinators(&lab, &nats, &auth, 2);
     let (c1, c2) = (&coords[0], &coords[1]);
     let token = &c1.token;
     let routers: Vec<_> = ["alpha", "bravo", "charlie", "dave", "erin"]
@@ -772,7 +748,7 @@ fn a_kicked_token_holder_is_refused_by_a_coordinator_started_after_the_kick() {
     let auth = lab.nats_auth();
     let nats_ns = [lab.add_ns("nats1")];
     let nats = lab.nats_cluster(&nats_ns, &auth, false);
-    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let coords = coordinators(&lab, &nats, &auth, 2);
     let (c1, c2) = (&coords[0], &coords[1]);
     let token = &c1.token;
     let r_alpha = lab.router("rtr-alpha", Nat::Easy);
@@ -862,7 +838,7 @@ fn nats_messages_at_steady_state_per_thousand_nodes() {
     let auth = lab.nats_auth();
     let nats_ns = [lab.add_ns("nats1")];
     let nats = lab.nats_cluster(&nats_ns, &auth, false);
-    let coords = coordinators(&lab, &nats, &auth.file, 2);
+    let coords = coordinators(&lab, &nats, &auth, 2);
     let (c1, c2) = (&coords[0], &coords[1]);
     let ns = lab.add_ns("swarm");
     // Several source addresses (the coordinator's limits count per address).
