@@ -312,6 +312,7 @@ fn names_resolve_through_the_system_resolver_and_follow_the_membership() {
     let renamed = wait_name(alice, "carla.a2a", Some(carol_ip));
     wait_name(alice, "carol.a2a", None);
     // A departure: bob leaves; his name goes.
+    let (notices0, left0) = (alice.counter("leave_notices"), alice.counter("peers_left"));
     let out = bob.ctl(&["down"]);
     assert!(out.success(), "down: {out}");
     let t0 = Instant::now();
@@ -323,6 +324,16 @@ fn names_resolve_through_the_system_resolver_and_follow_the_membership() {
         departed.as_secs_f64()
     ));
     assert_eq!(dig(alice, &["bob.a2a"]).0, "NXDOMAIN");
+    // Bob said it himself, through his tunnel: alice dropped him at once, not after the
+    // quiet time an unlisted peer gets.
+    // (Carol's rename was a leave and a join too.)
+    assert_eq!(
+        alice.counter("leave_notices") - notices0,
+        1,
+        "bob's leave notice"
+    );
+    assert_eq!(alice.counter("peers_left") - left0, 1);
+    assert_eq!(alice.counter("peers_unlisted_dropped"), 0);
     alice.assert_daemon_running();
 }
 

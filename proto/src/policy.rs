@@ -537,9 +537,33 @@ pub fn parse_digest(d: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(d[6..].try_into().ok()?))
 }
 
+const LEAVE_MAGIC: &[u8; 6] = b"a2alv1";
+
+/// The datagram a member sends every peer (UDP [`POLICY_PORT`], through its tunnels) when it
+/// leaves the network (`a2actl down`): "I leave". Only the tunnel says who sent it, so only the
+/// member itself can say it; a peer that has it drops the member as soon as the coordinator
+/// stops listing it, instead of keeping it while a direct path might still live.
+pub fn leave_datagram() -> [u8; 6] {
+    *LEAVE_MAGIC
+}
+
+/// Whether `d` is a leave datagram.
+pub fn is_leave(d: &[u8]) -> bool {
+    d == LEAVE_MAGIC
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leave_datagram_is_not_a_digest_and_a_digest_is_not_a_leave() {
+        assert!(is_leave(&leave_datagram()));
+        assert_eq!(parse_digest(&leave_datagram()), None);
+        assert!(!is_leave(&digest_datagram(7)));
+        assert!(!is_leave(b"a2alv"));
+        assert!(!is_leave(b"a2alv12"));
+    }
 
     const EXAMPLE: &str = r#"{"grants": [{"src": ["tag:planner"], "dst": ["tag:worker"], "ports": ["tcp:8080", "icmp"]}]}"#;
 

@@ -32,7 +32,7 @@ use crate::core::counters::Counters;
 use crate::core::membership::{MemberState, Membership};
 use crate::core::offline::{self, Listing, SavedFile, SavedPeer, Verdict};
 use crate::core::path::Route;
-use crate::core::peers::{Applied, PeerTable};
+use crate::core::peers::{Applied, Peer, PeerTable};
 
 /// Reconnect back-off bounds.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -455,18 +455,11 @@ impl Client {
         let epoch = self.peers.epoch();
         if complete {
             for peer in self.peers.all() {
-                if offline::verdict(now.at, peer.listing(), peer.direct_heard(epoch))
+                let left = peer.has_left();
+                if offline::verdict(now.at, peer.listing(), peer.direct_heard(epoch), left)
                     == Verdict::Drop
                 {
-                    tracing::info!(
-                        "peer {} ({}) dropped: the coordinator no longer lists it and nothing \
-                         came from it directly for {} s",
-                        peer.info().name,
-                        peer.ip(),
-                        offline::UNLISTED_QUIET.as_secs()
-                    );
-                    Counters::bump(&self.counters.peers_unlisted_dropped);
-                    self.peers.remove(&peer.key);
+                    self.drop_unlisted(&peer, left);
                 }
             }
         }
@@ -643,6 +636,11 @@ impl Client {
         let Some(peer) = self.peers.by_key(node_key) else {
             return;
         };
+        if peer.has_left() {
+            // It said so itself, through its tunnel: gone now, not after the quiet time.
+            self.drop_unlisted(&peer, true);
+            return;
+        }
         if !matches!(peer.listing(), Listing::Unlisted { .. }) {
             tracing::info!(
                 "peer {} ({}) left the coordinator's list: kept while its direct path is alive",
@@ -651,6 +649,25 @@ impl Client {
             );
             peer.set_listing(Listing::Unlisted { since: now.at });
         }
+    }
+
+    /// Drops a peer the coordinator no longer lists: `left`, it said it leaves; else it was
+    /// quiet for [`offline::UNLISTED_QUIET`].
+    fn drop_unlisted(&self, peer: &Peer, left: bool) {
+        if left {
+            tracing::info!("peer {} ({}) left the network", peer.info().name, peer.ip());
+            Counters::bump(&self.counters.peers_left);
+        } else {
+            tracing::info!(
+                "peer {} ({}) dropped: the coordinator no longer lists it and nothing came from \
+                 it directly for {} s",
+                peer.info().name,
+                peer.ip(),
+                offline::UNLISTED_QUIET.as_secs()
+            );
+            Counters::bump(&self.counters.peers_unlisted_dropped);
+        }
+        self.peers.remove(&peer.key);
     }
 
     /// A record from the coordinator or `peers.json`, verified: for this network (its key, or
@@ -1820,6 +1837,45 @@ mod tests {
         let files = saved_files(&w.client.sweep(at(&w, 42_000)));
         let saved = offline::open(&files[0], &[1; 32], &network_id()).unwrap();
         assert!(saved.is_empty(), "the revoked peer is not saved");
+    }
+
+    #[test]
+    fn a_peer_that_said_it_leaves_goes_when_unlisted_whichever_comes_first() {
+        let mut w = world();
+        register(&mut w, 0);
+        for n in [2, 3, 4] {
+            w.client.handle(at(&w, 6), peer_up(n));
+        }
+        let down = |n: u8| ServerMsg::PeerDown {
+            node_key: key_of([n; 32]),
+        };
+        // 2 says it leaves, then the coordinator's PeerDown: gone at once.
+        w.peers.by_key(&key_of([2; 32])).unwrap().mark_left();
+        assert!(w.peers.by_key(&key_of([2; 32])).is_some(), "still listed");
+        w.client.handle(at(&w, 1000), down(2));
+        assert!(w.peers.by_key(&key_of([2; 32])).is_none());
+        // 3: the PeerDown first, its notice later: gone at the next sweep, not after 10 s.
+        w.client.handle(at(&w, 1000), down(3));
+        let p3 = w.peers.by_key(&key_of([3; 32])).unwrap();
+        w.client.sweep(at(&w, 1500));
+        assert!(w.peers.by_key(&key_of([3; 32])).is_some());
+        p3.mark_left();
+        w.client.sweep(at(&w, 2000));
+        assert!(w.peers.by_key(&key_of([3; 32])).is_none());
+        assert_eq!(Counters::get(&w.counters.peers_left), 2);
+        assert_eq!(Counters::get(&w.counters.peers_unlisted_dropped), 0);
+        // 4 said it leaves but comes back (a new record listed): the notice is forgotten, a
+        // later PeerDown unlists it as usual.
+        let p4 = w.peers.by_key(&key_of([4; 32])).unwrap();
+        p4.mark_left();
+        w.client.handle(at(&w, 3000), peer_up(4));
+        w.client.handle(at(&w, 4000), down(4));
+        w.client.sweep(at(&w, 4500));
+        assert!(
+            w.peers.by_key(&key_of([4; 32])).is_some(),
+            "kept while unlisted"
+        );
+        assert!(matches!(p4.listing(), Listing::Unlisted { .. }));
     }
 
     #[test]

@@ -58,6 +58,11 @@ counters! {
     /// Peers dropped because the coordinator no longer listed them and nothing came from them
     /// directly for UNLISTED_QUIET.
     peers_unlisted_dropped,
+    /// Peers dropped at once: the peer said through its own tunnel that it leaves (`a2actl
+    /// down` on it), and the coordinator no longer lists it.
+    peers_left,
+    /// Leave notices from members (UDP 4748, through their tunnels).
+    leave_notices,
     membership_bad_signature,
     invites_redeemed,
     invites_denied,
@@ -227,6 +232,6 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), len);
-        assert_eq!(len, 85);
+        assert_eq!(len, 87);
     }
 }

@@ -192,10 +192,12 @@ pub enum Verdict {
 /// coordinator (without one, nobody says who left: everything is kept). A listed peer stays
 /// (the coordinator relays it); a saved one the coordinator's list did not name is unlisted
 /// from then on (the caller marks it); an unlisted one stays until [`UNLISTED_QUIET`] passed
-/// since the later of its unlisting and its last direct sign of life.
-pub fn verdict(now: Instant, listing: Listing, heard: Option<Instant>) -> Verdict {
+/// since the later of its unlisting and its last direct sign of life, or goes at once when it
+/// said itself, through its tunnel, that it leaves (`left`: `a2actl down` on it).
+pub fn verdict(now: Instant, listing: Listing, heard: Option<Instant>, left: bool) -> Verdict {
     match listing {
         Listing::Listed | Listing::Saved => Verdict::Keep,
+        Listing::Unlisted { .. } if left => Verdict::Drop,
         Listing::Unlisted { since } => {
             let last = heard.map_or(since, |h| h.max(since));
             if now.saturating_duration_since(last) >= UNLISTED_QUIET {
@@ -318,18 +320,24 @@ mod tests {
     fn an_unlisted_peer_stays_while_heard_directly_and_goes_when_quiet() {
         let t0 = Instant::now();
         let s = |secs: u64| t0 + Duration::from_secs(secs);
-        assert_eq!(verdict(s(1000), Listing::Listed, None), Verdict::Keep);
-        assert_eq!(verdict(s(1000), Listing::Saved, None), Verdict::Keep);
+        assert_eq!(
+            verdict(s(1000), Listing::Listed, None, false),
+            Verdict::Keep
+        );
+        assert_eq!(verdict(s(1000), Listing::Saved, None, false), Verdict::Keep);
         let unlisted = Listing::Unlisted { since: s(10) };
         // Never heard directly: the quiet time runs from the unlisting.
-        assert_eq!(verdict(s(19), unlisted, None), Verdict::Keep);
-        assert_eq!(verdict(s(20), unlisted, None), Verdict::Drop);
+        assert_eq!(verdict(s(19), unlisted, None, false), Verdict::Keep);
+        assert_eq!(verdict(s(20), unlisted, None, false), Verdict::Drop);
         // Heard before the unlisting: the same.
-        assert_eq!(verdict(s(20), unlisted, Some(s(5))), Verdict::Drop);
+        assert_eq!(verdict(s(20), unlisted, Some(s(5)), false), Verdict::Drop);
         // Heard after: it stays as long as it keeps being heard.
-        assert_eq!(verdict(s(100), unlisted, Some(s(99))), Verdict::Keep);
-        assert_eq!(verdict(s(108), unlisted, Some(s(99))), Verdict::Keep);
-        assert_eq!(verdict(s(109), unlisted, Some(s(99))), Verdict::Drop);
+        assert_eq!(verdict(s(100), unlisted, Some(s(99)), false), Verdict::Keep);
+        assert_eq!(verdict(s(108), unlisted, Some(s(99)), false), Verdict::Keep);
+        assert_eq!(verdict(s(109), unlisted, Some(s(99)), false), Verdict::Drop);
+        // A peer that said it leaves goes as soon as it is unlisted, not before.
+        assert_eq!(verdict(s(11), unlisted, Some(s(11)), true), Verdict::Drop);
+        assert_eq!(verdict(s(11), Listing::Listed, None, true), Verdict::Keep);
         assert_eq!(Listing::Listed.word(), None);
         assert_eq!(unlisted.word(), Some("unlisted"));
         assert_eq!(Listing::Saved.word(), Some("saved"));

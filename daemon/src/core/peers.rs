@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -98,6 +98,8 @@ pub struct Peer {
     cookie_retry_ms: AtomicU64,
     /// How the coordinator lists it (core/offline.rs decides what that means).
     listing: Mutex<Listing>,
+    /// The peer itself said it leaves the network (`a2actl down`), through its tunnel.
+    left: AtomicBool,
 }
 
 impl Peer {
@@ -205,7 +207,21 @@ impl Peer {
     }
 
     pub fn set_listing(&self, listing: Listing) {
+        if listing == Listing::Listed {
+            // Listed again: a new session of the member's, whatever its last one said.
+            self.left.store(false, Ordering::Relaxed);
+        }
         *lock(&self.listing) = listing;
+    }
+
+    /// The peer said, through its own tunnel (so nobody else can say it), that it leaves the
+    /// network: once unlisted it goes at once ([`crate::core::offline::verdict`]).
+    pub fn mark_left(&self) {
+        self.left.store(true, Ordering::Relaxed);
+    }
+
+    pub fn has_left(&self) -> bool {
+        self.left.load(Ordering::Relaxed)
     }
 
     /// When something last came from this peer directly: its direct path's last answer or
@@ -595,6 +611,7 @@ impl PeerTable {
             seen_elsewhere_ms: AtomicU64::new(0),
             cookie_retry_ms: AtomicU64::new(0),
             listing: Mutex::new(Listing::Listed),
+            left: AtomicBool::new(false),
             info: Mutex::new(info),
         });
         self.rebuild(|by_key| {

@@ -78,6 +78,9 @@ pub struct Session<P: Platform> {
     portmap_stop: watch::Sender<bool>,
     portmapper: JoinHandle<()>,
     loops: Vec<JoinHandle<()>>,
+    /// The overlay address's sockets, when a2ad serves members on it (the leave notice goes
+    /// out through them).
+    overlay: Option<P::Overlay>,
 }
 
 /// Who and where a session is.
@@ -326,6 +329,7 @@ impl<P: Platform> Session<P> {
             portmap_stop,
             portmapper,
             loops,
+            overlay: device.serve_services.then(|| overlay.clone()),
         })
     }
 
@@ -338,6 +342,13 @@ impl<P: Platform> Session<P> {
         let mut control = self.control;
         let mut finished = false;
         if leave {
+            // The members hear it from this node itself, through its tunnels (so they drop it
+            // at once, which the coordinator's word alone would not make them do), then from
+            // the coordinator.
+            if let Some(net) = &self.overlay {
+                let own = *self.ip.borrow();
+                crate::tasks::policy::say_leaving(net, own, &self.peers).await;
+            }
             let _ = self.leave.send(true);
             finished = tokio::time::timeout(std::time::Duration::from_secs(2), &mut control)
                 .await

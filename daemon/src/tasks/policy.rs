@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use a2a_proto::control::ClientMsg;
 use a2a_proto::membership::Signed;
-use a2a_proto::policy::{digest_datagram, parse_digest, Bundle, MAX_BUNDLE_BYTES, POLICY_PORT};
+use a2a_proto::policy::{
+    digest_datagram, is_leave, leave_datagram, parse_digest, Bundle, MAX_BUNDLE_BYTES, POLICY_PORT,
+};
 use a2a_proto::{NetworkId, NodeKey};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -187,6 +189,7 @@ impl<P: Platform> PolicyTask<P> {
             };
             let members = Members {
                 book: self.book.clone(),
+                peers: self.peers.clone(),
                 counters: self.counters.clone(),
                 digests: digests_tx,
             };
@@ -343,6 +346,19 @@ impl<P: Platform> PolicyTask<P> {
     }
 }
 
+/// Tells every peer, through its tunnel, that this node leaves the network
+/// ([`leave_datagram`]); best effort: a peer that misses it drops this node
+/// [`crate::core::offline::UNLISTED_QUIET`] after the coordinator stops listing it.
+pub async fn say_leaving<N: OverlayNet>(net: &N, own: Ipv4Addr, peers: &PeerTable) {
+    let Ok(socket) = net.bind_udp((own, 0).into()).await else {
+        return;
+    };
+    let d = leave_datagram();
+    for peer in peers.all() {
+        let _ = socket.send_to(&d, (peer.ip(), POLICY_PORT).into()).await;
+    }
+}
+
 /// One member's bundle, bounded in time and size; `None` when it fails.
 async fn fetch<N: OverlayNet>(net: N, ip: Ipv4Addr) -> Option<Bundle> {
     let exchange = async {
@@ -367,6 +383,7 @@ async fn fetch<N: OverlayNet>(net: N, ip: Ipv4Addr) -> Option<Bundle> {
 /// for the task.
 struct Members {
     book: Arc<PolicyBook>,
+    peers: Arc<PeerTable>,
     counters: Arc<Counters>,
     digests: tokio::sync::mpsc::Sender<(IpAddr, u64)>,
 }
@@ -382,6 +399,14 @@ impl<S: AsyncWrite + Unpin + Send + 'static> Handler<S> for Members {
     }
 
     fn datagram(&self, data: &[u8], from: SocketAddr) {
+        if is_leave(data) {
+            // From a member (the port answers only members), through its own tunnel.
+            if let Some(peer) = self.peers.by_addr(from.ip()) {
+                Counters::bump(&self.counters.leave_notices);
+                peer.mark_left();
+            }
+            return;
+        }
         match parse_digest(data) {
             Some(d) => {
                 let _ = self.digests.try_send((from.ip(), d));
