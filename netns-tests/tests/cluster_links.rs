@@ -1,14 +1,15 @@
 //! The coordinator cluster's links to NATS (README, *A coordinator cluster on NATS*): TLS
 //! with a private CA (`--nats-ca`, `--nats-cert`, `--nats-key`), certificates made by the
 //! test with the `openssl` CLI, the real `nats-server` requiring TLS and a client
-//! certificate. Needs root, `nats-server`, `openssl`, `strace`, `nft` and `curl` (installed
-//! by `./run-tests`).
+//! certificate; and a cut from NATS long enough for the client to drop the connection.
+//! Needs root, `nats-server`, `openssl`, `strace`, `nft` and `curl` (installed by
+//! `./run-tests`).
 
 use std::time::{Duration, Instant};
 
 use a2a_netns_tests::{
-    report, require_tools, CoordOpts, Coordinator, Lab, Nat, Router, COORDINATOR_PORT,
-    OVERLAY_TIMEOUT,
+    metric, report, require_tools, wait_for, CoordOpts, Coordinator, Lab, Nat, NatsServer, Ns,
+    Router, COORDINATOR_PORT, NATS_PORT, OVERLAY_TIMEOUT,
 };
 
 const METRICS_PORT: u16 = 9310;
@@ -164,3 +165,154 @@ fn tls_with_a_private_ca_joins_and_a_wrong_ca_is_refused() {
     drop((r_alpha, r_bravo, r_charlie));
 }
 
+/// A counter of a coordinator's metrics (`a2a_coordinator_NAME_total`).
+#[track_caller]
+fn counter(c: &Coordinator, name: &str) -> u64 {
+    let text = c.scrape();
+    metric(&text, &format!("a2a_coordinator_{name}_total"))
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
+}
+
+/// How many times `c` printed `line`.
+fn printed(c: &Coordinator, line: &str) -> usize {
+    c.proc().stderr_text().matches(line).count()
+}
+
+/// Drops the traffic between `ns` and the NATS servers' client port, both ways.
+fn cut_off_from_nats(ns: &Ns, nats: &[NatsServer]) {
+    ns.exec(&["nft", "add", "table", "inet", "a2a_natscut"])
+        .expect_ok();
+    for chain in [
+        "add chain inet a2a_natscut out { type filter hook output priority -30; }",
+        "add chain inet a2a_natscut in { type filter hook input priority -30; }",
+    ] {
+        ns.exec(&["nft", chain]).expect_ok();
+    }
+    for s in nats {
+        let ip = s.ns.wan_ip.unwrap();
+        for rule in [
+            format!("add rule inet a2a_natscut out ip daddr {ip} tcp dport {NATS_PORT} drop"),
+            format!("add rule inet a2a_natscut in ip saddr {ip} tcp sport {NATS_PORT} drop"),
+        ] {
+            ns.exec(&["nft", &rule]).expect_ok();
+        }
+    }
+}
+
+const DISCONNECTED: &str = "cluster: disconnected from NATS";
+const CONNECTED: &str = "cluster: connected to NATS";
+
+/// Two coordinators on one `nats-server`; alpha reaches only c1, bravo only c2. c2 is cut off
+/// from NATS (nft drops its traffic to and from the client port) until its client declares
+/// the connection dead (the coordinator prints that it disconnected; measured) and its
+/// reconnections fail; a node joins on each side meanwhile and sees its side. When the cut
+/// ends, c2 reconnects (measured) and the four nodes list each other (measured; a generous
+/// timeout, no timing assert). With async-nats' default PING interval (60 s) the connection
+/// would not be declared dead within the test's minute.
+#[test]
+fn a_cut_long_enough_to_drop_the_nats_connection_reconnects_and_merges() {
+    let Some(lab) = Lab::new("clcut") else {
+        return;
+    };
+    require_tools(&[
+        ("nats-server", "nats-server"),
+        ("nft", "nftables"),
+        ("curl", "curl"),
+    ]);
+    let auth = lab.nats_auth();
+    let nats_ns = [lab.add_ns("nats1")];
+    let nats = lab.nats_cluster(&nats_ns, &auth, false);
+    let coords = lab.coordinators_on_nats(&nats, &auth, 2, METRICS_PORT, false);
+    let (c1, c2) = (&coords[0], &coords[1]);
+    let all = [c1, c2];
+    let token = &c1.token;
+    let r_a1 = router(&lab, "rtr-alpha", &all, c1);
+    let r_b1 = router(&lab, "rtr-bravo", &all, c2);
+    let alpha = lab.node_behind(&r_a1, "alpha");
+    let bravo = lab.node_behind(&r_b1, "bravo");
+    alpha.up_ok(token);
+    bravo.up_ok(token);
+    alpha.wait_listed(&["bravo"], OVERLAY_TIMEOUT);
+    bravo.wait_listed(&["alpha"], OVERLAY_TIMEOUT);
+    assert_eq!(printed(c2, CONNECTED), 1);
+
+    cut_off_from_nats(&c2.ns, &nats);
+    let cut = Instant::now();
+    let dead = wait_for(
+        Duration::from_secs(60),
+        "c2 to declare its NATS connection dead",
+        || {
+            if printed(c2, DISCONNECTED) > 0 {
+                Ok(cut.elapsed())
+            } else {
+                Err("c2 has not printed that it disconnected".to_string())
+            }
+        },
+    );
+    report(format!(
+        "cluster cut: c2's NATS connection declared dead {} ms after the cut",
+        dead.as_millis()
+    ));
+    // A node joins on each side; each side lists its own only.
+    let r_a2 = router(&lab, "rtr-alpha2", &all, c1);
+    let r_b2 = router(&lab, "rtr-bravo2", &all, c2);
+    let alpha2 = lab.node_behind(&r_a2, "alpha-2");
+    let bravo2 = lab.node_behind(&r_b2, "bravo-2");
+    alpha2.up_ok(token);
+    bravo2.up_ok(token);
+    for (n, want) in [
+        (&alpha, "alpha-2"),
+        (&alpha2, "alpha"),
+        (&bravo, "bravo-2"),
+        (&bravo2, "bravo"),
+    ] {
+        n.wait_listed(&[want], OVERLAY_TIMEOUT);
+    }
+    // Its reconnections fail while the cut lasts.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(printed(c2, CONNECTED), 1, "c2 reconnected through the cut");
+    c2.ns
+        .exec(&["nft", "delete", "table", "inet", "a2a_natscut"])
+        .expect_ok();
+    let back = Instant::now();
+    let reconnected = wait_for(Duration::from_secs(30), "c2 to reconnect to NATS", || {
+        if printed(c2, CONNECTED) >= 2 {
+            Ok(back.elapsed())
+        } else {
+            Err("not yet".to_string())
+        }
+    });
+    let names = ["alpha", "alpha-2", "bravo", "bravo-2"];
+    for n in [&alpha, &alpha2, &bravo, &bravo2] {
+        let others: Vec<&str> = names.iter().copied().filter(|x| *x != n.name).collect();
+        n.wait_listed(&others, Duration::from_secs(60));
+    }
+    let merged = back.elapsed();
+    report(format!(
+        "cluster cut: c2 cut off for {} ms: reconnected {} ms after the cut ended, the four \
+         nodes list each other {} ms after it ended",
+        (back - cut).as_millis(),
+        reconnected.as_millis(),
+        merged.as_millis()
+    ));
+    for (i, c) in coords.iter().enumerate() {
+        for refused in ["seal", "malformed", "flood", "record"] {
+            assert_eq!(
+                counter(c, &format!("cluster_refused_{refused}")),
+                0,
+                "c{} refused cluster messages ({refused})",
+                i + 1
+            );
+        }
+        report(format!(
+            "cluster cut: c{}: syncs asked {}, coordinators expired {}, refused as stale {}, \
+             as replays {}",
+            i + 1,
+            counter(c, "cluster_syncs_asked"),
+            counter(c, "cluster_coordinators_expired"),
+            counter(c, "cluster_refused_stale"),
+            counter(c, "cluster_refused_replay"),
+        ));
+    }
+    drop((r_a1, r_b1, r_a2, r_b2));
+}
