@@ -119,6 +119,32 @@ struct ServeArgs {
         requires = "nats"
     )]
     nats_credentials: Option<PathBuf>,
+    /// TLS to NATS with a private CA: the PEM certificate of the CA that signed the NATS
+    /// servers' certificates (only it is trusted). Makes TLS required, also for nats:// URLs.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "A2A_COORDINATOR_NATS_CA",
+        requires = "nats"
+    )]
+    nats_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for NATS servers that verify clients (`verify: true`),
+    /// with --nats-key. Makes TLS required.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "A2A_COORDINATOR_NATS_CERT",
+        requires_all = ["nats", "nats_key"]
+    )]
+    nats_cert: Option<PathBuf>,
+    /// The private key (PEM) of --nats-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "A2A_COORDINATOR_NATS_KEY",
+        requires = "nats_cert"
+    )]
+    nats_key: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -313,7 +339,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 .as_deref()
                 .map(a2a_coordinator::nats::Credentials::read)
                 .transpose()?;
-            a2a_coordinator::nats::join(&server, urls, credentials, &private, &public).await?;
+            let tls = a2a_coordinator::nats::Tls {
+                ca: args.nats_ca.clone(),
+                client: args.nats_cert.clone().zip(args.nats_key.clone()),
+            };
+            // Checked now: a wrong file stops the start with its name.
+            tls.config()?;
+            a2a_coordinator::nats::join(&server, urls, credentials, &tls, &private, &public)
+                .await?;
             tracing::info!("cluster: joining over {} NATS server(s)", args.nats.len());
         }
         // Ends with the runtime.

@@ -121,8 +121,19 @@ struct Changes {
     policy: Option<(u64, Signed)>,
     /// Per member, its tag statement of the highest version seen, and its version.
     tags: HashMap<NodeKey, (u64, Signed)>,
-    /// Forgotten this long after the network's last member left.
+    /// Forgotten at this time: [`CHANGES_TTL`] after [`Registry::expire`] first saw the
+    /// network with no member here, local or remote (`None` while it has one).
     forget_at: Option<Instant>,
+}
+
+impl Changes {
+    /// How many signed changes it holds.
+    fn len(&self) -> usize {
+        self.revoked.len()
+            + usize::from(self.moved.is_some())
+            + usize::from(self.policy.is_some())
+            + self.tags.len()
+    }
 }
 
 /// Revocations kept per network.
@@ -136,8 +147,22 @@ pub const REDEEM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a redemption passed to the cluster waits for a coordinator to say its member made
 /// the invite (then [`REDEEM_TIMEOUT`] for the answer).
 pub const UNCLAIMED_AFTER: Duration = Duration::from_secs(3);
-/// How long membership changes outlive a network's last live member.
+/// How long membership changes outlive a network's last member on any coordinator of the
+/// cluster that this one knows of (its local and remote members).
 pub const CHANGES_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Signed changes kept at most, over all networks with no member here (local or remote):
+/// beyond it, those of the networks memberless the longest are forgotten first
+/// ([`Forgotten::over_cap`]).
+pub const MAX_MEMBERLESS_CHANGES: usize = 16 * 1024;
+
+/// Networks whose kept changes [`Registry::expire`] forgot (counts only).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Forgotten {
+    /// [`CHANGES_TTL`] after their last member.
+    pub expired: usize,
+    /// Early, to stay within [`MAX_MEMBERLESS_CHANGES`].
+    pub over_cap: usize,
+}
 
 /// Live registrations, grouped by network.
 pub struct Registry {
@@ -154,6 +179,10 @@ pub struct Registry {
     ttl: Duration,
     /// Changes to local members since [`Registry::take_changes`].
     local_changes: Vec<LocalChange>,
+    /// Since [`Registry::take_forgotten`].
+    forgotten: Forgotten,
+    /// [`MAX_MEMBERLESS_CHANGES`] (smaller in tests).
+    max_memberless: usize,
 }
 
 impl Registry {
@@ -170,7 +199,14 @@ impl Registry {
             heartbeat,
             ttl,
             local_changes: Vec::new(),
+            forgotten: Forgotten::default(),
+            max_memberless: MAX_MEMBERLESS_CHANGES,
         }
+    }
+
+    /// Networks whose kept changes were forgotten since the last call.
+    pub fn take_forgotten(&mut self) -> Forgotten {
+        std::mem::take(&mut self.forgotten)
     }
 
     /// Runs in a cluster: redemptions of invites unknown here are passed to it.
@@ -548,10 +584,8 @@ impl Registry {
             .map(|m| (m.conn, ServerMsg::PeerDown { node_key: key }))
             .collect();
         if members.is_empty() {
+            // Its kept changes start their countdown at the next `expire`.
             self.networks.remove(&network);
-            if let Some(c) = self.changes.get_mut(&network) {
-                c.forget_at = Some(Instant::now() + CHANGES_TTL);
-            }
         }
         out
     }
@@ -601,9 +635,49 @@ impl Registry {
                 },
             ));
         }
+        self.forget_changes(now);
+        (out, closed)
+    }
+
+    /// Membership changes are kept while their network has a member here, local or remote
+    /// (a revocation must be refused while the revoked node's record can be presented to a
+    /// member), and [`CHANGES_TTL`] after that; networks with no member here keep at most
+    /// [`MAX_MEMBERLESS_CHANGES`] changes together, the memberless the longest forgotten
+    /// first. A member that registers re-sends what it holds, so a network's changes come
+    /// back with its first member.
+    fn forget_changes(&mut self, now: Instant) {
+        let networks = &self.networks;
+        let mut memberless = 0;
+        for (network, c) in self.changes.iter_mut() {
+            if networks.contains_key(network) {
+                c.forget_at = None;
+            } else {
+                c.forget_at.get_or_insert(now + CHANGES_TTL);
+                memberless += c.len();
+            }
+        }
+        let before = self.changes.len();
         self.changes
             .retain(|_, c| c.forget_at.is_none_or(|at| at > now));
-        (out, closed)
+        self.forgotten.expired += before - self.changes.len();
+        if memberless <= self.max_memberless {
+            return;
+        }
+        let mut oldest: Vec<(Instant, NetworkId, usize)> = self
+            .changes
+            .iter()
+            .filter_map(|(n, c)| c.forget_at.map(|at| (at, *n, c.len())))
+            .collect();
+        memberless = oldest.iter().map(|(_, _, len)| len).sum();
+        oldest.sort_unstable_by_key(|(at, _, _)| *at);
+        for (_, network, len) in oldest {
+            if memberless <= self.max_memberless {
+                break;
+            }
+            self.changes.remove(&network);
+            memberless -= len;
+            self.forgotten.over_cap += 1;
+        }
     }
 
     /// Handles `InviteOpen`: redemptions of `id` go to `conn` from now on.
@@ -1448,5 +1522,144 @@ mod tests {
         assert!(out
             .iter()
             .any(|(c, m)| *c == 3 && matches!(m, ServerMsg::Moved { .. })));
+    }
+
+    fn revocation(k: &NetworkKey, n: u8) -> Signed {
+        use a2a_proto::keys::REVOKE_CONTEXT;
+        let revocation = Revocation {
+            network: k.id(),
+            node_key: NodeKey([n; 32]),
+            issued_ms: 1,
+        };
+        Signed::sign(&revocation, k, REVOKE_CONTEXT)
+    }
+
+    /// Networks whose changes are kept, and how many changes each.
+    fn kept_per_network(r: &Registry) -> HashMap<NetworkId, usize> {
+        let mut out = HashMap::new();
+        for c in r.kept() {
+            let network = match c {
+                a2a_proto::cluster::Change::Revoke { network, .. }
+                | a2a_proto::cluster::Change::Moved { network, .. }
+                | a2a_proto::cluster::Change::Statement { network, .. } => network,
+            };
+            *out.entry(network).or_default() += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn changes_from_the_cluster_for_a_network_with_no_member_here_are_forgotten_after_the_ttl() {
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let t0 = Instant::now();
+        r.revoke_remote(k.id(), revocation(&k, 3)).unwrap();
+        // The countdown starts at the first expire that sees the network without a member.
+        r.expire(t0);
+        r.expire(t0 + CHANGES_TTL - Duration::from_secs(1));
+        assert_eq!(kept_per_network(&r).get(&k.id()), Some(&1));
+        assert_eq!(r.take_forgotten(), Forgotten::default());
+        r.expire(t0 + CHANGES_TTL);
+        assert!(r.kept().is_empty());
+        assert_eq!(
+            r.take_forgotten(),
+            Forgotten {
+                expired: 1,
+                over_cap: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_member_on_another_coordinator_keeps_its_networks_revocations() {
+        let mut r = registry();
+        let k = NetworkKey::derive(&[1; 32]);
+        let t0 = Instant::now();
+        let alpha = node(1, "100.64.0.1");
+        let remote = REMOTE_BASE + 1;
+        r.register_remote(
+            t0,
+            remote,
+            k.id(),
+            signed(&alpha.record, &k, &k),
+            RelaySecret([1; 16]),
+        )
+        .unwrap();
+        r.revoke_remote(k.id(), revocation(&k, 3)).unwrap();
+        // Held as long as alpha is, however long: bravo's record stays refused.
+        for days in [0, 8, 30] {
+            r.expire(t0 + Duration::from_secs(days * 24 * 3600));
+        }
+        assert_eq!(kept_per_network(&r).get(&k.id()), Some(&1));
+        let bravo = node(3, "100.64.0.3");
+        let e = r
+            .register_remote(
+                t0,
+                remote + 1,
+                k.id(),
+                signed(&bravo.record, &k, &k),
+                RelaySecret([2; 16]),
+            )
+            .unwrap_err();
+        assert_eq!(e.0, RefuseReason::Revoked);
+        // alpha gone: forgotten CHANGES_TTL after the first expire that sees it gone.
+        let t1 = t0 + Duration::from_secs(31 * 24 * 3600);
+        r.remove_remote(remote);
+        r.expire(t1);
+        r.expire(t1 + CHANGES_TTL - Duration::from_secs(1));
+        assert_eq!(kept_per_network(&r).len(), 1);
+        // A member that comes back (on another coordinator) stops the countdown.
+        r.register_remote(
+            t1,
+            remote + 2,
+            k.id(),
+            signed(&alpha.record, &k, &k),
+            RelaySecret([1; 16]),
+        )
+        .unwrap();
+        r.expire(t1 + CHANGES_TTL);
+        assert_eq!(kept_per_network(&r).len(), 1);
+        r.remove_remote(remote + 2);
+        r.expire(t1 + CHANGES_TTL);
+        r.expire(t1 + CHANGES_TTL * 2);
+        assert!(r.kept().is_empty());
+        assert_eq!(r.take_forgotten().expired, 1);
+    }
+
+    #[test]
+    fn memberless_changes_over_the_cap_are_forgotten_oldest_network_first() {
+        let mut r = registry();
+        r.max_memberless = 3;
+        let t0 = Instant::now();
+        let [a, b, c, held] = [1u8, 2, 3, 4].map(|i| NetworkKey::derive(&[i; 32]));
+        // A network with a member counts for nothing against the cap.
+        reg(&mut r, t0, 1, &held, &node(1, "100.64.0.1")).unwrap();
+        for n in 10..20 {
+            r.revoke(1, revocation(&held, n)).unwrap();
+        }
+        for n in [2, 3] {
+            r.revoke_remote(a.id(), revocation(&a, n)).unwrap();
+        }
+        r.expire(t0);
+        for n in [2, 3] {
+            r.revoke_remote(b.id(), revocation(&b, n)).unwrap();
+        }
+        // a and b: 4 changes over 3; a, memberless the longest, goes.
+        r.expire(t0 + Duration::from_secs(1));
+        let kept = kept_per_network(&r);
+        assert_eq!(kept.get(&a.id()), None);
+        assert_eq!(kept.get(&b.id()), Some(&2));
+        assert_eq!(kept.get(&held.id()), Some(&10));
+        assert_eq!(
+            r.take_forgotten(),
+            Forgotten {
+                expired: 0,
+                over_cap: 1
+            }
+        );
+        r.revoke_remote(c.id(), revocation(&c, 2)).unwrap();
+        r.expire(t0 + Duration::from_secs(2));
+        assert_eq!(kept_per_network(&r).len(), 3);
+        assert_eq!(r.take_forgotten(), Forgotten::default());
     }
 }

@@ -79,6 +79,10 @@ pub struct Counters {
     pub redemptions_refused: AtomicU64,
     pub revocations: AtomicU64,
     pub statements: AtomicU64,
+    /// Networks whose kept membership changes were forgotten (after their last member; early,
+    /// over the cap).
+    pub changes_forgotten: AtomicU64,
+    pub changes_forgotten_over_cap: AtomicU64,
     /// Control messages queued to nodes, and the bytes of their frames.
     pub ctl_messages_sent: AtomicU64,
     pub ctl_bytes_sent: AtomicU64,
@@ -229,6 +233,18 @@ impl Counters {
                 "statements",
                 "Policy and tag statements passed on (their content is never kept beyond memory)",
                 g(&self.statements),
+            ),
+            (
+                "changes_forgotten",
+                "Networks whose kept membership changes were forgotten, 7 days after their last \
+                 member on any coordinator",
+                g(&self.changes_forgotten),
+            ),
+            (
+                "changes_forgotten_over_cap",
+                "Networks with no member whose kept membership changes were forgotten early, \
+                 to keep at most 16384 such changes",
+                g(&self.changes_forgotten_over_cap),
             ),
             (
                 "ctl_messages_sent",
@@ -1068,6 +1084,8 @@ impl Server {
             Count::Revocation => Counters::bump(&k.revocations),
             Count::Statement => Counters::bump(&k.statements),
             Count::Throttled => Drops::bump(&self.limited.ctl_msgs_throttled),
+            Count::ChangesForgotten => Counters::bump(&k.changes_forgotten),
+            Count::ChangesForgottenOverCap => Counters::bump(&k.changes_forgotten_over_cap),
         }
     }
 

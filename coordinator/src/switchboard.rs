@@ -45,6 +45,11 @@ pub enum Count {
     Statement,
     /// A message that came faster than its connection's budget (reading pauses).
     Throttled,
+    /// A network's kept membership changes forgotten, [`crate::registry::CHANGES_TTL`] after its
+    /// last member here (local or remote).
+    ChangesForgotten,
+    /// The same, early: over [`crate::registry::MAX_MEMBERLESS_CHANGES`].
+    ChangesForgottenOverCap,
 }
 
 /// A change to the relay slots.
@@ -612,6 +617,15 @@ impl Switchboard {
             out.close.push(conn);
         }
         out.local = self.registry.take_changes();
+        let forgotten = self.registry.take_forgotten();
+        out.counts.extend(std::iter::repeat_n(
+            Count::ChangesForgotten,
+            forgotten.expired,
+        ));
+        out.counts.extend(std::iter::repeat_n(
+            Count::ChangesForgottenOverCap,
+            forgotten.over_cap,
+        ));
         out
     }
 }

@@ -54,6 +54,10 @@ pub struct CoordOpts {
     pub nats: Vec<String>,
     /// `--nats-credentials FILE`.
     pub nats_credentials: Option<PathBuf>,
+    /// `--nats-ca FILE`.
+    pub nats_ca: Option<PathBuf>,
+    /// `--nats-cert FILE --nats-key FILE`.
+    pub nats_client_cert: Option<(PathBuf, PathBuf)>,
     /// Copied into the state directory as `coordinator.key` before the first start: the
     /// cluster's shared identity.
     pub key_from: Option<PathBuf>,
@@ -139,6 +143,16 @@ impl Coordinator {
         if let Some(f) = &self.opts.nats_credentials {
             args.push("--nats-credentials".into());
             args.push(f.to_string_lossy().into_owned());
+        }
+        if let Some(f) = &self.opts.nats_ca {
+            args.push("--nats-ca".into());
+            args.push(f.to_string_lossy().into_owned());
+        }
+        if let Some((cert, key)) = &self.opts.nats_client_cert {
+            args.push("--nats-cert".into());
+            args.push(cert.to_string_lossy().into_owned());
+            args.push("--nats-key".into());
+            args.push(key.to_string_lossy().into_owned());
         }
         args.push("--state-dir".into());
         args.push(self.state_dir.to_string_lossy().into_owned());

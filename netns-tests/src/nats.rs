@@ -71,6 +71,33 @@ impl Drop for NatsServer {
 pub struct NatsAuth {
     pub password: String,
     pub file: PathBuf,
+    /// TLS on the client port ([`Lab::nats_tls`]): the servers present `server`, require a
+    /// client certificate signed by `ca` (`verify: true`), and the coordinators are given
+    /// `--nats-ca` and `--nats-cert`/`--nats-key`.
+    pub tls: Option<NatsTls>,
+}
+
+/// A private CA and what it signed (PEM files, made with the `openssl` CLI).
+#[derive(Clone, Debug)]
+pub struct NatsTls {
+    pub ca: PathBuf,
+    /// The servers' certificate and key (every server's wan address as an IP SAN).
+    pub server: (PathBuf, PathBuf),
+    /// A client certificate and key.
+    pub client: (PathBuf, PathBuf),
+}
+
+/// Runs `openssl ARGS` on the host; panics with its output if it fails.
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Lab {
@@ -82,7 +109,81 @@ impl Lab {
         fs::write(&file, format!("{NATS_USER}:{password}\n")).expect("write NATS credentials");
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).expect("chmod");
-        NatsAuth { password, file }
+        NatsAuth {
+            password,
+            file,
+            tls: None,
+        }
+    }
+
+    /// A private CA named `name` (files `NAME-ca.pem` … in the lab's directory) with a server
+    /// certificate for the wan addresses of `servers` and a client certificate, all made with
+    /// the `openssl` CLI (EC P-256 keys, valid for a day).
+    pub fn nats_tls(&self, name: &str, servers: &[Ns]) -> NatsTls {
+        require_tool("openssl", "openssl");
+        let f = |s: &str| self.dir().join(format!("{name}-{s}"));
+        let p = |b: &PathBuf| b.to_string_lossy().into_owned();
+        let (ca, ca_key) = (f("ca.pem"), f("ca.key"));
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend(["-days", "1", "-subj"]);
+        let subj = format!("/CN={name} test CA");
+        let (ca_s, ca_key_s) = (p(&ca), p(&ca_key));
+        args.extend([subj.as_str(), "-keyout", &ca_key_s, "-out", &ca_s]);
+        openssl(&args);
+        let sans: Vec<String> = servers
+            .iter()
+            .map(|n| format!("IP:{}", n.wan_ip.expect("wan address")))
+            .collect();
+        let sign = |role: &str, ext: String| {
+            let (cert, key, csr, extf) = (
+                f(&format!("{role}.pem")),
+                f(&format!("{role}.key")),
+                f(&format!("{role}.csr")),
+                f(&format!("{role}.ext")),
+            );
+            fs::write(&extf, ext).expect("write the extensions");
+            let (cert_s, key_s, csr_s, ext_s) = (p(&cert), p(&key), p(&csr), p(&extf));
+            let subj = format!("/CN={name} {role}");
+            let mut args = vec!["req"];
+            args.extend(ec);
+            args.extend(["-subj", &subj, "-keyout", &key_s, "-out", &csr_s]);
+            openssl(&args);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr_s,
+                "-CA",
+                &ca_s,
+                "-CAkey",
+                &ca_key_s,
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &ext_s,
+                "-out",
+                &cert_s,
+            ]);
+            (cert, key)
+        };
+        let server = sign(
+            "server",
+            format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth,clientAuth\n",
+                sans.join(",")
+            ),
+        );
+        let client = sign("client", "extendedKeyUsage=clientAuth\n".to_string());
+        NatsTls { ca, server, client }
     }
 
     /// Starts `nats-server` in each of `namespaces` as one NATS cluster (routes between all
@@ -129,12 +230,23 @@ impl Lab {
                 } else {
                     String::new()
                 };
+                // TLS on the client port: a client certificate signed by the CA required.
+                let tls = match &auth.tls {
+                    Some(t) => format!(
+                        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  \
+                         verify: true\n  timeout: 2\n}}\n",
+                        t.server.0.display(),
+                        t.server.1.display(),
+                        t.ca.display()
+                    ),
+                    None => String::new(),
+                };
                 // The coordinators' user may use the cluster's subjects and nothing else.
                 let config = format!(
                     "server_name: nats-{i}\nlisten: \"{ip}:{NATS_PORT}\"\njetstream: disabled\n\
                      authorization {{\n  users: [\n    {{ user: \"{NATS_USER}\", password: \"{pw}\", \
                      permissions: {{ publish: [\"a2a.>\"], subscribe: [\"a2a.>\"] }} }}\n  ]\n}}\n\
-                     {cluster}",
+                     {cluster}{tls}",
                     pw = auth.password
                 );
                 let path = self.dir().join(format!("nats-{i}.conf"));
@@ -199,6 +311,8 @@ impl Lab {
                 endpoints: endpoints.clone(),
                 nats: urls.clone(),
                 nats_credentials: Some(auth.file.clone()),
+                nats_ca: auth.tls.as_ref().map(|t| t.ca.clone()),
+                nats_client_cert: auth.tls.as_ref().map(|t| t.client.clone()),
                 key_from: out.first().map(|c| c.state_dir.join("coordinator.key")),
                 metrics: Some(format!(
                     "{}:{metrics_port}",
