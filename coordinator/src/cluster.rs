@@ -121,6 +121,15 @@ impl Sealer {
         self.key.seal(subject, header, body)
     }
 
+    /// Opens an envelope received on `subject` (the seal only: no state, so no lock; the
+    /// driver calls it before taking the cluster's). Nothing in it may be used before
+    /// [`Cluster::accept`] took it, which counts what was refused here too.
+    pub fn open(&self, subject: &str, payload: &[u8]) -> Result<Opened, OpenError> {
+        self.key
+            .open(subject, payload)
+            .map(|(header, body)| Opened { header, body })
+    }
+
     /// Relay data from local relay id `src` for the member another coordinator gave relay id
     /// `remote_dst`, on `subject` (that coordinator's).
     pub fn seal_relay(&self, via: &Via, src: u32, datagram: &[u8], now_ms: u64) -> Publish {
@@ -192,6 +201,14 @@ impl Sealer {
             subject: b.subject,
         }
     }
+}
+
+/// An envelope whose seal opened ([`Sealer::open`]), not accepted yet: its sender, number
+/// and time are unchecked, so it goes to [`Cluster::accept`] and nowhere else.
+#[derive(Debug)]
+pub struct Opened {
+    header: Header,
+    body: Vec<u8>,
 }
 
 /// Relay data for a member another coordinator holds, not sealed yet: the relay paths queue
@@ -746,10 +763,19 @@ impl Cluster {
         }
     }
 
-    /// One message from NATS, on `subject`.
+    /// One message from NATS, on `subject`: opened ([`Sealer::open`]) and accepted
+    /// ([`Cluster::accept`]) in one go.
     pub fn receive(&mut self, now: Instant, now_ms: u64, subject: &str, payload: &[u8]) -> Step {
+        let opened = self.sealer.open(subject, payload);
+        self.accept(now, now_ms, opened)
+    }
+
+    /// A message from NATS that [`Sealer::open`] opened (or refused) without the cluster's
+    /// lock: every refusal is counted here, and the sender, clock and replay window are
+    /// checked before anything in it is used.
+    pub fn accept(&mut self, now: Instant, now_ms: u64, opened: Result<Opened, OpenError>) -> Step {
         let mut step = Step::default();
-        let (header, body) = match self.sealer.key.open(subject, payload) {
+        let Opened { header, body } = match opened {
             Ok(opened) => opened,
             Err(OpenError::Malformed) => {
                 self.counts.refused_malformed += 1;
@@ -1638,6 +1664,46 @@ mod tests {
         assert!(ups(&s).is_empty(), "node 1 stays held by c2: {:?}", s.apply);
         assert_eq!(c3.remote_count(), 1);
         assert_eq!(c3.peer_count(), 1);
+    }
+
+    /// The driver opens the seal without the cluster's lock ([`Sealer::open`]) and hands
+    /// the result to [`Cluster::accept`]: open keeps no state (the same envelope opens twice),
+    /// so the replay window, and the counting of what open refused, are accept's.
+    #[test]
+    fn opened_outside_the_lock_is_counted_and_windowed_when_accepted() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let s = c1.local(T0, vec![up(&k, 1, 10, 7)]);
+        let p = &s.publish[0];
+        let sealer = c2.sealer().clone();
+        let first = sealer.open(&p.subject, &p.payload);
+        let again = sealer.open(&p.subject, &p.payload);
+        assert!(first.is_ok() && again.is_ok());
+        assert_eq!(c2.counts, Counts::default());
+        assert_eq!(ups(&c2.accept(now, T0, first)).len(), 1);
+        assert!(c2.accept(now, T0, again).apply.is_empty());
+        assert_eq!(c2.counts.refused_replay, 1);
+        // What open refused is counted once accepted, as receive counts it.
+        let mut changed = p.payload.clone();
+        *changed.last_mut().unwrap() ^= 1;
+        let changed = sealer.open(&p.subject, &changed);
+        assert_eq!(changed.as_ref().err(), Some(&OpenError::BadSeal));
+        let on_another_subject = sealer.open("a2a.other", &p.payload);
+        assert_eq!(on_another_subject.as_ref().err(), Some(&OpenError::BadSeal));
+        let garbage = sealer.open(&p.subject, b"hello");
+        assert_eq!(garbage.as_ref().err(), Some(&OpenError::Malformed));
+        assert_eq!(c2.counts.refused_seal + c2.counts.refused_malformed, 0);
+        for refused in [changed, on_another_subject, garbage] {
+            assert!(c2.accept(now, T0, refused).apply.is_empty());
+        }
+        assert_eq!(
+            (c2.counts.refused_seal, c2.counts.refused_malformed),
+            (2, 1)
+        );
+        assert_eq!(c2.counts.received, 1);
+        assert_eq!(c2.remote_count(), 1);
     }
 
     #[test]

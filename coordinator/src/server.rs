@@ -994,10 +994,12 @@ impl Server {
         let Some(cluster) = self.cluster.get() else {
             return;
         };
-        let step =
-            cluster
-                .core()
-                .receive(Instant::now(), a2a_proto::time::now_ms(), subject, payload);
+        // The seal is opened before the cluster's lock is taken: the lock is held only to
+        // check the sender and the replay window and to map the relay ids.
+        let opened = cluster.sealer().open(subject, payload);
+        let step = cluster
+            .core()
+            .accept(Instant::now(), a2a_proto::time::now_ms(), opened);
         if !step.publish.is_empty() || !step.apply.is_empty() {
             self.cluster_apply(step);
         }
