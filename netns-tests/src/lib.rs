@@ -63,7 +63,9 @@ pub use coordinator::{
     metric, scrape_metrics, CoordOpts, Coordinator, COORDINATOR_PORT, DEFAULT_PREFIX,
 };
 pub use impair::{ForwarderCounters, PingStats, WireLoss};
-pub use nats::{NatsAuth, NatsServer, NatsTls, NATS_PORT, NATS_USER};
+pub use nats::{
+    cut_off_from_nats, NatsAuth, NatsServer, NatsTls, NATS_CUT_TABLE, NATS_PORT, NATS_USER,
+};
 pub use node::{Node, NODE_PORT, OVERLAY_TIMEOUT};
 pub use portmap::{FakePortMapper, Lie, MiniUpnpd, PORTMAP_PORT};
 pub use process::{cpu_time, require_tool, require_tools, run_host, Bins, Output, Proc};

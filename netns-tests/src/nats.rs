@@ -20,6 +20,32 @@ pub const NATS_ROUTE_PORT: u16 = 6222;
 /// The one user the coordinators connect as.
 pub const NATS_USER: &str = "a2a-coordinator";
 
+/// The nftables table [`cut_off_from_nats`] adds (deleting it ends the cut).
+pub const NATS_CUT_TABLE: &str = "a2a_natscut";
+
+/// Drops the traffic between `ns` and the NATS servers (their client port), both ways, until
+/// the table [`NATS_CUT_TABLE`] is deleted in `ns`.
+pub fn cut_off_from_nats(ns: &Ns, nats: &[NatsServer]) {
+    ns.exec(&["nft", "add", "table", "inet", NATS_CUT_TABLE])
+        .expect_ok();
+    for chain in [
+        "out { type filter hook output",
+        "in { type filter hook input",
+    ] {
+        let chain = format!("add chain inet {NATS_CUT_TABLE} {chain} priority -30; }}");
+        ns.exec(&["nft", &chain]).expect_ok();
+    }
+    for s in nats {
+        let ip = s.ns.wan_ip.expect("a wan address");
+        for rule in [
+            format!("add rule inet {NATS_CUT_TABLE} out ip daddr {ip} tcp dport {NATS_PORT} drop"),
+            format!("add rule inet {NATS_CUT_TABLE} in ip saddr {ip} tcp sport {NATS_PORT} drop"),
+        ] {
+            ns.exec(&["nft", &rule]).expect_ok();
+        }
+    }
+}
+
 /// A running nats-server.
 pub struct NatsServer {
     pub ns: Ns,

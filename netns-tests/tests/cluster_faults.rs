@@ -11,8 +11,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use a2a_netns_tests::{
-    metric, report, require_tools, wait_for, Coordinator, Lab, Nat, NatsServer, Node, Ns,
-    PingStats, Proc, Router, COORDINATOR_PORT, NATS_PORT, OVERLAY_TIMEOUT,
+    cut_off_from_nats, metric, report, require_tools, wait_for, Coordinator, Lab, Nat, NatsServer,
+    Node, Ns, PingStats, Proc, Router, COORDINATOR_PORT, NATS_CUT_TABLE, NATS_PORT,
+    OVERLAY_TIMEOUT,
 };
 
 const METRICS_PORT: u16 = 9300;
@@ -413,27 +414,6 @@ fn nats_of(ns: &Ns, nats: &[NatsServer]) -> Vec<usize> {
         .collect()
 }
 
-/// Drops the traffic between `ns` and the NATS servers (their client port), both ways.
-fn cut_off_from_nats(ns: &Ns, nats: &[NatsServer]) {
-    ns.exec(&["nft", "add", "table", "inet", "a2a_natscut"])
-        .expect_ok();
-    for chain in [
-        "add chain inet a2a_natscut out { type filter hook output priority -30; }",
-        "add chain inet a2a_natscut in { type filter hook input priority -30; }",
-    ] {
-        ns.exec(&["nft", chain]).expect_ok();
-    }
-    for s in nats {
-        let ip = s.ns.wan_ip.unwrap();
-        for rule in [
-            format!("add rule inet a2a_natscut out ip daddr {ip} tcp dport {NATS_PORT} drop"),
-            format!("add rule inet a2a_natscut in ip saddr {ip} tcp sport {NATS_PORT} drop"),
-        ] {
-            ns.exec(&["nft", &rule]).expect_ok();
-        }
-    }
-}
-
 /// Three coordinators, six nodes each restricted to one coordinator: easy-1 and hard-1 reach
 /// only c1, easy-2 and hard-2 only c2, easy-3 and hard-3 only c3. (1) `kill -9` of the
 /// `nats-server` the most coordinators are connected to: a 10/s ping between easy-1 and
@@ -609,7 +589,7 @@ fn a_nats_server_killed_and_a_coordinator_cut_off_from_nats() {
     assert!(e3.ns.ping(h3.overlay_ip(), 3), "easy-3 reaches hard-3");
     // Back: both sides merge.
     c3.ns
-        .exec(&["nft", "delete", "table", "inet", "a2a_natscut"])
+        .exec(&["nft", "delete", "table", "inet", NATS_CUT_TABLE])
         .expect_ok();
     let back = Instant::now();
     names.push("late-3".into());

@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use a2a_netns_tests::{
-    metric, report, require_tools, wait_for, CoordOpts, Coordinator, Lab, Nat, NatsServer, Ns,
-    Router, COORDINATOR_PORT, NATS_PORT, OVERLAY_TIMEOUT,
+    cut_off_from_nats, metric, report, require_tools, wait_for, CoordOpts, Coordinator, Lab, Nat,
+    Router, COORDINATOR_PORT, NATS_CUT_TABLE, OVERLAY_TIMEOUT,
 };
 
 const METRICS_PORT: u16 = 9310;
@@ -178,27 +178,6 @@ fn printed(c: &Coordinator, line: &str) -> usize {
     c.proc().stderr_text().matches(line).count()
 }
 
-/// Drops the traffic between `ns` and the NATS servers' client port, both ways.
-fn cut_off_from_nats(ns: &Ns, nats: &[NatsServer]) {
-    ns.exec(&["nft", "add", "table", "inet", "a2a_natscut"])
-        .expect_ok();
-    for chain in [
-        "add chain inet a2a_natscut out { type filter hook output priority -30; }",
-        "add chain inet a2a_natscut in { type filter hook input priority -30; }",
-    ] {
-        ns.exec(&["nft", chain]).expect_ok();
-    }
-    for s in nats {
-        let ip = s.ns.wan_ip.unwrap();
-        for rule in [
-            format!("add rule inet a2a_natscut out ip daddr {ip} tcp dport {NATS_PORT} drop"),
-            format!("add rule inet a2a_natscut in ip saddr {ip} tcp sport {NATS_PORT} drop"),
-        ] {
-            ns.exec(&["nft", &rule]).expect_ok();
-        }
-    }
-}
-
 const DISCONNECTED: &str = "cluster: disconnected from NATS";
 const CONNECTED: &str = "cluster: connected to NATS";
 
@@ -272,7 +251,7 @@ fn a_cut_long_enough_to_drop_the_nats_connection_reconnects_and_merges() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(printed(c2, CONNECTED), 1, "c2 reconnected through the cut");
     c2.ns
-        .exec(&["nft", "delete", "table", "inet", "a2a_natscut"])
+        .exec(&["nft", "delete", "table", "inet", NATS_CUT_TABLE])
         .expect_ok();
     let back = Instant::now();
     let reconnected = wait_for(Duration::from_secs(30), "c2 to reconnect to NATS", || {
