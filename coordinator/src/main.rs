@@ -343,8 +343,6 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 ca: args.nats_ca.clone(),
                 client: args.nats_cert.clone().zip(args.nats_key.clone()),
             };
-            // Checked now: a wrong file stops the start with its name.
-            tls.config()?;
             a2a_coordinator::nats::join(&server, urls, credentials, &tls, &private, &public)
                 .await?;
             tracing::info!("cluster: joining over {} NATS server(s)", args.nats.len());

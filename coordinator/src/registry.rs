@@ -647,28 +647,26 @@ impl Registry {
     /// back with its first member.
     fn forget_changes(&mut self, now: Instant) {
         let networks = &self.networks;
-        let mut memberless = 0;
         for (network, c) in self.changes.iter_mut() {
             if networks.contains_key(network) {
                 c.forget_at = None;
             } else {
                 c.forget_at.get_or_insert(now + CHANGES_TTL);
-                memberless += c.len();
             }
         }
         let before = self.changes.len();
         self.changes
             .retain(|_, c| c.forget_at.is_none_or(|at| at > now));
         self.forgotten.expired += before - self.changes.len();
-        if memberless <= self.max_memberless {
-            return;
-        }
         let mut oldest: Vec<(Instant, NetworkId, usize)> = self
             .changes
             .iter()
             .filter_map(|(n, c)| c.forget_at.map(|at| (at, *n, c.len())))
             .collect();
-        memberless = oldest.iter().map(|(_, _, len)| len).sum();
+        let mut memberless: usize = oldest.iter().map(|(_, _, len)| len).sum();
+        if memberless <= self.max_memberless {
+            return;
+        }
         oldest.sort_unstable_by_key(|(at, _, _)| *at);
         for (_, network, len) in oldest {
             if memberless <= self.max_memberless {
