@@ -376,6 +376,15 @@ impl Drop for Coordinator {
     }
 }
 
+/// A counter of a coordinator's metrics (`a2a_coordinator_NAME_total`); the coordinator was
+/// started with [`CoordOpts::metrics`].
+#[track_caller]
+pub fn coordinator_counter(c: &Coordinator, name: &str) -> u64 {
+    let text = c.scrape();
+    metric(&text, &format!("a2a_coordinator_{name}_total"))
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
+}
+
 /// `GET http://ADDR/metrics` with curl in `ns`; panics unless it answers 200.
 #[track_caller]
 pub fn scrape_metrics(ns: &Ns, addr: &str) -> String {

@@ -60,7 +60,8 @@ pub use capture::Capture;
 pub use checks::{assert_private_files, in_prefix};
 pub use container::{container_root, Bind, Container};
 pub use coordinator::{
-    metric, scrape_metrics, CoordOpts, Coordinator, COORDINATOR_PORT, DEFAULT_PREFIX,
+    coordinator_counter, metric, scrape_metrics, CoordOpts, Coordinator, COORDINATOR_PORT,
+    DEFAULT_PREFIX,
 };
 pub use impair::{ForwarderCounters, PingStats, WireLoss};
 pub use nats::{

@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use a2a_netns_tests::{
-    metric, report, require_tools, wait_for, Coordinator, Lab, Nat, NatsAuth, NatsServer, Node,
-    PingStats, OVERLAY_TIMEOUT,
+    coordinator_counter as counter, report, require_tools, wait_for, Coordinator, Lab, Nat,
+    NatsAuth, NatsServer, Node, PingStats, OVERLAY_TIMEOUT,
 };
 
 /// Long enough for hole punching between two easy NATs.
@@ -19,14 +19,6 @@ const METRICS_PORT: u16 = 9300;
 /// NATS server, with metrics on their wan address (`Lab::coordinators_on_nats`).
 fn coordinators(lab: &Lab, nats: &[NatsServer], auth: &NatsAuth, n: usize) -> Vec<Coordinator> {
     lab.coordinators_on_nats(nats, auth, n, METRICS_PORT, false)
-}
-
-/// A counter of a coordinator's metrics (`a2a_coordinator_NAME_total`).
-#[track_caller]
-fn counter(c: &Coordinator, name: &str) -> u64 {
-    let text = c.scrape();
-    metric(&text, &format!("a2a_coordinator_{name}_total"))
-        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
 }
 
 /// The coordinator key and the endpoints a token names.

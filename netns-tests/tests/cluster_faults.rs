@@ -11,9 +11,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use a2a_netns_tests::{
-    cut_off_from_nats, metric, report, require_tools, wait_for, Coordinator, Lab, Nat, NatsServer,
-    Node, Ns, PingStats, Proc, Router, COORDINATOR_PORT, NATS_CUT_TABLE, NATS_PORT,
-    OVERLAY_TIMEOUT,
+    coordinator_counter as counter, cut_off_from_nats, report, require_tools, wait_for,
+    Coordinator, Lab, Nat, NatsServer, Node, Ns, PingStats, Proc, Router, COORDINATOR_PORT,
+    NATS_CUT_TABLE, NATS_PORT, OVERLAY_TIMEOUT,
 };
 
 const METRICS_PORT: u16 = 9300;
@@ -35,14 +35,6 @@ fn tools() {
         ("ss", "iproute2"),
         ("curl", "curl"),
     ]);
-}
-
-/// A counter of a coordinator's metrics (`a2a_coordinator_NAME_total`).
-#[track_caller]
-fn counter(c: &Coordinator, name: &str) -> u64 {
-    let text = c.scrape();
-    metric(&text, &format!("a2a_coordinator_{name}_total"))
-        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
 }
 
 /// The same network's token with its endpoints rotated so that `first` comes first (the

@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use a2a_netns_tests::{
-    cut_off_from_nats, metric, report, require_tools, wait_for, CoordOpts, Coordinator, Lab, Nat,
-    Router, COORDINATOR_PORT, NATS_CUT_TABLE, OVERLAY_TIMEOUT,
+    coordinator_counter as counter, cut_off_from_nats, report, require_tools, wait_for, CoordOpts,
+    Coordinator, Lab, Nat, Router, COORDINATOR_PORT, NATS_CUT_TABLE, OVERLAY_TIMEOUT,
 };
 
 const METRICS_PORT: u16 = 9310;
@@ -163,14 +163,6 @@ fn tls_with_a_private_ca_joins_and_a_wrong_ca_is_refused() {
         );
     }
     drop((r_alpha, r_bravo, r_charlie));
-}
-
-/// A counter of a coordinator's metrics (`a2a_coordinator_NAME_total`).
-#[track_caller]
-fn counter(c: &Coordinator, name: &str) -> u64 {
-    let text = c.scrape();
-    metric(&text, &format!("a2a_coordinator_{name}_total"))
-        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
 }
 
 /// How many times `c` printed `line`.
