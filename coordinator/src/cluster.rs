@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use a2a_proto::cluster::{
     member_digest, parse_relay, parse_relay_batch, push_relay_batch, relay_body, subject_all,
-    subject_to, xor_into, Change, ClusterKey, ClusterMsg, Entry, Gone, Header, Instance, OpenError,
-    BATCH_ENTRY_OVERHEAD, CHANGES_PER_MSG, ENTRIES_PER_MSG, KIND_MSG, KIND_RELAY, KIND_RELAY_BATCH,
+    subject_bridge, subject_to, xor_into, Change, ClusterKey, ClusterMsg, Entry, Gone, Header,
+    Instance, OpenError, BATCH_ENTRY_OVERHEAD, CHANGES_PER_MSG, ENTRIES_PER_MSG, KIND_BRIDGE_HELLO,
+    KIND_MSG, KIND_RELAY, KIND_RELAY_BATCH,
 };
 use a2a_proto::control::{RefuseReason, ServerMsg};
 use a2a_proto::invite::{InviteId, InviteProof};
@@ -49,6 +50,12 @@ pub const REPLAY_WINDOW: u64 = 64;
 /// two subscriptions, in two tasks: their order across the two is not kept) and never share a
 /// nonce.
 pub const DIRECTED: u64 = 1 << 63;
+/// The next bit, set (with [`DIRECTED`]) on relay data and on a bridge's hello: relay data may
+/// go over NATS or over a bridge (`bridge.rs`), so it is numbered apart from the
+/// directed messages that go over NATS alone, whose order it would otherwise break.
+pub const RELAY_SPACE: u64 = 1 << 62;
+/// A bridge's hello sent further than this from the dialer's clock is refused.
+pub const HELLO_SKEW_MS: u64 = MAX_SKEW_MS;
 /// The most body bytes of one batch of relay data (NATS' default `max_payload` is 1 MiB; a
 /// batch this size is some 45 WireGuard datagrams).
 pub const MAX_BATCH_BYTES: usize = 64 * 1024;
@@ -72,8 +79,12 @@ pub struct Sealer {
     /// The next numbers on the cluster's subject, and on the coordinators' own subjects.
     seq_all: AtomicU64,
     seq_to: AtomicU64,
+    seq_relay: AtomicU64,
     cid: String,
     all: String,
+    /// This instance's subject, and the subject of a bridge's hello.
+    mine: String,
+    bridge: String,
 }
 
 impl Sealer {
@@ -86,7 +97,10 @@ impl Sealer {
             me,
             seq_all: AtomicU64::new(0),
             seq_to: AtomicU64::new(0),
+            seq_relay: AtomicU64::new(0),
             all: subject_all(&cid),
+            mine: subject_to(&cid, &me),
+            bridge: subject_bridge(&cid),
             cid,
         }
     }
@@ -105,10 +119,18 @@ impl Sealer {
         subject_to(&self.cid, instance)
     }
 
-    /// One envelope: `body` of `kind` for `subject`, with the next sequence number.
+    /// This instance's subject: what relay data over a bridge is sealed for.
+    pub fn subject_mine(&self) -> &str {
+        &self.mine
+    }
+
+    /// One envelope: `body` of `kind` for `subject`, with the next sequence number (of the
+    /// cluster's subject, of the directed messages, or of relay data).
     pub fn seal(&self, subject: &str, kind: u8, body: &[u8], now_ms: u64) -> Vec<u8> {
         let seq = if subject == self.all {
             self.seq_all.fetch_add(1, Ordering::Relaxed) + 1
+        } else if kind == KIND_RELAY || kind == KIND_RELAY_BATCH || kind == KIND_BRIDGE_HELLO {
+            DIRECTED | RELAY_SPACE | (self.seq_relay.fetch_add(1, Ordering::Relaxed) + 1)
         } else {
             DIRECTED | (self.seq_to.fetch_add(1, Ordering::Relaxed) + 1)
         };
@@ -128,6 +150,25 @@ impl Sealer {
         self.key
             .open(subject, payload)
             .map(|(header, body)| Opened { header, body })
+    }
+
+    /// A bridge's hello: names this instance to the coordinator that dialed it.
+    pub fn seal_hello(&self, now_ms: u64) -> Vec<u8> {
+        self.seal(&self.bridge, KIND_BRIDGE_HELLO, &[], now_ms)
+    }
+
+    /// The instance a bridge's hello names, if it opens under the cluster key, is a hello and
+    /// was sent within [`HELLO_SKEW_MS`] of `now_ms`.
+    pub fn open_hello(&self, payload: &[u8], now_ms: u64) -> Result<Instance, OpenError> {
+        let (header, body) = self.key.open(&self.bridge, payload)?;
+        if header.kind != KIND_BRIDGE_HELLO
+            || !body.is_empty()
+            || header.seq & (DIRECTED | RELAY_SPACE) != DIRECTED | RELAY_SPACE
+            || now_ms.abs_diff(header.sent_ms) > HELLO_SKEW_MS
+        {
+            return Err(OpenError::Malformed);
+        }
+        Ok(header.sender)
     }
 
     /// Relay data from local relay id `src` for the member another coordinator gave relay id
@@ -367,9 +408,10 @@ struct Remote {
 
 struct Peer {
     last_heard: Instant,
-    /// Sequence windows of the cluster's subject and of this coordinator's own.
+    /// Sequence windows of the cluster's subject, of this coordinator's own and of relay data.
     replay_all: Replay,
     replay_to: Replay,
+    replay_relay: Replay,
     members: HashMap<Key, Remote>,
     by_remote_id: HashMap<u32, ConnId>,
     digest: [u8; 16],
@@ -794,6 +836,14 @@ impl Cluster {
             self.counts.refused_stale += 1;
             return step;
         }
+        let relay = header.kind == KIND_RELAY || header.kind == KIND_RELAY_BATCH;
+        // Relay data comes from a coordinator whose members are known here (it is for them),
+        // and says nothing of the sender being in the cluster: over a bridge it flows while
+        // the sender is cut off from NATS, whose presence alone keeps it (and its members).
+        if relay && !self.peers.contains_key(&header.sender) {
+            self.counts.unknown_member += 1;
+            return step;
+        }
         if !self.peers.contains_key(&header.sender) && self.peers.len() >= MAX_PEERS {
             self.counts.refused_flood += 1;
             return step;
@@ -802,6 +852,7 @@ impl Cluster {
             last_heard: now,
             replay_all: Replay { top: 0, bits: 0 },
             replay_to: Replay { top: 0, bits: 0 },
+            replay_relay: Replay { top: 0, bits: 0 },
             members: HashMap::new(),
             by_remote_id: HashMap::new(),
             digest: [0; 16],
@@ -809,19 +860,28 @@ impl Cluster {
             snapshot: None,
         });
         let directed = header.seq & DIRECTED != 0;
+        // Relay data, and it alone, is numbered in the relay space (over NATS or a bridge).
+        if relay != (header.seq & (DIRECTED | RELAY_SPACE) == DIRECTED | RELAY_SPACE) {
+            self.counts.refused_malformed += 1;
+            return step;
+        }
         // The subject is sealed in: a message numbered for one subject opens on no other.
-        let window = if directed {
+        let window = if relay {
+            &mut peer.replay_relay
+        } else if directed {
             &mut peer.replay_to
         } else {
             &mut peer.replay_all
         };
-        if !window.accept(header.seq & !DIRECTED) {
+        if !window.accept(header.seq & !(DIRECTED | RELAY_SPACE)) {
             self.counts.refused_replay += 1;
             return step;
         }
-        peer.last_heard = now;
+        if !relay {
+            peer.last_heard = now;
+        }
         let sender = header.sender;
-        if header.kind == KIND_RELAY || header.kind == KIND_RELAY_BATCH {
+        if relay {
             let datagrams = if header.kind == KIND_RELAY {
                 parse_relay(&body).map(|d| vec![d])
             } else {
@@ -1779,6 +1839,9 @@ mod tests {
         let Apply::Up { via, .. } = &on1.apply[0] else {
             panic!()
         };
+        // c2 has heard of c1 (relay data from a coordinator it never heard is dropped).
+        let s1 = c1.local(T0, vec![up(&k, 1, 10, 7)]);
+        deliver(&mut c2, now, T0, &s1);
         let alive = c1.tick(now + ALIVE_EVERY, T0);
         let relays: Vec<Publish> = (0..200)
             .map(|_| c1.sealer().seal_relay(via, 7, b"x", T0))
@@ -1917,5 +1980,124 @@ mod tests {
         // A punch for a node c2 does not hold.
         let p = c1.punch(T0, NodeKey([1; 32]), 12345);
         assert!(p.publish.is_empty());
+    }
+
+    #[test]
+    fn relay_data_is_numbered_apart_so_a_bridge_cannot_break_the_directed_order() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let s1 = c1.local(T0, vec![up(&k, 1, 10, 7)]);
+        let s2 = c2.local(T0, vec![up(&k, 2, 10, 4)]);
+        deliver(&mut c2, now, T0, &s1);
+        let on1 = deliver(&mut c1, now, T0, &s2);
+        let Apply::Up { conn: n2, via, .. } = &on1.apply[0] else {
+            panic!()
+        };
+        // A punch goes over NATS while 100 relay envelopes overtake it over a bridge: both
+        // are accepted (more than REPLAY_WINDOW apart, they would not be in one space).
+        let punch = c1.punch(T0, NodeKey([1; 32]), *n2);
+        let relayed: Vec<Publish> = (0..100)
+            .map(|_| c1.sealer().seal_relay(via, 7, b"wg", T0))
+            .collect();
+        for r in &relayed {
+            assert_eq!(c2.receive(now, T0, &r.subject, &r.payload).apply.len(), 1);
+        }
+        assert_eq!(deliver(&mut c2, now, T0, &punch).apply.len(), 1);
+        assert_eq!(c2.counts.refused_replay, 0);
+        // A relay envelope replayed (over either path) is refused.
+        let again = &relayed[99];
+        assert!(c2
+            .receive(now, T0, &again.subject, &again.payload)
+            .apply
+            .is_empty());
+        assert_eq!(c2.counts.refused_replay, 1);
+        // Relay data numbered in the directed space, or a message in the relay space, is
+        // malformed: each space carries its own kind only.
+        let key = ClusterKey::derive(&PRIVATE);
+        let subject = c2.sealer().subject_mine().to_string();
+        let relay_body = a2a_proto::cluster::relay_body(7, 4, b"wg");
+        for (seq, kind, body) in [
+            (DIRECTED | 1_000, KIND_RELAY, relay_body.clone()),
+            (DIRECTED | RELAY_SPACE | 1_000, KIND_MSG, b"{}".to_vec()),
+            (RELAY_SPACE | 1_000, KIND_RELAY, relay_body),
+        ] {
+            let header = Header {
+                sender: [1; 16],
+                seq,
+                sent_ms: T0,
+                kind,
+            };
+            let e = key.seal(&subject, header, &body);
+            assert!(c2.receive(now, T0, &subject, &e).apply.is_empty());
+        }
+        assert_eq!(c2.counts.refused_malformed, 3);
+        assert_eq!(c2.counts.refused_replay, 1);
+    }
+
+    #[test]
+    fn relay_data_neither_makes_nor_keeps_a_coordinator_alive() {
+        let now = Instant::now();
+        let k = NetworkKey::derive(&[1; 32]);
+        let mut c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let s1 = c1.local(T0, vec![up(&k, 1, 10, 7)]);
+        let s2 = c2.local(T0, vec![up(&k, 2, 10, 4)]);
+        deliver(&mut c2, now, T0, &s1);
+        let on1 = deliver(&mut c1, now, T0, &s2);
+        let Apply::Up { via, .. } = &on1.apply[0] else {
+            panic!()
+        };
+        // Relay data from a coordinator c2 never heard on NATS is dropped.
+        let c3 = coordinator(3, now);
+        let r = c3.sealer().seal_relay(via, 7, b"wg", T0);
+        assert!(c2.receive(now, T0, &r.subject, &r.payload).apply.is_empty());
+        assert_eq!(c2.counts.unknown_member, 1);
+        assert_eq!(
+            c2.peer_count(),
+            1,
+            "c3 is not taken for a coordinator of the cluster"
+        );
+        // c1 cut off from NATS, its relay data still arriving over a bridge: c2 lets its
+        // members go when its presence stops, not when its relay data does.
+        let mut at = now;
+        for s in 1..=8u64 {
+            at = now + Duration::from_secs(s);
+            let r = c1.sealer().seal_relay(via, 7, b"wg", T0 + s * 1000);
+            c2.receive(at, T0 + s * 1000, &r.subject, &r.payload);
+            c2.tick(at, T0 + s * 1000);
+        }
+        assert!(at >= now + DEAD_AFTER);
+        assert_eq!(c2.remote_count(), 0, "c1's members went with its presence");
+        assert_eq!(c2.counts.coordinators_expired, 1);
+    }
+
+    #[test]
+    fn a_bridges_hello_names_its_instance_and_opens_nowhere_else() {
+        let now = Instant::now();
+        let c1 = coordinator(1, now);
+        let mut c2 = coordinator(2, now);
+        let hello = c1.sealer().seal_hello(T0);
+        assert_eq!(c2.sealer().open_hello(&hello, T0), Ok([1; 16]));
+        assert_eq!(
+            c2.sealer().open_hello(&hello, T0 + HELLO_SKEW_MS + 1),
+            Err(OpenError::Malformed),
+            "stale"
+        );
+        let stranger = Cluster::new(Arc::new(Sealer::new(&[9; 32], &PUBLIC, [3; 16])), now);
+        assert_eq!(
+            c2.sealer()
+                .open_hello(&stranger.sealer().seal_hello(T0), T0),
+            Err(OpenError::BadSeal),
+            "another cluster's key"
+        );
+        // A relay envelope is no hello, and a hello is nothing the cluster applies.
+        let mine = c2.sealer().subject_mine().to_string();
+        let relay = c1.sealer().seal(&mine, KIND_RELAY, &[0; 8], T0);
+        assert!(c2.sealer().open_hello(&relay, T0).is_err());
+        let subject = c1.sealer().bridge.clone();
+        assert!(c2.receive(now, T0, &subject, &hello).apply.is_empty());
+        assert_eq!(c2.counts.refused_malformed, 1);
     }
 }

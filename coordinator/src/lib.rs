@@ -5,6 +5,7 @@
 //! ([`server::Server::serve_control`], [`server::Server::handle_datagram`]).
 
 pub mod batch;
+pub mod bridge;
 pub mod channel;
 pub mod cluster;
 pub mod fanout;

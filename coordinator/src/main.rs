@@ -145,6 +145,11 @@ struct ServeArgs {
         requires = "nats_cert"
     )]
     nats_key: Option<PathBuf>,
+    /// With --nats: send relay data to other coordinators over NATS only. By default a
+    /// coordinator dials every --endpoint and carries relay data over a direct TCP connection
+    /// (a bridge) to each other coordinator that answers, past the NATS servers.
+    #[arg(long, env = "A2A_COORDINATOR_NO_BRIDGES", requires = "nats")]
+    no_bridges: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -264,9 +269,26 @@ fn print_token(args: &TokenArgs) -> Result<(), String> {
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
-    endpoints(&args.common, Some(args.listen))?;
+    let endpoint_list = endpoints(&args.common, Some(args.listen))?;
     let (private, public) = identity(&args.common.state_dir)?;
     let token = new_token(&args.common, Some(args.listen), public)?;
+    // The cluster's settings and files are checked before anything is served or printed.
+    let cluster = if args.nats.is_empty() {
+        None
+    } else {
+        let urls = a2a_coordinator::nats::parse_urls(&args.nats)?;
+        let credentials = args
+            .nats_credentials
+            .as_deref()
+            .map(a2a_coordinator::nats::Credentials::read)
+            .transpose()?;
+        let tls = a2a_coordinator::nats::Tls {
+            ca: args.nats_ca.clone(),
+            client: args.nats_cert.clone().zip(args.nats_key.clone()),
+        }
+        .load()?;
+        Some((urls, credentials, tls))
+    };
     let rt = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start runtime: {e}"))?;
     rt.block_on(async move {
         let tcp = server::listen_tcp(args.listen)
@@ -332,20 +354,17 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let stats_every = std::time::Duration::from_secs(args.stats_interval);
         let server = server::Server::with_limits(private, limits, stats_every);
         server.set_fanout_window(std::time::Duration::from_millis(args.fanout_window_ms));
-        if !args.nats.is_empty() {
-            let urls = a2a_coordinator::nats::parse_urls(&args.nats)?;
-            let credentials = args
-                .nats_credentials
-                .as_deref()
-                .map(a2a_coordinator::nats::Credentials::read)
-                .transpose()?;
-            let tls = a2a_coordinator::nats::Tls {
-                ca: args.nats_ca.clone(),
-                client: args.nats_cert.clone().zip(args.nats_key.clone()),
-            };
-            a2a_coordinator::nats::join(&server, urls, credentials, &tls, &private, &public)
+        if let Some((urls, credentials, tls)) = cluster {
+            a2a_coordinator::nats::join(&server, urls, credentials, tls, &private, &public)
                 .await?;
             tracing::info!("cluster: joining over {} NATS server(s)", args.nats.len());
+            if let Some(cluster) = server.cluster().filter(|_| !args.no_bridges) {
+                a2a_coordinator::bridge::start(
+                    cluster.sealer().clone(),
+                    cluster.bridges.clone(),
+                    endpoint_list,
+                );
+            }
         }
         // Ends with the runtime.
         if let Some(l) = metrics_listener {

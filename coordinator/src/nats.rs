@@ -88,10 +88,20 @@ impl Tls {
         self.ca.is_some() || self.client.is_some()
     }
 
-    /// Reads and checks the files at start, so a wrong one stops the coordinator with its
-    /// name instead of failing every connection later. With a CA: the client configuration
-    /// (roots = that CA only, and a verifier that says why a server's certificate is refused).
-    pub fn config(&self) -> Result<Option<rustls::ClientConfig>, String> {
+    /// Reads and checks the files, once, before the coordinator serves (and prints its
+    /// token): a wrong one stops it with the file's name instead of failing every connection
+    /// later.
+    pub fn load(&self) -> Result<LoadedTls, String> {
+        Ok(LoadedTls {
+            required: self.is_set(),
+            config: self.config()?,
+            client: self.client.clone(),
+        })
+    }
+
+    /// With a CA: the client configuration (roots = that CA only, and a verifier that says
+    /// why a server's certificate is refused).
+    fn config(&self) -> Result<Option<rustls::ClientConfig>, String> {
         let client = match &self.client {
             Some((cert, key)) => Some((read_certs(cert, "--nats-cert")?, read_key(key)?)),
             None => None,
@@ -136,6 +146,14 @@ impl Tls {
             None => builder.with_no_client_auth(),
         }))
     }
+}
+
+/// [`Tls`] read and checked ([`Tls::load`]).
+pub struct LoadedTls {
+    required: bool,
+    config: Option<rustls::ClientConfig>,
+    /// A client certificate under the system's roots (no `--nats-ca`): async-nats reads it.
+    client: Option<(PathBuf, PathBuf)>,
 }
 
 fn read_certs(
@@ -264,7 +282,7 @@ pub async fn join(
     server: &Arc<Server>,
     urls: Vec<ServerAddr>,
     credentials: Option<Credentials>,
-    tls: &Tls,
+    tls: LoadedTls,
     private: &[u8; 32],
     public: &[u8; 32],
 ) -> Result<(), String> {
@@ -314,9 +332,9 @@ pub async fn join(
         Some(Credentials::Nkey(seed)) => options.nkey(seed),
         None => options,
     };
-    if tls.is_set() {
+    if tls.required {
         options = options.require_tls(true);
-        options = match tls.config()? {
+        options = match tls.config {
             Some(config) => options.tls_client_config(config),
             // A client certificate under the system's roots.
             None => match &tls.client {
@@ -368,11 +386,23 @@ pub async fn join(
             let packed = packer
                 .sealer()
                 .pack(queued.drain(..), a2a_proto::time::now_ms());
-            packer
-                .relay_messages_out
-                .fetch_add(packed.relay_messages, std::sync::atomic::Ordering::Relaxed);
-            for p in packed.publish {
-                let _ = publisher.publish(p.subject, p.payload.into()).await;
+            // The relay envelopes (the last ones) go over a bridge where one is up.
+            let first_relay = packed.publish.len() - packed.relay_messages as usize;
+            for (i, p) in packed.publish.into_iter().enumerate() {
+                let payload = if i < first_relay {
+                    p.payload
+                } else {
+                    match packer.bridges.send(&p.subject, p.payload) {
+                        Ok(()) => continue,
+                        Err(back) => {
+                            packer
+                                .relay_messages_out
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            back
+                        }
+                    }
+                };
+                let _ = publisher.publish(p.subject, payload.into()).await;
             }
         }
     });

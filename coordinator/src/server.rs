@@ -363,8 +363,10 @@ pub struct ClusterLink {
     /// Relay data sent to and received from other coordinators.
     pub relayed_out: AtomicU64,
     pub relayed_in: AtomicU64,
-    /// NATS messages that carried relay data out.
+    /// NATS messages that carried relay data out (bridges aside).
     pub relay_messages_out: AtomicU64,
+    /// The direct connections to other coordinators that carry relay data past NATS.
+    pub bridges: Arc<crate::bridge::Bridges>,
 }
 
 impl ClusterLink {
@@ -378,6 +380,7 @@ impl ClusterLink {
             relayed_out: AtomicU64::new(0),
             relayed_in: AtomicU64::new(0),
             relay_messages_out: AtomicU64::new(0),
+            bridges: Arc::default(),
         }
     }
 
@@ -473,6 +476,36 @@ impl ClusterLink {
                 "cluster_relayed_in",
                 "Relay datagrams received from other coordinators",
                 g(&self.relayed_in),
+            ),
+            (
+                "cluster_bridges",
+                "Bridges up: direct connections to other coordinators for relay data (gauge)",
+                self.bridges.count() as u64,
+            ),
+            (
+                "cluster_bridges_opened",
+                "Bridges to other coordinators that came up",
+                g(&self.bridges.opened),
+            ),
+            (
+                "cluster_bridged_out",
+                "Relay envelopes sent over bridges instead of NATS",
+                g(&self.bridges.sent),
+            ),
+            (
+                "cluster_bridged_in",
+                "Relay envelopes received over bridges",
+                g(&self.bridges.received),
+            ),
+            (
+                "cluster_bridge_full",
+                "Relay envelopes sent over NATS because their bridge's queue was full",
+                g(&self.bridges.full),
+            ),
+            (
+                "cluster_bridges_refused",
+                "Bridge connections closed for a magic, hello or envelope that did not open",
+                g(&self.bridges.refused),
             ),
             (
                 "cluster_relay_messages_out",
@@ -989,6 +1022,11 @@ impl Server {
         self.cluster.get()
     }
 
+    /// Whether accepted connections may be other coordinators' bridges.
+    fn bridging(&self) -> bool {
+        self.cluster.get().is_some_and(|c| c.bridges.on())
+    }
+
     /// One message from NATS.
     pub fn cluster_receive(&self, subject: &str, payload: &[u8]) {
         let Some(cluster) = self.cluster.get() else {
@@ -1003,6 +1041,25 @@ impl Server {
         if !step.publish.is_empty() || !step.apply.is_empty() {
             self.cluster_apply(step);
         }
+    }
+
+    /// One envelope from a bridge (sealed for this instance): false when it does not open,
+    /// and the bridge is closed.
+    pub fn cluster_receive_bridged(&self, payload: &[u8]) -> bool {
+        let Some(cluster) = self.cluster.get() else {
+            return false;
+        };
+        let opened = cluster
+            .sealer()
+            .open(cluster.sealer().subject_mine(), payload);
+        let good = opened.is_ok();
+        let step = cluster
+            .core()
+            .accept(Instant::now(), a2a_proto::time::now_ms(), opened);
+        if !step.publish.is_empty() || !step.apply.is_empty() {
+            self.cluster_apply(step);
+        }
+        good
     }
 
     /// What the cluster decided, carried out (the cluster's lock is not held).
@@ -1220,6 +1277,34 @@ impl Server {
                 if let Ok(stream) = stream {
                     let _ = stream.set_nodelay(true);
                     let fd = stream.as_raw_fd();
+                    if server.bridging() {
+                        // Another coordinator's bridge, or a node: told by the first byte.
+                        let deadline =
+                            tokio::time::Instant::now() + server.limits.register_deadline;
+                        let mut first = [0u8; 1];
+                        match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+                            Ok(Ok(1)) if crate::bridge::starts_as_bridge(first[0]) => {
+                                let cluster = server.cluster().expect("bridging").clone();
+                                crate::bridge::serve(
+                                    cluster.sealer(),
+                                    &cluster.bridges,
+                                    stream,
+                                    deadline,
+                                    || permit.registered(),
+                                    |frame| server.cluster_receive_bridged(frame),
+                                )
+                                .await;
+                                return;
+                            }
+                            Ok(Ok(1)) => {}
+                            Ok(_) => return,
+                            Err(_) => {
+                                Drops::bump(&server.limited.tcp_register_deadline);
+                                reset(fd);
+                                return;
+                            }
+                        }
+                    }
                     server.serve_connection(stream, Some(fd), &mut permit).await;
                 }
             });

@@ -112,6 +112,45 @@ fn coordinator_wildcard_listen_needs_endpoint() {
     let _ = std::fs::remove_dir_all(d);
 }
 
+/// A cluster's TLS file that cannot be read stops the coordinator before it serves or prints
+/// a token, with the flag, the file and what it must hold.
+#[test]
+fn coordinator_with_a_missing_nats_tls_file_says_which_before_serving() {
+    let bins = Bins::locate();
+    let d = scratch("natstls");
+    let state = d.to_string_lossy().into_owned();
+    let missing = d.join("missing-ca.pem").to_string_lossy().into_owned();
+    let out = run_host(
+        &[
+            &bins.coordinator,
+            "--listen",
+            "127.0.0.1:7609",
+            "--state-dir",
+            &state,
+            "--nats",
+            "nats://127.0.0.1:1",
+            "--nats-ca",
+            &missing,
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(
+        !out.success() && !out.timed_out,
+        "a missing --nats-ca must stop the coordinator: {out}"
+    );
+    assert!(
+        out.stderr.contains("--nats-ca")
+            && out.stderr.contains(&missing)
+            && out.stderr.contains("BEGIN CERTIFICATE"),
+        "the error should name the flag, the file and what it must hold: {out}"
+    );
+    assert!(
+        !out.stdout.contains("join token"),
+        "no token may be printed: {out}"
+    );
+    let _ = std::fs::remove_dir_all(d);
+}
+
 #[test]
 fn coordinator_token_command_makes_new_networks_with_a_stable_key() {
     let bins = Bins::locate();

@@ -27,6 +27,20 @@ fn token_names(token: &str) -> ([u8; 32], Vec<String>) {
     (t.coordinator_key, t.endpoints)
 }
 
+/// A stranger posing as a coordinator's bridge: `HOST PORT`; writes the bridge magic and a
+/// hello of random bytes, prints "closed" when the coordinator closes without a word, else
+/// "answered N".
+const BRIDGE_STRANGER: &str = r#"
+import os, socket, struct, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"a2abrg1\n" + struct.pack(">I", 60) + b"a2c1" + os.urandom(56))
+try:
+    d = s.recv(100)
+    print("closed" if d == b"" else "answered %d" % len(d))
+except ConnectionResetError:
+    print("closed")
+"#;
+
 /// Forged envelopes the stranger publishes, and how often it replays a genuine message.
 const STRANGER_FORGERIES: u64 = 50;
 const STRANGER_REPLAYS: u64 = 5;
@@ -362,6 +376,29 @@ fn nodes_on_different_coordinators_see_each_other_punch_relay_and_fail_over() {
         sum("cluster_refused_replay") - replay0
     ));
 
+    // A stranger at a coordinator's endpoint posing as another coordinator's bridge: its
+    // hello does not open, so the coordinator answers nothing, closes and counts it.
+    let bridge_script = lab.dir().join("bridge_stranger.py");
+    std::fs::write(&bridge_script, BRIDGE_STRANGER).unwrap();
+    let bridge_script = bridge_script.to_string_lossy().into_owned();
+    let refused0 = counter(c1, "cluster_bridges_refused");
+    let out = stranger.exec(&[
+        "python3",
+        &bridge_script,
+        &c1.addr.ip().to_string(),
+        &c1.addr.port().to_string(),
+    ]);
+    assert!(
+        out.stdout.contains("closed"),
+        "a forged bridge hello was answered: {out}"
+    );
+    assert_eq!(counter(c1, "cluster_bridges_refused"), refused0 + 1);
+    assert_eq!(
+        sum("cluster_remote_members"),
+        remote0,
+        "nothing was applied"
+    );
+
     // Zero-log in a cluster: at their most verbose level (A2A_LOG=trace), neither coordinator
     // printed a node's name, key or addresses, nor the NATS password.
     let mut needles: Vec<(String, String)> =
@@ -426,14 +463,43 @@ fn iperf3(from: &Node, to: &Node, secs: u32) -> (f64, u64) {
     (mbps, retransmits)
 }
 
-/// Relay data across coordinators travels several datagrams to a NATS message under load:
-/// hard-1 (reaches only c1) sends TCP to hard-2 (only c2) through c1, NATS and c2, and
-/// hard-3 (only c2) to hard-2 through c2 alone; the throughput of both is reported (not
-/// asserted: a shared 2-core machine), and the counters must show that the datagrams crossed
-/// in fewer NATS messages than datagrams, none dropped at the queue to NATS, and that all
-/// arrived.
+/// The table [`cut_bridges`] adds.
+const BRIDGE_CUT_TABLE: &str = "a2a_bridgecut";
+
+/// Refuses (with a TCP reset, at once) every TCP segment between `c`'s namespace and the
+/// `others`' endpoints, both ways: their bridges close and cannot be dialed again; NATS and the
+/// nodes are untouched.
+fn cut_bridges(c: &Coordinator, others: &[&Coordinator]) {
+    c.ns.exec(&["nft", "add", "table", "inet", BRIDGE_CUT_TABLE])
+        .expect_ok();
+    c.ns.exec(&[
+        "nft",
+        &format!(
+            "add chain inet {BRIDGE_CUT_TABLE} out {{ type filter hook output priority -30; }}"
+        ),
+    ])
+    .expect_ok();
+    for o in others {
+        let (ip, port) = (o.addr.ip(), o.addr.port());
+        for dir in ["dport", "sport"] {
+            let rule = format!(
+                "add rule inet {BRIDGE_CUT_TABLE} out ip daddr {ip} tcp {dir} {port} reject with tcp reset"
+            );
+            c.ns.exec(&["nft", &rule]).expect_ok();
+        }
+    }
+}
+
+/// Relay data across coordinators goes over a bridge (a direct TCP connection between the two
+/// coordinators) when they reach each other, else over NATS, several datagrams to a message:
+/// hard-1 (reaches only c1) sends TCP to hard-2 (only c2) through c1 and c2, and hard-3 (only
+/// c2) to hard-2 through c2 alone. Then the coordinators' bridges are cut (TCP resets between
+/// them) and hard-1 sends again, now over NATS. The three throughputs are reported (not
+/// asserted: a shared 2-core machine); the counters must show the first run crossed the
+/// bridge and not NATS, the second NATS in fewer messages than datagrams, none dropped at the
+/// queue to NATS, and that all arrived.
 #[test]
-fn relay_across_coordinators_batches_datagrams_per_nats_message() {
+fn relay_across_coordinators_goes_over_a_bridge_or_nats_in_batches() {
     let Some(lab) = Lab::new("clrelay") else {
         return;
     };
@@ -465,6 +531,17 @@ fn relay_across_coordinators_batches_datagrams_per_nats_message() {
         let others: Vec<&str> = all.iter().copied().filter(|x| *x != n.name).collect();
         n.wait_peers(&others, OVERLAY_TIMEOUT);
     }
+    // Each coordinator dials the token's endpoints and finds the other (and itself).
+    for c in [c1, c2] {
+        wait_for(
+            Duration::from_secs(10),
+            "a bridge between c1 and c2",
+            || match counter(c, "cluster_bridges") {
+                1 => Ok(()),
+                n => Err(format!("{n} bridges up")),
+            },
+        );
+    }
     let _iperf = h2.ns.iperf3_server();
     for from in [&h1, &h3] {
         wait_for(OVERLAY_TIMEOUT, "a relayed answer from hard-2", || {
@@ -477,17 +554,84 @@ fn relay_across_coordinators_batches_datagrams_per_nats_message() {
     let (one, one_re) = iperf3(&h3, &h2, 5);
     let out0 = counter(c1, "cluster_relayed_out");
     let msgs0 = counter(c1, "cluster_relay_messages_out");
+    let bridged0 = counter(c1, "cluster_bridged_out");
+    let bin0 = counter(c2, "cluster_bridged_in");
+    let in0 = counter(c2, "cluster_relayed_in");
+    let (bridged, bridged_re) = iperf3(&h1, &h2, 5);
+    let out = counter(c1, "cluster_relayed_out") - out0;
+    let over_nats = counter(c1, "cluster_relay_messages_out") - msgs0;
+    let envelopes = counter(c1, "cluster_bridged_out") - bridged0;
+    let envelopes_in = counter(c2, "cluster_bridged_in") - bin0;
+    let inn = counter(c2, "cluster_relayed_in") - in0;
+    let full = counter(c1, "cluster_bridge_full");
+    report(format!(
+        "cluster relay: TCP through one coordinator {one:.0} Mbit/s ({one_re} retransmits), \
+         across two over a bridge {bridged:.0} Mbit/s ({bridged_re} retransmits, {:.0} %); c1 \
+         sent {out} datagrams in {envelopes} envelopes over the bridge ({:.1} per envelope) \
+         and {over_nats} over NATS ({full} with the bridge full); c2 received {inn}",
+        100.0 * bridged / one,
+        out as f64 / envelopes.max(1) as f64
+    ));
+    assert!(out > 1000, "only {out} datagrams crossed in 5 s of iperf3");
+    assert!(
+        envelopes > 0 && envelopes < out,
+        "{out} relay datagrams took {envelopes} envelopes over the bridge"
+    );
+    assert_eq!(
+        envelopes_in, envelopes,
+        "c2 received what c1 sent over the bridge"
+    );
+    assert!(
+        over_nats <= full,
+        "{over_nats} relay envelopes went over NATS with a bridge up ({full} when it was full)"
+    );
+    assert!(
+        inn >= out * 99 / 100,
+        "c1 sent {out} datagrams, c2 received {inn}"
+    );
+
+    // The bridges cut: relay data goes over NATS again.
+    cut_bridges(c1, &[c2]);
+    cut_bridges(c2, &[c1]);
+    wait_for(Duration::from_secs(15), "the bridges closed", || {
+        // Traffic both ways makes each side meet the reset.
+        h1.ping_peer("hard-2", 1);
+        match (
+            counter(c1, "cluster_bridges"),
+            counter(c2, "cluster_bridges"),
+        ) {
+            (0, 0) => Ok(()),
+            n => Err(format!("bridges up on c1, c2: {n:?}")),
+        }
+    });
+    wait_for(
+        OVERLAY_TIMEOUT,
+        "a relayed answer from hard-2 over NATS",
+        || {
+            h1.ping_peer("hard-2", 1)
+                .first()
+                .and_then(|(_, rtt)| *rtt)
+                .ok_or_else(|| "no answer".to_string())
+        },
+    );
+    let out0 = counter(c1, "cluster_relayed_out");
+    let msgs0 = counter(c1, "cluster_relay_messages_out");
+    let bridged0 = counter(c1, "cluster_bridged_out");
     let in0 = counter(c2, "cluster_relayed_in");
     let (across, across_re) = iperf3(&h1, &h2, 5);
     let out = counter(c1, "cluster_relayed_out") - out0;
     let msgs = counter(c1, "cluster_relay_messages_out") - msgs0;
     let inn = counter(c2, "cluster_relayed_in") - in0;
     let dropped = counter(c1, "cluster_publish_dropped");
+    assert_eq!(
+        counter(c1, "cluster_bridged_out"),
+        bridged0,
+        "relay data went over a bridge that was cut"
+    );
     report(format!(
-        "cluster relay: TCP through one coordinator {one:.0} Mbit/s ({one_re} retransmits), \
-         across two over NATS {across:.0} Mbit/s ({across_re} retransmits, {:.0} %); c1 sent \
-         {out} datagrams in {msgs} NATS messages ({:.1} per message), dropped {dropped} at \
-         its queue to NATS; c2 received {inn}",
+        "cluster relay, bridges cut: across two over NATS {across:.0} Mbit/s ({across_re} \
+         retransmits, {:.0} % of through one); c1 sent {out} datagrams in {msgs} NATS messages \
+         ({:.1} per message), dropped {dropped} at its queue to NATS; c2 received {inn}",
         100.0 * across / one,
         out as f64 / msgs.max(1) as f64
     ));

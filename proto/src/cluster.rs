@@ -10,6 +10,11 @@
 //! [`KIND_RELAY`] is relay data: `source relay id (u32 BE) | destination relay id (u32 BE) |
 //! datagram`; kind [`KIND_RELAY_BATCH`] is several relay datagrams in one envelope:
 //! `(source (u32 BE) | destination (u32 BE) | length (u16 BE) | datagram)*`.
+//!
+//! A *bridge* is a direct TCP connection from one coordinator to another that carries relay
+//! envelopes only, bypassing the NATS servers: the dialer writes [`BRIDGE_MAGIC`], the other
+//! answers one [`KIND_BRIDGE_HELLO`] envelope on [`subject_bridge`] (which names its instance),
+//! then the dialer writes envelopes, each framed as `length (u32 BE) | envelope`.
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
@@ -32,6 +37,11 @@ pub const KIND_MSG: u8 = 0;
 pub const KIND_RELAY: u8 = 1;
 /// Several relay datagrams: `(source | destination | length (u16) | datagram)*`.
 pub const KIND_RELAY_BATCH: u8 = 2;
+/// A bridge's hello: the answering coordinator's instance is the header's sender; no body.
+pub const KIND_BRIDGE_HELLO: u8 = 3;
+/// What a bridge's dialer writes first. Its first byte can never start a node's control
+/// connection (a Noise frame's 2-byte length, at most 65 535 and far less for a handshake).
+pub const BRIDGE_MAGIC: &[u8; 8] = b"a2abrg1\n";
 /// Bytes a datagram takes in a batch besides itself.
 pub const BATCH_ENTRY_OVERHEAD: usize = 4 + 4 + 2;
 /// The largest envelope accepted (NATS' default max_payload is 1 MiB).
@@ -191,6 +201,11 @@ pub fn subject_all(cid: &str) -> String {
 /// The subject of one coordinator instance.
 pub fn subject_to(cid: &str, instance: &Instance) -> String {
     format!("a2a.{cid}.to.{}", data_encoding::HEXLOWER.encode(instance))
+}
+
+/// The subject a bridge's hello is sealed for (never published on NATS).
+pub fn subject_bridge(cid: &str) -> String {
+    format!("a2a.{cid}.bridge")
 }
 
 /// The header of an opened envelope.
