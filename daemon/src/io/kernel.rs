@@ -350,7 +350,7 @@ impl TunReader for KernelTunReader {
     /// device), so a burst becomes one batch for the send path instead of a wakeup and a send
     /// per datagram. A lone packet costs nothing more: the read that finds the queue empty
     /// is the one the next wait would make.
-    async fn read(&mut self, bufs: &mut [Vec<u8>], sizes: &mut [usize]) -> io::Result<usize> {
+    async fn read(&mut self, bufs: &mut [&mut [u8]], sizes: &mut [usize]) -> io::Result<usize> {
         let mut n = self
             .dev
             .recv_multiple(&mut self.original, bufs, sizes, 0)

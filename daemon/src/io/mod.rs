@@ -73,10 +73,11 @@ pub trait TunDevice: Send + Sync + 'static {
 
 pub trait TunReader: Send + 'static {
     /// Waits for packets: one, or the segments of a GSO super-packet, each at
-    /// `bufs[i][..sizes[i]]`; returns how many.
+    /// `bufs[i][..sizes[i]]`; returns how many. The buffers are slices (of one allocation, in
+    /// the packet loop), so that the pages of those a read never fills stay untouched.
     fn read(
         &mut self,
-        bufs: &mut [Vec<u8>],
+        bufs: &mut [&mut [u8]],
         sizes: &mut [usize],
     ) -> impl Future<Output = io::Result<usize>> + Send;
 }

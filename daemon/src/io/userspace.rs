@@ -734,7 +734,7 @@ pub struct UserspaceTunReader {
 }
 
 impl TunReader for UserspaceTunReader {
-    async fn read(&mut self, bufs: &mut [Vec<u8>], sizes: &mut [usize]) -> io::Result<usize> {
+    async fn read(&mut self, bufs: &mut [&mut [u8]], sizes: &mut [usize]) -> io::Result<usize> {
         let room = bufs.len().min(sizes.len());
         if room == 0 {
             return Ok(0);

@@ -190,8 +190,9 @@ mod tests {
         tun.inject(vec![0x45; 20]);
         let mut bufs = vec![vec![0u8; 1500]];
         let mut sizes = vec![0];
+        let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
         assert_eq!(
-            io.tun.reader().read(&mut bufs, &mut sizes).await.unwrap(),
+            io.tun.reader().read(&mut slices, &mut sizes).await.unwrap(),
             1
         );
         io.tun.writer().write(&mut bufs, 0).await.unwrap();

@@ -109,7 +109,7 @@ impl TunReader for ChannelTunReader {
     /// Waits for injected packets and returns as many as `bufs` (and `sizes`) have room for,
     /// one per buffer. A packet longer than its buffer is dropped and returned as an error
     /// (when it is the first of the read; otherwise the read ends before it).
-    async fn read(&mut self, bufs: &mut [Vec<u8>], sizes: &mut [usize]) -> io::Result<usize> {
+    async fn read(&mut self, bufs: &mut [&mut [u8]], sizes: &mut [usize]) -> io::Result<usize> {
         let room = bufs.len().min(sizes.len());
         if room == 0 {
             return Ok(0);
@@ -175,6 +175,11 @@ impl TunWriter for ChannelTunWriter {
 mod tests {
     use super::*;
 
+    /// The read contract's slices over `store`'s buffers.
+    pub fn slices(store: &mut [Vec<u8>]) -> Vec<&mut [u8]> {
+        store.iter_mut().map(Vec::as_mut_slice).collect()
+    }
+
     #[tokio::test]
     async fn injected_packets_are_read_in_batches() {
         let (tun, handle) = ChannelTun::new();
@@ -182,7 +187,8 @@ mod tests {
         for i in 0..3u8 {
             handle.inject(vec![i; 10 + i as usize]);
         }
-        let mut bufs = vec![vec![0u8; 100]; 2];
+        let mut store = vec![vec![0u8; 100]; 2];
+        let mut bufs = slices(&mut store);
         let mut sizes = vec![0usize; 2];
         assert_eq!(reader.read(&mut bufs, &mut sizes).await.unwrap(), 2);
         assert_eq!(&bufs[0][..sizes[0]], &[0u8; 10]);
@@ -197,7 +203,8 @@ mod tests {
         let (tun, handle) = ChannelTun::new();
         let mut reader = tun.reader();
         let read = tokio::spawn(async move {
-            let mut bufs = vec![vec![0u8; 100]; 4];
+            let mut store = vec![vec![0u8; 100]; 4];
+            let mut bufs = slices(&mut store);
             let mut sizes = vec![0usize; 4];
             let n = reader.read(&mut bufs, &mut sizes).await.unwrap();
             (n, bufs[0][..sizes[0]].to_vec(), reader)
@@ -209,7 +216,8 @@ mod tests {
         assert_eq!((n, p), (1, vec![7; 5]));
 
         drop(handle);
-        let mut bufs = vec![vec![0u8; 100]];
+        let mut store = vec![vec![0u8; 100]];
+        let mut bufs = slices(&mut store);
         let mut sizes = vec![0usize];
         let waited = tokio::time::timeout(
             std::time::Duration::from_secs(5),
@@ -225,7 +233,8 @@ mod tests {
         let mut reader = tun.reader();
         handle.inject(vec![1; 200]);
         handle.inject(vec![2; 20]);
-        let mut bufs = vec![vec![0u8; 100]; 2];
+        let mut store = vec![vec![0u8; 100]; 2];
+        let mut bufs = slices(&mut store);
         let mut sizes = vec![0usize; 2];
         assert!(reader.read(&mut bufs, &mut sizes).await.is_err());
         assert_eq!(reader.read(&mut bufs, &mut sizes).await.unwrap(), 1);

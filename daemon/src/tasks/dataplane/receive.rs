@@ -59,7 +59,8 @@ impl<W: TunWriter> TunBatch<W> {
             n: 0,
             writer,
             reply_to: Vec::with_capacity(MAX_REPLIES),
-            replies: vec![vec![0u8; REPLY_LEN]; MAX_REPLIES],
+            // Zeroed apiece (a clone of one would write them all at start).
+            replies: (0..MAX_REPLIES).map(|_| vec![0u8; REPLY_LEN]).collect(),
         }
     }
 

@@ -29,7 +29,13 @@ use a2a_udpbatch::MAX_GSO_BYTES;
 impl<P: Platform> DataPlane<P> {
     pub async fn tun_to_udp(self: Arc<Self>) {
         let mut reader = self.tun.reader();
-        let mut packets = vec![vec![0u8; TUN_PACKET_LEN]; IDEAL_BATCH_SIZE];
+        // One zeroed allocation for the 128 slots (512 KiB: the allocator maps it afresh, and
+        // the kernel gives a page only when it is first written), cut into slices: an idle
+        // node holds the pages of the one or two slots its reads fill, not all 128.
+        // (`vec![vec![0; 4096]; 128]` cloned the first buffer 127 times, writing every page
+        // at start; 128 allocations of their own would each write a header into its page.)
+        let mut backing = vec![0u8; TUN_PACKET_LEN * IDEAL_BATCH_SIZE];
+        let mut packets: Vec<&mut [u8]> = backing.chunks_mut(TUN_PACKET_LEN).collect();
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
         let mut tx = GsoBatch::new(
             self.udp.max_segments(),
@@ -109,7 +115,7 @@ impl<P: Platform> DataPlane<P> {
     /// would refuse it anyway, so it does not cross the network.
     fn police_tx(
         &self,
-        packets: &[Vec<u8>],
+        packets: &[&mut [u8]],
         sizes: &[usize],
         pass: &mut [bool],
         answers: &mut TunBatch<<P::Tun as TunDevice>::Writer>,
