@@ -1982,8 +1982,9 @@ mod tests {
         assert!(p.publish.is_empty());
     }
 
-    #[test]
-    fn relay_data_is_numbered_apart_so_a_bridge_cannot_break_the_directed_order() {
+    /// c1 holding node 1 (relay id 7) and c2 node 2 (relay id 4), each told of the other's:
+    /// the time, both, how c1 reaches node 2 and c1's relay id for it.
+    fn two_with_a_member_each() -> (Instant, Cluster, Cluster, Via, ConnId) {
         let now = Instant::now();
         let k = NetworkKey::derive(&[1; 32]);
         let mut c1 = coordinator(1, now);
@@ -1992,9 +1993,16 @@ mod tests {
         let s2 = c2.local(T0, vec![up(&k, 2, 10, 4)]);
         deliver(&mut c2, now, T0, &s1);
         let on1 = deliver(&mut c1, now, T0, &s2);
-        let Apply::Up { conn: n2, via, .. } = &on1.apply[0] else {
-            panic!()
+        let Apply::Up { conn, via, .. } = &on1.apply[0] else {
+            panic!("c1 was told of node 2")
         };
+        (now, c1, c2, via.clone(), *conn)
+    }
+
+    #[test]
+    fn relay_data_is_numbered_apart_so_a_bridge_cannot_break_the_directed_order() {
+        let (now, mut c1, mut c2, via, n2) = two_with_a_member_each();
+        let (via, n2) = (&via, &n2);
         // A punch goes over NATS while 100 relay envelopes overtake it over a bridge: both
         // are accepted (more than REPLAY_WINDOW apart, they would not be in one space).
         let punch = c1.punch(T0, NodeKey([1; 32]), *n2);
@@ -2038,17 +2046,8 @@ mod tests {
 
     #[test]
     fn relay_data_neither_makes_nor_keeps_a_coordinator_alive() {
-        let now = Instant::now();
-        let k = NetworkKey::derive(&[1; 32]);
-        let mut c1 = coordinator(1, now);
-        let mut c2 = coordinator(2, now);
-        let s1 = c1.local(T0, vec![up(&k, 1, 10, 7)]);
-        let s2 = c2.local(T0, vec![up(&k, 2, 10, 4)]);
-        deliver(&mut c2, now, T0, &s1);
-        let on1 = deliver(&mut c1, now, T0, &s2);
-        let Apply::Up { via, .. } = &on1.apply[0] else {
-            panic!()
-        };
+        let (now, c1, mut c2, via, _) = two_with_a_member_each();
+        let via = &via;
         // Relay data from a coordinator c2 never heard on NATS is dropped.
         let c3 = coordinator(3, now);
         let r = c3.sealer().seal_relay(via, 7, b"wg", T0);
