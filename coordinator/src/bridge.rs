@@ -39,6 +39,10 @@ pub const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Unacknowledged data older than this closes a bridge (`TCP_USER_TIMEOUT`): a path that went
 /// dark hands its relay data back to NATS within seconds, not after minutes of retransmits.
 const USER_TIMEOUT_MS: u32 = 5_000;
+/// An idle bridge is probed after this many seconds (TCP keepalive), and closed when a probe
+/// goes unanswered for [`USER_TIMEOUT_MS`]: a coordinator whose host died without closing
+/// its connections frees the slot, so its successor at that endpoint is bridged again.
+const KEEPALIVE_IDLE_S: i32 = 30;
 /// A hello frame's largest size (a header and a tag).
 const MAX_HELLO: usize = HEADER_LEN + 64;
 
@@ -276,7 +280,7 @@ async fn dial(
         return Some(Outcome::Failed);
     };
     let _ = stream.set_nodelay(true);
-    set_user_timeout(&stream);
+    tune(&stream);
     let mut hello = BRIDGE_MAGIC.to_vec();
     push_frame(&mut hello, &sealer.seal_hello(a2a_proto::time::now_ms()));
     let answered = async {
@@ -411,19 +415,31 @@ fn push_frame(buf: &mut Vec<u8>, envelope: &[u8]) {
     buf.extend_from_slice(envelope);
 }
 
-fn set_user_timeout(stream: &TcpStream) {
+/// A bridge's socket, on either side: [`USER_TIMEOUT_MS`] and TCP keepalive after
+/// [`KEEPALIVE_IDLE_S`] (best effort: a refused option leaves the kernel's default).
+pub fn tune(stream: &TcpStream) {
     use std::os::fd::AsRawFd;
-    let ms: libc::c_uint = USER_TIMEOUT_MS;
-    // SAFETY: setsockopt on the stream's open descriptor with a correctly sized value.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            &ms as *const libc::c_uint as *const libc::c_void,
-            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
-        );
-    }
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: setsockopt on the stream's open descriptor with a correctly sized int.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    };
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        USER_TIMEOUT_MS as libc::c_int,
+    );
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_S);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_IDLE_S / 3);
 }
 
 #[cfg(test)]

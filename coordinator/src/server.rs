@@ -1284,6 +1284,7 @@ impl Server {
                         let mut first = [0u8; 1];
                         match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
                             Ok(Ok(1)) if crate::bridge::starts_as_bridge(first[0]) => {
+                                crate::bridge::tune(&stream);
                                 let cluster = server.cluster().expect("bridging").clone();
                                 crate::bridge::serve(
                                     cluster.sealer(),
