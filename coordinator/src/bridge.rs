@@ -147,6 +147,14 @@ impl Plan {
         };
     }
 
+    /// Dials of `endpoint` that failed in a row (0 after one that did not).
+    pub fn failures(&self, endpoint: usize) -> u32 {
+        match self.slots.get(endpoint) {
+            Some(Slot::Idle { failures, .. } | Slot::Dialing { failures }) => *failures,
+            _ => 0,
+        }
+    }
+
     /// Bridges up.
     pub fn up(&self) -> usize {
         self.slots.iter().filter(|s| **s == Slot::Up).count()
@@ -234,25 +242,39 @@ pub fn start(sealer: Arc<Sealer>, bridges: Arc<Bridges>, endpoints: Vec<String>)
 
 async fn dial_loop(sealer: Arc<Sealer>, bridges: Arc<Bridges>, endpoints: Vec<String>) {
     let mut plan = Plan::new(endpoints.len(), Instant::now());
-    let (report, mut outcomes) = mpsc::channel::<(usize, Outcome)>(endpoints.len().max(1) * 2);
+    let (report, mut outcomes) =
+        mpsc::channel::<(usize, Result<Outcome, String>)>(endpoints.len().max(1) * 2);
     loop {
         for i in plan.due(Instant::now()) {
             let (sealer, bridges) = (sealer.clone(), bridges.clone());
             let (endpoint, report) = (endpoints[i].clone(), report.clone());
             tokio::spawn(async move {
                 let r = report.clone();
-                let first = dial(&sealer, &bridges, &endpoint, move |o| {
-                    let _ = r.try_send((i, o));
+                let outcome = dial(&sealer, &bridges, &endpoint, move |o| {
+                    let _ = r.try_send((i, Ok(o)));
                 })
                 .await;
-                if let Some(o) = first {
-                    let _ = report.send((i, o)).await;
-                }
+                let _ = report.send((i, outcome)).await;
             });
         }
         let wait = plan.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
-            Some((i, o)) = outcomes.recv() => plan.outcome(i, o, Instant::now()),
+            Some((i, o)) = outcomes.recv() => {
+                let o = o.unwrap_or_else(|why| {
+                    // Said once per run of failures, not at every retry.
+                    if plan.failures(i) == 0 {
+                        tracing::info!(
+                            "cluster: no bridge to the coordinator at {} ({why}); its relay \
+                             data goes over NATS, and the dial is retried (every 30 s at \
+                             most). Coordinators bridge when they reach each other's \
+                             --endpoint over TCP; --no-bridges turns bridges off",
+                            endpoints[i]
+                        );
+                    }
+                    Outcome::Failed
+                });
+                plan.outcome(i, o, Instant::now());
+            }
             _ = async {
                 match wait {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -263,21 +285,29 @@ async fn dial_loop(sealer: Arc<Sealer>, bridges: Arc<Bridges>, endpoints: Vec<St
     }
 }
 
-/// One dial of `endpoint`. Returns the outcome when no bridge came up; else says
-/// [`Outcome::Up`] through `up`, carries the bridge until it closes and returns
+/// One dial of `endpoint`. Returns the outcome when no bridge came up (a failure with why);
+/// else says [`Outcome::Up`] through `up`, carries the bridge until it closes and returns
 /// [`Outcome::Closed`].
 async fn dial(
     sealer: &Sealer,
     bridges: &Bridges,
     endpoint: &str,
     up: impl FnOnce(Outcome),
-) -> Option<Outcome> {
+) -> Result<Outcome, String> {
     let connect = async {
-        let addr = tokio::net::lookup_host(endpoint).await.ok()?.next()?;
-        TcpStream::connect(addr).await.ok()
+        let addr = tokio::net::lookup_host(endpoint)
+            .await
+            .map_err(|e| format!("cannot resolve it: {e}"))?
+            .next()
+            .ok_or("it resolves to no address")?;
+        TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("TCP connect: {e}"))
     };
-    let Ok(Some(mut stream)) = tokio::time::timeout(DIAL_TIMEOUT, connect).await else {
-        return Some(Outcome::Failed);
+    let mut stream = match tokio::time::timeout(DIAL_TIMEOUT, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(why)) => return Err(why),
+        Err(_) => return Err(format!("no TCP connection within {DIAL_TIMEOUT:?}")),
     };
     let _ = stream.set_nodelay(true);
     tune(&stream);
@@ -288,19 +318,23 @@ async fn dial(
         read_frame(&mut stream, MAX_HELLO).await.ok()
     };
     let Ok(Some(answer)) = tokio::time::timeout(DIAL_TIMEOUT, answered).await else {
-        return Some(Outcome::Failed);
+        return Err("no bridge hello in answer: not an a2a coordinator with bridges".into());
     };
     let Ok(instance) = sealer.open_hello(&answer, a2a_proto::time::now_ms()) else {
         bridges.refused.fetch_add(1, Ordering::Relaxed);
-        return Some(Outcome::Failed);
+        return Err(
+            "its hello does not open: another cluster's coordinator.key, or a clock more than \
+             30 s off"
+                .into(),
+        );
     };
     if instance == sealer.me() {
-        return Some(Outcome::Me);
+        return Ok(Outcome::Me);
     }
     let subject = sealer.subject_to(&instance);
     let (tx, rx) = mpsc::channel(BRIDGE_QUEUE);
     let Some(id) = bridges.add(&subject, tx) else {
-        return Some(Outcome::Duplicate);
+        return Ok(Outcome::Duplicate);
     };
     up(Outcome::Up);
     tracing::info!(
@@ -317,7 +351,7 @@ async fn dial(
         "cluster: bridge to the coordinator at {endpoint} closed: relay data for it goes over \
          NATS"
     );
-    Some(Outcome::Closed)
+    Ok(Outcome::Closed)
 }
 
 /// Writes what is queued for a bridge, several envelopes per write, until the queue or the

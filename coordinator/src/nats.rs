@@ -93,7 +93,6 @@ impl Tls {
     /// later.
     pub fn load(&self) -> Result<LoadedTls, String> {
         Ok(LoadedTls {
-            required: self.is_set(),
             config: self.config()?,
             client: self.client.clone(),
         })
@@ -150,7 +149,7 @@ impl Tls {
 
 /// [`Tls`] read and checked ([`Tls::load`]).
 pub struct LoadedTls {
-    required: bool,
+    /// With `--nats-ca` (and the client certificate, if any, in it).
     config: Option<rustls::ClientConfig>,
     /// A client certificate under the system's roots (no `--nats-ca`): async-nats reads it.
     client: Option<(PathBuf, PathBuf)>,
@@ -332,7 +331,7 @@ pub async fn join(
         Some(Credentials::Nkey(seed)) => options.nkey(seed),
         None => options,
     };
-    if tls.required {
+    if tls.config.is_some() || tls.client.is_some() {
         options = options.require_tls(true);
         options = match tls.config {
             Some(config) => options.tls_client_config(config),
