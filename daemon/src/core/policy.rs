@@ -466,7 +466,7 @@ pub struct PolicyCounts {
     pub refused_outbound: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
     peer: NodeKey,
     local_origin: bool,
@@ -509,6 +509,9 @@ pub struct Tracker {
     /// one of the same flow, direction, rules and millisecond passes without a lookup (a
     /// burst of one flow's segments costs one lookup; touching it again would change nothing).
     last: Option<Last>,
+    /// Tests only: every packet takes the general path (the differential test compares).
+    #[cfg(test)]
+    general_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -538,6 +541,8 @@ impl Tracker {
             max_total,
             counts: PolicyCounts::default(),
             last: None,
+            #[cfg(test)]
+            general_only: false,
         };
         t.set_rules(rules);
         t
@@ -729,6 +734,36 @@ impl Tracker {
         }
     }
 
+    /// The common case in one hash lookup: a plain packet (see [`Tracker::remembered`]) of a
+    /// flow tracked under the current rules and still live is touched in place and passes,
+    /// exactly as the general path would pass it (which looks the flow up three times: live,
+    /// touch, and again to remember it). `inbound`: the packet came from `peer` (its flow's
+    /// entry must be this peer's). Anything else (no entry, expired, another peer's, older
+    /// rules) returns `None` and takes the general path.
+    fn tracked_plain(
+        &mut self,
+        now_ms: u64,
+        key: &FlowKey,
+        peer: &NodeKey,
+        inbound: bool,
+    ) -> Option<Verdict> {
+        #[cfg(test)]
+        if self.general_only {
+            return None;
+        }
+        let generation = self.generation;
+        let e = self.table.get_mut(key)?;
+        let live = now_ms <= e.last_ms.saturating_add(e.timeout(key.proto));
+        if !live || e.generation != generation || (inbound && e.peer != *peer) {
+            return None;
+        }
+        e.last_ms = now_ms;
+        // A packet the other side sends answers the flow: inbound on a flow this node
+        // opened, outbound on one the peer opened.
+        e.replied |= e.local_origin == inbound;
+        Some(Verdict::Flow)
+    }
+
     fn refusal_reply(kind: Kind) -> Reply {
         match kind {
             Kind::TcpSyn | Kind::Tcp { .. } => Reply::TcpRst,
@@ -793,6 +828,12 @@ impl Tracker {
         let (last, plain) = self.remembered(key, peer, true, now_ms, h.kind);
         if plain && self.last == Some(last) {
             return Verdict::Flow;
+        }
+        if plain {
+            if let Some(v) = self.tracked_plain(now_ms, &key, &peer, true) {
+                self.last = Some(last);
+                return v;
+            }
         }
         let new_flow = matches!(
             h.kind,
@@ -873,6 +914,12 @@ impl Tracker {
         let (last, plain) = self.remembered(key, peer, false, now_ms, h.kind);
         if plain && self.last == Some(last) {
             return Verdict::Flow;
+        }
+        if plain {
+            if let Some(v) = self.tracked_plain(now_ms, &key, &peer, false) {
+                self.last = Some(last);
+                return v;
+            }
         }
         let verdict = match self.live(now_ms, &key) {
             Some(e) if !e.local_origin && h.kind != Kind::EchoRequest => {
@@ -1352,6 +1399,85 @@ mod tests {
         assert_eq!(
             w.inbound(1, P, &data),
             refused(Reason::Revoked, Reply::TcpRst)
+        );
+    }
+
+    #[test]
+    fn the_one_lookup_path_decides_as_the_general_path_does() {
+        // Two trackers, one taking the general path for every packet, fed the same stream of
+        // packets (both directions, two peers, every TCP flag the tracker reads, UDP, clock
+        // steps across the timeouts, a policy change): same verdicts, same counts, same
+        // table, entry by entry.
+        const BOTH_WAYS: &str = r#"{"grants": [
+            {"src": ["tag:planner"], "dst": ["tag:worker"], "ports": ["tcp:8080", "udp:9090"]},
+            {"src": ["tag:worker"], "dst": ["tag:planner"], "ports": ["tcp:9090", "udp:8080"]}]}"#;
+        let mut fast = Tracker::with_limits(rules_for(Some(BOTH_WAYS), W), 8, 64);
+        let mut general = Tracker::with_limits(rules_for(Some(BOTH_WAYS), W), 8, 64);
+        general.general_only = true;
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut now = 0u64;
+        let mut fast_passes = 0;
+        for step in 0..20_000 {
+            now += match next(400) {
+                0 => 200_000,
+                1..=4 => 40_000,
+                5..=20 => 1_000,
+                n => n % 3,
+            };
+            if step % 5_000 == 4_999 {
+                let text = [EXAMPLE, BOTH_WAYS][(step / 5_000) % 2];
+                fast.set_rules(rules_for(Some(text), W));
+                general.set_rules(rules_for(Some(text), W));
+            }
+            let (peer, addr) = [(P, P4), (P, P4), (P, P4), (U, U4)][next(4) as usize];
+            let (sport, dport) = (
+                [40000, 40001][next(2) as usize],
+                [8080, 9090][next(2) as usize],
+            );
+            let flags =
+                [SYN, SYN | ACK, ACK, ACK, ACK, ACK, ACK, 0x01 | ACK, RST][next(9) as usize];
+            let l4 = if next(4) == 0 {
+                (PROTO_UDP, udp(sport, dport))
+            } else {
+                (PROTO_TCP, tcp(sport, dport, flags))
+            };
+            let (a, b) = if next(2) == 0 {
+                let packet = ip4(l4.0, addr, W4, &l4.1);
+                (
+                    fast.inbound(now, peer, &packet),
+                    general.inbound(now, peer, &packet),
+                )
+            } else {
+                let packet = ip4(l4.0, W4, addr, &{
+                    // The same ports seen from this side.
+                    let mut t = l4.1.clone();
+                    t[0..2].copy_from_slice(&dport.to_be_bytes());
+                    t[2..4].copy_from_slice(&sport.to_be_bytes());
+                    t
+                });
+                (
+                    fast.outbound(now, peer, &packet),
+                    general.outbound(now, peer, &packet),
+                )
+            };
+            assert_eq!(a, b, "step {step}");
+            if a == Verdict::Flow {
+                fast_passes += 1;
+            }
+            assert_eq!(fast.counts(), general.counts(), "step {step}");
+            assert_eq!(fast.table, general.table, "step {step}");
+        }
+        // The stream exercised the tracked-flow path, not only refusals.
+        assert!(
+            fast_passes > 2_000,
+            "{fast_passes} packets passed as tracked flows; {:?}",
+            fast.counts()
         );
     }
 
